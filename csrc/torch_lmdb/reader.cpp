@@ -1,0 +1,343 @@
+#include "torch_lmdb/reader.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+
+#include "torch_lmdb/errors.h"
+#include "torch_lmdb/meta.h"
+
+namespace torch_lmdb {
+
+struct Reader::State {
+  std::vector<std::string> paths;
+  ReaderOptions options;
+  std::vector<size_t> offsets;           // offsets[i] = first global index of file i; back() = size
+  std::vector<FieldSchema> stored;       // every stored field
+  std::vector<FieldSchema> schema;       // the selected ones
+  std::vector<char> keep;                // per stored field: selected?
+  std::vector<std::string> meta_json;
+  bool complete = true;
+
+  // Environments of the current process (reopened after fork).
+  std::atomic<uint64_t> generation{0};
+  std::mutex reopen_mutex;
+  std::vector<std::shared_ptr<Env>> envs;
+
+  EnvOptions env_options() const {
+    EnvOptions o;
+    o.readonly = true;
+    o.lock = options.lock;
+    o.readahead = options.readahead;
+    o.max_readers = options.max_readers;
+    o.warn = options.warn;
+    return o;
+  }
+
+  const std::vector<std::shared_ptr<Env>>& current_envs() {
+    const uint64_t gen = fork_generation();
+    if (generation.load(std::memory_order_acquire) == gen) return envs;
+    std::lock_guard<std::mutex> guard(reopen_mutex);
+    if (generation.load(std::memory_order_acquire) != gen) {
+      // A forked child: open our own handles; the parent's are dropped
+      // without being closed (Env's destructor checks the owner pid).
+      std::vector<std::shared_ptr<Env>> fresh;
+      for (const auto& p : paths) fresh.push_back(Env::open(p, env_options()));
+      envs.swap(fresh);
+      generation.store(gen, std::memory_order_release);
+    }
+    return envs;
+  }
+
+  std::pair<size_t, uint64_t> locate(size_t index) const {
+    TORCH_CHECK_INDEX(index < offsets.back(), "index ", index,
+                      " out of range for dataset of size ", offsets.back(), " at '",
+                      paths.size() == 1 ? paths[0] : paths[0] + "' (+" + std::to_string(paths.size() - 1) + " files", "'");
+    const auto it = std::upper_bound(offsets.begin(), offsets.end(), index);
+    const size_t file = static_cast<size_t>(it - offsets.begin()) - 1;
+    return {file, index - offsets[file]};
+  }
+};
+
+namespace {
+
+// Fetches and parses sample `local` of `env` inside `txn`.
+void fetch(const Env& env, MDB_txn* txn, uint64_t local, bool verify,
+           std::vector<FieldView>& views) {
+  unsigned char kbuf[8];
+  encode_key(local, kbuf);
+  MDB_val k{8, kbuf}, v{0, nullptr};
+  const int rc = mdb_get(txn, env.samples_dbi(), &k, &v);
+  if (rc == MDB_NOTFOUND) {
+    throw CorruptedError("sample index " + std::to_string(local) + " is missing from '" +
+                             env.path() + "' although its metadata counts it; run "
+                             "`torch-lmdb verify`",
+                         rc, env.path());
+  }
+  detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
+  RecordContext ctx{&env.path(), local};
+  parse_record(v.mv_data, v.mv_size, verify, ctx, views);
+}
+
+void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSchema>& stored,
+                  const std::string& path, uint64_t local) {
+  bool ok = views.size() == stored.size();
+  for (size_t f = 0; ok && f < views.size(); ++f)
+    ok = views[f].name_equals(stored[f].name) && views[f].kind == stored[f].kind &&
+         views[f].dtype == stored[f].dtype;
+  if (!ok) {
+    std::string got;
+    for (const auto& v : views) got += (got.empty() ? "" : ", ") + v.name_str() + ":" + dtype_name(v.dtype);
+    throw CorruptedError("record at '" + path + "' index " + std::to_string(local) +
+                             " does not match the schema in the metadata (fields: " + got + ")",
+                         0, path);
+  }
+}
+
+// Copies a row-major block of shape `src_shape` into a larger row-major
+// block of shape `dst_shape` (padding), last dimension at a time.
+void copy_padded(char* dst, const int64_t* dst_shape, const char* src, const int64_t* src_shape,
+                 int ndim, size_t itemsize) {
+  if (ndim == 0) {
+    std::memcpy(dst, src, itemsize);
+    return;
+  }
+  if (ndim == 1) {
+    std::memcpy(dst, src, static_cast<size_t>(src_shape[0]) * itemsize);
+    return;
+  }
+  size_t dst_inner = itemsize, src_inner = itemsize;
+  for (int d = 1; d < ndim; ++d) {
+    dst_inner *= static_cast<size_t>(dst_shape[d]);
+    src_inner *= static_cast<size_t>(src_shape[d]);
+  }
+  for (int64_t i = 0; i < src_shape[0]; ++i)
+    copy_padded(dst + i * dst_inner, dst_shape + 1, src + i * src_inner, src_shape + 1, ndim - 1,
+                itemsize);
+}
+
+}  // namespace
+
+Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
+    : state_(std::make_shared<State>()) {
+  TORCH_CHECK_VALUE(!paths.empty(), "Reader needs at least one path");
+  State& s = *state_;
+  s.paths = std::move(paths);
+  s.options = std::move(options);
+  s.offsets.push_back(0);
+  const auto warn = s.options.warn ? s.options.warn
+                                   : [](const std::string& m) { TORCH_WARN(m); };
+  for (size_t i = 0; i < s.paths.size(); ++i) {
+    const std::string& path = s.paths[i];
+    auto env = Env::open(path, s.env_options());
+    detail::Json meta;
+    {
+      ReadTxn txn = env->read_txn();
+      meta = detail::read_meta(*env, txn.get());
+    }
+    auto invalid = [&](const std::string& why) {
+      throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
+    };
+    if (meta.value("format", std::string()) != "torch_lmdb") invalid("metadata 'format' is not \"torch_lmdb\"");
+    if (!meta.contains("format_version") || !meta["format_version"].is_number_integer()) invalid("no 'format_version'");
+    const int64_t version = meta["format_version"].get<int64_t>();
+    if (version != kFormatVersion)
+      invalid("format version " + std::to_string(version) + " (this torch_lmdb reads version " +
+              std::to_string(kFormatVersion) + ")");
+    if (meta.value("byte_order", std::string("little")) != "little") invalid("byte order is not little-endian");
+    if (!meta.contains("num_samples") || !meta["num_samples"].is_number_unsigned()) invalid("no 'num_samples'");
+    const size_t n = meta["num_samples"].get<size_t>();
+    auto schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
+    if (!meta.value("complete", false)) {
+      s.complete = false;
+      warn("torch_lmdb: '" + path + "' is incomplete (its writer did not close cleanly); reading its " +
+           std::to_string(n) + " committed samples");
+    }
+    if (i == 0 || s.stored.empty()) {
+      s.stored = schema;
+    } else if (n > 0) {
+      bool same = schema.size() == s.stored.size();
+      for (size_t f = 0; same && f < schema.size(); ++f) {
+        same = schema[f].name == s.stored[f].name && schema[f].kind == s.stored[f].kind &&
+               schema[f].dtype == s.stored[f].dtype && schema[f].shape.size() == s.stored[f].shape.size();
+        for (size_t d = 0; same && d < schema[f].shape.size(); ++d)
+          if (schema[f].shape[d] != s.stored[f].shape[d]) s.stored[f].shape[d] = -1;
+      }
+      if (!same)
+        throw InvalidDatabaseError("'" + path + "' has other fields or dtypes than '" + s.paths[0] +
+                                       "'; files of one dataset must share a schema",
+                                   0, path);
+    }
+    s.offsets.push_back(s.offsets.back() + n);
+    s.meta_json.push_back(meta.dump());
+    s.envs.push_back(std::move(env));
+  }
+  s.generation.store(fork_generation());
+  s.keep.assign(s.stored.size(), s.options.fields.empty() ? 1 : 0);
+  for (const auto& name : s.options.fields) {
+    auto it = std::find_if(s.stored.begin(), s.stored.end(), [&](const FieldSchema& f) { return f.name == name; });
+    if (it == s.stored.end()) {
+      std::string names;
+      for (const auto& f : s.stored) names += (names.empty() ? "" : ", ") + f.name;
+      TORCH_CHECK_VALUE(false, "unknown field '", name, "' in '", s.paths[0], "'; available: ", names);
+    }
+    s.keep[static_cast<size_t>(it - s.stored.begin())] = 1;
+  }
+  for (size_t f = 0; f < s.stored.size(); ++f)
+    if (s.keep[f]) s.schema.push_back(s.stored[f]);
+}
+
+size_t Reader::size() const { return state_->offsets.back(); }
+
+std::vector<Field> Reader::get_fields(size_t index) const {
+  State& s = *state_;
+  const auto loc = s.locate(index);
+  const Env& env = *s.current_envs()[loc.first];
+  thread_local std::vector<FieldView> views;
+  std::vector<Field> out;
+  ReadTxn txn = env.read_txn();
+  fetch(env, txn.get(), loc.second, s.options.verify, views);
+  check_layout(views, s.stored, env.path(), loc.second);
+  out.reserve(s.schema.size());
+  for (size_t f = 0; f < views.size(); ++f)
+    if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
+  return out;
+}
+
+std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
+  State& s = *state_;
+  const auto& envs = s.current_envs();
+  std::vector<ReadTxn> txns(envs.size());
+  thread_local std::vector<FieldView> views;
+  std::vector<Sample> out;
+  out.reserve(indices.size());
+  for (size_t index : indices) {
+    const auto loc = s.locate(index);
+    const Env& env = *envs[loc.first];
+    if (txns[loc.first].get() == nullptr) txns[loc.first] = env.read_txn();
+    fetch(env, txns[loc.first].get(), loc.second, s.options.verify, views);
+    check_layout(views, s.stored, env.path(), loc.second);
+    Sample sample;
+    sample.reserve(s.schema.size());
+    for (size_t f = 0; f < views.size(); ++f)
+      if (s.keep[f]) sample.insert(views[f].name_str(), to_tensor(views[f]));
+    out.push_back(std::move(sample));
+  }
+  return out;
+}
+
+Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options) const {
+  State& s = *state_;
+  const auto& envs = s.current_envs();
+  const size_t B = indices.size();
+  TORCH_CHECK_VALUE(B > 0, "read_batch needs at least one index");
+  // Views point into the map: every txn stays open until the copies are done.
+  std::vector<ReadTxn> txns(envs.size());
+  thread_local std::vector<std::vector<FieldView>> views;
+  thread_local std::vector<std::pair<size_t, uint64_t>> where;
+  if (views.size() < B) views.resize(B);
+  where.resize(B);
+  for (size_t i = 0; i < B; ++i) {
+    where[i] = s.locate(indices[i]);
+    const Env& env = *envs[where[i].first];
+    if (txns[where[i].first].get() == nullptr) txns[where[i].first] = env.read_txn();
+    fetch(env, txns[where[i].first].get(), where[i].second, s.options.verify, views[i]);
+    check_layout(views[i], s.stored, env.path(), where[i].second);
+  }
+
+  Batch batch;
+  for (size_t f = 0; f < s.stored.size(); ++f) {
+    if (!s.keep[f]) continue;
+    const FieldSchema& field = s.stored[f];
+    batch.order.push_back(field.name);
+    if (field.kind != FieldKind::Tensor) {
+      Batch::Blobs blobs{field.name, field.kind, {}};
+      blobs.values.reserve(B);
+      for (size_t i = 0; i < B; ++i) blobs.values.emplace_back(views[i][f].data, views[i][f].nbytes);
+      batch.blobs.push_back(std::move(blobs));
+      continue;
+    }
+    const FieldView& first = views[0][f];
+    const int ndim = first.ndim;
+    std::vector<int64_t> shape(first.sizes, first.sizes + ndim);
+    bool varies = false;
+    size_t odd = 0;
+    for (size_t i = 1; i < B; ++i) {
+      const FieldView& v = views[i][f];
+      bool same = v.ndim == ndim;
+      for (int d = 0; same && d < ndim; ++d) same = v.sizes[d] == first.sizes[d];
+      if (!same) {
+        if (!varies) odd = i;
+        varies = true;
+        TORCH_CHECK_VALUE(v.ndim == ndim, "field '", field.name, "' has ", v.ndim, " dims at index ",
+                          indices[i], " but ", ndim, " at index ", indices[0]);
+        for (int d = 0; d < ndim; ++d) shape[d] = std::max(shape[d], v.sizes[d]);
+      }
+    }
+    const bool pad = options.pad || std::find(options.pad_fields.begin(), options.pad_fields.end(),
+                                              field.name) != options.pad_fields.end();
+    TORCH_CHECK_VALUE(!varies || pad, "field '", field.name, "' has shape ", views[odd][f].shape(),
+                      " at index ", indices[odd], " but ", first.shape(), " at index ", indices[0],
+                      "; pass pad=True (or pad_fields) to pad it, or batch_size=1");
+    std::vector<int64_t> out_shape{static_cast<int64_t>(B)};
+    out_shape.insert(out_shape.end(), shape.begin(), shape.end());
+    at::Tensor out = options.allocate ? options.allocate(out_shape, field.dtype)
+                                      : at::empty(out_shape, at::TensorOptions().dtype(field.dtype));
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == field.dtype &&
+                    out.sizes() == at::IntArrayRef(out_shape),
+                "the batch allocator returned a tensor of the wrong shape or dtype for field '",
+                field.name, "'");
+    char* dst = static_cast<char*>(out.data_ptr());
+    const size_t itemsize = c10::elementSize(field.dtype);
+    size_t slot = itemsize;
+    for (int64_t d : shape) slot *= static_cast<size_t>(d);
+    if (!varies) {
+      for (size_t i = 0; i < B; ++i)
+        if (slot) std::memcpy(dst + i * slot, views[i][f].data, slot);
+    } else {
+      out.fill_(options.pad_value);
+      at::Tensor lengths = at::empty({static_cast<int64_t>(B), ndim}, at::kLong);
+      int64_t* len = lengths.data_ptr<int64_t>();
+      for (size_t i = 0; i < B; ++i) {
+        const FieldView& v = views[i][f];
+        std::copy(v.sizes, v.sizes + ndim, len + i * ndim);
+        if (v.nbytes) copy_padded(dst + i * slot, shape.data(), v.data, v.sizes, ndim, itemsize);
+      }
+      batch.tensors.insert(field.name, std::move(out));
+      batch.tensors.insert(field.name + "_lengths", std::move(lengths));
+      continue;
+    }
+    batch.tensors.insert(field.name, std::move(out));
+  }
+  return batch;
+}
+
+const std::vector<FieldSchema>& Reader::schema() const { return state_->schema; }
+
+std::string Reader::metadata_json(size_t file) const {
+  TORCH_CHECK_INDEX(file < state_->meta_json.size(), "file ", file, " out of range for ",
+                    state_->meta_json.size(), " files");
+  return state_->meta_json[file];
+}
+
+const std::vector<std::string>& Reader::paths() const { return state_->paths; }
+
+std::vector<size_t> Reader::file_sizes() const {
+  std::vector<size_t> out;
+  for (size_t i = 0; i + 1 < state_->offsets.size(); ++i)
+    out.push_back(state_->offsets[i + 1] - state_->offsets[i]);
+  return out;
+}
+
+int Reader::reader_count(size_t file) const {
+  const auto& envs = state_->current_envs();
+  TORCH_CHECK_INDEX(file < envs.size(), "file ", file, " out of range for ", envs.size(), " files");
+  return envs[file]->reader_count();
+}
+
+bool Reader::complete() const { return state_->complete; }
+
+}  // namespace torch_lmdb

@@ -1,0 +1,110 @@
+// torch_lmdb/reader.h -- random access to one or several torch_lmdb files.
+//
+// Contract
+// - A Reader is a cheap handle (one shared_ptr): copy it freely; all copies
+//   share the opened environments. Every member function is thread-safe.
+// - Fork safety: the Reader notices that it runs in a forked child
+//   (fork_generation()) and reopens its environments there lazily; the
+//   parent's handles are never used or closed by the child.
+// - Several paths form one dataset, concatenated in the order given. The
+//   sample count of each file is read once, at open (a consistent prefix even
+//   while a writer appends).
+// - Returned tensors own their memory (copied out of the map before the read
+//   transaction ends).
+// - Errors: index out of range -> c10::IndexError; corrupted records ->
+//   CorruptedError naming the path and index; a shape mismatch in a batch
+//   without padding -> c10::ValueError naming the field.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "torch_lmdb/env.h"
+#include "torch_lmdb/record.h"
+
+namespace torch_lmdb {
+
+struct ReaderOptions {
+  /// Check each record's xxh3 checksum on read.
+  bool verify = false;
+  /// 1 lock, 0 MDB_NOLOCK, -1 automatic fallback on read-only storage.
+  int lock = -1;
+  /// OS readahead; off by default (random access).
+  bool readahead = false;
+  unsigned max_readers = 1024;
+  /// Subset of fields to return (empty = all), in the stored order.
+  std::vector<std::string> fields;
+  /// Receives warnings (lock fallback, incomplete database); default TORCH_WARN.
+  std::function<void(const std::string&)> warn;
+};
+
+/// How read_batch collates variable-shape fields.
+struct BatchOptions {
+  /// Pad every tensor field whose shape varies within the batch.
+  bool pad = false;
+  /// Or only these fields.
+  std::vector<std::string> pad_fields;
+  /// Fill value of padding.
+  double pad_value = 0;
+  /// Optional allocator of the output tensors (e.g. shared memory in a Python
+  /// DataLoader worker); called once per field and batch.
+  std::function<at::Tensor(at::IntArrayRef, at::ScalarType)> allocate;
+};
+
+/// A collated batch. Tensor fields are stacked to [B, ...]; a padded field
+/// `x` also gets `x_lengths`, int64 [B, ndim], each sample's own shape.
+/// str/bytes fields are returned as lists of strings in `blobs`.
+struct Batch {
+  struct Blobs {
+    std::string name;
+    FieldKind kind = FieldKind::Bytes;
+    std::vector<std::string> values;
+  };
+  Sample tensors;
+  std::vector<Blobs> blobs;
+  /// Field names in stored order (tensors and blobs interleaved).
+  std::vector<std::string> order;
+};
+
+class Reader {
+ public:
+  /// Opens every path (directories written by Writer). Throws NotFoundError,
+  /// InvalidDatabaseError (not torch_lmdb, other format version, schemas of
+  /// the files differ), LockError.
+  Reader(std::vector<std::string> paths, ReaderOptions options = {});
+  explicit Reader(const std::string& path, ReaderOptions options = {})
+      : Reader(std::vector<std::string>{path}, std::move(options)) {}
+
+  /// Total number of samples.
+  size_t size() const;
+  /// Sample `index` with field kinds. Negative indices are not accepted here.
+  std::vector<Field> get_fields(size_t index) const;
+  /// Sample `index` (str/bytes as uint8 tensors).
+  Sample get(size_t index) const { return to_sample(get_fields(index)); }
+  /// Several samples, one read transaction per file for the whole call.
+  std::vector<Sample> get_many(at::ArrayRef<size_t> indices) const;
+  /// Reads and collates a batch: one read txn, one allocation per field, one
+  /// copy per sample and field straight into the batch tensor.
+  Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options = {}) const;
+
+  /// Stored fields (after the `fields` subset), with -1 for varying dims.
+  const std::vector<FieldSchema>& schema() const;
+  /// The `meta` table of file `file` as one JSON object text.
+  std::string metadata_json(size_t file = 0) const;
+  const std::vector<std::string>& paths() const;
+  /// Samples in each file.
+  std::vector<size_t> file_sizes() const;
+  /// Reader-table slots in use in file `file` (-1 without locking).
+  int reader_count(size_t file = 0) const;
+  /// True if every file was closed cleanly by its writer.
+  bool complete() const;
+
+  struct State;  // shared by copies; defined in reader.cpp
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace torch_lmdb

@@ -1,0 +1,303 @@
+#include "torch_lmdb/record.h"
+
+#include <cereal/archives/binary.hpp>
+#include <c10/util/Exception.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include <cstring>
+#include <istream>
+#include <limits>
+#include <ostream>
+#include <streambuf>
+
+#include "torch_lmdb/errors.h"
+
+namespace torch_lmdb {
+namespace {
+
+static_assert(sizeof(void*) == 8, "torch_lmdb needs a 64-bit platform");
+
+bool host_is_little_endian() {
+  const uint16_t probe = 1;
+  unsigned char first;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
+// A streambuf appending to a std::string (cereal writes through std::ostream).
+class StringSink : public std::streambuf {
+ public:
+  explicit StringSink(std::string& s) : s_(s) {}
+
+ protected:
+  std::streamsize xsputn(const char* p, std::streamsize n) override {
+    s_.append(p, static_cast<size_t>(n));
+    return n;
+  }
+  int_type overflow(int_type c) override {
+    if (c != traits_type::eof()) s_.push_back(static_cast<char>(c));
+    return c;
+  }
+
+ private:
+  std::string& s_;
+};
+
+// A zero-copy streambuf over a buffer: cereal reads the header fields from
+// it and we take payload pointers straight from the buffer (no copy, cereal
+// issue #316).
+class ViewSource : public std::streambuf {
+ public:
+  ViewSource(const char* p, size_t n) {
+    char* b = const_cast<char*>(p);
+    setg(b, b, b + n);
+  }
+  size_t remaining() const { return static_cast<size_t>(egptr() - gptr()); }
+  const char* current() const { return gptr(); }
+  void skip(size_t n) { setg(eback(), gptr() + n, egptr()); }
+};
+
+[[noreturn]] void corrupted(const RecordContext& ctx, const std::string& what) {
+  const std::string path = ctx.path ? *ctx.path : std::string("<memory>");
+  throw CorruptedError("corrupted record at '" + path + "' index " +
+                           std::to_string(ctx.index) + ": " + what +
+                           "; run `torch-lmdb verify` on this database",
+                       0, path);
+}
+
+struct DtypeInfo {
+  at::ScalarType type;
+  DtypeCode code;
+  const char* name;
+};
+
+const DtypeInfo kDtypes[] = {
+    {at::kBool, DtypeCode::Bool, "bool"},
+    {at::kByte, DtypeCode::UInt8, "uint8"},
+    {at::kChar, DtypeCode::Int8, "int8"},
+    {at::kShort, DtypeCode::Int16, "int16"},
+    {at::kInt, DtypeCode::Int32, "int32"},
+    {at::kLong, DtypeCode::Int64, "int64"},
+    {at::kHalf, DtypeCode::Float16, "float16"},
+    {at::kBFloat16, DtypeCode::BFloat16, "bfloat16"},
+    {at::kFloat, DtypeCode::Float32, "float32"},
+    {at::kDouble, DtypeCode::Float64, "float64"},
+    {at::kComplexFloat, DtypeCode::Complex64, "complex64"},
+    {at::kComplexDouble, DtypeCode::Complex128, "complex128"},
+};
+
+}  // namespace
+
+DtypeCode dtype_code(at::ScalarType t) {
+  for (const auto& d : kDtypes)
+    if (d.type == t) return d.code;
+  TORCH_CHECK_TYPE(false, "unsupported dtype ", t,
+                   "; torch_lmdb stores bool, uint8, int8, int16, int32, int64, "
+                   "float16, bfloat16, float32, float64, complex64, complex128");
+}
+
+at::ScalarType dtype_from_code(uint8_t code, bool* ok) noexcept {
+  for (const auto& d : kDtypes) {
+    if (static_cast<uint8_t>(d.code) == code) {
+      *ok = true;
+      return d.type;
+    }
+  }
+  *ok = false;
+  return at::kByte;
+}
+
+const char* dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes)
+    if (d.type == t) return d.name;
+  TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+}
+
+at::ScalarType dtype_from_name(const std::string& name) {
+  for (const auto& d : kDtypes)
+    if (name == d.name) return d.type;
+  TORCH_CHECK_VALUE(false, "unknown dtype name '", name, "' in metadata");
+}
+
+const char* kind_name(FieldKind k) noexcept {
+  switch (k) {
+    case FieldKind::Str: return "str";
+    case FieldKind::Bytes: return "bytes";
+    default: return "tensor";
+  }
+}
+
+FieldKind kind_from_name(const std::string& name) {
+  if (name == "tensor") return FieldKind::Tensor;
+  if (name == "str") return FieldKind::Str;
+  if (name == "bytes") return FieldKind::Bytes;
+  TORCH_CHECK_VALUE(false, "unknown field kind '", name, "' in metadata");
+}
+
+void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
+  TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
+  out.clear();
+  StringSink sink(out);
+  std::ostream os(&sink);
+  {
+    cereal::BinaryOutputArchive ar(os);
+    const uint32_t magic = kRecordMagic;
+    const uint16_t version = kFormatVersion;
+    const uint16_t flags = checksum ? 1 : 0;
+    const uint32_t count = static_cast<uint32_t>(fields.size());
+    ar(magic, version, flags, count);
+    for (const Field& f : fields) {
+      TORCH_CHECK_VALUE(!f.name.empty(), "field names must not be empty");
+      TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' holds an undefined tensor");
+      TORCH_CHECK_VALUE(f.tensor.device().is_cpu(), "field '", f.name,
+                        "' is on ", f.tensor.device(), "; move it to the CPU first");
+      TORCH_CHECK_VALUE(f.tensor.dim() <= kMaxDims, "field '", f.name, "' has ",
+                        f.tensor.dim(), " dimensions; at most ", kMaxDims, " are supported");
+      TORCH_CHECK_TYPE(!f.tensor.is_sparse() && !f.tensor.is_quantized(), "field '", f.name,
+                       "' is a sparse or quantized tensor; store it dense");
+      if (f.kind != FieldKind::Tensor) {
+        TORCH_CHECK_TYPE(f.tensor.scalar_type() == at::kByte && f.tensor.dim() == 1,
+                         "field '", f.name, "' of kind ", kind_name(f.kind),
+                         " must be a 1-D uint8 tensor");
+      }
+      uint8_t code;
+      try {
+        code = static_cast<uint8_t>(dtype_code(f.tensor.scalar_type()));
+      } catch (const c10::TypeError& e) {
+        TORCH_CHECK_TYPE(false, "field '", f.name, "': ", e.what_without_backtrace());
+      }
+      const at::Tensor t = f.tensor.contiguous();
+      const uint64_t name_len = f.name.size();
+      ar(name_len, cereal::binary_data(f.name.data(), name_len));
+      const uint8_t kind = static_cast<uint8_t>(f.kind);
+      const uint8_t ndim = static_cast<uint8_t>(t.dim());
+      ar(kind, code, ndim);
+      for (int64_t s : t.sizes()) ar(s);
+      const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+      ar(nbytes);
+      if (nbytes > 0) ar(cereal::binary_data(t.data_ptr(), nbytes));
+    }
+  }
+  if (checksum) {
+    const uint64_t h = XXH3_64bits(out.data(), out.size());
+    out.append(reinterpret_cast<const char*>(&h), sizeof(h));
+  }
+}
+
+void parse_record(const void* data, size_t size, bool verify_checksum,
+                  const RecordContext& ctx, std::vector<FieldView>& out) {
+  const char* base = static_cast<const char*>(data);
+  constexpr size_t kHeader = 12;
+  if (size < kHeader) corrupted(ctx, "value of " + std::to_string(size) + " bytes is shorter than the record header");
+  ViewSource src(base, size);
+  std::istream is(&src);
+  cereal::BinaryInputArchive ar(is);
+  uint32_t magic = 0, count = 0;
+  uint16_t version = 0, flags = 0;
+  try {
+    ar(magic, version, flags, count);
+  } catch (const cereal::Exception& e) {
+    corrupted(ctx, std::string("truncated header: ") + e.what());
+  }
+  if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
+  if (version != kFormatVersion) {
+    const std::string path = ctx.path ? *ctx.path : std::string();
+    throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
+                                   " has format version " + std::to_string(version) +
+                                   "; this torch_lmdb reads version " +
+                                   std::to_string(kFormatVersion),
+                               0, path);
+  }
+  if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
+  const bool has_checksum = (flags & 1) != 0;
+  size_t end = size;  // end of the checksummed body
+  if (has_checksum) {
+    if (size < kHeader + 8) corrupted(ctx, "truncated checksum");
+    end = size - 8;
+    if (verify_checksum) {
+      uint64_t stored;
+      std::memcpy(&stored, base + end, 8);
+      if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
+    }
+  }
+  // Each field takes at least 8 + 1 + 3 + 8 bytes: bound the count before resizing.
+  constexpr size_t kMinField = 20;
+  if (count > (end - kHeader) / kMinField + 1)
+    corrupted(ctx, "field count " + std::to_string(count) + " does not fit in " +
+                       std::to_string(size) + " bytes");
+  out.resize(count);
+  auto avail = [&]() -> size_t {
+    const size_t pos = size - src.remaining();
+    return pos > end ? 0 : end - pos;
+  };
+  try {
+    for (uint32_t i = 0; i < count; ++i) {
+      FieldView& f = out[i];
+      uint64_t name_len = 0;
+      ar(name_len);
+      if (name_len == 0 || name_len > avail())
+        corrupted(ctx, "field " + std::to_string(i) + " has a name length of " +
+                           std::to_string(name_len));
+      f.name = src.current();
+      f.name_size = static_cast<size_t>(name_len);
+      src.skip(f.name_size);
+      uint8_t kind = 0, code = 0, ndim = 0;
+      ar(kind, code, ndim);
+      if (kind > 2) corrupted(ctx, "field '" + f.name_str() + "' has unknown kind " + std::to_string(kind));
+      f.kind = static_cast<FieldKind>(kind);
+      bool ok = false;
+      f.dtype = dtype_from_code(code, &ok);
+      if (!ok) corrupted(ctx, "field '" + f.name_str() + "' has unknown dtype code " + std::to_string(code));
+      if (ndim > kMaxDims) corrupted(ctx, "field '" + f.name_str() + "' has " + std::to_string(ndim) + " dimensions");
+      f.ndim = ndim;
+      bool has_zero = false;
+      for (int d = 0; d < ndim; ++d) {
+        int64_t s = 0;
+        ar(s);
+        if (s < 0) corrupted(ctx, "field '" + f.name_str() + "' has negative size " + std::to_string(s) + " in dimension " + std::to_string(d));
+        f.sizes[d] = s;
+        has_zero = has_zero || s == 0;
+      }
+      uint64_t numel = 1;
+      if (has_zero) {
+        numel = 0;
+      } else {
+        for (int d = 0; d < ndim; ++d) {
+          if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > size)
+            corrupted(ctx, "field '" + f.name_str() + "' has shape " + c10::str(f.shape()) +
+                               " that does not fit in a " + std::to_string(size) + "-byte value");
+        }
+      }
+      ar(f.nbytes);
+      const uint64_t itemsize = c10::elementSize(f.dtype);
+      if (f.nbytes != numel * itemsize)
+        corrupted(ctx, "field '" + f.name_str() + "' declares " + std::to_string(f.nbytes) +
+                           " bytes for " + std::to_string(numel) + " elements of " + dtype_name(f.dtype));
+      if (f.nbytes > avail())
+        corrupted(ctx, "field '" + f.name_str() + "' payload of " + std::to_string(f.nbytes) +
+                           " bytes runs past the end of the " + std::to_string(size) + "-byte value");
+      f.data = src.current();
+      src.skip(static_cast<size_t>(f.nbytes));
+    }
+  } catch (const cereal::Exception& e) {
+    corrupted(ctx, std::string("truncated field header: ") + e.what());
+  }
+  if (size - src.remaining() != end)
+    corrupted(ctx, std::to_string(end - (size - src.remaining())) + " unexpected bytes after the last field");
+}
+
+at::Tensor to_tensor(const FieldView& view) {
+  at::Tensor t = at::empty(view.shape(), at::TensorOptions().dtype(view.dtype));
+  if (view.nbytes > 0) std::memcpy(t.data_ptr(), view.data, view.nbytes);
+  return t;
+}
+
+Sample to_sample(std::vector<Field> fields) {
+  Sample s;
+  s.reserve(fields.size());
+  for (Field& f : fields) s.insert(std::move(f.name), std::move(f.tensor));
+  return s;
+}
+
+}  // namespace torch_lmdb

@@ -1,0 +1,113 @@
+// torch_lmdb/record.h -- samples and the on-disk record format (version 1).
+//
+// A record (one LMDB value) is a cereal binary archive (little-endian hosts
+// only; the byte order is recorded in the metadata) of:
+//   u32 magic: the bytes "TLMD" (0x444D4C54 read as little-endian u32)
+//   u16 format version (1)   u16 flags (bit 0: checksum present)
+//   u32 field count
+//   per field: u64 name length, name bytes (UTF-8),
+//              u8 kind (0 tensor, 1 str, 2 bytes), u8 dtype code (DtypeCode),
+//              u8 ndim, ndim x i64 sizes, u64 payload length,
+//              payload: raw contiguous little-endian element bytes
+//   u64 xxh3-64 of every preceding byte (when flag bit 0 is set)
+// docs/FORMAT.md is the reference for readers written without this code.
+//
+// Contract
+// - parse_record() validates every count and length against the value's size
+//   before anything is allocated, and throws CorruptedError naming the path
+//   and the sample index; it never reads outside [data, data + size).
+// - FieldView pointers point into the caller's buffer (for LMDB: the map,
+//   valid until the read transaction ends). Copy before the txn is released.
+// - All functions are thread-safe (no shared state).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/ordered_dict.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace torch_lmdb {
+
+/// A sample: named tensors, in insertion order. str/bytes fields are uint8
+/// tensors in a Sample; use Field when the kind matters.
+using Sample = torch::OrderedDict<std::string, at::Tensor>;
+
+constexpr uint32_t kRecordMagic = 0x444D4C54u;  // bytes "TLMD" on disk
+constexpr uint16_t kFormatVersion = 1;
+constexpr int kMaxDims = 16;
+
+enum class FieldKind : uint8_t { Tensor = 0, Str = 1, Bytes = 2 };
+
+/// Stable on-disk dtype codes (never c10::ScalarType's numeric values).
+enum class DtypeCode : uint8_t {
+  Bool = 1, UInt8 = 2, Int8 = 3, Int16 = 4, Int32 = 5, Int64 = 6,
+  Float16 = 7, BFloat16 = 8, Float32 = 9, Float64 = 10,
+  Complex64 = 11, Complex128 = 12,
+};
+
+/// A field with its kind (what Python needs to give back str/bytes).
+struct Field {
+  std::string name;
+  FieldKind kind = FieldKind::Tensor;
+  at::Tensor tensor;  // str/bytes: 1-D uint8
+};
+
+/// A parsed field pointing into the record's buffer.
+struct FieldView {
+  const char* name = nullptr;
+  size_t name_size = 0;
+  FieldKind kind = FieldKind::Tensor;
+  at::ScalarType dtype = at::kFloat;
+  int ndim = 0;
+  int64_t sizes[kMaxDims] = {};
+  const char* data = nullptr;
+  uint64_t nbytes = 0;
+
+  std::string name_str() const { return std::string(name, name_size); }
+  bool name_equals(const std::string& n) const {
+    return n.size() == name_size && n.compare(0, n.size(), name, name_size) == 0;
+  }
+  at::IntArrayRef shape() const { return at::IntArrayRef(sizes, static_cast<size_t>(ndim)); }
+};
+
+/// Where a record came from, for error messages.
+struct RecordContext {
+  const std::string* path = nullptr;
+  uint64_t index = 0;
+};
+
+/// Schema of one field as stored in the metadata (-1 = dimension varies).
+struct FieldSchema {
+  std::string name;
+  FieldKind kind = FieldKind::Tensor;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> shape;
+};
+
+DtypeCode dtype_code(at::ScalarType t);  // throws TypeError for unsupported dtypes
+at::ScalarType dtype_from_code(uint8_t code, bool* ok) noexcept;
+/// "float32", "int64", ... (numpy-style names used in the metadata).
+const char* dtype_name(at::ScalarType t);
+at::ScalarType dtype_from_name(const std::string& name);
+const char* kind_name(FieldKind k) noexcept;
+FieldKind kind_from_name(const std::string& name);
+
+/// Serializes fields into `out` (cleared first). Tensors must be on CPU;
+/// non-contiguous tensors are written contiguous. Throws TypeError/ValueError
+/// naming the field for unsupported dtypes, devices or too many dims.
+void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out);
+
+/// Parses and validates a record; `out` is resized to the field count.
+/// `verify_checksum` also checks the xxh3 (when the record carries one).
+void parse_record(const void* data, size_t size, bool verify_checksum,
+                  const RecordContext& ctx, std::vector<FieldView>& out);
+
+/// Copies a parsed field into a new tensor (str/bytes: 1-D uint8).
+at::Tensor to_tensor(const FieldView& view);
+
+/// Converts kind-tagged fields to a Sample (kinds dropped).
+Sample to_sample(std::vector<Field> fields);
+
+}  // namespace torch_lmdb

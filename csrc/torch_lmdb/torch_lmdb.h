@@ -1,0 +1,10 @@
+// torch_lmdb/torch_lmdb.h -- everything: #include <torch_lmdb/torch_lmdb.h>
+#pragma once
+#include "torch_lmdb/collate.h"
+#include "torch_lmdb/dataset.h"
+#include "torch_lmdb/env.h"
+#include "torch_lmdb/errors.h"
+#include "torch_lmdb/reader.h"
+#include "torch_lmdb/record.h"
+#include "torch_lmdb/version.h"
+#include "torch_lmdb/writer.h"

@@ -1,0 +1,310 @@
+#include "torch_lmdb/writer.h"
+
+#include <c10/util/Exception.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <torch/csrc/api/include/torch/version.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "torch_lmdb/errors.h"
+#include "torch_lmdb/meta.h"
+#include "torch_lmdb/version.h"
+
+namespace torch_lmdb {
+
+namespace {
+// Chosen by measurement (benchmarks/commit_size.py in the notes of issue 2):
+// 16 KiB samples write at the same speed from 256 samples/commit upwards,
+// and 64 MiB bounds the memory a batch holds before it is committed.
+constexpr size_t kDefaultCommitEvery = 1024;
+constexpr size_t kDefaultCommitBytes = size_t{64} << 20;
+
+#define TORCH_LMDB_STR_(x) #x
+#define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
+constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TORCH_LMDB_STR(
+    TORCH_VERSION_MINOR) "." TORCH_LMDB_STR(TORCH_VERSION_PATCH);
+}  // namespace
+
+struct Writer::Impl {
+  std::string path;
+  WriterOptions options;
+  std::shared_ptr<Env> env;
+  uint64_t generation = 0;
+  int lock_fd = -1;
+  size_t committed = 0;
+  std::vector<std::string> pending;
+  size_t pending_bytes = 0;
+  std::vector<FieldSchema> schema;
+  detail::Json user = detail::Json::object();
+  bool meta_dirty = false;
+  bool closed = false;
+  std::string scratch;
+  std::vector<Field> ordered;
+
+  ~Impl() {
+    if (lock_fd >= 0) ::close(lock_fd);  // releases the flock
+  }
+
+  void check_process() const {
+    TORCH_CHECK(fork_generation() == generation, "the Writer of '", path,
+                "' was created in another process (before fork()); create a new Writer in this process");
+    TORCH_CHECK(!closed, "the Writer of '", path, "' is closed");
+  }
+
+  void put_common_meta(MDB_txn* txn, bool complete) {
+    detail::put_meta(*env, txn, "num_samples", committed + pending.size());
+    detail::put_meta(*env, txn, "schema", detail::schema_to_json(schema));
+    detail::put_meta(*env, txn, "complete", complete);
+    detail::put_meta(*env, txn, "user", user);
+  }
+
+  void grow(size_t needed) {
+    const size_t current = env->map_size();
+    const size_t target = std::max(current * 2, current + 2 * needed);
+    env->set_map_size(target);
+  }
+
+  // Commits pending samples (and metadata) in one transaction; on
+  // MDB_MAP_FULL grows the map and replays the whole batch.
+  void commit(bool complete) {
+    for (;;) {
+      try {
+        WriteTxn txn(*env);
+        unsigned char kbuf[8];
+        for (size_t i = 0; i < pending.size(); ++i) {
+          encode_key(committed + i, kbuf);
+          MDB_val k{8, kbuf};
+          MDB_val v{pending[i].size(), const_cast<char*>(pending[i].data())};
+          detail::check_mdb(mdb_put(txn.get(), env->samples_dbi(), &k, &v, MDB_APPEND), "mdb_put",
+                            path, "index " + std::to_string(committed + i));
+        }
+        put_common_meta(txn.get(), complete);
+        txn.commit();
+        break;
+      } catch (const MapFullError&) {
+        if (!options.auto_grow) throw;
+        grow(pending_bytes + (size_t{1} << 20));
+      }
+    }
+    committed += pending.size();
+    pending.clear();
+    pending_bytes = 0;
+    meta_dirty = false;
+  }
+
+  // Orders `fields` like the schema (fixing the schema on the first sample).
+  const std::vector<Field>& conform(const std::vector<Field>& fields, size_t index) {
+    if (schema.empty()) {
+      TORCH_CHECK_VALUE(!fields.empty(), "sample ", index, " has no fields");
+      for (const Field& f : fields) {
+        for (const auto& s : schema)
+          TORCH_CHECK_VALUE(s.name != f.name, "sample ", index, " has field '", f.name, "' twice");
+        TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' of sample ", index,
+                          " holds an undefined tensor");
+        dtype_code(f.tensor.scalar_type());  // TypeError for unsupported dtypes
+        schema.push_back(FieldSchema{f.name, f.kind, f.tensor.scalar_type(), f.tensor.sizes().vec()});
+      }
+      meta_dirty = true;
+      return fields;
+    }
+    std::string names;
+    for (const auto& s : schema) names += (names.empty() ? "" : ", ") + s.name;
+    TORCH_CHECK_VALUE(fields.size() == schema.size(), "sample ", index, " of '", path, "' has ",
+                      fields.size(), " fields but the database stores ", schema.size(), ": ", names);
+    ordered.clear();
+    for (size_t i = 0; i < schema.size(); ++i) {
+      FieldSchema& s = schema[i];
+      const Field* f = (fields[i].name == s.name) ? &fields[i] : nullptr;
+      if (f == nullptr) {
+        auto it = std::find_if(fields.begin(), fields.end(), [&](const Field& x) { return x.name == s.name; });
+        TORCH_CHECK_VALUE(it != fields.end(), "sample ", index, " of '", path, "' has no field '", s.name,
+                          "'; the database stores: ", names);
+        f = &*it;
+      }
+      TORCH_CHECK_VALUE(f->tensor.defined(), "field '", f->name, "' of sample ", index,
+                        " holds an undefined tensor");
+      TORCH_CHECK_TYPE(f->kind == s.kind, "field '", s.name, "' of sample ", index, " is a ",
+                       kind_name(f->kind), " but earlier samples stored a ", kind_name(s.kind));
+      TORCH_CHECK_TYPE(f->tensor.scalar_type() == s.dtype, "field '", s.name, "' of sample ", index,
+                       " has dtype ", dtype_name_or(f->tensor.scalar_type()), " but earlier samples stored ",
+                       dtype_name(s.dtype));
+      TORCH_CHECK_VALUE(f->tensor.dim() == static_cast<int64_t>(s.shape.size()), "field '", s.name,
+                        "' of sample ", index, " has ", f->tensor.dim(), " dims but earlier samples have ",
+                        s.shape.size());
+      for (size_t d = 0; d < s.shape.size(); ++d) {
+        if (s.shape[d] != -1 && s.shape[d] != f->tensor.size(static_cast<int64_t>(d))) {
+          s.shape[d] = -1;
+          meta_dirty = true;
+        }
+      }
+      ordered.push_back(*f);
+    }
+    return ordered;
+  }
+
+  static std::string dtype_name_or(at::ScalarType t) {
+    try {
+      return dtype_name(t);
+    } catch (const c10::Error&) {
+      return c10::toString(t);
+    }
+  }
+};
+
+Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl()) {
+  Impl& w = *impl_;
+  w.path = path;
+  w.options = std::move(options);
+  if (w.options.commit_every == 0) w.options.commit_every = kDefaultCommitEvery;
+  if (w.options.commit_bytes == 0) w.options.commit_bytes = kDefaultCommitBytes;
+  EnvOptions eo;
+  eo.readonly = false;
+  eo.lock = 1;
+  eo.map_size = w.options.map_size;
+  w.env = Env::open(path, eo);
+  w.generation = fork_generation();
+
+  // One writer per database across processes: an flock that the kernel drops
+  // when the process dies (so a killed writer never blocks the next one).
+  const std::string lock_path = path + "/writer.lock";
+  w.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (w.lock_fd < 0) detail::throw_mdb(errno, "open(writer.lock)", path, "");
+  if (::flock(w.lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    throw LockError("another Writer has '" + path + "' open (in this or another process); "
+                    "one writer at a time", EAGAIN, path);
+  }
+
+  detail::Json meta;
+  size_t existing_samples = 0;
+  {
+    WriteTxn txn(*w.env);
+    meta = detail::read_meta(*w.env, txn.get());
+    MDB_stat st{};
+    detail::check_mdb(mdb_stat(txn.get(), w.env->samples_dbi(), &st), "mdb_stat", path);
+    existing_samples = st.ms_entries;
+  }
+  const bool has_meta = meta.contains("format");
+  if (has_meta && meta["format"] != "torch_lmdb") {
+    throw InvalidDatabaseError("'" + path + "' holds an LMDB database of another format", 0, path);
+  }
+  if (!w.options.append) {
+    if (existing_samples > 0) {
+      throw InvalidDatabaseError("'" + path + "' already holds " + std::to_string(existing_samples) +
+                                     " samples; open it in append mode (mode=\"a\") or remove it first",
+                                 0, path);
+    }
+  } else if (has_meta) {
+    const int64_t version = meta.value("format_version", int64_t{0});
+    if (version != kFormatVersion)
+      throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
+                                     ", this torch_lmdb writes version " + std::to_string(kFormatVersion),
+                                 0, path);
+    w.committed = meta.value("num_samples", size_t{0});
+    if (w.committed != existing_samples)
+      throw CorruptedError("'" + path + "' counts " + std::to_string(w.committed) + " samples but holds " +
+                               std::to_string(existing_samples) + "; run `torch-lmdb verify`",
+                           0, path);
+    w.schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
+    w.user = meta.value("user", detail::Json::object());
+  }
+  if (!w.options.user_json.empty()) set_user_metadata(w.options.user_json);
+
+  // Mark the database incomplete before the first sample is written.
+  for (;;) {
+    try {
+      WriteTxn txn(*w.env);
+      if (!has_meta || !w.options.append) {
+        detail::put_meta(*w.env, txn.get(), "format", "torch_lmdb");
+        detail::put_meta(*w.env, txn.get(), "format_version", kFormatVersion);
+        detail::put_meta(*w.env, txn.get(), "checksum", w.options.checksum ? "xxh3_64" : "none");
+        detail::put_meta(*w.env, txn.get(), "byte_order", "little");
+        detail::put_meta(*w.env, txn.get(), "created_with",
+                         detail::Json{{"torch_lmdb", TORCH_LMDB_VERSION}, {"torch", kTorchVersion}});
+      }
+      w.put_common_meta(txn.get(), false);
+      txn.commit();
+      break;
+    } catch (const MapFullError&) {
+      if (!w.options.auto_grow) throw;
+      w.grow(size_t{1} << 20);
+    }
+  }
+}
+
+Writer::~Writer() {
+  if (!impl_ || impl_->closed) return;
+  try {
+    // Keep what was written, but do not claim completeness (close() does).
+    if (fork_generation() == impl_->generation && (!impl_->pending.empty() || impl_->meta_dirty))
+      impl_->commit(false);
+  } catch (...) {
+    // Destructors never throw; the committed prefix stays consistent.
+  }
+}
+
+Writer::Writer(Writer&&) noexcept = default;
+Writer& Writer::operator=(Writer&&) noexcept = default;
+
+size_t Writer::write(const std::vector<Field>& fields) {
+  Impl& w = *impl_;
+  w.check_process();
+  const size_t index = w.committed + w.pending.size();
+  const std::vector<Field>& ordered = w.conform(fields, index);
+  try {
+    encode_record(ordered, w.options.checksum, w.scratch);
+  } catch (c10::Error& e) {
+    e.add_context("while writing sample " + std::to_string(index) + " to '" + w.path + "'");
+    throw;
+  }
+  w.pending_bytes += w.scratch.size();
+  w.pending.push_back(std::move(w.scratch));
+  w.scratch = std::string();
+  if (w.pending.size() >= w.options.commit_every || w.pending_bytes >= w.options.commit_bytes) w.commit(false);
+  return index;
+}
+
+size_t Writer::write(const Sample& sample) {
+  std::vector<Field> fields;
+  fields.reserve(sample.size());
+  for (const auto& item : sample) fields.push_back(Field{item.key(), FieldKind::Tensor, item.value()});
+  return write(fields);
+}
+
+void Writer::flush() {
+  impl_->check_process();
+  if (!impl_->pending.empty() || impl_->meta_dirty) impl_->commit(false);
+}
+
+void Writer::close() {
+  Impl& w = *impl_;
+  if (w.closed) return;
+  w.check_process();
+  w.commit(true);
+  w.env->sync();
+  w.closed = true;
+  if (w.lock_fd >= 0) {
+    ::close(w.lock_fd);
+    w.lock_fd = -1;
+  }
+  w.env.reset();
+}
+
+void Writer::set_user_metadata(const std::string& json_object) {
+  auto parsed = detail::Json::parse(json_object, nullptr, false);
+  TORCH_CHECK_VALUE(!parsed.is_discarded() && parsed.is_object(),
+                    "user metadata must be a JSON object, got: ", json_object.substr(0, 200));
+  impl_->user.update(parsed);
+  impl_->meta_dirty = true;
+}
+
+size_t Writer::size() const { return impl_->committed + impl_->pending.size(); }
+size_t Writer::committed() const { return impl_->committed; }
+size_t Writer::map_size() const { return impl_->env ? impl_->env->map_size() : 0; }
+const std::string& Writer::path() const { return impl_->path; }
+bool Writer::closed() const { return impl_->closed; }
+
+}  // namespace torch_lmdb

@@ -1,0 +1,84 @@
+// torch_lmdb/writer.h -- creating and appending torch_lmdb databases.
+//
+// Contract
+// - Crash consistency: samples are committed in batches (every
+//   `commit_every` samples or `commit_bytes` bytes); `num_samples` and the
+//   schema are updated in the same transaction as the samples they count, so
+//   a reader always sees a consistent prefix, even after SIGKILL. The
+//   `complete` flag is false from the moment a writer opens the database and
+//   becomes true only in close().
+// - Map size: the writer grows the map itself (doubling) on MDB_MAP_FULL and
+//   replays the batch; `map_size` is only the initial size.
+// - One writer per database: a second Writer on the same path (in this or
+//   another process) raises LockError. A Writer must not be used in a forked
+//   child (raises c10::Error there).
+// - Schema: the first sample fixes the field names, kinds, dtypes and ndims;
+//   later samples must match (ValueError/TypeError naming the field and the
+//   index); dimensions that differ are recorded as -1.
+// - Thread safety: a Writer is not thread-safe; use it from one thread.
+// - The destructor commits pending samples but does not mark the database
+//   complete (call close()); it never throws.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "torch_lmdb/env.h"
+#include "torch_lmdb/record.h"
+
+namespace torch_lmdb {
+
+struct WriterOptions {
+  /// false: create (refuses a database that already holds samples);
+  /// true: append to an existing database, or create it.
+  bool append = false;
+  /// Initial map size in bytes (0: 64 MiB, or the existing file's size).
+  size_t map_size = 0;
+  /// Commit after this many samples (0: default 1024) ...
+  size_t commit_every = 0;
+  /// ... or this many encoded bytes (0: default 64 MiB), whichever comes first.
+  size_t commit_bytes = 0;
+  /// Append an xxh3-64 checksum to every record.
+  bool checksum = true;
+  /// Grow the map on MDB_MAP_FULL (otherwise MapFullError is raised).
+  bool auto_grow = true;
+  /// Free JSON object text stored as metadata `user` (merged into existing
+  /// user metadata when appending). Empty = none.
+  std::string user_json;
+};
+
+class Writer {
+ public:
+  Writer(const std::string& path, WriterOptions options = {});
+  ~Writer();
+  Writer(const Writer&) = delete;
+  Writer& operator=(const Writer&) = delete;
+  Writer(Writer&&) noexcept;
+  Writer& operator=(Writer&&) noexcept;
+
+  /// Appends a sample; returns its index.
+  size_t write(const std::vector<Field>& fields);
+  size_t write(const Sample& sample);
+  /// Commits the pending samples.
+  void flush();
+  /// Flushes, marks the database complete, syncs it to disk. Idempotent.
+  void close();
+  /// Replaces (merges) the user metadata; committed with the next flush.
+  void set_user_metadata(const std::string& json_object);
+
+  /// Samples in the database, including pending ones.
+  size_t size() const;
+  /// Samples committed so far.
+  size_t committed() const;
+  size_t map_size() const;
+  const std::string& path() const;
+  bool closed() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace torch_lmdb

@@ -1,0 +1,239 @@
+// Reader, Dataset and StackedDataset: several files, DataLoaders, batches,
+// collation, fork and read-only storage.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <set>
+
+#include "test_util.h"
+
+using namespace torch_lmdb;
+using torch_lmdb_test::make_sample;
+using torch_lmdb_test::TempDir;
+using torch_lmdb_test::write_dataset;
+
+TEST(Dataset, SeveralFilesFormOneDataset) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 5, 0);
+  write_dataset(tmp.sub("b"), 0, 5);
+  write_dataset(tmp.sub("c"), 7, 5);
+  Dataset ds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b"), tmp.sub("c")});
+  ASSERT_EQ(ds.size().value(), 12u);
+  for (size_t i = 0; i < 12; ++i) {
+    auto s = ds.get(i);
+    EXPECT_EQ(s["index"].item<int64_t>(), static_cast<int64_t>(i));
+    EXPECT_TRUE(torch::equal(s["x"], make_sample(i)["x"]));
+  }
+  EXPECT_EQ(ds.reader().file_sizes(), (std::vector<size_t>{5, 0, 7}));
+  EXPECT_THROW(ds.get(12), c10::IndexError);
+}
+
+class DataLoaderWorkers : public ::testing::TestWithParam<int> {};
+
+TEST_P(DataLoaderWorkers, RandomSamplerSeesEveryIndexOnce) {
+  TempDir tmp;
+  const int64_t n = 1000;
+  write_dataset(tmp.sub("a"), 400, 0);
+  write_dataset(tmp.sub("b"), 600, 400);
+  Dataset ds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b")});
+  auto loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
+      ds.map(Stack()), torch::data::DataLoaderOptions().batch_size(64).workers(GetParam()));
+  std::vector<int> seen(n, 0);
+  for (auto& batch : *loader) {
+    auto idx = batch["index"];
+    ASSERT_EQ(batch["x"].size(1), 16);
+    for (int64_t j = 0; j < idx.size(0); ++j) {
+      const int64_t i = idx[j].item<int64_t>();
+      ++seen[i];
+      EXPECT_TRUE(torch::equal(batch["x"][j], make_sample(i)["x"]));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(seen[i], 1) << "index " << i;
+
+  // The stacked fast path through the same loader.
+  StackedDataset sds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b")});
+  auto fast = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
+      sds, torch::data::DataLoaderOptions().batch_size(64).workers(GetParam()));
+  std::vector<int> seen2(n, 0);
+  for (auto& batch : *fast) {
+    auto idx = batch["index"];
+    for (int64_t j = 0; j < idx.size(0); ++j) {
+      const int64_t i = idx[j].item<int64_t>();
+      ++seen2[i];
+      EXPECT_TRUE(torch::equal(batch["x"][j], make_sample(i)["x"]));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(seen2[i], 1) << "index " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Workers, DataLoaderWorkers, ::testing::Values(0, 2));
+
+TEST(Dataset, ToExampleFeedsAnExistingTrainingLoop) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 50);
+  Dataset ds(tmp.sub("a"));
+  auto loader = torch::data::make_data_loader(
+      ds.map(ToExample("x", "index")).map(torch::data::transforms::Stack<>()), 16);
+  int64_t count = 0;
+  for (auto& batch : *loader) {
+    EXPECT_EQ(batch.data.size(1), 16);
+    count += batch.target.size(0);
+  }
+  EXPECT_EQ(count, 50);
+  EXPECT_THROW(ToExample("nope", "index").apply(ds.get(0)), c10::ValueError);
+}
+
+TEST(Batch, ReadBatchEqualsGetAndStack) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 40);
+  Reader r(tmp.sub("a"));
+  std::vector<size_t> idx{3, 17, 0, 39, 3};
+  Batch b = r.read_batch(idx);
+  Sample stacked = Stack().apply_batch(r.get_many(idx));
+  ASSERT_EQ(b.tensors.size(), 2u);
+  EXPECT_TRUE(torch::equal(b.tensors["x"], stacked["x"]));
+  EXPECT_TRUE(torch::equal(b.tensors["index"], torch::tensor({3, 17, 0, 39, 3})));
+}
+
+TEST(Batch, VariableLengthFieldsNeedPaddingAndGetLengths) {
+  TempDir tmp;
+  const std::string path = tmp.sub("v");
+  {
+    Writer w(path);
+    for (int64_t i = 0; i < 6; ++i) {
+      std::vector<Field> f{{"paths", FieldKind::Tensor, torch::full({i + 1, 4}, float(i))},
+                           {"name", FieldKind::Str, torch::tensor({int64_t('a' + i)}).to(torch::kByte)}};
+      w.write(f);
+    }
+    w.close();
+  }
+  Reader r(path);
+  EXPECT_EQ(r.schema()[0].shape, (std::vector<int64_t>{-1, 4}));
+  std::vector<size_t> idx{1, 4};
+  try {
+    r.read_batch(idx);
+    FAIL() << "expected a shape error";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("field 'paths'"), std::string::npos) << e.what();
+  }
+  BatchOptions opt;
+  opt.pad = true;
+  opt.pad_value = -1;
+  Batch b = r.read_batch(idx, opt);
+  auto p = b.tensors["paths"];
+  EXPECT_EQ(p.sizes(), (std::vector<int64_t>{2, 5, 4}));
+  EXPECT_TRUE(torch::equal(b.tensors["paths_lengths"], torch::tensor({{2, 4}, {5, 4}})));
+  EXPECT_TRUE(torch::equal(p[0].slice(0, 0, 2), torch::full({2, 4}, 1.f)));
+  EXPECT_TRUE(torch::equal(p[0].slice(0, 2), torch::full({3, 4}, -1.f)));
+  EXPECT_TRUE(torch::equal(p[1], torch::full({5, 4}, 4.f)));
+  ASSERT_EQ(b.blobs.size(), 1u);
+  EXPECT_EQ(b.blobs[0].values, (std::vector<std::string>{"b", "e"}));
+  // The same through Stack on per-sample reads.
+  auto samples = r.get_many(idx);
+  EXPECT_THROW(Stack().apply_batch(samples), c10::ValueError);
+  Sample s = Stack(true, {}, -1).apply_batch(samples);
+  EXPECT_TRUE(torch::equal(s["paths"], p));
+  EXPECT_TRUE(torch::equal(s["paths_lengths"], b.tensors["paths_lengths"]));
+}
+
+TEST(Reader, FieldSubset) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 3);
+  ReaderOptions o;
+  o.fields = {"x"};
+  Reader r(tmp.sub("a"), o);
+  auto s = r.get(1);
+  EXPECT_EQ(s.size(), 1u);
+  EXPECT_TRUE(s.contains("x"));
+  o.fields = {"missing"};
+  EXPECT_THROW(Reader(tmp.sub("a"), o), c10::ValueError);
+}
+
+TEST(Fork, ChildReadsADatasetItsParentOpened) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 200);
+  Dataset ds(tmp.sub("a"));
+  // The parent reads first, so it holds an env and pooled read txns.
+  for (size_t i = 0; i < 10; ++i) ASSERT_EQ(ds.get(i)["index"].item<int64_t>(), int64_t(i));
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int bad = 0;
+    try {
+      for (size_t i = 0; i < 200; ++i) {
+        auto s = ds.get(i);
+        if (s["index"].item<int64_t>() != int64_t(i) || !torch::equal(s["x"], make_sample(i)["x"])) ++bad;
+      }
+      std::vector<size_t> idx{5, 150};
+      if (ds.reader().read_batch(idx).tensors["index"][1].item<int64_t>() != 150) ++bad;
+    } catch (...) {
+      bad = 100;
+    }
+    _exit(bad == 0 ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "child crashed, status " << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  // The parent's handles still work after the child is gone.
+  EXPECT_EQ(ds.get(199)["index"].item<int64_t>(), 199);
+}
+
+TEST(Env, SamePathSharesOneEnvPerProcess) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 3);
+  Reader r1(tmp.sub("a"));
+  Reader r2(tmp.sub("a") + "/");
+  EnvOptions o;
+  auto e1 = Env::open(tmp.sub("a"), o);
+  auto e2 = Env::open(tmp.sub("a/"), o);
+  EXPECT_EQ(e1.get(), e2.get());
+  // A writer cannot take a path held read-only.
+  EXPECT_THROW(Writer(tmp.sub("a"), WriterOptions{/*append=*/true}), InvalidDatabaseError);
+}
+
+TEST(Env, ReadOnlyDirectoryFallsBackToNoLock) {
+  TempDir tmp;
+  const std::string path = tmp.sub("ro");
+  write_dataset(path, 20);
+  ASSERT_EQ(unlink((path + "/lock.mdb").c_str()), 0);
+  ASSERT_EQ(unlink((path + "/writer.lock").c_str()), 0);
+  ASSERT_EQ(chmod(path.c_str(), 0555), 0);
+  ASSERT_EQ(chmod(tmp.path().c_str(), 0755), 0);
+  // Root ignores directory permissions: read as an unprivileged user.
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0)) _exit(10);
+    int code = 0;
+    std::vector<std::string> warnings;
+    ReaderOptions o;
+    o.warn = [&](const std::string& m) { warnings.push_back(m); };
+    try {
+      ReaderOptions strict = o;
+      strict.lock = 1;
+      Reader r(path, strict);
+      code = 2;  // locking must fail here
+    } catch (const LockError&) {
+    } catch (...) {
+      code = 3;
+    }
+    if (code == 0) {
+      try {
+        Reader r(path, o);
+        if (r.size() != 20 || r.get(19)["index"].item<int64_t>() != 19) code = 4;
+        if (warnings.size() != 1 || warnings[0].find("lock=False") == std::string::npos) code = 5;
+        if (r.reader_count() != -1) code = 6;
+      } catch (...) {
+        code = 7;
+      }
+    }
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}

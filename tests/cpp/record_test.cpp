@@ -1,0 +1,205 @@
+// Record format: round trips of every dtype and shape, corruption handling.
+#include <lmdb.h>
+#include <torch/torch.h>
+
+#include <cstring>
+#include <random>
+
+#include "test_util.h"
+
+using namespace torch_lmdb;
+using torch_lmdb_test::TempDir;
+
+namespace {
+
+const std::vector<at::ScalarType> kAllDtypes = {
+    at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
+    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble};
+
+at::Tensor random_of(at::IntArrayRef shape, at::ScalarType dtype) {
+  if (dtype == at::kBool) return torch::rand(shape) > 0.5;
+  if (at::isComplexType(dtype)) return torch::randn(shape, dtype);
+  if (at::isFloatingType(dtype)) return torch::randn(shape).to(dtype);
+  return torch::randint(-100, 100, shape).to(dtype);
+}
+
+std::vector<Field> variants_for(at::ScalarType dtype) {
+  const int64_t big = (5 << 20) / c10::elementSize(dtype) / 64 + 1;  // > 4 MiB
+  return {
+      Field{"scalar", FieldKind::Tensor, random_of({}, dtype)},
+      Field{"empty", FieldKind::Tensor, random_of({0, 3}, dtype)},
+      Field{"noncontig", FieldKind::Tensor, random_of({5, 7}, dtype).t()},
+      Field{"strided", FieldKind::Tensor, random_of({20}, dtype).slice(0, 0, 20, 3)},
+      Field{"large", FieldKind::Tensor, random_of({big, 64}, dtype)},
+  };
+}
+
+// Opens the raw LMDB of `path` and applies `mutate` to the value of `index`.
+void mutate_record(const std::string& path, uint64_t index,
+                   const std::function<void(std::string&)>& mutate) {
+  MDB_env* env;
+  ASSERT_EQ(mdb_env_create(&env), 0);
+  mdb_env_set_maxdbs(env, 4);
+  ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
+  MDB_txn* txn;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+  MDB_dbi dbi;
+  ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  unsigned char key[8];
+  encode_key(index, key);
+  MDB_val k{8, key}, v;
+  ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+  std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+  mutate(value);
+  MDB_val nv{value.size(), value.data()};
+  ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  ASSERT_EQ(mdb_txn_commit(txn), 0);
+  mdb_env_close(env);
+}
+
+void expect_corrupted(const std::function<void()>& fn, const std::string& path, uint64_t index) {
+  try {
+    fn();
+    FAIL() << "expected CorruptedError";
+  } catch (const CorruptedError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("index " + std::to_string(index)), std::string::npos) << msg;
+  }
+}
+
+}  // namespace
+
+TEST(Record, EveryDtypeAndShapeRoundTrips) {
+  TempDir tmp;
+  const std::string path = tmp.sub("all.lmdb");
+  std::vector<std::vector<Field>> written;
+  {
+    for (auto dtype : kAllDtypes) {
+      auto fields = variants_for(dtype);
+      fields.push_back(Field{"text", FieldKind::Str, torch::tensor({104, 195, 169}, torch::kByte)});
+      fields.push_back(Field{"blob", FieldKind::Bytes, torch::empty({0}, torch::kByte)});
+      // Schemas are per database: one database per dtype keeps this simple.
+      Writer wd(path + "." + c10::toString(dtype));
+      wd.write(fields);
+      wd.close();
+      written.push_back(fields);
+    }
+  }
+  for (size_t d = 0; d < kAllDtypes.size(); ++d) {
+    Reader r(path + "." + c10::toString(kAllDtypes[d]), ReaderOptions{/*verify=*/true});
+    ASSERT_EQ(r.size(), 1u);
+    auto got = r.get_fields(0);
+    ASSERT_EQ(got.size(), written[d].size());
+    for (size_t f = 0; f < got.size(); ++f) {
+      SCOPED_TRACE(std::string(c10::toString(kAllDtypes[d])) + " " + got[f].name);
+      EXPECT_EQ(got[f].name, written[d][f].name);
+      EXPECT_EQ(got[f].kind, written[d][f].kind);
+      EXPECT_EQ(got[f].tensor.scalar_type(), written[d][f].tensor.scalar_type());
+      EXPECT_EQ(got[f].tensor.sizes(), written[d][f].tensor.sizes());
+      EXPECT_TRUE(got[f].tensor.is_contiguous());
+      EXPECT_TRUE(torch::equal(got[f].tensor, written[d][f].tensor));
+    }
+  }
+}
+
+TEST(Record, ParserRejectsEveryTruncationWithoutCrashing) {
+  std::vector<Field> fields{{"a", FieldKind::Tensor, torch::randn({3, 4})},
+                            {"b", FieldKind::Str, torch::tensor({65, 66}, torch::kByte)}};
+  std::string rec;
+  encode_record(fields, /*checksum=*/true, rec);
+  std::vector<FieldView> views;
+  const std::string path = "mem";
+  RecordContext ctx{&path, 7};
+  parse_record(rec.data(), rec.size(), true, ctx, views);
+  ASSERT_EQ(views.size(), 2u);
+  for (size_t len = 0; len < rec.size(); ++len) {
+    std::string cut = rec.substr(0, len);
+    EXPECT_THROW(parse_record(cut.data(), cut.size(), false, ctx, views), CorruptedError) << len;
+  }
+  // Random bit flips: never a crash; with verification always an error.
+  std::mt19937 rng(1);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string bad = rec;
+    bad[rng() % bad.size()] ^= static_cast<char>(1 << (rng() % 8));
+    EXPECT_ANY_THROW(parse_record(bad.data(), bad.size(), true, ctx, views));
+    try {
+      parse_record(bad.data(), bad.size(), false, ctx, views);
+    } catch (const Error&) {
+    } catch (const c10::Error&) {
+    }
+  }
+}
+
+TEST(Record, UnsupportedDtypeNamesTheField) {
+  std::string rec;
+  std::vector<Field> fields{{"q", FieldKind::Tensor, at::empty({2}, at::kComplexHalf)}};
+  try {
+    encode_record(fields, true, rec);
+    FAIL();
+  } catch (const c10::TypeError& e) {
+    EXPECT_NE(std::string(e.what()).find("'q'"), std::string::npos);
+  }
+}
+
+TEST(Corruption, TruncatedBitFlippedAndAbsurdRecordsNamePathAndIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("c.lmdb");
+  torch_lmdb_test::write_dataset(path, 10);
+  // Truncated record 3.
+  mutate_record(path, 3, [](std::string& v) { v.resize(v.size() / 2); });
+  // A payload bit flip in record 5: caught by the checksum when verifying.
+  mutate_record(path, 5, [](std::string& v) { v[v.size() - 12] ^= 0x10; });
+  // An absurd size in record 7 (shape of "x" = 2^50), checksum recomputed so
+  // only the size validation can catch it; must not try to allocate.
+  mutate_record(path, 7, [](std::string& v) {
+    std::vector<Field> f{{"index", FieldKind::Tensor, torch::tensor(int64_t{7})},
+                         {"x", FieldKind::Tensor, torch::zeros({16})}};
+    std::string fresh;
+    encode_record(f, false, fresh);
+    const int64_t huge = int64_t{1} << 50;
+    const size_t pos = fresh.size() - 16 * 4 - 8 - 8;  // x's only size, before nbytes + payload
+    std::memcpy(&fresh[pos], &huge, 8);
+    v = fresh;
+  });
+  Reader r(path, ReaderOptions{/*verify=*/true});
+  expect_corrupted([&] { r.get(3); }, path, 3);
+  expect_corrupted([&] { r.get(5); }, path, 5);
+  expect_corrupted([&] { r.get(7); }, path, 7);
+  std::vector<size_t> batch{1, 7};
+  expect_corrupted([&] { r.read_batch(batch); }, path, 7);
+  // The good records still read.
+  EXPECT_EQ(r.get(4).find("index")->item<int64_t>(), 4);
+  // Without verification the flipped payload bit goes unnoticed (documented).
+  Reader fast(path);
+  EXPECT_NO_THROW(fast.get(5));
+  expect_corrupted([&] { fast.get(3); }, path, 3);
+}
+
+TEST(Errors, OutOfRangeIndexIsIndexError) {
+  TempDir tmp;
+  const std::string path = tmp.sub("i.lmdb");
+  torch_lmdb_test::write_dataset(path, 3);
+  Reader r(path);
+  EXPECT_THROW(r.get(3), c10::IndexError);
+  std::vector<size_t> idx{0, 99};
+  EXPECT_THROW(r.read_batch(idx), c10::IndexError);
+  try {
+    r.get(5);
+  } catch (const c10::IndexError& e) {
+    EXPECT_NE(std::string(e.what()).find("out of range for dataset of size 3"), std::string::npos);
+  }
+}
+
+TEST(Errors, MissingAndForeignDatabases) {
+  TempDir tmp;
+  EXPECT_THROW(Reader(tmp.sub("nope")), NotFoundError);
+  // A plain LMDB without our tables.
+  const std::string plain = tmp.sub("plain");
+  ASSERT_EQ(system(("mkdir -p " + plain).c_str()), 0);
+  MDB_env* env;
+  mdb_env_create(&env);
+  ASSERT_EQ(mdb_env_open(env, plain.c_str(), 0, 0644), 0);
+  mdb_env_close(env);
+  EXPECT_THROW(Reader{plain}, InvalidDatabaseError);
+}

@@ -1,0 +1,53 @@
+// Helpers shared by the GoogleTest files.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "torch_lmdb/torch_lmdb.h"
+
+namespace torch_lmdb_test {
+
+// A fresh directory under $TORCH_LMDB_TEST_TMP (or /tmp), removed at the end.
+class TempDir {
+ public:
+  TempDir() {
+    const char* base = getenv("TORCH_LMDB_TEST_TMP");
+    std::string root = base ? base : "/tmp";
+    std::string cmd = "mkdir -p '" + root + "'";
+    EXPECT_EQ(system(cmd.c_str()), 0);
+    std::string tmpl = root + "/tlmdb-XXXXXX";
+    char* made = mkdtemp(&tmpl[0]);
+    EXPECT_NE(made, nullptr);
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::string cmd = "chmod -R u+w '" + path_ + "' 2>/dev/null; rm -rf '" + path_ + "'";
+    (void)system(cmd.c_str());
+  }
+  std::string sub(const std::string& name) const { return path_ + "/" + name; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Sample i of the standard test dataset: deterministic content from i.
+inline torch_lmdb::Sample make_sample(int64_t i, int64_t width = 16) {
+  torch_lmdb::Sample s;
+  s.insert("index", torch::tensor(i));
+  s.insert("x", torch::arange(width, torch::kFloat) + static_cast<float>(i));
+  return s;
+}
+
+inline void write_dataset(const std::string& path, int64_t n, int64_t first = 0,
+                          torch_lmdb::WriterOptions options = {}) {
+  torch_lmdb::Writer w(path, options);
+  for (int64_t i = 0; i < n; ++i) w.write(make_sample(first + i));
+  w.close();
+}
+
+}  // namespace torch_lmdb_test
