@@ -338,6 +338,12 @@ int Reader::reader_count(size_t file) const {
   return envs[file]->reader_count();
 }
 
+size_t Reader::map_size(size_t file) const {
+  const auto& envs = state_->current_envs();
+  TORCH_CHECK_INDEX(file < envs.size(), "file ", file, " out of range for ", envs.size(), " files");
+  return envs[file]->map_size();
+}
+
 bool Reader::complete() const { return state_->complete; }
 
 }  // namespace torch_lmdb

@@ -98,6 +98,8 @@ class Reader {
   std::vector<size_t> file_sizes() const;
   /// Reader-table slots in use in file `file` (-1 without locking).
   int reader_count(size_t file = 0) const;
+  /// Map size in bytes of file `file`.
+  size_t map_size(size_t file = 0) const;
   /// True if every file was closed cleanly by its writer.
   bool complete() const;
 

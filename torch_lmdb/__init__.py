@@ -1,0 +1,36 @@
+"""torch_lmdb: LMDB datasets of named tensors for PyTorch and LibTorch.
+
+Write samples (dicts of tensors, numpy arrays, scalars, str, bytes) with
+:class:`LMDBWriter`, read them with :class:`LMDBDataset` in any DataLoader.
+"""
+from torch_lmdb import _C
+from torch_lmdb._C import (
+    CorruptedError,
+    Error,
+    InvalidDatabaseError,
+    LockError,
+    MapFullError,
+    NotFoundError,
+    ReadersFullError,
+)
+from torch_lmdb.dataset import LMDBDataset, info, make_loader
+from torch_lmdb.writer import LMDBWriter
+
+__version__ = _C.__version__
+FORMAT_VERSION = _C.FORMAT_VERSION
+
+__all__ = [
+    "LMDBDataset",
+    "LMDBWriter",
+    "info",
+    "make_loader",
+    "Error",
+    "MapFullError",
+    "ReadersFullError",
+    "NotFoundError",
+    "CorruptedError",
+    "InvalidDatabaseError",
+    "LockError",
+    "__version__",
+    "FORMAT_VERSION",
+]

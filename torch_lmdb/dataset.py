@@ -1,0 +1,213 @@
+"""LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
+import json
+import math
+import operator
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.utils.data
+
+from torch_lmdb import _C
+
+__all__ = ["LMDBDataset", "info", "make_loader"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
+    """Allocates a batch tensor in shared memory (used inside DataLoader workers,
+    so the batch crosses to the main process without another copy)."""
+    dtype = getattr(torch, dtype_name)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype).storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+class LMDBDataset(torch.utils.data.Dataset):
+    """A map-style dataset over one or several torch_lmdb databases.
+
+    ``ds[i]`` returns a ``dict[str, Tensor | str | bytes]``; ``ds[[i, j, ...]]``
+    and :meth:`get_batch` return the batch already stacked, read and collated
+    in C++ with the GIL released.
+
+    Safe with every DataLoader start method: the dataset pickles its
+    configuration, never its handles, and opens the files lazily in each
+    process (a forked worker never reuses the parent's LMDB environment).
+
+    Args:
+        paths: a database directory or a list of them (concatenated in order).
+        transform: callable applied to each sample returned by ``ds[i]``.
+        fields: subset of field names to read (KeyError for unknown names).
+        verify: check each record's checksum while reading.
+        lock: ``None`` locks but falls back to lock-free reads (with a warning)
+            on read-only storage; ``False`` never locks; ``True`` always locks.
+        readahead: let the OS read ahead (helps sequential scans of cold data).
+        max_readers: LMDB reader-table size.
+        pad: for batches, pad variable-shape fields (True, or a list of names)
+            and add ``<name>_lengths`` (int64 [B, ndim]).
+        pad_value: fill value of the padding.
+    """
+
+    def __init__(
+        self,
+        paths: Union[PathLike, Sequence[PathLike]],
+        transform: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        fields: Optional[Sequence[str]] = None,
+        verify: bool = False,
+        lock: Optional[bool] = None,
+        readahead: bool = False,
+        max_readers: int = 1024,
+        pad: Union[bool, Sequence[str]] = False,
+        pad_value: float = 0,
+    ):
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            paths = [paths]
+        self._paths = [os.fspath(p) for p in paths]
+        if not self._paths:
+            raise ValueError("LMDBDataset needs at least one path")
+        for p in self._paths:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"no torch_lmdb database at '{p}'")
+        self.transform = transform
+        self._fields = list(fields) if fields is not None else []
+        self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers)
+        self._pad = pad
+        self._pad_value = pad_value
+        self._handle = None
+        self._pid = None
+        reader = self._reader()  # validate now: clear errors in the constructor
+        self._len = len(reader)
+        self._schema = reader.schema()
+        self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(self._paths))]
+
+    # -- process lifetime ---------------------------------------------------
+    def _reader(self):
+        if self._handle is None or self._pid != os.getpid():
+            if self._fields:
+                full = _C.Reader(self._paths, **self._options)
+                self._emit_warnings(full)
+                names = [f["name"] for f in full.schema()]
+                unknown = [f for f in self._fields if f not in names]
+                if unknown:
+                    raise KeyError(f"unknown field(s) {unknown} in '{self._paths[0]}'; available: {names}")
+            handle = _C.Reader(self._paths, fields=self._fields, **self._options)
+            self._emit_warnings(handle)
+            self._handle, self._pid = handle, os.getpid()
+        return self._handle
+
+    @staticmethod
+    def _emit_warnings(handle) -> None:
+        for message in handle.take_warnings():
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        """Drops this process's handle (the files reopen on next use)."""
+        self._handle = None
+        self._pid = None
+
+    # -- access ---------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._len
+
+    def _index(self, i: Any) -> int:
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"dataset indices must be integers or lists of integers, got {type(i).__name__}") from None
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {i} out of range for dataset of size {self._len} at '{self._paths[0]}'")
+        return i
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple, torch.Tensor)) or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1):
+            return self.get_batch(index)
+        sample = self._reader().get(self._index(index))
+        return self.transform(sample) if self.transform is not None else sample
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Any]:
+        """Per-sample dicts for DataLoaders that fetch lists of indices (torch >= 2)."""
+        return [self[i] for i in indices]
+
+    def get_batch(self, indices: Sequence[int], pad: Union[None, bool, Sequence[str]] = None,
+                  pad_value: Optional[float] = None) -> Dict[str, Any]:
+        """Reads ``indices`` and returns them collated: tensors stacked to
+        ``[B, ...]`` (padded when asked, with ``<name>_lengths``), str/bytes
+        fields as lists. Inside a DataLoader worker the batch is allocated in
+        shared memory. ``transform`` is not applied."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        idx = [self._index(i) for i in indices]
+        pad = self._pad if pad is None else pad
+        pad_value = self._pad_value if pad_value is None else pad_value
+        pad_all = pad is True
+        pad_fields = [] if isinstance(pad, bool) else list(pad)
+        allocator = _alloc_shared if torch.utils.data.get_worker_info() is not None else None
+        return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), allocator)
+
+    # -- description ----------------------------------------------------------
+    @property
+    def paths(self) -> List[str]:
+        return list(self._paths)
+
+    @property
+    def schema(self) -> List[Dict[str, Any]]:
+        """Fields as ``{"name", "kind", "dtype", "shape"}`` (-1 = varying dimension)."""
+        return [dict(f) for f in self._schema]
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """The ``meta`` table of the first file (``metadata_of(i)`` for others)."""
+        return self._metadata[0]
+
+    def metadata_of(self, file: int) -> Dict[str, Any]:
+        return self._metadata[file]
+
+    def reader_count(self, file: int = 0) -> int:
+        """LMDB reader-table slots in use (-1 when reading without a lock)."""
+        return self._reader().reader_count(file)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f['name']}: {f['dtype']}{f['shape']}" for f in self._schema)
+        return f"LMDBDataset({self._paths!r}, {self._len} samples, {{{fields}}})"
+
+
+def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
+                generator: Optional[torch.Generator] = None, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader on the batched path: a BatchSampler hands whole index lists
+    to ``dataset[indices]`` (one C++ call per batch, shared-memory batches in
+    workers). ``kwargs`` go to DataLoader (num_workers, persistent_workers,
+    multiprocessing_context, pin_memory, ...)."""
+    base = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
+            else torch.utils.data.SequentialSampler(dataset))
+    sampler = torch.utils.data.BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, **kwargs)
+
+
+def info(path: PathLike) -> Dict[str, Any]:
+    """Describes one database: metadata, sample count, fields, sizes on disk."""
+    path = os.fspath(path)
+    reader = _C.Reader([path])
+    for message in reader.take_warnings():
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    meta = json.loads(reader.metadata_json(0))
+    data_file = os.path.join(path, "data.mdb")
+    return {
+        "path": path,
+        "num_samples": len(reader),
+        "complete": bool(meta.get("complete", False)),
+        "format_version": meta.get("format_version"),
+        "fields": reader.schema(),
+        "file_size": os.path.getsize(data_file),
+        "map_size": reader.map_size(0),
+        "metadata": meta,
+    }

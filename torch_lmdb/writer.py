@@ -1,0 +1,155 @@
+"""LMDBWriter: create or append torch_lmdb databases from Python."""
+import json
+import numbers
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+
+from torch_lmdb import _C
+
+__all__ = ["LMDBWriter"]
+
+_TENSOR, _STR, _BYTES = 0, 1, 2
+
+
+def _field(name: Any, value: Any):
+    """Converts one sample value to the (name, kind, payload) the C++ writer takes."""
+    if not isinstance(name, str):
+        raise TypeError(f"field names must be str, got {type(name).__name__} ({name!r})")
+    if isinstance(value, torch.Tensor):
+        return (name, _TENSOR, value.detach())
+    if isinstance(value, str):
+        return (name, _STR, value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (name, _BYTES, bytes(value))
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.ascontiguousarray(value)
+        try:
+            return (name, _TENSOR, torch.from_numpy(array))
+        except TypeError as e:
+            raise TypeError(f"field {name!r}: numpy dtype {array.dtype} has no torch equivalent ({e})") from None
+    if isinstance(value, bool):
+        return (name, _TENSOR, torch.tensor(value, dtype=torch.bool))
+    if isinstance(value, numbers.Integral):
+        return (name, _TENSOR, torch.tensor(int(value), dtype=torch.int64))
+    if isinstance(value, numbers.Real):
+        return (name, _TENSOR, torch.tensor(float(value), dtype=torch.float64))
+    if isinstance(value, numbers.Complex):
+        return (name, _TENSOR, torch.tensor(complex(value), dtype=torch.complex128))
+    raise TypeError(
+        f"field {name!r} has unsupported type {type(value).__name__}; "
+        "expected a torch.Tensor, numpy array, int, float, bool, complex, str or bytes"
+    )
+
+
+class LMDBWriter:
+    """Writes samples to a torch_lmdb database (a directory).
+
+    Args:
+        path: database directory (created if missing).
+        map_size: initial map size in bytes; optional, the map grows by itself.
+        mode: ``"w"`` creates (refuses a database that already holds samples),
+            ``"a"`` appends (or creates).
+        commit_every: commit after this many samples (default 1024; also every 64 MiB).
+        checksum: store an xxh3-64 checksum with every record.
+        user_metadata: JSON-serializable dict stored as metadata ``user``.
+        commit_bytes: commit after this many encoded bytes (default 64 MiB).
+        auto_grow: grow the map on MDB_MAP_FULL (else raise MapFullError).
+
+    Used as a context manager, a clean exit marks the database complete; an
+    exception keeps every sample written so far but leaves it marked incomplete.
+    """
+
+    def __init__(
+        self,
+        path: "os.PathLike | str",
+        map_size: Optional[int] = None,
+        mode: str = "w",
+        commit_every: Optional[int] = None,
+        checksum: bool = True,
+        user_metadata: Optional[Mapping[str, Any]] = None,
+        commit_bytes: Optional[int] = None,
+        auto_grow: bool = True,
+    ):
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
+        for name, value in (("map_size", map_size), ("commit_every", commit_every), ("commit_bytes", commit_bytes)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.path = os.fspath(path)
+        user_json = json.dumps(dict(user_metadata)) if user_metadata is not None else ""
+        self._w = _C.Writer(
+            self.path,
+            append=(mode == "a"),
+            map_size=map_size or 0,
+            commit_every=commit_every or 0,
+            commit_bytes=commit_bytes or 0,
+            checksum=checksum,
+            auto_grow=auto_grow,
+            user_json=user_json,
+        )
+
+    def write(self, sample: Mapping[str, Any]) -> int:
+        """Appends one sample (a mapping of field name to value); returns its index."""
+        if not isinstance(sample, Mapping):
+            raise TypeError(f"a sample must be a mapping of field name to value, got {type(sample).__name__}")
+        return self._w.write([_field(k, v) for k, v in sample.items()])
+
+    def write_many(self, samples: Iterable[Mapping[str, Any]], progress: bool = False, total: Optional[int] = None) -> int:
+        """Writes every sample of an iterable; returns how many were written.
+
+        ``progress=True`` shows a tqdm bar (samples/s).
+        """
+        count = 0
+        if progress:
+            from tqdm import tqdm
+
+            if total is None and hasattr(samples, "__len__"):
+                total = len(samples)  # type: ignore[arg-type]
+            samples = tqdm(samples, total=total, unit="sample", desc=f"writing {os.path.basename(self.path)}")
+        for sample in samples:
+            self.write(sample)
+            count += 1
+        return count
+
+    def set_user_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Merges ``metadata`` into the stored ``user`` metadata."""
+        self._w.set_user_metadata(json.dumps(dict(metadata)))
+
+    def flush(self) -> None:
+        """Commits the pending samples (the database stays marked incomplete)."""
+        self._w.flush()
+
+    def close(self) -> None:
+        """Commits, marks the database complete and syncs it. Idempotent."""
+        self._w.close()
+
+    def abandon(self) -> None:
+        """Commits what was written but leaves the database marked incomplete."""
+        self._w.abandon()
+
+    @property
+    def closed(self) -> bool:
+        return self._w.closed
+
+    @property
+    def map_size(self) -> int:
+        return self._w.map_size
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+    def __enter__(self) -> "LMDBWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} samples"
+        return f"LMDBWriter({self.path!r}, {state})"
