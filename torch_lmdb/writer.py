@@ -25,7 +25,9 @@ def _field(name: Any, value: Any):
     if isinstance(value, (bytes, bytearray, memoryview)):
         return (name, _BYTES, bytes(value))
     if isinstance(value, (np.ndarray, np.generic)):
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # keeps 0-dim for numpy scalars
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
         try:
             return (name, _TENSOR, torch.from_numpy(array))
         except TypeError as e:

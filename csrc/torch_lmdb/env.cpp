@@ -153,6 +153,12 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                 "it); close the readers before writing to it",
             0, path);
       }
+      if (options.lock == 1 && existing->nolock()) {
+        throw LockError("'" + path +
+                            "' is already open without locking in this process; lock=True "
+                            "cannot be honoured until those readers are closed",
+                        EACCES, path);
+      }
       return existing;
     }
   }

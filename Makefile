@@ -1,0 +1,57 @@
+# torch_lmdb: one entry point.
+#   make test    install missing Debian packages, build, run ctest + the C++ example + pytest
+#   make build   C++ library, tests and the Python extension (in place)
+#   make install PREFIX=/usr/local
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= /usr/bin/python3
+BUILD ?= build/cmake
+PREFIX ?= $(CURDIR)/build/install
+JOBS ?= $(shell nproc)
+
+DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev python3-torch \
+  liblmdb-dev libcereal-dev nlohmann-json3-dev pybind11-dev libxxhash-dev libgtest-dev libbenchmark-dev \
+  python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-tqdm python3-yaml \
+  python3-matplotlib python3-venv python3-setuptools lmdb-utils
+
+.PHONY: test deps build cmake-build python-build install example-cpp ctest pytest clean
+
+test: deps build ctest example-cpp pytest
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:" $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else \
+	    echo "missing Debian packages; run:"; echo "  sudo apt-get install -y $$missing"; exit 1; \
+	  fi; \
+	fi
+
+build: cmake-build python-build
+
+cmake-build:
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX=$(PREFIX)
+	cmake --build $(BUILD) -j $(JOBS)
+
+python-build:
+	MAX_JOBS=$(JOBS) $(PYTHON) setup.py -q build_ext --inplace --build-temp build/python
+
+install: cmake-build
+	cmake --install $(BUILD) --prefix $(PREFIX)
+
+ctest: cmake-build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --no-tests=error
+
+# The install test: a standalone project that find_package()s the installed library.
+example-cpp: install
+	cmake -S examples/cpp -B build/example-cpp -G Ninja -DCMAKE_PREFIX_PATH=$(PREFIX)
+	cmake --build build/example-cpp
+	build/example-cpp/train_tiny build/example-cpp/tiny.lmdb
+
+pytest: python-build cmake-build
+	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip $(PYTHON) -m pytest -q tests/python -p no:cacheprovider
+
+clean:
+	rm -rf build torch_lmdb/_C*.so *.egg-info

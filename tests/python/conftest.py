@@ -1,0 +1,34 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the in-place build (python3 setup.py build_ext --inplace)
+
+import torch_lmdb  # noqa: E402
+
+
+def sample(i: int, width: int = 8):
+    """Sample i of the standard test dataset (content derived from i)."""
+    return {
+        "index": i,
+        "x": np.arange(width, dtype=np.float32) + i,
+        "label": f"item-{i}",
+    }
+
+
+@pytest.fixture
+def make_db(tmp_path):
+    """make_db(n, name="db", first=0, width=8) -> path of a closed database."""
+
+    def make(n, name="db", first=0, width=8, **writer_kwargs):
+        path = str(tmp_path / name)
+        with torch_lmdb.LMDBWriter(path, **writer_kwargs) as w:
+            for i in range(first, first + n):
+                w.write(sample(i, width))
+        return path
+
+    return make

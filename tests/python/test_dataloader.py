@@ -1,0 +1,122 @@
+"""The dataset inside DataLoaders: every start method, pickling, fork after
+reads, reader slots, shared-memory batches."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import torch_lmdb
+from conftest import sample
+
+METHODS = ["fork", "spawn", "forkserver"]
+
+
+def check_every_index_once(batches, n):
+    seen = np.zeros(n, dtype=int)
+    for batch in batches:
+        for j, i in enumerate(batch["index"].tolist()):
+            seen[i] += 1
+            assert torch.equal(batch["x"][j], torch.from_numpy(sample(i)["x"]))
+            assert batch["label"][j] == f"item-{i}"
+    assert (seen == 1).all(), np.flatnonzero(seen != 1)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["nonpersistent", "persistent"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_start_method_sees_every_sample_once(make_db, method, persistent):
+    path = make_db(300)
+    ds = torch_lmdb.LMDBDataset(path)
+    assert ds[5]["index"].item() == 5  # the parent reads before the workers start
+    loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=2, multiprocessing_context=method,
+                        persistent_workers=persistent)
+    for _ in range(2 if persistent else 1):
+        check_every_index_once(loader, 300)
+    # the batched path: whole index lists into ds[indices]
+    fast = torch_lmdb.make_loader(ds, batch_size=32, shuffle=True, num_workers=2, multiprocessing_context=method,
+                                  persistent_workers=persistent)
+    check_every_index_once(fast, 300)
+    assert ds[299]["index"].item() == 299  # the parent's handle still works
+
+
+def test_pickle_carries_configuration_not_handles(make_db):
+    path = make_db(10)
+    ds = torch_lmdb.LMDBDataset(path, fields=["index"], verify=True)
+    ds[0]
+    assert ds._handle is not None
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096
+    copy = pickle.loads(blob)
+    assert copy._handle is None
+    assert copy[3] == {"index": torch.tensor(3)}
+    assert copy._options["verify"] is True
+    ds.close()
+    assert ds[9]["index"].item() == 9
+
+
+def test_parent_reads_then_forks(make_db):
+    import multiprocessing as mp
+
+    path = make_db(50)
+    ds = torch_lmdb.LMDBDataset(path)
+    assert ds.get_batch(list(range(50)))["index"].tolist() == list(range(50))
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        got = pool.map(_read_index, [(ds, i) for i in range(50)])
+    assert got == list(range(50))
+
+
+def _read_index(args):
+    ds, i = args
+    return ds[i]["index"].item()
+
+
+def test_reader_slots_stay_bounded_over_20_epochs(make_db):
+    path = make_db(64)
+    ds = torch_lmdb.LMDBDataset(path)
+    loader = DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=False)
+    for _ in range(20):
+        assert sum(len(b["index"]) for b in loader) == 64
+    # Each epoch's workers leave stale slots behind (they exit without
+    # closing); mdb_reader_check on every open reclaims them.
+    assert 0 < ds.reader_count() <= 2 * 2 + 2, ds.reader_count()
+
+
+class _SharedProbe(torch_lmdb.LMDBDataset):
+    def __getitem__(self, index):
+        batch = super().__getitem__(index)
+        batch["all_shared"] = torch.tensor(all(v.is_shared() for v in batch.values() if isinstance(v, torch.Tensor)))
+        return batch
+
+
+def test_worker_batches_are_allocated_in_shared_memory(make_db):
+    path = make_db(64)
+    ds = _SharedProbe(path)
+    in_process = ds[[0, 1]]
+    assert not in_process["x"].is_shared()
+    loader = torch_lmdb.make_loader(ds, batch_size=16, num_workers=1)
+    flags = [bool(b["all_shared"]) for b in loader]
+    assert flags == [True] * 4
+
+
+def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
+    import lmdb
+
+    path = make_db(20)
+    env = lmdb.open(path, max_dbs=4)
+    samples = env.open_db(b"samples")
+    with env.begin(write=True) as txn:
+        key = (13).to_bytes(8, "big")
+        value = bytearray(txn.get(key, db=samples))
+        value[len(value) // 2] ^= 0xFF
+        txn.put(key, bytes(value), db=samples)
+    env.close()
+    ds = torch_lmdb.LMDBDataset(path, verify=True)
+    with pytest.raises(torch_lmdb.CorruptedError, match=r"index 13") as info:
+        ds[13]
+    assert path in str(info.value)
+    loader = DataLoader(ds, batch_size=4, num_workers=1)
+    with pytest.raises(torch_lmdb.CorruptedError, match=r"index 13"):
+        for _ in loader:
+            pass

@@ -1,0 +1,113 @@
+"""Typed errors: IndexError, KeyError, TypeError, ValueError, and the
+torch_lmdb.Error hierarchy for LMDB conditions."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import torch_lmdb
+
+
+def test_error_hierarchy():
+    for cls in (torch_lmdb.MapFullError, torch_lmdb.ReadersFullError, torch_lmdb.NotFoundError,
+                torch_lmdb.CorruptedError, torch_lmdb.InvalidDatabaseError, torch_lmdb.LockError):
+        assert issubclass(cls, torch_lmdb.Error)
+    assert issubclass(torch_lmdb.Error, RuntimeError)
+
+
+def test_index_errors(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(3))
+    with pytest.raises(IndexError, match="out of range for dataset of size 3"):
+        ds[3]
+    with pytest.raises(IndexError):
+        ds[-4]
+    with pytest.raises(IndexError):
+        ds.get_batch([0, 7])
+    assert ds[-1]["index"].item() == 2
+    with pytest.raises(TypeError, match="integers"):
+        ds["a"]
+
+
+def test_unknown_field_is_key_error(make_db):
+    with pytest.raises(KeyError, match=r"available: \['index', 'x', 'label'\]"):
+        torch_lmdb.LMDBDataset(make_db(3), fields=["index", "nope"])
+
+
+def test_unsupported_values_are_type_errors(tmp_path):
+    with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
+        with pytest.raises(TypeError, match="field 'obj' has unsupported type object"):
+            w.write({"obj": object()})
+        with pytest.raises(TypeError, match="field 'u'"):
+            w.write({"u": np.array(["a", "b"], dtype=object)})
+        with pytest.raises(TypeError, match="field names must be str"):
+            w.write({1: 2})
+        w.write({"x": torch.zeros(3)})
+        with pytest.raises(TypeError, match="field 'x' of sample 1 has dtype float64"):
+            w.write({"x": torch.zeros(3, dtype=torch.float64)})
+        with pytest.raises(ValueError, match="has no field 'x'"):
+            w.write({"y": torch.zeros(3)})
+
+
+def test_value_errors(tmp_path, make_db):
+    with pytest.raises(ValueError, match="mode"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "a"), mode="x")
+    with pytest.raises(ValueError, match="map_size"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "a"), map_size=-1)
+
+
+def test_lmdb_conditions_raise_their_classes(tmp_path, make_db):
+    path = make_db(3)
+    with pytest.raises(torch_lmdb.InvalidDatabaseError, match="already holds 3 samples"):
+        torch_lmdb.LMDBWriter(path)
+    with torch_lmdb.LMDBWriter(path, mode="a"):
+        with pytest.raises(torch_lmdb.LockError, match="another Writer"):
+            torch_lmdb.LMDBWriter(path, mode="a")
+    with pytest.raises(torch_lmdb.MapFullError, match="auto_grow"):
+        with torch_lmdb.LMDBWriter(str(tmp_path / "full"), map_size=128 << 10, auto_grow=False, commit_every=4) as w:
+            for _ in range(100):
+                w.write({"x": torch.zeros(4096)})
+    with pytest.raises(FileNotFoundError):
+        torch_lmdb.LMDBDataset(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(torch_lmdb.NotFoundError, match="data.mdb"):
+        torch_lmdb.info(str(tmp_path / "empty"))
+
+
+def test_read_only_directory_falls_back_to_lock_free_reads_with_a_warning(tmp_path):
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="tlmdb-ro-")  # world-traversable, unlike pytest's tmp root
+    os.chmod(base, 0o755)
+    path = os.path.join(base, "db")
+    with torch_lmdb.LMDBWriter(path) as w:
+        for i in range(5):
+            w.write({"index": i})
+    os.remove(os.path.join(path, "lock.mdb"))
+    os.remove(os.path.join(path, "writer.lock"))
+    os.chmod(path, 0o555)
+    code = (
+        "import sys, warnings; sys.path.insert(0, sys.argv[1]); import torch_lmdb\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ds = torch_lmdb.LMDBDataset(sys.argv[2])\n"
+        "    assert len(ds) == 5 and ds[4]['index'].item() == 4\n"
+        "    assert any('lock=False' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "try:\n"
+        "    torch_lmdb.LMDBDataset(sys.argv[2], lock=True)\n"
+        "    raise SystemExit('lock=True must fail on a read-only directory')\n"
+        "except torch_lmdb.LockError:\n"
+        "    pass\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    user = 65534 if os.geteuid() == 0 else None  # root ignores directory permissions
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, root, path], user=user, group=user,
+                              capture_output=True, text=True, cwd="/")
+    finally:
+        os.chmod(path, 0o755)
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr
