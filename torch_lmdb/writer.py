@@ -54,7 +54,7 @@ class LMDBWriter:
         map_size: initial map size in bytes; optional, the map grows by itself.
         mode: ``"w"`` creates (refuses a database that already holds samples),
             ``"a"`` appends (or creates).
-        commit_every: commit after this many samples (default 1024; also every 64 MiB).
+        commit_every: commit after this many samples (default 4096; also every 64 MiB).
         checksum: store an xxh3-64 checksum with every record.
         user_metadata: JSON-serializable dict stored as metadata ``user``.
         commit_bytes: commit after this many encoded bytes (default 64 MiB).

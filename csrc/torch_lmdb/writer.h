@@ -35,7 +35,7 @@ struct WriterOptions {
   bool append = false;
   /// Initial map size in bytes (0: 64 MiB, or the existing file's size).
   size_t map_size = 0;
-  /// Commit after this many samples (0: default 1024) ...
+  /// Commit after this many samples (0: default 4096) ...
   size_t commit_every = 0;
   /// ... or this many encoded bytes (0: default 64 MiB), whichever comes first.
   size_t commit_bytes = 0;
