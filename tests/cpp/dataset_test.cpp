@@ -195,6 +195,8 @@ TEST(Env, SamePathSharesOneEnvPerProcess) {
 }
 
 TEST(Env, ReadOnlyDirectoryFallsBackToNoLock) {
+  // Under /tmp: the unprivileged child must be able to traverse to it.
+  setenv("TORCH_LMDB_TEST_TMP", "/tmp", 1);
   TempDir tmp;
   const std::string path = tmp.sub("ro");
   write_dataset(path, 20);

@@ -102,7 +102,14 @@ def test_read_only_directory_falls_back_to_lock_free_reads_with_a_warning(tmp_pa
         "except torch_lmdb.LockError:\n"
         "    pass\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The unprivileged child may not be able to read the checkout: give it a copy of the package.
+    root = os.path.join(base, "pkg")
+    shutil.copytree(os.path.dirname(torch_lmdb.__file__), os.path.join(root, "torch_lmdb"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
     user = 65534 if os.geteuid() == 0 else None  # root ignores directory permissions
     try:
         proc = subprocess.run([sys.executable, "-c", code, root, path], user=user, group=user,
