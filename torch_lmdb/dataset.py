@@ -77,6 +77,13 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._pad_value = pad_value
         self._handle = None
         self._pid = None
+        if self._fields:  # checked once here, not on every reopen in a worker
+            full = _C.Reader(self._paths, **self._options)
+            self._emit_warnings(full)
+            names = [f["name"] for f in full.schema()]
+            unknown = [f for f in self._fields if f not in names]
+            if unknown:
+                raise KeyError(f"unknown field(s) {unknown} in '{self._paths[0]}'; available: {names}")
         reader = self._reader()  # validate now: clear errors in the constructor
         self._len = len(reader)
         self._schema = reader.schema()
@@ -85,13 +92,6 @@ class LMDBDataset(torch.utils.data.Dataset):
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
         if self._handle is None or self._pid != os.getpid():
-            if self._fields:
-                full = _C.Reader(self._paths, **self._options)
-                self._emit_warnings(full)
-                names = [f["name"] for f in full.schema()]
-                unknown = [f for f in self._fields if f not in names]
-                if unknown:
-                    raise KeyError(f"unknown field(s) {unknown} in '{self._paths[0]}'; available: {names}")
             handle = _C.Reader(self._paths, fields=self._fields, **self._options)
             self._emit_warnings(handle)
             self._handle, self._pid = handle, os.getpid()

@@ -112,10 +112,14 @@ struct Writer::Impl {
       meta_dirty = true;
       return fields;
     }
-    std::string names;
-    for (const auto& s : schema) names += (names.empty() ? "" : ", ") + s.name;
+    // Only built on the error paths (TORCH_CHECK evaluates its message lazily).
+    auto names = [&] {
+      std::string out;
+      for (const auto& s : schema) out += (out.empty() ? "" : ", ") + s.name;
+      return out;
+    };
     TORCH_CHECK_VALUE(fields.size() == schema.size(), "sample ", index, " of '", path, "' has ",
-                      fields.size(), " fields but the database stores ", schema.size(), ": ", names);
+                      fields.size(), " fields but the database stores ", schema.size(), ": ", names());
     ordered.clear();
     for (size_t i = 0; i < schema.size(); ++i) {
       FieldSchema& s = schema[i];
@@ -123,7 +127,7 @@ struct Writer::Impl {
       if (f == nullptr) {
         auto it = std::find_if(fields.begin(), fields.end(), [&](const Field& x) { return x.name == s.name; });
         TORCH_CHECK_VALUE(it != fields.end(), "sample ", index, " of '", path, "' has no field '", s.name,
-                          "'; the database stores: ", names);
+                          "'; the database stores: ", names());
         f = &*it;
       }
       TORCH_CHECK_VALUE(f->tensor.defined(), "field '", f->name, "' of sample ", index,
