@@ -1,7 +1,4 @@
-"""The torch-lmdb command line (``python -m torch_lmdb``): info and verify.
-
-Conversion from Zarr, HDF5 and pickle-in-LMDB is not implemented yet.
-"""
+"""The torch-lmdb command line (``python -m torch_lmdb``): convert, info, verify."""
 import argparse
 import json
 import os
@@ -80,10 +77,90 @@ def _cmd_verify(args) -> int:
     return status
 
 
+def _size(text: str) -> int:
+    """'1073741824', '512M', '10G' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 512M, 10G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _cmd_convert(args) -> int:
+    from torch_lmdb import convert
+
+    kinds = [(k, p) for k, p in (("zarr", args.zarr_path), ("hdf5", args.hdf5_path),
+                                 ("pickle-lmdb", args.pickle_lmdb_path)) if p]
+    if len(kinds) != 1:
+        raise ValueError("give exactly one source: --zarr-path, --hdf5-path or --pickle-lmdb-path")
+    kind, source = kinds[0]
+    if args.output:
+        output = args.output
+    else:
+        stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+        output = os.path.join(args.output_dir or ".", stem + ".lmdb")
+    fields = [f for f in args.fields.split(",") if f] if args.fields else None
+    try:
+        paths = convert.convert(kind, source, output, fields=fields, limit=args.limit, shards=args.shards,
+                                map_size=args.map_size, resume=args.resume, verify=args.verify,
+                                skip_mismatched=args.skip_mismatched, progress=args.progress,
+                                commit_every=args.commit_every)
+    except convert.Interrupted as e:
+        print(f"torch-lmdb convert: interrupted ({e}); the output is marked incomplete; "
+              f"run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torch-lmdb", description="Inspect and verify torch_lmdb databases.")
+    parser = argparse.ArgumentParser(prog="torch-lmdb", description="Convert, inspect and verify torch_lmdb databases.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "convert", help="convert a Zarr store, an HDF5 file or a pickle-in-LMDB database",
+        description="Convert a dataset to torch_lmdb. Every array whose first dimension is the sample count "
+                    "becomes a field named by its path (group/array); attributes are kept as user metadata.",
+        epilog="--pickle-lmdb-path unpickles every value: unpickling executes code from the file, so convert "
+               "only databases you trust. Interrupted conversions leave the output marked incomplete; "
+               "rerun with --resume.")
+    src = p.add_argument_group("source (exactly one)")
+    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr v2 store (directory or zip)")
+    src.add_argument("--hdf5-path", metavar="PATH", help="an HDF5 file")
+    src.add_argument("--pickle-lmdb-path", metavar="PATH",
+                     help="a py-lmdb database of pickled dicts; WARNING: unpickling executes code from the file")
+    p.add_argument("--output-dir", metavar="DIR", help="write DIR/<source name>.lmdb (default: the current directory)")
+    p.add_argument("--output", metavar="PATH", help="the output database path (overrides --output-dir)")
+    p.add_argument("--fields", metavar="A,B", help="convert only these fields (comma-separated)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="convert only the first N samples")
+    p.add_argument("--shards", type=_positive, default=1, metavar="K",
+                   help="write K databases of near-equal size, in parallel processes")
+    p.add_argument("--map-size", type=_size, metavar="BYTES", help="initial map size (e.g. 10G); the map grows anyway")
+    p.add_argument("--commit-every", type=_positive, metavar="N", help="commit every N samples (default 4096)")
+    p.add_argument("--skip-mismatched", action="store_true",
+                   help="leave out arrays whose first dimension is not the sample count (default: keep small "
+                        "ones in the metadata, refuse large ones)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same output")
+    p.add_argument("--verify", action="store_true", help="read back every sample and compare it with the source")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                   help="show a progress bar with samples/s (default: on a terminal)")
+    p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("info", help="describe databases: samples, fields, sizes, metadata")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -15,7 +15,7 @@ def cli(*args):
 
 
 def test_help_of_every_command():
-    for args in ([], ["info"], ["verify"]):
+    for args in ([], ["convert"], ["info"], ["verify"]):
         proc = cli(*args, "--help")
         assert proc.returncode == 0 and "usage: torch-lmdb" in proc.stdout
 

@@ -1,0 +1,553 @@
+"""Conversion of Zarr stores, HDF5 files and pickle-in-LMDB databases to torch_lmdb.
+
+A *source* exposes ``num_samples``, ``fields`` (name -> description), ``block``
+(a chunk-aligned read size), ``read(start, stop, fields)`` returning one list
+of per-sample values per field, and ``provenance`` (attributes and origin)
+stored as the ``user`` metadata of the output. :func:`convert` writes one or
+several shards (in parallel processes), resumes an interrupted run and
+verifies the result against the source.
+"""
+import datetime
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["open_source", "convert", "ConversionError", "Interrupted"]
+
+# Small arrays whose first dimension is not the sample count are kept in the
+# metadata (as lists); larger ones are refused unless --skip-mismatched.
+MISMATCHED_METADATA_LIMIT = 1 << 20
+BLOCK_BYTES = 32 << 20  # target bytes per read block
+
+
+class ConversionError(RuntimeError):
+    """A source that cannot be converted as asked (named file, field or index)."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM during a conversion."""
+
+
+def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
+    """One sample's value of a field, as LMDBWriter takes it."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == np.uint16:
+            value = value.astype(np.int32)
+        elif value.dtype == np.uint32:
+            value = value.astype(np.int64)
+        elif value.dtype.kind == "U":
+            return str(value) if value.ndim == 0 else value.tolist()
+        elif value.dtype.kind == "S":
+            return bytes(value) if value.ndim == 0 else value.tolist()
+        if element_shape is not None:
+            value = value.reshape(element_shape)
+        return value
+    if isinstance(value, np.generic):
+        return _to_sample_value(name, np.asarray(value), element_shape)
+    if isinstance(value, (str, bytes, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):  # ragged element decoded as a list
+        return _to_sample_value(name, np.asarray(value), element_shape)
+    raise ConversionError(f"field {name!r}: unsupported value type {type(value).__name__}")
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    return "ragged" if dtype == object else str(dtype)
+
+
+class _ArraySource:
+    """Shared logic of Zarr and HDF5: named arrays under a root group."""
+
+    format = ""
+
+    def __init__(self, path: str, skip_mismatched: bool):
+        self.path = path
+        self.skip_mismatched = skip_mismatched
+        arrays, attrs = self._walk()
+        if not arrays:
+            raise ConversionError(f"'{path}' holds no arrays")
+        lengths = Counter(a.shape[0] for a in arrays.values() if len(a.shape) >= 1)
+        if not lengths:
+            raise ConversionError(f"'{path}': no array has a sample dimension (all are 0-dimensional)")
+        # The sample count: the first dimension most arrays share (ties: the larger).
+        self.num_samples = max(lengths.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        self._arrays = {}
+        self.mismatched: Dict[str, Any] = {}
+        skipped: List[str] = []
+        for name, array in arrays.items():
+            if len(array.shape) >= 1 and array.shape[0] == self.num_samples:
+                self._arrays[name] = array
+                continue
+            nbytes = int(np.prod(array.shape)) * (array.dtype.itemsize if array.dtype != object else 64)
+            if skip_mismatched:
+                skipped.append(name)
+            elif nbytes <= MISMATCHED_METADATA_LIMIT and array.dtype != object:
+                value = np.asarray(array[...])
+                self.mismatched[name] = {"dtype": str(value.dtype), "shape": list(value.shape),
+                                         "value": value.tolist() if value.dtype.kind not in "SV" else None}
+            else:
+                raise ConversionError(
+                    f"'{path}': array '{name}' has shape {list(array.shape)}, not {self.num_samples} samples "
+                    f"along its first dimension, and is too large to keep in the metadata; "
+                    f"pass --skip-mismatched to leave it out")
+        self.skipped = skipped
+        self.attrs = attrs
+        self.fields = {}
+        for name, array in self._arrays.items():
+            ragged = array.dtype == object
+            self.fields[name] = {"dtype": _describe_dtype(array.dtype),
+                                 "shape": [-1] if ragged else list(array.shape[1:])}
+        chunk_rows = [self._chunk_rows(a) for a in self._arrays.values()]
+        row_bytes = sum(self._row_bytes(a) for a in self._arrays.values()) or 1
+        base = max(chunk_rows) if chunk_rows else 1024
+        # A multiple of the largest chunk, about BLOCK_BYTES per block.
+        self.block = max(base, base * max(1, BLOCK_BYTES // (row_bytes * base)))
+
+    def _row_bytes(self, array) -> int:
+        if array.dtype == object:
+            return 256
+        return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+
+    def element_shape(self, name: str) -> Optional[List[int]]:
+        shape = self.attrs.get(name, {}).get("element_shape")
+        return list(shape) if shape is not None else None
+
+    def read(self, start: int, stop: int, fields: Sequence[str]) -> Dict[str, List[Any]]:
+        out = {}
+        for name in fields:
+            block = self._arrays[name][start:stop]
+            shape = self.element_shape(name) if self._arrays[name].dtype == object else None
+            out[name] = [_to_sample_value(name, block[i], shape) for i in range(len(block))]
+        return out
+
+    @property
+    def provenance(self) -> Dict[str, Any]:
+        prov: Dict[str, Any] = {"attrs": self.attrs}
+        if self.mismatched:
+            prov["mismatched_arrays"] = self.mismatched
+        if self.skipped:
+            prov["skipped_arrays"] = self.skipped
+        return prov
+
+
+def _plain(value: Any) -> Any:
+    """Attribute values as JSON-compatible Python values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class ZarrSource(_ArraySource):
+    format = "zarr"
+
+    def _walk(self):
+        import zarr
+
+        try:
+            root = zarr.open(self.path, mode="r")
+        except Exception as e:  # zarr raises several types for a missing/invalid store
+            raise ConversionError(f"cannot open Zarr store '{self.path}': {e}") from None
+        arrays, attrs = {}, {}
+        if isinstance(root, zarr.Array):
+            arrays[os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]] = root
+            return arrays, attrs
+
+        def visit(group, prefix):
+            if group.attrs.asdict():
+                attrs[prefix or "/"] = _plain(dict(group.attrs.asdict()))
+            for name, array in sorted(group.arrays()):
+                path = f"{prefix}{name}"
+                arrays[path] = array
+                if array.attrs.asdict():
+                    attrs[path] = _plain(dict(array.attrs.asdict()))
+            for name, sub in sorted(group.groups()):
+                visit(sub, f"{prefix}{name}/")
+
+        visit(root, "")
+        return arrays, attrs
+
+    def _chunk_rows(self, array) -> int:
+        return int(array.chunks[0]) if array.chunks else 1024
+
+
+class HDF5Source(_ArraySource):
+    format = "hdf5"
+
+    def _walk(self):
+        import h5py
+
+        try:
+            self._file = h5py.File(self.path, "r")
+        except Exception as e:
+            raise ConversionError(f"cannot open HDF5 file '{self.path}': {e}") from None
+        arrays, attrs = {}, {}
+
+        def visit(name, obj):
+            if obj.attrs:
+                attrs[name] = _plain({k: obj.attrs[k] for k in obj.attrs})
+            if isinstance(obj, h5py.Dataset):
+                arrays[name] = _HDF5Array(obj)
+
+        if self._file.attrs:
+            attrs["/"] = _plain({k: self._file.attrs[k] for k in self._file.attrs})
+        self._file.visititems(visit)
+        return arrays, attrs
+
+    def _chunk_rows(self, array) -> int:
+        return int(array.chunks[0]) if array.chunks else 1024
+
+
+class _HDF5Array:
+    """An h5py dataset with variable-length and string types as numpy objects."""
+
+    def __init__(self, dataset):
+        import h5py
+
+        self._ds = dataset
+        self.shape = dataset.shape
+        self.chunks = dataset.chunks
+        self._string = h5py.check_string_dtype(dataset.dtype)
+        vlen = h5py.check_vlen_dtype(dataset.dtype)
+        self.dtype = np.dtype(object) if (vlen is not None and self._string is None) else dataset.dtype
+        if self._string is not None and self._string.length is None:
+            self.dtype = np.dtype(object)
+
+    def __getitem__(self, key):
+        if self._string is not None and self._string.encoding == "utf-8":
+            return self._ds.asstr()[key]
+        return self._ds[key]
+
+
+class PickleLMDBSource:
+    """A py-lmdb database whose values are pickled dicts (the design torch_lmdb
+    replaces). Unpickling executes code from the file: only for trusted data."""
+
+    format = "pickle-lmdb"
+
+    def __init__(self, path: str, skip_mismatched: bool):
+        import lmdb
+
+        self.path = path
+        if not os.path.exists(path):
+            raise ConversionError(f"no LMDB database at '{path}'")
+        try:
+            self._env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path), readahead=False)
+        except lmdb.Error as e:
+            raise ConversionError(f"cannot open LMDB database '{path}': {e}") from None
+        keys, skipped = [], []
+        with self._env.begin() as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                if key.startswith(b"__") and key.endswith(b"__"):
+                    skipped.append(key.decode("utf-8", "replace"))
+                else:
+                    keys.append(bytes(key))
+        if keys and all(k.isdigit() for k in keys):
+            keys.sort(key=int)  # "0", "1", ..., "10": numeric order, not byte order
+            self.key_order = "numeric"
+        else:
+            self.key_order = "bytewise"
+        self._keys = keys
+        self.skipped = skipped
+        self.num_samples = len(keys)
+        self.block = 1024
+        if not keys:
+            raise ConversionError(f"'{path}' holds no samples")
+        first = self._load(0)
+        self.fields = {name: self._describe(v) for name, v in first.items()}
+
+    @staticmethod
+    def _describe(value: Any) -> Dict[str, Any]:
+        if isinstance(value, np.ndarray):
+            return {"dtype": str(value.dtype), "shape": list(value.shape)}
+        return {"dtype": type(value).__name__, "shape": []}
+
+    def _load(self, i: int) -> Dict[str, Any]:
+        import pickle
+
+        with self._env.begin(buffers=False) as txn:
+            raw = txn.get(self._keys[i])
+        try:
+            value = pickle.loads(raw)
+        except Exception as e:
+            raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) does not unpickle: {e}") from None
+        if not isinstance(value, dict):
+            raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) holds a "
+                                  f"{type(value).__name__}, expected a dict of field values")
+        return value
+
+    def read(self, start: int, stop: int, fields: Sequence[str]) -> Dict[str, List[Any]]:
+        out: Dict[str, List[Any]] = {name: [] for name in fields}
+        for i in range(start, stop):
+            sample = self._load(i)
+            for name in fields:
+                if name not in sample:
+                    raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) has no field {name!r}")
+                out[name].append(_to_sample_value(name, sample[name]))
+        return out
+
+    @property
+    def provenance(self) -> Dict[str, Any]:
+        return {"attrs": {}, "skipped_keys": self.skipped, "key_order": self.key_order}
+
+
+SOURCES = {"zarr": ZarrSource, "hdf5": HDF5Source, "pickle-lmdb": PickleLMDBSource}
+
+
+def open_source(kind: str, path: str, skip_mismatched: bool = False):
+    return SOURCES[kind](path, skip_mismatched)
+
+
+def shard_ranges(n: int, shards: int) -> List[Tuple[int, int]]:
+    """``shards`` contiguous ranges of near-equal size covering [0, n)."""
+    bounds = [n * k // shards for k in range(shards + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(shards)]
+
+
+def output_paths(output: str, shards: int) -> List[str]:
+    if shards == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{k:05d}-of-{shards:05d}{ext or '.lmdb'}" for k in range(shards)]
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(b, torch.Tensor):
+        a = np.asarray(a)
+        b = b.numpy()
+        return a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+    return a == b
+
+
+def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
+    """Writes source samples [start, stop) to one output; runs in the main
+    process or in a worker process (one per shard)."""
+    import torch_lmdb
+
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    source = job.get("source_obj") or open_source(job["kind"], job["source"], job["skip_mismatched"])
+    start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
+    user = dict(source.provenance)
+    user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
+                      "start": start, "stop": stop, "converted_at": job["converted_at"],
+                      "torch_lmdb_version": torch_lmdb.__version__}
+    done = 0
+    if os.path.exists(out) and job["resume"]:
+        existing = torch_lmdb.info(out)
+        prior = existing["metadata"].get("user", {}).get("source", {})
+        if prior.get("path") != user["source"]["path"] or (prior.get("start"), prior.get("stop")) != (start, stop):
+            raise ConversionError(f"cannot resume '{out}': it was converted from {prior.get('path')!r} "
+                                  f"[{prior.get('start')}, {prior.get('stop')}), not this source and range")
+        done = existing["num_samples"]
+        if existing["complete"] and done == stop - start:
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += done
+            return {"output": out, "written": 0, "resumed_from": done}
+        user["source"]["converted_at"] = prior.get("converted_at")
+    elif os.path.exists(out) and os.listdir(out):
+        raise ConversionError(f"'{out}' already exists; pass --resume to continue an interrupted conversion "
+                              f"or remove it first")
+    if counter is not None and done:
+        with counter.get_lock():
+            counter.value += done
+    written = 0
+    writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
+                                   user_metadata=user, commit_every=job["commit_every"])
+    try:
+        if done:
+            writer.set_user_metadata(user)
+        position = start + done
+        while position < stop:
+            end = min(stop, (position // source.block + 1) * source.block)  # chunk-aligned
+            columns = source.read(position, end, fields)
+            for i in range(end - position):
+                writer.write({name: columns[name][i] for name in fields})
+            written += end - position
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += end - position
+            elif job.get("progress") is not None:
+                job["progress"].update(end - position)
+            position = end
+    except BaseException:
+        writer.abandon()  # commits what was written; the database stays marked incomplete
+        raise
+    writer.close()
+    return {"output": out, "written": written, "resumed_from": done}
+
+
+def _worker(job, counter, results):
+    try:
+        results.put((job["output"], "ok", _convert_range(job, counter)))
+    except Interrupted as e:
+        results.put((job["output"], "interrupted", str(e)))
+    except BaseException as e:  # reported by the parent as one line
+        results.put((job["output"], "error", f"{type(e).__name__}: {e}"))
+
+
+def verify_against_source(source, paths: List[str], ranges: List[Tuple[int, int]], fields: Sequence[str],
+                          progress=None, max_errors: int = 10) -> List[str]:
+    """Reads every converted sample back and compares it with the source."""
+    import torch_lmdb
+
+    problems: List[str] = []
+    for path, (start, stop) in zip(paths, ranges):
+        ds = torch_lmdb.LMDBDataset(path, verify=True)
+        if len(ds) != stop - start:
+            problems.append(f"{path}: {len(ds)} samples, expected {stop - start}")
+            continue
+        position = start
+        while position < stop and len(problems) < max_errors:
+            end = min(stop, (position // source.block + 1) * source.block)
+            columns = source.read(position, end, fields)
+            for i in range(end - position):
+                got = ds[position - start + i]
+                for name in fields:
+                    if name not in got or not _values_equal(columns[name][i], got[name]):
+                        problems.append(f"{path}: index {position - start + i} (source index {position + i}), "
+                                        f"field {name!r} differs from the source")
+            if progress is not None:
+                progress.update(end - position)
+            position = end
+    return problems
+
+
+def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequence[str]] = None,
+            limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
+            resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
+            progress: bool = False, commit_every: Optional[int] = None, log=print) -> List[str]:
+    """Converts one source to ``shards`` torch_lmdb databases; returns their paths."""
+    source = open_source(kind, source_path, skip_mismatched)
+    names = list(source.fields)
+    if fields:
+        unknown = [f for f in fields if f not in source.fields]
+        if unknown:
+            raise ConversionError(f"'{source_path}' has no field(s) {unknown}; available: {names}")
+        names = list(fields)
+    n = source.num_samples if limit is None else min(limit, source.num_samples)
+    if shards < 1 or shards > max(1, n):
+        raise ConversionError(f"--shards must be between 1 and the sample count ({n}), got {shards}")
+    if os.path.abspath(output) == os.path.abspath(source_path):
+        raise ConversionError(f"the output '{output}' is the source itself")
+    ranges = shard_ranges(n, shards)
+    paths = output_paths(output, shards)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, start=a, stop=b, output=p,
+                 fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp)
+            for p, (a, b) in zip(paths, ranges)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="sample", desc=f"converting {os.path.basename(source_path.rstrip('/'))}",
+                   file=sys.stderr, smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        if shards == 1:
+            jobs[0]["source_obj"] = source
+            jobs[0]["progress"] = bar
+            old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            try:
+                _convert_range(jobs[0])
+            finally:
+                signal.signal(signal.SIGINT, old_int)
+                signal.signal(signal.SIGTERM, old_term)
+        else:
+            _run_shards(jobs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in paths)
+    log(f"converted {n} samples in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} samples/s, "
+        f"{size / max(seconds, 1e-9) / 1e6:,.1f} MB/s written)", file=sys.stderr)
+    if verify:
+        vbar = None
+        if progress:
+            from tqdm import tqdm
+
+            vbar = tqdm(total=n, unit="sample", desc="verifying", file=sys.stderr)
+        problems = verify_against_source(source, paths, ranges, names, vbar)
+        if vbar is not None:
+            vbar.close()
+        if problems:
+            raise ConversionError("verification failed: " + "; ".join(problems[:10]))
+        log(f"verified {n} samples: equal to the source", file=sys.stderr)
+    return paths
+
+
+def _run_shards(jobs: List[Dict[str, Any]], bar) -> None:
+    """One process per shard (at most one per core at a time)."""
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("q", 0)
+    results = ctx.Queue()
+    pending = list(jobs)
+    running: Dict[str, Any] = {}
+    outcomes: Dict[str, Tuple[str, Any]] = {}
+    limit = max(1, min(len(jobs), os.cpu_count() or 1))
+    interrupted: Optional[str] = None
+
+    def on_signal(signum, frame):
+        nonlocal interrupted
+        interrupted = signal.Signals(signum).name
+        for proc in running.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the worker commits and leaves its shard incomplete
+
+    old_int, old_term = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    try:
+        shown = 0
+        while pending or running:
+            while pending and len(running) < limit and interrupted is None:
+                job = pending.pop(0)
+                proc = ctx.Process(target=_worker, args=(job, counter, results), daemon=True)
+                proc.start()
+                running[job["output"]] = proc
+            if interrupted is not None:
+                pending.clear()
+            try:
+                out, status, payload = results.get(timeout=0.2)
+                outcomes[out] = (status, payload)
+                running.pop(out).join()
+            except Exception:  # queue.Empty: poll progress and dead workers
+                for out, proc in list(running.items()):
+                    if not proc.is_alive() and out not in outcomes:
+                        proc.join()
+                        if proc.exitcode != 0:
+                            outcomes[out] = ("error", f"worker exited with code {proc.exitcode}")
+                            running.pop(out)
+            if bar is not None:
+                value = counter.value
+                bar.update(value - shown)
+                shown = value
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if interrupted is not None or any(s == "interrupted" for s, _ in outcomes.values()):
+        raise Interrupted(interrupted or "SIGINT")
+    errors = [f"{out}: {payload}" for out, (status, payload) in sorted(outcomes.items()) if status != "ok"]
+    if errors:
+        raise ConversionError("; ".join(errors))
