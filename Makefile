@@ -1,4 +1,5 @@
 # torch_lmdb: one entry point.
+#   make demo    install missing Debian packages, build, run the end-to-end demo (examples/demo.py)
 #   make test    install missing Debian packages, build, run ctest + the C++ example + pytest
 #   make build   C++ library, tests and the Python extension (in place)
 #   make install PREFIX=/usr/local
@@ -12,11 +13,14 @@ JOBS ?= $(shell nproc)
 DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev python3-torch \
   liblmdb-dev libcereal-dev nlohmann-json3-dev pybind11-dev libxxhash-dev libgtest-dev libbenchmark-dev \
   python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-tqdm python3-yaml \
-  python3-matplotlib python3-venv python3-setuptools lmdb-utils
+  python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist
 
-.PHONY: test deps build cmake-build python-build install example-cpp ctest pytest clean
+.PHONY: test demo deps build cmake-build python-build install lib-install examples example-cpp ctest pytest clean
 
 test: deps build ctest example-cpp pytest
+
+demo: deps python-build examples
+	$(PYTHON) examples/demo.py --work build/demo --bin build/examples
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -41,6 +45,17 @@ python-build:
 install: cmake-build
 	cmake --install $(BUILD) --prefix $(PREFIX)
 
+# The library alone (no tests), installed: what the examples need.
+lib-install:
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX=$(PREFIX)
+	cmake --build $(BUILD) -j $(JOBS) --target torch_lmdb
+	cmake --install $(BUILD) --prefix $(PREFIX)
+
+# Native example trainers (radio localization, Fashion-MNIST) against the installed package.
+examples: lib-install
+	cmake -S examples -B build/examples -G Ninja -DCMAKE_PREFIX_PATH=$(PREFIX)
+	cmake --build build/examples -j $(JOBS)
+
 ctest: cmake-build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --no-tests=error
 
@@ -50,8 +65,9 @@ example-cpp: install
 	cmake --build build/example-cpp
 	build/example-cpp/train_tiny build/example-cpp/tiny.lmdb
 
-pytest: python-build cmake-build
-	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip $(PYTHON) -m pytest -q tests/python -p no:cacheprovider
+pytest: python-build cmake-build examples
+	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip TORCH_LMDB_EXAMPLES_BIN=$(CURDIR)/build/examples \
+	  $(PYTHON) -m pytest -q tests/python -p no:cacheprovider
 
 clean:
 	rm -rf build torch_lmdb/_C*.so *.egg-info

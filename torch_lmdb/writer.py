@@ -2,6 +2,7 @@
 import json
 import numbers
 import os
+import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -29,6 +30,10 @@ def _field(name: Any, value: Any):
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         try:
+            if not array.flags.writeable:  # the writer only reads it: no need for torch's warning
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return (name, _TENSOR, torch.from_numpy(array))
             return (name, _TENSOR, torch.from_numpy(array))
         except TypeError as e:
             raise TypeError(f"field {name!r}: numpy dtype {array.dtype} has no torch equivalent ({e})") from None

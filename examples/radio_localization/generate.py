@@ -1,0 +1,149 @@
+"""Generates a synthetic radio-localization dataset in several processes.
+
+    /usr/bin/python3 examples/radio_localization/generate.py --config examples/radio_localization/configs/generate.yaml
+
+Writes ``<output_dir>/train-0000k-of-0000K.lmdb`` and ``val-...`` (one torch_lmdb
+shard per worker process), or with ``use_lmdb: false`` ``train.zarr`` and
+``val.zarr`` (the users' old path). Both hold identical samples:
+
+    cir float32 [num_bs, num_taps]   rssi float32 [num_bs]   paths float32 [n, 4] (n varies)
+    position float32 [3]             los bool [num_bs]
+"""
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bs_positions, load_config, simulate_block, workers_ranges  # noqa: E402
+
+DEFAULTS = dict(use_lmdb=True, lmdb_map_size=None, output_dir="data/radio", num_samples=24576,
+                num_val_samples=4096, num_workers=2, seed=0, num_bs=8, num_taps=64,
+                area=[100.0, 100.0, 3.0], block=256)
+SPLITS = (("train", 0, "num_samples"), ("val", 1, "num_val_samples"))
+
+
+def block_sizes(n: int, block: int):
+    return [min(block, n - s) for s in range(0, n, block)]
+
+
+def _sim(cfg, split_id, b, size):
+    return simulate_block(cfg["seed"], split_id, b, size, cfg["num_bs"], cfg["num_taps"], cfg["area"])
+
+
+def write_lmdb_shard(cfg, split, split_id, path, blocks, counter):
+    import torch_lmdb
+
+    user = {"generator": "examples/radio_localization/generate.py", "split": split,
+            "config": {k: v for k, v in cfg.items() if k != "progress"},
+            "bs_positions": bs_positions(cfg["num_bs"], cfg["area"]).tolist()}
+    sizes = block_sizes(cfg[dict((s, k) for s, _, k in SPLITS)[split]], cfg["block"])
+    with torch_lmdb.LMDBWriter(path, map_size=cfg.get("lmdb_map_size"), user_metadata=user) as writer:
+        for b in range(*blocks):
+            for sample in _sim(cfg, split_id, b, sizes[b]):
+                writer.write(sample)
+            with counter.get_lock():
+                counter.value += sizes[b]
+
+
+def write_zarr_blocks(cfg, split, split_id, path, blocks, counter):
+    import zarr
+
+    root = zarr.open_group(path, mode="r+")
+    sizes = block_sizes(cfg[dict((s, k) for s, _, k in SPLITS)[split]], cfg["block"])
+    for b in range(*blocks):
+        samples = _sim(cfg, split_id, b, sizes[b])
+        start = b * cfg["block"]
+        stop = start + len(samples)
+        for name in ("cir", "rssi", "position", "los"):
+            root[name][start:stop] = np.stack([s[name] for s in samples])
+        flat = np.empty(len(samples), dtype=object)
+        flat[:] = [s["paths"].ravel() for s in samples]
+        root["paths"][start:stop] = flat
+        with counter.get_lock():
+            counter.value += len(samples)
+
+
+def create_zarr(cfg, path, n):
+    import numcodecs
+    import zarr
+
+    nb, nt, chunk = cfg["num_bs"], cfg["num_taps"], cfg["block"]
+    root = zarr.open_group(path, mode="w")
+    root.attrs["generator"] = "examples/radio_localization/generate.py"
+    root.attrs["config"] = {k: v for k, v in cfg.items() if k != "progress"}
+    root.zeros("cir", shape=(n, nb, nt), chunks=(chunk, nb, nt), dtype="f4")
+    root.zeros("rssi", shape=(n, nb), chunks=(chunk, nb), dtype="f4")
+    root.zeros("position", shape=(n, 3), chunks=(chunk, 3), dtype="f4")
+    root.zeros("los", shape=(n, nb), chunks=(chunk, nb), dtype=bool)
+    paths = root.empty("paths", shape=(n,), chunks=(chunk,), dtype=object, object_codec=numcodecs.VLenArray("<f4"))
+    paths.attrs["element_shape"] = [-1, 4]  # rows of [bs index, delay ns, power dBm, angle rad]
+    root.array("bs_positions", bs_positions(nb, cfg["area"]))
+
+
+def generate(cfg):
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    ctx = multiprocessing.get_context("fork")
+    outputs = {}
+    for split, split_id, key in SPLITS:
+        n = int(cfg[key])
+        num_blocks = len(block_sizes(n, cfg["block"]))
+        ranges = workers_ranges(num_blocks, max(1, int(cfg["num_workers"])))
+        counter = ctx.Value("q", 0)
+        if cfg["use_lmdb"]:
+            paths = [os.path.join(cfg["output_dir"], f"{split}-{k:05d}-of-{len(ranges):05d}.lmdb")
+                     for k in range(len(ranges))]
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+            jobs = [(write_lmdb_shard, (cfg, split, split_id, p, r, counter)) for p, r in zip(paths, ranges)]
+        else:
+            path = os.path.join(cfg["output_dir"], f"{split}.zarr")
+            shutil.rmtree(path, ignore_errors=True)
+            create_zarr(cfg, path, n)
+            paths = [path]
+            jobs = [(write_zarr_blocks, (cfg, split, split_id, path, r, counter)) for r in ranges]
+        procs = [ctx.Process(target=f, args=a) for f, a in jobs]
+        for p in procs:
+            p.start()
+        bar = None
+        if cfg["progress"]:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="sample", desc=f"generating {split} ({'lmdb' if cfg['use_lmdb'] else 'zarr'})")
+        shown = 0
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.1)
+            if bar is not None:
+                bar.update(counter.value - shown)
+                shown = counter.value
+        if bar is not None:
+            bar.update(counter.value - shown)
+            bar.close()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise SystemExit(f"generate.py: {len(failed)} worker process(es) failed (exit codes {failed})")
+        outputs[split] = paths
+    return outputs
+
+
+def main():
+    cfg = load_config(__doc__.splitlines()[0], DEFAULTS)
+    t0 = time.perf_counter()
+    outputs = generate(cfg)
+    seconds = time.perf_counter() - t0
+    n = int(cfg["num_samples"]) + int(cfg["num_val_samples"])
+    for split, paths in outputs.items():
+        for p in paths:
+            print(p)
+    print(f"generated {n} samples in {seconds:.1f} s ({n / seconds:,.0f} samples/s, "
+          f"{cfg['num_workers']} processes, {'lmdb' if cfg['use_lmdb'] else 'zarr'})", file=sys.stderr)
+    print("RESULT " + json.dumps({"stage": "generate", "format": "lmdb" if cfg["use_lmdb"] else "zarr",
+                                  "samples": n, "seconds": seconds, "outputs": outputs}))
+
+
+if __name__ == "__main__":
+    main()
