@@ -1,55 +1,201 @@
-// Quick C++ read benchmark: StackedDataset (get_batch, one allocation per
-// field) vs Dataset + Stack (per-sample tensors), random sampler, through
-// LibTorch's make_data_loader with 0 and 2 worker threads.
-//   torch_lmdb_bench_read [samples=20000] [sample_bytes=16384] [batch=256]
+// Native read benchmark over an existing torch_lmdb database; one mode per
+// process (LMDB forbids opening one environment twice in a process).
+//
+//   torch_lmdb_bench_read --path DB --mode raw|get_batch|get_stack [--threads T]
+//                         [--batch B] [--order shuffled|sequential] [--seconds S]
+//
+//   raw        liblmdb alone: T threads, each with its own read txn per batch,
+//              mdb_get + memcpy of every value into a reused buffer (the floor
+//              of any LMDB reader); T=0 runs on the calling thread.
+//   get_batch  torch_lmdb::StackedDataset through make_data_loader, T workers.
+//   get_stack  torch_lmdb::Dataset + torch_lmdb::Stack through make_data_loader.
+//
+// Prints one JSON object: samples/s, bytes/s (value bytes), CPU us per sample.
+#include <lmdb.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 #include <torch_lmdb/torch_lmdb.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
 
-template <typename Loader>
-double run(Loader& loader, size_t n) {
-  for (auto& b : *loader) (void)b;  // warm-up epoch
-  double best = 1e30;
-  for (int r = 0; r < 3; ++r) {
-    auto t = std::chrono::steady_clock::now();
-    for (auto& b : *loader) (void)b;
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
-  }
-  return n / best;
+namespace {
+
+struct Args {
+  std::string path, mode = "get_batch", order = "shuffled";
+  size_t threads = 0, batch = 256;
+  double seconds = 2.0;
+};
+
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
-int main(int argc, char** argv) {
-  const size_t n = argc > 1 ? std::stoul(argv[1]) : 20000;
-  const int64_t bytes = argc > 2 ? std::stol(argv[2]) : 16384;
-  const size_t batch = argc > 3 ? std::stoul(argv[3]) : 256;
-  torch::set_num_threads(1);
-  const std::string path = std::filesystem::temp_directory_path() / "torch_lmdb_read_bench";
-  std::filesystem::remove_all(path);
-  {
-    torch_lmdb::Writer w(path);
-    for (size_t i = 0; i < n; ++i) {
-      torch_lmdb::Sample s;
-      s.insert("x", torch::randn({bytes / 4}));
-      s.insert("y", torch::tensor(static_cast<int64_t>(i)));
-      w.write(s);
+void check(int rc, const char* what) {
+  if (rc != MDB_SUCCESS) throw std::runtime_error(std::string(what) + ": " + mdb_strerror(rc));
+}
+
+std::vector<size_t> order(size_t n, const std::string& kind, unsigned seed) {
+  std::vector<size_t> idx(n);
+  std::iota(idx.begin(), idx.end(), size_t{0});
+  if (kind == "shuffled") std::shuffle(idx.begin(), idx.end(), std::mt19937_64(seed));
+  return idx;
+}
+
+struct Measure {
+  double samples = 0, bytes = 0, wall = 0, cpu = 0;
+};
+
+// liblmdb alone: the floor of any reader of this file.
+Measure run_raw(const Args& a) {
+  MDB_env* env = nullptr;
+  check(mdb_env_create(&env), "mdb_env_create");
+  check(mdb_env_set_maxdbs(env, 4), "mdb_env_set_maxdbs");
+  check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders");
+  check(mdb_env_open(env, a.path.c_str(), MDB_RDONLY | MDB_NOTLS | MDB_NORDAHEAD, 0644), "mdb_env_open");
+  MDB_txn* txn = nullptr;
+  MDB_dbi dbi;
+  check(mdb_txn_begin(env, nullptr, MDB_RDONLY, &txn), "mdb_txn_begin");
+  check(mdb_dbi_open(txn, "samples", 0, &dbi), "mdb_dbi_open");
+  MDB_stat st;
+  check(mdb_stat(txn, dbi, &st), "mdb_stat");
+  mdb_txn_abort(txn);
+  const size_t n = st.ms_entries;
+  const size_t workers = std::max<size_t>(1, a.threads);
+  auto body = [&](size_t w, size_t* done, double* bytes, const std::vector<size_t>& idx) {
+    MDB_txn* t = nullptr;
+    check(mdb_txn_begin(env, nullptr, MDB_RDONLY, &t), "mdb_txn_begin");
+    mdb_txn_reset(t);
+    std::vector<char> buffer;
+    for (size_t start = w * a.batch; start < idx.size(); start += workers * a.batch) {
+      check(mdb_txn_renew(t), "mdb_txn_renew");
+      const size_t stop = std::min(idx.size(), start + a.batch);
+      size_t offset = 0;
+      for (size_t i = start; i < stop; ++i) {
+        uint64_t k = idx[i];
+        unsigned char key_bytes[8];
+        for (int b = 7; b >= 0; --b, k >>= 8) key_bytes[b] = static_cast<unsigned char>(k & 0xff);
+        MDB_val key{8, key_bytes}, value;
+        check(mdb_get(t, dbi, &key, &value), "mdb_get");
+        if (buffer.size() < (stop - start) * value.mv_size) buffer.resize((stop - start) * value.mv_size * 2);
+        std::memcpy(buffer.data() + offset, value.mv_data, value.mv_size);
+        offset += value.mv_size;
+      }
+      mdb_txn_reset(t);
+      *done += stop - start;
+      *bytes += offset;
     }
-    w.close();
+    mdb_txn_abort(t);
+  };
+  Measure m;
+  unsigned epoch = 0;
+  const double cpu0 = cpu_seconds();
+  auto t0 = std::chrono::steady_clock::now();
+  do {
+    auto idx = order(n, a.order, epoch++);
+    std::vector<size_t> done(workers, 0);
+    std::vector<double> bytes(workers, 0);
+    if (a.threads == 0) {
+      body(0, &done[0], &bytes[0], idx);
+    } else {
+      std::vector<std::thread> pool;
+      for (size_t w = 0; w < workers; ++w) pool.emplace_back(body, w, &done[w], &bytes[w], std::cref(idx));
+      for (auto& t : pool) t.join();
+    }
+    for (size_t w = 0; w < workers; ++w) m.samples += done[w], m.bytes += bytes[w];
+    m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (m.wall < a.seconds);
+  m.cpu = cpu_seconds() - cpu0;
+  mdb_env_close(env);
+  return m;
+}
+
+template <typename Loader, typename Count>
+Measure run_loader(Loader& loader, const Args& a, Count count) {
+  for (auto& b : *loader) (void)b;  // warm-up epoch
+  Measure m;
+  const double cpu0 = cpu_seconds();
+  auto t0 = std::chrono::steady_clock::now();
+  do {
+    for (auto& b : *loader) {
+      auto [samples, bytes] = count(b);
+      m.samples += samples;
+      m.bytes += bytes;
+    }
+    m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (m.wall < a.seconds);
+  m.cpu = cpu_seconds() - cpu0;
+  return m;
+}
+
+std::pair<double, double> tensor_bytes(const torch_lmdb::Sample& batch) {
+  double bytes = 0, samples = 0;
+  for (const auto& item : batch) {
+    bytes += item.value().nbytes();
+    samples = item.value().size(0);
   }
-  std::printf("%zu samples of %lld bytes, random order, batch %zu\n", n, static_cast<long long>(bytes), batch);
-  std::printf("| workers | get_batch (StackedDataset) samples/s | get + Stack samples/s | ratio |\n|---|---|---|---|\n");
-  for (int workers : {0, 2}) {
-    auto opts = torch::data::DataLoaderOptions().batch_size(batch).workers(workers).enforce_ordering(false);
-    torch_lmdb::StackedDataset stacked(path);
-    auto fast = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(stacked, opts);
-    const double a = run(fast, n);
-    torch_lmdb::Dataset ds(path);
-    auto slow = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(ds.map(torch_lmdb::Stack()), opts);
-    const double b = run(slow, n);
-    std::printf("| %d | %.0f | %.0f | %.2f |\n", workers, a, b, a / b);
+  return {samples, bytes};
+}
+
+template <typename Sampler, typename Dataset>
+Measure run_mode(Dataset&& ds, size_t n, const Args& a) {
+  auto opts = torch::data::DataLoaderOptions().batch_size(a.batch).workers(a.threads).enforce_ordering(false);
+  auto loader = torch::data::make_data_loader(std::forward<Dataset>(ds), Sampler(n), opts);
+  return run_loader(loader, a, [](const torch_lmdb::Sample& b) { return tensor_bytes(b); });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  Args a;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--path") a.path = v;
+    else if (k == "--mode") a.mode = v;
+    else if (k == "--threads") a.threads = std::stoul(v);
+    else if (k == "--batch") a.batch = std::stoul(v);
+    else if (k == "--order") a.order = v;
+    else if (k == "--seconds") a.seconds = std::stod(v);
+    else throw std::invalid_argument("unknown option " + k);
   }
-  std::filesystem::remove_all(path);
+  if (a.path.empty()) throw std::invalid_argument("--path is required");
+  torch::set_num_threads(1);
+  Measure m;
+  if (a.mode == "raw") {
+    m = run_raw(a);
+  } else {
+    namespace samplers = torch::data::samplers;
+    const bool shuffled = a.order == "shuffled";
+    if (a.mode == "get_batch") {
+      torch_lmdb::StackedDataset ds(a.path);
+      const size_t n = *ds.size();
+      m = shuffled ? run_mode<samplers::RandomSampler>(std::move(ds), n, a)
+                   : run_mode<samplers::SequentialSampler>(std::move(ds), n, a);
+    } else if (a.mode == "get_stack") {
+      torch_lmdb::Dataset ds(a.path);
+      const size_t n = *ds.size();
+      m = shuffled ? run_mode<samplers::RandomSampler>(ds.map(torch_lmdb::Stack()), n, a)
+                   : run_mode<samplers::SequentialSampler>(ds.map(torch_lmdb::Stack()), n, a);
+    } else {
+      throw std::invalid_argument("unknown mode " + a.mode);
+    }
+  }
+  std::printf("{\"mode\": \"%s\", \"threads\": %zu, \"batch\": %zu, \"order\": \"%s\", \"samples_per_s\": %.1f, "
+              "\"bytes_per_s\": %.1f, \"cpu_us_per_sample\": %.3f}\n",
+              a.mode.c_str(), a.threads, a.batch, a.order.c_str(), m.samples / m.wall, m.bytes / m.wall,
+              1e6 * m.cpu / m.samples);
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "torch_lmdb_bench_read: error: %s\n", e.what());
+  return 1;
 }

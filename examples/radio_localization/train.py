@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class ZarrDataset(torch.utils.data.Dataset):
 
 def make_loaders(cfg):
     d = cfg["dataset"]
+    # The users' configs ask for 4 workers whatever the core count; PyTorch's advice is noted once here.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     common = dict(num_workers=cfg["num_workers"], persistent_workers=cfg["num_workers"] > 0)
     g = torch.Generator().manual_seed(cfg["seed"])
     if d.get("use_lmdb", True):

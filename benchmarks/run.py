@@ -1,0 +1,587 @@
+"""The benchmark suite: torch_lmdb side by side with what a user would pick instead.
+
+    /usr/bin/python3 benchmarks/run.py --quick      # under 5 minutes on a 2-core VM
+    /usr/bin/python3 benchmarks/run.py              # the full run (bigger files, longer timings)
+
+Writes <out>/results.json, <out>/results.md (tables, and the targets of issue 6
+with their measured ratios) and <out>/<profile>.png. Every figure of a table is
+measured in this run; ratios compare systems of the same profile and order.
+
+Profiles: tiny (a few scalars + 16 floats, ~100 B), medium (16 KiB float32),
+large (1 MiB float32), varlen (float32 of 1-8 K values, padded in batches).
+Systems: a memcpy ceiling (numpy gather into a reused buffer), raw liblmdb
+get+copy (C++), torch_lmdb native C++ DataLoader (get_batch, get+Stack), torch_lmdb
+Python (ds[i] through DataLoader, get_batch in process, make_loader), py-lmdb +
+pickle (the design torch_lmdb replaces), Zarr and h5py Datasets, an in-memory
+Dataset (the DataLoader's own floor); writers: torch_lmdb vs py-lmdb + pickle.
+"""
+import argparse
+import gc
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.utils.data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch_lmdb  # noqa: E402
+
+MB = 1e6
+
+
+# ---- profiles ---------------------------------------------------------------
+def make_sample(profile, i, rng):
+    if profile == "tiny":
+        return {"id": np.int64(i), "label": np.int32(i % 10), "weight": np.float32(1.0),
+                "v": rng.standard_normal(16).astype(np.float32)}
+    if profile == "medium":
+        return {"x": rng.standard_normal(4096).astype(np.float32), "y": np.int64(i)}
+    if profile == "large":
+        return {"x": rng.standard_normal(262144).astype(np.float32), "y": np.int64(i)}
+    if profile == "varlen":
+        return {"x": rng.standard_normal(int(rng.integers(1024, 8193))).astype(np.float32), "y": np.int64(i)}
+    raise ValueError(profile)
+
+
+def payload_bytes(sample):
+    return sum(np.asarray(v).nbytes for v in sample.values())
+
+
+SIZES = {  # samples per profile: quick, full
+    "tiny": (200_000, 1_000_000),
+    "medium": (20_000, 60_000),
+    "large": (300, 1_500),
+    "varlen": (10_000, 40_000),
+}
+BATCH = {"tiny": 256, "medium": 256, "large": 16, "varlen": 256}
+
+
+# ---- measurement helpers ------------------------------------------------------
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+class PeakPss:
+    """Peak PSS of this process and its children (DataLoader workers), polled."""
+
+    def __enter__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, pss_kib(me) + sum(pss_kib(c) for c in children(me)))
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_now():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure(batches, budget):
+    """Iterates ``batches`` (an iterator of (n_samples, n_bytes)) for ``budget`` seconds
+    after one warm-up item; returns samples/s, bytes/s, CPU us/sample, peak PSS."""
+    gc.collect()
+    with PeakPss() as pss:
+        it = iter(batches)
+        next(it)  # warm-up (and DataLoader worker start-up)
+        cpu0, t0 = cpu_now(), time.perf_counter()
+        samples = nbytes = 0
+        for n, b in it:
+            samples += n
+            nbytes += b
+            if time.perf_counter() - t0 >= budget:
+                break
+        wall = time.perf_counter() - t0
+        del it
+        gc.collect()
+        cpu = cpu_now() - cpu0
+    return dict(samples_per_s=samples / wall, mb_per_s=nbytes / wall / MB,
+                cpu_us_per_sample=1e6 * cpu / max(samples, 1), peak_pss_mib=pss.peak / 1024, measured_samples=samples)
+
+
+def epochs(order, n, batch, seed=0):
+    """Index batches forever: shuffled (a new permutation per epoch) or sequential."""
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = rng.permutation(n) if order == "shuffled" else np.arange(n)
+        for s in range(0, n - batch + 1, batch):
+            yield idx[s:s + batch]
+
+
+def batch_bytes(batch):
+    if isinstance(batch, dict):
+        return sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor)), \
+            len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+    raise TypeError(type(batch))
+
+
+def loader_batches(loader):
+    for batch in loader:
+        nbytes, n = batch_bytes(batch)
+        yield n, nbytes
+
+
+def drop_cache(paths):
+    """Evicts files from the page cache (cold reads); returns False if it cannot."""
+    try:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+# ---- the systems --------------------------------------------------------------
+class PickleLMDBDataset(torch.utils.data.Dataset):
+    """The design torch_lmdb replaces: py-lmdb + pickled dicts, opened lazily per process."""
+
+    def __init__(self, path):
+        import lmdb
+
+        self.path = path
+        env = lmdb.open(path, readonly=True, lock=False)
+        self.n = env.stat()["entries"]
+        env.close()
+        self.env = None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import lmdb
+
+        if self.env is None:
+            self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+        with self.env.begin(buffers=True) as txn:
+            d = pickle.loads(txn.get(str(int(i)).encode()))
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()}
+
+    def __getstate__(self):
+        return dict(self.__dict__, env=None)
+
+
+class ZarrDataset(torch.utils.data.Dataset):
+    def __init__(self, path):
+        import zarr
+
+        self.path = path
+        self.n = zarr.open_group(path, mode="r")["y" if "y" in zarr.open_group(path, mode="r") else "id"].shape[0]
+        self.root = None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import zarr
+
+        if self.root is None:
+            self.root = zarr.open_group(self.path, mode="r")
+        return {k: torch.from_numpy(np.asarray(a[i])) for k, a in self.root.arrays()}
+
+    def __getstate__(self):
+        return dict(self.__dict__, root=None)
+
+
+class H5Dataset(torch.utils.data.Dataset):
+    def __init__(self, path):
+        import h5py
+
+        self.path = path
+        with h5py.File(path, "r") as f:
+            self.keys = list(f.keys())
+            self.n = f[self.keys[0]].shape[0]
+        self.f = None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import h5py
+
+        if self.f is None:
+            self.f = h5py.File(self.path, "r")
+        return {k: torch.from_numpy(np.asarray(self.f[k][i])) for k in self.keys}
+
+    def __getstate__(self):
+        return dict(self.__dict__, f=None)
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def du(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def write_stores(profile, n, out, log):
+    """Writes the profile with torch_lmdb and py-lmdb+pickle (timed: the writer
+    benchmark), and as Zarr and HDF5. Returns paths and writer results."""
+    import h5py
+    import lmdb
+    import zarr
+
+    rng = np.random.default_rng(0)
+    samples = [make_sample(profile, i, rng) for i in range(n)]
+    nbytes = sum(payload_bytes(s) for s in samples)
+    paths = {k: os.path.join(out, f"{profile}.{k}") for k in ("torch_lmdb", "pickle_lmdb", "zarr", "h5")}
+    for p in paths.values():
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+    writes = {}
+    t0 = time.perf_counter()
+    with torch_lmdb.LMDBWriter(paths["torch_lmdb"]) as w:
+        w.write_many(samples)
+    writes["torch_lmdb write_many"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    env = lmdb.open(paths["pickle_lmdb"], map_size=max(1 << 30, 4 * nbytes))
+    txn = env.begin(write=True)
+    for i, s in enumerate(samples):
+        txn.put(str(i).encode(), pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL))
+        if (i + 1) % 4096 == 0:
+            txn.commit()
+            txn = env.begin(write=True)
+    txn.commit()
+    env.sync()
+    env.close()
+    writes["py-lmdb + pickle"] = time.perf_counter() - t0
+    writer_rows = []
+    for system, seconds in writes.items():
+        store = paths["torch_lmdb"] if system.startswith("torch_lmdb") else paths["pickle_lmdb"]
+        writer_rows.append(dict(profile=profile, system=system, samples_per_s=n / seconds,
+                                mb_per_s=nbytes / seconds / MB, db_mib=du(store) / 2**20))
+    if profile != "varlen":
+        root = zarr.open_group(paths["zarr"], mode="w")
+        h5 = h5py.File(paths["h5"], "w")
+        for k in samples[0]:
+            column = np.stack([s[k] for s in samples])
+            root.array(k, column)  # zarr's default chunking, as the users' simulator did
+            h5.create_dataset(k, data=column)  # h5py's default: contiguous
+        h5.close()
+    log(f"  wrote {profile}: {n} samples, {nbytes / MB:.0f} MB payload")
+    return samples, nbytes / n, paths, writer_rows
+
+
+def pad_collate(items):
+    """Variable-length samples: pad ``x`` like get_batch(pad=True) does."""
+    xs = [item["x"] for item in items]
+    return {"x": torch.nn.utils.rnn.pad_sequence(xs, batch_first=True),
+            "x_lengths": torch.tensor([[len(x)] for x in xs]),
+            "y": torch.stack([item["y"] for item in items])}
+
+
+def python_systems(profile, order, samples, paths, quick):
+    """(name, factory of an iterator of (n, bytes)) for every Python-side system."""
+    B = BATCH[profile]
+    n = len(samples)
+    pad = profile == "varlen"
+    ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"], pad=pad)
+    shuffle = order == "shuffled"
+
+    def dl(dataset, workers, **kw):
+        collate = pad_collate if pad else None
+        return lambda: loader_batches(torch.utils.data.DataLoader(
+            dataset, batch_size=B, shuffle=shuffle, num_workers=workers, collate_fn=collate, **kw))
+
+    def get_batch():
+        for idx in epochs(order, n, B):
+            batch = ds.get_batch(idx.tolist())
+            nbytes, k = batch_bytes(batch)
+            yield k, nbytes
+
+    def iter_batches():
+        for batch in ds.iter_batches(B, shuffle=shuffle, seed=0, drop_last=True):
+            nbytes, k = batch_bytes(batch)
+            yield k, nbytes
+
+    systems = []
+    if profile != "varlen":
+        row = int(payload_bytes(samples[0]))
+        flat = np.empty((n, row), dtype=np.uint8)
+        for i, s in enumerate(samples):
+            flat[i] = np.concatenate([np.asarray(v).reshape(-1).view(np.uint8) for v in s.values()])
+        dst = np.empty((B, row), dtype=np.uint8)
+
+        def memcpy():
+            for idx in epochs(order, n, B):
+                np.take(flat, idx, axis=0, out=dst)
+                yield B, dst.nbytes
+
+        systems.append(("memcpy ceiling (numpy gather, reused buffer)", memcpy))
+    systems += [
+        ("torch_lmdb get_batch in process", get_batch),
+    ]
+    if hasattr(ds, "iter_batches"):
+        systems.append(("torch_lmdb iter_batches (C++ prefetch)", iter_batches))
+    systems += [
+        ("torch_lmdb make_loader, num_workers=0",
+         lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True))),
+        ("torch_lmdb make_loader, num_workers=2",
+         lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True, num_workers=2))),
+        ("torch_lmdb ds[i] DataLoader, num_workers=0", dl(torch_lmdb.LMDBDataset(paths["torch_lmdb"]), 0)),
+        ("torch_lmdb ds[i] DataLoader, num_workers=2", dl(torch_lmdb.LMDBDataset(paths["torch_lmdb"]), 2)),
+        ("py-lmdb + pickle DataLoader, num_workers=0", dl(PickleLMDBDataset(paths["pickle_lmdb"]), 0)),
+        ("py-lmdb + pickle DataLoader, num_workers=2", dl(PickleLMDBDataset(paths["pickle_lmdb"]), 2)),
+    ]
+    if profile != "varlen":
+        systems += [
+            ("zarr Dataset, num_workers=0", dl(ZarrDataset(paths["zarr"]), 0)),
+            ("h5py Dataset, num_workers=0", dl(H5Dataset(paths["h5"]), 0)),
+        ]
+        mem = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
+        systems.append(("in-memory Dataset, num_workers=0 (DataLoader floor)", dl(MemoryDataset(mem), 0)))
+    return systems
+
+
+def native(binary, path, mode, threads, batch, order, budget):
+    proc = subprocess.run([binary, "--path", path, "--mode", mode, "--threads", str(threads), "--batch", str(batch),
+                           "--order", order, "--seconds", str(budget)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{binary} {mode}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+# ---- report -------------------------------------------------------------------
+TARGETS = [
+    # (label, numerator (profile, order, cache, system), denominator, target ratio)
+    ("Python `get_batch` in process, shuffled, batch 256 / memcpy ceiling",
+     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
+     ("medium", "shuffled", "warm", "memcpy ceiling (numpy gather, reused buffer)"), 0.5),
+    ("Python `get_batch` in process, shuffled, batch 256 / py-lmdb + pickle num_workers=0",
+     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
+     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 4.0),
+    ("tiny: `get_batch` in process / py-lmdb + pickle num_workers=0",
+     ("tiny", "shuffled", "warm", "torch_lmdb get_batch in process"),
+     ("tiny", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 8.0),
+    ("`ds[i]` drop-in, DataLoader num_workers=0 / py-lmdb + pickle num_workers=0",
+     ("medium", "shuffled", "warm", "torch_lmdb ds[i] DataLoader, num_workers=0"),
+     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 1.5),
+    ("`make_loader` num_workers=2 / py-lmdb + pickle num_workers=2",
+     ("medium", "shuffled", "warm", "torch_lmdb make_loader, num_workers=2"),
+     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=2"), 5.0),
+    ("native C++ DataLoader `get_batch`, 2 threads, batch 256 / raw liblmdb get+copy, 2 threads",
+     ("medium", "shuffled", "warm", "C++ get_batch (StackedDataset), 2 threads"),
+     ("medium", "shuffled", "warm", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
+    ("tiny: C++ `get_batch`, 2 threads / raw liblmdb random gets, 2 threads",
+     ("tiny", "shuffled", "warm", "C++ get_batch (StackedDataset), 2 threads"),
+     ("tiny", "shuffled", "warm", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
+    ("large: `get_batch` in process / memcpy ceiling",
+     ("large", "shuffled", "warm", "torch_lmdb get_batch in process"),
+     ("large", "shuffled", "warm", "memcpy ceiling (numpy gather, reused buffer)"), 0.6),
+    ("writer, medium: torch_lmdb / py-lmdb + pickle (samples/s)",
+     ("medium", "write", "-", "torch_lmdb write_many"), ("medium", "write", "-", "py-lmdb + pickle"), 2.0),
+    ("writer, medium: database size, py-lmdb + pickle / torch_lmdb (>= 1: no larger)",
+     ("medium", "write", "-", "py-lmdb + pickle", "db_mib"), ("medium", "write", "-", "torch_lmdb write_many", "db_mib"),
+     1.0),
+    ("vs Zarr, shuffled medium: `get_batch` in process / zarr Dataset",
+     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
+     ("medium", "shuffled", "warm", "zarr Dataset, num_workers=0"), 100.0),
+]
+
+
+def lookup(rows, key):
+    profile, order, cache, system = key[:4]
+    field = key[4] if len(key) > 4 else "samples_per_s"
+    for r in rows:
+        if (r["profile"], r.get("order", "write"), r.get("cache", "-"), r["system"]) == (profile, order, cache, system):
+            return r[field]
+    return None
+
+
+def report(rows, out, command, machine):
+    lines = [f"Measured by `{command}` on {machine}.", ""]
+    lines += ["### Targets (issue 6)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for label, num, den, goal in TARGETS:
+        a, b = lookup(rows, num), lookup(rows, den)
+        if a is None or b is None:
+            lines.append(f"| {label} | not measured | ≥ {goal:g}× | – |")
+            continue
+        ratio = a / b
+        lines.append(f"| {label} | {ratio:.2f}× | ≥ {goal:g}× | {'yes' if ratio >= goal else '**no**'} |")
+    for profile in SIZES:
+        prof = [r for r in rows if r["profile"] == profile and r.get("order") != "write"]
+        if not prof:
+            continue
+        lines += ["", f"### {profile}", "",
+                  "| order | cache | system | samples/s | MB/s | vs memcpy | vs pickle nw0 | CPU µs/sample | peak PSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in prof:
+            lines.append(
+                f"| {r['order']} | {r['cache']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | "
+                f"{_ratio(r.get('vs_memcpy'))} | {_ratio(r.get('vs_pickle_nw0'))} | {r['cpu_us_per_sample']:.2f} | "
+                f"{_num(r.get('peak_pss_mib'))} |")
+    writes = [r for r in rows if r.get("order") == "write"]
+    lines += ["", "### Writers", "", "| profile | system | samples/s | MB/s | database MiB |", "|---|---|---|---|---|"]
+    for r in writes:
+        lines.append(f"| {r['profile']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | {r['db_mib']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _ratio(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def _num(x):
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def plot(rows, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for profile in SIZES:
+        prof = [r for r in rows if r["profile"] == profile and r.get("order") == "shuffled" and r["cache"] == "warm"]
+        if not prof:
+            continue
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(prof) + 1.2))
+        names = [r["system"] for r in prof]
+        ax.barh(range(len(prof)), [r["samples_per_s"] for r in prof],
+                color=["tab:green" if "torch_lmdb" in n or "C++ get" in n else "tab:gray" for n in names])
+        ax.set_yticks(range(len(prof)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("samples/s (log scale, shuffled, warm cache)")
+        ax.set_title(f"{profile} profile")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{profile}.png"), dpi=110)
+        plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller files, shorter timings (< 5 minutes)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench_out"), help="results directory")
+    parser.add_argument("--data", default="/tmp/torch_lmdb_bench", help="where the benchmark databases go")
+    parser.add_argument("--bin", default=os.path.join(ROOT, "build", "cmake", "torch_lmdb_bench_read"),
+                        help="the native benchmark binary (built by `make build`)")
+    parser.add_argument("--profiles", default=",".join(SIZES), help="comma-separated subset of profiles")
+    args = parser.parse_args()
+    if not os.path.exists(args.bin):
+        raise SystemExit(f"{args.bin} is missing: run `make build` first")
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.data, exist_ok=True)
+    budget = 1.0 if args.quick else 3.0
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    rows = []
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
+
+    for profile in args.profiles.split(","):
+        n = SIZES[profile][0 if args.quick else 1]
+        samples, sample_bytes, paths, writer_rows = write_stores(profile, n, args.data, log)
+        for r in writer_rows:
+            rows.append(dict(r, order="write", cache="-"))
+        orders = ["shuffled", "sequential"] if profile in ("medium", "tiny") or not args.quick else ["shuffled"]
+        for order in orders:
+            prof_rows = []
+            for name, factory in python_systems(profile, order, samples, paths, args.quick):
+                slow = name.startswith(("zarr", "h5py"))
+                r = measure(factory(), budget / 2 if slow else budget)
+                prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name, **r))
+                log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+            for mode, label in (("raw", "C++ raw liblmdb get+copy"), ("get_batch", "C++ get_batch (StackedDataset)"),
+                                ("get_stack", "C++ get + Stack (Dataset)")):
+                for threads in (0, 1, 2):
+                    if order == "sequential" and mode == "get_stack":
+                        continue
+                    r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget)
+                    name = f"{label}, {threads} thread{'s' if threads != 1 else ''}"
+                    prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name,
+                                          samples_per_s=r["samples_per_s"],
+                                          mb_per_s=r["samples_per_s"] * sample_bytes / MB,
+                                          cpu_us_per_sample=r["cpu_us_per_sample"], peak_pss_mib=None))
+                    log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+            rows += prof_rows
+        if profile == "medium":  # cold: the files evicted from the page cache before each run
+            ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"])
+            for name, store, factory in (
+                    ("torch_lmdb get_batch in process", paths["torch_lmdb"],
+                     lambda: ((len(i), batch_bytes(ds.get_batch(i.tolist()))[0]) for i in epochs("shuffled", n, 256))),
+                    ("py-lmdb + pickle DataLoader, num_workers=0", paths["pickle_lmdb"],
+                     lambda: loader_batches(torch.utils.data.DataLoader(PickleLMDBDataset(paths["pickle_lmdb"]),
+                                                                        batch_size=256, shuffle=True)))):
+                if not drop_cache([os.path.join(store, "data.mdb")]):
+                    log("  cold runs skipped: posix_fadvise is not available")
+                    break
+                r = measure(factory(), budget)
+                rows.append(dict(profile=profile, order="shuffled", cache="cold", system=name, **r))
+                log(f"  {profile:6} cold       {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+        # ratios within the profile
+        for r in rows:
+            if r["profile"] != profile or r.get("order") == "write":
+                continue
+            mem = lookup(rows, (profile, r["order"], "warm", "memcpy ceiling (numpy gather, reused buffer)"))
+            pk = lookup(rows, (profile, r["order"], "warm", "py-lmdb + pickle DataLoader, num_workers=0"))
+            r["vs_memcpy"] = r["samples_per_s"] / mem if mem else None
+            r["vs_pickle_nw0"] = r["samples_per_s"] / pk if pk else None
+        del samples
+        gc.collect()
+
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    machine = f"{os.cpu_count()} cores, torch {torch.__version__}, torch_lmdb {torch_lmdb.__version__}"
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=1)
+    text = report(rows, args.out, command, machine)
+    plot(rows, args.out)
+    print(text)
+    log(f"done: {args.out}/results.json, results.md, <profile>.png")
+
+
+if __name__ == "__main__":
+    main()
