@@ -9,7 +9,9 @@ measured in this run; ratios compare systems of the same profile and order.
 
 Profiles: tiny (a few scalars + 16 floats, ~100 B), medium (16 KiB float32),
 large (1 MiB float32), varlen (float32 of 1-8 K values, padded in batches).
-Systems: a memcpy ceiling (numpy gather into a reused buffer), raw liblmdb
+Systems: a memcpy ceiling (C++: each sample's tensor bytes gathered in the same
+order from memory into a reused buffer; "0 threads" = the calling thread, the
+reference of the single-threaded paths), raw liblmdb
 get+copy (C++), torch_lmdb native C++ DataLoader (get_batch, get+Stack), torch_lmdb
 Python (ds[i] through DataLoader, get_batch in process, make_loader), py-lmdb +
 pickle (the design torch_lmdb replaces), Zarr and h5py Datasets, an in-memory
@@ -35,6 +37,7 @@ sys.path.insert(0, ROOT)
 import torch_lmdb  # noqa: E402
 
 MB = 1e6
+MEMCPY = "memcpy ceiling (C++ gather, reused buffer)"
 
 
 # ---- profiles ---------------------------------------------------------------
@@ -146,7 +149,7 @@ def epochs(order, n, batch, seed=0):
 
 def batch_bytes(batch):
     if isinstance(batch, dict):
-        return sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor)), \
+        return sum(v.element_size() * v.numel() for v in batch.values() if isinstance(v, torch.Tensor)), \
             len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
     raise TypeError(type(batch))
 
@@ -344,22 +347,7 @@ def python_systems(profile, order, samples, paths, quick):
             yield k, nbytes
 
     systems = []
-    if profile != "varlen":
-        row = int(payload_bytes(samples[0]))
-        flat = np.empty((n, row), dtype=np.uint8)
-        for i, s in enumerate(samples):
-            flat[i] = np.concatenate([np.asarray(v).reshape(-1).view(np.uint8) for v in s.values()])
-        dst = np.empty((B, row), dtype=np.uint8)
-
-        def memcpy():
-            for idx in epochs(order, n, B):
-                np.take(flat, idx, axis=0, out=dst)
-                yield B, dst.nbytes
-
-        systems.append(("memcpy ceiling (numpy gather, reused buffer)", memcpy))
-    systems += [
-        ("torch_lmdb get_batch in process", get_batch),
-    ]
+    systems += [("torch_lmdb get_batch in process", get_batch)]
     if hasattr(ds, "iter_batches"):
         systems.append(("torch_lmdb iter_batches (C++ prefetch)", iter_batches))
     systems += [
@@ -382,9 +370,10 @@ def python_systems(profile, order, samples, paths, quick):
     return systems
 
 
-def native(binary, path, mode, threads, batch, order, budget):
+def native(binary, path, mode, threads, batch, order, budget, pad):
     proc = subprocess.run([binary, "--path", path, "--mode", mode, "--threads", str(threads), "--batch", str(batch),
-                           "--order", order, "--seconds", str(budget)], capture_output=True, text=True)
+                           "--order", order, "--seconds", str(budget), "--pad", "1" if pad else "0"],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{binary} {mode}: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
@@ -395,7 +384,7 @@ TARGETS = [
     # (label, numerator (profile, order, cache, system), denominator, target ratio)
     ("Python `get_batch` in process, shuffled, batch 256 / memcpy ceiling",
      ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("medium", "shuffled", "warm", "memcpy ceiling (numpy gather, reused buffer)"), 0.5),
+     ("medium", "shuffled", "warm", f"{MEMCPY}, 0 threads"), 0.5),
     ("Python `get_batch` in process, shuffled, batch 256 / py-lmdb + pickle num_workers=0",
      ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
      ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 4.0),
@@ -416,7 +405,7 @@ TARGETS = [
      ("tiny", "shuffled", "warm", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
     ("large: `get_batch` in process / memcpy ceiling",
      ("large", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("large", "shuffled", "warm", "memcpy ceiling (numpy gather, reused buffer)"), 0.6),
+     ("large", "shuffled", "warm", f"{MEMCPY}, 0 threads"), 0.6),
     ("writer, medium: torch_lmdb / py-lmdb + pickle (samples/s)",
      ("medium", "write", "-", "torch_lmdb write_many"), ("medium", "write", "-", "py-lmdb + pickle"), 2.0),
     ("writer, medium: database size, py-lmdb + pickle / torch_lmdb (>= 1: no larger)",
@@ -535,12 +524,14 @@ def main():
                 r = measure(factory(), budget / 2 if slow else budget)
                 prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name, **r))
                 log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
-            for mode, label in (("raw", "C++ raw liblmdb get+copy"), ("get_batch", "C++ get_batch (StackedDataset)"),
-                                ("get_stack", "C++ get + Stack (Dataset)")):
+            for mode, label in (("memcpy", MEMCPY), ("raw", "C++ raw liblmdb get+copy"),
+                                ("get_batch", "C++ get_batch (StackedDataset)"), ("get_stack", "C++ get + Stack (Dataset)")):
                 for threads in (0, 1, 2):
-                    if order == "sequential" and mode == "get_stack":
+                    if (order == "sequential" and mode == "get_stack") or (mode == "memcpy" and profile == "varlen") \
+                            or (mode == "memcpy" and threads == 1):
                         continue
-                    r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget)
+                    r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget,
+                               profile == "varlen")
                     name = f"{label}, {threads} thread{'s' if threads != 1 else ''}"
                     prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name,
                                           samples_per_s=r["samples_per_s"],
@@ -566,7 +557,7 @@ def main():
         for r in rows:
             if r["profile"] != profile or r.get("order") == "write":
                 continue
-            mem = lookup(rows, (profile, r["order"], "warm", "memcpy ceiling (numpy gather, reused buffer)"))
+            mem = lookup(rows, (profile, r["order"], "warm", f"{MEMCPY}, 0 threads"))
             pk = lookup(rows, (profile, r["order"], "warm", "py-lmdb + pickle DataLoader, num_workers=0"))
             r["vs_memcpy"] = r["samples_per_s"] / mem if mem else None
             r["vs_pickle_nw0"] = r["samples_per_s"] / pk if pk else None
