@@ -25,6 +25,72 @@ def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
+# Batch tensors of at least this size travel through recycled slabs (see
+# SlabPool in csrc/python/bindings.cpp); smaller ones through fresh shared memory.
+_SLAB_MIN_BYTES = 64 << 10
+_SLABS_PER_WORKER = 16
+_slab_pool = None  # this worker process's pool: (pid, SlabPool)
+
+
+def _worker_slabs():
+    global _slab_pool
+    if _slab_pool is None or _slab_pool[0] != os.getpid():
+        _slab_pool = (os.getpid(), _C.SlabPool(_SLABS_PER_WORKER))
+    return _slab_pool[1]
+
+
+def _rebuild_slab_tensor(pid, slab, fd, shape, dtype_name):
+    """Runs in the main process when a worker's batch is unpickled."""
+    if fd is not None:
+        _C.slab_attach(pid, slab, fd.detach())
+    return _C.slab_tensor(pid, slab, shape, dtype_name)
+
+
+class _SlabTensor:
+    """A batch tensor in a worker's slab, as it crosses to the main process."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return (_rebuild_slab_tensor, self.args)
+
+
+def _worker_get_batch(reader, idx, pad_all, pad_fields, pad_value):
+    """get_batch inside a DataLoader worker: large tensors go into recycled
+    slabs, the rest into fresh shared memory; nothing is copied again."""
+    from multiprocessing.reduction import DupFd
+
+    pool = _worker_slabs()
+    used = {}
+
+    def allocate(shape, dtype_name):
+        itemsize = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
+        if math.prod(shape) * itemsize >= _SLAB_MIN_BYTES:
+            got = pool.acquire(math.prod(shape) * itemsize)
+            if got is not None:
+                slab, fd, new = got
+                tensor = pool.tensor(slab, list(shape), dtype_name)
+                used[tensor.data_ptr()] = (slab, fd if new else None, list(shape), dtype_name)
+                return tensor
+        return _alloc_shared(shape, dtype_name)
+
+    try:
+        batch = reader.get_batch(idx, pad_all, pad_fields, pad_value, allocate)
+    except BaseException:
+        for slab, *_ in used.values():
+            pool.release(slab)
+        raise
+    pid = os.getpid()
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.data_ptr() in used:
+            slab, fd, shape, dtype_name = used[value.data_ptr()]
+            batch[name] = _SlabTensor(pid, slab, DupFd(fd) if fd is not None else None, shape, dtype_name)
+    return batch
+
+
 class LMDBDataset(torch.utils.data.Dataset):
     """A map-style dataset over one or several torch_lmdb databases.
 
@@ -142,8 +208,9 @@ class LMDBDataset(torch.utils.data.Dataset):
                   pad_value: Optional[float] = None) -> Dict[str, Any]:
         """Reads ``indices`` and returns them collated: tensors stacked to
         ``[B, ...]`` (padded when asked, with ``<name>_lengths``), str/bytes
-        fields as lists. Inside a DataLoader worker the batch is allocated in
-        shared memory. ``transform`` is not applied."""
+        fields as lists. Inside a DataLoader worker the batch is written to
+        shared memory the worker recycles once the main process has released
+        it. ``transform`` is not applied."""
         if isinstance(indices, torch.Tensor):
             indices = indices.tolist()
         idx = [self._index(i) for i in indices]
@@ -151,8 +218,9 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad_value = self._pad_value if pad_value is None else pad_value
         pad_all = pad is True
         pad_fields = [] if isinstance(pad, bool) else list(pad)
-        allocator = _alloc_shared if torch.utils.data.get_worker_info() is not None else None
-        return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), allocator)
+        if torch.utils.data.get_worker_info() is not None:
+            return _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
+        return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
 
     # -- description ----------------------------------------------------------
     @property

@@ -13,12 +13,12 @@ from conftest import sample
 METHODS = ["fork", "spawn", "forkserver"]
 
 
-def check_every_index_once(batches, n):
+def check_every_index_once(batches, n, width=8):
     seen = np.zeros(n, dtype=int)
     for batch in batches:
         for j, i in enumerate(batch["index"].tolist()):
             seen[i] += 1
-            assert torch.equal(batch["x"][j], torch.from_numpy(sample(i)["x"]))
+            assert torch.equal(batch["x"][j], torch.from_numpy(sample(i, width)["x"]))
             assert batch["label"][j] == f"item-{i}"
     assert (seen == 1).all(), np.flatnonzero(seen != 1)
 
@@ -120,3 +120,22 @@ def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
     with pytest.raises(torch_lmdb.CorruptedError, match=r"index 13"):
         for _ in loader:
             pass
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_large_worker_batches_recycle_buffers_never_overwriting_held_ones(make_db, method):
+    # 16 KiB samples, batches of 8: 128 KiB tensors travel through recycled slabs.
+    path = make_db(640, width=4096)
+    ds = torch_lmdb.LMDBDataset(path)
+    loader = torch_lmdb.make_loader(ds, batch_size=8, shuffle=True, num_workers=2, multiprocessing_context=method)
+    held = list(loader)  # 80 batches kept alive: more than a worker's 16 slabs
+    check_every_index_once(held, 640, width=4096)
+    # Batches dropped as soon as they are read: their buffers are reused.
+    count = 0
+    for batch in loader:
+        for j, i in enumerate(batch["index"].tolist()):
+            assert torch.equal(batch["x"][j], torch.from_numpy(sample(i, 4096)["x"]))
+        count += 1
+    assert count == 80
+    assert torch_lmdb._C.slab_count() <= 12  # 2 workers x (prefetch + in flight), not one per batch
+    check_every_index_once(held, 640, width=4096)  # still intact after the second epoch
