@@ -155,9 +155,11 @@ def batch_bytes(batch):
 
 
 def loader_batches(loader):
-    for batch in loader:
-        nbytes, n = batch_bytes(batch)
-        yield n, nbytes
+    """Batches of a DataLoader, epoch after epoch (workers persist across epochs)."""
+    while True:
+        for batch in loader:
+            nbytes, n = batch_bytes(batch)
+            yield n, nbytes
 
 
 def drop_cache(paths):
@@ -330,10 +332,11 @@ def python_systems(profile, order, samples, paths, quick):
     ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"], pad=pad)
     shuffle = order == "shuffled"
 
-    def dl(dataset, workers, **kw):
+    def dl(dataset, workers):
         collate = pad_collate if pad else None
         return lambda: loader_batches(torch.utils.data.DataLoader(
-            dataset, batch_size=B, shuffle=shuffle, num_workers=workers, collate_fn=collate, **kw))
+            dataset, batch_size=B, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+            persistent_workers=workers > 0, drop_last=True))
 
     def get_batch():
         for idx in epochs(order, n, B):
@@ -354,7 +357,8 @@ def python_systems(profile, order, samples, paths, quick):
         ("torch_lmdb make_loader, num_workers=0",
          lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True))),
         ("torch_lmdb make_loader, num_workers=2",
-         lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True, num_workers=2))),
+         lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True, num_workers=2,
+                                                       persistent_workers=True))),
         ("torch_lmdb ds[i] DataLoader, num_workers=0", dl(torch_lmdb.LMDBDataset(paths["torch_lmdb"]), 0)),
         ("torch_lmdb ds[i] DataLoader, num_workers=2", dl(torch_lmdb.LMDBDataset(paths["torch_lmdb"]), 2)),
         ("py-lmdb + pickle DataLoader, num_workers=0", dl(PickleLMDBDataset(paths["pickle_lmdb"]), 0)),

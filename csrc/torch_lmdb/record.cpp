@@ -191,8 +191,20 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
   constexpr size_t kHeader = 12;
   if (size < kHeader) corrupted(ctx, "value of " + std::to_string(size) + " bytes is shorter than the record header");
   ViewSource src(base, size);
-  std::istream is(&src);
-  cereal::BinaryInputArchive ar(is);
+  // One istream + archive per thread, pointed at each record in turn:
+  // constructing a std::istream (locale, facets) costs more than parsing a
+  // small record. Only plain values are loaded, so the archive keeps no state.
+  struct Parser {
+    std::istream is{nullptr};
+    cereal::BinaryInputArchive ar{is};
+  };
+  thread_local Parser parser;
+  struct Detach {
+    std::istream& is;
+    ~Detach() { is.rdbuf(nullptr); }
+  } detach{parser.is};
+  parser.is.rdbuf(&src);  // also clears the state flags
+  cereal::BinaryInputArchive& ar = parser.ar;
   uint32_t magic = 0, count = 0;
   uint16_t version = 0, flags = 0;
   try {
