@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ def main():
     g = run("generate (torch_lmdb shards, 2 processes)", gen, results, env)
     run("generate (Zarr store, 2 processes)", gen + ["--set", "use_lmdb=false"], results, env)
     converted = os.path.join(data, "converted", "train.lmdb")
+    shutil.rmtree(converted, ignore_errors=True)  # a rerun of the demo converts again
     run("torch-lmdb convert --verify (Zarr -> LMDB)",
         [py, "-m", "torch_lmdb", "convert", "--zarr-path", os.path.join(data, "train.zarr"),
          "--output", converted, "--verify", *progress], results, env)

@@ -149,7 +149,8 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, bool verify,
   }
   detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
   RecordContext ctx{&env.path(), local};
-  parse_record(v.mv_data, v.mv_size, verify, ctx, views);
+  thread_local RecordTemplate layout;  // records of a dataset usually share one layout
+  parse_record_cached(v.mv_data, v.mv_size, verify, ctx, views, layout);
 }
 
 void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSchema>& stored,

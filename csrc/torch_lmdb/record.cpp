@@ -312,4 +312,62 @@ Sample to_sample(std::vector<Field> fields) {
   return s;
 }
 
+void parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
+                         std::vector<FieldView>& out, RecordTemplate& tmpl) {
+  const char* base = static_cast<const char*>(data);
+  if (size == tmpl.size && !tmpl.views.empty()) {
+    bool same = true;
+    size_t at = 0;
+    for (const auto& [begin, end] : tmpl.segments) {
+      if (std::memcmp(base + begin, tmpl.bytes.data() + at, end - begin) != 0) {
+        same = false;
+        break;
+      }
+      at += end - begin;
+    }
+    if (same) {
+      if (verify_checksum && tmpl.has_checksum) {
+        uint64_t stored;
+        std::memcpy(&stored, base + tmpl.body_end, 8);
+        if (XXH3_64bits(base, tmpl.body_end) != stored) corrupted(ctx, "checksum mismatch");
+      }
+      out.resize(tmpl.views.size());
+      for (size_t i = 0; i < out.size(); ++i) {
+        out[i] = tmpl.views[i];
+        out[i].name = base + reinterpret_cast<uintptr_t>(tmpl.views[i].name);
+        out[i].data = base + reinterpret_cast<uintptr_t>(tmpl.views[i].data);
+      }
+      return;
+    }
+  }
+  parse_record(data, size, verify_checksum, ctx, out);
+  // Remember this layout: non-data bytes between the fields' data.
+  tmpl.views.clear();
+  tmpl.segments.clear();
+  tmpl.bytes.clear();
+  uint16_t flags;
+  std::memcpy(&flags, base + 6, 2);
+  tmpl.has_checksum = (flags & 1) != 0;
+  tmpl.body_end = tmpl.has_checksum ? size - 8 : size;
+  size_t start = 0;
+  for (const FieldView& v : out) {
+    const size_t begin = v.data != nullptr ? static_cast<size_t>(v.data - base) : 0;
+    if (v.data == nullptr || begin < start || begin + v.nbytes > tmpl.body_end) {  // unusual: do not cache
+      tmpl.size = 0;
+      tmpl.views.clear();
+      return;
+    }
+    tmpl.segments.emplace_back(start, begin);
+    start = begin + v.nbytes;
+  }
+  tmpl.segments.emplace_back(start, tmpl.body_end);
+  for (const auto& [begin, end] : tmpl.segments) tmpl.bytes.append(base + begin, end - begin);
+  for (FieldView v : out) {
+    v.name = reinterpret_cast<const char*>(static_cast<uintptr_t>(v.name - base));
+    v.data = reinterpret_cast<const char*>(static_cast<uintptr_t>(v.data - base));
+    tmpl.views.push_back(v);
+  }
+  tmpl.size = size;
+}
+
 }  // namespace torch_lmdb

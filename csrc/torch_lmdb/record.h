@@ -104,6 +104,24 @@ void encode_record(const std::vector<Field>& fields, bool checksum, std::string&
 void parse_record(const void* data, size_t size, bool verify_checksum,
                   const RecordContext& ctx, std::vector<FieldView>& out);
 
+/// The layout of the last record parsed with it: every byte that is not
+/// tensor data or the checksum, and where the names and data sit. A record
+/// whose size and non-data bytes are identical has the same fields, kinds,
+/// dtypes and shapes, so its views follow without parsing.
+struct RecordTemplate {
+  size_t size = 0;
+  size_t body_end = 0;
+  bool has_checksum = false;
+  std::vector<std::pair<size_t, size_t>> segments;  // [begin, end) of non-data bytes
+  std::string bytes;                                // their contents, back to back
+  std::vector<FieldView> views;                     // name/data as offsets from the record start
+};
+
+/// parse_record(), skipping the parse when the record matches `tmpl` (which
+/// is updated otherwise). Same results and errors as parse_record().
+void parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
+                         std::vector<FieldView>& out, RecordTemplate& tmpl);
+
 /// Copies a parsed field into a new tensor (str/bytes: 1-D uint8).
 at::Tensor to_tensor(const FieldView& view);
 

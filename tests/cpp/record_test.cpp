@@ -131,6 +131,43 @@ TEST(Record, ParserRejectsEveryTruncationWithoutCrashing) {
   }
 }
 
+TEST(Record, CachedLayoutParsesLikeTheParserAndStillCatchesCorruption) {
+  auto make = [](int64_t i, int64_t width, const char* label) {
+    std::vector<Field> f{{"index", FieldKind::Tensor, torch::tensor(i)},
+                         {"x", FieldKind::Tensor, torch::arange(width, torch::kFloat) + i},
+                         {"s", FieldKind::Str, torch::tensor({int(label[0]), int(label[1])}, torch::kByte)}};
+    std::string rec;
+    encode_record(f, /*checksum=*/true, rec);
+    return rec;
+  };
+  const std::string path = "mem";
+  RecordContext ctx{&path, 3};
+  RecordTemplate tmpl;
+  std::vector<FieldView> cached, parsed;
+  auto same = [&](const std::string& rec) {
+    parse_record_cached(rec.data(), rec.size(), true, ctx, cached, tmpl);
+    parse_record(rec.data(), rec.size(), true, ctx, parsed);
+    ASSERT_EQ(cached.size(), parsed.size());
+    for (size_t f = 0; f < parsed.size(); ++f) {
+      EXPECT_EQ(cached[f].name, parsed[f].name);
+      EXPECT_EQ(cached[f].data, parsed[f].data);
+      EXPECT_EQ(cached[f].nbytes, parsed[f].nbytes);
+      EXPECT_EQ(cached[f].dtype, parsed[f].dtype);
+      EXPECT_EQ(cached[f].shape(), parsed[f].shape());
+    }
+  };
+  same(make(1, 8, "ab"));          // parsed, layout remembered
+  same(make(2, 8, "cd"));          // same layout, other data: from the template
+  EXPECT_EQ(tmpl.size, make(2, 8, "cd").size());
+  same(make(3, 9, "ab"));          // another shape: parsed again
+  std::string bad = make(4, 9, "ab");
+  bad[bad.size() - 20] ^= 0x01;     // a payload flip: the cached path still verifies the checksum
+  EXPECT_THROW(parse_record_cached(bad.data(), bad.size(), true, ctx, cached, tmpl), CorruptedError);
+  std::string header = make(5, 9, "ab");
+  header[0] ^= 0x01;                // a header flip: no match, the parser rejects it
+  EXPECT_THROW(parse_record_cached(header.data(), header.size(), false, ctx, cached, tmpl), CorruptedError);
+}
+
 TEST(Record, UnsupportedDtypeNamesTheField) {
   std::string rec;
   std::vector<Field> fields{{"q", FieldKind::Tensor, at::empty({2}, at::kComplexHalf)}};
