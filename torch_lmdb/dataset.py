@@ -25,10 +25,12 @@ def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
-# Batch tensors of at least this size travel through recycled slabs (see
-# SlabPool in csrc/python/bindings.cpp); smaller ones through fresh shared memory.
-_SLAB_MIN_BYTES = 64 << 10
-_SLABS_PER_WORKER = 16
+# Batch tensors travel through recycled slabs (see SlabPool in
+# csrc/python/bindings.cpp), small ones too: a fresh shared-memory tensor costs
+# page faults and an fd passed over a socket per batch. When all of a worker's
+# slabs are held by the main process, fresh shared memory takes over.
+_SLAB_MIN_BYTES = 0
+_SLABS_PER_WORKER = 32
 _slab_pool = None  # this worker process's pool: (pid, SlabPool)
 
 

@@ -84,20 +84,30 @@ def test_reader_slots_stay_bounded_over_20_epochs(make_db):
 
 
 class _SharedProbe(torch_lmdb.LMDBDataset):
+    """Reports, from inside the worker, how each tensor field will cross to the
+    main process: through a recycled slab, fresh shared memory, or a copy."""
+
     def __getitem__(self, index):
+        from torch_lmdb.dataset import _SlabTensor
+
         batch = super().__getitem__(index)
-        batch["all_shared"] = torch.tensor(all(v.is_shared() for v in batch.values() if isinstance(v, torch.Tensor)))
+        ways = []
+        for name in ("index", "x"):
+            value = batch[name]
+            ways.append("slab" if isinstance(value, _SlabTensor) else "shared" if value.is_shared() else "copy")
+        batch["ways"] = ways
         return batch
 
 
-def test_worker_batches_are_allocated_in_shared_memory(make_db):
+def test_worker_batches_cross_without_a_copy(make_db):
     path = make_db(64)
     ds = _SharedProbe(path)
     in_process = ds[[0, 1]]
-    assert not in_process["x"].is_shared()
+    assert isinstance(in_process["x"], torch.Tensor) and not in_process["x"].is_shared()
     loader = torch_lmdb.make_loader(ds, batch_size=16, num_workers=1)
-    flags = [bool(b["all_shared"]) for b in loader]
-    assert flags == [True] * 4
+    batches = list(loader)
+    assert [b["ways"] for b in batches] == [["slab", "slab"]] * 4
+    check_every_index_once(batches, 64)
 
 
 def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
