@@ -82,6 +82,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
 }  // namespace
 
 struct Reader::State {
+  static inline std::atomic<uint64_t> next_id{1};
+  const uint64_t id = next_id++;  // names this reader's schema in per-thread caches
   std::vector<std::string> paths;
   ReaderOptions options;
   std::vector<size_t> offsets;           // offsets[i] = first global index of file i; back() = size
@@ -134,25 +136,6 @@ struct Reader::State {
 
 namespace {
 
-// Fetches and parses sample `local` of `env` inside `txn`.
-void fetch(const Env& env, MDB_txn* txn, uint64_t local, bool verify,
-           std::vector<FieldView>& views) {
-  unsigned char kbuf[8];
-  encode_key(local, kbuf);
-  MDB_val k{8, kbuf}, v{0, nullptr};
-  const int rc = mdb_get(txn, env.samples_dbi(), &k, &v);
-  if (rc == MDB_NOTFOUND) {
-    throw CorruptedError("sample index " + std::to_string(local) + " is missing from '" +
-                             env.path() + "' although its metadata counts it; run "
-                             "`torch-lmdb verify`",
-                         rc, env.path());
-  }
-  detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
-  RecordContext ctx{&env.path(), local};
-  thread_local RecordTemplate layout;  // records of a dataset usually share one layout
-  parse_record_cached(v.mv_data, v.mv_size, verify, ctx, views, layout);
-}
-
 void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSchema>& stored,
                   const std::string& path, uint64_t local) {
   bool ok = views.size() == stored.size();
@@ -166,6 +149,34 @@ void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSc
                              " does not match the schema in the metadata (fields: " + got + ")",
                          0, path);
   }
+}
+
+// Fetches and parses sample `local` of `env` inside `txn`, and checks its
+// layout against the reader's schema.
+void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
+           std::vector<FieldView>& views) {
+  unsigned char kbuf[8];
+  encode_key(local, kbuf);
+  MDB_val k{8, kbuf}, v{0, nullptr};
+  const int rc = mdb_get(txn, env.samples_dbi(), &k, &v);
+  if (rc == MDB_NOTFOUND) {
+    throw CorruptedError("sample index " + std::to_string(local) + " is missing from '" +
+                             env.path() + "' although its metadata counts it; run "
+                             "`torch-lmdb verify`",
+                         rc, env.path());
+  }
+  detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
+  RecordContext ctx{&env.path(), local};
+  // Records of a dataset usually share one layout: a record matching the
+  // template needs neither parsing nor a schema check, once the template's
+  // layout has passed the check for this reader.
+  thread_local RecordTemplate layout;
+  thread_local uint64_t layout_checked_for = 0;  // Reader::State::id, 0 = none
+  const bool hit = parse_record_cached(v.mv_data, v.mv_size, s.options.verify, ctx, views, layout);
+  if (hit && layout_checked_for == s.id) return;
+  layout_checked_for = 0;
+  check_layout(views, s.stored, env.path(), local);
+  if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
 }
 
 // Copies a row-major block of shape `src_shape` into a larger row-major
@@ -271,8 +282,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   thread_local std::vector<FieldView> views;
   std::vector<Field> out;
   ReadTxn txn = env.read_txn();
-  fetch(env, txn.get(), loc.second, s.options.verify, views);
-  check_layout(views, s.stored, env.path(), loc.second);
+  fetch(env, txn.get(), loc.second, s, views);
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
@@ -290,8 +300,7 @@ std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
     const auto loc = s.locate(index);
     const Env& env = *envs[loc.first];
     if (txns[loc.first].get() == nullptr) txns[loc.first] = env.read_txn();
-    fetch(env, txns[loc.first].get(), loc.second, s.options.verify, views);
-    check_layout(views, s.stored, env.path(), loc.second);
+    fetch(env, txns[loc.first].get(), loc.second, s, views);
     Sample sample;
     sample.reserve(s.schema.size());
     for (size_t f = 0; f < views.size(); ++f)
@@ -316,8 +325,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
     where[i] = s.locate(indices[i]);
     const Env& env = *envs[where[i].first];
     if (txns[where[i].first].get() == nullptr) txns[where[i].first] = env.read_txn();
-    fetch(env, txns[where[i].first].get(), where[i].second, s.options.verify, views[i]);
-    check_layout(views[i], s.stored, env.path(), where[i].second);
+    fetch(env, txns[where[i].first].get(), where[i].second, s, views[i]);
   }
 
   Batch batch;

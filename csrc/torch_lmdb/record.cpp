@@ -312,7 +312,7 @@ Sample to_sample(std::vector<Field> fields) {
   return s;
 }
 
-void parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
+bool parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
                          std::vector<FieldView>& out, RecordTemplate& tmpl) {
   const char* base = static_cast<const char*>(data);
   if (size == tmpl.size && !tmpl.views.empty()) {
@@ -337,7 +337,7 @@ void parse_record_cached(const void* data, size_t size, bool verify_checksum, co
         out[i].name = base + reinterpret_cast<uintptr_t>(tmpl.views[i].name);
         out[i].data = base + reinterpret_cast<uintptr_t>(tmpl.views[i].data);
       }
-      return;
+      return true;
     }
   }
   parse_record(data, size, verify_checksum, ctx, out);
@@ -355,7 +355,7 @@ void parse_record_cached(const void* data, size_t size, bool verify_checksum, co
     if (v.data == nullptr || begin < start || begin + v.nbytes > tmpl.body_end) {  // unusual: do not cache
       tmpl.size = 0;
       tmpl.views.clear();
-      return;
+      return false;
     }
     tmpl.segments.emplace_back(start, begin);
     start = begin + v.nbytes;
@@ -368,6 +368,7 @@ void parse_record_cached(const void* data, size_t size, bool verify_checksum, co
     tmpl.views.push_back(v);
   }
   tmpl.size = size;
+  return false;
 }
 
 }  // namespace torch_lmdb

@@ -118,8 +118,9 @@ struct RecordTemplate {
 };
 
 /// parse_record(), skipping the parse when the record matches `tmpl` (which
-/// is updated otherwise). Same results and errors as parse_record().
-void parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
+/// is updated otherwise). Same results and errors as parse_record(). Returns
+/// true when the record matched the template.
+bool parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
                          std::vector<FieldView>& out, RecordTemplate& tmpl);
 
 /// Copies a parsed field into a new tensor (str/bytes: 1-D uint8).

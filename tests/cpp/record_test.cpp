@@ -160,6 +160,9 @@ TEST(Record, CachedLayoutParsesLikeTheParserAndStillCatchesCorruption) {
   same(make(2, 8, "cd"));          // same layout, other data: from the template
   EXPECT_EQ(tmpl.size, make(2, 8, "cd").size());
   same(make(3, 9, "ab"));          // another shape: parsed again
+  const std::string r9 = make(6, 9, "xy"), r8 = make(7, 8, "xy");
+  EXPECT_TRUE(parse_record_cached(r9.data(), r9.size(), true, ctx, cached, tmpl));
+  EXPECT_FALSE(parse_record_cached(r8.data(), r8.size(), true, ctx, cached, tmpl));
   std::string bad = make(4, 9, "ab");
   bad[bad.size() - 20] ^= 0x01;     // a payload flip: the cached path still verifies the checksum
   EXPECT_THROW(parse_record_cached(bad.data(), bad.size(), true, ctx, cached, tmpl), CorruptedError);
@@ -239,4 +242,31 @@ TEST(Errors, MissingAndForeignDatabases) {
   ASSERT_EQ(mdb_env_open(env, plain.c_str(), 0, 0644), 0);
   mdb_env_close(env);
   EXPECT_THROW(Reader{plain}, InvalidDatabaseError);
+}
+
+TEST(Corruption, RecordOffTheSchemaIsCaughtEveryTimeDespiteTheLayoutCache) {
+  TempDir tmp;
+  const std::string path = tmp.sub("s.lmdb");
+  torch_lmdb_test::write_dataset(path, 6);
+  // Record 4 re-encoded with a renamed field of the same length: same size,
+  // valid on its own, but not what the schema says.
+  mutate_record(path, 4, [](std::string& v) {
+    Sample s = torch_lmdb_test::make_sample(4);
+    std::vector<Field> f;
+    for (const auto& item : s) f.push_back({item.key() == "x" ? "y" : item.key(), FieldKind::Tensor, item.value()});
+    encode_record(f, true, v);
+  });
+  Reader r(path);
+  for (int round = 0; round < 2; ++round) {
+    EXPECT_NO_THROW(r.get(3));  // a good record first: the cache holds the good layout
+    try {
+      r.get(4);
+      FAIL() << "record 4 read without error";
+    } catch (const CorruptedError& e) {
+      EXPECT_NE(std::string(e.what()).find("does not match the schema"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(r.get(4), CorruptedError);  // again, right after: the cache holds the bad layout now
+    std::vector<size_t> idx{2, 4};
+    EXPECT_THROW(r.read_batch(idx), CorruptedError);
+  }
 }
