@@ -29,7 +29,6 @@ def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
 # csrc/python/bindings.cpp), small ones too: a fresh shared-memory tensor costs
 # page faults and an fd passed over a socket per batch. When all of a worker's
 # slabs are held by the main process, fresh shared memory takes over.
-_SLAB_MIN_BYTES = 0
 _SLABS_PER_WORKER = 32
 _slab_pool = None  # this worker process's pool: (pid, SlabPool)
 
@@ -69,15 +68,12 @@ def _worker_get_batch(reader, idx, pad_all, pad_fields, pad_value):
     used = {}
 
     def allocate(shape, dtype_name):
-        itemsize = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
-        if math.prod(shape) * itemsize >= _SLAB_MIN_BYTES:
-            got = pool.acquire(math.prod(shape) * itemsize)
-            if got is not None:
-                slab, fd, new = got
-                tensor = pool.tensor(slab, list(shape), dtype_name)
-                used[tensor.data_ptr()] = (slab, fd if new else None, list(shape), dtype_name)
-                return tensor
-        return _alloc_shared(shape, dtype_name)
+        got = pool.acquire(list(shape), dtype_name)
+        if got is None:  # every slab is held by the main process
+            return _alloc_shared(shape, dtype_name)
+        slab, fd, new, tensor = got
+        used[tensor.data_ptr()] = (slab, fd if new else None, list(shape), dtype_name)
+        return tensor
 
     try:
         batch = reader.get_batch(idx, pad_all, pad_fields, pad_value, allocate)

@@ -201,6 +201,12 @@ static_assert(std::atomic<uint32_t>::is_always_lock_free, "process-shared flags 
 
 SlabHeader* header_of(char* base) { return reinterpret_cast<SlabHeader*>(base); }
 
+size_t nbytes(at::IntArrayRef shape, at::ScalarType dtype) {
+  size_t bytes = c10::elementSize(dtype);
+  for (int64_t d : shape) bytes *= static_cast<size_t>(d);
+  return bytes;
+}
+
 // Worker side: the slabs of this process.
 class SlabPool {
  public:
@@ -214,9 +220,29 @@ class SlabPool {
     }
   }
 
-  // (slab id, fd, new) of a free slab of at least `bytes`, marked in use; None
-  // when every slab is busy and the pool is full.
-  std::optional<std::tuple<size_t, int, bool>> acquire(size_t bytes) {
+  // A free slab for a tensor of `shape` and `dtype`, marked in use: (slab id,
+  // fd, new slab?, the worker's view of it); None when every slab is busy and
+  // the pool is full.
+  std::optional<std::tuple<size_t, int, bool, at::Tensor>> acquire(std::vector<int64_t> shape,
+                                                                   at::ScalarType dtype) {
+    const auto got = claim(nbytes(shape, dtype));
+    if (!got) return std::nullopt;
+    const auto [id, fd, fresh] = *got;
+    // The worker's view: no ownership, the pool outlives it.
+    at::Tensor view = at::from_blob(slabs_[id].base + kSlabHeader, shape, at::TensorOptions().dtype(dtype));
+    return std::make_tuple(id, fd, fresh, std::move(view));
+  }
+
+  // Gives a slab back unused (the batch failed before it was sent).
+  void release(size_t id) {
+    TORCH_CHECK_INDEX(id < slabs_.size(), "no slab ", id);
+    header_of(slabs_[id].base)->in_use.store(0, std::memory_order_release);
+  }
+
+  size_t size() const { return slabs_.size(); }
+
+ private:
+  std::optional<std::tuple<size_t, int, bool>> claim(size_t bytes) {
     for (size_t i = 0; i < slabs_.size(); ++i) {
       Slab& s = slabs_[i];
       if (s.capacity < bytes || s.capacity > 2 * bytes + (size_t{1} << 20)) continue;
@@ -243,21 +269,6 @@ class SlabPool {
     return std::make_tuple(slabs_.size() - 1, fd, true);
   }
 
-  // The worker's view of slab `id` (no ownership: the pool outlives it).
-  at::Tensor tensor(size_t id, std::vector<int64_t> shape, at::ScalarType dtype) {
-    TORCH_CHECK_INDEX(id < slabs_.size(), "no slab ", id);
-    return at::from_blob(slabs_[id].base + kSlabHeader, shape, at::TensorOptions().dtype(dtype));
-  }
-
-  // Gives a slab back unused (the batch failed before it was sent).
-  void release(size_t id) {
-    TORCH_CHECK_INDEX(id < slabs_.size(), "no slab ", id);
-    header_of(slabs_[id].base)->in_use.store(0, std::memory_order_release);
-  }
-
-  size_t size() const { return slabs_.size(); }
-
- private:
   struct Slab {
     int fd;
     char* base;
@@ -312,9 +323,7 @@ class SlabRegistry {
       TORCH_CHECK(it != maps_.end(), "torch_lmdb: batch buffer ", id, " of worker ", pid, " was never received");
       mapping = it->second;
     }
-    size_t bytes = c10::elementSize(dtype);
-    for (int64_t d : shape) bytes *= static_cast<size_t>(d);
-    TORCH_CHECK(kSlabHeader + bytes <= mapping->length, "torch_lmdb: batch larger than its buffer");
+    TORCH_CHECK(kSlabHeader + nbytes(shape, dtype) <= mapping->length, "torch_lmdb: batch larger than its buffer");
     char* base = mapping->base;
     return at::from_blob(
         base + kSlabHeader, shape,
@@ -423,10 +432,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<SlabPool>(m, "SlabPool")
       .def(py::init<size_t>(), py::arg("max_slabs"))
-      .def("acquire", &SlabPool::acquire, py::arg("nbytes"))
-      .def("tensor", [](SlabPool& p, size_t id, std::vector<int64_t> shape, const std::string& dtype) {
-        return p.tensor(id, std::move(shape), dtype_from_name(dtype));
-      })
+      .def("acquire", [](SlabPool& p, std::vector<int64_t> shape, const std::string& dtype) {
+        return p.acquire(std::move(shape), dtype_from_name(dtype));
+      }, py::arg("shape"), py::arg("dtype"))
       .def("release", &SlabPool::release)
       .def("__len__", &SlabPool::size);
   m.def("slab_attach", [](int64_t pid, size_t id, int fd) { SlabRegistry::instance().attach(pid, id, fd); });
