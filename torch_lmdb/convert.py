@@ -110,6 +110,10 @@ class _ArraySource:
         # A multiple of the largest chunk, about BLOCK_BYTES per block.
         self.block = max(base, base * max(1, BLOCK_BYTES // (row_bytes * base)))
 
+    @staticmethod
+    def _chunk_rows(array) -> int:
+        return int(array.chunks[0]) if array.chunks else 1024
+
     def _row_bytes(self, array) -> int:
         if array.dtype == object:
             return 256
@@ -181,10 +185,6 @@ class ZarrSource(_ArraySource):
         visit(root, "")
         return arrays, attrs
 
-    def _chunk_rows(self, array) -> int:
-        return int(array.chunks[0]) if array.chunks else 1024
-
-
 class HDF5Source(_ArraySource):
     format = "hdf5"
 
@@ -207,10 +207,6 @@ class HDF5Source(_ArraySource):
             attrs["/"] = _plain({k: self._file.attrs[k] for k in self._file.attrs})
         self._file.visititems(visit)
         return arrays, attrs
-
-    def _chunk_rows(self, array) -> int:
-        return int(array.chunks[0]) if array.chunks else 1024
-
 
 class _HDF5Array:
     """An h5py dataset with variable-length and string types as numpy objects."""
@@ -267,7 +263,8 @@ class PickleLMDBSource:
         self.block = 1024
         if not keys:
             raise ConversionError(f"'{path}' holds no samples")
-        first = self._load(0)
+        with self._env.begin() as txn:
+            first = self._load(txn, 0)
         self.fields = {name: self._describe(v) for name, v in first.items()}
 
     @staticmethod
@@ -276,13 +273,11 @@ class PickleLMDBSource:
             return {"dtype": str(value.dtype), "shape": list(value.shape)}
         return {"dtype": type(value).__name__, "shape": []}
 
-    def _load(self, i: int) -> Dict[str, Any]:
+    def _load(self, txn, i: int) -> Dict[str, Any]:
         import pickle
 
-        with self._env.begin(buffers=False) as txn:
-            raw = txn.get(self._keys[i])
         try:
-            value = pickle.loads(raw)
+            value = pickle.loads(txn.get(self._keys[i]))
         except Exception as e:
             raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) does not unpickle: {e}") from None
         if not isinstance(value, dict):
@@ -292,12 +287,13 @@ class PickleLMDBSource:
 
     def read(self, start: int, stop: int, fields: Sequence[str]) -> Dict[str, List[Any]]:
         out: Dict[str, List[Any]] = {name: [] for name in fields}
-        for i in range(start, stop):
-            sample = self._load(i)
-            for name in fields:
-                if name not in sample:
-                    raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) has no field {name!r}")
-                out[name].append(_to_sample_value(name, sample[name]))
+        with self._env.begin() as txn:  # one read transaction per block
+            for i in range(start, stop):
+                sample = self._load(txn, i)
+                for name in fields:
+                    if name not in sample:
+                        raise ConversionError(f"'{self.path}': key {self._keys[i]!r} (index {i}) has no field {name!r}")
+                    out[name].append(_to_sample_value(name, sample[name]))
         return out
 
     @property
@@ -323,6 +319,23 @@ def output_paths(output: str, shards: int) -> List[str]:
         return [output]
     stem, ext = os.path.splitext(output)
     return [f"{stem}-{k:05d}-of-{shards:05d}{ext or '.lmdb'}" for k in range(shards)]
+
+
+def _blocks(source, start: int, stop: int):
+    """Chunk-aligned [begin, end) ranges covering [start, stop)."""
+    position = start
+    while position < stop:
+        end = min(stop, (position // source.block + 1) * source.block)
+        yield position, end
+        position = end
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc=desc, file=sys.stderr, smoothing=0.1)
 
 
 def _raise_interrupted(signum, frame):
@@ -378,9 +391,7 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
     try:
         if done:
             writer.set_user_metadata(user)
-        position = start + done
-        while position < stop:
-            end = min(stop, (position // source.block + 1) * source.block)  # chunk-aligned
+        for position, end in _blocks(source, start + done, stop):
             columns = source.read(position, end, fields)
             for i in range(end - position):
                 writer.write({name: columns[name][i] for name in fields})
@@ -390,7 +401,6 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
                     counter.value += end - position
             elif job.get("progress") is not None:
                 job["progress"].update(end - position)
-            position = end
     except BaseException:
         writer.abandon()  # commits what was written; the database stays marked incomplete
         raise
@@ -418,9 +428,9 @@ def verify_against_source(source, paths: List[str], ranges: List[Tuple[int, int]
         if len(ds) != stop - start:
             problems.append(f"{path}: {len(ds)} samples, expected {stop - start}")
             continue
-        position = start
-        while position < stop and len(problems) < max_errors:
-            end = min(stop, (position // source.block + 1) * source.block)
+        for position, end in _blocks(source, start, stop):
+            if len(problems) >= max_errors:
+                break
             columns = source.read(position, end, fields)
             for i in range(end - position):
                 got = ds[position - start + i]
@@ -430,7 +440,6 @@ def verify_against_source(source, paths: List[str], ranges: List[Tuple[int, int]
                                         f"field {name!r} differs from the source")
             if progress is not None:
                 progress.update(end - position)
-            position = end
     return problems
 
 
@@ -458,12 +467,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, start=a, stop=b, output=p,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp)
             for p, (a, b) in zip(paths, ranges)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="sample", desc=f"converting {os.path.basename(source_path.rstrip('/'))}",
-                   file=sys.stderr, smoothing=0.1)
+    bar = _bar(progress, n, f"converting {os.path.basename(source_path.rstrip('/'))}")
     t0 = time.perf_counter()
     try:
         if shards == 1:
@@ -485,11 +489,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     log(f"converted {n} samples in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} samples/s, "
         f"{size / max(seconds, 1e-9) / 1e6:,.1f} MB/s written)", file=sys.stderr)
     if verify:
-        vbar = None
-        if progress:
-            from tqdm import tqdm
-
-            vbar = tqdm(total=n, unit="sample", desc="verifying", file=sys.stderr)
+        vbar = _bar(progress, n, "verifying")
         problems = verify_against_source(source, paths, ranges, names, vbar)
         if vbar is not None:
             vbar.close()
