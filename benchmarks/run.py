@@ -387,40 +387,44 @@ def native(binary, path, mode, threads, batch, order, budget, pad):
 
 
 # ---- report -------------------------------------------------------------------
+def _warm(profile, system):
+    return (profile, "shuffled", "warm", system)
+
+
 TARGETS = [
-    # (label, numerator (profile, order, cache, system), denominator, target ratio)
+    # (label, numerator (profile, order, cache, system[, field]), denominator, target ratio)
     ("Python `get_batch` in process, shuffled, batch 256 / memcpy ceiling",
-     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("medium", "shuffled", "warm", f"{MEMCPY}, 0 threads"), 0.5),
+     _warm("medium", "torch_lmdb get_batch in process"),
+     _warm("medium", f"{MEMCPY}, 0 threads"), 0.5),
     ("Python `get_batch` in process, shuffled, batch 256 / py-lmdb + pickle num_workers=0",
-     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 4.0),
+     _warm("medium", "torch_lmdb get_batch in process"),
+     _warm("medium", "py-lmdb + pickle DataLoader, num_workers=0"), 4.0),
     ("tiny: `get_batch` in process / py-lmdb + pickle num_workers=0",
-     ("tiny", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("tiny", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 8.0),
+     _warm("tiny", "torch_lmdb get_batch in process"),
+     _warm("tiny", "py-lmdb + pickle DataLoader, num_workers=0"), 8.0),
     ("`ds[i]` drop-in, DataLoader num_workers=0 / py-lmdb + pickle num_workers=0",
-     ("medium", "shuffled", "warm", "torch_lmdb ds[i] DataLoader, num_workers=0"),
-     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=0"), 1.5),
+     _warm("medium", "torch_lmdb ds[i] DataLoader, num_workers=0"),
+     _warm("medium", "py-lmdb + pickle DataLoader, num_workers=0"), 1.5),
     ("`make_loader` num_workers=2 / py-lmdb + pickle num_workers=2",
-     ("medium", "shuffled", "warm", "torch_lmdb make_loader, num_workers=2"),
-     ("medium", "shuffled", "warm", "py-lmdb + pickle DataLoader, num_workers=2"), 5.0),
+     _warm("medium", "torch_lmdb make_loader, num_workers=2"),
+     _warm("medium", "py-lmdb + pickle DataLoader, num_workers=2"), 5.0),
     ("native C++ DataLoader `get_batch`, 2 threads, batch 256 / raw liblmdb get+copy, 2 threads",
-     ("medium", "shuffled", "warm", "C++ get_batch (StackedDataset), 2 threads"),
-     ("medium", "shuffled", "warm", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
+     _warm("medium", "C++ get_batch (StackedDataset), 2 threads"),
+     _warm("medium", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
     ("tiny: C++ `get_batch`, 2 threads / raw liblmdb random gets, 2 threads",
-     ("tiny", "shuffled", "warm", "C++ get_batch (StackedDataset), 2 threads"),
-     ("tiny", "shuffled", "warm", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
+     _warm("tiny", "C++ get_batch (StackedDataset), 2 threads"),
+     _warm("tiny", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
     ("large: `get_batch` in process / memcpy ceiling",
-     ("large", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("large", "shuffled", "warm", f"{MEMCPY}, 0 threads"), 0.6),
+     _warm("large", "torch_lmdb get_batch in process"),
+     _warm("large", f"{MEMCPY}, 0 threads"), 0.6),
     ("writer, medium: torch_lmdb / py-lmdb + pickle (samples/s)",
      ("medium", "write", "-", "torch_lmdb write_many"), ("medium", "write", "-", "py-lmdb + pickle"), 2.0),
     ("writer, medium: database size, py-lmdb + pickle / torch_lmdb (>= 1: no larger)",
      ("medium", "write", "-", "py-lmdb + pickle", "db_mib"), ("medium", "write", "-", "torch_lmdb write_many", "db_mib"),
      1.0),
     ("vs Zarr, shuffled medium: `get_batch` in process / zarr Dataset",
-     ("medium", "shuffled", "warm", "torch_lmdb get_batch in process"),
-     ("medium", "shuffled", "warm", "zarr Dataset, num_workers=0"), 100.0),
+     _warm("medium", "torch_lmdb get_batch in process"),
+     _warm("medium", "zarr Dataset, num_workers=0"), 100.0),
 ]
 
 

@@ -59,6 +59,34 @@ struct Measure {
   double samples = 0, bytes = 0, wall = 0, cpu = 0;
 };
 
+// Runs `body(worker, workers, order, &samples, &bytes)` on T threads (0 = the
+// calling thread), one sample order per epoch, until a.seconds have passed.
+template <typename Body>
+Measure run_epochs(const Args& a, size_t n, Body body) {
+  const size_t workers = std::max<size_t>(1, a.threads);
+  Measure m;
+  unsigned epoch = 0;
+  const double cpu0 = cpu_seconds();
+  auto t0 = std::chrono::steady_clock::now();
+  do {
+    const auto idx = order(n, a.order, epoch++);
+    std::vector<size_t> done(workers, 0);
+    std::vector<double> bytes(workers, 0);
+    if (a.threads == 0) {
+      body(0, workers, idx, &done[0], &bytes[0]);
+    } else {
+      std::vector<std::thread> pool;
+      for (size_t w = 0; w < workers; ++w)
+        pool.emplace_back([&, w] { body(w, workers, idx, &done[w], &bytes[w]); });
+      for (auto& t : pool) t.join();
+    }
+    for (size_t w = 0; w < workers; ++w) m.samples += done[w], m.bytes += bytes[w];
+    m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (m.wall < a.seconds);
+  m.cpu = cpu_seconds() - cpu0;
+  return m;
+}
+
 // liblmdb alone: the floor of any reader of this file.
 Measure run_raw(const Args& a) {
   MDB_env* env = nullptr;
@@ -74,8 +102,7 @@ Measure run_raw(const Args& a) {
   check(mdb_stat(txn, dbi, &st), "mdb_stat");
   check(mdb_txn_commit(txn), "mdb_txn_commit");  // keeps the dbi handle (an abort would discard it)
   const size_t n = st.ms_entries;
-  const size_t workers = std::max<size_t>(1, a.threads);
-  auto body = [&](size_t w, size_t* done, double* bytes, const std::vector<size_t>& idx) {
+  auto body = [&](size_t w, size_t workers, const std::vector<size_t>& idx, size_t* done, double* bytes) {
     MDB_txn* t = nullptr;
     check(mdb_txn_begin(env, nullptr, MDB_RDONLY, &t), "mdb_txn_begin");
     mdb_txn_reset(t);
@@ -102,37 +129,19 @@ Measure run_raw(const Args& a) {
         if (offset + value.mv_size > storage.size() - 8192) offset = 0;  // a sink: overwrite when full
         std::memcpy(buffer + offset, value.mv_data, value.mv_size);
         offset += value.mv_size;
+        *bytes += value.mv_size;
       }
       mdb_txn_reset(t);
       *done += stop - start;
-      *bytes += offset;
     }
     mdb_txn_abort(t);
   };
-  Measure m;
-  unsigned epoch = 0;
   {  // warm-up epoch, as the loaders get: maps the file's pages into this process
     size_t d = 0;
     double b = 0;
-    body(0, &d, &b, order(n, "sequential", 0));
+    body(0, 1, order(n, "sequential", 0), &d, &b);
   }
-  const double cpu0 = cpu_seconds();
-  auto t0 = std::chrono::steady_clock::now();
-  do {
-    auto idx = order(n, a.order, epoch++);
-    std::vector<size_t> done(workers, 0);
-    std::vector<double> bytes(workers, 0);
-    if (a.threads == 0) {
-      body(0, &done[0], &bytes[0], idx);
-    } else {
-      std::vector<std::thread> pool;
-      for (size_t w = 0; w < workers; ++w) pool.emplace_back(body, w, &done[w], &bytes[w], std::cref(idx));
-      for (auto& t : pool) t.join();
-    }
-    for (size_t w = 0; w < workers; ++w) m.samples += done[w], m.bytes += bytes[w];
-    m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } while (m.wall < a.seconds);
-  m.cpu = cpu_seconds() - cpu0;
+  const Measure m = run_epochs(a, n, body);
   mdb_env_close(env);
   return m;
 }
@@ -153,35 +162,17 @@ Measure run_memcpy(const Args& a) {
   }
   const size_t n = reader.size();
   std::vector<char> source(n * row + 4096, 1);
-  const size_t workers = std::max<size_t>(1, a.threads);
-  auto body = [&](size_t w, size_t* done, const std::vector<size_t>& idx) {
+  auto body = [&](size_t w, size_t workers, const std::vector<size_t>& idx, size_t* done, double* bytes) {
     std::vector<char> storage(a.batch * row + 8192, 0);
     char* dst = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(storage.data()) + 4095) / 4096 * 4096 + 2048);
     for (size_t start = w * a.batch; start < idx.size(); start += workers * a.batch) {
       const size_t stop = std::min(idx.size(), start + a.batch);
       for (size_t i = start; i < stop; ++i) std::memcpy(dst + (i - start) * row, source.data() + idx[i] * row, row);
       *done += stop - start;
+      *bytes += (stop - start) * row;
     }
   };
-  Measure m;
-  unsigned epoch = 0;
-  const double cpu0 = cpu_seconds();
-  auto t0 = std::chrono::steady_clock::now();
-  do {
-    auto idx = order(n, a.order, epoch++);
-    std::vector<size_t> done(workers, 0);
-    if (a.threads == 0) {
-      body(0, &done[0], idx);
-    } else {
-      std::vector<std::thread> pool;
-      for (size_t w = 0; w < workers; ++w) pool.emplace_back(body, w, &done[w], std::cref(idx));
-      for (auto& t : pool) t.join();
-    }
-    for (size_t w = 0; w < workers; ++w) m.samples += done[w], m.bytes += done[w] * row;
-    m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } while (m.wall < a.seconds);
-  m.cpu = cpu_seconds() - cpu0;
-  return m;
+  return run_epochs(a, n, body);
 }
 
 template <typename Loader, typename Count>

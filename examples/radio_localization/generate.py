@@ -31,6 +31,11 @@ def block_sizes(n: int, block: int):
     return [min(block, n - s) for s in range(0, n, block)]
 
 
+def split_block_sizes(cfg, split):
+    key = next(k for s, _, k in SPLITS if s == split)
+    return block_sizes(int(cfg[key]), cfg["block"])
+
+
 def _sim(cfg, split_id, b, size):
     return simulate_block(cfg["seed"], split_id, b, size, cfg["num_bs"], cfg["num_taps"], cfg["area"])
 
@@ -41,7 +46,7 @@ def write_lmdb_shard(cfg, split, split_id, path, blocks, counter):
     user = {"generator": "examples/radio_localization/generate.py", "split": split,
             "config": {k: v for k, v in cfg.items() if k != "progress"},
             "bs_positions": bs_positions(cfg["num_bs"], cfg["area"]).tolist()}
-    sizes = block_sizes(cfg[dict((s, k) for s, _, k in SPLITS)[split]], cfg["block"])
+    sizes = split_block_sizes(cfg, split)
     with torch_lmdb.LMDBWriter(path, map_size=cfg.get("lmdb_map_size"), user_metadata=user) as writer:
         for b in range(*blocks):
             for sample in _sim(cfg, split_id, b, sizes[b]):
@@ -54,7 +59,7 @@ def write_zarr_blocks(cfg, split, split_id, path, blocks, counter):
     import zarr
 
     root = zarr.open_group(path, mode="r+")
-    sizes = block_sizes(cfg[dict((s, k) for s, _, k in SPLITS)[split]], cfg["block"])
+    sizes = split_block_sizes(cfg, split)
     for b in range(*blocks):
         samples = _sim(cfg, split_id, b, sizes[b])
         start = b * cfg["block"]
