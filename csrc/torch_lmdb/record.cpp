@@ -28,20 +28,20 @@ bool host_is_little_endian() {
 // A streambuf appending to a std::string (cereal writes through std::ostream).
 class StringSink : public std::streambuf {
  public:
-  explicit StringSink(std::string& s) : s_(s) {}
+  void target(std::string* s) noexcept { s_ = s; }
 
  protected:
   std::streamsize xsputn(const char* p, std::streamsize n) override {
-    s_.append(p, static_cast<size_t>(n));
+    s_->append(p, static_cast<size_t>(n));
     return n;
   }
   int_type overflow(int_type c) override {
-    if (c != traits_type::eof()) s_.push_back(static_cast<char>(c));
+    if (c != traits_type::eof()) s_->push_back(static_cast<char>(c));
     return c;
   }
 
  private:
-  std::string& s_;
+  std::string* s_ = nullptr;
 };
 
 // A zero-copy streambuf over a buffer: cereal reads the header fields from
@@ -136,12 +136,23 @@ FieldKind kind_from_name(const std::string& name) {
 }
 
 void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
-  TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
   out.clear();
-  StringSink sink(out);
-  std::ostream os(&sink);
-  {
-    cereal::BinaryOutputArchive ar(os);
+  append_record(fields, checksum, out);
+}
+
+size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
+  TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
+  const size_t start = out.size();
+  // One sink + ostream per thread, pointed at each output in turn: building a
+  // std::ostream (locale, facets) per record costs more than a small record.
+  struct Encoder {
+    StringSink sink;
+    std::ostream os{&sink};
+  };
+  thread_local Encoder enc;
+  enc.sink.target(&out);
+  try {
+    cereal::BinaryOutputArchive ar(enc.os);
     const uint32_t magic = kRecordMagic;
     const uint16_t version = kFormatVersion;
     const uint16_t flags = checksum ? 1 : 0;
@@ -178,11 +189,18 @@ void encode_record(const std::vector<Field>& fields, bool checksum, std::string&
       ar(nbytes);
       if (nbytes > 0) ar(cereal::binary_data(t.data_ptr(), nbytes));
     }
+  } catch (...) {
+    out.resize(start);  // never leave half a record behind
+    enc.sink.target(nullptr);
+    enc.os.clear();  // a failed append (bad_alloc) sets badbit on the reused stream
+    throw;
   }
+  enc.sink.target(nullptr);
   if (checksum) {
-    const uint64_t h = XXH3_64bits(out.data(), out.size());
+    const uint64_t h = XXH3_64bits(out.data() + start, out.size() - start);
     out.append(reinterpret_cast<const char*>(&h), sizeof(h));
   }
+  return out.size() - start;
 }
 
 void parse_record(const void* data, size_t size, bool verify_checksum,

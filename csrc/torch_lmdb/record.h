@@ -98,6 +98,9 @@ FieldKind kind_from_name(const std::string& name);
 /// non-contiguous tensors are written contiguous. Throws TypeError/ValueError
 /// naming the field for unsupported dtypes, devices or too many dims.
 void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out);
+/// Same record, appended to `out` (whose capacity is reused); returns the
+/// record's size. On an exception `out` is left as it was.
+size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out);
 
 /// Parses and validates a record; `out` is resized to the field count.
 /// `verify_checksum` also checks the xxh3 (when the record carries one).

@@ -7,6 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
 #include <cerrno>
 #include <cstring>
 
@@ -23,6 +26,8 @@ namespace {
 // before it is committed (and caps 4096 x 16 KiB exactly).
 constexpr size_t kDefaultCommitEvery = 4096;
 constexpr size_t kDefaultCommitBytes = size_t{64} << 20;
+// The batch buffer is reserved up front up to this size (then grows).
+constexpr size_t kMaxReserve = size_t{256} << 20;
 
 #define TORCH_LMDB_STR_(x) #x
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
@@ -30,23 +35,55 @@ constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TO
     TORCH_VERSION_MINOR) "." TORCH_LMDB_STR(TORCH_VERSION_PATCH);
 }  // namespace
 
+// Encoded records waiting for their transaction: one buffer (capacity kept
+// from batch to batch, so steady-state writes touch no fresh pages) and the
+// end offset of each record.
+struct Batch {
+  std::string bytes;
+  std::vector<size_t> ends;
+  size_t first = 0;           // index of the first record
+  bool complete = false;      // mark the database complete in this commit
+  detail::Json schema, user;  // metadata committed with these samples
+  size_t size() const noexcept { return ends.size(); }
+  void clear() noexcept {
+    bytes.clear();
+    ends.clear();
+  }
+};
+
 struct Writer::Impl {
   std::string path;
   WriterOptions options;
   std::shared_ptr<Env> env;
   uint64_t generation = 0;
   int lock_fd = -1;
-  size_t committed = 0;
-  std::vector<std::string> pending;
-  size_t pending_bytes = 0;
+  std::atomic<size_t> committed{0};
+  // Double buffering: the caller's thread encodes into `pending` while a
+  // committer thread writes `inflight` (mdb_put copies, write(2) and the
+  // fdatasync of the commit overlap the encoding of the next batch). The
+  // committer is a thread per batch, joined before the next one starts: a
+  // transaction is begun and committed on one thread (lmdb.h: a write txn
+  // belongs to its thread) and no thread outlives its batch.
+  Batch pending, inflight;
+  std::unique_ptr<std::thread> committer;
+  std::exception_ptr failure;       // a failed commit: sticky (see writer.h)
+  std::atomic<bool> failed{false};  // set by the committer after `failure`
   std::vector<FieldSchema> schema;
   detail::Json user = detail::Json::object();
   bool meta_dirty = false;
   bool closed = false;
-  std::string scratch;
   std::vector<Field> ordered;
 
   ~Impl() {
+    if (committer) {
+      // In a forked child the handle names a thread of the parent: never
+      // join or destroy it there.
+      if (fork_generation() == generation) {
+        committer->join();
+      } else {
+        (void)committer.release();
+      }
+    }
     if (lock_fd >= 0) ::close(lock_fd);  // releases the flock
   }
 
@@ -56,11 +93,14 @@ struct Writer::Impl {
     TORCH_CHECK(!closed, "the Writer of '", path, "' is closed");
   }
 
-  void put_common_meta(MDB_txn* txn, bool complete) {
-    detail::put_meta(*env, txn, "num_samples", committed + pending.size());
-    detail::put_meta(*env, txn, "schema", detail::schema_to_json(schema));
+  size_t size() const noexcept { return pending.first + pending.size(); }
+
+  void put_common_meta(MDB_txn* txn, size_t num_samples, const detail::Json& schema_json,
+                       const detail::Json& user_json, bool complete) {
+    detail::put_meta(*env, txn, "num_samples", num_samples);
+    detail::put_meta(*env, txn, "schema", schema_json);
     detail::put_meta(*env, txn, "complete", complete);
-    detail::put_meta(*env, txn, "user", user);
+    detail::put_meta(*env, txn, "user", user_json);
   }
 
   void grow(size_t needed) {
@@ -69,32 +109,63 @@ struct Writer::Impl {
     env->set_map_size(target);
   }
 
-  // Commits pending samples (and metadata) in one transaction; on
-  // MDB_MAP_FULL grows the map and replays the whole batch.
-  void commit(bool complete) {
+  // Writes a batch (and its metadata) in one transaction; on MDB_MAP_FULL
+  // grows the map and replays the whole batch. Runs on the committer thread.
+  void write_batch(const Batch& b) {
     for (;;) {
       try {
         WriteTxn txn(*env);
         unsigned char kbuf[8];
-        for (size_t i = 0; i < pending.size(); ++i) {
-          encode_key(committed + i, kbuf);
+        size_t start = 0;
+        for (size_t i = 0; i < b.size(); ++i) {
+          encode_key(b.first + i, kbuf);
           MDB_val k{8, kbuf};
-          MDB_val v{pending[i].size(), const_cast<char*>(pending[i].data())};
+          MDB_val v{b.ends[i] - start, const_cast<char*>(b.bytes.data() + start)};
           detail::check_mdb(mdb_put(txn.get(), env->samples_dbi(), &k, &v, MDB_APPEND), "mdb_put",
-                            path, "index " + std::to_string(committed + i));
+                            path, "index " + std::to_string(b.first + i));
+          start = b.ends[i];
         }
-        put_common_meta(txn.get(), complete);
+        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete);
         txn.commit();
         break;
       } catch (const MapFullError&) {
         if (!options.auto_grow) throw;
-        grow(pending_bytes + (size_t{1} << 20));
+        grow(b.bytes.size() + (size_t{1} << 20));
       }
     }
-    committed += pending.size();
+    committed.store(b.first + b.size(), std::memory_order_release);
+  }
+
+  // Waits for the batch in flight; rethrows its failure (and keeps
+  // rethrowing it: the writer is unusable after a failed commit).
+  void wait() {
+    if (committer) {
+      committer->join();
+      committer.reset();
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  // Hands the pending samples (and the metadata) to a committer thread;
+  // with `sync`, waits for the commit.
+  void commit(bool complete, bool sync) {
+    wait();
+    pending.complete = complete;
+    pending.schema = detail::schema_to_json(schema);
+    pending.user = user;
+    std::swap(pending, inflight);
     pending.clear();
-    pending_bytes = 0;
+    pending.first = inflight.first + inflight.size();
     meta_dirty = false;
+    committer = std::make_unique<std::thread>([this] {
+      try {
+        write_batch(inflight);
+      } catch (...) {
+        failure = std::current_exception();
+        failed.store(true, std::memory_order_release);
+      }
+    });
+    if (sync) wait();
   }
 
   // Orders `fields` like the schema (fixing the schema on the first sample).
@@ -208,13 +279,15 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
                                      ", this torch_lmdb writes version " + std::to_string(kFormatVersion),
                                  0, path);
-    w.committed = meta.value("num_samples", size_t{0});
-    if (w.committed != existing_samples)
-      throw CorruptedError("'" + path + "' counts " + std::to_string(w.committed) + " samples but holds " +
+    const size_t counted = meta.value("num_samples", size_t{0});
+    if (counted != existing_samples)
+      throw CorruptedError("'" + path + "' counts " + std::to_string(counted) + " samples but holds " +
                                std::to_string(existing_samples) + "; run `torch-lmdb verify`",
                            0, path);
     w.schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
     w.user = meta.value("user", detail::Json::object());
+    w.committed = counted;
+    w.pending.first = counted;
   }
   if (!w.options.user_json.empty()) set_user_metadata(w.options.user_json);
 
@@ -230,7 +303,7 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
         detail::put_meta(*w.env, txn.get(), "created_with",
                          detail::Json{{"torch_lmdb", TORCH_LMDB_VERSION}, {"torch", kTorchVersion}});
       }
-      w.put_common_meta(txn.get(), false);
+      w.put_common_meta(txn.get(), w.committed, detail::schema_to_json(w.schema), w.user, false);
       txn.commit();
       break;
     } catch (const MapFullError&) {
@@ -244,8 +317,10 @@ Writer::~Writer() {
   if (!impl_ || impl_->closed) return;
   try {
     // Keep what was written, but do not claim completeness (close() does).
-    if (fork_generation() == impl_->generation && (!impl_->pending.empty() || impl_->meta_dirty))
-      impl_->commit(false);
+    if (fork_generation() == impl_->generation) {
+      impl_->wait();
+      if (impl_->pending.size() > 0 || impl_->meta_dirty) impl_->commit(false, /*sync=*/true);
+    }
   } catch (...) {
     // Destructors never throw; the committed prefix stays consistent.
   }
@@ -257,18 +332,20 @@ Writer& Writer::operator=(Writer&&) noexcept = default;
 size_t Writer::write(const std::vector<Field>& fields) {
   Impl& w = *impl_;
   w.check_process();
-  const size_t index = w.committed + w.pending.size();
+  if (w.failed.load(std::memory_order_acquire)) w.wait();  // rethrows the commit's error
+  const size_t index = w.size();
   const std::vector<Field>& ordered = w.conform(fields, index);
+  Batch& b = w.pending;
+  if (b.bytes.capacity() == 0) b.bytes.reserve(std::min(w.options.commit_bytes, kMaxReserve) + 4096);
   try {
-    encode_record(ordered, w.options.checksum, w.scratch);
+    append_record(ordered, w.options.checksum, b.bytes);
   } catch (c10::Error& e) {
     e.add_context("while writing sample " + std::to_string(index) + " to '" + w.path + "'");
     throw;
   }
-  w.pending_bytes += w.scratch.size();
-  w.pending.push_back(std::move(w.scratch));
-  w.scratch = std::string();
-  if (w.pending.size() >= w.options.commit_every || w.pending_bytes >= w.options.commit_bytes) w.commit(false);
+  b.ends.push_back(b.bytes.size());
+  if (b.size() >= w.options.commit_every || b.bytes.size() >= w.options.commit_bytes)
+    w.commit(false, /*sync=*/false);
   return index;
 }
 
@@ -281,14 +358,15 @@ size_t Writer::write(const Sample& sample) {
 
 void Writer::flush() {
   impl_->check_process();
-  if (!impl_->pending.empty() || impl_->meta_dirty) impl_->commit(false);
+  impl_->wait();
+  if (impl_->pending.size() > 0 || impl_->meta_dirty) impl_->commit(false, /*sync=*/true);
 }
 
 void Writer::close() {
   Impl& w = *impl_;
   if (w.closed) return;
   w.check_process();
-  w.commit(true);
+  w.commit(true, /*sync=*/true);
   w.env->sync();
   w.closed = true;
   if (w.lock_fd >= 0) {
@@ -306,8 +384,8 @@ void Writer::set_user_metadata(const std::string& json_object) {
   impl_->meta_dirty = true;
 }
 
-size_t Writer::size() const { return impl_->committed + impl_->pending.size(); }
-size_t Writer::committed() const { return impl_->committed; }
+size_t Writer::size() const { return impl_->size(); }
+size_t Writer::committed() const { return impl_->committed.load(std::memory_order_acquire); }
 size_t Writer::map_size() const { return impl_->env ? impl_->env->map_size() : 0; }
 const std::string& Writer::path() const { return impl_->path; }
 bool Writer::closed() const { return impl_->closed; }
