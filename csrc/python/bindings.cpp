@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -134,9 +135,171 @@ struct PyReader {
   }
 };
 
+// ---- samples from Python to Fields, without Python-level work -----------
+// The common values of a sample (torch tensors, C-contiguous native numpy
+// arrays and scalars, bool/int/float, str, bytes) become Fields here, viewing
+// the Python objects' memory (the writer copies it before write() returns).
+// Anything else goes through the Python converter (torch_lmdb.writer._field),
+// which defines the behaviour and the error messages for every other type.
+
+// numpy's ndarray type and the scalar types with a torch dtype, looked up
+// once (none without numpy). Other numpy scalars (datetime64, bytes_, ...)
+// export their raw bytes as a buffer, so only these are read as buffers.
+struct NumpyTypes {
+  PyTypeObject* ndarray = nullptr;
+  std::vector<PyTypeObject*> scalars;
+  static const NumpyTypes& get() {
+    static const NumpyTypes types = [] {
+      NumpyTypes t;
+      PyObject* np = PyImport_ImportModule("numpy");
+      if (np == nullptr) {
+        PyErr_Clear();
+        return t;
+      }
+      auto type = [np](const char* name) {
+        PyObject* o = PyObject_GetAttrString(np, name);  // a new reference, kept for the process
+        if (o == nullptr || !PyType_Check(o)) {
+          PyErr_Clear();
+          return static_cast<PyTypeObject*>(nullptr);
+        }
+        return reinterpret_cast<PyTypeObject*>(o);
+      };
+      t.ndarray = type("ndarray");
+      for (const char* name : {"bool_", "int8", "uint8", "int16", "int32", "int64", "float16", "float32",
+                               "float64", "complex64", "complex128"})
+        if (PyTypeObject* s = type(name)) t.scalars.push_back(s);
+      Py_DECREF(np);
+      return t;
+    }();
+    return types;
+  }
+  bool is_array_or_scalar(PyObject* value) const {
+    if (ndarray != nullptr && PyObject_TypeCheck(value, ndarray)) return true;
+    return std::find(scalars.begin(), scalars.end(), Py_TYPE(value)) != scalars.end();
+  }
+};
+
+// A buffer format of native byte order to its dtype; nullopt for the rest.
+std::optional<at::ScalarType> buffer_dtype(const char* format, Py_ssize_t itemsize) {
+  if (format == nullptr) return std::nullopt;
+  const uint16_t probe = 1;
+  const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
+  if (*format == '@' || *format == '=' || (*format == '<' && little)) ++format;
+  static const std::map<std::string, std::pair<at::ScalarType, Py_ssize_t>> table = {
+      {"?", {at::kBool, 1}},   {"b", {at::kChar, 1}},  {"B", {at::kByte, 1}},
+      {"h", {at::kShort, 2}},  {"i", {at::kInt, 4}},   {"l", {at::kLong, 8}},
+      {"q", {at::kLong, 8}},   {"e", {at::kHalf, 2}},  {"f", {at::kFloat, 4}},
+      {"d", {at::kDouble, 8}}, {"Zf", {at::kComplexFloat, 8}}, {"Zd", {at::kComplexDouble, 16}}};
+  auto it = table.find(format);
+  if (it == table.end() || it->second.second != itemsize) return std::nullopt;
+  return it->second.first;
+}
+
+// Buffers viewed by the Fields of one sample; released (with the GIL) when
+// the sample has been written.
+struct BufferViews {
+  std::vector<Py_buffer> views;
+  ~BufferViews() {
+    for (Py_buffer& v : views) PyBuffer_Release(&v);
+  }
+};
+
+// Fills `f` from a value of a common type; false: use the Python converter.
+bool fast_field(PyObject* value, Field& f, BufferViews& held) {
+  if (THPVariable_Check(value)) {
+    const at::Tensor& t = THPVariable_Unpack(value);
+    f.kind = FieldKind::Tensor;
+    f.tensor = t.requires_grad() ? t.detach() : t;
+    return true;
+  }
+  if (PyBool_Check(value)) {
+    f.kind = FieldKind::Tensor;
+    f.tensor = at::scalar_tensor(value == Py_True, at::kBool);
+    return true;
+  }
+  if (PyLong_CheckExact(value)) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;  // the Python converter says why
+    }
+    f.kind = FieldKind::Tensor;
+    f.tensor = at::scalar_tensor(static_cast<int64_t>(v), at::kLong);
+    return true;
+  }
+  if (PyFloat_CheckExact(value)) {
+    f.kind = FieldKind::Tensor;
+    f.tensor = at::scalar_tensor(PyFloat_AS_DOUBLE(value), at::kDouble);
+    return true;
+  }
+  if (PyUnicode_Check(value)) {
+    Py_ssize_t len = 0;
+    const char* utf8 = PyUnicode_AsUTF8AndSize(value, &len);  // cached by the str object
+    if (utf8 == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    f.kind = FieldKind::Str;
+    f.tensor = at::from_blob(const_cast<char*>(utf8), {static_cast<int64_t>(len)}, at::kByte);
+    return true;
+  }
+  if (PyBytes_CheckExact(value)) {
+    f.kind = FieldKind::Bytes;
+    f.tensor = at::from_blob(PyBytes_AS_STRING(value), {static_cast<int64_t>(PyBytes_GET_SIZE(value))}, at::kByte);
+    return true;
+  }
+  if (!NumpyTypes::get().is_array_or_scalar(value) || !PyObject_CheckBuffer(value)) return false;
+  Py_buffer view;
+  if (PyObject_GetBuffer(value, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+    PyErr_Clear();  // e.g. not C-contiguous: the Python converter copies it
+    return false;
+  }
+  const auto dtype = buffer_dtype(view.format, view.itemsize);
+  if (!dtype || view.ndim > kMaxDims) {
+    PyBuffer_Release(&view);
+    return false;
+  }
+  std::vector<int64_t> shape(view.shape, view.shape + view.ndim);
+  held.views.push_back(view);
+  f.kind = FieldKind::Tensor;
+  f.tensor = at::from_blob(view.buf, shape, *dtype);
+  return true;
+}
+
+// A sample (dict) to Fields: the fast path per value, else `convert(name,
+// value)` -> (name, kind, tensor or bytes).
+void sample_fields(const py::dict& sample, const py::handle& convert, std::vector<Field>& fields,
+                   BufferViews& held) {
+  fields.clear();
+  fields.reserve(sample.size());
+  for (const auto& item : sample) {
+    Field f;
+    if (PyUnicode_Check(item.first.ptr()) && fast_field(item.second.ptr(), f, held)) {
+      f.name = item.first.cast<std::string>();
+      fields.push_back(std::move(f));
+      continue;
+    }
+    auto tup = convert(item.first, item.second).cast<py::tuple>();
+    f.name = tup[0].cast<std::string>();
+    f.kind = static_cast<FieldKind>(tup[1].cast<int>());
+    if (f.kind == FieldKind::Tensor) {
+      f.tensor = tup[2].cast<at::Tensor>();
+    } else {
+      char* data = nullptr;
+      Py_ssize_t len = 0;
+      if (PyBytes_AsStringAndSize(tup[2].ptr(), &data, &len) != 0) throw py::error_already_set();
+      f.tensor = at::empty({static_cast<int64_t>(len)}, at::kByte);
+      if (len > 0) std::memcpy(f.tensor.data_ptr(), data, static_cast<size_t>(len));
+    }
+    fields.push_back(std::move(f));
+  }
+}
+
 struct PyWriter {
   std::unique_ptr<Writer> writer;
   std::string path;
+  std::vector<Field> fields;  // reused from sample to sample
 
   Writer& get() {
     TORCH_CHECK_VALUE(writer != nullptr, "the writer of '", path, "' is closed");
@@ -158,29 +321,41 @@ struct PyWriter {
     writer = std::make_unique<Writer>(path, std::move(o));
   }
 
-  // fields: list of (name, kind, tensor or bytes)
-  size_t write(const py::list& items) {
-    std::vector<Field> fields;
-    fields.reserve(items.size());
-    for (const auto& item : items) {
-      auto tup = item.cast<py::tuple>();
-      Field f;
-      f.name = tup[0].cast<std::string>();
-      f.kind = static_cast<FieldKind>(tup[1].cast<int>());
-      if (f.kind == FieldKind::Tensor) {
-        f.tensor = tup[2].cast<at::Tensor>();
-      } else {
-        char* data = nullptr;
-        Py_ssize_t len = 0;
-        if (PyBytes_AsStringAndSize(tup[2].ptr(), &data, &len) != 0) throw py::error_already_set();
-        f.tensor = at::empty({static_cast<int64_t>(len)}, at::kByte);
-        if (len > 0) std::memcpy(f.tensor.data_ptr(), data, static_cast<size_t>(len));
-      }
-      fields.push_back(std::move(f));
-    }
+  size_t write(const py::dict& sample, const py::handle& convert) {
     Writer& w = get();
-    py::gil_scoped_release nogil;
-    return w.write(fields);
+    BufferViews held;
+    sample_fields(sample, convert, fields, held);
+    size_t index = 0;
+    {
+      py::gil_scoped_release nogil;
+      index = w.write(fields);
+    }
+    fields.clear();  // drop the views before the buffers are released
+    return index;
+  }
+
+  // Writes every sample of an iterable of dicts; returns how many.
+  size_t write_many(const py::iterable& samples, const py::handle& convert) {
+    Writer& w = get();
+    size_t count = 0;
+    for (const py::handle sample : samples) {
+      if (!PyDict_Check(sample.ptr())) {
+        throw py::type_error(std::string("a sample must be a dict of field name to value, got ") +
+                             Py_TYPE(sample.ptr())->tp_name + " (sample " + std::to_string(w.size()) + ")");
+      }
+      {
+        BufferViews held;
+        sample_fields(py::reinterpret_borrow<py::dict>(sample), convert, fields, held);
+        {
+          py::gil_scoped_release nogil;
+          w.write(fields);
+        }
+        fields.clear();
+      }
+      ++count;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();  // Ctrl-C between samples
+    }
+    return count;
   }
 };
 
@@ -412,7 +587,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("path"), py::arg("append") = false, py::arg("map_size") = 0, py::arg("commit_every") = 0,
            py::arg("commit_bytes") = 0, py::arg("checksum") = true, py::arg("auto_grow") = true,
            py::arg("user_json") = "")
-      .def("write", &PyWriter::write, py::arg("fields"))
+      .def("write", &PyWriter::write, py::arg("sample"), py::arg("convert"))
+      .def("write_many", &PyWriter::write_many, py::arg("samples"), py::arg("convert"))
       .def("flush", [](PyWriter& w) { Writer& x = w.get(); py::gil_scoped_release nogil; x.flush(); })
       .def("close", [](PyWriter& w) {
         if (!w.writer) return;

@@ -15,6 +15,16 @@
 // - Schema: the first sample fixes the field names, kinds, dtypes and ndims;
 //   later samples must match (ValueError/TypeError naming the field and the
 //   index); dimensions that differ are recorded as -1.
+// - Commits run on a background thread: write() encodes the sample (copying
+//   every value, so the caller may reuse its buffers at once) into a batch
+//   buffer; a full batch goes to a committer thread (mdb_put, write(2),
+//   fdatasync) while write() goes on encoding the next one. At most one batch
+//   is in flight, so memory stays bounded by two batch buffers of about
+//   `commit_bytes` each, kept for the Writer's lifetime.
+// - Errors of a commit (MapFullError without auto_grow, a full disk, ...)
+//   surface at the next write(), flush() or close(), and every later call
+//   raises them again: the samples committed before stay readable; reopen in
+//   append mode to continue.
 // - Thread safety: a Writer is not thread-safe; use it from one thread.
 // - The destructor commits pending samples but does not mark the database
 //   complete (call close()); it never throws.
@@ -37,7 +47,7 @@ struct WriterOptions {
   size_t map_size = 0;
   /// Commit after this many samples (0: default 4096) ...
   size_t commit_every = 0;
-  /// ... or this many encoded bytes (0: default 64 MiB), whichever comes first.
+  /// ... or this many encoded bytes (0: default 16 MiB), whichever comes first.
   size_t commit_bytes = 0;
   /// Append an xxh3-64 checksum to every record.
   bool checksum = true;
@@ -60,7 +70,7 @@ class Writer {
   /// Appends a sample; returns its index.
   size_t write(const std::vector<Field>& fields);
   size_t write(const Sample& sample);
-  /// Commits the pending samples.
+  /// Commits the pending samples and waits for every commit.
   void flush();
   /// Flushes, marks the database complete, syncs it to disk. Idempotent.
   void close();
@@ -69,7 +79,7 @@ class Writer {
 
   /// Samples in the database, including pending ones.
   size_t size() const;
-  /// Samples committed so far.
+  /// Samples committed so far (lags size() by the batches not yet committed).
   size_t committed() const;
   size_t map_size() const;
   const std::string& path() const;

@@ -103,6 +103,32 @@ TEST(Record, EveryDtypeAndShapeRoundTrips) {
   }
 }
 
+TEST(Record, AppendedRecordsParseAndAFailedAppendLeavesTheBufferAsItWas) {
+  std::vector<Field> a{{"x", FieldKind::Tensor, torch::randn({5})}};
+  std::vector<Field> b{{"y", FieldKind::Tensor, torch::arange(7)}, {"s", FieldKind::Str, torch::tensor({65}, torch::kByte)}};
+  std::string buf = "prefix";
+  const size_t na = append_record(a, true, buf);
+  const size_t nb = append_record(b, false, buf);
+  ASSERT_EQ(buf.size(), 6 + na + nb);
+  std::string alone;
+  encode_record(b, false, alone);
+  EXPECT_EQ(buf.substr(6 + na), alone);  // appending encodes exactly like encode_record
+  std::vector<FieldView> views;
+  const std::string path = "mem";
+  RecordContext ctx{&path, 0};
+  parse_record(buf.data() + 6, na, true, ctx, views);
+  ASSERT_EQ(views.size(), 1u);
+  EXPECT_EQ(std::memcmp(views[0].data, a[0].tensor.data_ptr(), 20), 0);
+  // The second field fails after the first was written: nothing stays behind,
+  // and the reused stream still works afterwards.
+  std::vector<Field> bad{{"ok", FieldKind::Tensor, torch::ones({3})}, {"bad", FieldKind::Tensor, at::Tensor()}};
+  const std::string before = buf;
+  EXPECT_THROW(append_record(bad, true, buf), c10::ValueError);
+  EXPECT_EQ(buf, before);
+  append_record(a, true, buf);
+  EXPECT_EQ(buf.substr(before.size()), buf.substr(6, na));
+}
+
 TEST(Record, ParserRejectsEveryTruncationWithoutCrashing) {
   std::vector<Field> fields{{"a", FieldKind::Tensor, torch::randn({3, 4})},
                             {"b", FieldKind::Str, torch::tensor({65, 66}, torch::kByte)}};

@@ -36,26 +36,50 @@ TEST(Writer, GrowsTheMapFrom64KiB) {
   EXPECT_TRUE(torch::equal(r.get(299)["x"], make_sample(299, 4096)["x"]));
 }
 
-TEST(Writer, WithoutAutoGrowAFullMapRaisesMapFullErrorAndKeepsTheCommittedPrefix) {
+TEST(Writer, WithoutAutoGrowAFullMapRaisesMapFullErrorAgainAndKeepsTheCommittedPrefix) {
   TempDir tmp;
   const std::string path = tmp.sub("f");
   WriterOptions o;
   o.map_size = 256 << 10;
   o.commit_every = 4;
   o.auto_grow = false;
-  int64_t written = 0;
-  try {
+  {
     Writer w(path, o);
-    for (; written < 1000; ++written) w.write(make_sample(written, 4096));
-    FAIL() << "expected MapFullError";
-  } catch (const MapFullError& e) {
-    EXPECT_NE(std::string(e.what()).find("auto_grow"), std::string::npos);
-  }
+    int64_t written = 0;
+    try {
+      for (; written < 1000; ++written) w.write(make_sample(written, 4096));
+      FAIL() << "expected MapFullError";
+    } catch (const MapFullError& e) {
+      EXPECT_NE(std::string(e.what()).find("auto_grow"), std::string::npos);
+    }
+    // The failed commit (on the committer thread) is raised by every later call.
+    EXPECT_THROW(w.write(make_sample(written, 4096)), MapFullError);
+    EXPECT_THROW(w.flush(), MapFullError);
+    EXPECT_THROW(w.close(), MapFullError);
+    EXPECT_FALSE(w.closed());
+    EXPECT_EQ(w.committed() % 4, 0u);
+  }  // the destructor neither throws nor commits more
   Reader r(path, ReaderOptions{true});
   EXPECT_FALSE(r.complete());
   EXPECT_GT(r.size(), 0u);
   EXPECT_EQ(r.size() % 4, 0u);
   for (size_t i = 0; i < r.size(); ++i) EXPECT_EQ(r.get(i)["index"].item<int64_t>(), int64_t(i));
+}
+
+TEST(Writer, FlushWaitsForTheCommitterAndCountsCommittedSamples) {
+  TempDir tmp;
+  WriterOptions o;
+  o.commit_every = 3;
+  Writer w(tmp.sub("c"), o);
+  for (int64_t i = 0; i < 10; ++i) w.write(make_sample(i, 1024));
+  EXPECT_EQ(w.size(), 10u);
+  EXPECT_LE(w.committed(), 9u);  // the tenth sample is still pending
+  w.flush();
+  EXPECT_EQ(w.committed(), 10u);
+  w.close();
+  Reader r(tmp.sub("c"), ReaderOptions{true});
+  ASSERT_EQ(r.size(), 10u);
+  for (size_t i = 0; i < 10; ++i) EXPECT_TRUE(torch::equal(r.get(i)["x"], make_sample(i, 1024)["x"]));
 }
 
 TEST(Writer, KilledWriterLeavesAConsistentPrefix) {
