@@ -55,6 +55,25 @@ py::object field_to_py(const Field& f) {
   return py::bytes(p, n);
 }
 
+// A collated batch as a dict: tensors, `<name>_lengths`, str/bytes lists.
+py::dict batch_to_py(const Batch& batch) {
+  py::dict out;
+  for (const auto& name : batch.order) {
+    if (const at::Tensor* t = batch.tensors.find(name)) {
+      out[py::str(name)] = *t;
+      if (const at::Tensor* len = batch.tensors.find(name + "_lengths")) out[py::str(name + "_lengths")] = *len;
+      continue;
+    }
+    for (const auto& b : batch.blobs) {
+      if (b.name != name) continue;
+      py::list values;
+      for (const auto& v : b.values) values.append(field_to_py(v, b.kind));
+      out[py::str(name)] = values;
+    }
+  }
+  return out;
+}
+
 struct PyReader {
   std::shared_ptr<WarningSink> sink = std::make_shared<WarningSink>();
   std::unique_ptr<Reader> reader;
@@ -103,22 +122,7 @@ struct PyReader {
       py::gil_scoped_release nogil;
       batch = reader->read_batch(idx, o);
     }
-    py::dict out;
-    for (const auto& name : batch.order) {
-      if (const at::Tensor* t = batch.tensors.find(name)) {
-        out[py::str(name)] = *t;
-        if (const at::Tensor* len = batch.tensors.find(name + "_lengths"))
-          out[py::str(name + "_lengths")] = *len;
-        continue;
-      }
-      for (const auto& b : batch.blobs) {
-        if (b.name != name) continue;
-        py::list values;
-        for (const auto& v : b.values) values.append(field_to_py(v, b.kind));
-        out[py::str(name)] = values;
-      }
-    }
-    return out;
+    return batch_to_py(batch);
   }
 
   py::list schema() const {
@@ -605,6 +609,44 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("committed", [](PyWriter& w) { return w.get().committed(); })
       .def_property_readonly("map_size", [](PyWriter& w) { return w.get().map_size(); })
       .def_property_readonly("closed", [](const PyWriter& w) { return !w.writer || w.writer->closed(); });
+
+  py::class_<BatchStream>(m, "BatchStream")
+      .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
+                       size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
+                       std::vector<std::string> pad_fields, double pad_value) {
+             StreamOptions o;
+             o.batch_size = batch_size;
+             if (order == "sequential") o.order = SampleOrder::Sequential;
+             else if (order == "shuffle") o.order = SampleOrder::Shuffle;
+             else if (order == "block") o.order = SampleOrder::BlockShuffle;
+             else throw py::value_error("order must be 'sequential', 'shuffle' or 'block', got '" + order + "'");
+             o.seed = seed;
+             o.drop_last = drop_last;
+             o.prefetch = prefetch;
+             o.threads = threads;
+             o.block_size = block_size;
+             o.window_blocks = window_blocks;
+             o.batch.pad = pad;
+             o.batch.pad_fields = std::move(pad_fields);
+             o.batch.pad_value = pad_value;
+             const Reader reader = *r.reader;
+             py::gil_scoped_release nogil;
+             return std::make_unique<BatchStream>(reader, std::move(o));
+           }),
+           py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
+           py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
+           py::arg("pad_fields"), py::arg("pad_value"))
+      .def("next", [](BatchStream& s) -> py::object {
+        std::optional<Batch> b;
+        {
+          py::gil_scoped_release nogil;
+          b = s.next();
+        }
+        if (!b) return py::none();
+        return batch_to_py(*b);
+      })
+      .def("__len__", &BatchStream::size)
+      .def("batch_indices", &BatchStream::batch_indices, py::arg("k"));
 
   py::class_<SlabPool>(m, "SlabPool")
       .def(py::init<size_t>(), py::arg("max_slabs"))

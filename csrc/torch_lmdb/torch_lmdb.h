@@ -6,5 +6,6 @@
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/reader.h"
 #include "torch_lmdb/record.h"
+#include "torch_lmdb/stream.h"
 #include "torch_lmdb/version.h"
 #include "torch_lmdb/writer.h"

@@ -32,3 +32,17 @@ def make_db(tmp_path):
         return path
 
     return make
+
+
+def corrupt_record(path: str, index: int) -> None:
+    """Flips a byte in the middle of record `index` (with py-lmdb, as a bad disk would)."""
+    import lmdb
+
+    env = lmdb.open(path, max_dbs=4)
+    with env.begin(write=True) as txn:
+        samples = env.open_db(b"samples", txn=txn)
+        key = index.to_bytes(8, "big")
+        value = bytearray(txn.get(key, db=samples))
+        value[len(value) // 2] ^= 0xFF
+        txn.put(key, bytes(value), db=samples)
+    env.close()

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import torch_lmdb
-from conftest import sample
+from conftest import corrupt_record, sample
 
 METHODS = ["fork", "spawn", "forkserver"]
 
@@ -111,17 +111,8 @@ def test_worker_batches_cross_without_a_copy(make_db):
 
 
 def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
-    import lmdb
-
     path = make_db(20)
-    env = lmdb.open(path, max_dbs=4)
-    samples = env.open_db(b"samples")
-    with env.begin(write=True) as txn:
-        key = (13).to_bytes(8, "big")
-        value = bytearray(txn.get(key, db=samples))
-        value[len(value) // 2] ^= 0xFF
-        txn.put(key, bytes(value), db=samples)
-    env.close()
+    corrupt_record(path, 13)
     ds = torch_lmdb.LMDBDataset(path, verify=True)
     with pytest.raises(torch_lmdb.CorruptedError, match=r"index 13") as info:
         ds[13]

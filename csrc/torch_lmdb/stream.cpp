@@ -1,0 +1,184 @@
+#include "torch_lmdb/stream.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <exception>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "torch_lmdb/env.h"
+
+namespace torch_lmdb {
+
+namespace {
+
+// Fisher-Yates with an unbiased bounded draw: the same permutation for a seed
+// on every platform (std::shuffle and uniform_int_distribution are
+// implementation-defined).
+void shuffle(size_t* first, size_t count, std::mt19937_64& rng) {
+  auto below = [&rng](uint64_t bound) {
+    const uint64_t limit = std::numeric_limits<uint64_t>::max() - std::numeric_limits<uint64_t>::max() % bound;
+    uint64_t x;
+    do {
+      x = rng();
+    } while (x >= limit);
+    return static_cast<size_t>(x % bound);
+  };
+  for (size_t i = count; i > 1; --i) std::swap(first[i - 1], first[below(i)]);
+}
+
+}  // namespace
+
+std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, size_t block_size,
+                                 size_t window_blocks) {
+  TORCH_CHECK_VALUE(block_size > 0 && window_blocks > 0, "block_size and window_blocks must be positive, got ",
+                    block_size, " and ", window_blocks);
+  std::vector<size_t> out(n);
+  std::iota(out.begin(), out.end(), size_t{0});
+  if (order == SampleOrder::Sequential || n == 0) return out;
+  std::mt19937_64 rng(seed);
+  if (order == SampleOrder::Shuffle) {
+    shuffle(out.data(), n, rng);
+    return out;
+  }
+  const size_t blocks = (n + block_size - 1) / block_size;
+  std::vector<size_t> perm(blocks);
+  std::iota(perm.begin(), perm.end(), size_t{0});
+  shuffle(perm.data(), blocks, rng);
+  out.clear();
+  size_t window_start = 0;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t first = perm[b] * block_size, last = std::min(n, first + block_size);
+    for (size_t i = first; i < last; ++i) out.push_back(i);
+    if ((b + 1) % window_blocks == 0 || b + 1 == blocks) {
+      shuffle(out.data() + window_start, out.size() - window_start, rng);
+      window_start = out.size();
+    }
+  }
+  return out;
+}
+
+struct BatchStream::State {
+  Reader reader;
+  StreamOptions options;
+  std::vector<size_t> order;
+  size_t num_batches = 0;
+  uint64_t generation = 0;
+
+  std::mutex mutex;
+  std::condition_variable produced;  // a batch (or an error) is ready
+  std::condition_variable consumed;  // room to read ahead, or stop
+  size_t next_to_claim = 0;          // the next batch a reader thread takes
+  size_t next_to_deliver = 0;        // the next batch next() returns
+  std::map<size_t, Batch> ready;     // read, not yet delivered
+  std::exception_ptr error;          // the first failed batch's error
+  size_t error_at = std::numeric_limits<size_t>::max();
+  bool stop = false;
+  std::vector<std::thread> threads;
+
+  State(Reader r, StreamOptions o) : reader(std::move(r)), options(std::move(o)) {}
+
+  std::vector<size_t> indices(size_t k) const {
+    const size_t first = k * options.batch_size;
+    const size_t last = std::min(order.size(), first + options.batch_size);
+    return std::vector<size_t>(order.begin() + static_cast<std::ptrdiff_t>(first),
+                               order.begin() + static_cast<std::ptrdiff_t>(last));
+  }
+
+  void work() {
+    for (;;) {
+      size_t k = 0;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        consumed.wait(lock, [&] {
+          return stop || next_to_claim >= num_batches || next_to_claim < next_to_deliver + options.prefetch;
+        });
+        if (stop || next_to_claim >= num_batches) return;
+        k = next_to_claim++;
+      }
+      try {
+        Batch b = reader.read_batch(indices(k), options.batch);
+        std::lock_guard<std::mutex> lock(mutex);
+        ready.emplace(k, std::move(b));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (k < error_at) {
+          error = std::current_exception();
+          error_at = k;
+        }
+      }
+      produced.notify_all();
+    }
+  }
+};
+
+BatchStream::BatchStream(Reader reader, StreamOptions options) {
+  TORCH_CHECK_VALUE(options.batch_size > 0, "batch_size must be positive, got ", options.batch_size);
+  TORCH_CHECK_VALUE(options.prefetch > 0, "prefetch must be at least 1, got ", options.prefetch);
+  TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
+  state_ = std::make_shared<State>(std::move(reader), std::move(options));
+  State& s = *state_;
+  s.order = sample_order(s.reader.size(), s.options.order, s.options.seed, s.options.block_size,
+                         s.options.window_blocks);
+  s.num_batches = s.options.drop_last ? s.order.size() / s.options.batch_size
+                                      : (s.order.size() + s.options.batch_size - 1) / s.options.batch_size;
+  s.generation = fork_generation();
+  const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
+  for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
+}
+
+BatchStream::~BatchStream() {
+  if (!state_) return;
+  State& s = *state_;
+  if (fork_generation() != s.generation) {
+    // A forked child: the threads are the parent's; never join them here.
+    new std::vector<std::thread>(std::move(s.threads));  // leaked on purpose
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.stop = true;
+  }
+  s.consumed.notify_all();
+  for (std::thread& t : s.threads) t.join();
+}
+
+std::optional<Batch> BatchStream::next() {
+  State& s = *state_;
+  TORCH_CHECK(fork_generation() == s.generation,
+              "a BatchStream cannot be used in a process forked after it was created; create one in this process");
+  std::unique_lock<std::mutex> lock(s.mutex);
+  if (s.next_to_deliver >= s.num_batches) return std::nullopt;
+  const size_t k = s.next_to_deliver;
+  s.produced.wait(lock, [&] { return s.ready.count(k) > 0 || s.error_at == k; });
+  if (s.error_at == k) {
+    s.next_to_deliver = s.num_batches;  // finished
+    s.stop = true;
+    lock.unlock();
+    s.consumed.notify_all();
+    std::rethrow_exception(s.error);
+  }
+  auto it = s.ready.find(k);
+  Batch b = std::move(it->second);
+  s.ready.erase(it);
+  ++s.next_to_deliver;
+  lock.unlock();
+  s.consumed.notify_all();
+  return b;
+}
+
+size_t BatchStream::size() const noexcept { return state_->num_batches; }
+
+std::vector<size_t> BatchStream::batch_indices(size_t k) const {
+  TORCH_CHECK_INDEX(k < state_->num_batches, "batch ", k, " out of range for a stream of ", state_->num_batches,
+                    " batches");
+  return state_->indices(k);
+}
+
+}  // namespace torch_lmdb
