@@ -15,6 +15,20 @@ __all__ = ["LMDBDataset", "info", "make_loader"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# Bumped in every child forked by os.fork (multiprocessing, DataLoader
+# workers): a dataset's handle belongs to the process that opened it. Cheaper
+# than os.getpid() (a syscall) on every access; the C++ Reader also reopens
+# its environments after any fork (pthread_atfork), C-level forks included.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
     """Allocates a batch tensor in shared memory (used inside DataLoader workers,
@@ -140,7 +154,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._pad = pad
         self._pad_value = pad_value
         self._handle = None
-        self._pid = None
+        self._generation = None
         if self._fields:  # checked once here, not on every reopen in a worker
             full = _C.Reader(self._paths, **self._options)
             self._emit_warnings(full)
@@ -155,10 +169,10 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
-        if self._handle is None or self._pid != os.getpid():
+        if self._handle is None or self._generation != _fork_generation:
             handle = _C.Reader(self._paths, fields=self._fields, **self._options)
             self._emit_warnings(handle)
-            self._handle, self._pid = handle, os.getpid()
+            self._handle, self._generation = handle, _fork_generation
         return self._handle
 
     @staticmethod
@@ -169,13 +183,13 @@ class LMDBDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handle"] = None
-        state["_pid"] = None
+        state["_generation"] = None
         return state
 
     def close(self) -> None:
         """Drops this process's handle (the files reopen on next use)."""
         self._handle = None
-        self._pid = None
+        self._generation = None
 
     # -- access ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -193,6 +207,9 @@ class LMDBDataset(torch.utils.data.Dataset):
         return i
 
     def __getitem__(self, index):
+        if type(index) is int:  # the common case first: a sampler's index
+            sample = self._reader().get(self._index(index))
+            return self.transform(sample) if self.transform is not None else sample
         if isinstance(index, (list, tuple, torch.Tensor)) or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1):
             return self.get_batch(index)
         sample = self._reader().get(self._index(index))
