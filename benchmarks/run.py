@@ -19,6 +19,7 @@ Dataset (the DataLoader's own floor); writers: torch_lmdb vs py-lmdb + pickle.
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import pickle
@@ -148,6 +149,15 @@ def epochs(order, n, batch, seed=0):
         idx = rng.permutation(n) if order == "shuffled" else np.arange(n)
         for s in range(0, n - batch + 1, batch):
             yield idx[s:s + batch]
+
+
+def block_shuffled(path):
+    """Cold reads in block-shuffled order: contiguous key ranges, OS readahead on."""
+    ds = torch_lmdb.LMDBDataset(path, readahead=True)
+    for epoch in itertools.count():
+        for batch in ds.iter_batches(256, shuffle=True, seed=epoch, block_size=1024, threads=2, prefetch=4):
+            nbytes, k = batch_bytes(batch)
+            yield k, nbytes
 
 
 def batch_bytes(batch):
@@ -375,15 +385,17 @@ def python_systems(profile, order, samples, paths, quick):
             nbytes, k = batch_bytes(batch)
             yield k, nbytes
 
-    def iter_batches():
-        for batch in ds.iter_batches(B, shuffle=shuffle, seed=0, drop_last=True):
-            nbytes, k = batch_bytes(batch)
-            yield k, nbytes
+    def iter_batches(threads):
+        def epochs_of_batches():  # a new stream (and seed) per epoch, as a training loop would
+            for epoch in itertools.count():
+                for batch in ds.iter_batches(B, shuffle=shuffle, seed=epoch, drop_last=True, threads=threads):
+                    nbytes, k = batch_bytes(batch)
+                    yield k, nbytes
+        return epochs_of_batches
 
-    systems = []
-    systems += [("torch_lmdb get_batch in process", get_batch)]
-    if hasattr(ds, "iter_batches"):
-        systems.append(("torch_lmdb iter_batches (C++ prefetch)", iter_batches))
+    systems = [("torch_lmdb get_batch in process", get_batch),
+               ("torch_lmdb iter_batches, 1 C++ thread, prefetch 2", iter_batches(1)),
+               ("torch_lmdb iter_batches, 2 C++ threads, prefetch 2", iter_batches(2))]
     systems += [
         ("torch_lmdb make_loader, num_workers=0",
          lambda: loader_batches(torch_lmdb.make_loader(ds, B, shuffle=shuffle, drop_last=True))),
@@ -589,6 +601,8 @@ def main():
             for name, store, factory in (
                     ("torch_lmdb get_batch in process", paths["torch_lmdb"],
                      lambda: ((len(i), batch_bytes(ds.get_batch(i.tolist()))[0]) for i in epochs("shuffled", n, 256))),
+                    ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), readahead, 2 threads",
+                     paths["torch_lmdb"], lambda: block_shuffled(paths["torch_lmdb"])),
                     ("py-lmdb + pickle DataLoader, num_workers=0", paths["pickle_lmdb"],
                      lambda: loader_batches(torch.utils.data.DataLoader(PickleLMDBDataset(paths["pickle_lmdb"]),
                                                                         batch_size=256, shuffle=True)))):
