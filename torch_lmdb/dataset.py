@@ -207,10 +207,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         return i
 
     def __getitem__(self, index):
-        if type(index) is int:  # the common case first: a sampler's index
-            sample = self._reader().get(self._index(index))
-            return self.transform(sample) if self.transform is not None else sample
-        if isinstance(index, (list, tuple, torch.Tensor)) or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1):
+        batched = type(index) is not int and (  # a sampler's int index: the common case, checked first
+            isinstance(index, (list, tuple, torch.Tensor))
+            or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1))
+        if batched:
             return self.get_batch(index)
         sample = self._reader().get(self._index(index))
         return self.transform(sample) if self.transform is not None else sample

@@ -189,14 +189,27 @@ std::optional<at::ScalarType> buffer_dtype(const char* format, Py_ssize_t itemsi
   const uint16_t probe = 1;
   const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
   if (*format == '@' || *format == '=' || (*format == '<' && little)) ++format;
-  static const std::map<std::string, std::pair<at::ScalarType, Py_ssize_t>> table = {
-      {"?", {at::kBool, 1}},   {"b", {at::kChar, 1}},  {"B", {at::kByte, 1}},
-      {"h", {at::kShort, 2}},  {"i", {at::kInt, 4}},   {"l", {at::kLong, 8}},
-      {"q", {at::kLong, 8}},   {"e", {at::kHalf, 2}},  {"f", {at::kFloat, 4}},
-      {"d", {at::kDouble, 8}}, {"Zf", {at::kComplexFloat, 8}}, {"Zd", {at::kComplexDouble, 16}}};
-  auto it = table.find(format);
-  if (it == table.end() || it->second.second != itemsize) return std::nullopt;
-  return it->second.first;
+  std::optional<at::ScalarType> t;
+  const bool one = format[0] != '\0' && format[1] == '\0';
+  if (one) {
+    switch (format[0]) {
+      case '?': t = at::kBool; break;
+      case 'b': t = at::kChar; break;
+      case 'B': t = at::kByte; break;
+      case 'h': t = at::kShort; break;
+      case 'i': t = at::kInt; break;
+      case 'l': case 'q': t = at::kLong; break;
+      case 'e': t = at::kHalf; break;
+      case 'f': t = at::kFloat; break;
+      case 'd': t = at::kDouble; break;
+      default: break;
+    }
+  } else if (format[0] == 'Z' && format[1] != '\0' && format[2] == '\0') {
+    if (format[1] == 'f') t = at::kComplexFloat;
+    if (format[1] == 'd') t = at::kComplexDouble;
+  }
+  if (!t || static_cast<Py_ssize_t>(c10::elementSize(*t)) != itemsize) return std::nullopt;
+  return t;
 }
 
 // Buffers viewed by the Fields of one sample; released (with the GIL) when
@@ -347,15 +360,7 @@ struct PyWriter {
         throw py::type_error(std::string("a sample must be a dict of field name to value, got ") +
                              Py_TYPE(sample.ptr())->tp_name + " (sample " + std::to_string(w.size()) + ")");
       }
-      {
-        BufferViews held;
-        sample_fields(py::reinterpret_borrow<py::dict>(sample), convert, fields, held);
-        {
-          py::gil_scoped_release nogil;
-          w.write(fields);
-        }
-        fields.clear();
-      }
+      write(py::reinterpret_borrow<py::dict>(sample), convert);
       ++count;
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();  // Ctrl-C between samples
     }
