@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -46,6 +47,28 @@ Registry& registry() {
 }
 
 void default_warn(const std::string& msg) { TORCH_WARN(msg); }
+
+// The order of LMDB's default comparator (memcmp, then the shorter key first),
+// with the 8-byte big-endian sample keys compared as two integers instead of a
+// memcmp call. The order is identical, so the tree stays the one any other
+// LMDB program (py-lmdb, mdb_dump) reads and writes with the default; tiny
+// random reads spent about a fifth of their time in memcmp.
+int compare_sample_keys(const MDB_val* a, const MDB_val* b) {
+  if (a->mv_size == 8 && b->mv_size == 8) {
+    uint64_t x, y;
+    std::memcpy(&x, a->mv_data, 8);
+    std::memcpy(&y, b->mv_data, 8);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    x = __builtin_bswap64(x);
+    y = __builtin_bswap64(y);
+#endif
+    return (x > y) - (x < y);
+  }
+  const size_t n = std::min(a->mv_size, b->mv_size);
+  const int diff = n ? std::memcmp(a->mv_data, b->mv_data, n) : 0;
+  if (diff) return diff;
+  return (a->mv_size > b->mv_size) - (a->mv_size < b->mv_size);
+}
 
 bool make_dirs(const std::string& path) {
   std::string partial;
@@ -220,6 +243,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
       "mdb_txn_begin", path);
   const unsigned dbi_flags = options.readonly ? 0 : MDB_CREATE;
   int rc = mdb_dbi_open(txn, "samples", dbi_flags, &env->samples_);
+  if (rc == 0) rc = mdb_set_compare(txn, env->samples_, compare_sample_keys);
   if (rc == 0) rc = mdb_dbi_open(txn, "meta", dbi_flags, &env->meta_);
   if (rc != 0) {
     mdb_txn_abort(txn);

@@ -151,10 +151,8 @@ void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSc
   }
 }
 
-// Fetches and parses sample `local` of `env` inside `txn`, and checks its
-// layout against the reader's schema.
-void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
-           std::vector<FieldView>& views) {
+// The value of sample `local` of `env`, looked up inside `txn`.
+MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local) {
   unsigned char kbuf[8];
   encode_key(local, kbuf);
   MDB_val k{8, kbuf}, v{0, nullptr};
@@ -166,6 +164,13 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
                          rc, env.path());
   }
   detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
+  return v;
+}
+
+// Parses the value `v` of sample `local` of `env` and checks its layout
+// against the reader's schema.
+void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s,
+           std::vector<FieldView>& views) {
   RecordContext ctx{&env.path(), local};
   // Records of a dataset usually share one layout: a record matching the
   // template needs neither parsing nor a schema check, once the template's
@@ -178,6 +183,60 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
   check_layout(views, s.stored, env.path(), local);
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
 }
+
+// Fetches and parses sample `local` of `env` inside `txn`.
+void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
+           std::vector<FieldView>& views) {
+  parse(env, lookup(env, txn, local), local, s, views);
+}
+
+// The samples of a batch, looked up one ahead of their parse: the first
+// bytes of each value are prefetched as soon as it is found, so that their
+// cache misses overlap with the B-tree search of the next sample instead of
+// stalling the parse (tiny random reads: a sixth of the time went to the
+// first touch of the record).
+class Lookahead {
+ public:
+  Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
+            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns)
+      : s_(s), envs_(envs), indices_(indices), txns_(txns) {
+    if (!indices.empty()) next_ = find(0);
+  }
+
+  // Parses sample i (called for i = 0, 1, ... in order) into `views`.
+  void parse_next(size_t i, std::vector<FieldView>& views) {
+    const Found cur = next_;
+    if (i + 1 < indices_.size()) next_ = find(i + 1);
+    parse(*cur.env, cur.value, cur.local, s_, views);
+  }
+
+ private:
+  struct Found {
+    const Env* env = nullptr;
+    uint64_t local = 0;
+    MDB_val value{0, nullptr};
+  };
+
+  Found find(size_t i) {
+    const auto loc = s_.locate(indices_[i]);
+    const Env& env = *envs_[loc.first];
+    if (txns_[loc.first].get() == nullptr) txns_[loc.first] = env.read_txn();
+    Found f{&env, loc.second, lookup(env, txns_[loc.first].get(), loc.second)};
+    // Every cache line of the value's first kPrefetchBytes (all of a small record).
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(f.value.mv_data);
+    const uintptr_t end = begin + std::min<size_t>(f.value.mv_size, kPrefetchBytes);
+    for (uintptr_t line = begin & ~uintptr_t{63}; line < end; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+    return f;
+  }
+
+  static constexpr size_t kPrefetchBytes = 256;
+  const Reader::State& s_;
+  const std::vector<std::shared_ptr<Env>>& envs_;
+  at::ArrayRef<size_t> indices_;
+  std::vector<ReadTxn>& txns_;
+  Found next_;
+};
 
 // Copies a row-major block of shape `src_shape` into a larger row-major
 // block of shape `dst_shape` (padding), last dimension at a time.
@@ -332,12 +391,10 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   outs.clear();
   std::vector<at::Tensor> tensors;
   batch.blobs.reserve(s.stored.size());
+  Lookahead samples(s, envs, indices, txns);
   for (size_t i = 0; i < B; ++i) {
-    const auto loc = s.locate(indices[i]);
-    const Env& env = *envs[loc.first];
-    if (txns[loc.first].get() == nullptr) txns[loc.first] = env.read_txn();
     std::vector<FieldView>& v = i == 0 ? first : cur;
-    fetch(env, txns[loc.first].get(), loc.second, s, v);
+    samples.parse_next(i, v);
     if (i == 0) {
       for (size_t f = 0; f < s.stored.size(); ++f) {
         if (!s.keep[f]) continue;
@@ -397,15 +454,9 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());
   thread_local std::vector<std::vector<FieldView>> views;
-  thread_local std::vector<std::pair<size_t, uint64_t>> where;
   if (views.size() < B) views.resize(B);
-  where.resize(B);
-  for (size_t i = 0; i < B; ++i) {
-    where[i] = s.locate(indices[i]);
-    const Env& env = *envs[where[i].first];
-    if (txns[where[i].first].get() == nullptr) txns[where[i].first] = env.read_txn();
-    fetch(env, txns[where[i].first].get(), where[i].second, s, views[i]);
-  }
+  Lookahead samples(s, envs, indices, txns);
+  for (size_t i = 0; i < B; ++i) samples.parse_next(i, views[i]);
 
   Batch batch;
   for (size_t f = 0; f < s.stored.size(); ++f) {
