@@ -309,8 +309,9 @@ WRITE_REPEATS = 3
 
 def write_stores(profile, n, out, log):
     """Writes the profile with torch_lmdb and py-lmdb+pickle (timed: the writer
-    benchmark, WRITE_REPEATS interleaved runs each, the best one kept: this VM's
-    page-cache and disk times vary from run to run), and as Zarr and HDF5.
+    benchmark, WRITE_REPEATS interleaved runs each, every one started after a
+    sync, the best one kept: this VM's page-cache and disk times vary from run
+    to run), and as Zarr and HDF5.
     Returns the samples, their mean payload, the paths and the writer rows."""
     import h5py
     import zarr
@@ -332,6 +333,7 @@ def write_stores(profile, n, out, log):
         for system, (store, write) in writers.items():
             shutil.rmtree(paths[store], ignore_errors=True)
             gc.collect()
+            os.sync()  # the previous run's writeback (and the removal's discards) is not billed to this one
             t0 = time.perf_counter()
             write(paths[store])
             seconds[system].append(time.perf_counter() - t0)
