@@ -305,6 +305,16 @@ def _write_pickle(path, samples, map_size, values=None):
 
 
 WRITE_REPEATS = 3
+READ_ROUNDS = 2  # the full run's interleaved rounds of every read measurement
+
+
+def keep_best(best, row):
+    """Keeps, per system, the row of its fastest round; every round's samples/s is listed."""
+    old = best.get(row["system"])
+    runs = (old["rounds_samples_per_s"] if old else []) + [row["samples_per_s"]]
+    if old is None or row["samples_per_s"] > old["samples_per_s"]:
+        best[row["system"]] = row
+    best[row["system"]]["rounds_samples_per_s"] = runs
 
 
 def write_stores(profile, n, out, log):
@@ -479,8 +489,8 @@ def lookup(rows, key):
     return None
 
 
-def report(rows, out, command, machine):
-    lines = [f"Measured by `{command}` on {machine}.", ""]
+def report(rows, out, command, machine, method):
+    lines = [f"Measured by `{command}` on {machine}. {method}", ""]
     lines += ["### Targets (issue 6)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for label, num, den, goal in TARGETS:
         a, b = lookup(rows, num), lookup(rows, den)
@@ -562,7 +572,8 @@ def main():
         raise SystemExit(f"{args.bin} is missing: run `make build` first")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.data, exist_ok=True)
-    budget = 1.0 if args.quick else 3.0
+    budget = 1.0 if args.quick else 2.0  # seconds per measurement
+    rounds = 1 if args.quick else READ_ROUNDS
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     rows = []
@@ -577,26 +588,33 @@ def main():
             rows.append(dict(r, order="write", cache="-"))
         orders = ["shuffled", "sequential"] if profile in ("medium", "tiny") or not args.quick else ["shuffled"]
         for order in orders:
-            prof_rows = []
-            for name, factory in python_systems(profile, order, samples, paths, args.quick):
-                slow = name.startswith(("zarr", "h5py"))
-                r = measure(factory(), budget / 2 if slow else budget)
-                prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name, **r))
-                log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
-            for mode, label in (("memcpy", MEMCPY), ("raw", "C++ raw liblmdb get+copy"),
-                                ("get_batch", "C++ get_batch (StackedDataset)"), ("get_stack", "C++ get + Stack (Dataset)")):
-                for threads in (0, 1, 2):
-                    if (order == "sequential" and mode == "get_stack") or (mode == "memcpy" and profile == "varlen") \
-                            or (mode == "memcpy" and threads == 1):
-                        continue
-                    r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget,
-                               profile == "varlen")
-                    name = f"{label}, {threads} thread{'s' if threads != 1 else ''}"
-                    prof_rows.append(dict(profile=profile, order=order, cache="warm", system=name,
-                                          samples_per_s=r["samples_per_s"],
-                                          mb_per_s=r["samples_per_s"] * sample_bytes / MB,
-                                          cpu_us_per_sample=r["cpu_us_per_sample"], peak_pss_mib=None))
+            # Every system is measured in `rounds` interleaved rounds and keeps its best:
+            # a few seconds of a noisy neighbour on this VM then cost one round, not the figure.
+            best = {}
+            for rnd in range(rounds):
+                for name, factory in python_systems(profile, order, samples, paths, args.quick):
+                    slow = name.startswith(("zarr", "h5py"))
+                    if slow and rnd > 0:
+                        continue  # seconds per batch; far from every bar
+                    r = measure(factory(), budget / 2 if slow else budget)
+                    keep_best(best, dict(profile=profile, order=order, cache="warm", system=name, **r))
                     log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+                for mode, label in (("memcpy", MEMCPY), ("raw", "C++ raw liblmdb get+copy"),
+                                    ("get_batch", "C++ get_batch (StackedDataset)"),
+                                    ("get_stack", "C++ get + Stack (Dataset)")):
+                    for threads in (0, 1, 2):
+                        if (order == "sequential" and mode == "get_stack") or (mode == "memcpy" and profile == "varlen") \
+                                or (mode == "memcpy" and threads == 1):
+                            continue
+                        r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget,
+                                   profile == "varlen")
+                        name = f"{label}, {threads} thread{'s' if threads != 1 else ''}"
+                        keep_best(best, dict(profile=profile, order=order, cache="warm", system=name,
+                                             samples_per_s=r["samples_per_s"],
+                                             mb_per_s=r["samples_per_s"] * sample_bytes / MB,
+                                             cpu_us_per_sample=r["cpu_us_per_sample"], peak_pss_mib=None))
+                        log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+            prof_rows = list(best.values())
             rows += prof_rows
         if profile == "medium":  # cold: the files evicted from the page cache before each run
             ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"])
@@ -627,9 +645,11 @@ def main():
 
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
     machine = f"{os.cpu_count()} cores, torch {torch.__version__}, torch_lmdb {torch_lmdb.__version__}"
+    method = (f"Reads: {budget:g} s per measurement after a warm-up of a third of it"
+              + (f", the best of {rounds} interleaved rounds (zarr and h5py: one round)." if rounds > 1 else "."))
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=1)
-    text = report(rows, args.out, command, machine)
+        json.dump({"command": command, "machine": machine, "method": method, "rows": rows}, f, indent=1)
+    text = report(rows, args.out, command, machine, method)
     plot(rows, args.out)
     print(text)
     log(f"done: {args.out}/results.json, results.md, <profile>.png")
