@@ -51,8 +51,8 @@ void default_warn(const std::string& msg) { TORCH_WARN(msg); }
 // The order of LMDB's default comparator (memcmp, then the shorter key first),
 // with the 8-byte big-endian sample keys compared as two integers instead of a
 // memcmp call. The order is identical, so the tree stays the one any other
-// LMDB program (py-lmdb, mdb_dump) reads and writes with the default; tiny
-// random reads spent about a fifth of their time in memcmp.
+// LMDB program (py-lmdb, mdb_dump) reads and writes with the default. LMDB's
+// memcmp calls were about 13 % of the time of tiny random reads.
 int compare_sample_keys(const MDB_val* a, const MDB_val* b) {
   if (a->mv_size == 8 && b->mv_size == 8) {
     uint64_t x, y;
