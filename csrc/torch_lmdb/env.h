@@ -168,4 +168,11 @@ inline void encode_key(uint64_t index, unsigned char out[8]) noexcept {
   }
 }
 
+/// The index of an 8-byte key made by encode_key.
+inline uint64_t decode_key(const unsigned char key[8]) noexcept {
+  uint64_t index = 0;
+  for (int i = 0; i < 8; ++i) index = index << 8 | key[i];
+  return index;
+}
+
 }  // namespace torch_lmdb

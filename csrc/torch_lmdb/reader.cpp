@@ -195,12 +195,27 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
 // cache misses overlap with the B-tree search of the next sample instead of
 // stalling the parse (tiny random reads: a sixth of the time went to the
 // first touch of the record).
+//
+// Runs of consecutive indices (sequential and block-shuffled batches) are
+// walked with a cursor per file: the first sample of a run is searched with
+// MDB_SET_KEY, each next one is the cursor's next entry (MDB_NEXT: no
+// descent from the root; tiny sequential reads 1.3-1.5x raw mdb_get). Other
+// samples are searched with mdb_get, and so is a next entry with another key
+// (a gap), which then gets lookup()'s error.
 class Lookahead {
  public:
   Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
             at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns)
-      : s_(s), envs_(envs), indices_(indices), txns_(txns) {
+      : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()) {
     if (!indices.empty()) next_ = find(0);
+  }
+  Lookahead(const Lookahead&) = delete;
+  Lookahead& operator=(const Lookahead&) = delete;
+  // Read-only cursors are closed explicitly (before their txns end: the
+  // callers' txns outlive this object).
+  ~Lookahead() {
+    for (const Cursor& c : cursors_)
+      if (c.cursor != nullptr) mdb_cursor_close(c.cursor);
   }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
@@ -216,12 +231,18 @@ class Lookahead {
     uint64_t local = 0;
     MDB_val value{0, nullptr};
   };
+  struct Cursor {
+    MDB_cursor* cursor = nullptr;
+    uint64_t at = 0;  // the local index it points at
+    bool positioned = false;
+  };
 
   Found find(size_t i) {
     const auto loc = s_.locate(indices_[i]);
     const Env& env = *envs_[loc.first];
     if (txns_[loc.first].get() == nullptr) txns_[loc.first] = env.read_txn();
-    Found f{&env, loc.second, lookup(env, txns_[loc.first].get(), loc.second)};
+    const bool run = i + 1 < indices_.size() && indices_[i + 1] == indices_[i] + 1;
+    Found f{&env, loc.second, seek(env, loc.first, loc.second, run)};
     // Every cache line of the value's first kPrefetchBytes (all of a small record).
     const uintptr_t begin = reinterpret_cast<uintptr_t>(f.value.mv_data);
     const uintptr_t end = begin + std::min<size_t>(f.value.mv_size, kPrefetchBytes);
@@ -230,11 +251,41 @@ class Lookahead {
     return f;
   }
 
+  // The value of `local` in `file`; `run`: the next sample follows it.
+  MDB_val seek(const Env& env, size_t file, uint64_t local, bool run) {
+    Cursor& c = cursors_[file];
+    MDB_txn* txn = txns_[file].get();
+    MDB_val k{0, nullptr}, v{0, nullptr};
+    if (c.positioned && local == c.at + 1 && mdb_cursor_get(c.cursor, &k, &v, MDB_NEXT) == MDB_SUCCESS &&
+        k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == local) {
+      c.at = local;
+      return v;
+    }
+    c.positioned = false;
+    // A search through a positioned cursor is ~10 % slower than mdb_get
+    // (tiny random reads): the cursor is only positioned for a run.
+    if (run) {
+      if (c.cursor == nullptr)
+        detail::check_mdb(mdb_cursor_open(txn, env.samples_dbi(), &c.cursor), "mdb_cursor_open",
+                          env.path(), "index " + std::to_string(local));
+      unsigned char kbuf[8];
+      encode_key(local, kbuf);
+      k = MDB_val{8, kbuf};
+      if (mdb_cursor_get(c.cursor, &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
+        c.at = local;
+        c.positioned = true;
+        return v;
+      }
+    }
+    return lookup(env, txn, local);  // (on a failed search: throws the error of this index)
+  }
+
   static constexpr size_t kPrefetchBytes = 256;
   const Reader::State& s_;
   const std::vector<std::shared_ptr<Env>>& envs_;
   at::ArrayRef<size_t> indices_;
   std::vector<ReadTxn>& txns_;
+  std::vector<Cursor> cursors_;
   Found next_;
 };
 

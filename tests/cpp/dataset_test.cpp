@@ -1,5 +1,6 @@
 // Reader, Dataset and StackedDataset: several files, DataLoaders, batches,
 // collation, fork and read-only storage.
+#include <lmdb.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
@@ -96,6 +97,69 @@ TEST(Batch, ReadBatchEqualsGetAndStack) {
   ASSERT_EQ(b.tensors.size(), 2u);
   EXPECT_TRUE(torch::equal(b.tensors["x"], stacked["x"]));
   EXPECT_TRUE(torch::equal(b.tensors["index"], torch::tensor({3, 17, 0, 39, 3})));
+}
+
+// Runs of consecutive indices are walked with a cursor (MDB_NEXT) instead of
+// searched: runs across leaf pages and file boundaries, restarts, repeats and
+// descending indices read the right samples on both batch paths, and a
+// sample missing inside a run is an error naming it (not its successor).
+TEST(Batch, RunsOfConsecutiveIndices) {
+  TempDir tmp;
+  write_dataset(tmp.sub("a"), 300, 0);
+  write_dataset(tmp.sub("b"), 0, 300);
+  write_dataset(tmp.sub("c"), 500, 300);
+  Reader r(std::vector<std::string>{tmp.sub("a"), tmp.sub("b"), tmp.sub("c")});
+  std::vector<size_t> all(800);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  std::vector<size_t> mixed;
+  for (size_t i = 10; i < 20; ++i) mixed.push_back(i);
+  for (size_t i : {5, 6, 7, 8, 9, 9, 8, 7, 290}) mixed.push_back(i);
+  for (size_t i = 291; i < 310; ++i) mixed.push_back(i);
+  for (size_t i : {799, 0, 1, 2, 798, 799}) mixed.push_back(i);
+  BatchOptions general;  // a caller's allocator takes the general (non fixed-shape) path
+  general.allocate = [](at::IntArrayRef shape, at::ScalarType dtype) {
+    return at::empty(shape, at::TensorOptions().dtype(dtype));
+  };
+  for (const auto* idx : {&all, &mixed}) {
+    for (const BatchOptions& options : {BatchOptions{}, general}) {
+      Batch b = r.read_batch(*idx, options);
+      ASSERT_EQ(b.tensors["index"].size(0), static_cast<int64_t>(idx->size()));
+      for (size_t j = 0; j < idx->size(); ++j) {
+        const int64_t i = static_cast<int64_t>((*idx)[j]);
+        ASSERT_EQ(b.tensors["index"][j].item<int64_t>(), i) << "row " << j;
+        ASSERT_TRUE(torch::equal(b.tensors["x"][j], make_sample(i)["x"])) << "row " << j;
+      }
+    }
+  }
+
+  // Delete sample 50 of file a behind the writer's back (LMDB's default
+  // comparator orders these keys as torch_lmdb's does).
+  MDB_env* env = nullptr;
+  ASSERT_EQ(mdb_env_create(&env), 0);
+  ASSERT_EQ(mdb_env_set_maxdbs(env, 4), 0);
+  ASSERT_EQ(mdb_env_open(env, tmp.sub("a").c_str(), 0, 0644), 0);
+  MDB_txn* txn = nullptr;
+  MDB_dbi dbi;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+  ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  unsigned char key[8];
+  encode_key(50, key);
+  MDB_val k{8, key};
+  ASSERT_EQ(mdb_del(txn, dbi, &k, nullptr), 0);
+  ASSERT_EQ(mdb_txn_commit(txn), 0);
+  mdb_env_close(env);
+  Reader damaged(tmp.sub("a"));
+  std::vector<size_t> run{45, 46, 47, 48, 49, 50, 51, 52};
+  for (const BatchOptions& options : {BatchOptions{}, general}) {
+    try {
+      damaged.read_batch(run, options);
+      FAIL() << "a batch over a missing sample was read";
+    } catch (const CorruptedError& e) {
+      EXPECT_NE(std::string(e.what()).find("sample index 50 is missing"), std::string::npos) << e.what();
+    }
+  }
+  std::vector<size_t> around{47, 48, 49, 51, 52};
+  EXPECT_EQ(damaged.read_batch(around).tensors["index"][3].item<int64_t>(), 51);
 }
 
 TEST(Batch, VariableLengthFieldsNeedPaddingAndGetLengths) {
