@@ -406,11 +406,9 @@ std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
   thread_local std::vector<FieldView> views;
   std::vector<Sample> out;
   out.reserve(indices.size());
-  for (size_t index : indices) {
-    const auto loc = s.locate(index);
-    const Env& env = *envs[loc.first];
-    if (txns[loc.first].get() == nullptr) txns[loc.first] = env.read_txn();
-    fetch(env, txns[loc.first].get(), loc.second, s, views);
+  Lookahead samples(s, envs, indices, txns);
+  for (size_t i = 0; i < indices.size(); ++i) {
+    samples.parse_next(i, views);
     Sample sample;
     sample.reserve(s.schema.size());
     for (size_t f = 0; f < views.size(); ++f)

@@ -102,7 +102,8 @@ TEST(Batch, ReadBatchEqualsGetAndStack) {
 // Runs of consecutive indices are walked with a cursor (MDB_NEXT) instead of
 // searched: runs across leaf pages and file boundaries, restarts, repeats and
 // descending indices read the right samples on both batch paths, and a
-// sample missing inside a run is an error naming it (not its successor).
+// sample missing inside a run is an error naming it (not its successor);
+// get_many (Dataset::get_batch) too.
 TEST(Batch, RunsOfConsecutiveIndices) {
   TempDir tmp;
   write_dataset(tmp.sub("a"), 300, 0);
@@ -130,6 +131,10 @@ TEST(Batch, RunsOfConsecutiveIndices) {
         ASSERT_TRUE(torch::equal(b.tensors["x"][j], make_sample(i)["x"])) << "row " << j;
       }
     }
+    std::vector<Sample> many = r.get_many(*idx);
+    ASSERT_EQ(many.size(), idx->size());
+    for (size_t j = 0; j < idx->size(); ++j)
+      ASSERT_TRUE(torch::equal(many[j]["x"], make_sample(static_cast<int64_t>((*idx)[j]))["x"])) << "sample " << j;
   }
 
   // Delete sample 50 of file a behind the writer's back (LMDB's default
@@ -157,6 +162,12 @@ TEST(Batch, RunsOfConsecutiveIndices) {
     } catch (const CorruptedError& e) {
       EXPECT_NE(std::string(e.what()).find("sample index 50 is missing"), std::string::npos) << e.what();
     }
+  }
+  try {
+    damaged.get_many(run);
+    FAIL() << "samples including a missing one were read";
+  } catch (const CorruptedError& e) {
+    EXPECT_NE(std::string(e.what()).find("sample index 50 is missing"), std::string::npos) << e.what();
   }
   std::vector<size_t> around{47, 48, 49, 51, 52};
   EXPECT_EQ(damaged.read_batch(around).tensors["index"][3].item<int64_t>(), 51);
