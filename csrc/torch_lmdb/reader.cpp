@@ -196,8 +196,8 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
 // stalling the parse (tiny random reads: a sixth of the time went to the
 // first touch of the record).
 //
-// Runs of consecutive indices (sequential and block-shuffled batches) are
-// walked with a cursor per file: the first sample of a run is searched with
+// Runs of consecutive indices (sequential batches) are walked with a cursor
+// per file: the first sample of a run is searched with
 // MDB_SET_KEY, each next one is the cursor's next entry (MDB_NEXT: no
 // descent from the root; tiny sequential reads 1.3-1.5x raw mdb_get). Other
 // samples are searched with mdb_get, and so is a next entry with another key
@@ -208,14 +208,6 @@ class Lookahead {
             at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns)
       : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()) {
     if (!indices.empty()) next_ = find(0);
-  }
-  Lookahead(const Lookahead&) = delete;
-  Lookahead& operator=(const Lookahead&) = delete;
-  // Read-only cursors are closed explicitly (before their txns end: the
-  // callers' txns outlive this object).
-  ~Lookahead() {
-    for (const Cursor& c : cursors_)
-      if (c.cursor != nullptr) mdb_cursor_close(c.cursor);
   }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
@@ -231,8 +223,13 @@ class Lookahead {
     uint64_t local = 0;
     MDB_val value{0, nullptr};
   };
+  // Read-only cursors are closed explicitly, here before their txns end
+  // (the callers' txns outlive this object).
+  struct CursorCloser {
+    void operator()(MDB_cursor* c) const noexcept { mdb_cursor_close(c); }
+  };
   struct Cursor {
-    MDB_cursor* cursor = nullptr;
+    std::unique_ptr<MDB_cursor, CursorCloser> cursor;
     uint64_t at = 0;  // the local index it points at
     bool positioned = false;
   };
@@ -256,7 +253,7 @@ class Lookahead {
     Cursor& c = cursors_[file];
     MDB_txn* txn = txns_[file].get();
     MDB_val k{0, nullptr}, v{0, nullptr};
-    if (c.positioned && local == c.at + 1 && mdb_cursor_get(c.cursor, &k, &v, MDB_NEXT) == MDB_SUCCESS &&
+    if (c.positioned && local == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
         k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == local) {
       c.at = local;
       return v;
@@ -265,13 +262,16 @@ class Lookahead {
     // A search through a positioned cursor is ~10 % slower than mdb_get
     // (tiny random reads): the cursor is only positioned for a run.
     if (run) {
-      if (c.cursor == nullptr)
-        detail::check_mdb(mdb_cursor_open(txn, env.samples_dbi(), &c.cursor), "mdb_cursor_open",
-                          env.path(), "index " + std::to_string(local));
+      if (c.cursor == nullptr) {
+        MDB_cursor* opened = nullptr;
+        detail::check_mdb(mdb_cursor_open(txn, env.samples_dbi(), &opened), "mdb_cursor_open", env.path(),
+                          "index " + std::to_string(local));
+        c.cursor.reset(opened);
+      }
       unsigned char kbuf[8];
       encode_key(local, kbuf);
       k = MDB_val{8, kbuf};
-      if (mdb_cursor_get(c.cursor, &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
+      if (mdb_cursor_get(c.cursor.get(), &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
         c.at = local;
         c.positioned = true;
         return v;
