@@ -197,11 +197,11 @@ void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
 // first touch of the record).
 //
 // Runs of consecutive indices (sequential batches) are walked with a cursor
-// per file: the first sample of a run is searched with
-// MDB_SET_KEY, each next one is the cursor's next entry (MDB_NEXT: no
-// descent from the root; tiny sequential reads 1.3-1.5x raw mdb_get). Other
-// samples are searched with mdb_get, and so is a next entry with another key
-// (a gap), which then gets lookup()'s error.
+// per file: the first sample of a run is searched with MDB_SET_KEY, each
+// next one is the cursor's next entry (MDB_NEXT: no descent from the root;
+// tiny sequential reads 1.3-1.5x raw mdb_get). Other samples are searched
+// with mdb_get, and so is a next entry with another key (a gap), which then
+// gets lookup()'s error.
 class Lookahead {
  public:
   Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
