@@ -617,10 +617,18 @@ def main():
             prof_rows = list(best.values())
             rows += prof_rows
         if profile == "medium":  # cold: the files evicted from the page cache before each run
-            ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"])
+            # Each cold system opens its own environment: one still open on the path (a warm
+            # system's dataset) would be shared, with its readahead (off), and keep the map's pages.
+            factory = None
+            gc.collect()
+
+            def cold_get_batch():
+                ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"])
+                for i in epochs("shuffled", n, 256):
+                    yield len(i), batch_bytes(ds.get_batch(i.tolist()))[0]
+
             for name, store, factory in (
-                    ("torch_lmdb get_batch in process", paths["torch_lmdb"],
-                     lambda: ((len(i), batch_bytes(ds.get_batch(i.tolist()))[0]) for i in epochs("shuffled", n, 256))),
+                    ("torch_lmdb get_batch in process", paths["torch_lmdb"], cold_get_batch),
                     ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), readahead, 2 threads",
                      paths["torch_lmdb"], lambda: block_shuffled(paths["torch_lmdb"])),
                     ("py-lmdb + pickle DataLoader, num_workers=0", paths["pickle_lmdb"],

@@ -182,6 +182,13 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                             "cannot be honoured until those readers are closed",
                         EACCES, path);
       }
+      if (options.readonly && options.readahead != existing->readahead()) {
+        // One environment per file and process (lmdb.h): its map keeps the
+        // readahead it was opened with.
+        warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
+             (existing->readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
+             " has no effect until those readers are closed");
+      }
       return existing;
     }
   }
@@ -229,6 +236,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     detail::throw_mdb(rc, "mdb_env_open", path, "");
   }
   env->nolock_ = nolock;
+  env->readahead_ = options.readahead;
 
   if (!nolock) {
     int dead = 0;  // reclaim reader slots of killed processes

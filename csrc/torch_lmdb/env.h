@@ -126,6 +126,7 @@ class Env {
   bool readonly() const noexcept { return readonly_; }
   /// True when MDB_NOLOCK is in effect (forced or by fallback).
   bool nolock() const noexcept { return nolock_; }
+  bool readahead() const noexcept { return readahead_; }
   MDB_dbi samples_dbi() const noexcept { return samples_; }
   MDB_dbi meta_dbi() const noexcept { return meta_; }
   pid_t owner() const noexcept { return owner_; }
@@ -152,6 +153,7 @@ class Env {
   std::string path_;
   bool readonly_ = true;
   bool nolock_ = false;
+  bool readahead_ = false;
   pid_t owner_ = 0;
   MDB_dbi samples_ = 0;
   MDB_dbi meta_ = 0;

@@ -268,6 +268,17 @@ TEST(Env, SamePathSharesOneEnvPerProcess) {
   EXPECT_EQ(e1.get(), e2.get());
   // A writer cannot take a path held read-only.
   EXPECT_THROW(Writer(tmp.sub("a"), WriterOptions{/*append=*/true}), InvalidDatabaseError);
+  // The shared environment keeps the readahead it was opened with: asking
+  // for the other one is said, not silently ignored.
+  std::vector<std::string> warnings;
+  o.warn = [&](const std::string& m) { warnings.push_back(m); };
+  EXPECT_EQ(Env::open(tmp.sub("a"), o).get(), e1.get());
+  EXPECT_TRUE(warnings.empty());
+  o.readahead = true;
+  EXPECT_EQ(Env::open(tmp.sub("a"), o).get(), e1.get());
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("already open in this process with readahead off"), std::string::npos) << warnings[0];
+  EXPECT_NE(warnings[0].find(tmp.sub("a")), std::string::npos) << warnings[0];
 }
 
 TEST(Env, ReadOnlyDirectoryFallsBackToNoLock) {
