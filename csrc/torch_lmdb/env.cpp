@@ -55,13 +55,8 @@ void default_warn(const std::string& msg) { TORCH_WARN(msg); }
 // memcmp calls were about 13 % of the time of tiny random reads.
 int compare_sample_keys(const MDB_val* a, const MDB_val* b) {
   if (a->mv_size == 8 && b->mv_size == 8) {
-    uint64_t x, y;
-    std::memcpy(&x, a->mv_data, 8);
-    std::memcpy(&y, b->mv_data, 8);
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    x = __builtin_bswap64(x);
-    y = __builtin_bswap64(y);
-#endif
+    const uint64_t x = decode_key(static_cast<const unsigned char*>(a->mv_data));
+    const uint64_t y = decode_key(static_cast<const unsigned char*>(b->mv_data));
     return (x > y) - (x < y);
   }
   const size_t n = std::min(a->mv_size, b->mv_size);

@@ -184,12 +184,6 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
 }
 
-// Fetches and parses sample `local` of `env` inside `txn`.
-void fetch(const Env& env, MDB_txn* txn, uint64_t local, const Reader::State& s,
-           std::vector<FieldView>& views) {
-  parse(env, lookup(env, txn, local), local, s, views);
-}
-
 // The samples of a batch, looked up one ahead of their parse: the first
 // bytes of each value are prefetched as soon as it is found, so that their
 // cache misses overlap with the B-tree search of the next sample instead of
@@ -392,7 +386,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   thread_local std::vector<FieldView> views;
   std::vector<Field> out;
   ReadTxn txn = env.read_txn();
-  fetch(env, txn.get(), loc.second, s, views);
+  parse(env, lookup(env, txn.get(), loc.second), loc.second, s, views);
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
