@@ -1,5 +1,7 @@
 // Writer: map growth, crash consistency, modes, schema checks, metadata.
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -64,6 +66,49 @@ TEST(Writer, WithoutAutoGrowAFullMapRaisesMapFullErrorAgainAndKeepsTheCommittedP
   EXPECT_GT(r.size(), 0u);
   EXPECT_EQ(r.size() % 4, 0u);
   for (size_t i = 0; i < r.size(); ++i) EXPECT_EQ(r.get(i)["index"].item<int64_t>(), int64_t(i));
+}
+
+// A commit whose write(2)s fail half way (the process's file size limit:
+// EFBIG, as a full disk gives ENOSPC) raises an error naming the file, from
+// every later call, and the commits before it stay readable. The commit fails
+// while its early-writeback thread runs (writer.cpp: EarlyWriteback).
+TEST(Writer, ACommitThatCannotWriteRaisesAndKeepsTheCommittedPrefix) {
+  TempDir tmp;
+  const std::string path = tmp.sub("fsize");
+  WriterOptions o;
+  o.commit_every = 64;  // 64 samples of 16 KiB: ~1.3 MiB per commit
+  struct rlimit unlimited {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &unlimited), 0);
+  const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);  // write(2) returns EFBIG instead of killing
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 64; ++i) w.write(make_sample(i, 4096));
+    w.flush();
+    struct stat st {};
+    ASSERT_EQ(::stat((path + "/data.mdb").c_str(), &st), 0);
+    struct rlimit limited = unlimited;
+    limited.rlim_cur = static_cast<rlim_t>(st.st_size) + (256 << 10);  // room for a fifth of a commit
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limited), 0);
+    bool raised = false;
+    try {
+      for (int64_t i = 64; i < 128; ++i) w.write(make_sample(i, 4096));
+      w.flush();
+    } catch (const Error& e) {
+      raised = true;
+      EXPECT_NE(std::string(e.what()).find("mdb_txn_commit"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &unlimited), 0);
+    EXPECT_TRUE(raised);
+    EXPECT_THROW(w.write(make_sample(128, 4096)), Error);
+    EXPECT_THROW(w.close(), Error);
+    EXPECT_EQ(w.committed(), 64u);
+  }
+  ::signal(SIGXFSZ, old_handler);
+  Reader r(path, ReaderOptions{true});
+  ASSERT_EQ(r.size(), 64u);
+  EXPECT_FALSE(r.complete());
+  for (size_t i = 0; i < 64; ++i) EXPECT_TRUE(torch::equal(r.get(i)["x"], make_sample(int64_t(i), 4096)["x"]));
 }
 
 TEST(Writer, FlushWaitsForTheCommitterAndCountsCommittedSamples) {
