@@ -623,8 +623,11 @@ def main():
                         keep_best(best, dict(profile=profile, order=order, cache="warm", system=name,
                                              samples_per_s=r["samples_per_s"],
                                              mb_per_s=r["samples_per_s"] * sample_bytes / MB,
-                                             cpu_us_per_sample=r["cpu_us_per_sample"], peak_pss_mib=None))
-                        log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+                                             cpu_us_per_sample=r["cpu_us_per_sample"], peak_pss_mib=None,
+                                             major_faults=r["major_faults"]))
+                        # Major faults in a warm run: the file's pages were read from disk again.
+                        faults = f"  ({r['major_faults']:,.0f} major page faults)" if r["major_faults"] else ""
+                        log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s{faults}")
             prof_rows = list(best.values())
             rows += prof_rows
         if profile == "medium":  # cold: the files evicted from the page cache before each run

@@ -12,7 +12,8 @@
 //   get_batch  torch_lmdb::StackedDataset through make_data_loader, T workers.
 //   get_stack  torch_lmdb::Dataset + torch_lmdb::Stack through make_data_loader.
 //
-// Prints one JSON object: samples/s, bytes/s (value bytes), CPU us per sample.
+// Prints one JSON object: samples/s, bytes/s (value bytes), CPU us per sample,
+// the page faults (major, minor) during the measurement.
 #include <lmdb.h>
 #include <sys/resource.h>
 #include <torch/torch.h>
@@ -38,10 +39,17 @@ struct Args {
   double seconds = 2.0;
 };
 
-double cpu_seconds() {
+// CPU seconds and page faults of the process so far. Major faults in a warm
+// measurement mean pages of the file left the page cache during it.
+struct Usage {
+  double cpu = 0, major_faults = 0, minor_faults = 0;
+};
+
+Usage usage() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
-  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+  return {u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec),
+          static_cast<double>(u.ru_majflt), static_cast<double>(u.ru_minflt)};
 }
 
 void check(int rc, const char* what) {
@@ -56,7 +64,13 @@ std::vector<size_t> order(size_t n, const std::string& kind, unsigned seed) {
 }
 
 struct Measure {
-  double samples = 0, bytes = 0, wall = 0, cpu = 0;
+  double samples = 0, bytes = 0, wall = 0;
+  Usage used;  // during the measurement
+
+  void finish(const Usage& start) {
+    const Usage end = usage();
+    used = {end.cpu - start.cpu, end.major_faults - start.major_faults, end.minor_faults - start.minor_faults};
+  }
 };
 
 // Runs `body(worker, workers, order, &samples, &bytes)` on T threads (0 = the
@@ -66,7 +80,7 @@ Measure run_epochs(const Args& a, size_t n, Body body) {
   const size_t workers = std::max<size_t>(1, a.threads);
   Measure m;
   unsigned epoch = 0;
-  const double cpu0 = cpu_seconds();
+  const Usage start = usage();
   auto t0 = std::chrono::steady_clock::now();
   do {
     const auto idx = order(n, a.order, epoch++);
@@ -83,7 +97,7 @@ Measure run_epochs(const Args& a, size_t n, Body body) {
     for (size_t w = 0; w < workers; ++w) m.samples += done[w], m.bytes += bytes[w];
     m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   } while (m.wall < a.seconds);
-  m.cpu = cpu_seconds() - cpu0;
+  m.finish(start);
   return m;
 }
 
@@ -179,7 +193,7 @@ template <typename Loader, typename Count>
 Measure run_loader(Loader& loader, const Args& a, Count count) {
   for (auto& b : *loader) (void)b;  // warm-up epoch
   Measure m;
-  const double cpu0 = cpu_seconds();
+  const Usage start = usage();
   auto t0 = std::chrono::steady_clock::now();
   do {
     for (auto& b : *loader) {
@@ -189,7 +203,7 @@ Measure run_loader(Loader& loader, const Args& a, Count count) {
     }
     m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   } while (m.wall < a.seconds);
-  m.cpu = cpu_seconds() - cpu0;
+  m.finish(start);
   return m;
 }
 
@@ -251,9 +265,9 @@ int main(int argc, char** argv) try {
     }
   }
   std::printf("{\"mode\": \"%s\", \"threads\": %zu, \"batch\": %zu, \"order\": \"%s\", \"samples_per_s\": %.1f, "
-              "\"bytes_per_s\": %.1f, \"cpu_us_per_sample\": %.3f}\n",
+              "\"bytes_per_s\": %.1f, \"cpu_us_per_sample\": %.3f, \"major_faults\": %.0f, \"minor_faults\": %.0f}\n",
               a.mode.c_str(), a.threads, a.batch, a.order.c_str(), m.samples / m.wall, m.bytes / m.wall,
-              1e6 * m.cpu / m.samples);
+              1e6 * m.used.cpu / m.samples, m.used.major_faults, m.used.minor_faults);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "torch_lmdb_bench_read: error: %s\n", e.what());
