@@ -44,8 +44,9 @@ constexpr size_t kMaxReserve = size_t{256} << 20;
 // write_many of 60,000 16 KiB samples to ext4 on the 2-core dev VM, 5
 // interleaved runs each: 1.15-1.35 s without it, 0.89-1.02 s with it; on
 // tmpfs (no writeback) 0.81-0.86 s either way. Only a hint: it writes out
-// pages that are already written, so LMDB's order (the data synced before the
-// meta page is written) and its errors (from fdatasync) are the commit's own.
+// sooner what the kernel may write out at any moment anyway, so LMDB's order
+// (the data synced before the meta page is written), its crash consistency
+// and its errors (from fdatasync) are the commit's own.
 class EarlyWriteback {
  public:
   explicit EarlyWriteback(MDB_env* env) {
