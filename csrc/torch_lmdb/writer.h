@@ -18,7 +18,8 @@
 // - Commits run on a background thread: write() encodes the sample (copying
 //   every value, so the caller may reuse its buffers at once) into a batch
 //   buffer; a full batch goes to a committer thread (mdb_put, write(2),
-//   fdatasync) while write() goes on encoding the next one. At most one batch
+//   fdatasync, with the disk's writeback started while write(2) still runs)
+//   while write() goes on encoding the next one. At most one batch
 //   is in flight, so memory stays bounded by two batch buffers of about
 //   `commit_bytes` each, kept for the Writer's lifetime.
 // - Errors of a commit (MapFullError without auto_grow, a full disk, ...)
