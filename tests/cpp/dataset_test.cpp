@@ -16,12 +16,24 @@ using torch_lmdb_test::make_sample;
 using torch_lmdb_test::TempDir;
 using torch_lmdb_test::write_dataset;
 
+namespace {
+// Files "f0", "f1", ... of tmp holding `sizes` samples each, numbered on from
+// one file to the next (as one dataset of all of them reads them); their paths.
+std::vector<std::string> write_files(const TempDir& tmp, std::initializer_list<int64_t> sizes) {
+  std::vector<std::string> paths;
+  int64_t first = 0;
+  for (int64_t n : sizes) {
+    paths.push_back(tmp.sub("f" + std::to_string(paths.size())));
+    write_dataset(paths.back(), n, first);
+    first += n;
+  }
+  return paths;
+}
+}  // namespace
+
 TEST(Dataset, SeveralFilesFormOneDataset) {
   TempDir tmp;
-  write_dataset(tmp.sub("a"), 5, 0);
-  write_dataset(tmp.sub("b"), 0, 5);
-  write_dataset(tmp.sub("c"), 7, 5);
-  Dataset ds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b"), tmp.sub("c")});
+  Dataset ds(write_files(tmp, {5, 0, 7}));
   ASSERT_EQ(ds.size().value(), 12u);
   for (size_t i = 0; i < 12; ++i) {
     auto s = ds.get(i);
@@ -37,9 +49,8 @@ class DataLoaderWorkers : public ::testing::TestWithParam<int> {};
 TEST_P(DataLoaderWorkers, RandomSamplerSeesEveryIndexOnce) {
   TempDir tmp;
   const int64_t n = 1000;
-  write_dataset(tmp.sub("a"), 400, 0);
-  write_dataset(tmp.sub("b"), 600, 400);
-  Dataset ds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b")});
+  const std::vector<std::string> files = write_files(tmp, {400, 600});
+  Dataset ds(files);
   auto loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
       ds.map(Stack()), torch::data::DataLoaderOptions().batch_size(64).workers(GetParam()));
   std::vector<int> seen(n, 0);
@@ -55,7 +66,7 @@ TEST_P(DataLoaderWorkers, RandomSamplerSeesEveryIndexOnce) {
   for (int64_t i = 0; i < n; ++i) EXPECT_EQ(seen[i], 1) << "index " << i;
 
   // The stacked fast path through the same loader.
-  StackedDataset sds(std::vector<std::string>{tmp.sub("a"), tmp.sub("b")});
+  StackedDataset sds(files);
   auto fast = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
       sds, torch::data::DataLoaderOptions().batch_size(64).workers(GetParam()));
   std::vector<int> seen2(n, 0);
@@ -106,10 +117,8 @@ TEST(Batch, ReadBatchEqualsGetAndStack) {
 // get_many (Dataset::get_batch) too.
 TEST(Batch, RunsOfConsecutiveIndices) {
   TempDir tmp;
-  write_dataset(tmp.sub("a"), 300, 0);
-  write_dataset(tmp.sub("b"), 0, 300);
-  write_dataset(tmp.sub("c"), 500, 300);
-  Reader r(std::vector<std::string>{tmp.sub("a"), tmp.sub("b"), tmp.sub("c")});
+  const std::vector<std::string> files = write_files(tmp, {300, 0, 500});
+  Reader r(files);
   std::vector<size_t> all(800);
   for (size_t i = 0; i < all.size(); ++i) all[i] = i;
   std::vector<size_t> mixed;
@@ -137,12 +146,12 @@ TEST(Batch, RunsOfConsecutiveIndices) {
       ASSERT_TRUE(torch::equal(many[j]["x"], make_sample(static_cast<int64_t>((*idx)[j]))["x"])) << "sample " << j;
   }
 
-  // Delete sample 50 of file a behind the writer's back (LMDB's default
+  // Delete sample 50 of the first file behind the writer's back (LMDB's default
   // comparator orders these keys as torch_lmdb's does).
   MDB_env* env = nullptr;
   ASSERT_EQ(mdb_env_create(&env), 0);
   ASSERT_EQ(mdb_env_set_maxdbs(env, 4), 0);
-  ASSERT_EQ(mdb_env_open(env, tmp.sub("a").c_str(), 0, 0644), 0);
+  ASSERT_EQ(mdb_env_open(env, files[0].c_str(), 0, 0644), 0);
   MDB_txn* txn = nullptr;
   MDB_dbi dbi;
   ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
@@ -153,7 +162,7 @@ TEST(Batch, RunsOfConsecutiveIndices) {
   ASSERT_EQ(mdb_del(txn, dbi, &k, nullptr), 0);
   ASSERT_EQ(mdb_txn_commit(txn), 0);
   mdb_env_close(env);
-  Reader damaged(tmp.sub("a"));
+  Reader damaged(files[0]);
   std::vector<size_t> run{45, 46, 47, 48, 49, 50, 51, 52};
   for (const BatchOptions& options : {BatchOptions{}, general}) {
     try {
