@@ -13,9 +13,10 @@ JOBS ?= $(shell nproc)
 DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev python3-torch \
   liblmdb-dev libcereal-dev nlohmann-json3-dev pybind11-dev libxxhash-dev libgtest-dev libbenchmark-dev \
   python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-tqdm python3-yaml \
-  python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist
+  python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist \
+  libblosc-dev python3-dask python3-distributed
 
-.PHONY: test demo deps build cmake-build python-build install lib-install examples example-cpp ctest pytest clean
+.PHONY: print-deb-packages test-debian13 test demo deps build cmake-build python-build install lib-install examples example-cpp ctest pytest clean
 
 test: deps build ctest example-cpp pytest
 
@@ -71,3 +72,11 @@ pytest: python-build cmake-build examples
 
 clean:
 	rm -rf build torch_lmdb/_C*.so *.egg-info
+
+# The same `make test` inside a Debian 13 root (torch 2.6, Python 3.13, zarr 3), cached
+# outside the clone (see tools/debian13.sh).
+test-debian13:
+	tools/debian13.sh test
+
+print-deb-packages:
+	@echo $(DEB_PACKAGES)
