@@ -1,8 +1,10 @@
 #include "torch_lmdb/env.h"
 
 #include <c10/util/Exception.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,14 +20,27 @@ namespace torch_lmdb {
 namespace {
 
 constexpr size_t kDefaultMapSize = size_t{64} << 20;  // 64 MiB, grows by doubling
+constexpr size_t kMinMapSize = size_t{1} << 20;       // smaller requests are raised to this
+// Readers map at least this much, and at least twice the file: a writer in
+// another process then rarely grows the file past the reader's map (each
+// time it does, the reader remaps once, as a resize).
+constexpr size_t kMinReaderMap = size_t{256} << 20;
+// Retries of MDB_MAP_RESIZED (another process grew the map again while we
+// adopted its size) before giving up.
+constexpr int kResizeRetries = 1000;
 
 std::atomic<uint64_t> g_fork_generation{0};
 
-// The registry of open envs. Its mutex is taken around fork() by the atfork
-// handlers, so a child never inherits it locked; the child empties the map
-// (without closing: the parent's handles are not the child's to close).
+// The registry of open envs, keyed by data.mdb's device+inode. Envs are
+// opened and closed under its mutex; an entry whose Env is being destroyed
+// (expired weak_ptr) stays until its handle is closed, and an open of the
+// same file waits for that (`closed`). The mutex is taken around fork() by
+// the atfork handlers, so a child never inherits it locked; the child
+// empties the map (without closing: the parent's handles are not the
+// child's to close).
 struct Registry {
   std::mutex mutex;
+  std::condition_variable closed;
   std::map<std::pair<dev_t, ino_t>, std::weak_ptr<Env>> envs;
 };
 
@@ -44,6 +59,52 @@ Registry& registry() {
     return reg;
   }();
   return *r;
+}
+
+// Transactions the calling thread holds, per env (for Env::holds_txn).
+thread_local std::vector<std::pair<const Env*, int>> t_held;
+
+void note_held(const Env* env, int delta) noexcept {
+  for (auto& e : t_held) {
+    if (e.first == env) {
+      e.second += delta;
+      return;
+    }
+  }
+  if (delta > 0) t_held.emplace_back(env, delta);
+}
+
+// Size of LMDB's lock file for `max_readers` slots, rounded up (lmdb.h:
+// MDB_txninfo + (maxreaders - 1) * MDB_reader, 64 bytes per reader): an
+// overestimate only gives LMDB a few more slots.
+size_t lock_file_bytes(unsigned max_readers) {
+  return (static_cast<size_t>(max_readers) + 1) * 64 + 4096;
+}
+
+// Creates (or opens) lock.mdb and gives it its disk blocks now: LMDB maps
+// the lock file and writes it through the map, so on a full disk its first
+// write would be a SIGBUS. Returns 0, or the errno of a failed open (the
+// caller decides: read-only storage), or throws DiskFullError.
+int preallocate_lock_file(const std::string& path, unsigned max_readers) {
+  const std::string lock_path = path + "/lock.mdb";
+  const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return errno;
+  struct stat st {};
+  size_t bytes = lock_file_bytes(max_readers);
+  if (::fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) > bytes) bytes = static_cast<size_t>(st.st_size);
+  const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+  ::close(fd);
+  if (rc == ENOSPC || rc == EDQUOT) {
+    throw DiskFullError("cannot create the lock file of '" + path + "': " + std::strerror(rc) +
+                            " (the disk is full; free space and open again)",
+                        ENOSPC, path);
+  }
+  return 0;  // other fallocate failures (e.g. EOPNOTSUPP): LMDB's own ftruncate then
+}
+
+bool filesystem_readonly(const std::string& path) {
+  struct statvfs vfs {};
+  return ::statvfs(path.c_str(), &vfs) == 0 && (vfs.f_flag & ST_RDONLY) != 0;
 }
 
 void default_warn(const std::string& msg) { TORCH_WARN(msg); }
@@ -114,20 +175,35 @@ ReadTxn::~ReadTxn() {
 // ---- WriteTxn --------------------------------------------------------------
 
 WriteTxn::WriteTxn(Env& env) : env_(&env) {
-  detail::check_mdb(mdb_txn_begin(env.handle(), nullptr, 0, &txn_),
-                    "mdb_txn_begin(write)", env.path());
+  env.enter();
+  const int rc = mdb_txn_begin(env.handle(), nullptr, 0, &txn_);
+  if (rc != 0) {
+    txn_ = nullptr;
+    env.leave();
+    detail::throw_mdb(rc, "mdb_txn_begin(write)", env.path(), "");
+  }
 }
 
 void WriteTxn::commit() {
   MDB_txn* txn = txn_;
   txn_ = nullptr;  // lmdb.h: the handle is freed by commit, even on failure
-  detail::check_mdb(mdb_txn_commit(txn), "mdb_txn_commit", env_->path());
+  int rc = mdb_txn_commit(txn);
+  env_->leave();
+  if (rc == EIO) {
+    // LMDB reports a short write(2) as EIO; on a full filesystem that is ENOSPC.
+    struct statvfs vfs {};
+    if (::statvfs(env_->path().c_str(), &vfs) == 0 &&
+        static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize < (uint64_t{1} << 20))
+      rc = ENOSPC;
+  }
+  detail::check_mdb(rc, "mdb_txn_commit", env_->path());
 }
 
 void WriteTxn::abort() noexcept {
   if (txn_ != nullptr) {
     mdb_txn_abort(txn_);
     txn_ = nullptr;
+    env_->leave();
   }
 }
 
@@ -151,101 +227,151 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                                    "(expected a directory holding data.mdb)",
                                0, path);
   }
-  if (options.readonly) {
-    struct stat data {};
-    if (::stat((path + "/data.mdb").c_str(), &data) != 0) {
-      throw NotFoundError("no LMDB database at '" + path + "' (data.mdb is missing)",
-                          ENOENT, path);
-    }
+  const std::string data_path = path + "/data.mdb";
+  if (!options.readonly) {
+    // The registry's key is data.mdb's inode: create the file first (LMDB
+    // initialises an empty data file as a new database).
+    const int fd = ::open(data_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) detail::throw_mdb(errno, "open(data.mdb)", path, "");
+    ::close(fd);
+  }
+  struct stat data {};
+  if (::stat(data_path.c_str(), &data) != 0) {
+    throw NotFoundError("no LMDB database at '" + path + "' (data.mdb is missing)", ENOENT, path);
+  }
+  if (options.readonly && data.st_size == 0) {
+    throw InvalidDatabaseError("'" + path + "' holds an empty data.mdb (a writer that never committed?)", 0,
+                               path);
   }
 
-  std::lock_guard<std::mutex> guard(reg.mutex);
-  const auto key = std::make_pair(st.st_dev, st.st_ino);
-  auto it = reg.envs.find(key);
-  if (it != reg.envs.end()) {
-    if (auto existing = it->second.lock()) {
-      if (!options.readonly && existing->readonly()) {
-        throw InvalidDatabaseError(
-            "'" + path +
-                "' is already open read-only in this process (a dataset holds "
-                "it); close the readers before writing to it",
-            0, path);
-      }
-      if (options.lock == 1 && existing->nolock()) {
-        throw LockError("'" + path +
-                            "' is already open without locking in this process; lock=True "
-                            "cannot be honoured until those readers are closed",
-                        EACCES, path);
-      }
-      if (options.readonly && options.readahead != existing->readahead()) {
-        // One environment per file and process (lmdb.h): its map keeps the
-        // readahead it was opened with.
-        warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
-             (existing->readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
-             " has no effect until those readers are closed");
-      }
-      return existing;
+  std::shared_ptr<Env> existing;  // destroyed after the guard below is released
+  std::unique_lock<std::mutex> guard(reg.mutex);
+  const auto key = std::make_pair(data.st_dev, data.st_ino);
+  for (;;) {
+    auto it = reg.envs.find(key);
+    if (it == reg.envs.end()) break;
+    existing = it->second.lock();
+    if (existing) break;
+    reg.closed.wait(guard);  // its last holder is closing it: wait, then open anew
+  }
+  if (existing) {
+    if (!options.readonly && (existing->readonly() || existing->nolock())) {
+      throw InvalidDatabaseError(
+          "'" + path + "' is open " + (existing->nolock() ? "without locking" : "read-only (MDB_RDONLY)") +
+              " in this process (a dataset opened it that way); a Writer cannot share that environment: "
+              "close those datasets first, or open them with lock=None on writable storage",
+          0, path);
     }
+    if (options.lock == 1 && existing->nolock()) {
+      throw LockError("'" + path +
+                          "' is already open without locking in this process; lock=True "
+                          "cannot be honoured until those readers are closed",
+                      EACCES, path);
+    }
+    if (!options.readonly) {
+      // A reader opened it: the writer's durability settings (see below).
+      detail::check_mdb(mdb_env_set_flags(existing->handle(), MDB_NOMETASYNC, 1), "mdb_env_set_flags", path);
+    }
+    if (options.readonly && options.readahead != existing->readahead()) {
+      // One environment per file and process (lmdb.h): its map keeps the
+      // readahead it was opened with.
+      warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
+           (existing->readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
+           " has no effect until those readers are closed");
+    }
+    return existing;
   }
 
   const pid_t pid = ::getpid();
-  std::shared_ptr<Env> env(new Env());
-  env->path_ = path;
-  env->readonly_ = options.readonly;
-  env->owner_ = pid;
-
   bool nolock = options.lock == 0;
-  for (int attempt = 0; attempt < 2; ++attempt) {
+  // Readers open read-write where they may, so a Writer of this process can
+  // share the env; MDB_RDONLY on read-only files and filesystems.
+  bool rdonly = options.readonly && (::access(data_path.c_str(), W_OK) != 0 || filesystem_readonly(path));
+  if (!nolock) {
+    const int rc = preallocate_lock_file(path, options.max_readers);
+    if (rc != 0) {
+      if (options.readonly && options.lock == -1 && (rc == EACCES || rc == EROFS || rc == EPERM)) {
+        warn("torch_lmdb: cannot create or open the lock file of '" + path + "' (" + std::strerror(rc) +
+             "); opening without locking (lock=False). This is only safe if no "
+             "process writes to this database while it is read.");
+        nolock = true;
+        rdonly = true;
+      } else {
+        detail::throw_mdb(rc, "open(lock.mdb)", path, "");
+      }
+    }
+  }
+
+  detail::UniqueEnv handle(nullptr, detail::EnvCloser{pid});
+  {
     MDB_env* raw = nullptr;
     detail::check_mdb(mdb_env_create(&raw), "mdb_env_create", path);
-    detail::UniqueEnv handle(raw, detail::EnvCloser{pid});
-    detail::check_mdb(mdb_env_set_maxreaders(raw, options.max_readers),
-                      "mdb_env_set_maxreaders", path);
-    detail::check_mdb(mdb_env_set_maxdbs(raw, 4), "mdb_env_set_maxdbs", path);
-    if (!options.readonly) {
-      detail::check_mdb(
-          mdb_env_set_mapsize(raw, options.map_size ? options.map_size : kDefaultMapSize),
-          "mdb_env_set_mapsize", path);
-    }
-    unsigned flags = MDB_NOTLS;
-    if (options.readonly) flags |= MDB_RDONLY;
-    else flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
-    if (!options.readahead) flags |= MDB_NORDAHEAD;
-    if (nolock) flags |= MDB_NOLOCK;
-    const int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
-    if (rc == 0) {
-      env->env_ = std::move(handle);
-      break;
-    }
-    // lmdb.h: after a failed mdb_env_open the handle must be closed (done by
-    // UniqueEnv). Read-only directory or filesystem: retry without the lock
-    // file when the caller allowed it.
-    if (options.readonly && options.lock == -1 && !nolock && (rc == EACCES || rc == EROFS)) {
-      warn("torch_lmdb: cannot create or open the lock file of '" + path +
-           "' (" + mdb_strerror(rc) +
-           "); opening without locking (lock=False). This is only safe if no "
-           "process writes to this database while it is read.");
-      nolock = true;
-      continue;
-    }
-    detail::throw_mdb(rc, "mdb_env_open", path, "");
+    handle.reset(raw);
   }
+  MDB_env* raw = handle.get();
+  detail::check_mdb(mdb_env_set_maxreaders(raw, options.max_readers), "mdb_env_set_maxreaders", path);
+  detail::check_mdb(mdb_env_set_maxdbs(raw, 4), "mdb_env_set_maxdbs", path);
+  if (!options.readonly) {
+    const size_t requested = options.map_size ? std::max(options.map_size, kMinMapSize) : kDefaultMapSize;
+    detail::check_mdb(mdb_env_set_mapsize(raw, requested), "mdb_env_set_mapsize", path);
+  } else {
+    const size_t file = static_cast<size_t>(data.st_size);
+    const size_t want = std::max(kMinReaderMap, (2 * file + (size_t{1} << 20) - 1) >> 20 << 20);
+    detail::check_mdb(mdb_env_set_mapsize(raw, want), "mdb_env_set_mapsize", path);
+  }
+  unsigned flags = MDB_NOTLS;
+  if (rdonly) flags |= MDB_RDONLY;
+  if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
+  if (!options.readahead) flags |= MDB_NORDAHEAD;
+  if (nolock) flags |= MDB_NOLOCK;
+  int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
+  if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");
+
+  std::shared_ptr<Env> env(new Env());
+  env->path_ = path;
+  env->readonly_ = rdonly;
+  env->owner_ = pid;
   env->nolock_ = nolock;
   env->readahead_ = options.readahead;
+  env->key_ = key;
+  env->env_ = std::move(handle);
+  detail::check_mdb(mdb_env_get_fd(raw, &env->fd_), "mdb_env_get_fd", path);
+
+  // Damage: the data file must hold every page the meta page counts, or the
+  // first read of a missing page is a SIGBUS. (Read before any transaction:
+  // mdb_env_info reads the meta pages only.)
+  {
+    MDB_envinfo info{};
+    MDB_stat stat{};
+    detail::check_mdb(mdb_env_info(raw, &info), "mdb_env_info", path);
+    detail::check_mdb(mdb_env_stat(raw, &stat), "mdb_env_stat", path);
+    struct stat now {};
+    if (::fstat(env->fd_, &now) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
+    const size_t needed = (static_cast<size_t>(info.me_last_pgno) + 1) * stat.ms_psize;
+    if (static_cast<size_t>(now.st_size) < needed) {
+      throw CorruptedError("'" + path + "/data.mdb' is damaged: it has " + std::to_string(now.st_size) +
+                               " bytes but its meta page counts " + std::to_string(info.me_last_pgno + 1) +
+                               " pages of " + std::to_string(stat.ms_psize) + " bytes (" + std::to_string(needed) +
+                               "); the file was truncated or its meta page is corrupt: run `torch-lmdb verify` "
+                               "and rebuild it from the source data",
+                           MDB_CORRUPTED, path);
+    }
+    env->file_size_.store(static_cast<size_t>(now.st_size));
+    env->map_addr_ = static_cast<const char*>(info.me_mapaddr);
+  }
 
   if (!nolock) {
     int dead = 0;  // reclaim reader slots of killed processes
-    detail::check_mdb(mdb_reader_check(env->handle(), &dead), "mdb_reader_check", path);
+    detail::check_mdb(mdb_reader_check(raw, &dead), "mdb_reader_check", path);
   }
 
   // Named databases. lmdb.h: a handle opened in a txn is private to it until
   // that txn commits, so commit even the read-only one.
   MDB_txn* txn = nullptr;
-  detail::check_mdb(
-      mdb_txn_begin(env->handle(), nullptr, options.readonly ? MDB_RDONLY : 0, &txn),
-      "mdb_txn_begin", path);
+  detail::check_mdb(mdb_txn_begin(raw, nullptr, options.readonly ? MDB_RDONLY : 0, &txn), "mdb_txn_begin",
+                    path);
   const unsigned dbi_flags = options.readonly ? 0 : MDB_CREATE;
-  int rc = mdb_dbi_open(txn, "samples", dbi_flags, &env->samples_);
+  rc = mdb_dbi_open(txn, "samples", dbi_flags, &env->samples_);
   if (rc == 0) rc = mdb_set_compare(txn, env->samples_, compare_sample_keys);
   if (rc == 0) rc = mdb_dbi_open(txn, "meta", dbi_flags, &env->meta_);
   if (rc != 0) {
@@ -259,9 +385,11 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     }
     detail::throw_mdb(rc, "mdb_dbi_open", path, "");
   }
-  detail::check_mdb(mdb_txn_commit(txn), "mdb_txn_commit", path);
+  rc = mdb_txn_commit(txn);
+  if (rc != 0) detail::throw_mdb(rc, "mdb_txn_commit", path, "");
 
   reg.envs[key] = env;
+  env->registered_ = true;
   return env;
 }
 
@@ -271,47 +399,115 @@ Env::~Env() {
     (void)env_.release();
     return;
   }
+  if (!registered_) {
+    // Failed inside open(), which holds the registry's lock.
+    for (MDB_txn* txn : pool_) mdb_txn_abort(txn);
+    return;
+  }
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> guard(reg.mutex);
   for (MDB_txn* txn : pool_) mdb_txn_abort(txn);
+  pool_.clear();
+  env_.reset();  // mdb_env_close, under the registry's lock
+  auto it = reg.envs.find(key_);
+  if (it != reg.envs.end() && it->second.expired()) reg.envs.erase(it);
+  reg.closed.notify_all();
+}
+
+void Env::enter() const {
+  std::unique_lock<std::mutex> lock(gate_mutex_);
+  gate_cv_.wait(lock, [this] { return !resizing_; });
+  ++live_;
+  note_held(this, 1);
+}
+
+void Env::leave() const noexcept {
+  {
+    std::lock_guard<std::mutex> lock(gate_mutex_);
+    --live_;
+  }
+  note_held(this, -1);
+  gate_cv_.notify_all();
+}
+
+bool Env::holds_txn() const noexcept {
+  for (const auto& e : t_held)
+    if (e.first == this) return e.second > 0;
+  return false;
+}
+
+void Env::remap(size_t bytes) const {
+  TORCH_CHECK(!holds_txn(), "torch_lmdb: cannot resize the map of '", path_,
+              "' on a thread that holds one of its transactions");
+  std::unique_lock<std::mutex> lock(gate_mutex_);
+  // One resize at a time; new transactions wait from now on.
+  gate_cv_.wait(lock, [this] { return !resizing_; });
+  resizing_ = true;
+  gate_cv_.wait(lock, [this] { return live_ == 0; });
+  // lmdb.h: no transaction of this process is active now.
+  const int rc = mdb_env_set_mapsize(env_.get(), bytes);
+  MDB_envinfo info{};
+  if (rc == 0 && mdb_env_info(env_.get(), &info) == 0)
+    const_cast<Env*>(this)->map_addr_ = static_cast<const char*>(info.me_mapaddr);
+  resizing_ = false;
+  lock.unlock();
+  gate_cv_.notify_all();
+  detail::check_mdb(rc, "mdb_env_set_mapsize", path_, "new size " + std::to_string(bytes));
 }
 
 ReadTxn Env::read_txn() const {
-  MDB_txn* txn = nullptr;
-  {
-    std::lock_guard<std::mutex> guard(pool_mutex_);
-    if (!pool_.empty()) {
-      txn = pool_.back();
-      pool_.pop_back();
+  for (int attempt = 0;; ++attempt) {
+    MDB_txn* txn = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(gate_mutex_);
+      gate_cv_.wait(lock, [this] { return !resizing_; });
+      ++live_;
+      if (!pool_.empty()) {
+        txn = pool_.back();
+        pool_.pop_back();
+      }
     }
-  }
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    int rc = txn != nullptr ? mdb_txn_renew(txn)
-                            : mdb_txn_begin(env_.get(), nullptr, MDB_RDONLY, &txn);
+    note_held(this, 1);
+    int rc = txn != nullptr ? mdb_txn_renew(txn) : mdb_txn_begin(env_.get(), nullptr, MDB_RDONLY, &txn);
     if (rc == 0) return ReadTxn(this, txn);
-    if (rc == MDB_MAP_RESIZED && attempt == 0) {
-      // Another process grew the map: adopt its size (lmdb.h mdb_env_set_mapsize).
-      std::lock_guard<std::mutex> guard(resize_mutex_);
-      mdb_env_set_mapsize(env_.get(), 0);
+    if (txn != nullptr) mdb_txn_abort(txn);  // (a failed begin leaves txn unset)
+    leave();
+    if (rc == MDB_MAP_RESIZED && attempt < kResizeRetries && !holds_txn()) {
+      // Another process grew the map past ours: adopt its size (lmdb.h
+      // mdb_env_set_mapsize with 0), as a resize, then try again.
+      remap(0);
       continue;
     }
-    if (txn != nullptr && rc != 0) {
-      mdb_txn_abort(txn);
-      txn = nullptr;
-    }
-    if (rc == MDB_READERS_FULL && !nolock_) {
+    if (rc == MDB_READERS_FULL && !nolock_ && attempt == 0) {
       int dead = 0;
-      mdb_reader_check(env_.get(), &dead);
-      if (dead > 0 && attempt == 0) continue;
+      mdb_reader_check(env_.get(), &dead);  // slots of killed processes
+      if (dead > 0) continue;
+    }
+    if (rc == MDB_READERS_FULL) {
+      unsigned slots = 0;
+      mdb_env_get_maxreaders(env_.get(), &slots);
+      throw ReadersFullError("mdb_txn_begin(read) failed: MDB_READERS_FULL at '" + path_ + "': all " +
+                                 std::to_string(slots) +
+                                 " reader slots of its lock file are in use by live threads and processes. "
+                                 "The table's size is fixed by the first process that opens the database "
+                                 "(max_readers); to change it, stop every process using it and open it again "
+                                 "with a larger max_readers, or use fewer workers",
+                             rc, path_);
     }
     detail::throw_mdb(rc, "mdb_txn_begin(read)", path_, "");
   }
-  detail::throw_mdb(MDB_MAP_RESIZED, "mdb_txn_begin(read)", path_, "");
 }
 
 void Env::release(MDB_txn* txn) const noexcept {
   if (::getpid() != owner_) return;  // never touch a parent's txn
   mdb_txn_reset(txn);
-  std::lock_guard<std::mutex> guard(pool_mutex_);
-  pool_.push_back(txn);
+  {
+    std::lock_guard<std::mutex> guard(gate_mutex_);
+    pool_.push_back(txn);
+    --live_;
+  }
+  note_held(this, -1);
+  gate_cv_.notify_all();
 }
 
 size_t Env::map_size() const {
@@ -320,10 +516,25 @@ size_t Env::map_size() const {
   return info.me_mapsize;
 }
 
-void Env::set_map_size(size_t bytes) {
-  std::lock_guard<std::mutex> guard(resize_mutex_);
-  detail::check_mdb(mdb_env_set_mapsize(env_.get(), bytes), "mdb_env_set_mapsize", path_,
-                    "new size " + std::to_string(bytes));
+void Env::set_map_size(size_t bytes) { remap(bytes); }
+
+void Env::check_value(const MDB_val& v, const std::string& what) const {
+  const char* p = static_cast<const char*>(v.mv_data);
+  const char* base = map_addr_;
+  auto inside = [&](size_t file) {
+    return p >= base && static_cast<size_t>(p - base) <= file && v.mv_size <= file - static_cast<size_t>(p - base);
+  };
+  if (v.mv_size == 0 || inside(file_size_.load(std::memory_order_relaxed))) return;
+  struct stat now {};  // the file may have grown since we last looked
+  if (::fstat(fd_, &now) == 0) {
+    file_size_.store(static_cast<size_t>(now.st_size), std::memory_order_relaxed);
+    if (inside(static_cast<size_t>(now.st_size))) return;
+  }
+  throw CorruptedError("'" + path_ + "/data.mdb' is damaged: the value of " + what + " (" +
+                           std::to_string(v.mv_size) + " bytes) lies outside the file (" +
+                           std::to_string(file_size_.load()) + " bytes); run `torch-lmdb verify` and rebuild "
+                           "it from the source data",
+                       MDB_CORRUPTED, path_);
 }
 
 int Env::reader_count() const {

@@ -2,10 +2,27 @@
 // registry.
 //
 // Contract
-// - One MDB_env per database directory per process: Env::open() looks the
-//   directory up by device+inode in a registry and returns the live Env when
-//   there is one (lmdb.h: "Do not have open an LMDB database twice in the same
-//   process at the same time").
+// - One MDB_env per data file per process: Env::open() looks `data.mdb` up
+//   by device+inode in a registry and returns the live Env when there is one
+//   (lmdb.h: "Do not have open an LMDB database twice in the same process at
+//   the same time"). Readers and a Writer of the same file in one process
+//   share it. Opening and closing happen under the registry's lock, and an
+//   open waits for a close of the same file that is under way, so two handles
+//   of one file never coexist (closing one would drop the other's fcntl
+//   locks).
+// - Readers open the file read-write when they may (no write happens through
+//   a reader), so that a Writer of the same process can share the env; on a
+//   read-only file or filesystem they open it MDB_RDONLY, and a Writer of
+//   that path then gets InvalidDatabaseError.
+// - Map resizes never race a read: every transaction of the process (read or
+//   write) holds the env's transaction gate for its lifetime; a resize
+//   (set_map_size, or adopting another process's growth on MDB_MAP_RESIZED)
+//   closes the gate, waits until no transaction of the process is live,
+//   remaps, and reopens it (lmdb.h mdb_env_set_mapsize: "may only be called
+//   if no transactions are active in this process"). MDB_MAP_RESIZED is
+//   retried inside read_txn() and never reaches the caller.
+// - A thread must not resize an env while it holds a transaction of that env
+//   (it would wait for itself): Env::set_map_size throws instead.
 // - Fork safety: every Env records the pid that opened it. After fork() the
 //   child never uses, resets or closes the parent's handles (lmdb.h: "Use an
 //   MDB_env* in the process which opened it, without fork()ing"); the
@@ -17,6 +34,10 @@
 //   thread but must be used by one thread at a time; returning it to the pool
 //   resets it, so no snapshot is held between batches.
 // - Memory returned by mdb_get is valid only until the ReadTxn is destroyed.
+//   check_value() bounds such memory by the file's size: a damaged file whose
+//   B-tree points past its end raises CorruptedError instead of SIGBUS.
+// - Damage at open: a data.mdb shorter than the last page its meta page
+//   claims raises CorruptedError naming the path (reading it would SIGBUS).
 // - Thread safety: Env::open, ReadTxn acquisition and all const members are
 //   thread-safe. WriteTxn follows LMDB: one at a time per env.
 #pragma once
@@ -24,6 +45,8 @@
 #include <lmdb.h>
 #include <sys/types.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -47,7 +70,8 @@ struct EnvOptions {
   /// Size of the reader table (MDB_READERS_FULL guard for many workers).
   unsigned max_readers = 1024;
   /// Initial map size in bytes for writers (0 = keep the file's own size or
-  /// 64 MiB for a new database). Readers always adopt the file's size.
+  /// 64 MiB for a new database; smaller sizes are raised to 1 MiB). Readers
+  /// map at least twice the file's size.
   size_t map_size = 0;
   /// Called with warnings (e.g. the lock fallback); default TORCH_WARN.
   std::function<void(const std::string&)> warn;
@@ -85,7 +109,8 @@ class ReadTxn {
   MDB_txn* txn_ = nullptr;
 };
 
-/// A write transaction; aborted on destruction unless committed. Move-only.
+/// A write transaction; aborted on destruction unless committed. Holds the
+/// env's transaction gate while it lives. Move-only.
 class WriteTxn {
  public:
   explicit WriteTxn(Env& env);
@@ -113,8 +138,10 @@ class Env {
   /// Opens (or returns the already opened) database at `path`.
   /// Writers (options.readonly == false) create the directory and the named
   /// databases. Throws NotFoundError when a reader's path does not exist,
-  /// InvalidDatabaseError when the path is open read-only in this process and
-  /// a writer asks for it, LockError on permission problems.
+  /// InvalidDatabaseError when the file is open read-only (MDB_RDONLY or
+  /// MDB_NOLOCK) in this process and a writer asks for it, LockError on
+  /// permission problems, DiskFullError (ENOSPC) when the lock or data file
+  /// cannot be created or extended, CorruptedError for a truncated file.
   static std::shared_ptr<Env> open(const std::string& path,
                                    const EnvOptions& options);
 
@@ -133,22 +160,37 @@ class Env {
   pid_t owner() const noexcept { return owner_; }
 
   /// Borrows a read transaction (renewed snapshot). Handles MDB_MAP_RESIZED
-  /// (another process grew the map) by adopting the new size.
+  /// (another process grew the map) by adopting the new size, as a resize.
   ReadTxn read_txn() const;
 
   /// Current map size in bytes.
   size_t map_size() const;
-  /// Grows the map to at least `bytes` (no transaction may be active).
+  /// Resizes the map to `bytes`: waits until no transaction of this process
+  /// is live (new ones wait meanwhile), then remaps. Throws Error when the
+  /// calling thread holds a transaction of this env.
   void set_map_size(size_t bytes);
+  /// Throws CorruptedError (naming the path and `what`) unless `v` lies
+  /// inside the data file as it is on disk now.
+  void check_value(const MDB_val& v, const std::string& what) const;
   /// Number of reader-table slots in use (mdb_reader_list), -1 without lock.
   int reader_count() const;
   /// Flushes to disk (mdb_env_sync force).
   void sync();
+  /// The Writer of this file in this process: claim_writer() returns false
+  /// when another Writer of this process holds it.
+  bool claim_writer() noexcept { return !writer_.exchange(true); }
+  void release_writer() noexcept { writer_.store(false); }
 
  private:
   friend class ReadTxn;
+  friend class WriteTxn;
   Env() = default;
   void release(MDB_txn* txn) const noexcept;
+  // The transaction gate (see the contract).
+  void enter() const;
+  void leave() const noexcept;
+  void remap(size_t bytes) const;  // closes the gate, waits, remaps
+  bool holds_txn() const noexcept;  // the calling thread holds a txn of this env
 
   detail::UniqueEnv env_{nullptr, detail::EnvCloser{0}};
   std::string path_;
@@ -158,9 +200,20 @@ class Env {
   pid_t owner_ = 0;
   MDB_dbi samples_ = 0;
   MDB_dbi meta_ = 0;
-  mutable std::mutex pool_mutex_;
-  mutable std::vector<MDB_txn*> pool_;  // reset read txns
-  mutable std::mutex resize_mutex_;
+  // The gate: `live_` transactions of this process; `resizing_` closed.
+  // Its mutex also guards the pool of reset read txns.
+  mutable std::mutex gate_mutex_;
+  mutable std::vector<MDB_txn*> pool_;
+  mutable std::condition_variable gate_cv_;
+  mutable size_t live_ = 0;
+  mutable bool resizing_ = false;
+  // The map's address and the file's size (bytes) as last seen.
+  const char* map_addr_ = nullptr;
+  mutable std::atomic<size_t> file_size_{0};
+  int fd_ = -1;
+  std::pair<dev_t, ino_t> key_{};
+  bool registered_ = false;
+  std::atomic<bool> writer_{false};  // in the registry (false while open() builds it)
 };
 
 /// Big-endian 8-byte key of sample `index` (key order == index order).

@@ -70,7 +70,7 @@ const char* hint_for(int rc) noexcept {
     case ENOENT:
       return "no database at this path";
     case ENOSPC:
-      return "the disk is full; committed samples are kept";
+      return "the disk is full; committed samples are kept, free space and append (mode=\"a\")";
     default:
       return nullptr;
   }
@@ -97,6 +97,7 @@ void throw_mdb(int rc, const char* what, const std::string& path,
     case EACCES:
     case EROFS:
     case EAGAIN: throw LockError(msg, rc, path);
+    case ENOSPC: throw DiskFullError(msg, rc, path);
     default: throw Error(msg, rc, path);
   }
 }

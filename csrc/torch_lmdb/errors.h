@@ -46,6 +46,10 @@ class InvalidDatabaseError : public Error { using Error::Error; };
 /// EACCES/EROFS/EAGAIN on open: permissions, read-only storage, lock files.
 class LockError : public Error { using Error::Error; };
 
+/// The disk is full (ENOSPC), or a write failed while its filesystem had no
+/// room left. Python: torch_lmdb.DiskFullError, an OSError too.
+class DiskFullError : public Error { using Error::Error; };
+
 namespace detail {
 /// Throws the exception class for `rc` unless rc == MDB_SUCCESS.
 /// `what` names the call ("mdb_put"), `path` the database, `context` the key

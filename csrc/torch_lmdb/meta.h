@@ -25,6 +25,13 @@ inline Json read_meta(const Env& env, MDB_txn* txn) {
   MDB_val k, v;
   int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
   while (rc == 0) {
+    try {
+      env.check_value(k, "a metadata key");
+      env.check_value(v, "a metadata value");
+    } catch (...) {
+      mdb_cursor_close(cur);
+      throw;
+    }
     std::string key(static_cast<const char*>(k.mv_data), k.mv_size);
     const char* p = static_cast<const char*>(v.mv_data);
     Json value = Json::parse(p, p + v.mv_size, nullptr, /*allow_exceptions=*/false);

@@ -164,6 +164,7 @@ MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local) {
                          rc, env.path());
   }
   detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
+  env.check_value(v, "sample index " + std::to_string(local));
   return v;
 }
 
@@ -250,6 +251,7 @@ class Lookahead {
     if (c.positioned && local == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
         k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == local) {
       c.at = local;
+      env.check_value(v, "sample index " + std::to_string(local));
       return v;
     }
     c.positioned = false;
@@ -268,6 +270,7 @@ class Lookahead {
       if (mdb_cursor_get(c.cursor.get(), &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
         c.at = local;
         c.positioned = true;
+        env.check_value(v, "sample index " + std::to_string(local));
         return v;
       }
     }
@@ -598,5 +601,7 @@ size_t Reader::map_size(size_t file) const {
 }
 
 bool Reader::complete() const { return state_->complete; }
+
+Reader Reader::refreshed() const { return Reader(state_->paths, state_->options); }
 
 }  // namespace torch_lmdb

@@ -8,7 +8,12 @@
 //   parent's handles are never used or closed by the child.
 // - Several paths form one dataset, concatenated in the order given. The
 //   sample count of each file is read once, at open (a consistent prefix even
-//   while a writer appends).
+//   while a writer appends); refreshed() gives a Reader of the current counts.
+// - Damaged files: every value LMDB returns is checked to lie inside the data
+//   file (CorruptedError otherwise, never SIGBUS); a file shorter than its
+//   meta page claims is refused at open. Without `verify`, a record whose
+//   payload bytes were altered in place is returned as stored: the checksum
+//   is what detects that.
 // - Returned tensors own their memory (copied out of the map before the read
 //   transaction ends).
 // - Errors: index out of range -> c10::IndexError; corrupted records ->
@@ -106,6 +111,11 @@ class Reader {
   size_t map_size(size_t file = 0) const;
   /// True if every file was closed cleanly by its writer.
   bool complete() const;
+  /// A Reader of the same files and options that sees their samples as they
+  /// are now (sample counts, completeness and schema re-read; the
+  /// environments are shared). This Reader and its copies are unchanged, so
+  /// a thread still reading through them is safe.
+  Reader refreshed() const;
 
   struct State;  // shared by copies; defined in reader.cpp
 

@@ -178,7 +178,9 @@ size_t append_record(const std::vector<Field>& fields, bool checksum, std::strin
       } catch (const c10::TypeError& e) {
         TORCH_CHECK_TYPE(false, "field '", f.name, "': ", e.what_without_backtrace());
       }
-      const at::Tensor t = f.tensor.contiguous();
+      // resolve_conj/resolve_neg: a conj() or neg() view shares its base's
+      // memory with a lazy bit that contiguous() keeps; store the values.
+      const at::Tensor t = f.tensor.resolve_conj().resolve_neg().contiguous();
       const uint64_t name_len = f.name.size();
       ar(name_len, cereal::binary_data(f.name.data(), name_len));
       const uint8_t kind = static_cast<uint8_t>(f.kind);

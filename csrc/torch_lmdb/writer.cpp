@@ -114,6 +114,7 @@ struct Writer::Impl {
   std::shared_ptr<Env> env;
   uint64_t generation = 0;
   int lock_fd = -1;
+  bool claimed = false;  // env->claim_writer() succeeded
   std::atomic<size_t> committed{0};
   // Double buffering: the caller's thread encodes into `pending` while a
   // committer thread writes `inflight` (mdb_put copies, write(2) and the
@@ -141,7 +142,17 @@ struct Writer::Impl {
         (void)committer.release();
       }
     }
-    if (lock_fd >= 0) ::close(lock_fd);  // releases the flock
+    release_files();
+  }
+
+  // Drops the writer's lock and its hold on the env (idempotent).
+  void release_files() noexcept {
+    if (fork_generation() != generation) return;  // a forked child holds none of them
+    if (lock_fd >= 0) ::close(lock_fd);  // releases the fcntl lock
+    lock_fd = -1;
+    if (claimed && env) env->release_writer();
+    claimed = false;
+    env.reset();
   }
 
   void check_process() const {
@@ -302,14 +313,23 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   w.env = Env::open(path, eo);
   w.generation = fork_generation();
 
-  // One writer per database across processes: an flock that the kernel drops
-  // when the process dies (so a killed writer never blocks the next one).
+  // One writer per database: in this process, a claim on the shared env; across
+  // processes, an fcntl (POSIX) lock on writer.lock, which the kernel drops when
+  // the process dies (a killed writer never blocks the next one) and which a
+  // forked child does not inherit (an flock would be shared with it).
+  if (!w.env->claim_writer()) {
+    throw LockError("another Writer of this process has '" + path + "' open; one writer at a time", EAGAIN, path);
+  }
+  w.claimed = true;
   const std::string lock_path = path + "/writer.lock";
   w.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (w.lock_fd < 0) detail::throw_mdb(errno, "open(writer.lock)", path, "");
-  if (::flock(w.lock_fd, LOCK_EX | LOCK_NB) != 0) {
-    throw LockError("another Writer has '" + path + "' open (in this or another process); "
-                    "one writer at a time", EAGAIN, path);
+  struct flock region {};
+  region.l_type = F_WRLCK;
+  region.l_whence = SEEK_SET;
+  if (::fcntl(w.lock_fd, F_SETLK, &region) != 0) {
+    throw LockError("another Writer has '" + path + "' open (in another process); one writer at a time", EAGAIN,
+                    path);
   }
 
   detail::Json meta;
@@ -392,13 +412,18 @@ size_t Writer::write(const std::vector<Field>& fields) {
   w.check_process();
   if (w.failed.load(std::memory_order_acquire)) w.wait();  // rethrows the commit's error
   const size_t index = w.size();
-  const std::vector<Field>& ordered = w.conform(fields, index);
+  const bool first = w.schema.empty();
   Batch& b = w.pending;
-  if (b.bytes.capacity() == 0) b.bytes.reserve(std::min(w.options.commit_bytes, kMaxReserve) + 4096);
   try {
+    const std::vector<Field>& ordered = w.conform(fields, index);
+    if (b.bytes.capacity() == 0) b.bytes.reserve(std::min(w.options.commit_bytes, kMaxReserve) + 4096);
     append_record(ordered, w.options.checksum, b.bytes);
   } catch (c10::Error& e) {
+    if (first) w.schema.clear();  // a rejected first sample defines no schema
     e.add_context("while writing sample " + std::to_string(index) + " to '" + w.path + "'");
+    throw;
+  } catch (...) {
+    if (first) w.schema.clear();
     throw;
   }
   b.ends.push_back(b.bytes.size());
@@ -424,14 +449,17 @@ void Writer::close() {
   Impl& w = *impl_;
   if (w.closed) return;
   w.check_process();
-  w.commit(true, /*sync=*/true);
-  w.env->sync();
-  w.closed = true;
-  if (w.lock_fd >= 0) {
-    ::close(w.lock_fd);
-    w.lock_fd = -1;
+  try {
+    w.commit(true, /*sync=*/true);
+    w.env->sync();
+  } catch (...) {
+    // Closed either way: the files are released, the committed prefix stays.
+    w.closed = true;
+    w.release_files();
+    throw;
   }
-  w.env.reset();
+  w.closed = true;
+  w.release_files();
 }
 
 void Writer::set_user_metadata(const std::string& json_object) {

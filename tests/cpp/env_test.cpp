@@ -1,0 +1,309 @@
+// One environment per file and process, shared by readers and the writer;
+// map resizes that never race a read; damaged files; the writer's lock.
+// Tests named *Concurrent* also run under ThreadSanitizer (make test-tsan).
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+#include "test_util.h"
+
+using namespace torch_lmdb;
+using torch_lmdb_test::make_sample;
+using torch_lmdb_test::TempDir;
+using torch_lmdb_test::write_dataset;
+
+namespace {
+
+// Checks a batch of the standard dataset: sample i holds index i, x = arange + i.
+void expect_batch(const Batch& b, const std::vector<size_t>& idx, int64_t width) {
+  const at::Tensor& index = *b.tensors.find("index");
+  const at::Tensor& x = *b.tensors.find("x");
+  ASSERT_EQ(index.size(0), static_cast<int64_t>(idx.size()));
+  for (size_t j = 0; j < idx.size(); ++j) {
+    ASSERT_EQ(index[j].item<int64_t>(), static_cast<int64_t>(idx[j]));
+    ASSERT_TRUE(torch::equal(x[j], torch::arange(width, torch::kFloat) + static_cast<float>(idx[j])));
+  }
+}
+
+// Reads random batches of `reader` (refreshed every few rounds) on `threads`
+// threads until `stop`; returns the number of batches read. Failures are
+// gtest failures on the reading threads.
+size_t read_until(const Reader& start, std::atomic<bool>& stop, int threads, int64_t width) {
+  std::atomic<size_t> batches{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      Reader r = start;
+      uint64_t rng = 0x9E3779B97F4A7C15ull * (t + 1);
+      for (int round = 0; !stop.load(); ++round) {
+        if (round % 8 == 0) r = r.refreshed();
+        const size_t n = r.size();
+        if (n == 0) continue;
+        std::vector<size_t> idx(16);
+        for (auto& i : idx) {
+          rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+          i = rng % n;
+        }
+        try {
+          expect_batch(r.read_batch(idx), idx, width);
+        } catch (const std::exception& e) {
+          ADD_FAILURE() << "thread " << t << ": " << e.what();
+          return;
+        }
+        ++batches;
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  return batches.load();
+}
+
+}  // namespace
+
+TEST(EnvConcurrent, ThreadsReadWhileAnotherProcessGrowsTheMap) {
+  TempDir tmp;
+  const std::string path = tmp.sub("grow");
+  const int64_t width = 1024;  // 4 KiB samples
+  WriterOptions o;
+  o.map_size = 256 << 10;
+  o.commit_every = 16;
+  write_dataset(path, 32, 0, o);
+  Reader reader(path);
+  const size_t map_before = reader.map_size();
+
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Appends until the file is several times the readers' initial map.
+    int status = 0;
+    try {
+      WriterOptions a = o;
+      a.append = true;
+      Writer w(path, a);
+      for (int64_t i = 32; i < 160000 && w.map_size() < 4 * map_before; ++i) w.write(make_sample(i, width));
+      w.close();
+    } catch (...) {
+      status = 1;
+    }
+    _exit(status);
+  }
+  std::atomic<bool> stop{false};
+  std::thread waiter([&] {
+    int status = 0;
+    waitpid(child, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "writer status " << status;
+    stop = true;
+  });
+  const size_t batches = read_until(reader, stop, 3, width);
+  waiter.join();
+  EXPECT_GT(batches, 0u);
+  const Reader after = reader.refreshed();
+  EXPECT_GT(after.size(), 32u);
+  EXPECT_GT(after.map_size(), map_before);  // the readers adopted the grown map
+  std::vector<size_t> last{after.size() - 1};
+  expect_batch(after.read_batch(last), last, width);
+}
+
+TEST(EnvConcurrent, AWriterAndReadersOfOneProcessShareTheEnvWhileTheMapGrows) {
+  TempDir tmp;
+  const std::string path = tmp.sub("shared");
+  const int64_t width = 1024;
+  WriterOptions o;
+  o.map_size = 128 << 10;
+  o.commit_every = 8;
+  write_dataset(path, 16, 0, o);
+  Reader reader(path);  // opened first: the writer joins its environment
+  o.append = true;
+  Writer w(path, o);
+  const size_t map_before = w.map_size();
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    try {
+      for (int64_t i = 16; i < 3000; ++i) w.write(make_sample(i, width));
+      w.flush();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "writer: " << e.what();
+    }
+    stop = true;
+  });
+  const size_t batches = read_until(reader, stop, 2, width);
+  writer.join();
+  EXPECT_GT(batches, 0u);
+  EXPECT_GT(w.map_size(), 4 * map_before);  // it grew several times under the readers
+  EXPECT_EQ(reader.size(), 16u);             // a Reader keeps the count it opened with
+  EXPECT_EQ(reader.refreshed().size(), 3000u);
+  w.close();
+  EXPECT_TRUE(reader.refreshed().complete());
+}
+
+TEST(Env, AThreadHoldingATransactionCannotResizeItsOwnEnv) {
+  TempDir tmp;
+  const std::string path = tmp.sub("hold");
+  write_dataset(path, 4);
+  EnvOptions eo;
+  auto env = Env::open(path, eo);
+  ReadTxn txn = env->read_txn();
+  try {
+    env->set_map_size(env->map_size() * 2);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("holds one of its transactions"), std::string::npos) << e.what();
+  }
+}
+
+TEST(EnvConcurrent, OpeningAndClosingOneFileFromManyThreadsKeepsOneEnv) {
+  TempDir tmp;
+  const std::string path = tmp.sub("reopen");
+  write_dataset(path, 64);
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 200; ++k) {
+        try {
+          Reader r(path);
+          std::vector<size_t> idx{static_cast<size_t>(k % 64)};
+          expect_batch(r.read_batch(idx), idx, 16);
+        } catch (const std::exception& e) {
+          ++failures;
+          ADD_FAILURE() << e.what();
+          return;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  // Every handle was closed: the lock file lists no reader of this process.
+  Reader r(path);
+  EXPECT_LE(r.reader_count(), 1);
+}
+
+TEST(Env, ATruncatedDataFileIsRefusedAtOpenNamingThePath) {
+  TempDir tmp;
+  const std::string path = tmp.sub("trunc");
+  write_dataset(path, 200, 0, WriterOptions{});
+  struct stat st {};
+  ASSERT_EQ(::stat((path + "/data.mdb").c_str(), &st), 0);
+  ASSERT_EQ(::truncate((path + "/data.mdb").c_str(), st.st_size - 4096), 0);
+  try {
+    Reader r(path);
+    for (size_t i = 0; i < r.size(); ++i) r.get(i);
+    FAIL() << "expected CorruptedError";
+  } catch (const CorruptedError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path + "/data.mdb"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+  }
+}
+
+TEST(Writer, TwoWritersOfOneFileInOneProcessAreRefused) {
+  TempDir tmp;
+  const std::string path = tmp.sub("two");
+  Writer a(path);
+  WriterOptions o;
+  o.append = true;
+  EXPECT_THROW(Writer b(path, o), LockError);
+  a.write(make_sample(0));
+  a.close();
+  Writer c(path, o);  // released by close()
+  EXPECT_EQ(c.size(), 1u);
+}
+
+TEST(Writer, AForkedChildDoesNotInheritTheWritersLock) {
+  TempDir tmp;
+  const std::string path = tmp.sub("fork");
+  int ready[2], done[2];
+  ASSERT_EQ(pipe(ready), 0);
+  ASSERT_EQ(pipe(done), 0);
+  auto w = std::make_unique<Writer>(path);
+  w->write(make_sample(0));
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Outlives the parent's writer; while the parent's writer lives, the
+    // child cannot open one itself.
+    int status = 0;
+    try {
+      WriterOptions o;
+      o.append = true;
+      Writer mine(path, o);
+      status = 2;  // should have been refused
+    } catch (const LockError&) {
+    } catch (...) {
+      status = 3;
+    }
+    char c = 1;
+    (void)!write(ready[1], &c, 1);
+    (void)!read(done[0], &c, 1);
+    _exit(status);
+  }
+  char c;
+  ASSERT_EQ(read(ready[0], &c, 1), 1);
+  w->close();
+  w.reset();
+  WriterOptions o;
+  o.append = true;
+  {
+    Writer again(path, o);  // the child is alive and holds no lock
+    again.write(make_sample(1));
+    again.close();
+  }
+  c = 1;
+  ASSERT_EQ(write(done[1], &c, 1), 1);
+  int status = 0;
+  waitpid(child, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(Reader(path).size(), 2u);
+}
+
+TEST(Writer, ARejectedFirstSampleDefinesNoSchema) {
+  TempDir tmp;
+  const std::string path = tmp.sub("first");
+  Writer w(path);
+  Sample bad;
+  bad.insert("a", torch::zeros({1}));
+  std::vector<int64_t> shape(17, 1);
+  bad.insert("deep", torch::zeros(shape));
+  EXPECT_THROW(w.write(bad), c10::ValueError);
+  Sample good;
+  good.insert("y", torch::ones({3}));
+  EXPECT_EQ(w.write(good), 0u);
+  w.close();
+  Reader r(path);
+  ASSERT_EQ(r.schema().size(), 1u);
+  EXPECT_EQ(r.schema()[0].name, "y");
+  EXPECT_TRUE(torch::equal(r.get(0)["y"], torch::ones({3})));
+}
+
+TEST(Writer, ConjugateAndNegativeViewsAreStoredAsTheirValues) {
+  TempDir tmp;
+  const std::string path = tmp.sub("views");
+  const at::Tensor z = torch::tensor({1.0, 3.0}).to(torch::kComplexFloat) +
+                       torch::tensor({2.0, -4.0}).to(torch::kComplexFloat) * c10::complex<float>(0, 1);
+  const at::Tensor conj = z.conj();
+  const at::Tensor neg = torch::tensor({1.0, -2.0, 3.0})._neg_view();
+  ASSERT_TRUE(conj.is_conj());
+  ASSERT_TRUE(neg.is_neg());
+  {
+    Writer w(path);
+    Sample s;
+    s.insert("conj", conj);
+    s.insert("neg", neg);
+    w.write(s);
+    w.close();
+  }
+  Reader r(path);
+  const Sample got = r.get(0);
+  EXPECT_TRUE(torch::equal(got.find("conj")->resolve_conj(), conj.resolve_conj()));
+  EXPECT_TRUE(torch::equal(*got.find("neg"), torch::tensor({-1.0, 2.0, -3.0})));
+}
