@@ -37,43 +37,171 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_verify(args) -> int:
+_META_MAGIC = 0xBEEFC0DE
+
+
+def _check_meta_pages(path: str) -> Optional[str]:
+    """Reads LMDB's two meta pages from data.mdb with plain file reads (no map,
+    so no fault) and compares the file size with the pages the newest valid
+    meta page says are in use. Returns a reason on damage, else None.
+
+    Layout (lmdb 0.9, 64-bit; mdb.c MDB_page / MDB_meta): a 16-byte page
+    header, then magic u32, version u32, address u64, mapsize u64, two MDB_db
+    of 48 bytes (the first one's leading u32 holds the page size), last_pg u64,
+    txnid u64. The second meta page starts at offset page size.
+    """
+    import struct
+
+    data_file = os.path.join(path, "data.mdb")
+    try:
+        size = os.path.getsize(data_file)
+        with open(data_file, "rb") as f:
+            head = f.read(16 + 136)
+            metas = []
+            if len(head) == 16 + 136:
+                metas.append(head)
+                psize = struct.unpack_from("<I", head, 16 + 24)[0]
+                if 512 <= psize <= (1 << 16) and psize & (psize - 1) == 0:
+                    f.seek(psize)
+                    metas.append(f.read(16 + 136))
+    except OSError as e:
+        return f"cannot read {data_file}: {e.strerror}"
+    best = None
+    for m in metas:
+        if len(m) < 16 + 136:
+            continue
+        magic, version = struct.unpack_from("<II", m, 16)
+        psize = struct.unpack_from("<I", m, 16 + 24)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", m, 16 + 24 + 96)
+        if magic != _META_MAGIC or version != 1 or not (512 <= psize <= (1 << 16)) or psize & (psize - 1):
+            continue
+        if best is None or txnid > best[2]:
+            best = (psize, last_pg, txnid)
+    if best is None:
+        return (f"{data_file} has no valid LMDB meta page ({size} bytes; the first pages are damaged "
+                f"or this is not an LMDB file)")
+    psize, last_pg, _ = best
+    needed = (last_pg + 1) * psize
+    if size < needed:
+        return f"{data_file} is truncated: {size} bytes, its last commit uses {needed} ({last_pg + 1} pages of {psize})"
+    return None
+
+
+def _verify_walk(path: str, args, report) -> None:
+    """Decodes every record of ``path`` with checksums on; calls report(dict).
+    Runs in a child process: a fault inside LMDB's B-tree walk on a damaged
+    file kills the child, not the command."""
     import torch_lmdb
     from torch_lmdb import _C
 
+    reader = _C.Reader([path], verify=True)
+    for message in reader.take_warnings():
+        print(f"warning: {message}", file=sys.stderr)
+    meta = json.loads(reader.metadata_json(0))
+    n = len(reader)
+    bad: List[str] = []
+    progress = None
+    if args.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=n, unit="sample", desc=f"verifying {os.path.basename(path)}", file=sys.stderr)
+    for i in range(n):
+        report({"at": i})
+        try:
+            reader.get(i)
+        except torch_lmdb.Error as e:
+            bad.append(f"index {i}: {e}")
+            if len(bad) >= args.max_errors:
+                break
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    report({"n": n, "bad": bad, "complete": bool(meta.get("complete", False))})
+
+
+def _verify_in_child(path: str, args) -> dict:
+    """Runs _verify_walk in a forked child; returns its last report, or
+    {"signal": name, "at": index} when a signal killed it."""
+    import signal
+
+    if not hasattr(os, "fork"):  # no fork: walk in this process
+        last: dict = {}
+        _verify_walk(path, args, last.update)
+        return last
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: report lines of JSON, never return
+        code = 0
+        try:
+            os.close(r)
+
+            def report(msg: dict) -> None:
+                os.write(w, (json.dumps(msg) + "\n").encode())
+
+            _verify_walk(path, args, report)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            try:
+                os.write(w, (json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n").encode())
+            except BaseException:  # noqa: BLE001
+                code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w)
+    last = {}
+    at = None
+    with os.fdopen(r, "rb") as pipe:
+        for line in pipe:
+            msg = json.loads(line)
+            if "at" in msg and len(msg) == 1:
+                at = msg["at"]
+            else:
+                last = msg
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return {"signal": signal.Signals(os.WTERMSIG(status)).name, "at": at}
+    if not last:
+        return {"error": f"the checking process ended without a report (exit status {os.WEXITSTATUS(status)})"}
+    return last
+
+
+def _cmd_verify(args) -> int:
     status = 0
     for path in args.paths:
-        reader = _C.Reader([path], verify=True)
-        for message in reader.take_warnings():
-            print(f"warning: {message}", file=sys.stderr)
-        meta = json.loads(reader.metadata_json(0))
-        n = len(reader)
-        bad: List[str] = []
-        progress = None
-        if args.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=n, unit="sample", desc=f"verifying {os.path.basename(path)}", file=sys.stderr)
-        for i in range(n):
-            try:
-                reader.get(i)
-            except torch_lmdb.Error as e:
-                bad.append(f"index {i}: {e}")
-                if len(bad) >= args.max_errors:
-                    break
-            if progress is not None:
-                progress.update(1)
-        if progress is not None:
-            progress.close()
-        if not meta.get("complete", False):
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            print(f"{path}: not a torch_lmdb database (no data.mdb)")
+            status = 1
+            continue
+        reason = _check_meta_pages(path)
+        if reason is not None:
+            print(f"{path}: damaged: {reason}")
+            status = 1
+            continue
+        res = _verify_in_child(path, args)
+        if "signal" in res:
+            where = f" while reading index {res['at']}" if res.get("at") is not None else " while opening it"
+            print(f"{path}: damaged: reading it crashed the checking process ({res['signal']}){where}; "
+                  f"the file is damaged or truncated")
+            status = 1
+            continue
+        if "error" in res:
+            print(f"{path}: damaged or unreadable: {res['error']}")
+            status = 1
+            continue
+        bad = list(res["bad"])
+        if not res["complete"]:
             bad.append("database is marked incomplete (its writer did not close cleanly)")
         if bad:
             status = 1
-            print(f"{path}: {len(bad)} problem(s) (showing up to {args.max_errors}):")
-            for b in bad:
+            print(f"{path}: {len(bad)} problem(s), first: {bad[0]}")
+            for b in bad[1:]:
                 print(f"  {b}")
         else:
-            print(f"{path}: ok, {n} samples, every checksum verified")
+            print(f"{path}: ok, {res['n']} samples, every checksum verified")
     return status
 
 
@@ -165,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("verify", help="decode every record and check every checksum")
+    p = sub.add_parser("verify", help="decode every record and check every checksum",
+                       description="Checks the file size against LMDB's meta pages, then decodes every record "
+                                   "and checks every checksum in a child process, so a damaged file that makes "
+                                   "LMDB fault is reported (exit 1, one line naming the path) instead of "
+                                   "killing the command.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--max-errors", type=int, default=20, help="report at most this many bad records (default 20)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
