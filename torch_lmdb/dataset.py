@@ -186,6 +186,28 @@ class LMDBDataset(torch.utils.data.Dataset):
         state["_generation"] = None
         return state
 
+    def refresh(self) -> int:
+        """Makes the samples appended since the dataset opened visible.
+
+        Re-reads each file's sample count (and completeness and metadata), so
+        ``len(ds)`` follows a writer that appends, in another process or in
+        this one (an :class:`LMDBWriter` and datasets of one path in one
+        process share its LMDB environment). Reads keep their snapshot: a
+        DataLoader takes the length at the start of each epoch, so call
+        ``refresh()`` between epochs; workers then see the new samples (a
+        worker given an index past the count it knows refreshes once).
+
+        Returns:
+            The new number of samples.
+        """
+        handle = _C.Reader(self._paths, fields=self._fields, **self._options)
+        self._emit_warnings(handle)
+        self._handle, self._generation = handle, _fork_generation
+        self._len = len(handle)
+        self._schema = handle.schema()
+        self._metadata = [json.loads(handle.metadata_json(i)) for i in range(len(self._paths))]
+        return self._len
+
     def close(self) -> None:
         """Drops this process's handle (the files reopen on next use)."""
         self._handle = None
@@ -202,6 +224,8 @@ class LMDBDataset(torch.utils.data.Dataset):
             raise TypeError(f"dataset indices must be integers or lists of integers, got {type(i).__name__}") from None
         if i < 0:
             i += self._len
+        if i >= self._len and torch.utils.data.get_worker_info() is not None:
+            self.refresh()  # a persistent worker behind a refreshed main process
         if not 0 <= i < self._len:
             raise IndexError(f"index {i} out of range for dataset of size {self._len} at '{self._paths[0]}'")
         return i

@@ -20,7 +20,7 @@ namespace torch_lmdb {
 namespace {
 
 constexpr size_t kDefaultMapSize = size_t{64} << 20;  // 64 MiB, grows by doubling
-constexpr size_t kMinMapSize = size_t{1} << 20;       // smaller requests are raised to this
+constexpr size_t kMinMapSize = size_t{64} << 10;      // smaller requests are raised to this
 // Readers map at least this much, and at least twice the file: a writer in
 // another process then rarely grows the file past the reader's map (each
 // time it does, the reader remaps once, as a resize).
@@ -358,6 +358,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     }
     env->file_size_.store(static_cast<size_t>(now.st_size));
     env->map_addr_ = static_cast<const char*>(info.me_mapaddr);
+    env->map_bytes_ = info.me_mapsize;
   }
 
   if (!nolock) {
@@ -447,8 +448,10 @@ void Env::remap(size_t bytes) const {
   // lmdb.h: no transaction of this process is active now.
   const int rc = mdb_env_set_mapsize(env_.get(), bytes);
   MDB_envinfo info{};
-  if (rc == 0 && mdb_env_info(env_.get(), &info) == 0)
+  if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {
     const_cast<Env*>(this)->map_addr_ = static_cast<const char*>(info.me_mapaddr);
+    const_cast<Env*>(this)->map_bytes_ = info.me_mapsize;
+  }
   resizing_ = false;
   lock.unlock();
   gate_cv_.notify_all();
@@ -521,6 +524,9 @@ void Env::set_map_size(size_t bytes) { remap(bytes); }
 void Env::check_value(const MDB_val& v, const std::string& what) const {
   const char* p = static_cast<const char*>(v.mv_data);
   const char* base = map_addr_;
+  // Only memory of the map can lie past the file's end; a value outside the
+  // map is a write transaction's dirty page (heap memory).
+  if (p < base || static_cast<size_t>(p - base) >= map_bytes_) return;
   auto inside = [&](size_t file) {
     return p >= base && static_cast<size_t>(p - base) <= file && v.mv_size <= file - static_cast<size_t>(p - base);
   };

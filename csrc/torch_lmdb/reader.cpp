@@ -144,7 +144,7 @@ void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSc
          views[f].dtype == stored[f].dtype;
   if (!ok) {
     std::string got;
-    for (const auto& v : views) got += (got.empty() ? "" : ", ") + v.name_str() + ":" + dtype_name(v.dtype);
+    for (const auto& v : views) got += (got.empty() ? "" : ", ") + v.printable_name() + ":" + dtype_name(v.dtype);
     throw CorruptedError("record at '" + path + "' index " + std::to_string(local) +
                              " does not match the schema in the metadata (fields: " + got + ")",
                          0, path);

@@ -276,18 +276,18 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
       src.skip(f.name_size);
       uint8_t kind = 0, code = 0, ndim = 0;
       ar(kind, code, ndim);
-      if (kind > 2) corrupted(ctx, "field '" + f.name_str() + "' has unknown kind " + std::to_string(kind));
+      if (kind > 2) corrupted(ctx, "field '" + f.printable_name() + "' has unknown kind " + std::to_string(kind));
       f.kind = static_cast<FieldKind>(kind);
       bool ok = false;
       f.dtype = dtype_from_code(code, &ok);
-      if (!ok) corrupted(ctx, "field '" + f.name_str() + "' has unknown dtype code " + std::to_string(code));
-      if (ndim > kMaxDims) corrupted(ctx, "field '" + f.name_str() + "' has " + std::to_string(ndim) + " dimensions");
+      if (!ok) corrupted(ctx, "field '" + f.printable_name() + "' has unknown dtype code " + std::to_string(code));
+      if (ndim > kMaxDims) corrupted(ctx, "field '" + f.printable_name() + "' has " + std::to_string(ndim) + " dimensions");
       f.ndim = ndim;
       bool has_zero = false;
       for (int d = 0; d < ndim; ++d) {
         int64_t s = 0;
         ar(s);
-        if (s < 0) corrupted(ctx, "field '" + f.name_str() + "' has negative size " + std::to_string(s) + " in dimension " + std::to_string(d));
+        if (s < 0) corrupted(ctx, "field '" + f.printable_name() + "' has negative size " + std::to_string(s) + " in dimension " + std::to_string(d));
         f.sizes[d] = s;
         has_zero = has_zero || s == 0;
       }
@@ -297,17 +297,17 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
       } else {
         for (int d = 0; d < ndim; ++d) {
           if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > size)
-            corrupted(ctx, "field '" + f.name_str() + "' has shape " + c10::str(f.shape()) +
+            corrupted(ctx, "field '" + f.printable_name() + "' has shape " + c10::str(f.shape()) +
                                " that does not fit in a " + std::to_string(size) + "-byte value");
         }
       }
       ar(f.nbytes);
       const uint64_t itemsize = c10::elementSize(f.dtype);
       if (f.nbytes != numel * itemsize)
-        corrupted(ctx, "field '" + f.name_str() + "' declares " + std::to_string(f.nbytes) +
+        corrupted(ctx, "field '" + f.printable_name() + "' declares " + std::to_string(f.nbytes) +
                            " bytes for " + std::to_string(numel) + " elements of " + dtype_name(f.dtype));
       if (f.nbytes > avail())
-        corrupted(ctx, "field '" + f.name_str() + "' payload of " + std::to_string(f.nbytes) +
+        corrupted(ctx, "field '" + f.printable_name() + "' payload of " + std::to_string(f.nbytes) +
                            " bytes runs past the end of the " + std::to_string(size) + "-byte value");
       f.data = src.current();
       src.skip(static_cast<size_t>(f.nbytes));

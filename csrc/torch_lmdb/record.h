@@ -66,6 +66,24 @@ struct FieldView {
   uint64_t nbytes = 0;
 
   std::string name_str() const { return std::string(name, name_size); }
+  /// The name for error messages: bytes outside printable ASCII as \xNN (a
+  /// damaged name must not make the message itself invalid UTF-8).
+  std::string printable_name() const {
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (size_t i = 0; i < name_size && i < 256; ++i) {
+      const unsigned char c = static_cast<unsigned char>(name[i]);
+      if (c >= 0x20 && c < 0x7f && c != '\\') {
+        out += static_cast<char>(c);
+      } else {
+        out += "\\x";
+        out += hex[c >> 4];
+        out += hex[c & 15];
+      }
+    }
+    if (name_size > 256) out += "...";
+    return out;
+  }
   bool name_equals(const std::string& n) const {
     return n.size() == name_size && n.compare(0, n.size(), name, name_size) == 0;
   }

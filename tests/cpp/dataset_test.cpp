@@ -275,8 +275,11 @@ TEST(Env, SamePathSharesOneEnvPerProcess) {
   auto e1 = Env::open(tmp.sub("a"), o);
   auto e2 = Env::open(tmp.sub("a/"), o);
   EXPECT_EQ(e1.get(), e2.get());
-  // A writer cannot take a path held read-only.
-  EXPECT_THROW(Writer(tmp.sub("a"), WriterOptions{/*append=*/true}), InvalidDatabaseError);
+  // A writer shares the environment of the readers of its path.
+  {
+    Writer w(tmp.sub("a"), WriterOptions{/*append=*/true});
+    EXPECT_EQ(w.size(), 3u);
+  }
   // The shared environment keeps the readahead it was opened with: asking
   // for the other one is said, not silently ignored.
   std::vector<std::string> warnings;

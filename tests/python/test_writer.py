@@ -141,3 +141,48 @@ def test_a_failed_commit_stays_failed_and_keeps_the_committed_prefix(tmp_path):
         assert torch_lmdb.info(path)["complete"] is False
     for i in range(len(ds)):
         assert ds[i]["x"][0].item() == float(i)
+
+
+def test_conjugate_and_negative_views_are_stored_as_their_values(tmp_path):
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    neg = torch.tensor([1.0, -2.0])._neg_view()
+    assert z.conj().is_conj() and neg.is_neg()
+    path = str(tmp_path / "views")
+    with torch_lmdb.LMDBWriter(path) as w:
+        w.write({"conj": z.conj(), "neg": neg, "conj_imag": z.conj().imag})
+    got = torch_lmdb.LMDBDataset(path)[0]
+    assert torch.equal(got["conj"], torch.tensor([1 - 2j, 3 + 4j], dtype=torch.complex64))
+    assert torch.equal(got["neg"], torch.tensor([-1.0, 2.0]))
+    assert torch.equal(got["conj_imag"], torch.tensor([-2.0, 4.0]))
+
+
+def test_a_rejected_first_sample_defines_no_schema(tmp_path):
+    path = str(tmp_path / "first")
+    with torch_lmdb.LMDBWriter(path) as w:
+        with pytest.raises(ValueError, match="17 dimensions"):
+            w.write({"a": torch.zeros(1), "deep": torch.zeros([1] * 17)})
+        w.write({"y": torch.ones(3)})
+    ds = torch_lmdb.LMDBDataset(path)
+    assert list(ds[0]) == ["y"]
+    assert [f["name"] for f in ds.schema] == ["y"]
+
+
+def test_a_writer_forked_child_does_not_keep_the_writer_lock(tmp_path):
+    import os
+    import signal
+
+    path = str(tmp_path / "fork")
+    w = torch_lmdb.LMDBWriter(path)
+    w.write({"i": 0})
+    pid = os.fork()
+    if pid == 0:  # a child that outlives the writer (as a DataLoader worker would)
+        signal.pause()
+        os._exit(0)
+    try:
+        w.close()
+        with torch_lmdb.LMDBWriter(path, mode="a") as again:
+            again.write({"i": 1})
+        assert len(torch_lmdb.LMDBDataset(path)) == 2
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
