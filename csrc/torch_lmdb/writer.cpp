@@ -438,9 +438,7 @@ void Writer::close() {
 }
 
 void Writer::set_user_metadata(const std::string& json_object) {
-  auto parsed = detail::Json::parse(json_object, nullptr, false);
-  TORCH_CHECK_VALUE(!parsed.is_discarded() && parsed.is_object(),
-                    "user metadata must be a JSON object, got: ", json_object.substr(0, 200));
+  auto parsed = detail::parse_user_json(json_object);  // ValueError: not an object, or too deep
   impl_->user.update(parsed);
   impl_->meta_dirty = true;
 }
