@@ -50,14 +50,14 @@ std::string open_error(const std::string& path) {
 }  // namespace
 
 TEST(Meta, JsonDepthCountsBracketsOutsideStringsInOnePass) {
-  auto depth = [](const std::string& s) { return detail::json_depth(s.data(), s.size()); };
+  auto depth = [](const std::string& s) { return torch_lmdb::detail::json_depth(s.data(), s.size()); };
   EXPECT_EQ(depth("1"), 0u);
-  EXPECT_EQ(depth("{\"a\": [1, {\"b\": []}]}"), 3u);
+  EXPECT_EQ(depth("{\"a\": [1, {\"b\": []}]}"), 4u);
   EXPECT_EQ(depth("[\"[[[{{{\", \"\\\"[[[\"]"), 1u);  // brackets and escaped quotes in strings
   EXPECT_EQ(depth("[][][]"), 1u);
-  EXPECT_EQ(depth(nested_arrays(detail::kMaxMetaDepth)), detail::kMaxMetaDepth);
+  EXPECT_EQ(depth(nested_arrays(torch_lmdb::detail::kMaxMetaDepth)), torch_lmdb::detail::kMaxMetaDepth);
   // Stops counting past the limit: 1e6 levels cost one pass, no recursion.
-  EXPECT_EQ(depth(nested_arrays(1000000)), detail::kMaxMetaDepth + 1);
+  EXPECT_EQ(depth(nested_arrays(1000000)), torch_lmdb::detail::kMaxMetaDepth + 1);
 }
 
 TEST(Meta, ValueNestedDeeperThanTheLimitIsRefusedNamingPathAndKey) {
@@ -65,10 +65,10 @@ TEST(Meta, ValueNestedDeeperThanTheLimitIsRefusedNamingPathAndKey) {
   const std::string path = tmp.sub("deep");
   write_dataset(path, 3);
   // At the limit: readable (any JSON is allowed under created_with).
-  poke_meta(path, "created_with", nested_arrays(detail::kMaxMetaDepth));
+  poke_meta(path, "created_with", nested_arrays(torch_lmdb::detail::kMaxMetaDepth));
   EXPECT_EQ(Reader(path).size(), 3u);
   // One level more is refused; 1e5 levels used to overflow the stack (SIGSEGV).
-  for (size_t depth : {detail::kMaxMetaDepth + 1, size_t{100000}}) {
+  for (size_t depth : {torch_lmdb::detail::kMaxMetaDepth + 1, size_t{100000}}) {
     poke_meta(path, "created_with", nested_arrays(depth));
     const std::string msg = open_error(path);
     EXPECT_NE(msg.find(path), std::string::npos) << msg;
@@ -80,9 +80,9 @@ TEST(Meta, ValueNestedDeeperThanTheLimitIsRefusedNamingPathAndKey) {
 TEST(Meta, UserMetadataNestedDeeperThanTheLimitIsRefusedAtWrite) {
   TempDir tmp;
   Writer w(tmp.sub("w"));
-  const std::string at_limit = "{\"a\": " + nested_arrays(detail::kMaxMetaDepth - 1) + "}";
+  const std::string at_limit = "{\"a\": " + nested_arrays(torch_lmdb::detail::kMaxMetaDepth - 1) + "}";
   w.set_user_metadata(at_limit);
-  for (size_t depth : {detail::kMaxMetaDepth, size_t{100000}}) {
+  for (size_t depth : {torch_lmdb::detail::kMaxMetaDepth, size_t{100000}}) {
     const std::string deep = "{\"a\": " + nested_arrays(depth) + "}";
     try {
       w.set_user_metadata(deep);
@@ -141,8 +141,8 @@ TEST(Meta, BadValuesNameThePathTheKeyAndWhatWasFound) {
 TEST(Meta, ValidateMetaReturnsWhatTheWriterStored) {
   TempDir tmp;
   write_dataset(tmp.sub("ok"), 5);
-  const auto meta = detail::Json::parse(Reader(tmp.sub("ok")).metadata_json());
-  const detail::MetaInfo info = detail::validate_meta(meta, tmp.sub("ok"));
+  const auto meta = torch_lmdb::detail::Json::parse(Reader(tmp.sub("ok")).metadata_json());
+  const torch_lmdb::detail::MetaInfo info = torch_lmdb::detail::validate_meta(meta, tmp.sub("ok"));
   EXPECT_EQ(info.format_version, 1);
   EXPECT_EQ(info.num_samples, 5u);
   EXPECT_TRUE(info.complete);
