@@ -16,7 +16,12 @@ DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev
   python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist \
   libblosc-dev python3-dask python3-distributed
 
-.PHONY: print-deb-packages test-debian13 test demo deps build cmake-build python-build install lib-install examples example-cpp ctest pytest clean
+# Compilers and runtimes of the checking builds (test-sanitize, test-tsan, test-odr, fuzz).
+# Not in DEB_PACKAGES: that list keys the cached Debian 13 root.
+SANITIZER_PACKAGES := clang-14 libclang-rt-14-dev llvm-14
+FUZZ_SECONDS ?= 60
+
+.PHONY: print-deb-packages test-debian13 sanitizer-deps test-sanitize test-tsan test-odr fuzz fuzz-build fuzz-corpus test demo deps build cmake-build python-build install lib-install examples example-cpp ctest pytest clean
 
 test: deps build ctest example-cpp pytest
 
@@ -80,3 +85,56 @@ test-debian13:
 
 print-deb-packages:
 	@echo $(DEB_PACKAGES)
+
+# ---- checking builds: the C++ library + gtests only, each in its own build dir ----
+# Package install as in `deps`, for the sanitizer toolchain.
+sanitizer-deps: deps
+	@missing=$$(for p in $(SANITIZER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:" $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else \
+	    echo "missing Debian packages; run:"; echo "  sudo apt-get install -y $$missing"; exit 1; \
+	  fi; \
+	fi
+
+CHECK_CMAKE = cmake -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTORCH_LMDB_BUILD_TOOLS=OFF
+SAN_ENV = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+  LSAN_OPTIONS=suppressions=$(CURDIR)/tests/sanitizers/lsan.supp:print_suppressions=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:suppressions=$(CURDIR)/tests/sanitizers/ubsan.supp \
+  ASAN_SYMBOLIZER_PATH=/usr/bin/llvm-symbolizer-14
+
+# AddressSanitizer + UndefinedBehaviorSanitizer (clang-14), every gtest. The same
+# build dir holds the fuzz targets (the library is built once for both).
+ASAN_CONFIGURE = $(CHECK_CMAKE) -S . -B build/asan -DCMAKE_CXX_COMPILER=clang++-14 -DTORCH_LMDB_BUILD_FUZZERS=ON
+test-sanitize: sanitizer-deps
+	$(ASAN_CONFIGURE)
+	cmake --build build/asan -j $(JOBS) --target torch_lmdb_tests
+	cd build/asan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) --no-tests=error
+
+# ThreadSanitizer (clang-14): the concurrency gtests (named *Concurrent* or *Threads*).
+test-tsan: sanitizer-deps
+	$(CHECK_CMAKE) -S . -B build/tsan -DCMAKE_CXX_COMPILER=clang++-14 -DTORCH_LMDB_SANITIZE=thread
+	cmake --build build/tsan -j $(JOBS) --target torch_lmdb_tests
+	cd build/tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/sanitizers/tsan.supp \
+	  OMP_NUM_THREADS=1 ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads'
+
+# gcc LTO build whose link fails on ODR violations (-Werror=odr), then its gtests.
+test-odr: deps
+	$(CHECK_CMAKE) -S . -B build/odr -DCMAKE_CXX_COMPILER=g++ -DTORCH_LMDB_ODR_CHECK=ON
+	cmake --build build/odr -j $(JOBS) --target torch_lmdb_tests
+	cd build/odr && ctest --output-on-failure -j $(JOBS) --no-tests=error
+
+# libFuzzer targets (tests/fuzz), each run FUZZ_SECONDS on a copy of its seed corpus.
+FUZZ_TARGETS := record meta open
+fuzz-build: sanitizer-deps
+	$(ASAN_CONFIGURE)
+	cmake --build build/asan -j $(JOBS) --target $(addprefix fuzz_,$(FUZZ_TARGETS)) fuzz_make_corpus
+
+fuzz: fuzz-build
+	tests/fuzz/run.sh build/asan $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# Regenerates the seed corpus in the tree (tests/fuzz/corpus/<target>/).
+fuzz-corpus: fuzz-build
+	rm -rf tests/fuzz/corpus && build/asan/fuzz_make_corpus tests/fuzz/corpus

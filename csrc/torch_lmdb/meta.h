@@ -1,9 +1,21 @@
 // torch_lmdb/meta.h -- internal: the `meta` table (one JSON value per key).
 // Not installed: it exposes nlohmann::json, which public headers avoid.
+//
+// Contract
+// - Metadata comes from files we did not necessarily write: every value is
+//   checked before it is used, and a bad one raises InvalidDatabaseError
+//   naming the database path and the key, never a JSON library exception,
+//   an OverflowError or a crash.
+// - Nesting depth: nlohmann's parser and serializer recurse once per level of
+//   arrays/objects, so a value nested 100,000 deep overflows the stack. No
+//   value deeper than kMaxMetaDepth is parsed (read_meta checks the bytes
+//   with a linear scan first) or written (parse_user_json).
+// - Thread safety: pure functions (read_meta/put_meta use the caller's txn).
 #pragma once
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -16,8 +28,49 @@ namespace detail {
 
 using Json = nlohmann::ordered_json;
 
-/// Reads every key of `meta` into one object. Throws InvalidDatabaseError on
-/// values that are not JSON.
+/// Deepest nesting of arrays and objects accepted in one metadata value
+/// (`{"a": [1]}` has depth 2). Far above what torch_lmdb or a converter
+/// writes, far below what overflows a thread's stack in nlohmann's recursive
+/// parser and dump() (about 1e4-1e5 levels with 8 MiB stacks, less on worker
+/// threads).
+constexpr size_t kMaxMetaDepth = 128;
+
+/// Nesting depth of the JSON text [p, p + n): the most arrays/objects open at
+/// once, counting brackets outside strings. One pass, no recursion, stops
+/// counting past `limit` (returns limit + 1). For any text, nlohmann's parser
+/// nests no deeper than this before it finishes or rejects the text.
+size_t json_depth(const char* p, size_t n, size_t limit = kMaxMetaDepth) noexcept;
+
+/// Parses the value of metadata key `key` of the database at `path`. Throws
+/// InvalidDatabaseError naming both when the value is not JSON or is nested
+/// deeper than kMaxMetaDepth (checked before parsing).
+Json parse_meta_value(const char* p, size_t n, const std::string& path, const std::string& key);
+
+/// Parses user metadata given to a Writer: c10::ValueError when it is not a
+/// JSON object or is nested deeper than kMaxMetaDepth (checked before parsing).
+Json parse_user_json(const std::string& text);
+
+/// What a reader needs from the metadata, checked.
+struct MetaInfo {
+  int64_t format_version = 0;
+  size_t num_samples = 0;
+  bool complete = false;
+  std::vector<FieldSchema> schema;
+};
+
+/// Checks the whole metadata object of the database at `path` (every key a
+/// reader relies on, with its JSON type) and returns its contents. Throws
+/// InvalidDatabaseError "'<path>' is not a readable torch_lmdb database:
+/// metadata '<key>' ..." saying what was expected and what was found:
+/// format != "torch_lmdb", format_version missing / not an integer / another
+/// version, num_samples missing / not an integer / negative / >= 2^63,
+/// complete or byte_order of the wrong type, byte_order not "little", schema
+/// or user of the wrong shape.
+MetaInfo validate_meta(const Json& meta, const std::string& path);
+
+/// Reads every key of `meta` into one object. Throws InvalidDatabaseError
+/// naming the path and key on values that are not JSON or are nested deeper
+/// than kMaxMetaDepth (see parse_meta_value).
 inline Json read_meta(const Env& env, MDB_txn* txn) {
   Json out = Json::object();
   MDB_cursor* cur = nullptr;
@@ -33,13 +86,12 @@ inline Json read_meta(const Env& env, MDB_txn* txn) {
       throw;
     }
     std::string key(static_cast<const char*>(k.mv_data), k.mv_size);
-    const char* p = static_cast<const char*>(v.mv_data);
-    Json value = Json::parse(p, p + v.mv_size, nullptr, /*allow_exceptions=*/false);
-    if (value.is_discarded()) {
+    Json value;
+    try {
+      value = parse_meta_value(static_cast<const char*>(v.mv_data), v.mv_size, env.path(), key);
+    } catch (...) {
       mdb_cursor_close(cur);
-      throw InvalidDatabaseError("metadata key '" + key + "' of '" + env.path() +
-                                     "' is not valid JSON",
-                                 0, env.path());
+      throw;
     }
     out[key] = std::move(value);
     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
@@ -67,26 +119,10 @@ inline Json schema_to_json(const std::vector<FieldSchema>& schema) {
   return out;
 }
 
-inline std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path) {
-  std::vector<FieldSchema> out;
-  if (!j.is_array()) {
-    throw InvalidDatabaseError("metadata 'schema' of '" + path + "' is not a list", 0, path);
-  }
-  try {
-    for (const auto& f : j) {
-      FieldSchema s;
-      s.name = f.at("name").get<std::string>();
-      s.kind = kind_from_name(f.at("kind").get<std::string>());
-      s.dtype = dtype_from_name(f.at("dtype").get<std::string>());
-      s.shape = f.at("shape").get<std::vector<int64_t>>();
-      out.push_back(std::move(s));
-    }
-  } catch (const Json::exception& e) {
-    throw InvalidDatabaseError("metadata 'schema' of '" + path + "' is malformed: " + e.what(),
-                               0, path);
-  }
-  return out;
-}
+/// The `schema` value as fields. Throws InvalidDatabaseError naming `path`
+/// when it is not a list of {name, kind, dtype, shape} with known kind and
+/// dtype names and at most kMaxDims dims, each -1 (varies) or >= 0.
+std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path);
 
 }  // namespace detail
 }  // namespace torch_lmdb

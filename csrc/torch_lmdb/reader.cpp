@@ -327,6 +327,7 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       ReadTxn txn = env->read_txn();
       meta = detail::read_meta(*env, txn.get());
     }
+    detail::validate_meta(meta, path);  // every key and its JSON type, before the uses below
     auto invalid = [&](const std::string& why) {
       throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
     };

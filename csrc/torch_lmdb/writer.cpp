@@ -90,11 +90,13 @@ class EarlyWriteback {
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
 constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TORCH_LMDB_STR(
     TORCH_VERSION_MINOR) "." TORCH_LMDB_STR(TORCH_VERSION_PATCH);
-}  // namespace
 
 // Encoded records waiting for their transaction: one buffer (capacity kept
 // from batch to batch, so steady-state writes touch no fresh pages) and the
-// end offset of each record.
+// end offset of each record. In this anonymous namespace: torch_lmdb::Batch
+// is the reader's collated batch (reader.h), and two definitions of one name
+// made the linker give the writer the reader's inline move constructor
+// (make test-odr fails the link on that).
 struct Batch {
   std::string bytes;
   std::vector<size_t> ends;
@@ -107,6 +109,7 @@ struct Batch {
     ends.clear();
   }
 };
+}  // namespace
 
 struct Writer::Impl {
   std::string path;
@@ -463,9 +466,7 @@ void Writer::close() {
 }
 
 void Writer::set_user_metadata(const std::string& json_object) {
-  auto parsed = detail::Json::parse(json_object, nullptr, false);
-  TORCH_CHECK_VALUE(!parsed.is_discarded() && parsed.is_object(),
-                    "user metadata must be a JSON object, got: ", json_object.substr(0, 200));
+  auto parsed = detail::parse_user_json(json_object);  // ValueError: not an object, or too deep
   impl_->user.update(parsed);
   impl_->meta_dirty = true;
 }

@@ -1,0 +1,179 @@
+#include "torch_lmdb/meta.h"
+
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace torch_lmdb {
+namespace detail {
+
+size_t json_depth(const char* p, size_t n, size_t limit) noexcept {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < n; ++i) {
+    const char c = p[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // the escaped character cannot end the string
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > deepest) {
+        deepest = depth;
+        if (deepest > limit) return limit + 1;
+      }
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
+Json parse_meta_value(const char* p, size_t n, const std::string& path, const std::string& key) {
+  auto invalid = [&](const std::string& why) {
+    throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: metadata '" + key +
+                                   "' " + why,
+                               0, path);
+  };
+  if (json_depth(p, n) > kMaxMetaDepth)
+    invalid("is nested more than " + std::to_string(kMaxMetaDepth) + " levels deep");
+  Json value = Json::parse(p, p + n, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) invalid("is not valid JSON");
+  return value;
+}
+
+Json parse_user_json(const std::string& text) {
+  TORCH_CHECK_VALUE(json_depth(text.data(), text.size()) <= kMaxMetaDepth,
+                    "user metadata is nested more than ", kMaxMetaDepth,
+                    " levels deep (arrays/objects within each other); flatten it");
+  Json parsed = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  TORCH_CHECK_VALUE(!parsed.is_discarded() && parsed.is_object(),
+                    "user metadata must be a JSON object, got: ", text.substr(0, 200));
+  return parsed;
+}
+
+namespace {
+
+// "a string (\"1\")", "an array", ... for messages.
+std::string describe(const Json& v) {
+  std::string shown = v.is_structured() ? std::string() : " (" + v.dump().substr(0, 40) + ")";
+  switch (v.type()) {
+    case Json::value_t::null: return "null";
+    case Json::value_t::object: return "an object";
+    case Json::value_t::array: return "an array";
+    case Json::value_t::string: return "a string" + shown;
+    case Json::value_t::boolean: return "a boolean" + shown;
+    case Json::value_t::number_float: return "a floating-point number" + shown;
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned: return "an integer" + shown;
+    default: return "not a JSON value";
+  }
+}
+
+}  // namespace
+
+MetaInfo validate_meta(const Json& meta, const std::string& path) {
+  auto invalid = [&](const std::string& why) {
+    throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
+  };
+  // The key's value, or nullptr when it is absent.
+  auto find = [&](const char* key) -> const Json* {
+    const auto it = meta.find(key);
+    return it == meta.end() ? nullptr : &*it;
+  };
+  auto wrong = [&](const char* key, const char* expected, const Json& v) {
+    invalid(std::string("metadata '") + key + "' is " + describe(v) + ", expected " + expected);
+  };
+  MetaInfo info;
+  if (!meta.is_object()) invalid("the metadata is " + describe(meta) + ", expected an object");
+
+  const Json* format = find("format");
+  if (format == nullptr) invalid("no metadata 'format' (not written by torch_lmdb)");
+  if (!format->is_string() || format->get_ref<const std::string&>() != "torch_lmdb")
+    invalid("metadata 'format' is " + describe(*format) + ", expected \"torch_lmdb\"");
+
+  const Json* version = find("format_version");
+  if (version == nullptr) invalid("no metadata 'format_version'");
+  if (!version->is_number_integer()) wrong("format_version", "an integer", *version);
+  if (version->is_number_unsigned() ? version->get<uint64_t>() != kFormatVersion
+                                    : version->get<int64_t>() != kFormatVersion)
+    invalid("format version " + version->dump() + " (this torch_lmdb reads version " +
+            std::to_string(kFormatVersion) + ")");
+  info.format_version = kFormatVersion;
+
+  if (const Json* order = find("byte_order")) {
+    if (!order->is_string()) wrong("byte_order", "\"little\"", *order);
+    if (order->get_ref<const std::string&>() != "little") invalid("byte order is not little-endian");
+  }
+
+  const Json* n = find("num_samples");
+  if (n == nullptr) invalid("no metadata 'num_samples'");
+  if (!n->is_number_integer()) wrong("num_samples", "a non-negative integer", *n);
+  if (!n->is_number_unsigned()) wrong("num_samples", "a non-negative integer", *n);
+  // Python's len() and every signed index stop at 2^63 - 1.
+  const uint64_t count = n->get<uint64_t>();
+  if (count > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+    wrong("num_samples", "a count below 2^63", *n);
+  info.num_samples = static_cast<size_t>(count);
+
+  if (const Json* complete = find("complete")) {
+    if (!complete->is_boolean()) wrong("complete", "true or false", *complete);
+    info.complete = complete->get<bool>();
+  }
+  if (const Json* checksum = find("checksum"))
+    if (!checksum->is_string()) wrong("checksum", "a string (\"xxh3_64\" or \"none\")", *checksum);
+  if (const Json* user = find("user"))
+    if (!user->is_object()) wrong("user", "an object", *user);
+
+  const Json* schema = find("schema");
+  info.schema = schema_from_json(schema ? *schema : Json::array(), path);
+  return info;
+}
+
+std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path) {
+  auto invalid = [&](const std::string& why) {
+    throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: metadata 'schema' " + why,
+                               0, path);
+  };
+  std::vector<FieldSchema> out;
+  if (!j.is_array()) invalid("is " + describe(j) + ", expected a list of fields");
+  for (size_t i = 0; i < j.size(); ++i) {
+    const Json& f = j[i];
+    const std::string where = "field " + std::to_string(i);
+    if (!f.is_object()) invalid(where + " is " + describe(f) + ", expected an object");
+    auto text = [&](const char* key) -> const std::string& {
+      const auto it = f.find(key);
+      if (it == f.end()) invalid(where + " has no '" + key + "'");
+      if (!it->is_string()) invalid(where + " '" + key + "' is " + describe(*it) + ", expected a string");
+      return it->get_ref<const std::string&>();
+    };
+    FieldSchema s;
+    s.name = text("name");
+    const std::string named = where + " ('" + s.name + "')";
+    try {
+      s.kind = kind_from_name(text("kind"));
+      s.dtype = dtype_from_name(text("dtype"));
+    } catch (const c10::Error& e) {
+      invalid(named + ": " + e.what_without_backtrace());
+    }
+    const auto shape = f.find("shape");
+    if (shape == f.end()) invalid(named + " has no 'shape'");
+    if (!shape->is_array() || shape->size() > static_cast<size_t>(kMaxDims))
+      invalid(named + " 'shape' is " + describe(*shape) + ", expected a list of at most " +
+              std::to_string(kMaxDims) + " sizes");
+    for (const Json& d : *shape) {
+      if (!d.is_number_integer() || (d.is_number_unsigned() ? d.get<uint64_t>() > uint64_t{INT64_MAX}
+                                                             : d.get<int64_t>() < -1))
+        invalid(named + " 'shape' holds " + describe(d) + ", expected sizes >= 0 or -1 (varies)");
+      s.shape.push_back(d.get<int64_t>());
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+}  // namespace detail
+}  // namespace torch_lmdb

@@ -1,0 +1,114 @@
+// Writes the seed corpus of the fuzz targets: `fuzz_make_corpus DIR` fills
+// DIR/record (encoded records), DIR/meta (metadata values) and DIR/open
+// (data.mdb files of small databases). `make fuzz-corpus` runs it into
+// tests/fuzz/corpus; the files are committed so that a fuzz run starts from
+// valid inputs of every kind.
+#include <sys/stat.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "torch_lmdb/meta.h"
+#include "torch_lmdb/torch_lmdb.h"
+
+using namespace torch_lmdb;
+
+namespace {
+
+void put(const std::string& file, const std::string& bytes) {
+  std::ofstream out(file, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write " + file);
+}
+
+std::string slurp(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<Field> text_fields(const std::string& s) {
+  at::Tensor bytes = torch::empty({static_cast<int64_t>(s.size())}, torch::kUInt8);
+  std::memcpy(bytes.data_ptr(), s.data(), s.size());
+  return {Field{"label", FieldKind::Str, bytes}, Field{"blob", FieldKind::Bytes, bytes.flip(0)},
+          Field{"y", FieldKind::Tensor, torch::tensor(int64_t{3})}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    return 2;
+  }
+  const std::string root = argv[1];
+  for (const char* d : {"", "/record", "/meta", "/open", "/tmp"}) ::mkdir((root + d).c_str(), 0755);
+
+  // record: one record per dtype, a few shapes, str/bytes, with and without checksum.
+  const std::vector<at::ScalarType> dtypes{at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong,
+                                           at::kHalf, at::kBFloat16, at::kFloat, at::kDouble,
+                                           at::kComplexFloat, at::kComplexDouble};
+  int n = 0;
+  std::string rec;
+  for (auto dtype : dtypes) {
+    const at::Tensor t = torch::arange(6).reshape({2, 3}).to(dtype);
+    encode_record({Field{"x", FieldKind::Tensor, t}, Field{"i", FieldKind::Tensor, torch::tensor(int64_t{n})}},
+                  n % 2 == 0, rec);
+    put(root + "/record/dtype-" + std::to_string(n++), rec);
+  }
+  encode_record({Field{"empty", FieldKind::Tensor, torch::zeros({0, 4})},
+                 Field{"scalar", FieldKind::Tensor, torch::tensor(1.5)}},
+                true, rec);
+  put(root + "/record/shapes", rec);
+  encode_record(text_fields("hello"), true, rec);
+  put(root + "/record/text", rec);
+
+  // meta: a whole table as Reader::metadata_json gives it, and single values.
+  const std::string db = root + "/tmp/db";
+  {
+    WriterOptions o;
+    o.user_json = R"({"source": "seed", "attrs": {"a": [1, 2.5, "x", null, true]}})";
+    Writer w(db, o);
+    for (int64_t i = 0; i < 3; ++i) {
+      Sample s;
+      s.insert("x", torch::arange(4, torch::kFloat) + i);
+      s.insert("v", torch::ones({i + 1}, torch::kInt));
+      w.write(s);
+    }
+    w.close();
+  }
+  put(root + "/meta/table", Reader(db).metadata_json());
+  put(root + "/meta/schema", torch_lmdb::detail::Json::parse(Reader(db).metadata_json())["schema"].dump());
+  put(root + "/meta/nested", std::string(20, '[') + "\"a\\\"]\"" + std::string(20, ']'));
+  put(root + "/meta/number", "18446744073709551615");
+  std::system(("rm -rf '" + db + "'").c_str());
+
+  // open: small databases (fixed and varying shapes; str/bytes fields; no checksum).
+  for (int k = 0; k < 3; ++k) {
+    const std::string path = root + "/tmp/db" + std::to_string(k);
+    WriterOptions o;
+    o.checksum = k != 2;
+    o.map_size = size_t{1} << 20;
+    Writer w(path, o);
+    for (int64_t i = 0; i < 4 + 4 * k; ++i) {
+      if (k == 1) {
+        w.write(text_fields("sample " + std::to_string(i)));
+      } else {
+        Sample s;
+        s.insert("x", torch::arange(3 + (k ? i : 0), torch::kFloat) + i);
+        s.insert("index", torch::tensor(i));
+        w.write(s);
+      }
+    }
+    w.close();
+    put(root + "/open/db" + std::to_string(k), slurp(path + "/data.mdb"));
+  }
+  std::system(("rm -rf '" + root + "/tmp'").c_str());
+  return 0;
+}

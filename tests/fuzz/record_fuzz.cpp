@@ -1,0 +1,83 @@
+// libFuzzer target: the record parser (record.h) on arbitrary LMDB values.
+// A record either parses -- then every view lies inside the input and
+// to_tensor() copies it -- or raises a torch_lmdb::Error naming the path and
+// index (CorruptedError; InvalidDatabaseError for another record version);
+// anything else (another
+// exception, a sanitizer report, an allocation beyond -malloc_limit_mb) is a
+// finding. parse_record_cached() must agree with parse_record() on every
+// input, with a template left over from the inputs before.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "torch_lmdb/errors.h"
+#include "torch_lmdb/record.h"
+
+using namespace torch_lmdb;
+
+namespace {
+
+bool same_views(const std::vector<FieldView>& a, const std::vector<FieldView>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].name != b[i].name || a[i].name_size != b[i].name_size || a[i].kind != b[i].kind ||
+        a[i].dtype != b[i].dtype || a[i].ndim != b[i].ndim || a[i].data != b[i].data || a[i].nbytes != b[i].nbytes)
+      return false;
+    for (int d = 0; d < a[i].ndim; ++d)
+      if (a[i].sizes[d] != b[i].sizes[d]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  // A copy of exactly `size` bytes on the heap: ASan sees any read past it.
+  std::vector<char> value(data, data + size);
+  const std::string path = "fuzz";
+  const RecordContext ctx{&path, 7};
+  for (bool verify : {false, true}) {
+    std::vector<FieldView> views;
+    bool ok = true;
+    try {
+      parse_record(value.data(), value.size(), verify, ctx, views);
+    } catch (const Error& e) {
+      ok = false;
+      if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
+          std::string(e.what()).find("index 7") == std::string::npos) {
+        std::fprintf(stderr, "error without the path or index: %s\n", e.what());
+        std::abort();
+      }
+    }
+    static RecordTemplate tmpl;  // shared across inputs on purpose
+    std::vector<FieldView> cached;
+    bool cached_ok = true;
+    try {
+      parse_record_cached(value.data(), value.size(), verify, ctx, cached, tmpl);
+    } catch (const Error&) {
+      cached_ok = false;
+    }
+    if (ok != cached_ok || (ok && !same_views(views, cached))) {
+      std::fprintf(stderr, "parse_record_cached disagrees with parse_record (parsed: %d vs %d)\n", ok, cached_ok);
+      std::abort();
+    }
+    if (!ok) continue;
+    const char* begin = value.data();
+    const char* end = begin + value.size();
+    for (const FieldView& v : views) {
+      if (v.name < begin || v.name + v.name_size > end || v.data < begin || v.nbytes > size_t(end - v.data)) {
+        std::fprintf(stderr, "a view points outside the record\n");
+        std::abort();
+      }
+      const at::Tensor t = to_tensor(v);
+      if (static_cast<uint64_t>(t.nbytes()) != v.nbytes) {
+        std::fprintf(stderr, "to_tensor made %zu bytes of a %llu-byte payload\n", size_t(t.nbytes()),
+                     (unsigned long long)v.nbytes);
+        std::abort();
+      }
+    }
+  }
+  return 0;
+}
