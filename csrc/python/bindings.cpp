@@ -219,17 +219,21 @@ std::optional<at::ScalarType> buffer_dtype(const char* format, Py_ssize_t itemsi
   return t;
 }
 
-// Buffers viewed by the Fields of one sample; released (with the GIL) when
-// the sample has been written.
-struct BufferViews {
+// What the Fields of one sample point into: buffers (numpy) and str/bytes
+// objects whose memory the Fields view without a copy. Held -- a reference
+// each -- until the sample has been written, because the GIL is released
+// during the write and another thread may then replace the values in the
+// sample dict (dropping the dict's references). Destroyed with the GIL held.
+struct HeldValues {
   std::vector<Py_buffer> views;
-  ~BufferViews() {
+  std::vector<py::object> objects;
+  ~HeldValues() {
     for (Py_buffer& v : views) PyBuffer_Release(&v);
   }
 };
 
 // Fills `f` from a value of a common type; false: use the Python converter.
-bool fast_field(PyObject* value, Field& f, BufferViews& held) {
+bool fast_field(PyObject* value, Field& f, HeldValues& held) {
   if (THPVariable_Check(value)) {
     const at::Tensor& t = THPVariable_Unpack(value);
     f.kind = FieldKind::Tensor;
@@ -264,11 +268,13 @@ bool fast_field(PyObject* value, Field& f, BufferViews& held) {
       PyErr_Clear();
       return false;
     }
+    held.objects.push_back(py::reinterpret_borrow<py::object>(value));
     f.kind = FieldKind::Str;
     f.tensor = at::from_blob(const_cast<char*>(utf8), {static_cast<int64_t>(len)}, at::kByte);
     return true;
   }
   if (PyBytes_CheckExact(value)) {
+    held.objects.push_back(py::reinterpret_borrow<py::object>(value));
     f.kind = FieldKind::Bytes;
     f.tensor = at::from_blob(PyBytes_AS_STRING(value), {static_cast<int64_t>(PyBytes_GET_SIZE(value))}, at::kByte);
     return true;
@@ -291,21 +297,43 @@ bool fast_field(PyObject* value, Field& f, BufferViews& held) {
   return true;
 }
 
+// A field name (str) as UTF-8; ValueError naming the field (its ascii
+// repr) when it cannot be encoded (a lone surrogate, say).
+std::string field_name(const py::handle& name) {
+  Py_ssize_t len = 0;
+  const char* utf8 = PyUnicode_Check(name.ptr()) ? PyUnicode_AsUTF8AndSize(name.ptr(), &len) : nullptr;
+  if (utf8 != nullptr) return std::string(utf8, static_cast<size_t>(len));
+  PyErr_Clear();
+  PyObject* ascii = PyObject_ASCII(name.ptr());
+  const char* text = ascii != nullptr ? PyUnicode_AsUTF8(ascii) : nullptr;
+  const std::string shown = text != nullptr ? text : "?";
+  Py_XDECREF(ascii);
+  PyErr_Clear();
+  throw py::value_error("field name " + shown + " cannot be stored: field names must be str encodable as UTF-8");
+}
+
 // A sample (dict) to Fields: the fast path per value, else `convert(name,
 // value)` -> (name, kind, tensor or bytes).
+//
+// Contract: called with the GIL held, and it touches CPython (so it lives
+// here, not in the library). On return each Field's tensor views memory that
+// `held` (or the tensor itself) keeps alive: keep `held` until the Fields are
+// written, and destroy it with the GIL held. Errors: TypeError/ValueError/
+// OverflowError from the converter, ValueError for names not encodable as
+// UTF-8; `fields` is then partially filled and must be discarded.
 void sample_fields(const py::dict& sample, const py::handle& convert, std::vector<Field>& fields,
-                   BufferViews& held) {
+                   HeldValues& held) {
   fields.clear();
   fields.reserve(sample.size());
   for (const auto& item : sample) {
     Field f;
     if (PyUnicode_Check(item.first.ptr()) && fast_field(item.second.ptr(), f, held)) {
-      f.name = item.first.cast<std::string>();
+      f.name = field_name(item.first);
       fields.push_back(std::move(f));
       continue;
     }
     auto tup = convert(item.first, item.second).cast<py::tuple>();
-    f.name = tup[0].cast<std::string>();
+    f.name = field_name(tup[0]);
     f.kind = static_cast<FieldKind>(tup[1].cast<int>());
     if (f.kind == FieldKind::Tensor) {
       f.tensor = tup[2].cast<at::Tensor>();
@@ -347,7 +375,7 @@ struct PyWriter {
 
   size_t write(const py::dict& sample, const py::handle& convert) {
     Writer& w = get();
-    BufferViews held;
+    HeldValues held;
     sample_fields(sample, convert, fields, held);
     size_t index = 0;
     {

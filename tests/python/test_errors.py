@@ -129,3 +129,64 @@ def test_read_only_directory_falls_back_to_lock_free_reads_with_a_warning(tmp_pa
         os.chmod(path, 0o755)
         shutil.rmtree(base)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_field_names_not_encodable_as_utf8_are_value_errors_naming_the_field(tmp_path):
+    import fractions
+
+    with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
+        # the C++ fast path (an int) and the Python converter's path (a Fraction)
+        for value in (1, "text", fractions.Fraction(1, 2)):
+            with pytest.raises(ValueError, match=r"field name '\\ud800' cannot be stored"):
+                w.write({"ok": 1, "\ud800": value})
+        with pytest.raises(ValueError, match=r"field name '\\udcff'"):
+            w.write_many([{"\udcff": 1}])
+        w.write({"ok": 1})
+    assert len(torch_lmdb.LMDBDataset(str(tmp_path / "db"))) == 1
+
+
+# Values viewed without a copy while the GIL is released must stay alive even
+# if another thread replaces them in the sample dict meanwhile (a 4 MiB str
+# freed under the writer is unmapped: a crash). In a child process, so that a
+# crash is a failed test, not a dead test run.
+_MUTATE_DURING_WRITE = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import torch_lmdb
+n = 4 << 20
+sample = {"s": "a" * n, "b": b"a" * n}
+done = False
+def mutate():
+    k = 0
+    while not done:
+        c = "ab"[k % 2]
+        sample["s"] = c * n
+        sample["b"] = c.encode() * n
+        k += 1
+t = threading.Thread(target=mutate)
+t.start()
+try:
+    with torch_lmdb.LMDBWriter(sys.argv[2], commit_every=4) as w:
+        w.write_many(sample for _ in range(48))
+        for _ in range(16):
+            w.write(sample)
+finally:
+    done = True
+    t.join()
+ds = torch_lmdb.LMDBDataset(sys.argv[2])
+assert len(ds) == 64
+for i in range(64):
+    s, b = ds[i]["s"], ds[i]["b"]
+    assert len(s) == n and s in ("a" * n, "b" * n), i
+    assert len(b) == n and b in (b"a" * n, b"b" * n), i
+"""
+
+
+def test_values_replaced_by_another_thread_during_a_write_stay_alive(tmp_path):
+    root = os.path.dirname(os.path.dirname(torch_lmdb.__file__))
+    # A fixed mmap threshold: every freed 4 MiB value is unmapped at once (glibc
+    # otherwise raises the threshold and recycles the memory, hiding the bug).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, "-c", _MUTATE_DURING_WRITE, root, str(tmp_path / "db")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
