@@ -20,6 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 # than os.getpid() (a syscall) on every access; the C++ Reader also reopens
 # its environments after any fork (pthread_atfork), C-level forks included.
 _fork_generation = 0
+_MAX_READERS = 1 << 20  # 64 bytes of lock file each
 
 
 def _after_fork_in_child() -> None:
@@ -127,14 +128,16 @@ class LMDBDataset(torch.utils.data.Dataset):
     Args:
         paths: a database directory or a list of them (concatenated in order).
         transform: callable applied to each sample returned by ``ds[i]``.
-        fields: subset of field names to read (KeyError for unknown names).
+        fields: subset of field names to read (KeyError for unknown names);
+            a str is one field name.
         verify: check each record's checksum while reading.
         lock: ``None`` locks but falls back to lock-free reads (with a warning)
             on read-only storage; ``False`` never locks; ``True`` always locks.
         readahead: let the OS read ahead (helps sequential scans of cold data).
-        max_readers: LMDB reader-table size.
-        pad: for batches, pad variable-shape fields (True, or a list of names)
-            and add ``<name>_lengths`` (int64 [B, ndim]).
+        max_readers: LMDB reader-table size (1 to 2**20).
+        pad: for batches, pad variable-shape fields (True, or a list of names,
+            or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
+            ValueError for unknown names.
         pad_value: fill value of the padding.
     """
 
@@ -159,7 +162,9 @@ class LMDBDataset(torch.utils.data.Dataset):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"no torch_lmdb database at '{p}'")
         self.transform = transform
-        self._fields = list(fields) if fields is not None else []
+        if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
+            raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
+        self._fields = [fields] if isinstance(fields, str) else list(fields) if fields is not None else []
         self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers)
         self._pad = pad
         self._pad_value = pad_value
@@ -175,6 +180,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         reader = self._reader()  # validate now: clear errors in the constructor
         self._len = len(reader)
         self._schema = reader.schema()
+        self._pad_args(pad)  # unknown pad fields: an error now, not silence later
         self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(self._paths))]
 
     # -- process lifetime ---------------------------------------------------
@@ -206,20 +212,38 @@ class LMDBDataset(torch.utils.data.Dataset):
         return self._len
 
     def _index(self, i: Any) -> int:
+        """An index (int, numpy integer, 0-dim integer tensor) in [0, len)."""
+        if isinstance(i, torch.Tensor) and (i.dim() != 0 or i.is_floating_point() or i.is_complex()):
+            raise TypeError(f"dataset indices must be integers or lists of integers, got a tensor of dtype "
+                            f"{i.dtype} and shape {list(i.shape)}")
         try:
-            i = operator.index(i)
+            index = operator.index(i)
         except TypeError:
             raise TypeError(f"dataset indices must be integers or lists of integers, got {type(i).__name__}") from None
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"index {i} out of range for dataset of size {self._len} at '{self._paths[0]}'")
-        return i
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {operator.index(i)} out of range for dataset of size {self._len} "
+                             f"at '{self._paths[0]}'")
+        return index
+
+    def _pad_args(self, pad: Union[bool, str, Sequence[str]]):
+        """(pad every field?, names to pad), checking the names against the schema."""
+        if isinstance(pad, bool):
+            return pad, []
+        names = [pad] if isinstance(pad, str) else list(pad)
+        available = [f["name"] for f in self._schema]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"pad names unknown field(s) {unknown} in '{self._paths[0]}'; available: {available}")
+        return False, names
 
     def __getitem__(self, index):
         batched = type(index) is not int and (  # a sampler's int index: the common case, checked first
-            isinstance(index, (list, tuple, torch.Tensor))
-            or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1))
+            isinstance(index, (list, tuple))
+            or (isinstance(index, torch.Tensor) and index.dim() == 1)
+            or (not isinstance(index, torch.Tensor) and hasattr(index, "__array__")
+                and getattr(index, "ndim", 0) == 1))
         if batched:
             return self.get_batch(index)
         sample = self._reader().get(self._index(index))
@@ -237,14 +261,15 @@ class LMDBDataset(torch.utils.data.Dataset):
         tensors whose memory is a shared-memory slab the worker recycles once
         neither it nor the process that received the batch holds it (they
         cross to the main process without a copy). ``transform`` is not
-        applied."""
+        applied. ValueError for unknown ``pad`` names."""
         if isinstance(indices, torch.Tensor):
+            if indices.dim() != 1:
+                raise TypeError(f"get_batch takes a list or 1-dim tensor of indices, got a tensor of shape "
+                                f"{list(indices.shape)}")
             indices = indices.tolist()
         idx = [self._index(i) for i in indices]
-        pad = self._pad if pad is None else pad
+        pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
-        pad_all = pad is True
-        pad_fields = [] if isinstance(pad, bool) else list(pad)
         if torch.utils.data.get_worker_info() is not None:
             return _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
         return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
@@ -284,11 +309,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         order = ("block" if block_size else "shuffle") if shuffle else "sequential"
-        pad = self._pad if pad is None else pad
+        pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
         stream = _C.BatchStream(self._reader(), batch_size, order, seed & (2**64 - 1), drop_last, prefetch, threads,
-                                block_size or 1024, window_blocks, pad is True,
-                                [] if isinstance(pad, bool) else list(pad), float(pad_value))
+                                block_size or 1024, window_blocks, pad_all, pad_fields, float(pad_value))
         return _BatchIterator(stream)
 
     # -- description ----------------------------------------------------------

@@ -145,6 +145,74 @@ def test_field_names_not_encodable_as_utf8_are_value_errors_naming_the_field(tmp
     assert len(torch_lmdb.LMDBDataset(str(tmp_path / "db"))) == 1
 
 
+def test_a_str_fields_argument_is_one_field(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(3), fields="index")
+    assert ds[2] == {"index": torch.tensor(2)}
+    assert [f["name"] for f in ds.schema] == ["index"]
+
+
+def test_unknown_pad_fields_are_value_errors_naming_them_and_the_available_ones(make_db):
+    path = make_db(4)
+    want = r"unknown field\(s\) \['nope'\].*available: \['index', 'x', 'label'\]"
+    with pytest.raises(ValueError, match=want):
+        torch_lmdb.LMDBDataset(path, pad=["nope"])
+    ds = torch_lmdb.LMDBDataset(path, pad=["x"])
+    with pytest.raises(ValueError, match=want):
+        ds.get_batch([0, 1], pad=["x", "nope"])
+    with pytest.raises(ValueError, match=want):
+        ds.iter_batches(2, pad="nope")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['x'\].*available: \['index'\]"):
+        torch_lmdb.LMDBDataset(path, fields=["index"], pad=["x"])
+    assert ds.get_batch([0, 1], pad="x")["x"].shape == (2, 8)
+
+
+def test_tensor_and_numpy_indices(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(10))
+    assert ds[torch.tensor(3)]["index"].item() == 3
+    assert ds[torch.tensor(-1, dtype=torch.int32)]["index"].item() == 9
+    assert ds[np.int64(4)]["index"].item() == 4
+    assert ds[np.array(5)]["index"].item() == 5
+    assert ds[torch.tensor([1, 2])]["index"].tolist() == [1, 2]
+    assert ds[np.array([7, 8])]["index"].tolist() == [7, 8]
+    assert ds.get_batch(torch.tensor([0, 9]))["index"].tolist() == [0, 9]
+    with pytest.raises(TypeError, match=r"tensor of dtype torch.float32 and shape \[\]"):
+        ds[torch.tensor(1.0)]
+    with pytest.raises(TypeError, match=r"shape \[2, 2\]"):
+        ds[torch.zeros(2, 2, dtype=torch.long)]
+    with pytest.raises(IndexError, match=r"index 10 out of range for dataset of size 10"):
+        ds[torch.tensor(10)]
+
+
+def test_negative_index_out_of_range_names_the_index_given(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(10))
+    with pytest.raises(IndexError, match=r"^index -11 out of range for dataset of size 10"):
+        ds[-11]
+    with pytest.raises(IndexError, match=r"^index -12 out of range"):
+        ds.get_batch([0, -12])
+    assert ds[-10]["index"].item() == 0
+
+
+def test_sizes_out_of_range_are_value_errors_naming_argument_and_range(tmp_path, make_db):
+    for name, value in (("map_size", 2**70), ("map_size", 0), ("commit_every", 2**64), ("commit_bytes", -5),
+                        ("map_size", True), ("map_size", 1.5)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int from 1 to 2\*\*63 - 1, got {value!r}"):
+            torch_lmdb.LMDBWriter(str(tmp_path / "w"), **{name: value})
+    path = make_db(2)
+    for value in (-1, 0, 2**40, "8"):
+        with pytest.raises(ValueError, match=rf"max_readers must be an int from 1 to 1048576, got {value!r}"):
+            torch_lmdb.LMDBDataset(path, max_readers=value)
+
+
+def test_a_tiny_map_size_is_a_minimum_initial_size_that_grows(tmp_path):
+    path = str(tmp_path / "tiny")
+    with torch_lmdb.LMDBWriter(path, map_size=1, commit_every=16) as w:
+        assert w.map_size >= torch_lmdb.writer.MIN_MAP_SIZE
+        for i in range(200):
+            w.write({"x": torch.full((1024,), i, dtype=torch.float32)})
+    ds = torch_lmdb.LMDBDataset(path)
+    assert len(ds) == 200 and torch.equal(ds[199]["x"], torch.full((1024,), 199.0))
+
+
 # Values viewed without a copy while the GIL is released must stay alive even
 # if another thread replaces them in the sample dict meanwhile (a 4 MiB str
 # freed under the writer is unmapped: a crash). In a child process, so that a
