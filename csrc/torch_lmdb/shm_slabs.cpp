@@ -69,7 +69,7 @@ struct ProducerRef {
   std::shared_ptr<Slab> slab;
   uint64_t generation;
   pid_t pid;
-  const void* pool;  // identity only
+  uint64_t pool;  // the pool's serial (an address could be reused by a later pool)
 };
 
 void release_producer(void* ctx) noexcept {
@@ -134,10 +134,15 @@ size_t view_extent(const SlabTicket& t) {
 
 // ---- SlabPool -----------------------------------------------------------
 
+namespace {
+std::atomic<uint64_t> next_pool_serial{1};
+}  // namespace
+
 struct SlabPool::Impl {
-  explicit Impl(size_t max) : max_slabs(max), pid(::getpid()) {}
+  explicit Impl(size_t max) : max_slabs(max), pid(::getpid()), serial(next_pool_serial.fetch_add(1)) {}
   const size_t max_slabs;
   const pid_t pid;
+  const uint64_t serial;
   mutable std::mutex mutex;
   std::vector<std::shared_ptr<Slab>> slabs;
 
@@ -183,7 +188,7 @@ at::Tensor SlabPool::allocate(at::IntArrayRef shape, at::ScalarType dtype) {
   auto [slab, gen] = impl_->claim(bytes);
   if (!slab) return at::Tensor();
   char* data = slab->base + kHeader;
-  auto* ref = new ProducerRef{std::move(slab), gen, impl_->pid, impl_.get()};
+  auto* ref = new ProducerRef{std::move(slab), gen, impl_->pid, impl_->serial};
   c10::DataPtr ptr(data, ref, &release_producer, c10::Device(c10::kCPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(ptr), nullptr, false);
   return at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage, 0, shape);
@@ -191,7 +196,7 @@ at::Tensor SlabPool::allocate(at::IntArrayRef shape, at::ScalarType dtype) {
 
 std::optional<SlabTicket> SlabPool::send(const at::Tensor& tensor) {
   const ProducerRef* ref = producer_of(tensor);
-  if (ref == nullptr || ref->pool != impl_.get() || ::getpid() != impl_->pid) return std::nullopt;
+  if (ref == nullptr || ref->pool != impl_->serial || ::getpid() != impl_->pid) return std::nullopt;
   if (tensor.is_conj() || tensor.is_neg()) return std::nullopt;
   for (int64_t s : tensor.strides())
     if (s < 0) return std::nullopt;
@@ -224,7 +229,7 @@ std::optional<SlabTicket> SlabPool::send(const at::Tensor& tensor) {
 
 bool SlabPool::owns(const at::Tensor& tensor) const {
   const ProducerRef* ref = producer_of(tensor);
-  return ref != nullptr && ref->pool == impl_.get();
+  return ref != nullptr && ref->pool == impl_->serial;
 }
 
 size_t SlabPool::size() const {

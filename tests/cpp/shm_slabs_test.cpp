@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <string>
 #include <thread>
 
 namespace {
@@ -91,14 +92,22 @@ TEST(ShmSlabs, ReleasedOrMalformedTicketsAreRefusedAndClaimNothing) {
   SlabReceiver receiver;
   at::Tensor produced = filled(pool, 4, 0);
   SlabTicket ticket = *pool.send(produced);
+  const int fd = ticket.fd;
+  ticket.fd = -1;
+  try {
+    receiver.receive(ticket);
+    FAIL() << "a slab that was never attached was received";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("never attached"), std::string::npos) << e.what();
+  }
+  receiver.attach(ticket.pid, ticket.slab, ::dup(fd));
   SlabTicket bad = ticket;
   bad.sizes = {4, 5};
   bad.strides = {5, 1};  // 20 floats of a 16-float storage
-  bad.fd = -1;
-  EXPECT_THROW(carry(receiver, bad), c10::Error) << "never attached";
-  receiver.attach(ticket.pid, ticket.slab, ::dup(ticket.fd));
   EXPECT_THROW(receiver.receive(bad), c10::ValueError);
-  ticket.fd = -1;
+  bad = ticket;
+  bad.strides = {-4, 1};
+  EXPECT_THROW(receiver.receive(bad), c10::ValueError);
   at::Tensor got = receiver.receive(ticket);  // the bad one claimed nothing
   EXPECT_TRUE(at::equal(got, produced));
   produced.reset();
@@ -124,6 +133,21 @@ TEST(ShmSlabs, FullPoolAndZeroBytes) {
   EXPECT_EQ(empty.numel(), 0);
   EXPECT_FALSE(pool.owns(empty));
   EXPECT_EQ(pool.size(), 1u);
+}
+
+TEST(ShmSlabs, APoolSendsOnlyItsOwnSlabs) {
+  SlabPool a(1);
+  at::Tensor t = filled(a, 1, 0);
+  for (int k = 0; k < 3; ++k) {  // later pools, possibly at the same address as an earlier one
+    SlabPool b(1);
+    EXPECT_FALSE(b.owns(t));
+    EXPECT_FALSE(b.send(t).has_value());
+  }
+  EXPECT_FALSE(a.send(at::zeros({2})).has_value()) << "an ordinary tensor has no ticket";
+  SlabPool c(1);
+  at::Tensor z = c.allocate({2}, at::kComplexFloat);
+  EXPECT_FALSE(c.send(z.conj()).has_value()) << "a lazily conjugated view cannot be described by a ticket";
+  EXPECT_TRUE(c.send(z).has_value());
 }
 
 // A forked child inherits every tensor; whatever it drops, the parent's
