@@ -20,6 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 # than os.getpid() (a syscall) on every access; the C++ Reader also reopens
 # its environments after any fork (pthread_atfork), C-level forks included.
 _fork_generation = 0
+_MAX_READERS = 1 << 20  # 64 bytes of lock file each
 
 
 def _after_fork_in_child() -> None:
@@ -39,68 +40,78 @@ def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
-# Batch tensors travel through recycled slabs (see SlabPool in
-# csrc/python/bindings.cpp), small ones too: a fresh shared-memory tensor costs
-# page faults and an fd passed over a socket per batch. When all of a worker's
-# slabs are held by the main process, fresh shared memory takes over.
+# Batch tensors travel through recycled slabs (csrc/torch_lmdb/shm_slabs.h),
+# small ones too: a fresh shared-memory tensor costs page faults and an fd
+# passed over a socket per batch. Inside a worker, ds[list] returns ordinary
+# torch.Tensors whose storage is a slab, so collate_fns, wrapper datasets and
+# transforms work on them as on any tensor; when such a tensor (or a view of
+# it) is pickled to the main process, the reducer below sends a ticket
+# (pid, slab, generation, view) instead of its bytes. Every other tensor goes
+# through torch's own reducer. A slab is reused only once neither the worker
+# nor the process that received it holds a tensor of it (the generation in its
+# header makes stale releases harmless; releases happen only in the process
+# that made or received the tensor, never in a forked child). When all of a
+# worker's slabs are busy, fresh shared memory takes over.
 _SLABS_PER_WORKER = 32
 _slab_pool = None  # this worker process's pool: (pid, SlabPool)
+_torch_reduce_tensor = None  # torch's ForkingPickler reducer of torch.Tensor
 
 
 def _worker_slabs():
     global _slab_pool
     if _slab_pool is None or _slab_pool[0] != os.getpid():
         _slab_pool = (os.getpid(), _C.SlabPool(_SLABS_PER_WORKER))
+        _install_reducer()
     return _slab_pool[1]
 
 
-def _rebuild_slab_tensor(pid, slab, fd, shape, dtype_name):
-    """Runs in the main process when a worker's batch is unpickled."""
+def _install_reducer() -> None:
+    """Registers _reduce_tensor with ForkingPickler (what DataLoader queues
+    pickle with) in this worker, after torch.multiprocessing registered its own."""
+    global _torch_reduce_tensor
+    import torch.multiprocessing  # noqa: F401  (registers torch's reducers first)
+    from multiprocessing.reduction import ForkingPickler
+
+    current = ForkingPickler._extra_reducers.get(torch.Tensor)
+    if current is not _reduce_tensor:
+        _torch_reduce_tensor = current
+        ForkingPickler.register(torch.Tensor, _reduce_tensor)
+
+
+def _reduce_tensor(tensor: torch.Tensor):
+    pool = _slab_pool
+    if pool is not None and pool[0] == os.getpid() and not tensor.requires_grad:
+        ticket = pool[1].send(tensor)
+        if ticket is not None:
+            from multiprocessing.reduction import DupFd
+
+            pid, slab, generation, fd, nbytes, sizes, strides, offset, dtype_name = ticket
+            fd = DupFd(fd) if fd >= 0 else None  # once per slab
+            return (_rebuild_slab_tensor, (pid, slab, generation, fd, nbytes, sizes, strides, offset, dtype_name))
+    if _torch_reduce_tensor is None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return reduce_tensor(tensor)
+    return _torch_reduce_tensor(tensor)
+
+
+def _rebuild_slab_tensor(pid, slab, generation, fd, nbytes, sizes, strides, offset, dtype_name):
+    """Runs in the receiving (main) process when a worker's batch is unpickled."""
     if fd is not None:
         _C.slab_attach(pid, slab, fd.detach())
-    return _C.slab_tensor(pid, slab, shape, dtype_name)
+    return _C.slab_receive(pid, slab, generation, nbytes, sizes, strides, offset, dtype_name)
 
 
-class _SlabTensor:
-    """A batch tensor in a worker's slab, as it crosses to the main process."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __reduce__(self):
-        return (_rebuild_slab_tensor, self.args)
+def _is_slab_tensor(tensor: Any) -> bool:
+    """Whether ``tensor``'s storage is one of this worker's slabs (a diagnostic)."""
+    pool = _slab_pool
+    return isinstance(tensor, torch.Tensor) and pool is not None and pool[0] == os.getpid() and pool[1].owns(tensor)
 
 
 def _worker_get_batch(reader, idx, pad_all, pad_fields, pad_value):
-    """get_batch inside a DataLoader worker: large tensors go into recycled
-    slabs, the rest into fresh shared memory; nothing is copied again."""
-    from multiprocessing.reduction import DupFd
-
-    pool = _worker_slabs()
-    used = {}
-
-    def allocate(shape, dtype_name):
-        got = pool.acquire(list(shape), dtype_name)
-        if got is None:  # every slab is held by the main process
-            return _alloc_shared(shape, dtype_name)
-        slab, fd, new, tensor = got
-        used[tensor.data_ptr()] = (slab, fd if new else None, list(shape), dtype_name)
-        return tensor
-
-    try:
-        batch = reader.get_batch(idx, pad_all, pad_fields, pad_value, allocate)
-    except BaseException:
-        for slab, *_ in used.values():
-            pool.release(slab)
-        raise
-    pid = os.getpid()
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.data_ptr() in used:
-            slab, fd, shape, dtype_name = used[value.data_ptr()]
-            batch[name] = _SlabTensor(pid, slab, DupFd(fd) if fd is not None else None, shape, dtype_name)
-    return batch
+    """get_batch inside a DataLoader worker: tensors go into recycled slabs
+    (allocated in C++), else into fresh shared memory; nothing is copied again."""
+    return reader.get_batch(idx, pad_all, pad_fields, pad_value, _alloc_shared, _worker_slabs())
 
 
 class LMDBDataset(torch.utils.data.Dataset):
@@ -117,14 +128,16 @@ class LMDBDataset(torch.utils.data.Dataset):
     Args:
         paths: a database directory or a list of them (concatenated in order).
         transform: callable applied to each sample returned by ``ds[i]``.
-        fields: subset of field names to read (KeyError for unknown names).
+        fields: subset of field names to read (KeyError for unknown names);
+            a str is one field name.
         verify: check each record's checksum while reading.
         lock: ``None`` locks but falls back to lock-free reads (with a warning)
             on read-only storage; ``False`` never locks; ``True`` always locks.
         readahead: let the OS read ahead (helps sequential scans of cold data).
-        max_readers: LMDB reader-table size.
-        pad: for batches, pad variable-shape fields (True, or a list of names)
-            and add ``<name>_lengths`` (int64 [B, ndim]).
+        max_readers: LMDB reader-table size (1 to 2**20).
+        pad: for batches, pad variable-shape fields (True, or a list of names,
+            or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
+            ValueError for unknown names.
         pad_value: fill value of the padding.
     """
 
@@ -149,7 +162,9 @@ class LMDBDataset(torch.utils.data.Dataset):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"no torch_lmdb database at '{p}'")
         self.transform = transform
-        self._fields = list(fields) if fields is not None else []
+        if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
+            raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
+        self._fields = [fields] if isinstance(fields, str) else list(fields) if fields is not None else []
         self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers)
         self._pad = pad
         self._pad_value = pad_value
@@ -165,6 +180,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         reader = self._reader()  # validate now: clear errors in the constructor
         self._len = len(reader)
         self._schema = reader.schema()
+        self._pad_args(pad)  # unknown pad fields: an error now, not silence later
         self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(self._paths))]
 
     # -- process lifetime ---------------------------------------------------
@@ -218,22 +234,40 @@ class LMDBDataset(torch.utils.data.Dataset):
         return self._len
 
     def _index(self, i: Any) -> int:
+        """An index (int, numpy integer, 0-dim integer tensor) in [0, len)."""
+        if isinstance(i, torch.Tensor) and (i.dim() != 0 or i.is_floating_point() or i.is_complex()):
+            raise TypeError(f"dataset indices must be integers or lists of integers, got a tensor of dtype "
+                            f"{i.dtype} and shape {list(i.shape)}")
         try:
-            i = operator.index(i)
+            index = operator.index(i)
         except TypeError:
             raise TypeError(f"dataset indices must be integers or lists of integers, got {type(i).__name__}") from None
-        if i < 0:
-            i += self._len
-        if i >= self._len and torch.utils.data.get_worker_info() is not None:
+        if index < 0:
+            index += self._len
+        if index >= self._len and torch.utils.data.get_worker_info() is not None:
             self.refresh()  # a persistent worker behind a refreshed main process
-        if not 0 <= i < self._len:
-            raise IndexError(f"index {i} out of range for dataset of size {self._len} at '{self._paths[0]}'")
-        return i
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {operator.index(i)} out of range for dataset of size {self._len} "
+                             f"at '{self._paths[0]}'")
+        return index
+
+    def _pad_args(self, pad: Union[bool, str, Sequence[str]]):
+        """(pad every field?, names to pad), checking the names against the schema."""
+        if isinstance(pad, bool):
+            return pad, []
+        names = [pad] if isinstance(pad, str) else list(pad)
+        available = [f["name"] for f in self._schema]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"pad names unknown field(s) {unknown} in '{self._paths[0]}'; available: {available}")
+        return False, names
 
     def __getitem__(self, index):
         batched = type(index) is not int and (  # a sampler's int index: the common case, checked first
-            isinstance(index, (list, tuple, torch.Tensor))
-            or (hasattr(index, "__array__") and getattr(index, "ndim", 0) == 1))
+            isinstance(index, (list, tuple))
+            or (isinstance(index, torch.Tensor) and index.dim() == 1)
+            or (not isinstance(index, torch.Tensor) and hasattr(index, "__array__")
+                and getattr(index, "ndim", 0) == 1))
         if batched:
             return self.get_batch(index)
         sample = self._reader().get(self._index(index))
@@ -247,16 +281,19 @@ class LMDBDataset(torch.utils.data.Dataset):
                   pad_value: Optional[float] = None) -> Dict[str, Any]:
         """Reads ``indices`` and returns them collated: tensors stacked to
         ``[B, ...]`` (padded when asked, with ``<name>_lengths``), str/bytes
-        fields as lists. Inside a DataLoader worker the batch is written to
-        shared memory the worker recycles once the main process has released
-        it. ``transform`` is not applied."""
+        fields as lists. Inside a DataLoader worker the tensors are ordinary
+        tensors whose memory is a shared-memory slab the worker recycles once
+        neither it nor the process that received the batch holds it (they
+        cross to the main process without a copy). ``transform`` is not
+        applied. ValueError for unknown ``pad`` names."""
         if isinstance(indices, torch.Tensor):
+            if indices.dim() != 1:
+                raise TypeError(f"get_batch takes a list or 1-dim tensor of indices, got a tensor of shape "
+                                f"{list(indices.shape)}")
             indices = indices.tolist()
         idx = [self._index(i) for i in indices]
-        pad = self._pad if pad is None else pad
+        pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
-        pad_all = pad is True
-        pad_fields = [] if isinstance(pad, bool) else list(pad)
         if torch.utils.data.get_worker_info() is not None:
             return _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
         return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
@@ -296,11 +333,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         order = ("block" if block_size else "shuffle") if shuffle else "sequential"
-        pad = self._pad if pad is None else pad
+        pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
         stream = _C.BatchStream(self._reader(), batch_size, order, seed & (2**64 - 1), drop_last, prefetch, threads,
-                                block_size or 1024, window_blocks, pad is True,
-                                [] if isinstance(pad, bool) else list(pad), float(pad_value))
+                                block_size or 1024, window_blocks, pad_all, pad_fields, float(pad_value))
         return _BatchIterator(stream)
 
     # -- description ----------------------------------------------------------

@@ -14,6 +14,11 @@ __all__ = ["LMDBWriter"]
 
 _TENSOR, _STR, _BYTES = 0, 1, 2
 
+#: The smallest initial map size: smaller ``map_size`` values are raised to it
+#: (LMDB needs a few pages for its own tables before any sample is written).
+MIN_MAP_SIZE = 1 << 20
+_MAX_SIZE = 2**63 - 1  # sizes cross to C++ as size_t and to LMDB as off_t
+
 
 def _field(name: Any, value: Any):
     """Converts one sample value to the (name, kind, payload) the C++ writer takes."""
@@ -66,7 +71,8 @@ class LMDBWriter:
 
     Args:
         path: database directory (created if missing).
-        map_size: initial map size in bytes; optional, the map grows by itself.
+        map_size: initial map size in bytes; optional, the map grows by
+            itself. Values below ``MIN_MAP_SIZE`` (1 MiB) are raised to it.
         mode: ``"w"`` creates (refuses a database that already holds samples),
             ``"a"`` appends (or creates).
         commit_every: commit after this many samples (default 4096; also every 16 MiB).
@@ -93,8 +99,11 @@ class LMDBWriter:
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
         for name, value in (("map_size", map_size), ("commit_every", commit_every), ("commit_bytes", commit_bytes)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= _MAX_SIZE):
+                raise ValueError(f"{name} must be an int from 1 to 2**63 - 1, got {value!r}")
+        if map_size is not None:
+            map_size = max(map_size, MIN_MAP_SIZE)  # a tiny map is only an initial size: it grows
         self.path = os.fspath(path)
         user_json = json.dumps(dict(user_metadata)) if user_metadata is not None else ""
         self._w = _C.Writer(

@@ -1,22 +1,16 @@
 // The only file that includes pybind11 / <torch/extension.h>: a thin module
 // (torch_lmdb._C) over the C++ library. The GIL is released around every
 // read, decode, copy and write.
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <torch/extension.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
-#include <csignal>
 #include <cstring>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <tuple>
 
+#include "torch_lmdb/shm_slabs.h"
 #include "torch_lmdb/torch_lmdb.h"
 
 namespace py = pybind11;
@@ -103,19 +97,32 @@ struct PyReader {
     return out;
   }
 
+  // `slabs` (a worker's SlabPool) serves the output tensors in C++; when it
+  // has no free slab, `allocator(shape, dtype_name)` (Python, with the GIL)
+  // does; neither: ordinary tensors.
   py::dict get_batch(const std::vector<int64_t>& indices, bool pad, std::vector<std::string> pad_fields,
-                     double pad_value, py::object allocator) {
+                     double pad_value, py::object allocator, SlabPool* slabs) {
     std::vector<size_t> idx(indices.begin(), indices.end());
     BatchOptions o;
     o.pad = pad;
     o.pad_fields = std::move(pad_fields);
     o.pad_value = pad_value;
+    std::function<at::Tensor(at::IntArrayRef, at::ScalarType)> from_python;
     if (!allocator.is_none()) {
-      o.allocate = [allocator](at::IntArrayRef shape, at::ScalarType dtype) {
+      from_python = [allocator](at::IntArrayRef shape, at::ScalarType dtype) {
         py::gil_scoped_acquire gil;
         py::object t = allocator(py::cast(shape.vec()), py::str(dtype_name(dtype)));
         return t.cast<at::Tensor>();
       };
+    }
+    if (slabs != nullptr) {
+      o.allocate = [slabs, from_python](at::IntArrayRef shape, at::ScalarType dtype) {
+        at::Tensor t = slabs->allocate(shape, dtype);
+        if (t.defined()) return t;
+        return from_python ? from_python(shape, dtype) : at::empty(shape, at::TensorOptions().dtype(dtype));
+      };
+    } else {
+      o.allocate = from_python;
     }
     Batch batch;
     {
@@ -212,17 +219,21 @@ std::optional<at::ScalarType> buffer_dtype(const char* format, Py_ssize_t itemsi
   return t;
 }
 
-// Buffers viewed by the Fields of one sample; released (with the GIL) when
-// the sample has been written.
-struct BufferViews {
+// What the Fields of one sample point into: buffers (numpy) and str/bytes
+// objects whose memory the Fields view without a copy. Held -- a reference
+// each -- until the sample has been written, because the GIL is released
+// during the write and another thread may then replace the values in the
+// sample dict (dropping the dict's references). Destroyed with the GIL held.
+struct HeldValues {
   std::vector<Py_buffer> views;
-  ~BufferViews() {
+  std::vector<py::object> objects;
+  ~HeldValues() {
     for (Py_buffer& v : views) PyBuffer_Release(&v);
   }
 };
 
 // Fills `f` from a value of a common type; false: use the Python converter.
-bool fast_field(PyObject* value, Field& f, BufferViews& held) {
+bool fast_field(PyObject* value, Field& f, HeldValues& held) {
   if (THPVariable_Check(value)) {
     const at::Tensor& t = THPVariable_Unpack(value);
     f.kind = FieldKind::Tensor;
@@ -257,11 +268,13 @@ bool fast_field(PyObject* value, Field& f, BufferViews& held) {
       PyErr_Clear();
       return false;
     }
+    held.objects.push_back(py::reinterpret_borrow<py::object>(value));
     f.kind = FieldKind::Str;
     f.tensor = at::from_blob(const_cast<char*>(utf8), {static_cast<int64_t>(len)}, at::kByte);
     return true;
   }
   if (PyBytes_CheckExact(value)) {
+    held.objects.push_back(py::reinterpret_borrow<py::object>(value));
     f.kind = FieldKind::Bytes;
     f.tensor = at::from_blob(PyBytes_AS_STRING(value), {static_cast<int64_t>(PyBytes_GET_SIZE(value))}, at::kByte);
     return true;
@@ -284,21 +297,43 @@ bool fast_field(PyObject* value, Field& f, BufferViews& held) {
   return true;
 }
 
+// A field name (str) as UTF-8; ValueError naming the field (its ascii
+// repr) when it cannot be encoded (a lone surrogate, say).
+std::string field_name(const py::handle& name) {
+  Py_ssize_t len = 0;
+  const char* utf8 = PyUnicode_Check(name.ptr()) ? PyUnicode_AsUTF8AndSize(name.ptr(), &len) : nullptr;
+  if (utf8 != nullptr) return std::string(utf8, static_cast<size_t>(len));
+  PyErr_Clear();
+  PyObject* ascii = PyObject_ASCII(name.ptr());
+  const char* text = ascii != nullptr ? PyUnicode_AsUTF8(ascii) : nullptr;
+  const std::string shown = text != nullptr ? text : "?";
+  Py_XDECREF(ascii);
+  PyErr_Clear();
+  throw py::value_error("field name " + shown + " cannot be stored: field names must be str encodable as UTF-8");
+}
+
 // A sample (dict) to Fields: the fast path per value, else `convert(name,
 // value)` -> (name, kind, tensor or bytes).
+//
+// Contract: called with the GIL held, and it touches CPython (so it lives
+// here, not in the library). On return each Field's tensor views memory that
+// `held` (or the tensor itself) keeps alive: keep `held` until the Fields are
+// written, and destroy it with the GIL held. Errors: TypeError/ValueError/
+// OverflowError from the converter, ValueError for names not encodable as
+// UTF-8; `fields` is then partially filled and must be discarded.
 void sample_fields(const py::dict& sample, const py::handle& convert, std::vector<Field>& fields,
-                   BufferViews& held) {
+                   HeldValues& held) {
   fields.clear();
   fields.reserve(sample.size());
   for (const auto& item : sample) {
     Field f;
     if (PyUnicode_Check(item.first.ptr()) && fast_field(item.second.ptr(), f, held)) {
-      f.name = item.first.cast<std::string>();
+      f.name = field_name(item.first);
       fields.push_back(std::move(f));
       continue;
     }
     auto tup = convert(item.first, item.second).cast<py::tuple>();
-    f.name = tup[0].cast<std::string>();
+    f.name = field_name(tup[0]);
     f.kind = static_cast<FieldKind>(tup[1].cast<int>());
     if (f.kind == FieldKind::Tensor) {
       f.tensor = tup[2].cast<at::Tensor>();
@@ -340,7 +375,7 @@ struct PyWriter {
 
   size_t write(const py::dict& sample, const py::handle& convert) {
     Writer& w = get();
-    BufferViews held;
+    HeldValues held;
     sample_fields(sample, convert, fields, held);
     size_t index = 0;
     {
@@ -368,163 +403,6 @@ struct PyWriter {
   }
 };
 
-
-// ---- recycled shared-memory batches for DataLoader worker processes ---------
-// A fresh shared-memory batch costs a page fault and a zeroed page per 4 KiB
-// (~3.7 ms per 4 MiB here, more than reading the batch). So a worker keeps
-// memfd "slabs" and reuses them: it writes a batch into a free slab and sends
-// (pid, slab id) to the main process, plus the fd the first time. The main
-// process maps each slab once and wraps it without a copy; when the tensor's
-// storage dies there, its deleter clears the slab's in-use flag (an atomic in
-// the slab's first page, shared by both processes) and the worker may reuse it.
-struct SlabHeader {
-  std::atomic<uint32_t> in_use;
-};
-constexpr size_t kSlabHeader = 4096;
-static_assert(std::atomic<uint32_t>::is_always_lock_free, "process-shared flags need lock-free atomics");
-
-SlabHeader* header_of(char* base) { return reinterpret_cast<SlabHeader*>(base); }
-
-size_t nbytes(at::IntArrayRef shape, at::ScalarType dtype) {
-  size_t bytes = c10::elementSize(dtype);
-  for (int64_t d : shape) bytes *= static_cast<size_t>(d);
-  return bytes;
-}
-
-// Worker side: the slabs of this process.
-class SlabPool {
- public:
-  explicit SlabPool(size_t max_slabs) : max_(max_slabs) {}
-  SlabPool(const SlabPool&) = delete;
-  SlabPool& operator=(const SlabPool&) = delete;
-  ~SlabPool() {
-    for (auto& s : slabs_) {
-      munmap(s.base, kSlabHeader + s.capacity);
-      close(s.fd);
-    }
-  }
-
-  // A free slab for a tensor of `shape` and `dtype`, marked in use: (slab id,
-  // fd, new slab?, the worker's view of it); None when every slab is busy and
-  // the pool is full.
-  std::optional<std::tuple<size_t, int, bool, at::Tensor>> acquire(std::vector<int64_t> shape,
-                                                                   at::ScalarType dtype) {
-    const auto got = claim(nbytes(shape, dtype));
-    if (!got) return std::nullopt;
-    const auto [id, fd, fresh] = *got;
-    // The worker's view: no ownership, the pool outlives it.
-    at::Tensor view = at::from_blob(slabs_[id].base + kSlabHeader, shape, at::TensorOptions().dtype(dtype));
-    return std::make_tuple(id, fd, fresh, std::move(view));
-  }
-
-  // Gives a slab back unused (the batch failed before it was sent).
-  void release(size_t id) {
-    TORCH_CHECK_INDEX(id < slabs_.size(), "no slab ", id);
-    header_of(slabs_[id].base)->in_use.store(0, std::memory_order_release);
-  }
-
-  size_t size() const { return slabs_.size(); }
-
- private:
-  std::optional<std::tuple<size_t, int, bool>> claim(size_t bytes) {
-    for (size_t i = 0; i < slabs_.size(); ++i) {
-      Slab& s = slabs_[i];
-      if (s.capacity < bytes || s.capacity > 2 * bytes + (size_t{1} << 20)) continue;
-      uint32_t expected = 0;
-      if (header_of(s.base)->in_use.compare_exchange_strong(expected, 1, std::memory_order_acquire))
-        return std::make_tuple(i, s.fd, false);
-    }
-    if (slabs_.size() >= max_) return std::nullopt;
-    const size_t capacity = (bytes + (size_t{1} << 20) - 1) >> 20 << 20;
-    const int fd = memfd_create("torch_lmdb_batch", MFD_CLOEXEC);
-    if (fd < 0) return std::nullopt;
-    if (ftruncate(fd, static_cast<off_t>(kSlabHeader + capacity)) != 0) {
-      close(fd);
-      return std::nullopt;
-    }
-    void* base = mmap(nullptr, kSlabHeader + capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) {
-      close(fd);
-      return std::nullopt;
-    }
-    new (base) SlabHeader{};
-    header_of(static_cast<char*>(base))->in_use.store(1, std::memory_order_relaxed);
-    slabs_.push_back(Slab{fd, static_cast<char*>(base), capacity});
-    return std::make_tuple(slabs_.size() - 1, fd, true);
-  }
-
-  struct Slab {
-    int fd;
-    char* base;
-    size_t capacity;
-  };
-  const size_t max_;
-  std::vector<Slab> slabs_;
-};
-
-// Main-process side: every slab mapped so far, by (worker pid, slab id).
-class SlabRegistry {
- public:
-  static SlabRegistry& instance() {
-    static SlabRegistry* registry = new SlabRegistry();  // never destroyed: deleters may run at exit
-    return *registry;
-  }
-
-  void attach(int64_t pid, size_t id, int fd) {
-    struct stat st {};
-    if (fstat(fd, &st) != 0) {
-      const int err = errno;
-      close(fd);
-      TORCH_CHECK(false, "torch_lmdb: cannot stat a DataLoader worker's batch buffer: ", std::strerror(err));
-    }
-    const size_t length = static_cast<size_t>(st.st_size);
-    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    const int err = errno;
-    close(fd);
-    TORCH_CHECK(base != MAP_FAILED, "torch_lmdb: cannot map a DataLoader worker's batch buffer: ", std::strerror(err));
-    auto mapping = std::make_shared<Mapping>(static_cast<char*>(base), length);
-    std::lock_guard<std::mutex> guard(mutex_);
-    // Forget slabs of workers that have exited (their tensors keep their own mapping alive).
-    for (auto it = maps_.begin(); it != maps_.end();) {
-      if (it->first.first != pid && ::kill(static_cast<pid_t>(it->first.first), 0) != 0 && errno == ESRCH)
-        it = maps_.erase(it);
-      else
-        ++it;
-    }
-    maps_[{pid, id}] = std::move(mapping);
-  }
-
-  size_t size() {
-    std::lock_guard<std::mutex> guard(mutex_);
-    return maps_.size();
-  }
-
-  at::Tensor tensor(int64_t pid, size_t id, std::vector<int64_t> shape, at::ScalarType dtype) {
-    std::shared_ptr<Mapping> mapping;
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      auto it = maps_.find({pid, id});
-      TORCH_CHECK(it != maps_.end(), "torch_lmdb: batch buffer ", id, " of worker ", pid, " was never received");
-      mapping = it->second;
-    }
-    TORCH_CHECK(kSlabHeader + nbytes(shape, dtype) <= mapping->length, "torch_lmdb: batch larger than its buffer");
-    char* base = mapping->base;
-    return at::from_blob(
-        base + kSlabHeader, shape,
-        [mapping](void*) { header_of(mapping->base)->in_use.store(0, std::memory_order_release); },
-        at::TensorOptions().dtype(dtype));
-  }
-
- private:
-  struct Mapping {
-    Mapping(char* b, size_t l) : base(b), length(l) {}
-    ~Mapping() { munmap(base, length); }
-    char* base;
-    size_t length;
-  };
-  std::mutex mutex_;
-  std::map<std::pair<int64_t, size_t>, std::shared_ptr<Mapping>> maps_;
-};
 
 }  // namespace
 
@@ -578,7 +456,7 @@ PYBIND11_MODULE(_C, m) {
       .def("get", &PyReader::get, py::arg("index"))
       .def("get_batch", &PyReader::get_batch, py::arg("indices"), py::arg("pad") = false,
            py::arg("pad_fields") = std::vector<std::string>(), py::arg("pad_value") = 0.0,
-           py::arg("allocator") = py::none())
+           py::arg("allocator") = py::none(), py::arg("slabs") = nullptr)
       .def("schema", &PyReader::schema)
       .def("metadata_json", [](const PyReader& r, size_t file) { return r.reader->metadata_json(file); },
            py::arg("file") = 0)
@@ -653,17 +531,34 @@ PYBIND11_MODULE(_C, m) {
       .def("__len__", &BatchStream::size)
       .def("batch_indices", &BatchStream::batch_indices, py::arg("k"));
 
+  // Worker-batch transport (csrc/torch_lmdb/shm_slabs.h): a ticket crosses
+  // as (pid, slab, generation, fd or -1, nbytes, sizes, strides, offset, dtype).
   py::class_<SlabPool>(m, "SlabPool")
       .def(py::init<size_t>(), py::arg("max_slabs"))
-      .def("acquire", [](SlabPool& p, std::vector<int64_t> shape, const std::string& dtype) {
-        return p.acquire(std::move(shape), dtype_from_name(dtype));
-      }, py::arg("shape"), py::arg("dtype"))
-      .def("release", &SlabPool::release)
+      .def("send", [](SlabPool& p, const at::Tensor& t) -> py::object {
+        const auto ticket = p.send(t);
+        if (!ticket) return py::none();
+        return py::make_tuple(ticket->pid, ticket->slab, ticket->generation, ticket->fd, ticket->nbytes,
+                              ticket->sizes, ticket->strides, ticket->storage_offset, dtype_name(ticket->dtype));
+      }, py::arg("tensor"), "the ticket of a tensor of one of this pool's slabs, else None")
+      .def("owns", &SlabPool::owns, py::arg("tensor"))
+      .def("busy", &SlabPool::busy)
       .def("__len__", &SlabPool::size);
-  m.def("slab_attach", [](int64_t pid, size_t id, int fd) { SlabRegistry::instance().attach(pid, id, fd); });
-  m.def("slab_count", [] { return SlabRegistry::instance().size(); },
-        "worker batch buffers mapped in this process (a diagnostic)");
-  m.def("slab_tensor", [](int64_t pid, size_t id, std::vector<int64_t> shape, const std::string& dtype) {
-    return SlabRegistry::instance().tensor(pid, id, std::move(shape), dtype_from_name(dtype));
+  m.def("slab_attach", [](int64_t pid, size_t slab, int fd) { SlabReceiver::instance().attach(pid, slab, fd); },
+        py::arg("pid"), py::arg("slab"), py::arg("fd"), "maps a worker's slab; takes ownership of fd");
+  m.def("slab_receive", [](int64_t pid, size_t slab, uint64_t generation, size_t nbytes, std::vector<int64_t> sizes,
+                           std::vector<int64_t> strides, int64_t offset, const std::string& dtype) {
+    SlabTicket t;
+    t.pid = pid;
+    t.slab = slab;
+    t.generation = generation;
+    t.nbytes = nbytes;
+    t.sizes = std::move(sizes);
+    t.strides = std::move(strides);
+    t.storage_offset = offset;
+    t.dtype = dtype_from_name(dtype);
+    return SlabReceiver::instance().receive(t);
   });
+  m.def("slab_count", [] { return SlabReceiver::instance().size(); },
+        "worker batch buffers mapped in this process (a diagnostic)");
 }

@@ -88,13 +88,14 @@ class _SharedProbe(torch_lmdb.LMDBDataset):
     main process: through a recycled slab, fresh shared memory, or a copy."""
 
     def __getitem__(self, index):
-        from torch_lmdb.dataset import _SlabTensor
+        from torch_lmdb.dataset import _is_slab_tensor
 
         batch = super().__getitem__(index)
         ways = []
         for name in ("index", "x"):
             value = batch[name]
-            ways.append("slab" if isinstance(value, _SlabTensor) else "shared" if value.is_shared() else "copy")
+            assert type(value) is torch.Tensor
+            ways.append("slab" if _is_slab_tensor(value) else "shared" if value.is_shared() else "copy")
         batch["ways"] = ways
         return batch
 
@@ -108,6 +109,105 @@ def test_worker_batches_cross_without_a_copy(make_db):
     batches = list(loader)
     assert [b["ways"] for b in batches] == [["slab", "slab"]] * 4
     check_every_index_once(batches, 64)
+
+
+# User code in workers: the batch's tensors are real tensors (arithmetic,
+# views, torch functions), and what it returns crosses to the main process.
+def _arithmetic_collate(batch):
+    assert type(batch["x"]) is torch.Tensor and type(batch["index"]) is torch.Tensor
+    return {
+        "index": batch["index"],
+        "x": batch["x"],  # unchanged: still crosses through its slab
+        "x2": batch["x"] * 2 + 1,
+        "tail": batch["x"][1:, ::2],  # a strided view of the slab
+        "mean": batch["x"].mean(1).double() - batch["index"],
+        "label": batch["label"],
+    }
+
+
+class _Normalized(torch.utils.data.Dataset):
+    """A wrapper dataset with a transform, doing arithmetic on ds[indices]."""
+
+    def __init__(self, inner, transform):
+        self.inner, self.transform = inner, transform
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, indices):
+        batch = self.inner[indices]
+        return {"index": batch["index"], "y": self.transform(batch["x"] - batch["index"][:, None]),
+                "first": batch["x"][0], "label": batch["label"]}
+
+
+def _halve(x):
+    return x / 2
+
+
+def _check_arithmetic(batches, n, width=8):
+    seen = []
+    for b in batches:
+        index = b["index"]
+        x = torch.from_numpy(np.stack([sample(i, width)["x"] for i in index.tolist()]))
+        assert torch.equal(b["x"], x)
+        assert torch.equal(b["x2"], x * 2 + 1)
+        assert torch.equal(b["tail"], x[1:, ::2])
+        assert torch.equal(b["mean"], x.mean(1).double() - index)
+        assert torch.equal(b["mean"], torch.full((len(index),), 3.5, dtype=torch.float64))
+        assert b["label"] == [f"item-{i}" for i in index.tolist()]
+        seen += index.tolist()
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_collate_fn_wrapper_dataset_and_transform_do_arithmetic_on_worker_batches(make_db, method):
+    path = make_db(96)
+    ds = torch_lmdb.LMDBDataset(path)
+    loader = torch_lmdb.make_loader(ds, batch_size=8, shuffle=True, num_workers=2, multiprocessing_context=method,
+                                    collate_fn=_arithmetic_collate)
+    _check_arithmetic(list(loader), 96)
+    wrapped = _Normalized(ds, _halve)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(wrapped), batch_size=8, drop_last=False)
+    loader = DataLoader(wrapped, batch_size=None, sampler=sampler, num_workers=2, multiprocessing_context=method)
+    seen = []
+    for b in loader:
+        assert torch.equal(b["y"], torch.arange(8, dtype=torch.float32).expand(len(b["index"]), 8) / 2)
+        assert torch.equal(b["first"], torch.from_numpy(sample(b["index"][0].item())["x"]))
+        seen += b["index"].tolist()
+    assert sorted(seen) == list(range(96))
+
+
+def test_a_forked_child_dropping_held_batches_frees_none_of_them(make_db):
+    import gc
+    import os
+
+    path = make_db(320, width=1024)
+    ds = torch_lmdb.LMDBDataset(path)
+    loader = torch_lmdb.make_loader(ds, batch_size=8, shuffle=True, num_workers=2, persistent_workers=True,
+                                    generator=torch.Generator().manual_seed(0))
+    held = []
+    for k, batch in enumerate(loader):  # the first 12 batches are held, the rest recycled
+        if k < 12:
+            held.append(batch)
+    check = [(b["index"].clone(), b["x"].clone()) for b in held]
+    pid = os.fork()
+    if pid == 0:  # the child drops every batch it inherited
+        code = 0
+        try:
+            held.clear()
+            batch = None
+            gc.collect()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    for _ in range(2):  # the workers keep producing, into free slabs only
+        for batch in loader:
+            for j, i in enumerate(batch["index"].tolist()):
+                assert torch.equal(batch["x"][j], torch.from_numpy(sample(i, 1024)["x"]))
+    for b, (index, x) in zip(held, check):
+        assert torch.equal(b["index"], index) and torch.equal(b["x"], x)
 
 
 def test_corrupted_record_names_path_and_index_in_worker_too(make_db):

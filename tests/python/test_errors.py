@@ -129,3 +129,132 @@ def test_read_only_directory_falls_back_to_lock_free_reads_with_a_warning(tmp_pa
         os.chmod(path, 0o755)
         shutil.rmtree(base)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_field_names_not_encodable_as_utf8_are_value_errors_naming_the_field(tmp_path):
+    import fractions
+
+    with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
+        # the C++ fast path (an int) and the Python converter's path (a Fraction)
+        for value in (1, "text", fractions.Fraction(1, 2)):
+            with pytest.raises(ValueError, match=r"field name '\\ud800' cannot be stored"):
+                w.write({"ok": 1, "\ud800": value})
+        with pytest.raises(ValueError, match=r"field name '\\udcff'"):
+            w.write_many([{"\udcff": 1}])
+        w.write({"ok": 1})
+    assert len(torch_lmdb.LMDBDataset(str(tmp_path / "db"))) == 1
+
+
+def test_a_str_fields_argument_is_one_field(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(3), fields="index")
+    assert ds[2] == {"index": torch.tensor(2)}
+    assert [f["name"] for f in ds.schema] == ["index"]
+
+
+def test_unknown_pad_fields_are_value_errors_naming_them_and_the_available_ones(make_db):
+    path = make_db(4)
+    want = r"unknown field\(s\) \['nope'\].*available: \['index', 'x', 'label'\]"
+    with pytest.raises(ValueError, match=want):
+        torch_lmdb.LMDBDataset(path, pad=["nope"])
+    ds = torch_lmdb.LMDBDataset(path, pad=["x"])
+    with pytest.raises(ValueError, match=want):
+        ds.get_batch([0, 1], pad=["x", "nope"])
+    with pytest.raises(ValueError, match=want):
+        ds.iter_batches(2, pad="nope")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['x'\].*available: \['index'\]"):
+        torch_lmdb.LMDBDataset(path, fields=["index"], pad=["x"])
+    assert ds.get_batch([0, 1], pad="x")["x"].shape == (2, 8)
+
+
+def test_tensor_and_numpy_indices(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(10))
+    assert ds[torch.tensor(3)]["index"].item() == 3
+    assert ds[torch.tensor(-1, dtype=torch.int32)]["index"].item() == 9
+    assert ds[np.int64(4)]["index"].item() == 4
+    assert ds[np.array(5)]["index"].item() == 5
+    assert ds[torch.tensor([1, 2])]["index"].tolist() == [1, 2]
+    assert ds[np.array([7, 8])]["index"].tolist() == [7, 8]
+    assert ds.get_batch(torch.tensor([0, 9]))["index"].tolist() == [0, 9]
+    with pytest.raises(TypeError, match=r"tensor of dtype torch.float32 and shape \[\]"):
+        ds[torch.tensor(1.0)]
+    with pytest.raises(TypeError, match=r"shape \[2, 2\]"):
+        ds[torch.zeros(2, 2, dtype=torch.long)]
+    with pytest.raises(IndexError, match=r"index 10 out of range for dataset of size 10"):
+        ds[torch.tensor(10)]
+
+
+def test_negative_index_out_of_range_names_the_index_given(make_db):
+    ds = torch_lmdb.LMDBDataset(make_db(10))
+    with pytest.raises(IndexError, match=r"^index -11 out of range for dataset of size 10"):
+        ds[-11]
+    with pytest.raises(IndexError, match=r"^index -12 out of range"):
+        ds.get_batch([0, -12])
+    assert ds[-10]["index"].item() == 0
+
+
+def test_sizes_out_of_range_are_value_errors_naming_argument_and_range(tmp_path, make_db):
+    for name, value in (("map_size", 2**70), ("map_size", 0), ("commit_every", 2**64), ("commit_bytes", -5),
+                        ("map_size", True), ("map_size", 1.5)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int from 1 to 2\*\*63 - 1, got {value!r}"):
+            torch_lmdb.LMDBWriter(str(tmp_path / "w"), **{name: value})
+    path = make_db(2)
+    for value in (-1, 0, 2**40, "8"):
+        with pytest.raises(ValueError, match=rf"max_readers must be an int from 1 to 1048576, got {value!r}"):
+            torch_lmdb.LMDBDataset(path, max_readers=value)
+
+
+def test_a_tiny_map_size_is_a_minimum_initial_size_that_grows(tmp_path):
+    path = str(tmp_path / "tiny")
+    with torch_lmdb.LMDBWriter(path, map_size=1, commit_every=16) as w:
+        assert w.map_size >= torch_lmdb.writer.MIN_MAP_SIZE
+        for i in range(200):
+            w.write({"x": torch.full((1024,), i, dtype=torch.float32)})
+    ds = torch_lmdb.LMDBDataset(path)
+    assert len(ds) == 200 and torch.equal(ds[199]["x"], torch.full((1024,), 199.0))
+
+
+# Values viewed without a copy while the GIL is released must stay alive even
+# if another thread replaces them in the sample dict meanwhile (a 4 MiB str
+# freed under the writer is unmapped: a crash). In a child process, so that a
+# crash is a failed test, not a dead test run.
+_MUTATE_DURING_WRITE = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import torch_lmdb
+n = 4 << 20
+sample = {"s": "a" * n, "b": b"a" * n}
+done = False
+def mutate():
+    k = 0
+    while not done:
+        c = "ab"[k % 2]
+        sample["s"] = c * n
+        sample["b"] = c.encode() * n
+        k += 1
+t = threading.Thread(target=mutate)
+t.start()
+try:
+    with torch_lmdb.LMDBWriter(sys.argv[2], commit_every=4) as w:
+        w.write_many(sample for _ in range(48))
+        for _ in range(16):
+            w.write(sample)
+finally:
+    done = True
+    t.join()
+ds = torch_lmdb.LMDBDataset(sys.argv[2])
+assert len(ds) == 64
+for i in range(64):
+    s, b = ds[i]["s"], ds[i]["b"]
+    assert len(s) == n and s in ("a" * n, "b" * n), i
+    assert len(b) == n and b in (b"a" * n, b"b" * n), i
+"""
+
+
+def test_values_replaced_by_another_thread_during_a_write_stay_alive(tmp_path):
+    root = os.path.dirname(os.path.dirname(torch_lmdb.__file__))
+    # A fixed mmap threshold: every freed 4 MiB value is unmapped at once (glibc
+    # otherwise raises the threshold and recycles the memory, hiding the bug).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, "-c", _MUTATE_DURING_WRITE, root, str(tmp_path / "db")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
