@@ -6,6 +6,7 @@ Write samples (dicts of tensors, numpy arrays, scalars, str, bytes) with
 from torch_lmdb import _C
 from torch_lmdb._C import (
     CorruptedError,
+    DiskFullError,
     Error,
     InvalidDatabaseError,
     LockError,
@@ -31,6 +32,7 @@ __all__ = [
     "CorruptedError",
     "InvalidDatabaseError",
     "LockError",
+    "DiskFullError",
     "__version__",
     "FORMAT_VERSION",
 ]

@@ -36,21 +36,39 @@ struct WarningSink {
   }
 };
 
-py::object field_to_py(const std::string& bytes, FieldKind kind) {
-  if (kind == FieldKind::Str) return py::str(bytes.data(), bytes.size());
+// A str field's bytes as a Python str; bytes that are not UTF-8 (a damaged
+// record read without verify) raise CorruptedError naming the field and where.
+py::object decode_str(const char* p, size_t n, const std::string& name, const std::string& where) {
+  PyObject* text = PyUnicode_DecodeUTF8(p, static_cast<Py_ssize_t>(n), "strict");
+  if (text == nullptr) {
+    PyErr_Clear();
+    throw CorruptedError("str field '" + name + "' of " + where + " is not valid UTF-8 (a damaged record; " +
+                             "read with verify=True or run `torch-lmdb verify`)",
+                         0, where);
+  }
+  return py::reinterpret_steal<py::object>(text);
+}
+
+// A field name from a record; not UTF-8: CorruptedError.
+py::str name_to_py(const std::string& name, const std::string& where) {
+  return decode_str(name.data(), name.size(), "<name>", where);
+}
+
+py::object field_to_py(const std::string& bytes, FieldKind kind, const std::string& name, const std::string& where) {
+  if (kind == FieldKind::Str) return decode_str(bytes.data(), bytes.size(), name, where);
   return py::bytes(bytes.data(), bytes.size());
 }
 
-py::object field_to_py(const Field& f) {
+py::object field_to_py(const Field& f, const std::string& where) {
   if (f.kind == FieldKind::Tensor) return py::cast(f.tensor);
   const char* p = static_cast<const char*>(f.tensor.data_ptr());
   const size_t n = static_cast<size_t>(f.tensor.numel());
-  if (f.kind == FieldKind::Str) return py::str(p, n);
+  if (f.kind == FieldKind::Str) return decode_str(p, n, f.name, where);
   return py::bytes(p, n);
 }
 
 // A collated batch as a dict: tensors, `<name>_lengths`, str/bytes lists.
-py::dict batch_to_py(const Batch& batch) {
+py::dict batch_to_py(const Batch& batch, const std::string& where) {
   py::dict out;
   for (const auto& name : batch.order) {
     if (const at::Tensor* t = batch.tensors.find(name)) {
@@ -61,7 +79,7 @@ py::dict batch_to_py(const Batch& batch) {
     for (const auto& b : batch.blobs) {
       if (b.name != name) continue;
       py::list values;
-      for (const auto& v : b.values) values.append(field_to_py(v, b.kind));
+      for (const auto& v : b.values) values.append(field_to_py(v, b.kind, b.name, where));
       out[py::str(name)] = values;
     }
   }
@@ -93,7 +111,9 @@ struct PyReader {
       fields = reader->get_fields(static_cast<size_t>(index));
     }
     py::dict out;
-    for (const auto& f : fields) out[py::str(f.name)] = field_to_py(f);
+    const std::string where = "'" + reader->paths()[0] + "'" + (reader->paths().size() > 1 ? " (+ more files)" : "") +
+                              " index " + std::to_string(index);
+    for (const auto& f : fields) out[name_to_py(f.name, where)] = field_to_py(f, where);
     return out;
   }
 
@@ -129,7 +149,7 @@ struct PyReader {
       py::gil_scoped_release nogil;
       batch = reader->read_batch(idx, o);
     }
-    return batch_to_py(batch);
+    return batch_to_py(batch, "a batch of '" + reader->paths()[0] + "'");
   }
 
   py::list schema() const {
@@ -418,9 +438,25 @@ PYBIND11_MODULE(_C, m) {
   static py::exception<CorruptedError> corrupted(m, "CorruptedError", base.ptr());
   static py::exception<InvalidDatabaseError> invalid(m, "InvalidDatabaseError", base.ptr());
   static py::exception<LockError> lock(m, "LockError", base.ptr());
+  // DiskFullError is a torch_lmdb.Error and an OSError (errno ENOSPC, filename
+  // the database), as Python users catch a full disk.
+  static PyObject* disk_full = [&m] {
+    PyObject* bases = PyTuple_Pack(2, base.ptr(), PyExc_OSError);
+    PyObject* type = PyErr_NewException("torch_lmdb._C.DiskFullError", bases, nullptr);
+    Py_DECREF(bases);
+    if (type == nullptr) throw py::error_already_set();
+    m.attr("DiskFullError") = py::reinterpret_borrow<py::object>(type);
+    return type;
+  }();
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const DiskFullError& e) {
+      py::object exc = py::reinterpret_borrow<py::object>(disk_full)(py::str(e.what()));
+      exc.attr("errno") = ENOSPC;
+      exc.attr("strerror") = py::str(e.what());
+      exc.attr("filename") = py::str(e.path());
+      PyErr_SetObject(disk_full, exc.ptr());
     } catch (const MapFullError& e) {
       PyErr_SetString(map_full.ptr(), e.what());
     } catch (const ReadersFullError& e) {
@@ -526,7 +562,7 @@ PYBIND11_MODULE(_C, m) {
           b = s.next();
         }
         if (!b) return py::none();
-        return batch_to_py(*b);
+        return batch_to_py(*b, "a batch of the stream");
       })
       .def("__len__", &BatchStream::size)
       .def("batch_indices", &BatchStream::batch_indices, py::arg("k"));

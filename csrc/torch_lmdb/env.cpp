@@ -24,7 +24,7 @@ constexpr size_t kMinMapSize = size_t{64} << 10;      // smaller requests are ra
 // Readers map at least this much, and at least twice the file: a writer in
 // another process then rarely grows the file past the reader's map (each
 // time it does, the reader remaps once, as a resize).
-constexpr size_t kMinReaderMap = size_t{256} << 20;
+constexpr size_t kMinReaderMap = size_t{8} << 20;
 // Retries of MDB_MAP_RESIZED (another process grew the map again while we
 // adopted its size) before giving up.
 constexpr int kResizeRetries = 1000;

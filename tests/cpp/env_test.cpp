@@ -69,6 +69,12 @@ size_t read_until(const Reader& start, std::atomic<bool>& stop, int threads, int
   return batches.load();
 }
 
+void write_wide(const std::string& path, int64_t n, int64_t width, const WriterOptions& o) {
+  Writer w(path, o);
+  for (int64_t i = 0; i < n; ++i) w.write(make_sample(i, width));
+  w.close();
+}
+
 }  // namespace
 
 TEST(EnvConcurrent, ThreadsReadWhileAnotherProcessGrowsTheMap) {
@@ -78,7 +84,7 @@ TEST(EnvConcurrent, ThreadsReadWhileAnotherProcessGrowsTheMap) {
   WriterOptions o;
   o.map_size = 256 << 10;
   o.commit_every = 16;
-  write_dataset(path, 32, 0, o);
+  write_wide(path, 32, width, o);
   Reader reader(path);
   const size_t map_before = reader.map_size();
 
@@ -122,7 +128,7 @@ TEST(EnvConcurrent, AWriterAndReadersOfOneProcessShareTheEnvWhileTheMapGrows) {
   WriterOptions o;
   o.map_size = 128 << 10;
   o.commit_every = 8;
-  write_dataset(path, 16, 0, o);
+  write_wide(path, 16, width, o);
   o.append = true;
   Writer w(path, o);  // opened first: the readers join its environment and its small map
   Reader reader(path);
