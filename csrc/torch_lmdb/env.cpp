@@ -5,11 +5,13 @@
 #include <pthread.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <utility>
@@ -100,6 +102,50 @@ int preallocate_lock_file(const std::string& path, unsigned max_readers) {
                         ENOSPC, path);
   }
   return 0;  // other fallocate failures (e.g. EOPNOTSUPP): LMDB's own ftruncate then
+}
+
+// This process's mappings of the file (dev, ino): start address and length,
+// from /proc/self/maps. LMDB does not expose its map's address (MDB_envinfo's
+// me_mapaddr is only the MDB_FIXEDMAP address), and check_value needs it.
+std::vector<std::pair<uintptr_t, size_t>> mappings_of(std::pair<dev_t, ino_t> key) {
+  std::vector<std::pair<uintptr_t, size_t>> out;
+  FILE* maps = std::fopen("/proc/self/maps", "re");
+  if (maps == nullptr) return out;
+  char line[4096];
+  while (std::fgets(line, sizeof line, maps) != nullptr) {
+    unsigned long start = 0, end = 0, offset = 0, inode = 0;
+    unsigned major = 0, minor = 0;
+    char perms[8];
+    if (std::sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &start, &end, perms, &offset, &major, &minor, &inode) != 7)
+      continue;
+    if (inode == static_cast<unsigned long>(key.second) && offset == 0)  // (st_dev and the maps device differ on some filesystems)
+      out.emplace_back(start, end - start);
+  }
+  std::fclose(maps);
+  return out;
+}
+
+// The map LMDB made between two looks at the file's mappings: the one that is
+// new, else the one of the map's length; nullptr when it cannot be told.
+const char* find_map(const std::vector<std::pair<uintptr_t, size_t>>& before,
+                     const std::vector<std::pair<uintptr_t, size_t>>& after, size_t length) {
+  const char* found = nullptr;
+  int candidates = 0;
+  for (const auto& m : after) {
+    if (std::find(before.begin(), before.end(), m) == before.end()) {
+      found = reinterpret_cast<const char*>(m.first);
+      ++candidates;
+    }
+  }
+  if (candidates == 1) return found;
+  candidates = 0;
+  for (const auto& m : after) {
+    if (m.second == length) {
+      found = reinterpret_cast<const char*>(m.first);
+      ++candidates;
+    }
+  }
+  return candidates == 1 ? found : nullptr;
 }
 
 bool filesystem_readonly(const std::string& path) {
@@ -324,8 +370,10 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
   if (!options.readahead) flags |= MDB_NORDAHEAD;
   if (nolock) flags |= MDB_NOLOCK;
+  const auto maps_before = mappings_of(key);
   int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
   if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");
+  const auto maps_after = mappings_of(key);
 
   std::shared_ptr<Env> env(new Env());
   env->path_ = path;
@@ -357,8 +405,9 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                            MDB_CORRUPTED, path);
     }
     env->file_size_.store(static_cast<size_t>(now.st_size));
-    env->map_addr_ = static_cast<const char*>(info.me_mapaddr);
     env->map_bytes_ = info.me_mapsize;
+    env->map_addr_ = find_map(maps_before, maps_after, info.me_mapsize);
+    if (env->map_addr_ == nullptr) env->map_bytes_ = 0;  // not found: values go unchecked
   }
 
   if (!nolock) {
@@ -446,11 +495,13 @@ void Env::remap(size_t bytes) const {
   resizing_ = true;
   gate_cv_.wait(lock, [this] { return live_ == 0; });
   // lmdb.h: no transaction of this process is active now.
+  const auto maps_before = mappings_of(key_);
   const int rc = mdb_env_set_mapsize(env_.get(), bytes);
   MDB_envinfo info{};
   if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {
-    const_cast<Env*>(this)->map_addr_ = static_cast<const char*>(info.me_mapaddr);
-    const_cast<Env*>(this)->map_bytes_ = info.me_mapsize;
+    Env* self = const_cast<Env*>(this);
+    self->map_addr_ = find_map(maps_before, mappings_of(key_), info.me_mapsize);
+    self->map_bytes_ = self->map_addr_ != nullptr ? info.me_mapsize : 0;
   }
   resizing_ = false;
   lock.unlock();
