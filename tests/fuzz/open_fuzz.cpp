@@ -16,6 +16,7 @@
 // pipe, so libFuzzer still sees what each input reached (the fuzz build links
 // the library statically: its counters are in this executable's section).
 #include <dlfcn.h>
+#include <execinfo.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -66,18 +67,28 @@ void on_fault(int sig, siginfo_t*, void* context) {
     (void)!write(2, line, static_cast<size_t>(std::max(n, 0)));
     _exit(kLmdbFault);
   }
-  signal(sig, SIG_DFL);  // ours: die of it, the parent turns it into a crash
+  // Ours: say where (the faulting frame and its callers), then die of it;
+  // the parent turns that into a crash.
+  char line[256];
+  const int n = std::snprintf(line, sizeof line, "open_fuzz: signal %d at %p in %s; stack:\n", sig, pc,
+                              info.dli_fname ? info.dli_fname : "?");
+  (void)!write(2, line, static_cast<size_t>(std::max(n, 0)));
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  signal(sig, SIG_DFL);
   raise(sig);
 }
 
 // The child: open, read every sample (bounded), report.
-void read_everything(const std::string& dir) {
-  struct sigaction sa {};
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO;
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
-  alarm(kChildSeconds);
+void read_everything(const std::string& dir, bool own_fault_handler = true) {
+  if (own_fault_handler) {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+    alarm(kChildSeconds);
+  }
   try {
     torch_lmdb::ReaderOptions o;
     o.lock = 0;  // no lock.mdb: the directory holds just the input
@@ -131,6 +142,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (fd < 0 || write(fd, data, size) != static_cast<ssize_t>(size)) std::abort();
   ::close(fd);
 
+  // OPEN_FUZZ_IN_PROCESS=1 (reproducing a finding: fuzz_open FILE) runs the
+  // child's work in this process, so ASan/gdb see the fault where it happens.
+  static const bool in_process = getenv("OPEN_FUZZ_IN_PROCESS") != nullptr;
+  if (in_process) {
+    read_everything(dir, /*own_fault_handler=*/false);
+    return 0;
+  }
   size_t counters = 0;
   uint8_t* const counter = coverage_counters(&counters);
   int pipefd[2];
