@@ -3,8 +3,8 @@
 // has no page checksums and may fault on a damaged file (DESIGN.md, Damage):
 //   - the child exits 0 when everything it read was either right or raised a
 //     torch_lmdb::Error / c10::Error (the expected outcome for damage);
-//   - a fault (SIGSEGV/SIGBUS) whose program counter lies in liblmdb is an
-//     LMDB finding: one line "open_fuzz: LMDB finding ..." on stderr, the
+//   - a fault (SIGSEGV/SIGBUS) whose program counter lies in liblmdb, or an
+//     abort() called from liblmdb (a failed mdb_assert), is an LMDB finding: one line "open_fuzz: LMDB finding ..." on stderr, the
 //     input saved as lmdb-fault-<n> in the artifact directory, fuzzing goes
 //     on;
 //   - a hang (more than kChildSeconds) is reported and saved the same way
@@ -79,6 +79,23 @@ void on_fault(int sig, siginfo_t*, void* context) {
   raise(sig);
 }
 
+// abort() called from inside liblmdb (a failed mdb_assert, whose message
+// LMDB printed just before) is an LMDB finding too.
+void on_abort(int sig) {
+  void* frames[16];
+  const int n = backtrace(frames, 16);
+  for (int i = 0; i < n; ++i) {
+    Dl_info info{};
+    if (dladdr(frames[i], &info) != 0 && info.dli_fname != nullptr && std::strstr(info.dli_fname, "liblmdb")) {
+      static const char line[] = "open_fuzz: LMDB finding: abort() in liblmdb (assertion)\n";
+      (void)!write(2, line, sizeof line - 1);
+      _exit(kLmdbFault);
+    }
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
 // The child: open, read every sample (bounded), report.
 void read_everything(const std::string& dir, bool own_fault_handler = true) {
   if (own_fault_handler) {
@@ -87,6 +104,7 @@ void read_everything(const std::string& dir, bool own_fault_handler = true) {
     sa.sa_flags = SA_SIGINFO;
     sigaction(SIGSEGV, &sa, nullptr);
     sigaction(SIGBUS, &sa, nullptr);
+    signal(SIGABRT, on_abort);
     alarm(kChildSeconds);
   }
   try {
