@@ -105,7 +105,6 @@ void read_everything(const std::string& dir, bool own_fault_handler = true) {
     sigaction(SIGSEGV, &sa, nullptr);
     sigaction(SIGBUS, &sa, nullptr);
     signal(SIGABRT, on_abort);
-    alarm(kChildSeconds);
   }
   try {
     torch_lmdb::ReaderOptions o;
@@ -174,6 +173,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const pid_t pid = fork();
   if (pid < 0) std::abort();
   if (pid == 0) {
+    // First of all the child's time limit: SIGALRM back to its default
+    // action (libFuzzer's own handler, inherited, ignores it) and armed.
+    signal(SIGALRM, SIG_DFL);
+    alarm(kChildSeconds);
     close(pipefd[0]);
     read_everything(dir);
     // Coverage of this child, back to the parent (a pipe write of up to a
