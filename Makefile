@@ -118,7 +118,7 @@ test-tsan: sanitizer-deps
 	$(CHECK_CMAKE) -S . -B build/tsan -DCMAKE_CXX_COMPILER=clang++-14 -DTORCH_LMDB_SANITIZE=thread
 	cmake --build build/tsan -j $(JOBS) --target torch_lmdb_tests
 	cd build/tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/sanitizers/tsan.supp \
-	  OMP_NUM_THREADS=1 ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads'
+	  ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads'
 
 # gcc LTO build whose link fails on ODR violations (-Werror=odr), then its gtests.
 test-odr: deps

@@ -293,6 +293,15 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
       }
       uint64_t numel = 1;
       if (has_zero) {
+        // No payload, but the other sizes still reach at::empty (and a
+        // batch's [B, ...]): their product must fit in an int64, as in any
+        // tensor LibTorch made (found by tests/fuzz/record_fuzz).
+        uint64_t rest = 1;
+        for (int d = 0; d < ndim; ++d)
+          if (f.sizes[d] != 0 && (__builtin_mul_overflow(rest, static_cast<uint64_t>(f.sizes[d]), &rest) ||
+                                  rest > static_cast<uint64_t>(INT64_MAX)))
+            corrupted(ctx, "field '" + f.name_str() + "' has shape " + c10::str(f.shape()) +
+                               " whose sizes overflow 64 bits");
         numel = 0;
       } else {
         for (int d = 0; d < ndim; ++d) {

@@ -355,6 +355,7 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
                                  0, path);
     }
   } else if (has_meta) {
+    detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     const int64_t version = meta.value("format_version", int64_t{0});
     if (version != kFormatVersion)
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +

@@ -3,8 +3,8 @@
 // has no page checksums and may fault on a damaged file (DESIGN.md, Damage):
 //   - the child exits 0 when everything it read was either right or raised a
 //     torch_lmdb::Error / c10::Error (the expected outcome for damage);
-//   - a fault (SIGSEGV/SIGBUS) whose program counter lies in liblmdb is an
-//     LMDB finding: one line "open_fuzz: LMDB finding ..." on stderr, the
+//   - a fault (SIGSEGV/SIGBUS) whose program counter lies in liblmdb, or an
+//     abort() called from liblmdb (a failed mdb_assert), is an LMDB finding: one line "open_fuzz: LMDB finding ..." on stderr, the
 //     input saved as lmdb-fault-<n> in the artifact directory, fuzzing goes
 //     on;
 //   - a hang (more than kChildSeconds) is reported and saved the same way
@@ -16,6 +16,7 @@
 // pipe, so libFuzzer still sees what each input reached (the fuzz build links
 // the library statically: its counters are in this executable's section).
 #include <dlfcn.h>
+#include <execinfo.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -66,18 +67,45 @@ void on_fault(int sig, siginfo_t*, void* context) {
     (void)!write(2, line, static_cast<size_t>(std::max(n, 0)));
     _exit(kLmdbFault);
   }
-  signal(sig, SIG_DFL);  // ours: die of it, the parent turns it into a crash
+  // Ours: say where (the faulting frame and its callers), then die of it;
+  // the parent turns that into a crash.
+  char line[256];
+  const int n = std::snprintf(line, sizeof line, "open_fuzz: signal %d at %p in %s; stack:\n", sig, pc,
+                              info.dli_fname ? info.dli_fname : "?");
+  (void)!write(2, line, static_cast<size_t>(std::max(n, 0)));
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+// abort() called from inside liblmdb (a failed mdb_assert, whose message
+// LMDB printed just before) is an LMDB finding too.
+void on_abort(int sig) {
+  void* frames[16];
+  const int n = backtrace(frames, 16);
+  for (int i = 0; i < n; ++i) {
+    Dl_info info{};
+    if (dladdr(frames[i], &info) != 0 && info.dli_fname != nullptr && std::strstr(info.dli_fname, "liblmdb")) {
+      static const char line[] = "open_fuzz: LMDB finding: abort() in liblmdb (assertion)\n";
+      (void)!write(2, line, sizeof line - 1);
+      _exit(kLmdbFault);
+    }
+  }
+  signal(sig, SIG_DFL);
   raise(sig);
 }
 
 // The child: open, read every sample (bounded), report.
-void read_everything(const std::string& dir) {
-  struct sigaction sa {};
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO;
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
-  alarm(kChildSeconds);
+void read_everything(const std::string& dir, bool own_fault_handler = true) {
+  if (own_fault_handler) {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+    signal(SIGABRT, on_abort);
+  }
   try {
     torch_lmdb::ReaderOptions o;
     o.lock = 0;  // no lock.mdb: the directory holds just the input
@@ -131,6 +159,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (fd < 0 || write(fd, data, size) != static_cast<ssize_t>(size)) std::abort();
   ::close(fd);
 
+  // OPEN_FUZZ_IN_PROCESS=1 (reproducing a finding: fuzz_open FILE) runs the
+  // child's work in this process, so ASan/gdb see the fault where it happens.
+  static const bool in_process = getenv("OPEN_FUZZ_IN_PROCESS") != nullptr;
+  if (in_process) {
+    read_everything(dir, /*own_fault_handler=*/false);
+    return 0;
+  }
   size_t counters = 0;
   uint8_t* const counter = coverage_counters(&counters);
   int pipefd[2];
@@ -138,6 +173,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const pid_t pid = fork();
   if (pid < 0) std::abort();
   if (pid == 0) {
+    // First of all the child's time limit: SIGALRM back to its default
+    // action (libFuzzer's own handler, inherited, ignores it) and armed.
+    signal(SIGALRM, SIG_DFL);
+    alarm(kChildSeconds);
     close(pipefd[0]);
     read_everything(dir);
     // Coverage of this child, back to the parent (a pipe write of up to a

@@ -1,0 +1,53 @@
+// Regression tests of what `make fuzz` found (tests/fuzz): each input class
+// that got past torch_lmdb's checks, reduced to a hand-made case.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+
+using namespace torch_lmdb;
+
+namespace {
+
+// A one-field record (float32 "x", no checksum) of shape `sizes`; the sizes
+// are patched into the bytes afterwards, so they need not be a real tensor's.
+std::string record_with_sizes(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> zero_shape(sizes.size(), 1);
+  zero_shape.back() = 0;
+  std::string bytes;
+  encode_record({Field{"x", FieldKind::Tensor, torch::empty(zero_shape)}}, /*checksum=*/false, bytes);
+  // magic, version, flags, count (12) + name length (8) + "x" + kind, dtype, ndim (3)
+  const size_t at = 12 + 8 + 1 + 3;
+  std::memcpy(&bytes[at], sizes.data(), sizes.size() * sizeof(int64_t));
+  return bytes;
+}
+
+}  // namespace
+
+// record_fuzz: a zero-size field whose other sizes multiply past 2^63 parsed,
+// and to_tensor()'s at::empty then raised LibTorch's "Storage size
+// calculation overflowed" without the path or index.
+TEST(FuzzFindings, ZeroSizeFieldWhoseOtherSizesOverflowIsCorrupted) {
+  const std::string path = "db";
+  const RecordContext ctx{&path, 3};
+  std::vector<FieldView> views;
+  const std::string bad = record_with_sizes({int64_t{1} << 40, int64_t{1} << 40, 0});
+  try {
+    parse_record(bad.data(), bad.size(), true, ctx, views);
+    ADD_FAILURE() << "a shape [2^40, 2^40, 0] was accepted";
+  } catch (const CorruptedError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("'db' index 3"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("overflow 64 bits"), std::string::npos) << msg;
+  }
+  RecordTemplate tmpl;
+  EXPECT_THROW(parse_record_cached(bad.data(), bad.size(), true, ctx, views, tmpl), CorruptedError);
+  // Large but representable zero-size shapes stay readable.
+  const std::string ok = record_with_sizes({int64_t{1} << 20, int64_t{1} << 20, 0});
+  parse_record(ok.data(), ok.size(), true, ctx, views);
+  ASSERT_EQ(views.size(), 1u);
+  const at::Tensor t = to_tensor(views[0]);
+  EXPECT_EQ(t.sizes(), (std::vector<int64_t>{int64_t{1} << 20, int64_t{1} << 20, 0}));
+  EXPECT_EQ(t.numel(), 0);
+}
