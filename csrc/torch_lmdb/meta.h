@@ -70,7 +70,7 @@ inline std::vector<FieldSchema> schema_from_json(const Json& j, const std::strin
       FieldSchema s;
       s.name = f.at("name").get<std::string>();
       s.kind = kind_from_name(f.at("kind").get<std::string>());
-      s.dtype = dtype_from_name(f.at("dtype").get<std::string>());
+      s.dtype = field_dtype_from_name(f.at("dtype").get<std::string>(), s.name, path);
       s.shape = f.at("shape").get<std::vector<int64_t>>();
       out.push_back(std::move(s));
     }
