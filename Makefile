@@ -73,7 +73,7 @@ example-cpp: install
 
 pytest: python-build cmake-build examples
 	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip TORCH_LMDB_EXAMPLES_BIN=$(CURDIR)/build/examples \
-	  $(PYTHON) -m pytest -q tests/python -p no:cacheprovider
+	  $(PYTHON) -m pytest -q -rs tests/python -p no:cacheprovider
 
 clean:
 	rm -rf build torch_lmdb/_C*.so *.egg-info

@@ -3,6 +3,7 @@
 # mmdebstrap from Debian's own packages: torch 2.6, Python 3.13, zarr-python 3, LMDB 0.9.31.
 #
 #   tools/debian13.sh [make targets...]        (default: test)
+#   TORCH_LMDB_KEEP_BUILD=1 tools/debian13.sh pytest    (reuse the last run's build/)
 #
 # The root is cached outside the clone, in $TORCH_LMDB_ROOTS (default
 # /var/cache/torch_lmdb), under a name keyed by its package list: a second run reuses it,
@@ -57,13 +58,22 @@ for m in proc sys dev dev/shm; do
 done
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 
-# A fresh copy of the tree (ccache and the build directory of the root persist across runs).
+# A fresh copy of the tree; ccache (in the root) persists across runs. TORCH_LMDB_KEEP_BUILD=1
+# keeps the previous run's build/ (an incremental build, for iterating on a change).
 WORK=/work/torch_lmdb
-rm -rf "$ROOT$WORK"; mkdir -p "$ROOT$WORK"
-git -C "$SRC" ls-files -z --cached --others --exclude-standard | (cd "$SRC" && xargs -0 cp --parents -t "$ROOT$WORK" 2>/dev/null || true)
+if [ "${TORCH_LMDB_KEEP_BUILD:-0}" = 1 ] && [ -d "$ROOT$WORK/build" ]; then
+  find "$ROOT$WORK" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+else
+  rm -rf "$ROOT$WORK"; mkdir -p "$ROOT$WORK"
+fi
+(cd "$SRC" && git ls-files -z --cached --others --exclude-standard |
+  while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done |
+  xargs -0 cp -p --parents -t "$ROOT$WORK")
 echo "== make ${TARGETS[*]} inside Debian 13"
 start=$(date +%s)
-chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+# /usr/lib/ccache first: setup.py's compiler (c++) goes through ccache too, whose cache
+# (/root/.ccache in the root) persists across runs.
+chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/lib/ccache:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive CCACHE_DIR=/root/.ccache \
   bash -c "cd $WORK && make ${TARGETS[*]}"
 echo "== Debian 13: make ${TARGETS[*]} passed in $(( $(date +%s) - start )) s"

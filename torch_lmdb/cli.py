@@ -247,7 +247,7 @@ def _cmd_convert(args) -> int:
         paths = convert.convert(kind, source, output, fields=fields, limit=args.limit, shards=args.shards,
                                 map_size=args.map_size, resume=args.resume, verify=args.verify,
                                 skip_mismatched=args.skip_mismatched, progress=args.progress,
-                                commit_every=args.commit_every)
+                                commit_every=args.commit_every, allow_pickle=args.allow_pickle)
     except convert.Interrupted as e:
         print(f"torch-lmdb convert: interrupted ({e}); the output is marked incomplete; "
               f"run the same command with --resume to continue", file=sys.stderr)
@@ -265,14 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a Zarr store, an HDF5 file or a pickle-in-LMDB database",
         description="Convert a dataset to torch_lmdb. Every array whose first dimension is the sample count "
                     "becomes a field named by its path (group/array); attributes are kept as user metadata.",
-        epilog="--pickle-lmdb-path unpickles every value: unpickling executes code from the file, so convert "
-               "only databases you trust. Interrupted conversions leave the output marked incomplete; "
+        epilog="Nothing is unpickled without --allow-pickle: unpickling executes code from the file, so a "
+               "pickle-in-LMDB database, or a Zarr array using the Pickle codec, is refused unless you pass "
+               "--allow-pickle for a source you trust. Interrupted conversions leave the output marked incomplete; "
                "rerun with --resume.")
     src = p.add_argument_group("source (exactly one)")
-    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr v2 store (directory or zip)")
+    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr store of format 2 or 3 (a directory)")
     src.add_argument("--hdf5-path", metavar="PATH", help="an HDF5 file")
     src.add_argument("--pickle-lmdb-path", metavar="PATH",
-                     help="a py-lmdb database of pickled dicts; WARNING: unpickling executes code from the file")
+                     help="a py-lmdb database of pickled dicts (needs --allow-pickle: unpickling executes code "
+                          "from the file)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow unpickling: --pickle-lmdb-path, and Zarr arrays using the Pickle codec; "
+                        "only for sources you trust")
     p.add_argument("--output-dir", metavar="DIR", help="write DIR/<source name>.lmdb (default: the current directory)")
     p.add_argument("--output", metavar="PATH", help="the output database path (overrides --output-dir)")
     p.add_argument("--fields", metavar="A,B", help="convert only these fields (comma-separated)")

@@ -35,13 +35,22 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM during a conversion."""
 
 
+def _torch_unsigned_widening() -> Dict[str, Any]:
+    import torch
+
+    if hasattr(torch, "uint16"):  # torch >= 2.3 stores uint16/32/64 as they are
+        return {}
+    return {"uint16": np.int32, "uint32": np.int64}
+
+
+_WIDEN = _torch_unsigned_widening()
+
+
 def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
     """One sample's value of a field, as LMDBWriter takes it."""
     if isinstance(value, np.ndarray):
-        if value.dtype == np.uint16:
-            value = value.astype(np.int32)
-        elif value.dtype == np.uint32:
-            value = value.astype(np.int64)
+        if value.dtype.name in _WIDEN:  # torch < 2.3 has no uint16/uint32: widen to a signed type
+            value = value.astype(_WIDEN[value.dtype.name])
         elif value.dtype.kind == "U":
             return str(value) if value.ndim == 0 else value.tolist()
         elif value.dtype.kind == "S":
@@ -58,8 +67,13 @@ def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int
     raise ConversionError(f"field {name!r}: unsupported value type {type(value).__name__}")
 
 
+def _variable(dtype: np.dtype) -> bool:
+    """Object arrays (ragged, variable-length str/bytes) and numpy 2's StringDType (zarr 3)."""
+    return dtype.kind in "OT"
+
+
 def _describe_dtype(dtype: np.dtype) -> str:
-    return "ragged" if dtype == object else str(dtype)
+    return "ragged" if _variable(dtype) else str(dtype)
 
 
 class _ArraySource:
@@ -67,9 +81,10 @@ class _ArraySource:
 
     format = ""
 
-    def __init__(self, path: str, skip_mismatched: bool):
+    def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False):
         self.path = path
         self.skip_mismatched = skip_mismatched
+        self.allow_pickle = allow_pickle
         arrays, attrs = self._walk()
         if not arrays:
             raise ConversionError(f"'{path}' holds no arrays")
@@ -85,10 +100,11 @@ class _ArraySource:
             if len(array.shape) >= 1 and array.shape[0] == self.num_samples:
                 self._arrays[name] = array
                 continue
-            nbytes = int(np.prod(array.shape)) * (array.dtype.itemsize if array.dtype != object else 64)
+            variable = _variable(array.dtype)
+            nbytes = int(np.prod(array.shape)) * (64 if variable else array.dtype.itemsize)
             if skip_mismatched:
                 skipped.append(name)
-            elif nbytes <= MISMATCHED_METADATA_LIMIT and array.dtype != object:
+            elif nbytes <= MISMATCHED_METADATA_LIMIT and not variable:
                 value = np.asarray(array[...])
                 self.mismatched[name] = {"dtype": str(value.dtype), "shape": list(value.shape),
                                          "value": value.tolist() if value.dtype.kind not in "SV" else None}
@@ -101,7 +117,7 @@ class _ArraySource:
         self.attrs = attrs
         self.fields = {}
         for name, array in self._arrays.items():
-            ragged = array.dtype == object
+            ragged = _variable(array.dtype)
             self.fields[name] = {"dtype": _describe_dtype(array.dtype),
                                  "shape": [-1] if ragged else list(array.shape[1:])}
         chunk_rows = [self._chunk_rows(a) for a in self._arrays.values()]
@@ -112,10 +128,13 @@ class _ArraySource:
 
     @staticmethod
     def _chunk_rows(array) -> int:
+        shards = getattr(array, "shards", None)  # zarr 3: read whole shards, not their inner chunks
+        if shards:
+            return int(shards[0])
         return int(array.chunks[0]) if array.chunks else 1024
 
     def _row_bytes(self, array) -> int:
-        if array.dtype == object:
+        if _variable(array.dtype):
             return 256
         return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
 
@@ -127,7 +146,7 @@ class _ArraySource:
         out = {}
         for name in fields:
             block = self._arrays[name][start:stop]
-            shape = self.element_shape(name) if self._arrays[name].dtype == object else None
+            shape = self.element_shape(name) if _variable(self._arrays[name].dtype) else None
             out[name] = [_to_sample_value(name, block[i], shape) for i in range(len(block))]
         return out
 
@@ -157,33 +176,62 @@ def _plain(value: Any) -> Any:
 
 
 class ZarrSource(_ArraySource):
+    """Zarr stores of format 2 and 3, through zarr-python 2.x or 3.x (see torch_lmdb._zarr).
+
+    Every metadata file is checked before zarr opens the store: corrupt JSON names the
+    file, and an array with the Pickle codec is refused before any chunk is read unless
+    ``allow_pickle``. A group with the attribute ``"ragged": true`` (``values`` +
+    ``offsets``) is one ragged field.
+    """
+
     format = "zarr"
 
     def _walk(self):
+        import warnings
+
         import zarr
 
+        from torch_lmdb import _zarr
+
+        try:
+            _zarr.scan_store(self.path, allow_pickle=self.allow_pickle)
+        except _zarr.StoreError as e:
+            raise ConversionError(str(e)) from None
+        # zarr 3 warns on every open that vlen-utf8 / vlen-bytes are "not part of the v3 spec" yet.
+        warnings.filterwarnings("ignore", message=r".*not part in the Zarr format 3 specification", category=UserWarning)
         try:
             root = zarr.open(self.path, mode="r")
         except Exception as e:  # zarr raises several types for a missing/invalid store
-            raise ConversionError(f"cannot open Zarr store '{self.path}': {e}") from None
+            raise ConversionError(f"cannot open Zarr store '{self.path}': {type(e).__name__}: {e}") from None
         arrays, attrs = {}, {}
         if isinstance(root, zarr.Array):
             arrays[os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]] = root
             return arrays, attrs
 
         def visit(group, prefix):
-            if group.attrs.asdict():
-                attrs[prefix or "/"] = _plain(dict(group.attrs.asdict()))
-            for name, array in sorted(group.arrays()):
+            group_attrs = dict(group.attrs.asdict())
+            if group_attrs:
+                attrs[prefix or "/"] = _plain(group_attrs)
+            for name, array in sorted(group.arrays(), key=lambda kv: kv[0]):
                 path = f"{prefix}{name}"
                 arrays[path] = array
                 if array.attrs.asdict():
                     attrs[path] = _plain(dict(array.attrs.asdict()))
-            for name, sub in sorted(group.groups()):
-                visit(sub, f"{prefix}{name}/")
+            for name, sub in sorted(group.groups(), key=lambda kv: kv[0]):
+                sub_attrs = dict(sub.attrs.asdict())
+                if sub_attrs.get("ragged") is True:
+                    path = f"{prefix}{name}"
+                    try:
+                        arrays[path] = _zarr.RaggedArray(sub, path)
+                    except _zarr.StoreError as e:
+                        raise ConversionError(f"'{self.path}': {e}") from None
+                    attrs[path] = _plain(sub_attrs)
+                else:
+                    visit(sub, f"{prefix}{name}/")
 
         visit(root, "")
         return arrays, attrs
+
 
 class HDF5Source(_ArraySource):
     format = "hdf5"
@@ -235,10 +283,13 @@ class PickleLMDBSource:
 
     format = "pickle-lmdb"
 
-    def __init__(self, path: str, skip_mismatched: bool):
+    def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False):
         import lmdb
 
         self.path = path
+        if not allow_pickle:
+            raise ConversionError(f"converting '{path}' unpickles its values, which runs code stored in the file; "
+                                  f"pass --allow-pickle (allow_pickle=True) only for a database you trust")
         if not os.path.exists(path):
             raise ConversionError(f"no LMDB database at '{path}'")
         try:
@@ -304,8 +355,11 @@ class PickleLMDBSource:
 SOURCES = {"zarr": ZarrSource, "hdf5": HDF5Source, "pickle-lmdb": PickleLMDBSource}
 
 
-def open_source(kind: str, path: str, skip_mismatched: bool = False):
-    return SOURCES[kind](path, skip_mismatched)
+def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False):
+    """A source of ``kind`` ("zarr", "hdf5", "pickle-lmdb"). Nothing is unpickled unless
+    ``allow_pickle``: a Zarr array with the Pickle codec is refused, and a pickle-in-LMDB
+    database is refused as a whole."""
+    return SOURCES[kind](path, skip_mismatched, allow_pickle)
 
 
 def shard_ranges(n: int, shards: int) -> List[Tuple[int, int]]:
@@ -359,7 +413,8 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
 
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    source = job.get("source_obj") or open_source(job["kind"], job["source"], job["skip_mismatched"])
+    source = job.get("source_obj") or open_source(job["kind"], job["source"], job["skip_mismatched"],
+                                                  job["allow_pickle"])
     start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
     user = dict(source.provenance)
     user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
@@ -446,9 +501,11 @@ def verify_against_source(source, paths: List[str], ranges: List[Tuple[int, int]
 def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequence[str]] = None,
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
-            progress: bool = False, commit_every: Optional[int] = None, log=print) -> List[str]:
-    """Converts one source to ``shards`` torch_lmdb databases; returns their paths."""
-    source = open_source(kind, source_path, skip_mismatched)
+            progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
+            log=print) -> List[str]:
+    """Converts one source to ``shards`` torch_lmdb databases; returns their paths.
+    ``allow_pickle``: see :func:`open_source`."""
+    source = open_source(kind, source_path, skip_mismatched, allow_pickle)
     names = list(source.fields)
     if fields:
         unknown = [f for f in fields if f not in source.fields]
@@ -464,7 +521,8 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     paths = output_paths(output, shards)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, start=a, stop=b, output=p,
+    jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
+                 start=a, stop=b, output=p,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp)
             for p, (a, b) in zip(paths, ranges)]
     bar = _bar(progress, n, f"converting {os.path.basename(source_path.rstrip('/'))}")

@@ -41,7 +41,10 @@ def _field(name: Any, value: Any):
                     return (name, _TENSOR, torch.from_numpy(array))
             return (name, _TENSOR, torch.from_numpy(array))
         except TypeError as e:
-            raise TypeError(f"field {name!r}: numpy dtype {array.dtype} has no torch equivalent ({e})") from None
+            hint = (f"; torch >= 2.3 has torch.{array.dtype.name}" if array.dtype.name in ("uint16", "uint32", "uint64")
+                    else "")
+            raise TypeError(f"field {name!r}: numpy dtype {array.dtype} has no torch equivalent in torch "
+                            f"{torch.__version__} ({e}){hint}") from None
     if isinstance(value, bool):
         return (name, _TENSOR, torch.tensor(value, dtype=torch.bool))
     if isinstance(value, numbers.Integral):

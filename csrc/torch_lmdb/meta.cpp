@@ -155,7 +155,7 @@ std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path
     const std::string named = where + " ('" + s.name + "')";
     try {
       s.kind = kind_from_name(text("kind"));
-      s.dtype = dtype_from_name(text("dtype"));
+      s.dtype = field_dtype_from_name(text("dtype"), s.name, path);  // a dtype this torch lacks: named
     } catch (const c10::Error& e) {
       invalid(named + ": " + e.what_without_backtrace());
     }

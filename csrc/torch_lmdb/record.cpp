@@ -12,6 +12,7 @@
 #include <streambuf>
 
 #include "torch_lmdb/errors.h"
+#include <torch/version.h>  // TORCH_VERSION_MAJOR/MINOR: which ScalarTypes this torch has
 
 namespace torch_lmdb {
 namespace {
@@ -66,12 +67,40 @@ class ViewSource : public std::streambuf {
                        0, path);
 }
 
+#define TORCH_LMDB_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+// Every dtype the format names (codes never change; names are torch's, e.g. torch.uint16),
+// with the first torch release that has it.
+struct FormatDtype {
+  DtypeCode code;
+  const char* name;
+  const char* since;
+};
+
+const FormatDtype kFormatDtypes[] = {
+    {DtypeCode::Bool, "bool", "1.0"},          {DtypeCode::UInt8, "uint8", "1.0"},
+    {DtypeCode::Int8, "int8", "1.0"},          {DtypeCode::Int16, "int16", "1.0"},
+    {DtypeCode::Int32, "int32", "1.0"},        {DtypeCode::Int64, "int64", "1.0"},
+    {DtypeCode::Float16, "float16", "1.0"},    {DtypeCode::BFloat16, "bfloat16", "1.0"},
+    {DtypeCode::Float32, "float32", "1.0"},    {DtypeCode::Float64, "float64", "1.0"},
+    {DtypeCode::Complex64, "complex64", "1.0"}, {DtypeCode::Complex128, "complex128", "1.0"},
+    {DtypeCode::Complex32, "complex32", "1.13"},
+    {DtypeCode::UInt16, "uint16", "2.3"},      {DtypeCode::UInt32, "uint32", "2.3"},
+    {DtypeCode::UInt64, "uint64", "2.3"},
+    {DtypeCode::Float8E5M2, "float8_e5m2", "2.1"},
+    {DtypeCode::Float8E4M3FN, "float8_e4m3fn", "2.1"},
+    {DtypeCode::Float8E5M2FNUZ, "float8_e5m2fnuz", "2.2"},
+    {DtypeCode::Float8E4M3FNUZ, "float8_e4m3fnuz", "2.2"},
+};
+
 struct DtypeInfo {
   at::ScalarType type;
   DtypeCode code;
   const char* name;
 };
 
+// The format's dtypes this build of torch has.
 const DtypeInfo kDtypes[] = {
     {at::kBool, DtypeCode::Bool, "bool"},
     {at::kByte, DtypeCode::UInt8, "uint8"},
@@ -85,16 +114,34 @@ const DtypeInfo kDtypes[] = {
     {at::kDouble, DtypeCode::Float64, "float64"},
     {at::kComplexFloat, DtypeCode::Complex64, "complex64"},
     {at::kComplexDouble, DtypeCode::Complex128, "complex128"},
+    {at::kComplexHalf, DtypeCode::Complex32, "complex32"},
+#if TORCH_LMDB_TORCH_AT_LEAST(2, 1)
+    {at::ScalarType::Float8_e5m2, DtypeCode::Float8E5M2, "float8_e5m2"},
+    {at::ScalarType::Float8_e4m3fn, DtypeCode::Float8E4M3FN, "float8_e4m3fn"},
+#endif
+#if TORCH_LMDB_TORCH_AT_LEAST(2, 2)
+    {at::ScalarType::Float8_e5m2fnuz, DtypeCode::Float8E5M2FNUZ, "float8_e5m2fnuz"},
+    {at::ScalarType::Float8_e4m3fnuz, DtypeCode::Float8E4M3FNUZ, "float8_e4m3fnuz"},
+#endif
+#if TORCH_LMDB_TORCH_AT_LEAST(2, 3)
+    {at::ScalarType::UInt16, DtypeCode::UInt16, "uint16"},
+    {at::ScalarType::UInt32, DtypeCode::UInt32, "uint32"},
+    {at::ScalarType::UInt64, DtypeCode::UInt64, "uint64"},
+#endif
 };
+
+std::string available_dtype_names() {
+  std::string out;
+  for (const auto& d : kDtypes) out += (out.empty() ? "" : ", ") + std::string(d.name);
+  return out;
+}
 
 }  // namespace
 
 DtypeCode dtype_code(at::ScalarType t) {
   for (const auto& d : kDtypes)
     if (d.type == t) return d.code;
-  TORCH_CHECK_TYPE(false, "unsupported dtype ", t,
-                   "; torch_lmdb stores bool, uint8, int8, int16, int32, int64, "
-                   "float16, bfloat16, float32, float64, complex64, complex128");
+  TORCH_CHECK_TYPE(false, "unsupported dtype ", t, "; torch_lmdb stores ", available_dtype_names());
 }
 
 at::ScalarType dtype_from_code(uint8_t code, bool* ok) noexcept {
@@ -118,6 +165,24 @@ at::ScalarType dtype_from_name(const std::string& name) {
   for (const auto& d : kDtypes)
     if (name == d.name) return d.type;
   TORCH_CHECK_VALUE(false, "unknown dtype name '", name, "' in metadata");
+}
+
+at::ScalarType field_dtype_from_name(const std::string& name, const std::string& field,
+                                     const std::string& path) {
+  for (const auto& d : kDtypes)
+    if (name == d.name) return d.type;
+  for (const auto& d : kFormatDtypes) {
+    if (name == d.name) {
+      throw InvalidDatabaseError("'" + path + "': field '" + field + "' has dtype " + name +
+                                     ", which this torch (" + std::to_string(TORCH_VERSION_MAJOR) + "." +
+                                     std::to_string(TORCH_VERSION_MINOR) + ") lacks; read it with torch >= " +
+                                     d.since,
+                                 0, path);
+    }
+  }
+  throw InvalidDatabaseError("'" + path + "': field '" + field + "' has dtype '" + name +
+                                 "', which torch_lmdb's format does not name (a newer torch_lmdb wrote it?)",
+                             0, path);
 }
 
 const char* kind_name(FieldKind k) noexcept {

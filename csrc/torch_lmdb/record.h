@@ -45,6 +45,9 @@ enum class DtypeCode : uint8_t {
   Bool = 1, UInt8 = 2, Int8 = 3, Int16 = 4, Int32 = 5, Int64 = 6,
   Float16 = 7, BFloat16 = 8, Float32 = 9, Float64 = 10,
   Complex64 = 11, Complex128 = 12,
+  Complex32 = 13, UInt16 = 14, UInt32 = 15, UInt64 = 16,          // torch >= 1.13 / 2.3
+  Float8E5M2 = 17, Float8E4M3FN = 18,                             // torch >= 2.1
+  Float8E5M2FNUZ = 19, Float8E4M3FNUZ = 20,                       // torch >= 2.2
 };
 
 /// A field with its kind (what Python needs to give back str/bytes).
@@ -109,6 +112,11 @@ at::ScalarType dtype_from_code(uint8_t code, bool* ok) noexcept;
 /// "float32", "int64", ... (numpy-style names used in the metadata).
 const char* dtype_name(at::ScalarType t);
 at::ScalarType dtype_from_name(const std::string& name);
+/// The dtype of schema field `field` of the database at `path`; throws InvalidDatabaseError
+/// naming the field and the dtype when this torch lacks it (e.g. uint16 before torch 2.3)
+/// or the format does not name it.
+at::ScalarType field_dtype_from_name(const std::string& name, const std::string& field,
+                                     const std::string& path);
 const char* kind_name(FieldKind k) noexcept;
 FieldKind kind_from_name(const std::string& name);
 

@@ -84,6 +84,19 @@ struct BatchStream::State {
 
   State(Reader r, StreamOptions o) : reader(std::move(r)), options(std::move(o)) {}
 
+  // Stops and joins the reader threads (idempotent; not under `mutex`). Called when the
+  // epoch ends, so that no thread outlives it (a fork() in the loop's next step, e.g. a
+  // DataLoader starting its workers, then sees one thread) and by the destructor.
+  void join() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stop = true;
+    }
+    consumed.notify_all();
+    for (std::thread& t : threads) t.join();
+    threads.clear();
+  }
+
   std::vector<size_t> indices(size_t k) const {
     const size_t first = k * options.batch_size;
     const size_t last = std::min(order.size(), first + options.batch_size);
@@ -141,12 +154,7 @@ BatchStream::~BatchStream() {
     new std::vector<std::thread>(std::move(s.threads));  // leaked on purpose
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(s.mutex);
-    s.stop = true;
-  }
-  s.consumed.notify_all();
-  for (std::thread& t : s.threads) t.join();
+  s.join();
 }
 
 std::optional<Batch> BatchStream::next() {
@@ -154,22 +162,30 @@ std::optional<Batch> BatchStream::next() {
   TORCH_CHECK(fork_generation() == s.generation,
               "a BatchStream cannot be used in a process forked after it was created; create one in this process");
   std::unique_lock<std::mutex> lock(s.mutex);
-  if (s.next_to_deliver >= s.num_batches) return std::nullopt;
+  if (s.next_to_deliver >= s.num_batches) {
+    lock.unlock();
+    s.join();
+    return std::nullopt;
+  }
   const size_t k = s.next_to_deliver;
   s.produced.wait(lock, [&] { return s.ready.count(k) > 0 || s.error_at == k; });
   if (s.error_at == k) {
     s.next_to_deliver = s.num_batches;  // finished
-    s.stop = true;
     lock.unlock();
-    s.consumed.notify_all();
+    s.join();
     std::rethrow_exception(s.error);
   }
   auto it = s.ready.find(k);
   Batch b = std::move(it->second);
   s.ready.erase(it);
   ++s.next_to_deliver;
+  const bool last = s.next_to_deliver == s.num_batches;
   lock.unlock();
-  s.consumed.notify_all();
+  if (last) {
+    s.join();  // every batch was claimed and read: the threads are leaving
+  } else {
+    s.consumed.notify_all();
+  }
   return b;
 }
 

@@ -12,8 +12,10 @@
 //   the reads.
 // - Errors of a reader thread (a corrupted record, ...) are raised by the
 //   next() that would have returned that batch; the stream is then finished.
-// - next() is for one consumer thread. The destructor stops the threads and
-//   waits for them; it never throws. A stream must not be used in a forked
+// - next() is for one consumer thread. The threads end with the epoch: the
+//   next() that returns the last batch (or raises, or returns nullopt) joins
+//   them; the destructor stops and joins them when the epoch is left early.
+//   Neither throws for that. A stream must not be used in a forked
 //   child (next() raises c10::Error there; the child never joins the
 //   parent's threads).
 // - Batches are independent tensors: they stay valid after the stream ends.

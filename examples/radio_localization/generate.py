@@ -4,7 +4,9 @@
 
 Writes ``<output_dir>/train-0000k-of-0000K.lmdb`` and ``val-...`` (one torch_lmdb
 shard per worker process), or with ``use_lmdb: false`` ``train.zarr`` and
-``val.zarr`` (the users' old path). Both hold identical samples:
+``val.zarr`` (the users' old path), written with zarr-python 2 (Zarr format 2, ``paths``
+a VLenArray array) or 3 (format 3, ``paths`` a ragged group of ``values`` and
+``offsets``, which ``torch-lmdb convert`` reads as one field). Both hold identical samples:
 
     cir float32 [num_bs, num_taps]   rssi float32 [num_bs]   paths float32 [n, 4] (n varies)
     position float32 [3]             los bool [num_bs]
@@ -55,10 +57,15 @@ def write_lmdb_shard(cfg, split, split_id, path, blocks, counter):
                 counter.value += sizes[b]
 
 
+def _ragged_tmp(path):
+    return path + ".paths-tmp"
+
+
 def write_zarr_blocks(cfg, split, split_id, path, blocks, counter):
     import zarr
 
     root = zarr.open_group(path, mode="r+")
+    vlen = root.attrs["paths_form"] == "vlen"
     sizes = split_block_sizes(cfg, split)
     for b in range(*blocks):
         samples = _sim(cfg, split_id, b, sizes[b])
@@ -66,28 +73,57 @@ def write_zarr_blocks(cfg, split, split_id, path, blocks, counter):
         stop = start + len(samples)
         for name in ("cir", "rssi", "position", "los"):
             root[name][start:stop] = np.stack([s[name] for s in samples])
-        flat = np.empty(len(samples), dtype=object)
-        flat[:] = [s["paths"].ravel() for s in samples]
-        root["paths"][start:stop] = flat
+        if vlen:
+            flat = np.empty(len(samples), dtype=object)
+            flat[:] = [s["paths"].ravel() for s in samples]
+            root["paths"][start:stop] = flat
+        else:  # the offsets form needs every earlier length: the parent assembles it (finish_zarr)
+            np.savez(os.path.join(_ragged_tmp(path), f"{b:07d}.npz"), *[s["paths"] for s in samples])
         with counter.get_lock():
             counter.value += len(samples)
 
 
 def create_zarr(cfg, path, n):
-    import numcodecs
-    import zarr
+    """The store in the installed zarr-python's format (3 with zarr-python 3, else 2);
+    ``paths`` as a VLenArray array where zarr-python 2 writes one, else as a ragged
+    group (values + offsets, assembled by finish_zarr)."""
+    from torch_lmdb import _zarr
 
     nb, nt, chunk = cfg["num_bs"], cfg["num_taps"], cfg["block"]
-    root = zarr.open_group(path, mode="w")
+    fmt = _zarr.writable_formats()[-1]
+    form = _zarr.ragged_forms(fmt)[0]
+    root = _zarr.open_group(path, mode="w", zarr_format=fmt)
     root.attrs["generator"] = "examples/radio_localization/generate.py"
     root.attrs["config"] = {k: v for k, v in cfg.items() if k != "progress"}
-    root.zeros("cir", shape=(n, nb, nt), chunks=(chunk, nb, nt), dtype="f4")
-    root.zeros("rssi", shape=(n, nb), chunks=(chunk, nb), dtype="f4")
-    root.zeros("position", shape=(n, 3), chunks=(chunk, 3), dtype="f4")
-    root.zeros("los", shape=(n, nb), chunks=(chunk, nb), dtype=bool)
-    paths = root.empty("paths", shape=(n,), chunks=(chunk,), dtype=object, object_codec=numcodecs.VLenArray("<f4"))
-    paths.attrs["element_shape"] = [-1, 4]  # rows of [bs index, delay ns, power dBm, angle rad]
-    root.array("bs_positions", bs_positions(nb, cfg["area"]))
+    root.attrs["paths_form"] = form
+    _zarr.create_array(root, "cir", (n, nb, nt), "f4", chunks=(chunk, nb, nt))
+    _zarr.create_array(root, "rssi", (n, nb), "f4", chunks=(chunk, nb))
+    _zarr.create_array(root, "position", (n, 3), "f4", chunks=(chunk, 3))
+    _zarr.create_array(root, "los", (n, nb), bool, chunks=(chunk, nb))
+    if form == "vlen":
+        import numcodecs  # zarr-python 2 only
+
+        paths = root.empty("paths", shape=(n,), chunks=(chunk,), dtype=object, object_codec=numcodecs.VLenArray("<f4"))
+        paths.attrs["element_shape"] = [-1, 4]  # rows of [bs index, delay ns, power dBm, angle rad]
+    else:
+        os.makedirs(_ragged_tmp(path))
+    _zarr.write_array(root, "bs_positions", bs_positions(nb, cfg["area"]))
+
+
+def finish_zarr(cfg, path):
+    from torch_lmdb import _zarr
+
+    root = _zarr.open_group(path, mode="r+", zarr_format=_zarr.writable_formats()[-1])
+    if root.attrs["paths_form"] == "vlen":
+        return
+    tmp = _ragged_tmp(path)
+    samples = []
+    for name in sorted(os.listdir(tmp)):
+        with np.load(os.path.join(tmp, name)) as block:
+            samples += [block[f"arr_{i}"] for i in range(len(block.files))]
+    _zarr.write_ragged(root, "paths", samples, chunks=cfg["block"], form="offsets",
+                       attrs={"columns": ["bs index", "delay ns", "power dBm", "angle rad"]})
+    shutil.rmtree(tmp)
 
 
 def generate(cfg):
@@ -108,6 +144,7 @@ def generate(cfg):
         else:
             path = os.path.join(cfg["output_dir"], f"{split}.zarr")
             shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(_ragged_tmp(path), ignore_errors=True)
             create_zarr(cfg, path, n)
             paths = [path]
             jobs = [(write_zarr_blocks, (cfg, split, split_id, path, r, counter)) for r in ranges]
@@ -131,6 +168,8 @@ def generate(cfg):
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         if failed:
             raise SystemExit(f"generate.py: {len(failed)} worker process(es) failed (exit codes {failed})")
+        if not cfg["use_lmdb"]:
+            finish_zarr(cfg, paths[0])
         outputs[split] = paths
     return outputs
 

@@ -199,7 +199,9 @@ TEST(Record, CachedLayoutParsesLikeTheParserAndStillCatchesCorruption) {
 
 TEST(Record, UnsupportedDtypeNamesTheField) {
   std::string rec;
-  std::vector<Field> fields{{"q", FieldKind::Tensor, at::empty({2}, at::kComplexHalf)}};
+  // Quantized tensors: a dtype torch has that the format does not name.
+  std::vector<Field> fields{
+      {"q", FieldKind::Tensor, at::_empty_affine_quantized({2}, at::device(at::kCPU).dtype(at::kQUInt8), 0.1, 0)}};
   try {
     encode_record(fields, true, rec);
     FAIL();

@@ -9,12 +9,13 @@ import time
 
 import h5py
 import lmdb
-import numcodecs
 import numpy as np
 import pytest
 import zarr
 
 import torch_lmdb
+from torch_lmdb import _zarr
+from torch_lmdb import convert as tl_convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 23
@@ -30,21 +31,29 @@ def ragged(i):
     return np.arange(2 * (i % 4 + 1), dtype=np.float32).reshape(-1, 2) + i
 
 
-def make_zarr(path, n=N):
-    root = zarr.open_group(str(path), mode="w")
+# (Zarr format, ragged form) pairs the installed zarr-python writes: zarr 2 writes format 2
+# with VLenArray or offsets ragged arrays, zarr 3 writes formats 2 and 3 with offsets ones.
+STORES = [(fmt, form) for fmt in _zarr.writable_formats() for form in _zarr.ragged_forms(fmt)]
+DEFAULT_FORMAT = _zarr.writable_formats()[-1]
+
+
+def make_zarr(path, n=N, zarr_format=DEFAULT_FORMAT, ragged_form=None):
+    """The standard test store, written through the installed zarr-python."""
+    root = _zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
     root.attrs["simulator"] = "raysim 2.1"
-    root.array("x", np.arange(n * 12, dtype=np.float32).reshape(n, 3, 4), chunks=(5, 3, 4))
+    _zarr.write_array(root, "x", np.arange(n * 12, dtype=np.float32).reshape(n, 3, 4), chunks=(5, 3, 4))
     meta = root.create_group("meta")
     meta.attrs["units"] = "m"
-    meta.array("label", np.arange(n, dtype=np.int64) * 7, chunks=(4,))
-    meta.create_group("sub").array("flag", np.arange(n) % 3 == 0, chunks=(6,))
-    paths = root.empty("paths", shape=n, dtype=object, object_codec=numcodecs.VLenArray("<f4"), chunks=(8,))
-    for i in range(n):
-        paths[i] = ragged(i).ravel()
-    paths.attrs["element_shape"] = [-1, 2]
-    names = root.empty("names", shape=n, dtype=object, object_codec=numcodecs.VLenUTF8(), chunks=(10,))
-    names[:] = np.array([f"rx-{i}" for i in range(n)], dtype=object)
-    root.array("bs_positions", np.ones((4, 3), dtype=np.float32))  # not per sample: goes to metadata
+    _zarr.write_array(meta, "label", np.arange(n, dtype=np.int64) * 7, chunks=(4,))
+    _zarr.write_array(meta.create_group("sub"), "flag", np.arange(n) % 3 == 0, chunks=(6,))
+    form = ragged_form or _zarr.ragged_forms(zarr_format)[0]
+    attrs = {"element_shape": [-1, 2]} if form == "vlen" else {"unit": "m"}
+    _zarr.write_ragged(root, "paths", [ragged(i) for i in range(n)], chunks=8, form=form, attrs=attrs)
+    _zarr.write_strings(root, "names", [f"rx-{i}" for i in range(n)], chunks=(10,), kind="str")
+    _zarr.write_strings(root, "blobs", [bytes(range(i % 5)) for i in range(n)], chunks=(7,), kind="bytes")
+    _zarr.write_array(root, "code", np.array([f"c{i}" for i in range(n)], dtype="U3"), chunks=(9,))
+    _zarr.write_array(root, "raw", np.array([b"r%d" % i for i in range(n)], dtype="S3"), chunks=(9,))
+    _zarr.write_array(root, "bs_positions", np.ones((4, 3), dtype=np.float32))  # not per sample: metadata
     return str(path)
 
 
@@ -54,10 +63,14 @@ def check_zarr_sample(got, i):
     assert bool(got["meta/sub/flag"]) == (i % 3 == 0)
     np.testing.assert_array_equal(got["paths"].numpy(), ragged(i))
     assert got["names"] == f"rx-{i}"
+    assert got["blobs"] == bytes(range(i % 5))
+    assert got["code"] == f"c{i}"
+    assert got["raw"] == b"r%d" % i
 
 
-def test_zarr_nested_ragged_attrs(tmp_path):
-    src = make_zarr(tmp_path / "sim.zarr")
+@pytest.mark.parametrize("zarr_format,ragged_form", STORES, ids=[f"format{f}-{r}" for f, r in STORES])
+def test_zarr_nested_ragged_attrs(tmp_path, zarr_format, ragged_form):
+    src = make_zarr(tmp_path / "sim.zarr", zarr_format=zarr_format, ragged_form=ragged_form)
     proc = cli("convert", "--zarr-path", src, "--output-dir", str(tmp_path / "out"), "--verify", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     out = str(tmp_path / "out" / "sim.lmdb")
@@ -66,14 +79,17 @@ def test_zarr_nested_ragged_attrs(tmp_path):
     ds = torch_lmdb.LMDBDataset(out)
     assert len(ds) == N
     schema = {f["name"]: f for f in ds.schema}
-    assert set(schema) == {"x", "meta/label", "meta/sub/flag", "paths", "names"}
+    assert set(schema) == {"x", "meta/label", "meta/sub/flag", "paths", "names", "blobs", "code", "raw"}
     assert schema["paths"]["shape"] == [-1, 2] and schema["names"]["kind"] == "str"
     for i in range(N):
         check_zarr_sample(ds[i], i)
     user = ds.metadata["user"]
     assert user["attrs"]["/"] == {"simulator": "raysim 2.1"}
     assert user["attrs"]["meta/"] == {"units": "m"}
-    assert user["attrs"]["paths"] == {"element_shape": [-1, 2]}
+    if ragged_form == "vlen":
+        assert user["attrs"]["paths"] == {"element_shape": [-1, 2]}
+    else:
+        assert user["attrs"]["paths"] == {"unit": "m", "ragged": True}
     assert user["source"]["format"] == "zarr" and user["source"]["path"] == os.path.abspath(src)
     assert user["mismatched_arrays"]["bs_positions"]["value"] == np.ones((4, 3)).tolist()
     assert ds.metadata["complete"] is True
@@ -81,7 +97,7 @@ def test_zarr_nested_ragged_attrs(tmp_path):
 
 def test_mismatched_large_array_is_refused_unless_skipped(tmp_path):
     src = make_zarr(tmp_path / "sim.zarr")
-    zarr.open_group(src, mode="a").array("grid", np.zeros((600, 600), dtype=np.float32))
+    _zarr.write_array(zarr.open_group(src, mode="a"), "grid", np.zeros((600, 600), dtype=np.float32))
     proc = cli("convert", "--zarr-path", src, "--output", str(tmp_path / "a.lmdb"))
     assert proc.returncode == 1
     assert "'grid'" in proc.stderr and "--skip-mismatched" in proc.stderr and "Traceback" not in proc.stderr
@@ -131,7 +147,8 @@ def make_pickle_lmdb(path, n=N):
 
 def test_pickle_lmdb_numeric_key_order_and_len_key(tmp_path):
     src = make_pickle_lmdb(tmp_path / "old.lmdb")
-    proc = cli("convert", "--pickle-lmdb-path", src, "--output-dir", str(tmp_path / "new"), "--verify")
+    proc = cli("convert", "--pickle-lmdb-path", src, "--output-dir", str(tmp_path / "new"), "--verify",
+               "--allow-pickle")
     assert proc.returncode == 0, proc.stderr
     ds = torch_lmdb.LMDBDataset(str(tmp_path / "new" / "old.lmdb"))
     assert len(ds) == N  # __len__ is not a sample
@@ -141,6 +158,107 @@ def test_pickle_lmdb_numeric_key_order_and_len_key(tmp_path):
         assert got["image"].dtype.is_floating_point is False and int(got["image"][0, 0]) == i
     assert ds.metadata["user"]["skipped_keys"] == ["__len__"]
     assert "executes code" in cli("convert", "--help").stdout
+
+
+class _Marker:
+    """Unpickling this creates the file `path`: proof that code from a source ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_lmdb_needs_allow_pickle_and_unpickles_nothing_without_it(tmp_path):
+    marker = tmp_path / "ran"
+    env = lmdb.open(str(tmp_path / "evil.lmdb"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", pickle.dumps(_Marker(str(marker))))
+    env.close()
+    proc = cli("convert", "--pickle-lmdb-path", str(tmp_path / "evil.lmdb"), "--output", str(tmp_path / "o.lmdb"))
+    assert proc.returncode == 1 and "--allow-pickle" in proc.stderr and "evil.lmdb" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "o.lmdb").exists()
+
+
+def write_v2_array_by_hand(store, name, meta, chunks):
+    """A format 2 array written without zarr (for codecs the installed zarr does not write)."""
+    os.makedirs(os.path.join(store, name))
+    with open(os.path.join(store, ".zgroup"), "w") as f:
+        json.dump({"zarr_format": 2}, f)
+    zarray = {"zarr_format": 2, "order": "C", "compressor": None, "fill_value": None, "filters": None}
+    zarray.update(meta)
+    with open(os.path.join(store, name, ".zarray"), "w") as f:
+        json.dump(zarray, f)
+    for key, data in chunks.items():
+        with open(os.path.join(store, name, key), "wb") as f:
+            f.write(data)
+
+
+def test_zarr_pickle_codec_is_refused_before_any_chunk_is_read(tmp_path):
+    store, marker = str(tmp_path / "evil.zarr"), tmp_path / "ran"
+    write_v2_array_by_hand(store, "obj", {"shape": [2], "chunks": [2], "dtype": "|O",
+                                          "filters": [{"id": "pickle", "protocol": 5}]},
+                           {"0": pickle.dumps(_Marker(str(marker)))})
+    out = str(tmp_path / "o.lmdb")
+    proc = cli("convert", "--zarr-path", store, "--output", out)
+    assert proc.returncode == 1, proc.stderr
+    assert "array 'obj' uses the Pickle codec" in proc.stderr and "--allow-pickle" in proc.stderr
+    assert not marker.exists() and not os.path.exists(out)
+    with pytest.raises(tl_convert.ConversionError, match="'obj' uses the Pickle codec"):
+        tl_convert.open_source("zarr", store)
+    assert not marker.exists()
+    # With the flag, the array is read (and its pickle runs): the flag is what stands between.
+    proc = cli("convert", "--zarr-path", store, "--output", out, "--allow-pickle")
+    assert marker.exists(), proc.stderr
+
+
+@pytest.mark.parametrize("zarr_format", _zarr.writable_formats())
+def test_corrupt_zarr_metadata_names_the_file(tmp_path, zarr_format):
+    src = make_zarr(tmp_path / "sim.zarr", zarr_format=zarr_format)
+    bad = os.path.join(src, "meta", "label", ".zarray" if zarr_format == 2 else "zarr.json")
+    with open(bad, "w") as f:
+        f.write('{"zarr_format": 2, "shape": [')
+    proc = cli("convert", "--zarr-path", src, "--output", str(tmp_path / "o.lmdb"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Zarr metadata file '{bad}' is not valid JSON" in proc.stderr
+
+
+def test_what_the_installed_zarr_cannot_read_is_refused_naming_the_reason(tmp_path):
+    store = str(tmp_path / "s.zarr")
+    if _zarr.zarr_major() < 3:  # zarr-python 2 and a format 3 store
+        os.makedirs(store)
+        with open(os.path.join(store, "zarr.json"), "w") as f:
+            json.dump({"zarr_format": 3, "node_type": "group", "attributes": {}}, f)
+        want = f"'{store}' is a Zarr format 3 store (zarr.json); zarr-python {zarr.__version__} reads format 2 only"
+    else:  # zarr-python 3 and a ragged VLenArray array written by zarr-python 2
+        write_v2_array_by_hand(store, "paths", {"shape": [2], "chunks": [2], "dtype": "|O",
+                                                "filters": [{"id": "vlen-array", "dtype": "<f4"}]}, {})
+        want = f"array 'paths' is a ragged VLenArray array, which zarr-python {zarr.__version__} cannot read"
+    proc = cli("convert", "--zarr-path", store, "--output", str(tmp_path / "o.lmdb"))
+    assert proc.returncode == 1 and want in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(3 not in _zarr.writable_formats(),
+                    reason=f"zarr-python {zarr.__version__} writes no sharded arrays (Zarr format 3 needs zarr-python 3)")
+def test_zarr3_sharded_arrays_are_read_whole_shards_at_a_time(tmp_path):
+    src = str(tmp_path / "sharded.zarr")
+    root = _zarr.open_group(src, mode="w", zarr_format=3)
+    n = 50
+    img = (np.arange(n * 6) % 251).astype(np.uint8).reshape(n, 2, 3)
+    _zarr.write_array(root, "img", img, chunks=(5, 2, 3),
+                      shards=(20, 2, 3))
+    _zarr.write_array(root, "y", np.arange(n, dtype=np.float64) / 3, chunks=(2,), shards=(10,))
+    source = tl_convert.open_source("zarr", src)
+    assert source.block % 20 == 0 and source.block % 10 == 0  # blocks cover whole shards
+    proc = cli("convert", "--zarr-path", src, "--output", str(tmp_path / "o.lmdb"), "--verify")
+    assert proc.returncode == 0, proc.stderr
+    ds = torch_lmdb.LMDBDataset(str(tmp_path / "o.lmdb"))
+    for i in range(n):
+        got = ds[i]
+        np.testing.assert_array_equal(got["img"].numpy(), img[i])
+        assert float(got["y"]) == i / 3
 
 
 def test_shards_limit_and_fields(tmp_path):
@@ -189,8 +307,8 @@ def entries(path):
 def test_interrupted_conversion_is_incomplete_then_resumes(tmp_path, sig, shards):
     n = 200_000  # tiny samples: long enough to interrupt, quick to write
     src = str(tmp_path / "big.zarr")
-    root = zarr.open_group(src, mode="w")
-    root.array("v", np.arange(n, dtype=np.int64), chunks=(1000,))
+    root = _zarr.open_group(src, mode="w")
+    _zarr.write_array(root, "v", np.arange(n, dtype=np.int64), chunks=(1000,))
     out = str(tmp_path / "big.lmdb")
     args = ["convert", "--zarr-path", src, "--output", out, "--commit-every", "500", "--no-progress",
             "--shards", str(shards)]

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 import torch_lmdb
+from torch_lmdb import _zarr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RADIO = os.path.join(ROOT, "examples", "radio_localization")
@@ -50,7 +51,9 @@ def test_lmdb_and_zarr_paths_hold_identical_samples(radio):
         ds = torch_lmdb.LMDBDataset(paths[split])
         root = zarr.open_group(os.path.join(out, f"{split}.zarr"), mode="r")
         assert len(ds) == root["position"].shape[0] == (1500 if split == "train" else 300)
-        columns = {name: root[name][:] for name in ("cir", "rssi", "position", "los", "paths")}
+        columns = {name: root[name][:] for name in ("cir", "rssi", "position", "los")}
+        node = root["paths"]  # zarr-python 2: a VLenArray array; 3: a ragged group (values + offsets)
+        columns["paths"] = (_zarr.RaggedArray(node, "paths") if node.attrs.get("ragged") else node)[:]
         lengths = set()
         for i in range(len(ds)):
             got = ds[i]

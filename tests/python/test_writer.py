@@ -97,7 +97,9 @@ def test_common_values_keep_their_types(tmp_path):
 @pytest.mark.parametrize("value, error, match", [
     (2**63, OverflowError, "field 'a': int 9223372036854775808 does not fit in int64"),
     (np.datetime64("2020-01-01"), TypeError, "field 'a': numpy dtype datetime64"),
-    (np.arange(3, dtype=np.uint16), TypeError, "field 'a': numpy dtype uint16 has no torch equivalent"),
+    # torch < 2.3 has no uint16 (torch 2.3+ round-trips it: test_stack.py)
+    *([(np.arange(3, dtype=np.uint16), TypeError, "field 'a': numpy dtype uint16 has no torch equivalent")]
+      if not hasattr(torch, "uint16") else []),
     (np.arange(3, dtype=">f4"), ValueError, "byte order"),
 ])
 def test_values_without_a_torch_dtype_are_refused_naming_the_field(tmp_path, value, error, match):
