@@ -158,6 +158,8 @@ std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path
       s.dtype = field_dtype_from_name(text("dtype"), s.name, path);  // a dtype this torch lacks: named
     } catch (const c10::Error& e) {
       invalid(named + ": " + e.what_without_backtrace());
+    } catch (const InvalidDatabaseError& e) {
+      invalid(named + ": " + e.what());
     }
     const auto shape = f.find("shape");
     if (shape == f.end()) invalid(named + " has no 'shape'");

@@ -118,7 +118,7 @@ TEST(Meta, BadValuesNameThePathTheKeyAndWhatWasFound) {
       {"user", "[1]", "metadata 'user' is an array, expected an object"},
       {"schema", "{}", "metadata 'schema' is an object, expected a list of fields"},
       {"schema", "[{\"name\": \"x\", \"kind\": \"tensor\", \"dtype\": \"float99\", \"shape\": []}]",
-       "metadata 'schema' field 0 ('x'): unknown dtype name 'float99'"},
+       "field 'x' has dtype 'float99', which torch_lmdb's format does not name"},
       {"schema", "[{\"name\": \"x\", \"kind\": \"tensor\", \"dtype\": \"float32\", \"shape\": [-5]}]",
        "metadata 'schema' field 0 ('x') 'shape' holds an integer (-5)"},
       {"schema", "[{\"name\": 1}]", "metadata 'schema' field 0 'name' is an integer (1), expected a string"},
