@@ -274,15 +274,13 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                                0, path);
   }
   const std::string data_path = path + "/data.mdb";
-  if (!options.readonly) {
-    // The registry's key is data.mdb's inode: create the file first (LMDB
-    // initialises an empty data file as a new database).
-    const int fd = ::open(data_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) detail::throw_mdb(errno, "open(data.mdb)", path, "");
-    ::close(fd);
-  }
+  // The registry's key is data.mdb's inode. A writer's new database has no
+  // data.mdb yet: no env of it can be open, and the key is taken after
+  // mdb_env_open creates the file (under the registry's lock, so a
+  // concurrent open of the same path waits and then finds it).
   struct stat data {};
-  if (::stat(data_path.c_str(), &data) != 0) {
+  const bool exists = ::stat(data_path.c_str(), &data) == 0;
+  if (!exists && options.readonly) {
     throw NotFoundError("no LMDB database at '" + path + "' (data.mdb is missing)", ENOENT, path);
   }
   if (options.readonly && data.st_size == 0) {
@@ -292,8 +290,10 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
 
   std::shared_ptr<Env> existing;  // destroyed after the guard below is released
   std::unique_lock<std::mutex> guard(reg.mutex);
-  const auto key = std::make_pair(data.st_dev, data.st_ino);
+  auto key = std::make_pair(data.st_dev, data.st_ino);
+  if (!exists && ::stat(data_path.c_str(), &data) == 0) key = std::make_pair(data.st_dev, data.st_ino);
   for (;;) {
+    if (key.second == 0) break;  // a new database: nothing to find
     auto it = reg.envs.find(key);
     if (it == reg.envs.end()) break;
     existing = it->second.lock();
@@ -370,9 +370,16 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
   if (!options.readahead) flags |= MDB_NORDAHEAD;
   if (nolock) flags |= MDB_NOLOCK;
-  const auto maps_before = mappings_of(key);
+  const auto maps_before = key.second != 0 ? mappings_of(key) : decltype(mappings_of(key)){};
   int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
   if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");
+  if (key.second == 0) {
+    int fd = -1;
+    struct stat created {};
+    detail::check_mdb(mdb_env_get_fd(raw, &fd), "mdb_env_get_fd", path);
+    if (::fstat(fd, &created) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
+    key = std::make_pair(created.st_dev, created.st_ino);
+  }
   const auto maps_after = mappings_of(key);
 
   std::shared_ptr<Env> env(new Env());
