@@ -428,6 +428,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     }
     env->file_size_.store(static_cast<size_t>(now.st_size));
     env->map_bytes_ = info.me_mapsize;
+    env->map_size_.store(info.me_mapsize, std::memory_order_release);
     env->map_addr_ = find_map(maps_before, maps_after, info.me_mapsize);
     if (env->map_addr_ == nullptr) env->map_bytes_ = 0;  // not found: values go unchecked
   }
@@ -488,8 +489,11 @@ Env::~Env() {
 }
 
 void Env::enter() const {
+  // A thread that already holds a transaction of this env does not wait for
+  // a pending resize: the resize waits for that transaction.
+  const bool held = holds_txn();
   std::unique_lock<std::mutex> lock(gate_mutex_);
-  gate_cv_.wait(lock, [this] { return !resizing_; });
+  gate_cv_.wait(lock, [this, held] { return held || !resizing_; });
   ++live_;
   note_held(this, 1);
 }
@@ -523,6 +527,7 @@ void Env::remap(size_t bytes) const {
   MDB_envinfo info{};
   if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {
     Env* self = const_cast<Env*>(this);
+    self->map_size_.store(info.me_mapsize, std::memory_order_release);
     self->map_addr_ = find_map(maps_before, mappings_of(key_), info.me_mapsize);
     self->map_bytes_ = self->map_addr_ != nullptr ? info.me_mapsize : 0;
   }
@@ -536,8 +541,9 @@ ReadTxn Env::read_txn() const {
   for (int attempt = 0;; ++attempt) {
     MDB_txn* txn = nullptr;
     {
+      const bool held = holds_txn();  // (as in enter())
       std::unique_lock<std::mutex> lock(gate_mutex_);
-      gate_cv_.wait(lock, [this] { return !resizing_; });
+      gate_cv_.wait(lock, [this, held] { return held || !resizing_; });
       ++live_;
       if (!pool_.empty()) {
         txn = pool_.back();
@@ -578,9 +584,9 @@ void Env::release(MDB_txn* txn) const noexcept {
 }
 
 size_t Env::map_size() const {
-  MDB_envinfo info{};
-  detail::check_mdb(mdb_env_info(env_.get(), &info), "mdb_env_info", path_);
-  return info.me_mapsize;
+  // Kept by open() and remap(): mdb_env_info reads the meta page through the
+  // map, which a concurrent remap may be replacing.
+  return map_size_.load(std::memory_order_acquire);
 }
 
 void Env::set_map_size(size_t bytes) { remap(bytes); }

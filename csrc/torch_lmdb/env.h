@@ -209,7 +209,8 @@ class Env {
   mutable bool resizing_ = false;
   // The map's address and the file's size (bytes) as last seen.
   const char* map_addr_ = nullptr;
-  size_t map_bytes_ = 0;
+  size_t map_bytes_ = 0;  // 0: the map was not found, values go unchecked
+  mutable std::atomic<size_t> map_size_{0};
   mutable std::atomic<size_t> file_size_{0};
   int fd_ = -1;
   std::pair<dev_t, ino_t> key_{};
