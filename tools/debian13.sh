@@ -17,9 +17,10 @@ TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(test)
 if [ "$(id -u)" != 0 ]; then echo "tools/debian13.sh: needs root (mmdebstrap, chroot, mounts)" >&2; exit 1; fi
 command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }
 
-# The packages of the root: what `make deps` installs, plus make and git.
+# The packages of the root: what `make deps` installs, plus make, git and mount(8)
+# (the full-disk and read-only tests mount a tmpfs and a read-only bind mount).
 PACKAGES=$(make -s --no-print-directory print-deb-packages) 
-PACKAGES="$PACKAGES make git ca-certificates"
+PACKAGES="$PACKAGES make git ca-certificates mount"
 KEY=$(echo "trixie $PACKAGES" | tr ' ' '\n' | sort -u | sha256sum | cut -c1-12)
 ROOTS=${TORCH_LMDB_ROOTS:-/var/cache/torch_lmdb}
 ROOT=$ROOTS/debian13-$KEY
