@@ -1,3 +1,4 @@
+#include <cerrno>
 // libFuzzer target: a database directory whose data.mdb is the input. The
 // open and the read of every sample run in a forked child, because LMDB 0.9
 // has no page checksums and may fault on a damaged file (DESIGN.md, Damage):
@@ -177,6 +178,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // action (libFuzzer's own handler, inherited, ignores it) and armed.
     signal(SIGALRM, SIG_DFL);
     alarm(kChildSeconds);
+    signal(SIGPIPE, SIG_IGN);  // a parent that stopped reading is not a finding
     close(pipefd[0]);
     read_everything(dir);
     // Coverage of this child, back to the parent (a pipe write of up to a
@@ -194,6 +196,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   size_t got = 0;
   for (;;) {
     const ssize_t r = read(pipefd[0], child.data() + got, counters - got);
+    if (r < 0 && errno == EINTR) continue;  // libFuzzer's timer signals interrupt the read
     if (r <= 0) break;
     got += size_t(r);
     if (got == counters) break;
