@@ -133,7 +133,21 @@ class LMDBDataset(torch.utils.data.Dataset):
         verify: check each record's checksum while reading.
         lock: ``None`` locks but falls back to lock-free reads (with a warning)
             on read-only storage; ``False`` never locks; ``True`` always locks.
-        readahead: let the OS read ahead (helps sequential scans of cold data).
+        readahead: let the OS read ahead on page faults (helps sequential
+            scans of cold data; off: random access).
+        lookahead: cold batches (every batched path: ``get_batch``,
+            ``ds[list]``, ``iter_batches``, ``make_loader``). A batch that
+            looks ahead looks all its samples up first and requests every
+            uncached page at once (a deep queue for the device), then copies.
+            ``"auto"``: a thread's batches look ahead once one of its batches
+            had to wait for the disk, until 4 in a row find everything
+            cached; ``"always"``; ``"never"``.
+        lookahead_bytes: at most this many bytes of a batch are requested
+            ahead (the bound of the reads in flight per reading thread).
+        keep_cache: ``False`` drops each batch's pages from the page cache
+            once copied, so an epoch over data larger than RAM does not
+            evict the rest of the machine's cache (for every process: use it
+            for data nobody reads hot).
         max_readers: LMDB reader-table size (1 to 2**20).
         pad: for batches, pad variable-shape fields (True, or a list of names,
             or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
@@ -150,6 +164,9 @@ class LMDBDataset(torch.utils.data.Dataset):
         lock: Optional[bool] = None,
         readahead: bool = False,
         max_readers: int = 1024,
+        lookahead: str = "auto",
+        lookahead_bytes: int = 64 << 20,
+        keep_cache: bool = True,
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
     ):
@@ -165,7 +182,12 @@ class LMDBDataset(torch.utils.data.Dataset):
         if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
             raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
         self._fields = [fields] if isinstance(fields, str) else list(fields) if fields is not None else []
-        self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers)
+        if isinstance(lookahead_bytes, bool) or not isinstance(lookahead_bytes, int) or lookahead_bytes < 0:
+            raise ValueError(f"lookahead_bytes must be an int >= 0, got {lookahead_bytes!r}")
+        if lookahead not in ("auto", "always", "never"):
+            raise ValueError(f"lookahead must be 'auto', 'always' or 'never', got {lookahead!r}")
+        self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers,
+                             lookahead=lookahead, lookahead_bytes=lookahead_bytes, keep_cache=bool(keep_cache))
         self._pad = pad
         self._pad_value = pad_value
         self._handle = None
@@ -356,6 +378,12 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def metadata_of(self, file: int) -> Dict[str, Any]:
         return self._metadata[file]
+
+    def io_stats(self) -> Dict[str, int]:
+        """This process's read counters: ``batches``, ``lookahead_batches``
+        (batches that requested their pages ahead) and ``pages_requested``
+        (pages they found uncached)."""
+        return dict(self._reader().io_stats())
 
     def reader_count(self, file: int = 0) -> int:
         """LMDB reader-table slots in use (-1 when reading without a lock)."""

@@ -86,13 +86,47 @@ py::dict batch_to_py(const Batch& batch, const std::string& where) {
   return out;
 }
 
+// The core's messages name C++ options; Python users get the Python names.
+static std::string python_wording(std::string text) {
+  static const std::pair<const char*, const char*> kNames[] = {
+      {"set BatchOptions::pad (or name it in BatchOptions::pad_fields)", "pass pad=True (or pad=[names])"},
+  };
+  for (const auto& [cpp, py] : kNames) {
+    for (size_t at = text.find(cpp); at != std::string::npos; at = text.find(cpp, at + std::strlen(py)))
+      text.replace(at, std::strlen(cpp), py);
+  }
+  return text;
+}
+
+// Runs a read of the core, its ValueErrors reworded for Python.
+template <typename F>
+auto python_errors(F&& read) {
+  try {
+    return read();
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(python_wording(e.what_without_backtrace()));
+  }
+}
+
 struct PyReader {
   std::shared_ptr<WarningSink> sink = std::make_shared<WarningSink>();
   std::unique_ptr<Reader> reader;
 
   PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool readahead,
-           unsigned max_readers, std::vector<std::string> fields) {
+           unsigned max_readers, std::vector<std::string> fields, size_t lookahead_bytes, bool keep_cache,
+           const std::string& lookahead) {
     ReaderOptions o;
+    if (lookahead == "auto") {
+      o.lookahead = LookaheadMode::Auto;
+    } else if (lookahead == "always") {
+      o.lookahead = LookaheadMode::Always;
+    } else if (lookahead == "never") {
+      o.lookahead = LookaheadMode::Never;
+    } else {
+      throw py::value_error("lookahead must be 'auto', 'always' or 'never', got '" + lookahead + "'");
+    }
+    o.lookahead_bytes = lookahead_bytes;
+    o.keep_cache = keep_cache;
     o.verify = verify;
     o.lock = lock.has_value() ? (*lock ? 1 : 0) : -1;
     o.readahead = readahead;
@@ -147,7 +181,7 @@ struct PyReader {
     Batch batch;
     {
       py::gil_scoped_release nogil;
-      batch = reader->read_batch(idx, o);
+      batch = python_errors([&] { return reader->read_batch(idx, o); });
     }
     return batch_to_py(batch, "a batch of '" + reader->paths()[0] + "'");
   }
@@ -484,10 +518,20 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyReader>(m, "Reader")
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
-                    std::vector<std::string>>(),
+                    std::vector<std::string>, size_t, bool, std::string>(),
            py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
            py::arg("readahead") = false, py::arg("max_readers") = 1024,
-           py::arg("fields") = std::vector<std::string>())
+           py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{64} << 20,
+           py::arg("keep_cache") = true, py::arg("lookahead") = "auto")
+      .def("io_stats",
+           [](const PyReader& r) {
+             const Reader::IoStats st = r.reader->io_stats();
+             py::dict d;
+             d["batches"] = st.batches;
+             d["lookahead_batches"] = st.lookahead_batches;
+             d["pages_requested"] = st.pages_requested;
+             return d;
+           })
       .def("__len__", [](const PyReader& r) { return r.reader->size(); })
       .def("get", &PyReader::get, py::arg("index"))
       .def("get_batch", &PyReader::get_batch, py::arg("indices"), py::arg("pad") = false,
@@ -559,7 +603,7 @@ PYBIND11_MODULE(_C, m) {
         std::optional<Batch> b;
         {
           py::gil_scoped_release nogil;
-          b = s.next();
+          b = python_errors([&] { return s.next(); });
         }
         if (!b) return py::none();
         return batch_to_py(*b, "a batch of the stream");

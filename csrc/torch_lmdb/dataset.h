@@ -13,6 +13,7 @@
 
 #include <torch/data/datasets/base.h>
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -23,8 +24,12 @@ namespace torch_lmdb {
 /// A map-style dataset of Samples.
 class Dataset : public torch::data::datasets::Dataset<Dataset, Sample> {
  public:
+  /// `Dataset({"a.lmdb", "b.lmdb"})`, `Dataset({path})`, `Dataset("a.lmdb")`
+  /// and `Dataset(paths_vector)` all compile and open those files.
   explicit Dataset(std::vector<std::string> paths, ReaderOptions options = {})
       : reader_(std::move(paths), std::move(options)) {}
+  explicit Dataset(std::initializer_list<std::string> paths, ReaderOptions options = {})
+      : reader_(std::vector<std::string>(paths), std::move(options)) {}
   explicit Dataset(const std::string& path, ReaderOptions options = {})
       : reader_(path, std::move(options)) {}
   explicit Dataset(Reader reader) : reader_(std::move(reader)) {}
@@ -47,9 +52,14 @@ class Dataset : public torch::data::datasets::Dataset<Dataset, Sample> {
 /// fields get "<name>_lengths".
 class StackedDataset : public torch::data::datasets::BatchDataset<StackedDataset, Sample> {
  public:
+  /// Paths as for Dataset (braced lists, one path, a vector).
   explicit StackedDataset(std::vector<std::string> paths, ReaderOptions options = {},
                           BatchOptions batch_options = {})
       : reader_(std::move(paths), std::move(options)), batch_options_(std::move(batch_options)) {}
+  explicit StackedDataset(std::initializer_list<std::string> paths, ReaderOptions options = {},
+                          BatchOptions batch_options = {})
+      : reader_(std::vector<std::string>(paths), std::move(options)),
+        batch_options_(std::move(batch_options)) {}
   explicit StackedDataset(const std::string& path, ReaderOptions options = {},
                           BatchOptions batch_options = {})
       : reader_(path, std::move(options)), batch_options_(std::move(batch_options)) {}

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <sys/mman.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -611,6 +612,16 @@ void Env::check_value(const MDB_val& v, const std::string& what) const {
                            std::to_string(file_size_.load()) + " bytes); run `torch-lmdb verify` and rebuild "
                            "it from the source data",
                        MDB_CORRUPTED, path_);
+}
+
+void Env::evict(const void* p, size_t n) const noexcept {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) & ~(page - 1);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(map_addr_);
+  if (map_bytes_ == 0 || end <= begin || begin < base || end - base > map_bytes_) return;
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  ::posix_fadvise(fd_, static_cast<off_t>(begin - base), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
 }
 
 int Env::reader_count() const {

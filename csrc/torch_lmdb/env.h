@@ -172,6 +172,11 @@ class Env {
   /// Throws CorruptedError (naming the path and `what`) unless `v` lies
   /// inside the data file as it is on disk now.
   void check_value(const MDB_val& v, const std::string& what) const;
+  /// Drops the pages of the map wholly inside [p, p + n) from this process's
+  /// map and from the page cache (madvise + posix_fadvise DONTNEED). Only
+  /// for memory of the map, with a read transaction of this env held by the
+  /// caller (the map cannot move meanwhile). Best effort: errors are ignored.
+  void evict(const void* p, size_t n) const noexcept;
   /// Number of reader-table slots in use (mdb_reader_list), -1 without lock.
   int reader_count() const;
   /// Flushes to disk (mdb_env_sync force).

@@ -1,6 +1,9 @@
 #include "torch_lmdb/reader.h"
 
 #include <c10/util/Exception.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -98,6 +101,8 @@ struct Reader::State {
   std::mutex reopen_mutex;
   std::vector<std::shared_ptr<Env>> envs;
   std::shared_ptr<BufferPool> buffers;
+  // Reader::io_stats().
+  mutable std::atomic<uint64_t> io_batches{0}, io_lookahead{0}, io_pages{0};
 
   EnvOptions env_options() const {
     EnvOptions o;
@@ -185,6 +190,118 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
 }
 
+// ---- cold reads (ReaderOptions::lookahead_bytes, keep_cache) ----------------
+
+uintptr_t page_bytes() {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+long major_faults() {
+  struct rusage u {};
+  return ::getrusage(RUSAGE_THREAD, &u) == 0 ? u.ru_majflt : -1;
+}
+
+// Whether this thread's reads miss the page cache, from batch to batch.
+struct ColdState {
+  bool cold = false;
+  int warm_batches = 0;  // batches in a row whose pages were all cached
+  long majflt = -1;      // the thread's major faults after its last batch
+};
+thread_local ColdState cold_state;
+
+// One batch's decision and bookkeeping. Without lookups ahead, a major fault
+// since the thread's last batch makes the next batches look ahead; with
+// them, 4 batches in a row whose pages were all cached end it (the faults
+// themselves do not tell: pages requested ahead fault as minor).
+class ColdBatch {
+ public:
+  explicit ColdBatch(const ReaderOptions& o)
+      : enabled_(o.lookahead == LookaheadMode::Auto && o.lookahead_bytes > 0) {
+    if (o.lookahead == LookaheadMode::Always) ahead_ = o.lookahead_bytes;
+    if (!enabled_) return;
+    if (cold_state.majflt < 0) cold_state.majflt = major_faults();
+    if (cold_state.cold) ahead_ = o.lookahead_bytes;
+  }
+  /// Bytes of the batch to request ahead (0: plain reads).
+  size_t ahead() const { return ahead_; }
+  /// After the copies; `missing`: pages that were requested (not cached).
+  void done(size_t missing, const Reader::State& s) {
+    s.io_batches.fetch_add(1, std::memory_order_relaxed);
+    if (ahead_ > 0) {
+      s.io_lookahead.fetch_add(1, std::memory_order_relaxed);
+      s.io_pages.fetch_add(missing, std::memory_order_relaxed);
+    }
+    if (!enabled_) return;
+    const long now = major_faults();
+    if (ahead_ == 0) {
+      if (now > cold_state.majflt) {
+        cold_state.cold = true;
+        cold_state.warm_batches = 0;
+      }
+    } else if (missing == 0) {
+      if (++cold_state.warm_batches >= 4) cold_state.cold = false;
+    } else {
+      cold_state.warm_batches = 0;
+    }
+    cold_state.majflt = now;
+  }
+
+ private:
+  bool enabled_;
+  size_t ahead_ = 0;
+};
+
+// The page range of the map holding a value; for a value on overflow pages
+// (it starts right after the 16-byte page header) the whole run of pages.
+std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v) {
+  const uintptr_t page = page_bytes();
+  const uintptr_t p = reinterpret_cast<uintptr_t>(v.mv_data);
+  return {p & ~(page - 1), (p + v.mv_size + page - 1) & ~(page - 1)};
+}
+
+// Requests the pages of `values` (at most `budget` bytes of them, in batch
+// order) that are not in the page cache: the ranges are merged in address
+// order, mincore() tells which hold a missing page, and one madvise
+// (MADV_WILLNEED: asynchronous reads) goes out per such range. Returns the
+// number of missing pages.
+size_t request_pages(const std::vector<MDB_val>& values, size_t budget) {
+  thread_local std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  thread_local std::vector<unsigned char> resident;
+  ranges.clear();
+  size_t bytes = 0;
+  for (const MDB_val& v : values) {
+    if (bytes >= budget) break;
+    const auto r = value_pages(v);
+    if (r.second <= r.first) continue;
+    ranges.push_back(r);
+    bytes += r.second - r.first;
+  }
+  std::sort(ranges.begin(), ranges.end());
+  size_t merged = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    if (merged > 0 && ranges[i].first <= ranges[merged - 1].second) {
+      ranges[merged - 1].second = std::max(ranges[merged - 1].second, ranges[i].second);
+    } else {
+      ranges[merged++] = ranges[i];
+    }
+  }
+  const uintptr_t page = page_bytes();
+  size_t missing = 0;
+  for (size_t i = 0; i < merged; ++i) {
+    const auto [begin, end] = ranges[i];
+    resident.resize((end - begin) / page);
+    size_t absent = resident.size();
+    if (::mincore(reinterpret_cast<void*>(begin), end - begin, resident.data()) == 0)
+      absent = static_cast<size_t>(std::count_if(resident.begin(), resident.end(),
+                                                  [](unsigned char r) { return (r & 1) == 0; }));
+    if (absent == 0) continue;
+    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+    missing += absent;
+  }
+  return missing;
+}
+
 // The samples of a batch, looked up one ahead of their parse: the first
 // bytes of each value are prefetched as soon as it is found, so that their
 // cache misses overlap with the B-tree search of the next sample instead of
@@ -199,17 +316,58 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
 // gets lookup()'s error.
 class Lookahead {
  public:
+  // `ahead` > 0 (a cold thread, see ColdBatch): every sample is looked up
+  // first and the pages of up to `ahead` bytes of them are requested at once.
   Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
-            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns)
-      : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()) {
-    if (!indices.empty()) next_ = find(0);
+            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0)
+      : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()),
+        keep_(s.options.keep_cache) {
+    if (indices.empty()) return;
+    if (ahead == 0) {
+      next_ = find(0);
+      return;
+    }
+    found_.reserve(indices.size());
+    thread_local std::vector<MDB_val> values;
+    values.clear();
+    for (size_t i = 0; i < indices.size(); ++i) {
+      found_.push_back(find(i));
+      values.push_back(found_.back().value);
+    }
+    missing_ = request_pages(values, ahead);
   }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
   void parse_next(size_t i, std::vector<FieldView>& views) {
+    if (!found_.empty()) {
+      const Found& cur = found_[i];
+      if (!keep_) parsed_.push_back(cur);
+      parse(*cur.env, cur.value, cur.local, s_, views);
+      return;
+    }
     const Found cur = next_;
     if (i + 1 < indices_.size()) next_ = find(i + 1);
+    if (!keep_) parsed_.push_back(cur);
     parse(*cur.env, cur.value, cur.local, s_, views);
+  }
+
+  // Pages requested ahead that were not cached.
+  size_t missing() const { return missing_; }
+
+  // keep_cache = false: drops the pages of the parsed samples (call once
+  // their copies are done, while the transactions live).
+  void evict() {
+    for (const Found& f : parsed_) {
+      const auto [begin, end] = value_pages(f.value);
+      const uintptr_t p = reinterpret_cast<uintptr_t>(f.value.mv_data);
+      // A value on overflow pages owns its whole run; another shares its page.
+      if (p - begin == 16) {
+        f.env->evict(reinterpret_cast<const void*>(begin), end - begin);
+      } else {
+        f.env->evict(f.value.mv_data, f.value.mv_size);
+      }
+    }
+    parsed_.clear();
   }
 
  private:
@@ -284,6 +442,10 @@ class Lookahead {
   std::vector<ReadTxn>& txns_;
   std::vector<Cursor> cursors_;
   Found next_;
+  bool keep_;
+  std::vector<Found> found_;   // every sample, when looking ahead
+  std::vector<Found> parsed_;  // keep_cache = false: what to evict
+  size_t missing_ = 0;
 };
 
 // Copies a row-major block of shape `src_shape` into a larger row-major
@@ -425,7 +587,8 @@ namespace {
 // Returns false, having returned nothing, at the first shape that differs:
 // the caller then takes the general path (padding, errors).
 bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
-                      at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, Batch& batch) {
+                      at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, Batch& batch,
+                      ColdBatch& cold) {
   const size_t B = indices.size();
   thread_local std::vector<FieldView> first, cur;
   struct Out {
@@ -438,7 +601,7 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   outs.clear();
   std::vector<at::Tensor> tensors;
   batch.blobs.reserve(s.stored.size());
-  Lookahead samples(s, envs, indices, txns);
+  Lookahead samples(s, envs, indices, txns, cold.ahead());
   for (size_t i = 0; i < B; ++i) {
     std::vector<FieldView>& v = i == 0 ? first : cur;
     samples.parse_next(i, v);
@@ -471,7 +634,7 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
         const FieldView& f0 = first[o.field];
         if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) {
           batch = Batch();
-          return false;
+          return false;  // (the general path reads the batch again: nothing is evicted yet)
         }
       }
       if (o.slot) std::memcpy(o.dst + i * o.slot, fv.data, o.slot);
@@ -483,6 +646,8 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
     batch.order.push_back(name);
     if (o.blobs == nullptr) batch.tensors.insert(name, std::move(tensors[t++]));
   }
+  samples.evict();
+  cold.done(samples.missing(), s);
   return true;
 }
 
@@ -493,16 +658,17 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   const auto& envs = s.current_envs();
   const size_t B = indices.size();
   TORCH_CHECK_VALUE(B > 0, "read_batch needs at least one index");
+  ColdBatch cold(s.options);
   if (!options.allocate) {  // (a caller's allocator is only asked for the outputs it gets)
     std::vector<ReadTxn> txns(envs.size());
     Batch batch;
-    if (read_batch_fixed(s, envs, indices, txns, batch)) return batch;
+    if (read_batch_fixed(s, envs, indices, txns, batch, cold)) return batch;
   }
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());
   thread_local std::vector<std::vector<FieldView>> views;
   if (views.size() < B) views.resize(B);
-  Lookahead samples(s, envs, indices, txns);
+  Lookahead samples(s, envs, indices, txns, cold.ahead());
   for (size_t i = 0; i < B; ++i) samples.parse_next(i, views[i]);
 
   Batch batch;
@@ -538,7 +704,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
                                               field.name) != options.pad_fields.end();
     TORCH_CHECK_VALUE(!varies || pad, "field '", field.name, "' has shape ", views[odd][f].shape(),
                       " at index ", indices[odd], " but ", first.shape(), " at index ", indices[0],
-                      "; pass pad=True (or pad_fields) to pad it, or batch_size=1");
+                      "; set BatchOptions::pad (or name it in BatchOptions::pad_fields) to pad it");
     std::vector<int64_t> out_shape{static_cast<int64_t>(B)};
     out_shape.insert(out_shape.end(), shape.begin(), shape.end());
     at::Tensor out = options.allocate ? options.allocate(out_shape, field.dtype)
@@ -569,6 +735,8 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
     }
     batch.tensors.insert(field.name, std::move(out));
   }
+  samples.evict();
+  cold.done(samples.missing(), s);
   return batch;
 }
 
@@ -602,6 +770,11 @@ size_t Reader::map_size(size_t file) const {
 }
 
 bool Reader::complete() const { return state_->complete; }
+
+Reader::IoStats Reader::io_stats() const {
+  const State& s = *state_;
+  return IoStats{s.io_batches.load(), s.io_lookahead.load(), s.io_pages.load()};
+}
 
 Reader Reader::refreshed() const { return Reader(state_->paths, state_->options); }
 

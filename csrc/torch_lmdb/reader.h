@@ -22,6 +22,7 @@
 #pragma once
 
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,14 @@
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {
+
+/// When read_batch looks a batch's samples up before copying them and
+/// requests their uncached pages at once (see ReaderOptions::lookahead_bytes).
+enum class LookaheadMode {
+  Auto,    ///< once a batch of the thread had to wait for the disk
+  Always,  ///< every batch (data known to be cold)
+  Never,
+};
 
 struct ReaderOptions {
   /// Check each record's xxh3 checksum on read.
@@ -47,6 +56,23 @@ struct ReaderOptions {
   /// read_batch: a recycled buffer is already paged in, a fresh one costs a
   /// page fault per 4 KiB. 0 disables the cache.
   size_t batch_cache_bytes = size_t{256} << 20;
+  /// Cold reads (read_batch, and so every batched path). With lookahead,
+  /// a batch first looks every sample up, then asks the kernel for all
+  /// their pages that are not in the page cache at once (mincore, then
+  /// madvise MADV_WILLNEED: asynchronous reads, a deep queue for the
+  /// device), then copies while the reads complete. Auto: a thread's
+  /// batches look ahead once one of its batches had a major page fault,
+  /// and stop after 4 batches in a row found every page cached (warm reads
+  /// pay one getrusage() a batch).
+  LookaheadMode lookahead = LookaheadMode::Auto;
+  /// Bytes of a batch whose pages are requested ahead, in batch order
+  /// (the bound of the reads in flight per reading thread; 0: no lookahead).
+  size_t lookahead_bytes = size_t{64} << 20;
+  /// false: once a batch is copied, its samples' pages are dropped from the
+  /// page cache (and from this process's map), so an epoch over data much
+  /// larger than RAM does not evict the rest of the machine's cache. It
+  /// drops them for every process: use it for data nobody else reads hot.
+  bool keep_cache = true;
 };
 
 /// How read_batch collates variable-shape fields.
@@ -82,7 +108,12 @@ class Reader {
   /// Opens every path (directories written by Writer). Throws NotFoundError,
   /// InvalidDatabaseError (not torch_lmdb, other format version, schemas of
   /// the files differ), LockError.
+  /// `Reader({"a.lmdb", "b.lmdb"})`, `Reader({path})`, `Reader("a.lmdb")` and
+  /// `Reader(paths_vector)` all compile and mean what they say (the
+  /// initializer_list overload wins every braced list).
   Reader(std::vector<std::string> paths, ReaderOptions options = {});
+  Reader(std::initializer_list<std::string> paths, ReaderOptions options = {})
+      : Reader(std::vector<std::string>(paths), std::move(options)) {}
   explicit Reader(const std::string& path, ReaderOptions options = {})
       : Reader(std::vector<std::string>{path}, std::move(options)) {}
 
@@ -116,6 +147,15 @@ class Reader {
   /// environments are shared). This Reader and its copies are unchanged, so
   /// a thread still reading through them is safe.
   Reader refreshed() const;
+
+  /// Counters of this Reader and its copies (all threads), for tests and
+  /// benchmarks: batches read, batches that looked ahead, pages requested.
+  struct IoStats {
+    uint64_t batches = 0;
+    uint64_t lookahead_batches = 0;
+    uint64_t pages_requested = 0;
+  };
+  IoStats io_stats() const;
 
   struct State;  // shared by copies; defined in reader.cpp
 

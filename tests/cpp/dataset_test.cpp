@@ -44,6 +44,29 @@ TEST(Dataset, SeveralFilesFormOneDataset) {
   EXPECT_THROW(ds.get(12), c10::IndexError);
 }
 
+// Braced lists, one path and a vector all select the paths they name (a
+// braced list of one path was ambiguous between the vector, string and Reader
+// constructors).
+TEST(Dataset, ConstructorsTakeBracedListsOnePathOrAVector) {
+  TempDir tmp;
+  const std::vector<std::string> files = write_files(tmp, {3, 4});
+  const std::string& first = files[0];
+  EXPECT_EQ(Dataset({files[0], files[1]}).size().value(), 7u);
+  EXPECT_EQ(Dataset({first}).size().value(), 3u);
+  EXPECT_EQ(Dataset(first).size().value(), 3u);
+  EXPECT_EQ(Dataset(first.c_str()).size().value(), 3u);
+  EXPECT_EQ(Dataset({first.c_str()}).size().value(), 3u);
+  EXPECT_EQ(Dataset(files).size().value(), 7u);
+  EXPECT_EQ(Dataset({files[1]}, ReaderOptions{}).size().value(), 4u);
+  EXPECT_EQ(Dataset(Reader({files[0], files[1]})).size().value(), 7u);
+  EXPECT_EQ(StackedDataset({first}).size().value(), 3u);
+  EXPECT_EQ(StackedDataset({files[0], files[1]}).size().value(), 7u);
+  EXPECT_EQ(StackedDataset(first).size().value(), 3u);
+  EXPECT_EQ(Reader({first}).size(), 3u);
+  EXPECT_EQ(Reader({first, files[1]}).paths(), files);
+  EXPECT_EQ(Reader(first).size(), 3u);
+}
+
 class DataLoaderWorkers : public ::testing::TestWithParam<int> {};
 
 TEST_P(DataLoaderWorkers, RandomSamplerSeesEveryIndexOnce) {
@@ -201,7 +224,11 @@ TEST(Batch, VariableLengthFieldsNeedPaddingAndGetLengths) {
     r.read_batch(idx);
     FAIL() << "expected a shape error";
   } catch (const c10::ValueError& e) {
-    EXPECT_NE(std::string(e.what()).find("field 'paths'"), std::string::npos) << e.what();
+    const std::string what = e.what_without_backtrace();
+    EXPECT_NE(what.find("field 'paths'"), std::string::npos) << what;
+    // C++ users are told the C++ option, not Python's pad=True.
+    EXPECT_NE(what.find("BatchOptions::pad"), std::string::npos) << what;
+    EXPECT_EQ(what.find("pad=True"), std::string::npos) << what;
   }
   BatchOptions opt;
   opt.pad = true;

@@ -258,3 +258,17 @@ def test_values_replaced_by_another_thread_during_a_write_stay_alive(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _MUTATE_DURING_WRITE, root, str(tmp_path / "db")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_ragged_batch_error_names_the_python_option(tmp_path):
+    """The core's message names C++'s BatchOptions::pad; Python users read pad=True."""
+    path = str(tmp_path / "ragged")
+    with torch_lmdb.LMDBWriter(path) as w:
+        for n in (2, 3, 2):
+            w.write({"paths": torch.zeros(n, 4)})
+    ds = torch_lmdb.LMDBDataset(path)
+    for read in (lambda: ds.get_batch([0, 1]), lambda: next(iter(ds.iter_batches(3)))):
+        with pytest.raises(ValueError, match=r"field 'paths' has shape \[3, 4\].*pass pad=True") as info:
+            read()
+        assert "BatchOptions" not in str(info.value)
+    assert ds.get_batch([0, 1], pad=True)["paths"].shape == (2, 3, 4)

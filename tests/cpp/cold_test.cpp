@@ -1,0 +1,219 @@
+// Cold reads: a batch's pages requested ahead (ReaderOptions::lookahead,
+// lookahead_bytes) and pages dropped after the copy (keep_cache = false).
+#include <fcntl.h>
+#include <lmdb.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "test_util.h"
+#include "torch_lmdb/record.h"
+
+using namespace torch_lmdb;
+using torch_lmdb_test::make_sample;
+using torch_lmdb_test::TempDir;
+
+namespace {
+
+constexpr int64_t kWidth = 4096;  // 16 KiB of float32 a sample: values on overflow pages
+
+void write_wide(const std::string& path, int64_t n) {
+  Writer w(path);
+  for (int64_t i = 0; i < n; ++i) w.write(make_sample(i, kWidth));
+  w.close();
+}
+
+// Drops dir/data.mdb from the page cache (while no process maps it).
+void evict_file(const std::string& dir) {
+  const int fd = ::open((dir + "/data.mdb").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  ::fdatasync(fd);
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  ::close(fd);
+}
+
+// Pages of dir/data.mdb in the page cache, and the file's pages.
+std::pair<size_t, size_t> resident_pages(const std::string& dir) {
+  const int fd = ::open((dir + "/data.mdb").c_str(), O_RDONLY);
+  EXPECT_GE(fd, 0);
+  struct stat st {};
+  ::fstat(fd, &st);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t pages = (static_cast<size_t>(st.st_size) + page - 1) / page;
+  void* map = ::mmap(nullptr, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  EXPECT_NE(map, MAP_FAILED);
+  std::vector<unsigned char> vec(pages);
+  EXPECT_EQ(::mincore(map, st.st_size, vec.data()), 0);
+  ::munmap(map, st.st_size);
+  ::close(fd);
+  const size_t in = static_cast<size_t>(std::count_if(vec.begin(), vec.end(), [](unsigned char c) { return c & 1; }));
+  return {in, pages};
+}
+
+std::vector<size_t> shuffled(size_t n, uint64_t seed) {
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(seed));
+  return order;
+}
+
+// The batches of `order`, `batch` indices each (the last one shorter).
+std::vector<std::vector<size_t>> batches_of(const std::vector<size_t>& order, size_t batch) {
+  std::vector<std::vector<size_t>> out;
+  for (size_t i = 0; i < order.size(); i += batch)
+    out.emplace_back(order.begin() + i, order.begin() + std::min(order.size(), i + batch));
+  return out;
+}
+
+ReaderOptions with_lookahead(LookaheadMode mode, size_t bytes = size_t{64} << 20) {
+  ReaderOptions o;
+  o.lookahead = mode;
+  o.lookahead_bytes = bytes;
+  return o;
+}
+
+}  // namespace
+
+TEST(ColdReads, LookaheadBatchesEqualPlainOnesAndCoverEveryIndexOnce) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 600;
+  write_wide(path, n);
+  evict_file(path);
+  Reader ahead(path, with_lookahead(LookaheadMode::Always));
+  Reader plain(path, with_lookahead(LookaheadMode::Never));
+  std::vector<int> seen(n, 0);
+  const auto batches = batches_of(shuffled(n, 1), 64);
+  for (const auto& idx : batches) {
+    Batch a = ahead.read_batch(idx);
+    Batch b = plain.read_batch(idx);
+    ASSERT_TRUE(torch::equal(a.tensors["x"], b.tensors["x"]));
+    for (size_t j = 0; j < idx.size(); ++j) {
+      ASSERT_EQ(a.tensors["index"][j].item<int64_t>(), static_cast<int64_t>(idx[j]));
+      ASSERT_TRUE(torch::equal(a.tensors["x"][j], make_sample(idx[j], kWidth)["x"]));
+      ++seen[idx[j]];
+    }
+  }
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+  EXPECT_EQ(ahead.io_stats().batches, batches.size());
+  EXPECT_EQ(ahead.io_stats().lookahead_batches, batches.size());
+  EXPECT_EQ(plain.io_stats().lookahead_batches, 0u);
+  // The general path (padding requested) looks ahead too.
+  BatchOptions pad;
+  pad.pad = true;
+  Batch p = ahead.read_batch(batches[0], pad);
+  EXPECT_TRUE(torch::equal(p.tensors["x"], plain.read_batch(batches[0]).tensors["x"]));
+  EXPECT_EQ(ahead.io_stats().lookahead_batches, batches.size() + 1);
+}
+
+TEST(ColdReads, AutoLooksAheadOnceBatchesWaitForTheDiskAndStopsWhenWarm) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 2000;  // 32 MiB
+  write_wide(path, n);
+  evict_file(path);
+  Reader r(path);  // LookaheadMode::Auto
+  for (const auto& idx : batches_of(shuffled(n, 2), 64)) r.read_batch(idx);
+  const Reader::IoStats cold = r.io_stats();
+  EXPECT_GT(cold.lookahead_batches, 0u);
+  EXPECT_GT(cold.pages_requested, 0u);
+  // Every page is cached now: at most 4 batches look ahead (finding
+  // nothing to request) before the thread's reads go back to plain.
+  for (const auto& idx : batches_of(shuffled(n, 3), 64)) r.read_batch(idx);
+  const Reader::IoStats warm = r.io_stats();
+  EXPECT_LE(warm.lookahead_batches - cold.lookahead_batches, 4u);
+  EXPECT_EQ(warm.pages_requested, cold.pages_requested);
+}
+
+TEST(ColdReads, PagesRequestedAheadAreBoundedByLookaheadBytes) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 256);
+  evict_file(path);
+  const size_t budget = 64 << 10;
+  Reader r(path, with_lookahead(LookaheadMode::Always, budget));
+  Batch b = r.read_batch(shuffled(256, 4));  // 4 MiB in one batch
+  EXPECT_EQ(b.tensors["x"].size(0), 256);
+  const Reader::IoStats st = r.io_stats();
+  EXPECT_EQ(st.lookahead_batches, 1u);
+  EXPECT_GT(st.pages_requested, 0u);
+  // Requests stop once `budget` bytes are covered: the last value's pages
+  // (5 for 16 KiB after a page header) may cross it.
+  EXPECT_LE(st.pages_requested, (budget + 5 * 4096) / 4096);
+}
+
+TEST(ColdReads, KeepCacheFalseDropsEachBatchsPagesFromThePageCache) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 1000;  // 16 MiB
+  write_wide(path, n);
+  evict_file(path);
+  {
+    ReaderOptions o;
+    o.keep_cache = false;
+    Reader r(path, o);
+    for (const auto& idx : batches_of(shuffled(n, 5), 64)) {
+      Batch b = r.read_batch(idx);
+      ASSERT_TRUE(torch::equal(b.tensors["x"][0], make_sample(idx[0], kWidth)["x"]));
+    }
+    const auto [in, pages] = resident_pages(path);
+    EXPECT_LT(in, pages / 10) << in << " of " << pages << " pages stayed cached";
+  }
+  evict_file(path);
+  {
+    Reader r(path);
+    for (const auto& idx : batches_of(shuffled(n, 6), 64)) r.read_batch(idx);
+    const auto [in, pages] = resident_pages(path);
+    EXPECT_GT(in, pages / 2) << "keep_cache = true: " << in << " of " << pages << " pages cached";
+  }
+}
+
+TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 300);
+  {  // flip a payload byte of record 150 (a bad disk would)
+    MDB_env* env;
+    ASSERT_EQ(mdb_env_create(&env), 0);
+    mdb_env_set_maxdbs(env, 4);
+    ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
+    MDB_txn* txn;
+    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+    unsigned char key[8];
+    encode_key(150, key);
+    MDB_val k{8, key}, v;
+    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+    std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+    value[value.size() / 2] ^= 0x5A;
+    MDB_val nv{value.size(), value.data()};
+    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+    ASSERT_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+  }
+  evict_file(path);
+  ReaderOptions o = with_lookahead(LookaheadMode::Always);
+  o.verify = true;
+  Reader r(path, o);
+  std::vector<size_t> order(300);
+  std::iota(order.begin(), order.end(), 0);
+  const auto batches = batches_of(order, 64);  // 150 is in batch 2
+  for (size_t k = 0; k < batches.size(); ++k) {
+    if (k != 2) {
+      EXPECT_NO_THROW(r.read_batch(batches[k])) << "batch " << k;
+      continue;
+    }
+    try {
+      r.read_batch(batches[k]);
+      FAIL() << "batch 2 holds the damaged record";
+    } catch (const CorruptedError& e) {
+      EXPECT_NE(std::string(e.what()).find("index 150"), std::string::npos) << e.what();
+    }
+  }
+}
