@@ -396,6 +396,7 @@ class PickleLMDBSource:
     replaces). Unpickling executes code from the file: only for trusted data."""
 
     format = "pickle-lmdb"
+    group = None
 
     def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False):
         import lmdb
