@@ -44,6 +44,15 @@ def make_split_zarr(path, sizes=SIZES):
     return str(path)
 
 
+def make_plain_zarr(path, n=SIZES["train"]):
+    """One dataset (no splits): the train split's arrays at the root."""
+    root = _zarr.open_group(str(path), mode="w")
+    values = split_values("train", n)
+    _zarr.write_array(root, "cir", values["cir"], chunks=(5, 2, 3))
+    _zarr.write_array(root.create_group("labels"), "los", values["labels/los"], chunks=(5,))
+    return str(path)
+
+
 def make_split_hdf5(path, sizes=SIZES):
     with h5py.File(path, "w") as f:
         f.attrs["simulator"] = "raysim 2.1"
@@ -195,19 +204,34 @@ def test_resume_reports_written_and_present_then_complete(tmp_path, monkeypatch,
     assert "samples/s" not in err and "converted" not in err
 
 
+def test_resume_of_one_dataset_reports_written_and_present_then_complete(tmp_path, monkeypatch, capsys):
+    src = make_plain_zarr(tmp_path / "plain.zarr")
+    args = ["convert", "--zarr-path", src, "--output", str(tmp_path / "plain.lmdb"), "--no-progress"]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        assert cli.main(args) == 130
+    capsys.readouterr()
+    assert cli.main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "converted 27 samples (10 already present)" in err, err
+    assert len(torch_lmdb.LMDBDataset(str(tmp_path / "plain.lmdb"))) == 37
+    assert cli.main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "already complete (37 samples)" in err and "samples/s" not in err, err
+
+
 def test_info_always_says_complete_or_incomplete_and_warnings_are_one_line(tmp_path, monkeypatch):
-    src = make_split_zarr(tmp_path / "sim.zarr")
-    out = tmp_path / "out"
+    src = make_plain_zarr(tmp_path / "plain.zarr")
     with monkeypatch.context() as m:
         _interrupt_after(m, 1)
-        assert cli.main(["convert", "--zarr-path", src, "--output-dir", str(out), "--no-progress"]) == 130
-    assert cli.main(["convert", "--zarr-path", src, "--output-dir", str(out), "--group", "val",
-                     "--no-progress"]) == 0
-    proc = run_cli("info", str(out / "val.lmdb"))
+        assert cli.main(["convert", "--zarr-path", src, "--output", str(tmp_path / "part.lmdb"),
+                         "--no-progress"]) == 130
+    assert cli.main(["convert", "--zarr-path", src, "--output", str(tmp_path / "full.lmdb"), "--no-progress"]) == 0
+    proc = run_cli("info", str(tmp_path / "full.lmdb"))
     assert proc.returncode == 0, proc.stderr
     state = [line for line in proc.stdout.splitlines() if line.strip().startswith("state:")]
     assert len(state) == 1 and "complete" in state[0] and "incomplete" not in proc.stdout.lower(), proc.stdout
-    proc = run_cli("info", str(out / "train.lmdb"))
+    proc = run_cli("info", str(tmp_path / "part.lmdb"))
     assert proc.returncode == 0, proc.stderr
     assert any(line.strip().startswith("state:") and "INCOMPLETE" in line for line in proc.stdout.splitlines())
     lines = proc.stderr.strip().splitlines()  # the reader's warning about the incomplete database
