@@ -132,6 +132,13 @@ def test_which_groups_are_splits(tmp_path):
     paths = tl_convert.convert_splits("zarr", src, str(tmp_path / "eq"), log=lambda *a, **k: None)
     assert sorted(paths) == ["test", "train"]
     assert len(torch_lmdb.LMDBDataset(paths["test"])) == 9
+    # other names, different sizes: splits (they cannot be fields of one dataset)
+    src = make_split_zarr(tmp_path / "ab.zarr", sizes={"campaign_a": 9, "campaign_b": 5})
+    assert tl_convert.store_splits("zarr", src)[0] == ["campaign_a", "campaign_b"]
+    # a root array with a split's sample count: the root holds per-sample arrays, no splits
+    root = _zarr.open_group(src, mode="r+")
+    _zarr.write_array(root, "rx_id", np.arange(9))
+    assert tl_convert.store_splits("zarr", src)[0] == []
     # equal sizes, other names (left/right views of the same samples): one dataset, groups are fields
     src = make_split_zarr(tmp_path / "lr.zarr", sizes={"left": 9, "right": 9})
     assert tl_convert.store_splits("zarr", src)[0] == []
