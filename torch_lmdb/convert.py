@@ -56,11 +56,12 @@ _WIDEN = _torch_unsigned_widening()
 def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
     """One sample's value of a field, as LMDBWriter takes it."""
     if isinstance(value, np.ndarray):
-        if value.dtype.name in _WIDEN:  # torch < 2.3 has no uint16/uint32: widen to a signed type
-            value = value.astype(_WIDEN[value.dtype.name])
-        elif value.dtype.kind == "U":
+        kind = value.dtype.kind  # (dtype.name is slow: this runs once per field and sample)
+        if kind == "u" and _WIDEN and value.dtype.itemsize in (2, 4):
+            value = value.astype(_WIDEN[value.dtype.name])  # torch < 2.3 has no uint16/uint32: widen
+        elif kind == "U":
             return str(value) if value.ndim == 0 else value.tolist()
-        elif value.dtype.kind == "S":
+        elif kind == "S":
             return bytes(value) if value.ndim == 0 else value.tolist()
         if element_shape is not None:
             value = value.reshape(element_shape)
