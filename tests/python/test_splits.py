@@ -243,3 +243,21 @@ def test_info_always_says_complete_or_incomplete_and_warnings_are_one_line(tmp_p
     assert any(line.strip().startswith("state:") and "INCOMPLETE" in line for line in proc.stdout.splitlines())
     lines = proc.stderr.strip().splitlines()  # the reader's warning about the incomplete database
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "incomplete" in lines[0], proc.stderr
+
+
+def test_unsigned_fields_keep_their_values(tmp_path):
+    import torch
+
+    root = _zarr.open_group(str(tmp_path / "u.zarr"), mode="w")
+    values = {"u8": np.array([0, 255, 7], np.uint8), "u16": np.array([0, 65535, 7], np.uint16),
+              "u32": np.array([0, 2**32 - 1, 7], np.uint32)}
+    for name, v in values.items():
+        _zarr.write_array(root, name, v)
+    [out] = tl_convert.convert("zarr", str(tmp_path / "u.zarr"), str(tmp_path / "u.lmdb"), log=lambda *a, **k: None)
+    ds = torch_lmdb.LMDBDataset(out)
+    widened = not hasattr(torch, "uint16")  # torch < 2.3: uint16/uint32 widen to int32/int64
+    expected = {"u8": torch.uint8, "u16": torch.int32 if widened else torch.uint16,
+                "u32": torch.int64 if widened else torch.uint32}
+    for i in range(3):
+        for name, v in values.items():
+            assert ds[i][name].dtype == expected[name] and int(ds[i][name]) == int(v[i]), (name, i)
