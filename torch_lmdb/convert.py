@@ -546,8 +546,12 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
 
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    source = job.get("source_obj") or open_source(job["kind"], job["source"], job["skip_mismatched"],
-                                                  job["allow_pickle"], job.get("group"))
+    source = job.get("source_obj")
+    if source is None:  # a shard's worker: the parent already warned about what is left out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConversionWarning)
+            source = open_source(job["kind"], job["source"], job["skip_mismatched"], job["allow_pickle"],
+                                 job.get("group"))
     start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
     user = dict(source.provenance)
     user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
