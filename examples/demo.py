@@ -2,11 +2,13 @@
 
     /usr/bin/python3 examples/demo.py --work build/demo --bin build/examples
 
-Stages: generate the radio-localization dataset as torch_lmdb shards and as a
-Zarr store; convert the Zarr store with `torch-lmdb convert --verify`; train
-in Python (DataLoader, num_workers=4) from LMDB and from Zarr; train natively
-in C++ from LMDB; Fashion-MNIST natively from LMDB and from LibTorch's MNIST
-reader. Sizes come from the config files (--set overrides go to every stage).
+Stages: generate the radio-localization dataset as a Zarr store with splits
+(radio.zarr: root attributes, groups train/ and val/); convert it with
+`torch-lmdb convert --output-dir converted --verify` (one database per split:
+converted/train.lmdb, converted/val.lmdb); train in Python (DataLoader,
+num_workers=4) from train.lmdb, validating on val.lmdb, and from the Zarr
+store; train natively in C++ from train.lmdb/val.lmdb; Fashion-MNIST natively
+from LMDB and from LibTorch's MNIST reader. Sizes come from the config files.
 """
 import argparse
 import gzip
@@ -69,23 +71,25 @@ def main():
              "--set", f"epochs={args.radio_epochs}", *progress]
     results = []
     t_all = time.perf_counter()
-    g = run("generate (torch_lmdb shards, 2 processes)", gen, results, env)
-    run("generate (Zarr store, 2 processes)", gen + ["--set", "use_lmdb=false"], results, env)
-    converted = os.path.join(data, "converted", "train.lmdb")
+    g = run("generate (Zarr store with splits train/val, 2 processes)", gen + ["--set", "use_lmdb=false"],
+            results, env)
+    store = g["store"]
+    converted = os.path.join(data, "converted")
     shutil.rmtree(converted, ignore_errors=True)  # a rerun of the demo converts again
-    run("torch-lmdb convert --verify (Zarr -> LMDB)",
-        [py, "-m", "torch_lmdb", "convert", "--zarr-path", os.path.join(data, "train.zarr"),
-         "--output", converted, "--verify", *progress], results, env)
-    tr_lmdb = run("train.py from LMDB (num_workers=4)", train + [
-        "--set", f"dataset.train_lmdb_paths=[{','.join(g['outputs']['train'])}]",
-        "--set", f"dataset.val_lmdb_paths=[{','.join(g['outputs']['val'])}]"], results, env)
+    run("torch-lmdb convert --output-dir --verify (Zarr splits -> train.lmdb, val.lmdb)",
+        [py, "-m", "torch_lmdb", "convert", "--zarr-path", store, "--output-dir", converted, "--verify", *progress],
+        results, env)
+    train_db, val_db = os.path.join(converted, "train.lmdb"), os.path.join(converted, "val.lmdb")
+    tr_lmdb = run("train.py from train.lmdb, val.lmdb (num_workers=4)", train + [
+        "--set", f"dataset.train_lmdb_paths=[{train_db}]", "--set", f"dataset.val_lmdb_paths=[{val_db}]"],
+        results, env)
     tr_zarr = run("train.py from Zarr (num_workers=4)", train + [
         "--set", "dataset.use_lmdb=false",
-        "--set", f"dataset.train_zarr_path={os.path.join(data, 'train.zarr')}",
-        "--set", f"dataset.val_zarr_path={os.path.join(data, 'val.zarr')}"], results, env)
-    tr_native = run("train_native (C++, LMDB, 2 threads)", [
-        os.path.join(args.bin, "train_native"), "--train", ",".join(g["outputs"]["train"]),
-        "--val", ",".join(g["outputs"]["val"]), "--epochs", str(args.radio_epochs), "--workers", "2"], results, env)
+        "--set", f"dataset.train_zarr_path={os.path.join(store, 'train')}",
+        "--set", f"dataset.val_zarr_path={os.path.join(store, 'val')}"], results, env)
+    tr_native = run("train_native (C++, train.lmdb, val.lmdb, 2 threads)", [
+        os.path.join(args.bin, "train_native"), "--train", train_db, "--val", val_db,
+        "--epochs", str(args.radio_epochs), "--workers", "2"], results, env)
     fm_dir = os.path.join(args.work, "fashion_mnist")
     run("Fashion-MNIST IDX -> LMDB", [py, os.path.join(HERE, "fashion_mnist", "convert_idx.py"), "--out", fm_dir,
                                       *progress], results, env)

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 __all__ = ["main"]
@@ -25,7 +26,10 @@ def _cmd_info(args) -> int:
         return 0
     for i in infos:
         print(f"{i['path']}")
-        print(f"  samples:        {i['num_samples']}{'' if i['complete'] else '  (INCOMPLETE: the writer did not close cleanly)'}")
+        print(f"  samples:        {i['num_samples']}")
+        print("  state:          " + ("complete (the writer closed cleanly)" if i["complete"] else
+                                      "INCOMPLETE (the writer did not close cleanly; convert --resume continues "
+                                      "a conversion)"))
         print(f"  format version: {i['format_version']}")
         print(f"  file size:      {_human(i['file_size'])}   map size: {_human(i['map_size'])}")
         print("  fields:")
@@ -237,17 +241,31 @@ def _cmd_convert(args) -> int:
     if len(kinds) != 1:
         raise ValueError("give exactly one source: --zarr-path, --hdf5-path or --pickle-lmdb-path")
     kind, source = kinds[0]
-    if args.output:
-        output = args.output
-    else:
-        stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
-        output = os.path.join(args.output_dir or ".", stem + ".lmdb")
     fields = [f for f in args.fields.split(",") if f] if args.fields else None
+    options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
+                   verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
+                   commit_every=args.commit_every, allow_pickle=args.allow_pickle)
+    splits, _ = convert.store_splits(kind, source, args.allow_pickle)
+    groups = args.group or []
     try:
-        paths = convert.convert(kind, source, output, fields=fields, limit=args.limit, shards=args.shards,
-                                map_size=args.map_size, resume=args.resume, verify=args.verify,
-                                skip_mismatched=args.skip_mismatched, progress=args.progress,
-                                commit_every=args.commit_every, allow_pickle=args.allow_pickle)
+        if args.output and len(groups) == 1:  # one group to a named database
+            paths = convert.convert(kind, source, args.output, group=groups[0], **options)
+        elif args.output and (splits or groups):
+            what = f"groups {', '.join(groups)}" if groups else f"splits {', '.join(splits)}"
+            raise convert.ConversionError(
+                f"'{source}' holds {what}, one database each: pass --output-dir DIR (writes "
+                f"{', '.join('DIR/' + convert.split_file_name(g) for g in (groups or splits))}), "
+                f"or --group NAME with --output PATH for one of them")
+        elif splits or groups:
+            done = convert.convert_splits(kind, source, args.output_dir or ".", groups=groups or None, **options)
+            paths = [p for ps in done.values() for p in ps]
+        else:
+            if args.output:
+                output = args.output
+            else:
+                stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+                output = os.path.join(args.output_dir or ".", stem + ".lmdb")
+            paths = convert.convert(kind, source, output, **options)
     except convert.Interrupted as e:
         print(f"torch-lmdb convert: interrupted ({e}); the output is marked incomplete; "
               f"run the same command with --resume to continue", file=sys.stderr)
@@ -264,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", help="convert a Zarr store, an HDF5 file or a pickle-in-LMDB database",
         description="Convert a dataset to torch_lmdb. Every array whose first dimension is the sample count "
-                    "becomes a field named by its path (group/array); attributes are kept as user metadata.",
+                    "becomes a field named by its path (group/array); attributes are kept as user metadata. "
+                    "A store whose top-level groups are splits (train/, val/, ... each with the same arrays) "
+                    "becomes one database per split: DIR/train.lmdb, DIR/val.lmdb (--output-dir DIR).",
         epilog="Nothing is unpickled without --allow-pickle: unpickling executes code from the file, so a "
                "pickle-in-LMDB database, or a Zarr array using the Pickle codec, is refused unless you pass "
                "--allow-pickle for a source you trust. Interrupted conversions leave the output marked incomplete; "
@@ -278,17 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling: --pickle-lmdb-path, and Zarr arrays using the Pickle codec; "
                         "only for sources you trust")
-    p.add_argument("--output-dir", metavar="DIR", help="write DIR/<source name>.lmdb (default: the current directory)")
-    p.add_argument("--output", metavar="PATH", help="the output database path (overrides --output-dir)")
-    p.add_argument("--fields", metavar="A,B", help="convert only these fields (comma-separated)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="write DIR/<source name>.lmdb, or DIR/<split>.lmdb per split of a store with splits "
+                        "(a nested group a/b becomes a__b.lmdb) (default: the current directory)")
+    p.add_argument("--output", metavar="PATH",
+                   help="the output database path (overrides --output-dir); with splits, only with one --group")
+    p.add_argument("--group", action="append", metavar="NAME",
+                   help="convert only this split group (repeatable; any group path holding arrays, e.g. train "
+                        "or 2024/train); fields are named relative to it")
+    p.add_argument("--fields", metavar="A,B",
+                   help="convert only these fields (comma-separated; relative to the split group)")
     p.add_argument("--limit", type=_positive, metavar="N", help="convert only the first N samples")
     p.add_argument("--shards", type=_positive, default=1, metavar="K",
                    help="write K databases of near-equal size, in parallel processes")
     p.add_argument("--map-size", type=_size, metavar="BYTES", help="initial map size (e.g. 10G); the map grows anyway")
     p.add_argument("--commit-every", type=_positive, metavar="N", help="commit every N samples (default 4096)")
     p.add_argument("--skip-mismatched", action="store_true",
-                   help="leave out arrays whose first dimension is not the sample count (default: keep small "
-                        "ones in the metadata, refuse large ones)")
+                   help="leave out arrays whose first dimension is not the sample count, printing a warning "
+                        "line for each (default: keep small ones in the metadata, refuse large ones)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same output")
     p.add_argument("--verify", action="store_true", help="read back every sample and compare it with the source")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
@@ -311,12 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, ``warning: <message>``, without Python source lines."""
+    text = " ".join(str(message).split())
+    try:
+        print(f"warning: {text}", file=file or sys.stderr)
+    except OSError:  # stderr closed: nothing to report to
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except Exception as e:  # one line, no traceback, unless --debug
-        if args.debug:
-            raise
-        print(f"torch-lmdb {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except Exception as e:  # one line, no traceback, unless --debug
+            if args.debug:
+                raise
+            print(f"torch-lmdb {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1

@@ -11,15 +11,18 @@ import datetime
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["open_source", "convert", "ConversionError", "Interrupted"]
+__all__ = ["open_source", "convert", "convert_splits", "find_splits", "split_file_name", "ConversionError",
+           "ConversionWarning", "Interrupted"]
 
 # Small arrays whose first dimension is not the sample count are kept in the
 # metadata (as lists); larger ones are refused unless --skip-mismatched.
@@ -29,6 +32,10 @@ BLOCK_BYTES = 32 << 20  # target bytes per read block
 
 class ConversionError(RuntimeError):
     """A source that cannot be converted as asked (named file, field or index)."""
+
+
+class ConversionWarning(UserWarning):
+    """Something a conversion leaves out or changes (an array left out by --skip-mismatched)."""
 
 
 class Interrupted(Exception):
@@ -49,11 +56,12 @@ _WIDEN = _torch_unsigned_widening()
 def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
     """One sample's value of a field, as LMDBWriter takes it."""
     if isinstance(value, np.ndarray):
-        if value.dtype.name in _WIDEN:  # torch < 2.3 has no uint16/uint32: widen to a signed type
-            value = value.astype(_WIDEN[value.dtype.name])
-        elif value.dtype.kind == "U":
+        kind = value.dtype.kind  # (dtype.name is slow: this runs once per field and sample)
+        if kind == "u" and _WIDEN and value.dtype.itemsize in (2, 4):
+            value = value.astype(_WIDEN[value.dtype.name])  # torch < 2.3 has no uint16/uint32: widen
+        elif kind == "U":
             return str(value) if value.ndim == 0 else value.tolist()
-        elif value.dtype.kind == "S":
+        elif kind == "S":
             return bytes(value) if value.ndim == 0 else value.tolist()
         if element_shape is not None:
             value = value.reshape(element_shape)
@@ -76,41 +84,145 @@ def _describe_dtype(dtype: np.dtype) -> str:
     return "ragged" if _variable(dtype) else str(dtype)
 
 
+def _sample_count(arrays: Dict[str, Any]) -> Optional[int]:
+    """The first dimension most arrays share (ties: the larger); None if no array has one."""
+    lengths = Counter(a.shape[0] for a in arrays.values() if len(a.shape) >= 1)
+    if not lengths:
+        return None
+    return max(lengths.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+# Group names that make a store a split store even when its groups have equal sample counts.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval",
+                         "evaluation", "holdout"})
+
+
+def find_splits(arrays: Dict[str, Any]) -> List[str]:
+    """The split groups of a store, given its arrays by path (``group/.../name``); [] for a
+    store that is one dataset.
+
+    Splits are the top-level groups that hold the same set of array paths (relative to
+    the group), at least two of them, provided no array outside them has a first
+    dimension equal to a split's sample count (the root then holds per-sample arrays:
+    one dataset whose groups are fields), and the splits either differ in sample count or
+    are all named like splits (``train``, ``val``, ``test``, ...; see ``SPLIT_NAMES``).
+    Groups holding another set of arrays (e.g. ``meta/``) are not splits.
+    """
+    groups: Dict[str, Dict[str, Any]] = {}
+    for name, array in arrays.items():
+        if "/" in name:
+            top, rel = name.split("/", 1)
+            groups.setdefault(top, {})[rel] = array
+    by_names: Dict[frozenset, List[str]] = {}
+    for top, members in groups.items():
+        by_names.setdefault(frozenset(members), []).append(top)
+    if not by_names:
+        return []
+    names, tops = max(by_names.items(), key=lambda kv: (len(kv[1]), len(kv[0])))
+    if len(tops) < 2:
+        return []
+    counts = {top: _sample_count(groups[top]) for top in tops}
+    if any(c is None for c in counts.values()):
+        return []
+    outside = [a for name, a in arrays.items() if name.split("/", 1)[0] not in counts or "/" not in name]
+    if any(len(a.shape) >= 1 and a.shape[0] in counts.values() for a in outside):
+        return []
+    if len(set(counts.values())) == 1 and not all(t.lower() in SPLIT_NAMES for t in tops):
+        return []
+    return sorted(tops)
+
+
+def _group_paths(arrays: Dict[str, Any]) -> List[str]:
+    """Every group path that holds arrays (at any depth)."""
+    out = set()
+    for name in arrays:
+        parts = name.split("/")[:-1]
+        for k in range(1, len(parts) + 1):
+            out.add("/".join(parts[:k]))
+    return sorted(out)
+
+
+def split_file_name(group: str) -> str:
+    """The database name of a split: ``train`` -> ``train.lmdb``; the ``/`` of a nested
+    group becomes ``__`` (``2024/train`` -> ``2024__train.lmdb``) and characters other than
+    letters, digits, ``.``, ``-``, ``_`` become ``_``."""
+    name = "__".join(re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in group.strip("/").split("/"))
+    if name.strip(".") == "":
+        name = "_" + name
+    return name + ".lmdb"
+
+
 class _ArraySource:
-    """Shared logic of Zarr and HDF5: named arrays under a root group."""
+    """Shared logic of Zarr and HDF5: named arrays under a root group.
+
+    ``group``: convert one split group (a path such as ``train``); its arrays are named
+    relative to it, the root's attributes become ``source_attrs`` and the group's
+    ``group_attrs``; arrays outside every split are handled like mismatched arrays.
+    """
 
     format = ""
 
-    def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False):
+    def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False,
+                 group: Optional[str] = None):
         self.path = path
         self.skip_mismatched = skip_mismatched
         self.allow_pickle = allow_pickle
         arrays, attrs = self._walk()
         if not arrays:
             raise ConversionError(f"'{path}' holds no arrays")
-        lengths = Counter(a.shape[0] for a in arrays.values() if len(a.shape) >= 1)
-        if not lengths:
-            raise ConversionError(f"'{path}': no array has a sample dimension (all are 0-dimensional)")
+        self.splits = find_splits(arrays)
+        self.groups = _group_paths(arrays)
+        self.source_attrs = attrs.get("/", {})
+        self.group = None
+        self.group_attrs: Dict[str, Any] = {}
+        outside: Dict[str, Any] = {}
+        if group is not None:
+            group = group.strip("/")
+            prefix = group + "/"
+            inner = {n[len(prefix):]: a for n, a in arrays.items() if n.startswith(prefix)}
+            if not inner:
+                available = self.splits or self.groups
+                raise ConversionError(f"'{path}' has no group '{group}' holding arrays; available: "
+                                      f"{', '.join(available) if available else 'none (the store has no groups)'}")
+            owned = set(self.splits) | {group}
+            outside = {n: a for n, a in arrays.items()
+                       if not any(n.startswith(g + "/") or g.startswith(n + "/") for g in owned)}
+            self.group = group
+            # Zarr keys a group's attributes "group/", HDF5 "group".
+            self.group_attrs = attrs.get(group, attrs.get(prefix, {}))
+            attrs = {("/" if k in (group, prefix) else k[len(prefix):]): v for k, v in attrs.items()
+                     if k == group or k.startswith(prefix)}
+            arrays = inner
+        elif self.splits:
+            raise ConversionError(f"'{path}' holds splits ({', '.join(self.splits)}): convert them one database "
+                                  f"each (--output-dir DIR, or --group NAME)")
         # The sample count: the first dimension most arrays share (ties: the larger).
-        self.num_samples = max(lengths.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        self.num_samples = _sample_count(arrays)
+        if self.num_samples is None:
+            raise ConversionError(f"'{path}': no array has a sample dimension (all are 0-dimensional)")
         self._arrays = {}
         self.mismatched: Dict[str, Any] = {}
         skipped: List[str] = []
-        for name, array in arrays.items():
-            if len(array.shape) >= 1 and array.shape[0] == self.num_samples:
+        where = f"'{path}'" + (f" (group '{group}')" if group else "")
+        candidates = list(arrays.items()) + [(n if n not in arrays else "/" + n, a) for n, a in outside.items()]
+        for name, array in candidates:
+            if name in arrays and len(array.shape) >= 1 and array.shape[0] == self.num_samples:
                 self._arrays[name] = array
                 continue
             variable = _variable(array.dtype)
             nbytes = int(np.prod(array.shape)) * (64 if variable else array.dtype.itemsize)
             if skip_mismatched:
                 skipped.append(name)
+                warnings.warn(f"{where}: left out array '{name}' of shape {list(array.shape)} "
+                              f"({_describe_dtype(array.dtype)}): its first dimension is not the "
+                              f"{self.num_samples} samples (--skip-mismatched)", ConversionWarning, stacklevel=2)
             elif nbytes <= MISMATCHED_METADATA_LIMIT and not variable:
                 value = np.asarray(array[...])
                 self.mismatched[name] = {"dtype": str(value.dtype), "shape": list(value.shape),
                                          "value": value.tolist() if value.dtype.kind not in "SV" else None}
             else:
                 raise ConversionError(
-                    f"'{path}': array '{name}' has shape {list(array.shape)}, not {self.num_samples} samples "
+                    f"{where}: array '{name}' has shape {list(array.shape)}, not {self.num_samples} samples "
                     f"along its first dimension, and is too large to keep in the metadata; "
                     f"pass --skip-mismatched to leave it out")
         self.skipped = skipped
@@ -152,7 +264,10 @@ class _ArraySource:
 
     @property
     def provenance(self) -> Dict[str, Any]:
-        prov: Dict[str, Any] = {"attrs": self.attrs}
+        prov: Dict[str, Any] = {"attrs": self.attrs, "source_attrs": self.source_attrs}
+        if self.group is not None:
+            prov["group"] = self.group
+            prov["group_attrs"] = self.group_attrs
         if self.mismatched:
             prov["mismatched_arrays"] = self.mismatched
         if self.skipped:
@@ -282,6 +397,7 @@ class PickleLMDBSource:
     replaces). Unpickling executes code from the file: only for trusted data."""
 
     format = "pickle-lmdb"
+    group = None
 
     def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False):
         import lmdb
@@ -355,11 +471,28 @@ class PickleLMDBSource:
 SOURCES = {"zarr": ZarrSource, "hdf5": HDF5Source, "pickle-lmdb": PickleLMDBSource}
 
 
-def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False):
+def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False,
+                group: Optional[str] = None):
     """A source of ``kind`` ("zarr", "hdf5", "pickle-lmdb"). Nothing is unpickled unless
     ``allow_pickle``: a Zarr array with the Pickle codec is refused, and a pickle-in-LMDB
-    database is refused as a whole."""
+    database is refused as a whole. ``group``: one split group of a Zarr store or HDF5
+    file (see :func:`find_splits`); a store with splits needs one."""
+    if group is not None:
+        if kind == "pickle-lmdb":
+            raise ConversionError(f"'{path}': a pickle-in-LMDB database has no groups (--group {group})")
+        return SOURCES[kind](path, skip_mismatched, allow_pickle, group=group)
     return SOURCES[kind](path, skip_mismatched, allow_pickle)
+
+
+def store_splits(kind: str, path: str, allow_pickle: bool = False) -> Tuple[List[str], List[str]]:
+    """``(splits, groups)`` of a source: the split groups :func:`find_splits` detects ([] for
+    a store that is one dataset) and every group path that holds arrays."""
+    if kind not in ("zarr", "hdf5"):
+        return [], []
+    source = SOURCES[kind].__new__(SOURCES[kind])
+    source.path, source.allow_pickle = path, allow_pickle
+    arrays, _ = source._walk()
+    return find_splits(arrays), _group_paths(arrays)
 
 
 def shard_ranges(n: int, shards: int) -> List[Tuple[int, int]]:
@@ -413,19 +546,27 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
 
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    source = job.get("source_obj") or open_source(job["kind"], job["source"], job["skip_mismatched"],
-                                                  job["allow_pickle"])
+    source = job.get("source_obj")
+    if source is None:  # a shard's worker: the parent already warned about what is left out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConversionWarning)
+            source = open_source(job["kind"], job["source"], job["skip_mismatched"], job["allow_pickle"],
+                                 job.get("group"))
     start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
     user = dict(source.provenance)
     user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
                       "start": start, "stop": stop, "converted_at": job["converted_at"],
                       "torch_lmdb_version": torch_lmdb.__version__}
+    if job.get("group") is not None:
+        user["source"]["group"] = job["group"]
     done = 0
     if os.path.exists(out) and job["resume"]:
         existing = torch_lmdb.info(out)
         prior = existing["metadata"].get("user", {}).get("source", {})
-        if prior.get("path") != user["source"]["path"] or (prior.get("start"), prior.get("stop")) != (start, stop):
-            raise ConversionError(f"cannot resume '{out}': it was converted from {prior.get('path')!r} "
+        if (prior.get("path") != user["source"]["path"] or (prior.get("start"), prior.get("stop")) != (start, stop)
+                or prior.get("group") != job.get("group")):
+            group = f" group {prior.get('group')!r}" if prior.get("group") is not None else ""
+            raise ConversionError(f"cannot resume '{out}': it was converted from {prior.get('path')!r}{group} "
                                   f"[{prior.get('start')}, {prior.get('stop')}), not this source and range")
         done = existing["num_samples"]
         if existing["complete"] and done == stop - start:
@@ -502,15 +643,17 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
-            log=print) -> List[str]:
-    """Converts one source to ``shards`` torch_lmdb databases; returns their paths.
-    ``allow_pickle``: see :func:`open_source`."""
-    source = open_source(kind, source_path, skip_mismatched, allow_pickle)
+            group: Optional[str] = None, log=print) -> List[str]:
+    """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
+    returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``: see
+    :func:`open_source`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
+    source = open_source(kind, source_path, skip_mismatched, allow_pickle, group)
+    label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
     names = list(source.fields)
     if fields:
         unknown = [f for f in fields if f not in source.fields]
         if unknown:
-            raise ConversionError(f"'{source_path}' has no field(s) {unknown}; available: {names}")
+            raise ConversionError(f"{label} has no field(s) {unknown}; available: {names}")
         names = list(fields)
     n = source.num_samples if limit is None else min(limit, source.num_samples)
     if shards < 1 or shards > max(1, n):
@@ -522,10 +665,11 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
-                 start=a, stop=b, output=p,
+                 start=a, stop=b, output=p, group=source.group,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp)
             for p, (a, b) in zip(paths, ranges)]
-    bar = _bar(progress, n, f"converting {os.path.basename(source_path.rstrip('/'))}")
+    desc = os.path.basename(source_path.rstrip("/")) + (f"/{group}" if group is not None else "")
+    bar = _bar(progress, n, f"converting {desc}")
     t0 = time.perf_counter()
     try:
         if shards == 1:
@@ -533,19 +677,27 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             jobs[0]["progress"] = bar
             old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
             try:
-                _convert_range(jobs[0])
+                results = [_convert_range(jobs[0])]
             finally:
                 signal.signal(signal.SIGINT, old_int)
                 signal.signal(signal.SIGTERM, old_term)
         else:
-            _run_shards(jobs, bar)
+            results = _run_shards(jobs, bar)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    size = sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in paths)
-    log(f"converted {n} samples in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} samples/s, "
-        f"{size / max(seconds, 1e-9) / 1e6:,.1f} MB/s written)", file=sys.stderr)
+    written = sum(r["written"] for r in results)
+    present = sum(r["resumed_from"] for r in results)
+    target = ", ".join(paths) if len(paths) <= 2 else f"{paths[0]} ... ({len(paths)} shards)"
+    if written == 0 and present == n:
+        log(f"{target}: already complete ({n:,} samples); nothing to convert", file=sys.stderr)
+    else:
+        size = sum(os.path.getsize(os.path.join(p, "data.mdb")) for p in paths)
+        already = f" ({present:,} already present)" if present else ""
+        log(f"converted {written:,} samples{already} in {seconds:.1f} s "
+            f"({written / max(seconds, 1e-9):,.0f} samples/s; {_human_bytes(size)} on disk) to {target}",
+            file=sys.stderr)
     if verify:
         vbar = _bar(progress, n, "verifying")
         problems = verify_against_source(source, paths, ranges, names, vbar)
@@ -553,12 +705,50 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             vbar.close()
         if problems:
             raise ConversionError("verification failed: " + "; ".join(problems[:10]))
-        log(f"verified {n} samples: equal to the source", file=sys.stderr)
+        log(f"verified {n:,} samples: equal to the source", file=sys.stderr)
     return paths
 
 
-def _run_shards(jobs: List[Dict[str, Any]], bar) -> None:
-    """One process per shard (at most one per core at a time)."""
+def convert_splits(kind: str, source_path: str, output_dir: str, *, groups: Optional[Sequence[str]] = None,
+                   log=print, **options) -> Dict[str, List[str]]:
+    """Converts each split group of a Zarr store or HDF5 file to ``output_dir/<split>.lmdb``
+    (:func:`split_file_name`); returns ``{group: paths}``. ``groups``: some of the splits
+    (or any group paths holding arrays); default: every split :func:`find_splits` detects.
+    ``options`` go to :func:`convert` for each split (``fields`` and ``limit`` apply per split)."""
+    splits, available = store_splits(kind, source_path, options.get("allow_pickle", False))
+    if groups:
+        chosen = [g.strip("/") for g in groups]
+        unknown = [g for g in chosen if g not in available]
+        if unknown:
+            listed = ", ".join(splits or available) or "none (the store has no groups)"
+            raise ConversionError(f"'{source_path}' has no group(s) {', '.join(unknown)}; available: {listed}")
+    elif splits:
+        chosen = splits
+    else:
+        raise ConversionError(f"'{source_path}' holds no splits (top-level groups with the same arrays and their "
+                              f"own sample count); convert it as one dataset with --output, or name groups with "
+                              f"--group (groups: {', '.join(available) or 'none'})")
+    files = {g: os.path.join(output_dir, split_file_name(g)) for g in chosen}
+    clash = Counter(files.values())
+    if any(c > 1 for c in clash.values()):
+        raise ConversionError(f"groups {sorted(g for g, f in files.items() if clash[f] > 1)} map to the same "
+                              f"database name; convert them one at a time with --group NAME --output PATH")
+    out: Dict[str, List[str]] = {}
+    for g in chosen:
+        out[g] = convert(kind, source_path, files[g], group=g, log=log, **options)
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _run_shards(jobs: List[Dict[str, Any]], bar) -> List[Dict[str, Any]]:
+    """One process per shard (at most one per core at a time); returns each job's result."""
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Value("q", 0)
     results = ctx.Queue()
@@ -609,3 +799,4 @@ def _run_shards(jobs: List[Dict[str, Any]], bar) -> None:
     errors = [f"{out}: {payload}" for out, (status, payload) in sorted(outcomes.items()) if status != "ok"]
     if errors:
         raise ConversionError("; ".join(errors))
+    return [outcomes[job["output"]][1] for job in jobs]

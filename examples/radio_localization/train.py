@@ -2,8 +2,9 @@
 
     /usr/bin/python3 examples/radio_localization/train.py --config examples/radio_localization/configs/train.yaml
 
-With ``dataset.use_lmdb: true`` it reads the torch_lmdb shards (batched path:
-``make_loader``); with ``false`` the Zarr stores through a per-sample Dataset
+With ``dataset.use_lmdb: true`` it reads torch_lmdb databases (the generator's shards or
+the databases converted from the Zarr store; batched path: ``make_loader``); with ``false``
+the split groups of the Zarr store (``radio.zarr/train``, ``radio.zarr/val``) through a per-sample Dataset
 (the users' old loader, made fork-safe). Prints per-epoch loss, median
 localization error in metres against the error of predicting the mean
 position, and data-loading throughput (a loader-only pass over the training set).
@@ -62,14 +63,17 @@ def make_loaders(cfg):
     if d.get("use_lmdb", True):
         train = torch_lmdb.LMDBDataset(expand(d["train_lmdb_paths"]), fields=FIELDS)
         val = torch_lmdb.LMDBDataset(expand(d["val_lmdb_paths"]), fields=FIELDS)
-        meta = train.metadata["user"]["config"]
+        user = train.metadata["user"]  # the generator's shards: user.config; converted: the store's root attrs
+        meta = user["config"] if "config" in user else user["source_attrs"]["config"]
         return (torch_lmdb.make_loader(train, cfg["batch_size"], shuffle=True, generator=g, **common),
                 torch_lmdb.make_loader(val, cfg["batch_size"], **common), meta, "torch_lmdb make_loader")
     import zarr
 
     train = ZarrDataset(d["train_zarr_path"])
     val = ZarrDataset(d["val_zarr_path"])
-    meta = zarr.open_group(d["train_zarr_path"], mode="r").attrs["config"]
+    group = zarr.open_group(d["train_zarr_path"], mode="r")  # a split group (radio.zarr/train): config at the root
+    meta = group.attrs["config"] if "config" in group.attrs else \
+        zarr.open_group(os.path.dirname(d["train_zarr_path"].rstrip("/")), mode="r").attrs["config"]
     return (torch.utils.data.DataLoader(train, cfg["batch_size"], shuffle=True, generator=g, **common),
             torch.utils.data.DataLoader(val, cfg["batch_size"], **common), meta, "zarr Dataset + DataLoader")
 

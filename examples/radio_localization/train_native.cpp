@@ -106,8 +106,11 @@ int main(int argc, char** argv) try {
   ro.fields = {"cir", "rssi", "position"};
   torch_lmdb::StackedDataset train(o.train, ro), val(o.val, ro);
   const size_t n_train = *train.size();
-  // The simulator's configuration travels in the database metadata (user.config).
-  const auto config = nlohmann::json::parse(train.reader().metadata_json(0)).at("user").at("config");
+  // The simulator's configuration travels in the database metadata: user.config for the
+  // generator's own shards, user.source_attrs.config (the store's root attributes) for a
+  // database converted from the Zarr store.
+  const auto user = nlohmann::json::parse(train.reader().metadata_json(0)).at("user");
+  const auto config = user.contains("config") ? user.at("config") : user.at("source_attrs").at("config");
   const int64_t num_bs = config.at("num_bs"), num_taps = config.at("num_taps");
   const auto scale = torch::tensor(config.at("area").get<std::vector<float>>());
   const int64_t in = num_bs * num_taps + num_bs;

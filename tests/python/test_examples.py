@@ -35,7 +35,7 @@ def run(cmd):
 
 @pytest.fixture(scope="module")
 def radio(tmp_path_factory):
-    """A tiny radio-localization dataset, as torch_lmdb shards and as Zarr."""
+    """A tiny radio-localization dataset, as torch_lmdb shards and as a Zarr store with splits."""
     out = str(tmp_path_factory.mktemp("radio"))
     gen = [sys.executable, os.path.join(RADIO, "generate.py"), "--config", os.path.join(RADIO, "configs", "generate.yaml"),
            "--set", f"output_dir={out}", "--set", "num_samples=1500", "--set", "num_val_samples=300",
@@ -49,7 +49,7 @@ def test_lmdb_and_zarr_paths_hold_identical_samples(radio):
     out, paths = radio
     for split in ("train", "val"):
         ds = torch_lmdb.LMDBDataset(paths[split])
-        root = zarr.open_group(os.path.join(out, f"{split}.zarr"), mode="r")
+        root = zarr.open_group(os.path.join(out, "radio.zarr"), mode="r")[split]
         assert len(ds) == root["position"].shape[0] == (1500 if split == "train" else 300)
         columns = {name: root[name][:] for name in ("cir", "rssi", "position", "los")}
         node = root["paths"]  # zarr-python 2: a VLenArray array; 3: a ragged group (values + offsets)
@@ -65,44 +65,59 @@ def test_lmdb_and_zarr_paths_hold_identical_samples(radio):
         assert got["cir"].shape == (8, 64) and got["los"].dtype == torch.bool
 
 
-def test_converted_zarr_equals_the_generated_lmdb(radio, tmp_path):
-    out, paths = radio
-    converted = str(tmp_path / "train.lmdb")
-    proc = subprocess.run([sys.executable, "-m", "torch_lmdb", "convert", "--zarr-path", os.path.join(out, "train.zarr"),
-                           "--output", converted, "--verify", "--no-progress"], capture_output=True, text=True, env=ENV)
+@pytest.fixture(scope="module")
+def converted(radio, tmp_path_factory):
+    """The Zarr store converted as `make demo` does: one database per split."""
+    out, _ = radio
+    dest = str(tmp_path_factory.mktemp("converted"))
+    proc = subprocess.run([sys.executable, "-m", "torch_lmdb", "convert", "--zarr-path", os.path.join(out, "radio.zarr"),
+                           "--output-dir", dest, "--verify", "--no-progress"], capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
-    a, b = torch_lmdb.LMDBDataset(paths["train"]), torch_lmdb.LMDBDataset(converted)
-    assert len(a) == len(b)
-    for i in range(0, len(a), 7):
-        x, y = a[i], b[i]
-        for name in ("cir", "rssi", "position", "los", "paths"):
-            assert x[name].equal(y[name]), (i, name)
-    assert b.metadata["user"]["mismatched_arrays"]["bs_positions"]["shape"] == [8, 3]
+    assert proc.stdout.split() == [os.path.join(dest, "train.lmdb"), os.path.join(dest, "val.lmdb")]
+    return {"train": [os.path.join(dest, "train.lmdb")], "val": [os.path.join(dest, "val.lmdb")]}
 
 
-def test_train_py_loss_falls_and_beats_the_mean(radio):
+def test_converted_zarr_splits_equal_the_generated_lmdb(radio, converted):
     out, paths = radio
+    for split in ("train", "val"):
+        a, b = torch_lmdb.LMDBDataset(paths[split]), torch_lmdb.LMDBDataset(converted[split])
+        assert len(a) == len(b) == (1500 if split == "train" else 300)
+        for i in range(0, len(a), 7):
+            x, y = a[i], b[i]
+            for name in ("cir", "rssi", "position", "los", "paths"):
+                assert x[name].equal(y[name]), (split, i, name)
+        user = b.metadata["user"]
+        assert user["mismatched_arrays"]["bs_positions"]["shape"] == [8, 3]
+        assert user["source_attrs"]["config"]["num_bs"] == 8
+        assert user["group_attrs"] == {"split": split, "num_samples": len(a)}
+
+
+def test_train_py_loss_falls_and_beats_the_mean(radio, converted):
     r = run([sys.executable, os.path.join(RADIO, "train.py"), "--config", os.path.join(RADIO, "configs", "train.yaml"),
-             "--set", f"dataset.train_lmdb_paths=[{','.join(paths['train'])}]",
-             "--set", f"dataset.val_lmdb_paths=[{','.join(paths['val'])}]",
+             "--set", f"dataset.train_lmdb_paths=[{','.join(converted['train'])}]",
+             "--set", f"dataset.val_lmdb_paths=[{','.join(converted['val'])}]",
              "--set", "epochs=4", "--set", "num_workers=2", "--set", "batch_size=64", "--no-progress"])
     assert r["losses"][-1] < r["losses"][0]
     assert r["median_errors_m"][-1] < 0.7 * r["baseline_error_m"]
     assert r["load_samples_per_s"] > 0
 
 
-def test_train_py_reads_zarr_too(radio):
-    out, _ = radio
+def test_train_py_reads_the_generated_shards_and_zarr_too(radio):
+    out, paths = radio
     r = run([sys.executable, os.path.join(RADIO, "train.py"), "--config", os.path.join(RADIO, "configs", "train.yaml"),
-             "--set", "dataset.use_lmdb=false", "--set", f"dataset.train_zarr_path={out}/train.zarr",
-             "--set", f"dataset.val_zarr_path={out}/val.zarr", "--set", "epochs=2", "--set", "num_workers=2",
+             "--set", f"dataset.train_lmdb_paths=[{','.join(paths['train'])}]",
+             "--set", f"dataset.val_lmdb_paths=[{','.join(paths['val'])}]",
+             "--set", "epochs=1", "--set", "num_workers=0", "--set", "batch_size=64", "--no-progress"])
+    assert r["loader"].startswith("torch_lmdb") and r["load_samples_per_s"] > 0
+    r = run([sys.executable, os.path.join(RADIO, "train.py"), "--config", os.path.join(RADIO, "configs", "train.yaml"),
+             "--set", "dataset.use_lmdb=false", "--set", f"dataset.train_zarr_path={out}/radio.zarr/train",
+             "--set", f"dataset.val_zarr_path={out}/radio.zarr/val", "--set", "epochs=2", "--set", "num_workers=2",
              "--set", "batch_size=64", "--no-progress"])
     assert r["loader"].startswith("zarr") and r["losses"][-1] < r["losses"][0]
 
 
-def test_train_native_loss_falls(radio):
-    out, paths = radio
-    r = run([binary("train_native"), "--train", ",".join(paths["train"]), "--val", ",".join(paths["val"]),
+def test_train_native_loss_falls(converted):
+    r = run([binary("train_native"), "--train", ",".join(converted["train"]), "--val", ",".join(converted["val"]),
              "--epochs", "4", "--batch-size", "64", "--workers", "2"])
     assert r["losses"][-1] < r["losses"][0]
     assert r["median_errors_m"][-1] < 0.7 * r["baseline_error_m"]
