@@ -126,7 +126,8 @@ class LMDBDataset(torch.utils.data.Dataset):
     process (a forked worker never reuses the parent's LMDB environment).
 
     Args:
-        paths: a database directory or a list of them (concatenated in order).
+        paths: a database directory or a list of them (concatenated in order);
+            a shard directory (``manifest.json``) stands for its shards.
         transform: callable applied to each sample returned by ``ds[i]``.
         fields: subset of field names to read (KeyError for unknown names);
             a str is one field name.
