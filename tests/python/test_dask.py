@@ -51,10 +51,18 @@ def test_local_cluster_listens_on_loopback_only(client):
     assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
     import psutil  # a dependency of distributed
 
+    def listening(p):
+        return [c.laddr for c in getattr(p, "net_connections", p.connections)(kind="inet")
+                if c.status == psutil.CONN_LISTEN]
+
     me = psutil.Process()
-    listening = [c.laddr for p in [me, *me.children(recursive=True)] for c in getattr(p, "net_connections", p.connections)(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
-    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening  # HTTP server included
+    info = client.scheduler_info()
+    # this process hosts the scheduler: its port and its HTTP server's (other tests may listen elsewhere)
+    ports = {int(info["address"].rsplit(":", 1)[1]), *info.get("services", {}).values()}
+    mine = [a for a in listening(me) if a.port in ports]
+    assert len(ports) == 2 and {a.port for a in mine} == ports
+    workers = [a for p in me.children(recursive=True) for a in listening(p)]  # workers, nannies, their HTTP
+    assert workers and all(a.ip == "127.0.0.1" for a in mine + workers), mine + workers
 
 
 def test_write_shards_from_a_bag(client, tmp_path):
