@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the --shards K tasks on a dask.distributed cluster: a local one (worker processes "
                         "on 127.0.0.1) without SCHEDULER, else the scheduler at that address (e.g. "
                         "tcp://host:8786; the workers must see the source path). Writes a shard directory: "
-                        "--output DIR (default <output-dir>/<source name>) with manifest.json and "
-                        "shard-<k>.lmdb, written last")
+                        "--output DIR (default <output-dir>/<source name>) with shard-<k>.lmdb and "
+                        "manifest.json (written last)")
     p.add_argument("--overwrite", action="store_true", help="with --dask: replace an existing shard directory")
     p.add_argument("--map-size", type=_size, metavar="BYTES", help="initial map size (e.g. 10G); the map grows anyway")
     p.add_argument("--commit-every", type=_positive, metavar="N", help="commit every N samples (default 4096)")
