@@ -17,6 +17,22 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _print_shard_dir(i: dict) -> None:
+    print(f"{i['path']}  (shard directory, {len(i['shards'])} shards)")
+    print(f"  samples:        {i['num_samples']}")
+    print(f"  file size:      {_human(i['file_size'])}")
+    print("  fields:")
+    for f in i["fields"]:
+        codec = i["manifest"].get("codecs", {}).get(f["name"], "none")
+        print(f"    {f['name']:24} {f['kind']:6} {f['dtype']:10} {f['shape']}  codec {codec}")
+    source = i["manifest"].get("source") or {}
+    if source:
+        print(f"  source:         {json.dumps(source)[:2000]}")
+    print("  shards:")
+    for s in i["shards"]:
+        print(f"    {s['path']:24} {s['num_samples']:>10} samples  {_human(s['file_size'])}")
+
+
 def _cmd_info(args) -> int:
     import torch_lmdb
 
@@ -25,6 +41,9 @@ def _cmd_info(args) -> int:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=1))
         return 0
     for i in infos:
+        if "shards" in i:
+            _print_shard_dir(i)
+            continue
         print(f"{i['path']}")
         print(f"  samples:        {i['num_samples']}")
         print("  state:          " + ("complete (the writer closed cleanly)" if i["complete"] else
@@ -173,9 +192,36 @@ def _verify_in_child(path: str, args) -> dict:
     return last
 
 
+def _shard_paths(path: str) -> Optional[List[str]]:
+    """The shards of a shard directory, checked against its manifest (sample
+    counts, metadata checksums, schema); None for a plain database. Raises on
+    an incomplete directory or a mismatched shard."""
+    from torch_lmdb import _C, _manifest
+
+    if os.path.isfile(os.path.join(path, "data.mdb")) or not os.path.isdir(path):
+        return None
+    if not _manifest.is_manifest_dir(path) and not _manifest.shard_like_entries(path):
+        return None
+    _manifest.read_manifest(path)  # incomplete directory, unreadable manifest
+    return list(_C.Reader([path]).paths)  # every shard against the manifest
+
+
 def _cmd_verify(args) -> int:
     status = 0
+    paths: List[str] = []
     for path in args.paths:
+        try:
+            shards = _shard_paths(path)
+        except Exception as e:  # noqa: BLE001 - one line naming the directory or shard
+            print(f"{path}: damaged or incomplete: {e}")
+            status = 1
+            continue
+        if shards is None:
+            paths.append(path)
+        else:
+            print(f"{path}: manifest ok, {len(shards)} shards")
+            paths.extend(shards)
+    for path in paths:
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             print(f"{path}: not a torch_lmdb database (no data.mdb)")
             status = 1
@@ -241,6 +287,8 @@ def _cmd_convert(args) -> int:
     if len(kinds) != 1:
         raise ValueError("give exactly one source: --zarr-path, --hdf5-path or --pickle-lmdb-path")
     kind, source = kinds[0]
+    if args.dask is not None:
+        return _cmd_convert_dask(args, kind, source)
     fields = [f for f in args.fields.split(",") if f] if args.fields else None
     options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
@@ -272,6 +320,26 @@ def _cmd_convert(args) -> int:
         return 130
     for p in paths:
         print(p)
+    return 0
+
+
+def _cmd_convert_dask(args, kind: str, source: str) -> int:
+    """convert --dask: a shard directory (manifest.json + shard-<k>.lmdb) at
+    --output, else at <--output-dir or .>/<source name>."""
+    from torch_lmdb import dask as tl_dask
+
+    if args.resume:
+        raise ValueError("--resume is not used with --dask: a failed task is retried by Dask, and a rerun "
+                         "rewrites every shard")
+    stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+    out_dir = args.output or os.path.join(args.output_dir or ".", stem)
+    fields = [f for f in args.fields.split(",") if f] if args.fields else None
+    scheduler = None if args.dask == "local" else args.dask
+    tl_dask.convert_to_shards(kind, source, out_dir, shards=args.shards, fields=fields, limit=args.limit,
+                              scheduler=scheduler, map_size=args.map_size, commit_every=args.commit_every,
+                              skip_mismatched=args.skip_mismatched, allow_pickle=args.allow_pickle,
+                              verify=args.verify, overwrite=args.overwrite)
+    print(out_dir)
     return 0
 
 
@@ -311,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, metavar="N", help="convert only the first N samples")
     p.add_argument("--shards", type=_positive, default=1, metavar="K",
                    help="write K databases of near-equal size, in parallel processes")
+    p.add_argument("--dask", nargs="?", const="local", default=None, metavar="SCHEDULER",
+                   help="run the --shards K tasks on a dask.distributed cluster: a local one (worker processes "
+                        "on 127.0.0.1) without SCHEDULER, else the scheduler at that address (e.g. "
+                        "tcp://host:8786; the workers must see the source path). Writes a shard directory: "
+                        "--output DIR (default <output-dir>/<source name>) with shard-<k>.lmdb and "
+                        "manifest.json (written last)")
+    p.add_argument("--overwrite", action="store_true", help="with --dask: replace an existing shard directory")
     p.add_argument("--map-size", type=_size, metavar="BYTES", help="initial map size (e.g. 10G); the map grows anyway")
     p.add_argument("--commit-every", type=_positive, metavar="N", help="commit every N samples (default 4096)")
     p.add_argument("--skip-mismatched", action="store_true",

@@ -126,7 +126,8 @@ class LMDBDataset(torch.utils.data.Dataset):
     process (a forked worker never reuses the parent's LMDB environment).
 
     Args:
-        paths: a database directory or a list of them (concatenated in order).
+        paths: a database directory or a list of them (concatenated in order);
+            a shard directory (``manifest.json``) stands for its shards.
         transform: callable applied to each sample returned by ``ds[i]``.
         fields: subset of field names to read (KeyError for unknown names);
             a str is one field name.
@@ -203,7 +204,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._len = len(reader)
         self._schema = reader.schema()
         self._pad_args(pad)  # unknown pad fields: an error now, not silence later
-        self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(self._paths))]
+        self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(reader.paths))]
 
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
@@ -243,7 +244,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._handle, self._generation = handle, _fork_generation
         self._len = len(handle)
         self._schema = handle.schema()
-        self._metadata = [json.loads(handle.metadata_json(i)) for i in range(len(self._paths))]
+        self._metadata = [json.loads(handle.metadata_json(i)) for i in range(len(handle.paths))]
         return self._len
 
     def close(self) -> None:
@@ -433,9 +434,13 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
 
 
 def info(path: PathLike) -> Dict[str, Any]:
-    """Describes one database: metadata, sample count, fields, sizes on disk."""
+    """Describes one database: metadata, sample count, fields, sizes on disk.
+    For a shard directory: also ``manifest`` and per-shard ``shards``
+    (path, num_samples, file_size); ``metadata`` is the first shard's."""
     path = os.fspath(path)
     reader = _C.Reader([path])
+    if len(reader.paths) != 1 or os.path.isfile(os.path.join(path, "manifest.json")):
+        return _shard_dir_info(path, reader)
     for message in reader.take_warnings():
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     meta = json.loads(reader.metadata_json(0))
@@ -449,4 +454,24 @@ def info(path: PathLike) -> Dict[str, Any]:
         "file_size": os.path.getsize(data_file),
         "map_size": reader.map_size(0),
         "metadata": meta,
+    }
+
+
+def _shard_dir_info(path: str, reader) -> Dict[str, Any]:
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    shards = [{"path": p, "num_samples": n, "file_size": os.path.getsize(os.path.join(p, "data.mdb"))}
+              for p, n in zip(reader.paths, reader.file_sizes())]
+    metas = [json.loads(reader.metadata_json(i)) for i in range(len(reader.paths))]
+    return {
+        "path": path,
+        "num_samples": len(reader),
+        "complete": all(bool(m.get("complete", False)) for m in metas),
+        "format_version": metas[0].get("format_version"),
+        "fields": reader.schema(),
+        "file_size": sum(s["file_size"] for s in shards),
+        "map_size": sum(reader.map_size(i) for i in range(len(shards))),
+        "metadata": metas[0],
+        "manifest": manifest,
+        "shards": shards,
     }

@@ -641,4 +641,6 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("slab_count", [] { return SlabReceiver::instance().size(); },
         "worker batch buffers mapped in this process (a diagnostic)");
+  m.def("metadata_checksum", &torch_lmdb::metadata_checksum, py::arg("meta_json"),
+        "xxh3-64 (16 hex digits) of a metadata JSON text, as a shard manifest stores it");
 }

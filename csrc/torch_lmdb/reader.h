@@ -103,11 +103,22 @@ struct Batch {
   std::vector<std::string> order;
 };
 
+/// xxh3-64 of a file's metadata JSON text (Reader::metadata_json) as 16
+/// lowercase hex digits: the per-shard checksum a shard manifest stores.
+std::string metadata_checksum(const std::string& meta_json);
+
 class Reader {
  public:
-  /// Opens every path (directories written by Writer). Throws NotFoundError,
-  /// InvalidDatabaseError (not torch_lmdb, other format version, schemas of
-  /// the files differ), LockError.
+  /// Opens every path (directories written by Writer). A path that is a
+  /// directory holding `manifest.json` (format "torch_lmdb.manifest",
+  /// version 1) stands for the shards it lists, in its order; each shard must
+  /// have the sample count, metadata checksum and schema the manifest gives
+  /// (InvalidDatabaseError naming the shard and the manifest otherwise;
+  /// NotFoundError for a listed shard that is missing). A directory of shard
+  /// databases without a manifest is an unfinished write: InvalidDatabaseError
+  /// naming the directory. paths() returns the expanded shard paths.
+  /// Throws NotFoundError, InvalidDatabaseError (not torch_lmdb, other format
+  /// version, schemas of the files differ), LockError.
   /// `Reader({"a.lmdb", "b.lmdb"})`, `Reader({path})`, `Reader("a.lmdb")` and
   /// `Reader(paths_vector)` all compile and mean what they say (the
   /// initializer_list overload wins every braced list).
