@@ -368,7 +368,10 @@ def _codec_configs(array) -> List[Dict[str, Any]]:
     """The compressor configs of a Zarr array (format 2 or 3, zarr-python 2 or 3)."""
     codecs = []
     for attr in ("compressor", "compressors", "_values"):
-        value = getattr(array, attr, None)
+        try:
+            value = getattr(array, attr, None)
+        except Exception:  # noqa: BLE001 -- zarr-python 3: `compressor` of a format 3 array raises
+            value = None
         if attr == "_values" and value is not None:  # a ragged group: its values array
             return _codec_configs(value)
         if value is None:

@@ -24,6 +24,7 @@ def cli(*args):
 def radio_sample(i):
     t = np.linspace(0, 8 * np.pi, 4 * 256, dtype=np.float32).reshape(4, 256)
     cir = (np.sin(t * (1 + i % 5)) + 1j * np.cos(t)).astype(np.complex64)
+    cir[:, 64:] = 0  # a channel impulse response dies out after its last path
     return {"cir": cir, "rssi": np.float32(-60 - i % 7), "pos": np.arange(3, dtype=np.float64) * i,
             "scene": f"scene-{i % 3}", "raw": bytes(range(i % 50, i % 50 + 150))}
 
