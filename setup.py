@@ -33,7 +33,7 @@ setup(
             "torch_lmdb._C",
             SOURCES + ["csrc/python/bindings.cpp"],
             include_dirs=[str(ROOT / "csrc")],
-            libraries=["lmdb", "xxhash"],
+            libraries=["lmdb", "xxhash", "blosc"],
             extra_compile_args=FLAGS,
         )
     ],

@@ -33,6 +33,18 @@ def _print_shard_dir(i: dict) -> None:
         print(f"    {s['path']:24} {s['num_samples']:>10} samples  {_human(s['file_size'])}")
 
 
+def _codec_text(field) -> str:
+    """'lz4:5  stored 1.2 MiB of 4.0 MiB raw (0.30x)' for `info`."""
+    codec = field.get("codec", "none")
+    if field.get("level") is not None and codec != "none":
+        codec = f"{codec}:{field['level']}"
+    stored, raw = field.get("stored_bytes"), field.get("raw_bytes")
+    if stored is None or raw is None:
+        return f"{codec:7} stored/raw bytes not recorded"
+    ratio = f"{stored / raw:.2f}x" if raw else "-"
+    return f"{codec:7} stored {_human(stored)} of {_human(raw)} raw ({ratio})"
+
+
 def _cmd_info(args) -> int:
     import torch_lmdb
 
@@ -53,7 +65,7 @@ def _cmd_info(args) -> int:
         print(f"  file size:      {_human(i['file_size'])}   map size: {_human(i['map_size'])}")
         print("  fields:")
         for f in i["fields"]:
-            print(f"    {f['name']:24} {f['kind']:6} {f['dtype']:10} {f['shape']}")
+            print(f"    {f['name']:24} {f['kind']:6} {f['dtype']:10} {str(f['shape']):16} {_codec_text(f)}")
         user = i["metadata"].get("user") or {}
         if user:
             print(f"  user metadata:  {json.dumps(user)[:2000]}")
@@ -292,7 +304,8 @@ def _cmd_convert(args) -> int:
     fields = [f for f in args.fields.split(",") if f] if args.fields else None
     options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
-                   commit_every=args.commit_every, allow_pickle=args.allow_pickle)
+                   commit_every=args.commit_every, allow_pickle=args.allow_pickle,
+                   compression=args.compression)
     splits, _ = convert.store_splits(kind, source, args.allow_pickle)
     groups = args.group or []
     try:
@@ -391,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="leave out arrays whose first dimension is not the sample count, printing a warning "
                         "line for each (default: keep small ones in the metadata, refuse large ones)")
+    p.add_argument("--compression", choices=("auto", "none", "lz4", "zstd"), default="auto",
+                   help="Blosc codec of the tensor fields (default auto: each array's own compressor's "
+                        "nearest, none for an uncompressed array)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same output")
     p.add_argument("--verify", action="store_true", help="read back every sample and compare it with the source")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),

@@ -471,6 +471,83 @@ class PickleLMDBSource:
 SOURCES = {"zarr": ZarrSource, "hdf5": HDF5Source, "pickle-lmdb": PickleLMDBSource}
 
 
+# The source compressors (Zarr codec ids / Blosc cnames, HDF5 filters) and the
+# nearest codec of torch_lmdb: the fast ones map to LZ4, the strong ones to Zstd.
+_NEAREST_CODEC = {"lz4": "lz4", "lz4hc": "lz4", "blosclz": "lz4", "snappy": "lz4", "lzf": "lz4",
+                  "zstd": "zstd", "zlib": "zstd", "gzip": "zstd", "bz2": "zstd", "lzma": "zstd", "szip": "zstd"}
+# HDF5 registered filter ids: Blosc, LZ4, Zstd, bzip2 (h5py names gzip/lzf/szip itself).
+_HDF5_FILTERS = {32001: "blosc", 32004: "lz4", 32015: "zstd", 307: "bz2"}
+_BLOSC_CODES = ["blosclz", "lz4", "lz4hc", "snappy", "zlib", "zstd"]  # Blosc's compressor codes
+
+
+def _codec_configs(array) -> List[Dict[str, Any]]:
+    """The compressor configs of a Zarr array (format 2 or 3, zarr-python 2 or 3)."""
+    codecs = []
+    for attr in ("compressor", "compressors", "_values"):
+        try:
+            value = getattr(array, attr, None)
+        except Exception:  # noqa: BLE001 -- zarr-python 3: `compressor` of a format 3 array raises
+            value = None
+        if attr == "_values" and value is not None:  # a ragged group: its values array
+            return _codec_configs(value)
+        if value is None:
+            continue
+        for codec in (value if isinstance(value, (list, tuple)) else [value]):
+            config = None
+            for method in ("get_config", "to_dict"):
+                if callable(getattr(codec, method, None)):
+                    try:
+                        config = dict(getattr(codec, method)())
+                    except Exception:  # noqa: BLE001 -- an unusual codec: described by its name below
+                        config = None
+                    break
+            codecs.append(config if config is not None else {"id": type(codec).__name__.lower()})
+    return codecs
+
+
+def source_codec(array) -> str:
+    """The torch_lmdb codec ("none", "lz4" or "zstd") nearest to the compressor
+    of a source array: Blosc takes its inner compressor (lz4/blosclz/snappy ->
+    lz4, zstd/zlib -> zstd), Zstd/LZ4 themselves, zlib/gzip/bz2/lzma/szip ->
+    zstd, lzf -> lz4; "none" for an uncompressed array or an unknown compressor."""
+    names: List[str] = []
+    dataset = getattr(array, "_ds", None)  # _HDF5Array
+    if dataset is not None:
+        if dataset.compression:
+            names.append(str(dataset.compression))
+        for fid, options in (getattr(dataset, "_filters", None) or {}).items():
+            try:
+                name = _HDF5_FILTERS.get(int(fid))
+            except (TypeError, ValueError):
+                name = str(fid)
+            if name == "blosc":  # cd_values[6] is Blosc's compressor code
+                code = options[6] if isinstance(options, (list, tuple)) and len(options) > 6 else 0
+                name = _BLOSC_CODES[code] if 0 <= int(code) < len(_BLOSC_CODES) else "lz4"
+            if name:
+                names.append(name)
+    else:
+        for config in _codec_configs(array):
+            codec_id = str(config.get("id") or config.get("name") or "").lower().rsplit(".", 1)[-1]
+            inner = config.get("cname") or (config.get("configuration") or {}).get("cname")
+            names.append(str(getattr(inner, "value", inner)).lower() if codec_id == "blosc" and inner else codec_id)
+    for name in names:
+        if name in _NEAREST_CODEC:
+            return _NEAREST_CODEC[name]
+    return "none"
+
+
+def source_compression(source, fields: Sequence[str], compression: str = "auto") -> Any:
+    """The ``compression=`` of LMDBWriter for ``fields`` of an open source:
+    "auto" follows each array's compressor (see source_codec; a pickle-in-LMDB
+    source has none); "none", "lz4", "zstd" apply to every field."""
+    if compression != "auto":
+        if compression not in ("none", "lz4", "zstd"):
+            raise ConversionError(f"--compression must be auto, none, lz4 or zstd, got {compression!r}")
+        return compression
+    arrays = getattr(source, "_arrays", {})
+    return {name: source_codec(arrays[name]) for name in fields if name in arrays}
+
+
 def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False,
                 group: Optional[str] = None):
     """A source of ``kind`` ("zarr", "hdf5", "pickle-lmdb"). Nothing is unpickled unless
@@ -583,7 +660,8 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
             counter.value += done
     written = 0
     writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
-                                   user_metadata=user, commit_every=job["commit_every"])
+                                   user_metadata=user, commit_every=job["commit_every"],
+                                   compression=job.get("compression"))
     try:
         if done:
             writer.set_user_metadata(user)
@@ -643,10 +721,11 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
-            group: Optional[str] = None, log=print) -> List[str]:
+            group: Optional[str] = None, log=print, compression: str = "auto") -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
     returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``: see
-    :func:`open_source`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
+    :func:`open_source`; ``compression``: see
+    :func:`source_compression`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
     source = open_source(kind, source_path, skip_mismatched, allow_pickle, group)
     label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
     names = list(source.fields)
@@ -666,7 +745,8 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
                  start=a, stop=b, output=p, group=source.group,
-                 fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp)
+                 fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp,
+                 compression=source_compression(source, names, compression))
             for p, (a, b) in zip(paths, ranges)]
     desc = os.path.basename(source_path.rstrip("/")) + (f"/{group}" if group is not None else "")
     bar = _bar(progress, n, f"converting {desc}")

@@ -433,6 +433,21 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, **kwargs)
 
 
+def _with_codec(field: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]:
+    """A schema field with its codec ("none", "lz4", "zstd"), level, and the
+    stored vs raw payload bytes the writer counted (None when unknown: a
+    version 1 database, or one appended to from such)."""
+    entry = (meta.get("compression") or {}).get(field["name"])
+    entry = entry if isinstance(entry, dict) else {}
+    out = dict(field)
+    out["codec"] = entry.get("codec", "none") if isinstance(entry.get("codec", "none"), str) else "none"
+    out["level"] = entry.get("level")
+    for key in ("stored_bytes", "raw_bytes"):
+        value = entry.get(key)
+        out[key] = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return out
+
+
 def info(path: PathLike) -> Dict[str, Any]:
     """Describes one database: metadata, sample count, fields, sizes on disk.
     For a shard directory: also ``manifest`` and per-shard ``shards``
@@ -450,7 +465,7 @@ def info(path: PathLike) -> Dict[str, Any]:
         "num_samples": len(reader),
         "complete": bool(meta.get("complete", False)),
         "format_version": meta.get("format_version"),
-        "fields": reader.schema(),
+        "fields": [_with_codec(f, meta) for f in reader.schema()],
         "file_size": os.path.getsize(data_file),
         "map_size": reader.map_size(0),
         "metadata": meta,

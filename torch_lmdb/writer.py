@@ -61,6 +61,31 @@ def _field(name: Any, value: Any):
     )
 
 
+def _codec_spec(value: Any, what: str) -> str:
+    """One codec as the C++ writer's spec: None/"none", "lz4", "zstd", "zstd:5" or ("zstd", 5)."""
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return f"{value[0]}:{value[1]}"
+    raise TypeError(f"compression for {what}: expected None, 'none', 'lz4', 'zstd', 'zstd:5' or ('zstd', 5), "
+                    f"got {value!r}")
+
+
+def _compression_options(compression: Any) -> "tuple[str, dict]":
+    """``compression=`` as (default spec, {field: spec})."""
+    if isinstance(compression, Mapping):
+        per_field = {}
+        for name, value in compression.items():
+            if not isinstance(name, str):
+                raise TypeError(f"compression: field names must be str, got {name!r}")
+            per_field[name] = _codec_spec(value, f"field {name!r}")
+        return "none", per_field
+    return _codec_spec(compression, "every field"), {}
+
+
 def _as_dict(sample: Any) -> dict:
     if type(sample) is dict:
         return sample
@@ -83,6 +108,16 @@ class LMDBWriter:
         user_metadata: JSON-serializable dict stored as metadata ``user``.
         commit_bytes: commit after this many encoded bytes (default 16 MiB).
         auto_grow: grow the map on MDB_MAP_FULL (else raise MapFullError).
+        compression: Blosc compression (byte shuffle) of tensor fields:
+            ``None`` (raw), ``"lz4"``, ``"zstd"``, with an optional level
+            1-9 as ``"zstd:5"`` or ``("zstd", 5)`` (default 5); or a dict
+            ``{field: codec}`` (fields not named are stored raw). str and
+            bytes fields, payloads under 128 bytes and payloads Blosc does not
+            shrink are stored raw (each record names its fields' codecs, so
+            every record decodes alone). An unknown codec, or a field the
+            samples do not have, raises ValueError naming the field.
+        format_version: record format of a new database: 2 (default) or 1
+            (readable by torch_lmdb versions without compression; no codec).
 
     Used as a context manager, a clean exit marks the database complete; an
     exception keeps every sample written so far but leaves it marked incomplete.
@@ -98,6 +133,8 @@ class LMDBWriter:
         user_metadata: Optional[Mapping[str, Any]] = None,
         commit_bytes: Optional[int] = None,
         auto_grow: bool = True,
+        compression: "None | str | tuple | Mapping[str, Any]" = None,
+        format_version: int = _C.FORMAT_VERSION,
     ):
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
@@ -109,6 +146,7 @@ class LMDBWriter:
             map_size = max(map_size, MIN_MAP_SIZE)  # a tiny map is only an initial size: it grows
         self.path = os.fspath(path)
         user_json = json.dumps(dict(user_metadata)) if user_metadata is not None else ""
+        default_codec, field_codecs = _compression_options(compression)
         self._w = _C.Writer(
             self.path,
             append=(mode == "a"),
@@ -118,6 +156,9 @@ class LMDBWriter:
             checksum=checksum,
             auto_grow=auto_grow,
             user_json=user_json,
+            compression=default_codec,
+            field_compression=field_codecs,
+            format_version=format_version,
         )
 
     def write(self, sample: Mapping[str, Any]) -> int:

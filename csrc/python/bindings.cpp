@@ -413,8 +413,12 @@ struct PyWriter {
   }
 
   PyWriter(const std::string& path, bool append, size_t map_size, size_t commit_every, size_t commit_bytes,
-           bool checksum, bool auto_grow, const std::string& user_json) {
+           bool checksum, bool auto_grow, const std::string& user_json, const std::string& compression,
+           const std::map<std::string, std::string>& field_compression, int format_version) {
     WriterOptions o;
+    o.compression = compression;
+    o.field_compression = field_compression;
+    o.format_version = format_version;
     o.append = append;
     o.map_size = map_size;
     o.commit_every = commit_every;
@@ -550,10 +554,13 @@ PYBIND11_MODULE(_C, m) {
       .def("take_warnings", [](PyReader& r) { return r.sink->take(); });
 
   py::class_<PyWriter>(m, "Writer")
-      .def(py::init<const std::string&, bool, size_t, size_t, size_t, bool, bool, const std::string&>(),
+      .def(py::init<const std::string&, bool, size_t, size_t, size_t, bool, bool, const std::string&,
+                    const std::string&, const std::map<std::string, std::string>&, int>(),
            py::arg("path"), py::arg("append") = false, py::arg("map_size") = 0, py::arg("commit_every") = 0,
            py::arg("commit_bytes") = 0, py::arg("checksum") = true, py::arg("auto_grow") = true,
-           py::arg("user_json") = "")
+           py::arg("user_json") = "", py::arg("compression") = "",
+           py::arg("field_compression") = std::map<std::string, std::string>(),
+           py::arg("format_version") = static_cast<int>(kFormatVersion))
       .def("write", &PyWriter::write, py::arg("sample"), py::arg("convert"))
       .def("write_many", &PyWriter::write_many, py::arg("samples"), py::arg("convert"))
       .def("flush", [](PyWriter& w) { Writer& x = w.get(); py::gil_scoped_release nogil; x.flush(); })

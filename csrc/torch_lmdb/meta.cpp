@@ -98,11 +98,13 @@ MetaInfo validate_meta(const Json& meta, const std::string& path) {
   const Json* version = find("format_version");
   if (version == nullptr) invalid("no metadata 'format_version'");
   if (!version->is_number_integer()) wrong("format_version", "an integer", *version);
-  if (version->is_number_unsigned() ? version->get<uint64_t>() != kFormatVersion
-                                    : version->get<int64_t>() != kFormatVersion)
-    invalid("format version " + version->dump() + " (this torch_lmdb reads version " +
-            std::to_string(kFormatVersion) + ")");
-  info.format_version = kFormatVersion;
+  const bool known = version->is_number_unsigned()
+                         ? version->get<uint64_t>() >= kMinFormatVersion && version->get<uint64_t>() <= kFormatVersion
+                         : version->get<int64_t>() >= kMinFormatVersion && version->get<int64_t>() <= kFormatVersion;
+  if (!known)
+    invalid("format version " + version->dump() + " (this torch_lmdb reads versions " +
+            std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion) + ")");
+  info.format_version = version->get<int64_t>();
 
   if (const Json* order = find("byte_order")) {
     if (!order->is_string()) wrong("byte_order", "\"little\"", *order);

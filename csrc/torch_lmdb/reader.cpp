@@ -661,9 +661,9 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
     if (meta.value("format", std::string()) != "torch_lmdb") invalid("metadata 'format' is not \"torch_lmdb\"");
     if (!meta.contains("format_version") || !meta["format_version"].is_number_integer()) invalid("no 'format_version'");
     const int64_t version = meta["format_version"].get<int64_t>();
-    if (version != kFormatVersion)
-      invalid("format version " + std::to_string(version) + " (this torch_lmdb reads version " +
-              std::to_string(kFormatVersion) + ")");
+    if (version < kMinFormatVersion || version > kFormatVersion)
+      invalid("format version " + std::to_string(version) + " (this torch_lmdb reads versions " +
+              std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion) + ")");
     if (meta.value("byte_order", std::string("little")) != "little") invalid("byte order is not little-endian");
     if (!meta.contains("num_samples") || !meta["num_samples"].is_number_unsigned()) invalid("no 'num_samples'");
     const size_t n = meta["num_samples"].get<size_t>();
@@ -817,7 +817,7 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
           return false;  // (the general path reads the batch again: nothing is evicted yet)
         }
       }
-      if (o.slot) std::memcpy(o.dst + i * o.slot, fv.data, o.slot);
+      if (o.slot) decode_payload(fv, o.dst + i * o.slot);  // a copy, or Blosc straight into the batch
     }
   }
   size_t t = 0;
@@ -899,7 +899,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
     for (int64_t d : shape) slot *= static_cast<size_t>(d);
     if (!varies) {
       for (size_t i = 0; i < B; ++i)
-        if (slot) std::memcpy(dst + i * slot, views[i][f].data, slot);
+        if (slot) decode_payload(views[i][f], dst + i * slot);
     } else {
       out.fill_(options.pad_value);
       at::Tensor lengths = at::empty({static_cast<int64_t>(B), ndim}, at::kLong);
@@ -907,7 +907,15 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
       for (size_t i = 0; i < B; ++i) {
         const FieldView& v = views[i][f];
         std::copy(v.sizes, v.sizes + ndim, len + i * ndim);
-        if (v.nbytes) copy_padded(dst + i * slot, shape.data(), v.data, v.sizes, ndim, itemsize);
+        if (v.nbytes == 0) continue;
+        const char* src = v.data;
+        if (v.codec != Codec::None) {  // decompressed beside, then padded into its slot
+          thread_local std::vector<char> decoded;
+          decoded.resize(v.nbytes);
+          decode_payload(v, decoded.data());
+          src = decoded.data();
+        }
+        copy_padded(dst + i * slot, shape.data(), src, v.sizes, ndim, itemsize);
       }
       batch.tensors.insert(field.name, std::move(out));
       batch.tensors.insert(field.name + "_lengths", std::move(lengths));

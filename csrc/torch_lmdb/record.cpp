@@ -4,7 +4,9 @@
 #include <c10/util/Exception.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
+#include <blosc.h>
 
+#include <algorithm>
 #include <cstring>
 #include <istream>
 #include <limits>
@@ -200,13 +202,107 @@ FieldKind kind_from_name(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown field kind '", name, "' in metadata");
 }
 
+const char* codec_name(Codec c) noexcept {
+  switch (c) {
+    case Codec::BloscLZ4: return "lz4";
+    case Codec::BloscZstd: return "zstd";
+    default: return "none";
+  }
+}
+
+Compression parse_compression(const std::string& spec, const std::string& what) {
+  Compression c;
+  const size_t colon = spec.find(':');
+  const std::string name = spec.substr(0, colon);
+  auto bad = [&](const std::string& why) {
+    TORCH_CHECK_VALUE(false, "compression for ", what, ": ", why,
+                      "; expected none, lz4 or zstd, optionally with a level 1-9 (\"zstd:5\")");
+  };
+  if (name.empty() || name == "none") {
+    if (colon != std::string::npos) bad("'" + spec + "' gives a level to no codec");
+    return c;
+  }
+  if (name == "lz4") {
+    c.codec = Codec::BloscLZ4;
+  } else if (name == "zstd") {
+    c.codec = Codec::BloscZstd;
+  } else {
+    bad("unknown codec '" + spec + "'");
+  }
+  if (colon != std::string::npos) {
+    const std::string level = spec.substr(colon + 1);
+    if (level.size() != 1 || level[0] < '1' || level[0] > '9') bad("level '" + level + "' is not 1-9");
+    c.level = level[0] - '0';
+  }
+  return c;
+}
+
+std::string compression_spec(const Compression& c) {
+  if (c.codec == Codec::None) return "none";
+  return std::string(codec_name(c.codec)) + ":" + std::to_string(c.level);
+}
+
+namespace {
+
+// Blosc's compressor name and the name its header reports (blosc_cbuffer_complib).
+const char* blosc_compressor(Codec c) { return c == Codec::BloscZstd ? BLOSC_ZSTD_COMPNAME : BLOSC_LZ4_COMPNAME; }
+const char* blosc_lib(Codec c) { return c == Codec::BloscZstd ? BLOSC_ZSTD_LIBNAME : BLOSC_LZ4_LIBNAME; }
+
+// The element size Blosc shuffles by: a complex number's component (the real
+// parts' bytes then group with each other, as in numcodecs for complex arrays
+// stored as pairs of floats).
+size_t shuffle_typesize(at::ScalarType t) {
+  const size_t size = c10::elementSize(t);
+  return at::isComplexType(t) ? size / 2 : size;
+}
+
+// Checks a stored Blosc frame of `view` (its header: lengths, codec); returns
+// an empty string when it may be decompressed, else what is wrong.
+std::string blosc_problem(const FieldView& v) {
+  if (v.stored < BLOSC_MIN_HEADER_LENGTH)
+    return "compressed payload of " + std::to_string(v.stored) + " bytes is shorter than a Blosc header";
+  size_t nbytes = 0, cbytes = 0, blocksize = 0;
+  blosc_cbuffer_sizes(v.data, &nbytes, &cbytes, &blocksize);
+  if (cbytes != v.stored)
+    return "Blosc frame declares " + std::to_string(cbytes) + " bytes in a payload of " + std::to_string(v.stored);
+  if (nbytes != v.nbytes)
+    return "Blosc frame decompresses to " + std::to_string(nbytes) + " bytes, not the " + std::to_string(v.nbytes) +
+           " of its shape";
+  size_t checked = 0;
+  if (blosc_cbuffer_validate(v.data, static_cast<size_t>(v.stored), &checked) != 0 || checked != v.nbytes)
+    return "invalid Blosc header";
+  const char* lib = blosc_cbuffer_complib(v.data);
+  if (lib == nullptr || std::strcmp(lib, blosc_lib(v.codec)) != 0)
+    return std::string("Blosc frame compressed with ") + (lib ? lib : "an unknown compressor") + ", not " +
+           codec_name(v.codec);
+  return {};
+}
+
+}  // namespace
+
 void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
   out.clear();
   append_record(fields, checksum, out);
 }
 
 size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
+  EncodeOptions o;
+  o.checksum = checksum;
+  return append_record(fields, o, out);
+}
+
+size_t append_record(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out) {
   TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
+  TORCH_CHECK_VALUE(options.version == kFormatVersion || options.version == kMinFormatVersion,
+                    "record format version ", options.version, " cannot be written; this torch_lmdb writes ",
+                    kMinFormatVersion, " to ", kFormatVersion);
+  TORCH_CHECK_VALUE(options.compression == nullptr || options.compression->size() == fields.size(),
+                    "compression for ", options.compression ? options.compression->size() : 0, " fields of a ",
+                    fields.size(), "-field record");
+  const bool checksum = options.checksum;
+  thread_local std::vector<uint64_t> stored;
+  stored.assign(fields.size(), 0);
+  thread_local std::string scratch;  // one compressed payload
   const size_t start = out.size();
   // One sink + ostream per thread, pointed at each output in turn: building a
   // std::ostream (locale, facets) per record costs more than a small record.
@@ -219,11 +315,12 @@ size_t append_record(const std::vector<Field>& fields, bool checksum, std::strin
   try {
     cereal::BinaryOutputArchive ar(enc.os);
     const uint32_t magic = kRecordMagic;
-    const uint16_t version = kFormatVersion;
+    const uint16_t version = options.version;
     const uint16_t flags = checksum ? 1 : 0;
     const uint32_t count = static_cast<uint32_t>(fields.size());
     ar(magic, version, flags, count);
-    for (const Field& f : fields) {
+    for (size_t fi = 0; fi < fields.size(); ++fi) {
+      const Field& f = fields[fi];
       TORCH_CHECK_VALUE(!f.name.empty(), "field names must not be empty");
       TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' holds an undefined tensor");
       TORCH_CHECK_VALUE(f.tensor.device().is_cpu(), "field '", f.name,
@@ -253,8 +350,38 @@ size_t append_record(const std::vector<Field>& fields, bool checksum, std::strin
       ar(kind, code, ndim);
       for (int64_t s : t.sizes()) ar(s);
       const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
-      ar(nbytes);
-      if (nbytes > 0) ar(cereal::binary_data(t.data_ptr(), nbytes));
+      const Compression c = options.compression && f.kind == FieldKind::Tensor ? (*options.compression)[fi]
+                                                                               : Compression{};
+      if (options.version == kMinFormatVersion) {
+        TORCH_CHECK_VALUE(c.codec == Codec::None, "field '", f.name, "': format version ", kMinFormatVersion,
+                          " records cannot be compressed");
+        ar(nbytes);
+        if (nbytes > 0) ar(cereal::binary_data(t.data_ptr(), nbytes));
+        stored[fi] = nbytes;
+        continue;
+      }
+      // A frame is kept only when it is smaller than the raw bytes: Blosc
+      // gives up (returns 0) when the output does not fit in `nbytes`.
+      int csize = 0;
+      if (c.codec != Codec::None && nbytes >= kMinCompressBytes &&
+          nbytes <= static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)) {
+        if (scratch.size() < nbytes) scratch.resize(nbytes);
+        csize = blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t.scalar_type()),
+                                   static_cast<size_t>(nbytes), t.data_ptr(), &scratch[0],
+                                   static_cast<size_t>(nbytes), blosc_compressor(c.codec), 0, 1);
+        TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
+      }
+      if (csize > 0) {
+        const uint8_t codec = static_cast<uint8_t>(c.codec);
+        const uint64_t size = static_cast<uint64_t>(csize);
+        ar(codec, size, cereal::binary_data(scratch.data(), size));
+        stored[fi] = size;
+      } else {
+        const uint8_t codec = 0;
+        ar(codec, nbytes);
+        if (nbytes > 0) ar(cereal::binary_data(t.data_ptr(), nbytes));
+        stored[fi] = nbytes;
+      }
     }
   } catch (...) {
     out.resize(start);  // never leave half a record behind
@@ -267,6 +394,8 @@ size_t append_record(const std::vector<Field>& fields, bool checksum, std::strin
     const uint64_t h = XXH3_64bits(out.data() + start, out.size() - start);
     out.append(reinterpret_cast<const char*>(&h), sizeof(h));
   }
+  if (options.stored_bytes != nullptr && options.stored_bytes->size() == fields.size())
+    for (size_t fi = 0; fi < fields.size(); ++fi) (*options.stored_bytes)[fi] += stored[fi];
   return out.size() - start;
 }
 
@@ -298,12 +427,12 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
     corrupted(ctx, std::string("truncated header: ") + e.what());
   }
   if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
-  if (version != kFormatVersion) {
+  if (version != kFormatVersion && version != kMinFormatVersion) {
     const std::string path = ctx.path ? *ctx.path : std::string();
     throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
                                    " has format version " + std::to_string(version) +
-                                   "; this torch_lmdb reads version " +
-                                   std::to_string(kFormatVersion),
+                                   "; this torch_lmdb reads versions " +
+                                   std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion),
                                0, path);
   }
   if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
@@ -318,8 +447,12 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
       if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
     }
   }
-  // Each field takes at least 8 + 1 + 3 + 8 bytes: bound the count before resizing.
-  constexpr size_t kMinField = 20;
+  // Each field takes at least 8 + 1 + 3 + 8 bytes (+ 1 codec byte in
+  // version 2): bound the count before resizing.
+  const size_t kMinField = version == 1 ? 20 : 21;
+  // A raw payload lies in the value: its element count is bounded by the
+  // value's size. A compressed one decompresses to at most Blosc 1's limit.
+  const uint64_t numel_limit = version == 1 ? size : std::max<uint64_t>(size, BLOSC_MAX_BUFFERSIZE);
   if (count > (end - kHeader) / kMinField + 1)
     corrupted(ctx, "field count " + std::to_string(count) + " does not fit in " +
                        std::to_string(size) + " bytes");
@@ -370,21 +503,39 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
         numel = 0;
       } else {
         for (int d = 0; d < ndim; ++d) {
-          if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > size)
+          if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > numel_limit)
             corrupted(ctx, "field '" + f.printable_name() + "' has shape " + c10::str(f.shape()) +
                                " that does not fit in a " + std::to_string(size) + "-byte value");
         }
       }
-      ar(f.nbytes);
+      uint8_t codec = 0;
+      if (version != 1) {
+        ar(codec);
+        if (codec > 2)
+          corrupted(ctx, "field '" + f.printable_name() + "' has unknown codec " + std::to_string(codec));
+        if (codec != 0 && kind != 0)
+          corrupted(ctx, "field '" + f.printable_name() + "' of kind " + kind_name(f.kind) + " is compressed");
+      }
+      f.codec = static_cast<Codec>(codec);
+      f.ctx = ctx;
+      ar(f.stored);
       const uint64_t itemsize = c10::elementSize(f.dtype);
-      if (f.nbytes != numel * itemsize)
-        corrupted(ctx, "field '" + f.printable_name() + "' declares " + std::to_string(f.nbytes) +
+      f.nbytes = numel * itemsize;
+      if (f.codec == Codec::None && f.stored != f.nbytes)
+        corrupted(ctx, "field '" + f.printable_name() + "' declares " + std::to_string(f.stored) +
                            " bytes for " + std::to_string(numel) + " elements of " + dtype_name(f.dtype));
-      if (f.nbytes > avail())
-        corrupted(ctx, "field '" + f.printable_name() + "' payload of " + std::to_string(f.nbytes) +
+      if (f.codec != Codec::None && (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)))
+        corrupted(ctx, "field '" + f.printable_name() + "' has a compressed payload for " +
+                           std::to_string(f.nbytes) + " bytes");
+      if (f.stored > avail())
+        corrupted(ctx, "field '" + f.printable_name() + "' payload of " + std::to_string(f.stored) +
                            " bytes runs past the end of the " + std::to_string(size) + "-byte value");
       f.data = src.current();
-      src.skip(static_cast<size_t>(f.nbytes));
+      if (f.codec != Codec::None) {
+        const std::string problem = blosc_problem(f);
+        if (!problem.empty()) corrupted(ctx, "field '" + f.printable_name() + "': " + problem);
+      }
+      src.skip(static_cast<size_t>(f.stored));
     }
   } catch (const cereal::Exception& e) {
     corrupted(ctx, std::string("truncated field header: ") + e.what());
@@ -393,9 +544,20 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
     corrupted(ctx, std::to_string(end - (size - src.remaining())) + " unexpected bytes after the last field");
 }
 
+void decode_compressed(const FieldView& view, void* dst) {
+  std::string problem = blosc_problem(view);
+  if (problem.empty()) {
+    const int n = blosc_decompress_ctx(view.data, dst, static_cast<size_t>(view.nbytes), 1);
+    if (n < 0 || static_cast<uint64_t>(n) != view.nbytes)
+      problem = std::string("Blosc (") + codec_name(view.codec) + ") failed to decompress the payload (code " +
+                std::to_string(n) + ")";
+  }
+  if (!problem.empty()) corrupted(view.ctx, "field '" + view.printable_name() + "': " + problem);
+}
+
 at::Tensor to_tensor(const FieldView& view) {
   at::Tensor t = at::empty(view.shape(), at::TensorOptions().dtype(view.dtype));
-  if (view.nbytes > 0) std::memcpy(t.data_ptr(), view.data, view.nbytes);
+  decode_payload(view, t.data_ptr());
   return t;
 }
 
@@ -430,6 +592,7 @@ bool parse_record_cached(const void* data, size_t size, bool verify_checksum, co
         out[i] = tmpl.views[i];
         out[i].name = base + reinterpret_cast<uintptr_t>(tmpl.views[i].name);
         out[i].data = base + reinterpret_cast<uintptr_t>(tmpl.views[i].data);
+        out[i].ctx = ctx;
       }
       return true;
     }
@@ -446,13 +609,13 @@ bool parse_record_cached(const void* data, size_t size, bool verify_checksum, co
   size_t start = 0;
   for (const FieldView& v : out) {
     const size_t begin = v.data != nullptr ? static_cast<size_t>(v.data - base) : 0;
-    if (v.data == nullptr || begin < start || begin + v.nbytes > tmpl.body_end) {  // unusual: do not cache
+    if (v.data == nullptr || begin < start || begin + v.stored > tmpl.body_end) {  // unusual: do not cache
       tmpl.size = 0;
       tmpl.views.clear();
       return false;
     }
     tmpl.segments.emplace_back(start, begin);
-    start = begin + v.nbytes;
+    start = begin + v.stored;
   }
   tmpl.segments.emplace_back(start, tmpl.body_end);
   for (const auto& [begin, end] : tmpl.segments) tmpl.bytes.append(base + begin, end - begin);

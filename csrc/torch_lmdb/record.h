@@ -1,30 +1,46 @@
-// torch_lmdb/record.h -- samples and the on-disk record format (version 1).
+// torch_lmdb/record.h -- samples and the on-disk record format (version 2;
+// version 1 records are read too).
 //
 // A record (one LMDB value) is a cereal binary archive (little-endian hosts
 // only; the byte order is recorded in the metadata) of:
 //   u32 magic: the bytes "TLMD" (0x444D4C54 read as little-endian u32)
-//   u16 format version (1)   u16 flags (bit 0: checksum present)
+//   u16 format version (2, or 1)   u16 flags (bit 0: checksum present)
 //   u32 field count
 //   per field: u64 name length, name bytes (UTF-8),
 //              u8 kind (0 tensor, 1 str, 2 bytes), u8 dtype code (DtypeCode),
-//              u8 ndim, ndim x i64 sizes, u64 payload length,
-//              payload: raw contiguous little-endian element bytes
-//   u64 xxh3-64 of every preceding byte (when flag bit 0 is set)
+//              u8 ndim, ndim x i64 sizes,
+//              [version 2 only: u8 codec (Codec: 0 none, 1 blosc-lz4, 2 blosc-zstd)]
+//              u64 payload length, payload: codec none: the raw contiguous
+//              little-endian element bytes; blosc-*: one Blosc 1 frame (byte
+//              shuffle) that decompresses to those bytes
+//   u64 xxh3-64 of every preceding byte (when flag bit 0 is set): it covers
+//   the stored (compressed) bytes
 // docs/FORMAT.md is the reference for readers written without this code.
 //
 // Contract
 // - parse_record() validates every count and length against the value's size
 //   before anything is allocated, and throws CorruptedError naming the path
-//   and the sample index; it never reads outside [data, data + size).
+//   and the sample index; it never reads outside [data, data + size). For a
+//   compressed payload it also checks the Blosc header: the frame's length is
+//   the payload length and it decompresses to exactly prod(sizes) * itemsize
+//   bytes (at most 2^31 - 1: Blosc 1's limit), the codec named in the record.
 // - FieldView pointers point into the caller's buffer (for LMDB: the map,
-//   valid until the read transaction ends). Copy before the txn is released.
-// - All functions are thread-safe (no shared state).
+//   valid until the read transaction ends). Copy (decode_payload, to_tensor)
+//   before the txn is released.
+// - decode_payload() re-checks the Blosc header before decompressing (a
+//   record matched by parse_record_cached was not re-parsed) and raises
+//   CorruptedError naming the path, the index and the field when the payload
+//   does not decompress to the expected bytes; it writes at most view.nbytes
+//   bytes and reads only the view's stored bytes.
+// - All functions are thread-safe (no shared state; Blosc is called through
+//   its context API, which holds no global lock or state).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/ordered_dict.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -35,7 +51,9 @@ namespace torch_lmdb {
 using Sample = torch::OrderedDict<std::string, at::Tensor>;
 
 constexpr uint32_t kRecordMagic = 0x444D4C54u;  // bytes "TLMD" on disk
-constexpr uint16_t kFormatVersion = 1;
+constexpr uint16_t kFormatVersion = 2;
+/// The oldest record/metadata format version this library reads (and may write).
+constexpr uint16_t kMinFormatVersion = 1;
 constexpr int kMaxDims = 16;
 
 enum class FieldKind : uint8_t { Tensor = 0, Str = 1, Bytes = 2 };
@@ -48,6 +66,36 @@ enum class DtypeCode : uint8_t {
   Complex32 = 13, UInt16 = 14, UInt32 = 15, UInt64 = 16,          // torch >= 1.13 / 2.3
   Float8E5M2 = 17, Float8E4M3FN = 18,                             // torch >= 2.1
   Float8E5M2FNUZ = 19, Float8E4M3FNUZ = 20,                       // torch >= 2.2
+};
+
+/// Per-field payload codec stored in version 2 records (stable codes).
+enum class Codec : uint8_t { None = 0, BloscLZ4 = 1, BloscZstd = 2 };
+
+/// A codec with its level (Blosc clevel 1-9).
+struct Compression {
+  Codec codec = Codec::None;
+  int level = 5;
+  bool operator==(const Compression& o) const { return codec == o.codec && (codec == Codec::None || level == o.level); }
+};
+
+/// "none", "lz4", "zstd".
+const char* codec_name(Codec c) noexcept;
+/// Parses a codec spec: "" or "none", "lz4", "zstd", optionally with a level
+/// ("zstd:5", 1-9; default 5). Throws c10::ValueError naming `what` (e.g.
+/// "field 'cir'") on anything else.
+Compression parse_compression(const std::string& spec, const std::string& what);
+/// The spec text of `c` ("none", "lz4:5", ...).
+std::string compression_spec(const Compression& c);
+
+/// Payloads smaller than this are stored raw (codec none) whatever the
+/// field's codec; so is any payload whose Blosc frame is not smaller than the
+/// raw bytes, or larger than Blosc 1's 2^31 - 1 - 16 byte limit.
+constexpr size_t kMinCompressBytes = 128;
+
+/// Where a record came from, for error messages.
+struct RecordContext {
+  const std::string* path = nullptr;
+  uint64_t index = 0;
 };
 
 /// A field with its kind (what Python needs to give back str/bytes).
@@ -65,8 +113,11 @@ struct FieldView {
   at::ScalarType dtype = at::kFloat;
   int ndim = 0;
   int64_t sizes[kMaxDims] = {};
-  const char* data = nullptr;
-  uint64_t nbytes = 0;
+  const char* data = nullptr;  ///< the stored payload (`stored` bytes)
+  uint64_t nbytes = 0;         ///< the decoded payload: prod(sizes) * itemsize
+  uint64_t stored = 0;         ///< bytes at `data` (== nbytes for codec none)
+  Codec codec = Codec::None;   ///< str/bytes fields are always Codec::None
+  RecordContext ctx;           ///< the record's path and index (for decode errors)
 
   std::string name_str() const { return std::string(name, name_size); }
   /// The name for error messages: bytes outside printable ASCII as \xNN (a
@@ -91,12 +142,6 @@ struct FieldView {
     return n.size() == name_size && n.compare(0, n.size(), name, name_size) == 0;
   }
   at::IntArrayRef shape() const { return at::IntArrayRef(sizes, static_cast<size_t>(ndim)); }
-};
-
-/// Where a record came from, for error messages.
-struct RecordContext {
-  const std::string* path = nullptr;
-  uint64_t index = 0;
 };
 
 /// Schema of one field as stored in the metadata (-1 = dimension varies).
@@ -128,6 +173,22 @@ void encode_record(const std::vector<Field>& fields, bool checksum, std::string&
 /// record's size. On an exception `out` is left as it was.
 size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out);
 
+/// How append_record() encodes a record.
+struct EncodeOptions {
+  bool checksum = true;
+  /// kFormatVersion, or 1 (no codec byte; compression must be none).
+  uint16_t version = kFormatVersion;
+  /// Per field, in `fields` order (null: none). Tensor fields only: str/bytes
+  /// payloads are always stored raw.
+  const std::vector<Compression>* compression = nullptr;
+  /// When set (sized like `fields`): each field's stored payload bytes are
+  /// added, after the record was appended.
+  std::vector<uint64_t>* stored_bytes = nullptr;
+};
+/// append_record() with compression (see kMinCompressBytes for what is
+/// stored raw). Throws c10::ValueError for compression in a version 1 record.
+size_t append_record(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out);
+
 /// Parses and validates a record; `out` is resized to the field count.
 /// `verify_checksum` also checks the xxh3 (when the record carries one).
 void parse_record(const void* data, size_t size, bool verify_checksum,
@@ -152,7 +213,19 @@ struct RecordTemplate {
 bool parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
                          std::vector<FieldView>& out, RecordTemplate& tmpl);
 
-/// Copies a parsed field into a new tensor (str/bytes: 1-D uint8).
+/// Writes the field's decoded payload (view.nbytes bytes) to `dst`: a copy
+/// for codec none, a Blosc decompression otherwise (throws CorruptedError
+/// naming view.ctx's path and index and the field when it fails).
+void decode_compressed(const FieldView& view, void* dst);
+inline void decode_payload(const FieldView& view, void* dst) {
+  if (view.codec == Codec::None) {
+    if (view.nbytes) std::memcpy(dst, view.data, view.nbytes);
+  } else {
+    decode_compressed(view, dst);
+  }
+}
+
+/// Copies (decodes) a parsed field into a new tensor (str/bytes: 1-D uint8).
 at::Tensor to_tensor(const FieldView& view);
 
 /// Converts kind-tagged fields to a Sample (kinds dropped).

@@ -102,7 +102,7 @@ struct Batch {
   std::vector<size_t> ends;
   size_t first = 0;           // index of the first record
   bool complete = false;      // mark the database complete in this commit
-  detail::Json schema, user;  // metadata committed with these samples
+  detail::Json schema, user, compression;  // metadata committed with these samples
   size_t size() const noexcept { return ends.size(); }
   void clear() noexcept {
     bytes.clear();
@@ -134,6 +134,46 @@ struct Writer::Impl {
   bool meta_dirty = false;
   bool closed = false;
   std::vector<Field> ordered;
+  uint16_t version = kFormatVersion;      // of the records written
+  std::vector<Compression> codecs;         // per schema field
+  std::vector<uint64_t> stored_bytes, raw_bytes;  // per schema field, over the whole database
+  bool counts_known = true;                // false: appended to a database without counts
+  Compression default_codec;
+
+  // Codecs per schema field, once the schema is known; checks that every
+  // field named in options.field_compression exists.
+  void resolve_codecs() {
+    codecs.assign(schema.size(), default_codec);
+    for (const auto& [name, spec] : options.field_compression) {
+      auto it = std::find_if(schema.begin(), schema.end(), [&](const FieldSchema& f) { return f.name == name; });
+      if (it == schema.end()) {
+        std::string names;
+        for (const auto& f : schema) names += (names.empty() ? "" : ", ") + f.name;
+        TORCH_CHECK_VALUE(false, "compression names field '", name, "', which the samples of '", path,
+                          "' do not have; fields: ", names);
+      }
+      codecs[static_cast<size_t>(it - schema.begin())] = parse_compression(spec, "field '" + name + "'");
+    }
+    for (size_t f = 0; f < schema.size(); ++f)
+      if (schema[f].kind != FieldKind::Tensor) codecs[f] = Compression{};
+    stored_bytes.resize(schema.size(), 0);
+    raw_bytes.resize(schema.size(), 0);
+  }
+
+  // Metadata `compression`: per field its codec and the stored vs decoded payload bytes.
+  detail::Json compression_json() const {
+    detail::Json out = detail::Json::object();
+    for (size_t f = 0; f < schema.size() && f < codecs.size(); ++f) {
+      detail::Json entry{{"codec", codec_name(codecs[f].codec)}};
+      if (codecs[f].codec != Codec::None) entry["level"] = codecs[f].level;
+      if (counts_known) {
+        entry["stored_bytes"] = stored_bytes[f];
+        entry["raw_bytes"] = raw_bytes[f];
+      }
+      out[schema[f].name] = std::move(entry);
+    }
+    return out;
+  }
 
   ~Impl() {
     if (committer) {
@@ -167,7 +207,8 @@ struct Writer::Impl {
   size_t size() const noexcept { return pending.first + pending.size(); }
 
   void put_common_meta(MDB_txn* txn, size_t num_samples, const detail::Json& schema_json,
-                       const detail::Json& user_json, bool complete) {
+                       const detail::Json& user_json, bool complete, const detail::Json& compression) {
+    if (version != kMinFormatVersion) detail::put_meta(*env, txn, "compression", compression);
     detail::put_meta(*env, txn, "num_samples", num_samples);
     detail::put_meta(*env, txn, "schema", schema_json);
     detail::put_meta(*env, txn, "complete", complete);
@@ -196,7 +237,7 @@ struct Writer::Impl {
                             path, "index " + std::to_string(b.first + i));
           start = b.ends[i];
         }
-        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete);
+        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression);
         EarlyWriteback writeback(env->handle());
         txn.commit();
         break;
@@ -225,6 +266,7 @@ struct Writer::Impl {
     pending.complete = complete;
     pending.schema = detail::schema_to_json(schema);
     pending.user = user;
+    pending.compression = compression_json();
     std::swap(pending, inflight);
     pending.clear();
     pending.first = inflight.first + inflight.size();
@@ -252,6 +294,7 @@ struct Writer::Impl {
         dtype_code(f.tensor.scalar_type());  // TypeError for unsupported dtypes
         schema.push_back(FieldSchema{f.name, f.kind, f.tensor.scalar_type(), f.tensor.sizes().vec()});
       }
+      resolve_codecs();  // ValueError for a codec naming no field
       meta_dirty = true;
       return fields;
     }
@@ -309,6 +352,16 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   w.options = std::move(options);
   if (w.options.commit_every == 0) w.options.commit_every = kDefaultCommitEvery;
   if (w.options.commit_bytes == 0) w.options.commit_bytes = kDefaultCommitBytes;
+  TORCH_CHECK_VALUE(w.options.format_version == kFormatVersion || w.options.format_version == kMinFormatVersion,
+                    "WriterOptions::format_version ", w.options.format_version, " cannot be written; this torch_lmdb writes ",
+                    kMinFormatVersion, " or ", kFormatVersion);
+  w.default_codec = parse_compression(w.options.compression, "every field (WriterOptions::compression)");
+  bool compresses = w.default_codec.codec != Codec::None;
+  for (const auto& [name, spec] : w.options.field_compression)
+    compresses = parse_compression(spec, "field '" + name + "'").codec != Codec::None || compresses;
+  TORCH_CHECK_VALUE(!compresses || w.options.format_version != kMinFormatVersion,
+                    "format version 1 records cannot be compressed; drop the compression or write version 2");
+  w.version = static_cast<uint16_t>(w.options.format_version);
   EnvOptions eo;
   eo.readonly = false;
   eo.lock = 1;
@@ -357,10 +410,14 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   } else if (has_meta) {
     detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     const int64_t version = meta.value("format_version", int64_t{0});
-    if (version != kFormatVersion)
+    if (version != kFormatVersion && version != kMinFormatVersion)
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
-                                     ", this torch_lmdb writes version " + std::to_string(kFormatVersion),
+                                     ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
+                                     " and " + std::to_string(kFormatVersion),
                                  0, path);
+    // A version 1 database stays version 1 (readable by older torch_lmdb)
+    // unless this writer compresses.
+    w.version = compresses ? kFormatVersion : static_cast<uint16_t>(version);
     const size_t counted = meta.value("num_samples", size_t{0});
     if (counted != existing_samples)
       throw CorruptedError("'" + path + "' counts " + std::to_string(counted) + " samples but holds " +
@@ -370,6 +427,26 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     w.user = meta.value("user", detail::Json::object());
     w.committed = counted;
     w.pending.first = counted;
+    if (!w.schema.empty()) {
+      w.resolve_codecs();  // ValueError for a codec naming no field
+      // Continue the byte counts of the metadata (absent in version 1: then unknown).
+      const detail::Json old = meta.value("compression", detail::Json());
+      w.counts_known = counted == 0;
+      if (old.is_object()) {
+        bool all = true;
+        for (size_t f = 0; f < w.schema.size(); ++f) {
+          const auto it = old.find(w.schema[f].name);
+          if (it == old.end() || !it->is_object() || !it->value("stored_bytes", detail::Json()).is_number_unsigned() ||
+              !it->value("raw_bytes", detail::Json()).is_number_unsigned()) {
+            all = false;
+            break;
+          }
+          w.stored_bytes[f] = (*it)["stored_bytes"].get<uint64_t>();
+          w.raw_bytes[f] = (*it)["raw_bytes"].get<uint64_t>();
+        }
+        w.counts_known = all || counted == 0;
+      }
+    }
   }
   if (!w.options.user_json.empty()) set_user_metadata(w.options.user_json);
 
@@ -379,13 +456,15 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
       WriteTxn txn(*w.env);
       if (!has_meta || !w.options.append) {
         detail::put_meta(*w.env, txn.get(), "format", "torch_lmdb");
-        detail::put_meta(*w.env, txn.get(), "format_version", kFormatVersion);
+        detail::put_meta(*w.env, txn.get(), "format_version", w.version);
         detail::put_meta(*w.env, txn.get(), "checksum", w.options.checksum ? "xxh3_64" : "none");
         detail::put_meta(*w.env, txn.get(), "byte_order", "little");
         detail::put_meta(*w.env, txn.get(), "created_with",
                          detail::Json{{"torch_lmdb", TORCH_LMDB_VERSION}, {"torch", kTorchVersion}});
       }
-      w.put_common_meta(txn.get(), w.committed, detail::schema_to_json(w.schema), w.user, false);
+      if (has_meta && w.options.append) detail::put_meta(*w.env, txn.get(), "format_version", w.version);
+      w.put_common_meta(txn.get(), w.committed, detail::schema_to_json(w.schema), w.user, false,
+                        w.compression_json());
       txn.commit();
       break;
     } catch (const MapFullError&) {
@@ -421,7 +500,14 @@ size_t Writer::write(const std::vector<Field>& fields) {
   try {
     const std::vector<Field>& ordered = w.conform(fields, index);
     if (b.bytes.capacity() == 0) b.bytes.reserve(std::min(w.options.commit_bytes, kMaxReserve) + 4096);
-    append_record(ordered, w.options.checksum, b.bytes);
+    EncodeOptions eo;
+    eo.checksum = w.options.checksum;
+    eo.version = w.version;
+    eo.compression = &w.codecs;
+    eo.stored_bytes = &w.stored_bytes;
+    append_record(ordered, eo, b.bytes);
+    for (size_t f = 0; f < ordered.size(); ++f)
+      w.raw_bytes[f] += static_cast<uint64_t>(ordered[f].tensor.numel()) * ordered[f].tensor.element_size();
   } catch (c10::Error& e) {
     if (first) w.schema.clear();  // a rejected first sample defines no schema
     e.add_context("while writing sample " + std::to_string(index) + " to '" + w.path + "'");

@@ -31,6 +31,7 @@
 //   complete (call close()); it never throws.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,6 +58,23 @@ struct WriterOptions {
   /// Free JSON object text stored as metadata `user` (merged into existing
   /// user metadata when appending). Empty = none.
   std::string user_json;
+  /// Codec of every tensor field: "" or "none", "lz4", "zstd" (Blosc with
+  /// byte shuffle), optionally with a Blosc level 1-9: "zstd:5" (default 5).
+  /// str/bytes fields are always stored raw, and so is a payload below
+  /// kMinCompressBytes or one that Blosc does not make smaller (per record:
+  /// each record names its fields' codecs). A bad spec raises
+  /// c10::ValueError in the constructor.
+  std::string compression;
+  /// Per-field codecs (field name -> spec as above), overriding
+  /// `compression`. A name that is not a field of the samples raises
+  /// c10::ValueError naming it (at the first sample, or in the constructor
+  /// when appending).
+  std::map<std::string, std::string> field_compression;
+  /// Record format version of a new database: kFormatVersion (2), or 1
+  /// (readable by torch_lmdb before compression; no codec may be set).
+  /// Appending keeps the database's version, unless a codec is set on a
+  /// version 1 database: it then becomes version 2.
+  int format_version = kFormatVersion;
 };
 
 class Writer {

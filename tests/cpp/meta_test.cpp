@@ -112,7 +112,8 @@ TEST(Meta, BadValuesNameThePathTheKeyAndWhatWasFound) {
       {"num_samples", "-1", "metadata 'num_samples' is an integer (-1), expected a non-negative integer"},
       {"num_samples", "3.0", "metadata 'num_samples' is a floating-point number"},
       {"format_version", "\"1\"", "metadata 'format_version' is a string (\"1\"), expected an integer"},
-      {"format_version", "2", "format version 2 (this torch_lmdb reads version 1)"},
+      {"format_version", "3", "format version 3 (this torch_lmdb reads versions 1 to 2)"},
+      {"format_version", "0", "format version 0 (this torch_lmdb reads versions 1 to 2)"},
       {"format", "7", "metadata 'format' is an integer (7), expected \"torch_lmdb\""},
       {"byte_order", "[]", "metadata 'byte_order' is an array"},
       {"user", "[1]", "metadata 'user' is an array, expected an object"},
@@ -143,7 +144,7 @@ TEST(Meta, ValidateMetaReturnsWhatTheWriterStored) {
   write_dataset(tmp.sub("ok"), 5);
   const auto meta = torch_lmdb::detail::Json::parse(Reader(tmp.sub("ok")).metadata_json());
   const torch_lmdb::detail::MetaInfo info = torch_lmdb::detail::validate_meta(meta, tmp.sub("ok"));
-  EXPECT_EQ(info.format_version, 1);
+  EXPECT_EQ(info.format_version, 2);
   EXPECT_EQ(info.num_samples, 5u);
   EXPECT_TRUE(info.complete);
   ASSERT_EQ(info.schema.size(), 2u);

@@ -226,7 +226,7 @@ TEST(Corruption, TruncatedBitFlippedAndAbsurdRecordsNamePathAndIndex) {
     std::string fresh;
     encode_record(f, false, fresh);
     const int64_t huge = int64_t{1} << 50;
-    const size_t pos = fresh.size() - 16 * 4 - 8 - 8;  // x's only size, before nbytes + payload
+    const size_t pos = fresh.size() - 16 * 4 - 8 - 1 - 8;  // x's only size, before codec + nbytes + payload
     std::memcpy(&fresh[pos], &huge, 8);
     v = fresh;
   });

@@ -237,7 +237,7 @@ TEST(Writer, MetadataDescribesTheDatabase) {
   write_dataset(tmp.sub("meta"), 4, 0, o);
   Reader r(tmp.sub("meta"));
   const std::string m = r.metadata_json();
-  for (const char* key : {"\"format\":\"torch_lmdb\"", "\"format_version\":1", "\"num_samples\":4",
+  for (const char* key : {"\"format\":\"torch_lmdb\"", "\"format_version\":2", "\"num_samples\":4",
                           "\"complete\":true", "\"checksum\":\"xxh3_64\"", "\"byte_order\":\"little\"",
                           "\"created_with\"", "\"source\":\"unit test\"", "\"dtype\":\"float32\""})
     EXPECT_NE(m.find(key), std::string::npos) << key << " not in " << m;

@@ -68,6 +68,29 @@ int main(int argc, char** argv) {
   put(root + "/record/shapes", rec);
   encode_record(text_fields("hello"), true, rec);
   put(root + "/record/text", rec);
+  // Version 2 records with Blosc payloads (LZ4 and Zstd, a complex field, a
+  // raw small one, str) and a version 1 record.
+  for (const char* codec : {"lz4", "zstd"}) {
+    const std::vector<Compression> c(3, parse_compression(codec, "seed"));
+    EncodeOptions eo;
+    eo.compression = &c;
+    for (bool checksum : {false, true}) {
+      eo.checksum = checksum;
+      rec.clear();
+      append_record({Field{"cir", FieldKind::Tensor, torch::complex(torch::arange(64.0f), torch::ones({64}))},
+                     Field{"small", FieldKind::Tensor, torch::arange(3)},
+                     Field{"s", FieldKind::Str, torch::full({40}, 'a', torch::kByte)}},
+                    eo, rec);
+      put(root + "/record/blosc-" + codec + (checksum ? "-sum" : ""), rec);
+    }
+  }
+  {
+    EncodeOptions eo;
+    eo.version = 1;
+    rec.clear();
+    append_record({Field{"x", FieldKind::Tensor, torch::arange(6)}}, eo, rec);
+    put(root + "/record/version1", rec);
+  }
 
   // meta: a whole table as Reader::metadata_json gives it, and single values.
   const std::string db = root + "/tmp/db";

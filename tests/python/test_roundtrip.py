@@ -107,7 +107,7 @@ def test_several_files_are_one_dataset(make_db):
 def test_info_and_metadata(make_db):
     path = make_db(4, user_metadata={"source": "test"})
     meta = torch_lmdb.info(path)
-    assert meta["num_samples"] == 4 and meta["complete"] is True and meta["format_version"] == 1
+    assert meta["num_samples"] == 4 and meta["complete"] is True and meta["format_version"] == 2
     assert meta["metadata"]["user"] == {"source": "test"}
     assert [f["name"] for f in meta["fields"]] == ["index", "x", "label"]
     assert meta["file_size"] > 0 and meta["map_size"] >= meta["file_size"]

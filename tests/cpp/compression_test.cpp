@@ -1,0 +1,319 @@
+// Per-field Blosc compression (record format version 2) and version 1 records.
+#include <lmdb.h>
+#include <torch/torch.h>
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+
+using namespace torch_lmdb;
+using torch_lmdb_test::TempDir;
+
+namespace {
+
+const std::vector<at::ScalarType> kDtypes = {
+    at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
+    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble};
+
+// Compressible but not constant: a smooth signal with some noise, cast.
+at::Tensor signal_of(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
+  torch::manual_seed(seed);
+  if (dtype == at::kBool) return torch::arange(c10::multiply_integers(shape)).reshape(shape).remainder(7) == 0;
+  at::Tensor base = torch::linspace(0, 50, c10::multiply_integers(shape)).reshape(shape);
+  if (at::isComplexType(dtype)) return torch::complex(base, -base).to(dtype);
+  if (at::isFloatingType(dtype)) return (base + 0.01 * torch::randn(shape)).to(dtype);
+  return base.round().to(dtype);
+}
+
+std::vector<Field> sample_of(at::ScalarType dtype, int64_t i) {
+  return {
+      Field{"big", FieldKind::Tensor, signal_of({64, 33}, dtype, i)},
+      Field{"small", FieldKind::Tensor, signal_of({3}, dtype, i)},    // under kMinCompressBytes: raw
+      Field{"empty", FieldKind::Tensor, signal_of({0, 4}, dtype, i)},  // no payload
+      Field{"scalar", FieldKind::Tensor, signal_of({}, dtype, i)},
+      Field{"text", FieldKind::Str, torch::full({300}, 'a', torch::kByte)},  // str: stored raw
+      Field{"blob", FieldKind::Bytes, torch::full({200}, 7, torch::kByte)},
+  };
+}
+
+std::vector<FieldView> parse_value(const std::string& path, uint64_t index, std::string& holder) {
+  MDB_env* env;
+  EXPECT_EQ(mdb_env_create(&env), 0);
+  mdb_env_set_maxdbs(env, 4);
+  EXPECT_EQ(mdb_env_open(env, path.c_str(), MDB_RDONLY | MDB_NOLOCK, 0644), 0);  // no reader slot: a Reader of the file may be open
+  MDB_txn* txn;
+  EXPECT_EQ(mdb_txn_begin(env, nullptr, MDB_RDONLY, &txn), 0);
+  MDB_dbi dbi;
+  EXPECT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  unsigned char key[8];
+  encode_key(index, key);
+  MDB_val k{8, key}, v;
+  EXPECT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+  holder.assign(static_cast<char*>(v.mv_data), v.mv_size);
+  mdb_txn_abort(txn);
+  mdb_env_close(env);
+  std::vector<FieldView> views;
+  RecordContext ctx{&path, index};
+  parse_record(holder.data(), holder.size(), true, ctx, views);
+  return views;
+}
+
+void mutate_record(const std::string& path, uint64_t index, const std::function<void(std::string&)>& mutate) {
+  MDB_env* env;
+  ASSERT_EQ(mdb_env_create(&env), 0);
+  mdb_env_set_maxdbs(env, 4);
+  ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
+  MDB_txn* txn;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+  MDB_dbi dbi;
+  ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  unsigned char key[8];
+  encode_key(index, key);
+  MDB_val k{8, key}, v;
+  ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+  std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+  mutate(value);
+  MDB_val nv{value.size(), value.data()};
+  ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  ASSERT_EQ(mdb_txn_commit(txn), 0);
+  mdb_env_close(env);
+}
+
+void expect_corrupted(const std::function<void()>& fn, const std::vector<std::string>& needles) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected CorruptedError";
+  } catch (const CorruptedError& e) {
+    const std::string msg = e.what();
+    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "no '" << n << "' in: " << msg;
+  }
+}
+
+}  // namespace
+
+TEST(Compression, EveryDtypeRoundTripsWithEachCodecOnEveryReadPath) {
+  TempDir tmp;
+  for (const char* codec : {"lz4", "zstd:9"}) {
+    for (auto dtype : kDtypes) {
+      SCOPED_TRACE(std::string(codec) + " " + c10::toString(dtype));
+      const std::string path = tmp.sub(std::string(codec).substr(0, 3) + c10::toString(dtype));
+      WriterOptions o;
+      o.compression = codec;
+      std::vector<std::vector<Field>> written;
+      {
+        Writer w(path, o);
+        for (int64_t i = 0; i < 3; ++i) {
+          written.push_back(sample_of(dtype, i));
+          w.write(written.back());
+        }
+        w.close();
+      }
+      // Each record names its codecs: big compressed, the rest raw.
+      std::string holder;
+      const auto views = parse_value(path, 1, holder);
+      ASSERT_EQ(views.size(), 6u);
+      const Codec expected = codec[0] == 'l' ? Codec::BloscLZ4 : Codec::BloscZstd;
+      EXPECT_EQ(views[0].codec, expected);
+      EXPECT_LT(views[0].stored, views[0].nbytes);
+      for (size_t f = 1; f < views.size(); ++f) EXPECT_EQ(views[f].codec, Codec::None) << views[f].name_str();
+
+      Reader r(path, ReaderOptions{/*verify=*/true});
+      for (size_t i = 0; i < 3; ++i) {
+        const auto got = r.get_fields(i);
+        ASSERT_EQ(got.size(), written[i].size());
+        for (size_t f = 0; f < got.size(); ++f) {
+          EXPECT_EQ(got[f].kind, written[i][f].kind);
+          EXPECT_TRUE(torch::equal(got[f].tensor, written[i][f].tensor)) << got[f].name;
+        }
+      }
+      // Batched (fixed shapes: decoded straight into the batch), shuffled order.
+      std::vector<size_t> order{2, 0, 1};
+      const Batch b = r.read_batch(order);
+      for (size_t j = 0; j < order.size(); ++j) {
+        EXPECT_TRUE(torch::equal(b.tensors["big"][j], written[order[j]][0].tensor));
+        EXPECT_TRUE(torch::equal(b.tensors["scalar"][j], written[order[j]][3].tensor));
+      }
+      // A caller's allocator takes the general path.
+      BatchOptions alloc;
+      alloc.allocate = [](at::IntArrayRef shape, at::ScalarType t) { return at::empty(shape, t); };
+      const Batch c = r.read_batch(order, alloc);
+      for (size_t j = 0; j < order.size(); ++j)
+        EXPECT_TRUE(torch::equal(c.tensors["big"][j], written[order[j]][0].tensor));
+    }
+  }
+}
+
+TEST(Compression, PaddedBatchOfCompressedVariableLengthField) {
+  TempDir tmp;
+  const std::string path = tmp.sub("ragged");
+  WriterOptions o;
+  o.field_compression = {{"v", "zstd"}};
+  std::vector<at::Tensor> values;
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 4; ++i) {
+      values.push_back(torch::arange(100 + 50 * i, torch::kFloat).remainder(13));
+      w.write({Field{"v", FieldKind::Tensor, values.back()}, Field{"y", FieldKind::Tensor, torch::zeros({64})}});
+    }
+    w.close();
+  }
+  std::string holder;
+  EXPECT_EQ(parse_value(path, 3, holder)[0].codec, Codec::BloscZstd);
+  EXPECT_EQ(parse_value(path, 3, holder)[1].codec, Codec::None);  // not named: raw
+  Reader r(path);
+  BatchOptions pad;
+  pad.pad = true;
+  pad.pad_value = -1;
+  std::vector<size_t> idx{3, 0, 2};
+  const Batch b = r.read_batch(idx, pad);
+  for (size_t j = 0; j < idx.size(); ++j) {
+    const int64_t n = values[idx[j]].size(0);
+    EXPECT_TRUE(torch::equal(b.tensors["v"][j].slice(0, 0, n), values[idx[j]]));
+    EXPECT_TRUE((b.tensors["v"][j].slice(0, n) == -1).all().item<bool>());
+  }
+}
+
+TEST(Compression, IncompressiblePayloadsAreStoredRawAndMetadataCountsBytes) {
+  TempDir tmp;
+  const std::string path = tmp.sub("noise");
+  WriterOptions o;
+  o.compression = "lz4";
+  torch::manual_seed(3);
+  const at::Tensor noise = torch::randint(0, 256, {4096}, torch::kByte);
+  const at::Tensor zeros = torch::zeros({4096}, torch::kFloat);
+  {
+    Writer w(path, o);
+    w.write({Field{"noise", FieldKind::Tensor, noise}, Field{"zeros", FieldKind::Tensor, zeros}});
+    w.close();
+  }
+  std::string holder;
+  const auto views = parse_value(path, 0, holder);
+  EXPECT_EQ(views[0].codec, Codec::None);
+  EXPECT_EQ(views[0].stored, 4096u);
+  EXPECT_EQ(views[1].codec, Codec::BloscLZ4);
+  Reader r(path);
+  const auto meta = nlohmann::json::parse(r.metadata_json());
+  EXPECT_EQ(meta["format_version"], 2);
+  EXPECT_EQ(meta["compression"]["noise"]["codec"], "lz4");
+  EXPECT_EQ(meta["compression"]["noise"]["stored_bytes"], 4096);
+  EXPECT_EQ(meta["compression"]["zeros"]["raw_bytes"], 4096 * 4);
+  EXPECT_EQ(meta["compression"]["zeros"]["stored_bytes"], views[1].stored);
+  EXPECT_TRUE(torch::equal(r.get_fields(0)[0].tensor, noise));
+}
+
+TEST(Compression, DamagedCompressedPayloadRaisesCorruptedErrorNamingPathIndexAndField) {
+  TempDir tmp;
+  const std::string path = tmp.sub("damaged");
+  WriterOptions o;
+  o.compression = "zstd";
+  o.checksum = false;  // only the codec's own checks stand between damage and the tensor
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 6; ++i)
+      w.write({Field{"id", FieldKind::Tensor, torch::tensor(i)},
+               Field{"cir", FieldKind::Tensor, signal_of({32, 64}, at::kComplexFloat, i)}});
+    w.close();
+  }
+  std::string holder;
+  const auto views = parse_value(path, 0, holder);
+  ASSERT_EQ(views[1].codec, Codec::BloscZstd);
+  const size_t frame = static_cast<size_t>(views[1].data - holder.data());
+  const size_t stored = static_cast<size_t>(views[1].stored);
+  // 1: the frame's declared compressed length (header bytes 12-15) doubled.
+  mutate_record(path, 1, [&](std::string& v) { v[frame + 13] ^= 0x40; });
+  // 2: its declared decompressed length (bytes 4-7).
+  mutate_record(path, 2, [&](std::string& v) { v[frame + 5] ^= 0x01; });
+  // 3: the compressed stream itself, past the header and block offsets.
+  mutate_record(path, 3, [&](std::string& v) {
+    for (size_t p = frame + 24; p < frame + stored; p += 3) v[p] = static_cast<char>(v[p] ^ 0x5a);
+  });
+  // 4: the frame truncated (payload length and record shortened together).
+  mutate_record(path, 4, [&](std::string& v) {
+    const uint64_t shorter = stored / 2;
+    std::memcpy(&v[frame - 8], &shorter, 8);
+    v.erase(frame + shorter, stored - shorter);
+  });
+  // 5: the header says another compressor.
+  mutate_record(path, 5, [&](std::string& v) { v[frame + 2] = static_cast<char>((v[frame + 2] & 0x1f) | (1 << 5)); });
+  Reader r(path);
+  for (uint64_t i : {1, 2, 3, 4, 5}) {
+    SCOPED_TRACE(i);
+    expect_corrupted([&] { r.get_fields(i); }, {path, "index " + std::to_string(i), "'cir'"});
+    std::vector<size_t> batch{0, static_cast<size_t>(i)};
+    expect_corrupted([&] { r.read_batch(batch); }, {path, "index " + std::to_string(i), "'cir'"});
+  }
+  // The record after a damaged one (same layout: a template hit) still reads.
+  EXPECT_TRUE(torch::equal(r.get_fields(0)[1].tensor, signal_of({32, 64}, at::kComplexFloat, 0)));
+}
+
+TEST(Compression, Version1FilesAreReadAndAppendingCompressedUpgradesThem) {
+  TempDir tmp;
+  const std::string path = tmp.sub("v1");
+  WriterOptions v1;
+  v1.format_version = 1;
+  torch_lmdb_test::write_dataset(path, 5, 0, v1);
+  std::string holder;
+  parse_value(path, 0, holder);
+  uint16_t version = 0;
+  std::memcpy(&version, holder.data() + 4, 2);
+  EXPECT_EQ(version, 1);
+  {
+    Reader r(path);
+    EXPECT_EQ(nlohmann::json::parse(r.metadata_json())["format_version"], 1);
+    for (size_t i = 0; i < 5; ++i) EXPECT_TRUE(torch::equal(*r.get(i).find("x"), *torch_lmdb_test::make_sample(i).find("x")));
+  }
+  // Appending without compression keeps version 1 records.
+  WriterOptions plain;
+  plain.append = true;
+  torch_lmdb_test::write_dataset(path, 1, 5, plain);
+  std::memcpy(&version, (parse_value(path, 5, holder), holder.data() + 4), 2);
+  EXPECT_EQ(version, 1);
+  // Appending with compression: version 2 records after version 1 ones.
+  WriterOptions comp;
+  comp.append = true;
+  comp.compression = "lz4";
+  {
+    Writer w(path, comp);
+    w.write(torch_lmdb_test::make_sample(6, 256));
+    w.close();
+  }
+  Reader r(path);
+  EXPECT_EQ(nlohmann::json::parse(r.metadata_json())["format_version"], 2);
+  EXPECT_EQ(parse_value(path, 6, holder)[1].codec, Codec::BloscLZ4);
+  std::vector<size_t> all{0, 1, 2, 3, 4, 5};
+  const Batch b = r.read_batch(all);
+  for (size_t i = 0; i < all.size(); ++i)
+    EXPECT_TRUE(torch::equal(b.tensors["x"][i], *torch_lmdb_test::make_sample(i).find("x")));
+  EXPECT_TRUE(torch::equal(r.get_fields(6)[1].tensor, *torch_lmdb_test::make_sample(6, 256).find("x")));
+  // Version 1 cannot carry a codec.
+  WriterOptions bad = v1;
+  bad.compression = "zstd";
+  EXPECT_THROW(Writer(tmp.sub("bad"), bad), c10::ValueError);
+}
+
+TEST(Compression, BadCodecsAndUnknownFieldsAreRefusedNamingTheField) {
+  TempDir tmp;
+  auto message = [&](WriterOptions o, bool write) -> std::string {
+    try {
+      Writer w(tmp.sub("e" + std::to_string(rand())), o);
+      if (write) w.write(torch_lmdb_test::make_sample(0));
+    } catch (const c10::ValueError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  WriterOptions a;
+  a.field_compression = {{"x", "gzip"}};
+  EXPECT_NE(message(a, false).find("field 'x': unknown codec 'gzip'"), std::string::npos) << message(a, false);
+  WriterOptions b;
+  b.compression = "zstd:12";
+  EXPECT_NE(message(b, false).find("level '12'"), std::string::npos);
+  WriterOptions c;
+  c.field_compression = {{"nope", "lz4"}};
+  const std::string m = message(c, true);
+  EXPECT_NE(m.find("'nope'"), std::string::npos) << m;
+  EXPECT_NE(m.find("index, x"), std::string::npos) << m;  // lists the fields
+  EXPECT_EQ(parse_compression("zstd:3", "f").level, 3);
+  EXPECT_EQ(parse_compression("", "f").codec, Codec::None);
+}

@@ -1,0 +1,197 @@
+"""Per-field Blosc compression: LMDBWriter(compression=...), info, convert --compression."""
+import json
+import os
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+import torch_lmdb
+from torch_lmdb import _zarr
+from torch_lmdb import convert as tl_convert
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "torch_lmdb", *args], capture_output=True, text=True, env=env)
+
+
+def radio_sample(i):
+    t = np.linspace(0, 8 * np.pi, 4 * 256, dtype=np.float32).reshape(4, 256)
+    cir = (np.sin(t * (1 + i % 5)) + 1j * np.cos(t)).astype(np.complex64)
+    cir[:, 64:] = 0  # a channel impulse response dies out after its last path
+    return {"cir": cir, "rssi": np.float32(-60 - i % 7), "pos": np.arange(3, dtype=np.float64) * i,
+            "scene": f"scene-{i % 3}", "raw": bytes(range(i % 50, i % 50 + 150))}
+
+
+def write(path, n=12, **kwargs):
+    with torch_lmdb.LMDBWriter(path, **kwargs) as w:
+        for i in range(n):
+            w.write(radio_sample(i))
+    return path
+
+
+def record_codecs(path, index=0):
+    """{field: codec byte} of record `index`, parsed by hand (docs/FORMAT.md)."""
+    env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
+    with env.begin() as txn:
+        value = txn.get(index.to_bytes(8, "big"), db=env.open_db(b"samples", txn=txn, create=False))
+    env.close()
+    version = int.from_bytes(value[4:6], "little")
+    count = int.from_bytes(value[8:12], "little")
+    pos, out = 12, {}
+    for _ in range(count):
+        n = int.from_bytes(value[pos:pos + 8], "little")
+        name = value[pos + 8:pos + 8 + n].decode()
+        pos += 8 + n
+        ndim = value[pos + 2]
+        pos += 3 + 8 * ndim
+        codec = 0
+        if version == 2:
+            codec = value[pos]
+            pos += 1
+        length = int.from_bytes(value[pos:pos + 8], "little")
+        pos += 8 + length
+        out[name] = codec
+    return version, out
+
+
+@pytest.mark.parametrize("compression, expected", [
+    (None, {"cir": 0}),
+    ("lz4", {"cir": 1}),
+    ("zstd:7", {"cir": 2}),
+    (("zstd", 3), {"cir": 2}),
+    ({"cir": "lz4"}, {"cir": 1}),
+    ({"cir": ("zstd", 9), "pos": None}, {"cir": 2}),
+])
+def test_writer_compression_forms_round_trip(tmp_path, compression, expected):
+    path = write(str(tmp_path / "db"), compression=compression)
+    version, codecs = record_codecs(path)
+    assert version == 2
+    assert codecs["cir"] == expected["cir"]
+    assert codecs["scene"] == 0 and codecs["raw"] == 0 and codecs["rssi"] == 0  # str/bytes/tiny: raw
+    ds = torch_lmdb.LMDBDataset(path, verify=True)
+    for i in (0, 5, 11):
+        got, want = ds[i], radio_sample(i)
+        assert np.array_equal(got["cir"].numpy(), want["cir"])
+        assert got["scene"] == want["scene"] and got["raw"] == want["raw"]
+        assert np.array_equal(got["pos"].numpy(), want["pos"])
+    batch = ds.get_batch([11, 3, 7])
+    assert torch.equal(batch["cir"], torch.from_numpy(np.stack([radio_sample(i)["cir"] for i in (11, 3, 7)])))
+    assert batch["scene"] == [radio_sample(i)["scene"] for i in (11, 3, 7)]
+
+
+def test_compressed_database_is_smaller_and_info_shows_codecs_and_bytes(tmp_path):
+    plain = write(str(tmp_path / "plain"), n=200)
+    packed = write(str(tmp_path / "packed"), n=200, compression="zstd")
+    info = torch_lmdb.info(packed)
+    cir = next(f for f in info["fields"] if f["name"] == "cir")
+    assert cir["codec"] == "zstd" and cir["level"] == 5
+    assert cir["raw_bytes"] == 200 * 4 * 256 * 8
+    assert 0 < cir["stored_bytes"] < cir["raw_bytes"] / 2
+    scene = next(f for f in info["fields"] if f["name"] == "scene")
+    assert scene["codec"] == "none" and scene["stored_bytes"] == scene["raw_bytes"]
+    assert torch_lmdb.info(plain)["fields"][0]["codec"] == "none"
+    assert os.path.getsize(os.path.join(packed, "data.mdb")) < os.path.getsize(os.path.join(plain, "data.mdb")) / 2
+    text = cli("info", packed).stdout
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("cir "))
+    assert "zstd:5" in line and "stored" in line and f"({cir['stored_bytes'] / cir['raw_bytes']:.2f}x)" in line
+
+
+def test_unknown_codec_and_unknown_field_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"field 'cir': unknown codec 'gzip'"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "a"), compression={"cir": "gzip"})
+    with pytest.raises(ValueError, match=r"every field.*unknown codec 'brotli'"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "b"), compression="brotli")
+    with pytest.raises(ValueError, match=r"level '0' is not 1-9"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "c"), compression=("lz4", 0))
+    with pytest.raises(TypeError, match=r"field 'cir'"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "d"), compression={"cir": 5})
+    w = torch_lmdb.LMDBWriter(str(tmp_path / "e"), compression={"cri": "lz4"})
+    with pytest.raises(ValueError, match=r"compression names field 'cri'.*fields: cir, rssi"):
+        w.write(radio_sample(0))
+    w.close()
+
+
+def test_version1_database_reads_and_damaged_payload_names_field(tmp_path):
+    old = write(str(tmp_path / "v1"), format_version=1)
+    assert record_codecs(old)[0] == 1 and torch_lmdb.info(old)["format_version"] == 1
+    assert np.array_equal(torch_lmdb.LMDBDataset(old)[3]["cir"].numpy(), radio_sample(3)["cir"])
+    with pytest.raises(ValueError, match="cannot be compressed"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "v1z"), format_version=1, compression="lz4")
+    # A damaged Blosc frame (no checksum to catch it first).
+    path = write(str(tmp_path / "bad"), checksum=False, compression="lz4")
+    env = lmdb.open(path, max_dbs=4)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"samples", txn=txn)
+        value = bytearray(txn.get((4).to_bytes(8, "big"), db=db))
+        frame = value.index(b"cir") + 3 + 3 + 3 * 8 + 1 + 8  # kind, dtype, ndim, 3 sizes, codec, length
+        value[frame + 12] ^= 0x7F  # the frame's compressed length
+        txn.put((4).to_bytes(8, "big"), bytes(value), db=db)
+    env.close()
+    ds = torch_lmdb.LMDBDataset(path)
+    with pytest.raises(torch_lmdb.CorruptedError, match=r"index 4.*field 'cir'"):
+        ds[4]
+    with pytest.raises(torch_lmdb.CorruptedError, match=r"index 4.*field 'cir'"):
+        ds.get_batch([1, 4])
+    assert np.array_equal(ds[5]["cir"].numpy(), radio_sample(5)["cir"])
+
+
+def _zarr_array(group, name, data, codec):
+    """An array compressed with `codec` (a numcodecs codec or None), zarr-python 2 or 3."""
+    if _zarr.zarr_major() < 3:
+        array = group.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=(25,) + data.shape[1:],
+                                     compressor=codec)
+    else:
+        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(25,) + data.shape[1:],
+                                   compressors=[codec] if codec is not None else None, zarr_format=2)
+    array[...] = data
+    return array
+
+
+def test_convert_auto_follows_the_zarr_compressor(tmp_path):
+    import numcodecs
+
+    src = str(tmp_path / "src.zarr")
+    group = _zarr.open_group(src, mode="w", zarr_format=2)
+    n = 100
+    cir = np.stack([radio_sample(i)["cir"] for i in range(n)])
+    _zarr_array(group, "cir_lz4", cir, numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE))
+    _zarr_array(group, "cir_zstd", cir, numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE))
+    _zarr_array(group, "cir_zlib", cir, numcodecs.Zlib(level=5))
+    _zarr_array(group, "cir_raw", cir, None)
+    out = str(tmp_path / "auto.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    fields = {f["name"]: f for f in torch_lmdb.info(out)["fields"]}
+    assert {k: f["codec"] for k, f in fields.items()} == {
+        "cir_lz4": "lz4", "cir_zstd": "zstd", "cir_zlib": "zstd", "cir_raw": "none"}
+    assert fields["cir_lz4"]["stored_bytes"] < fields["cir_raw"]["stored_bytes"] / 2
+    ds = torch_lmdb.LMDBDataset(out)
+    assert np.array_equal(ds[42]["cir_zstd"].numpy(), cir[42]) and np.array_equal(ds[42]["cir_raw"].numpy(), cir[42])
+    forced = str(tmp_path / "none.lmdb")
+    assert cli("convert", "--zarr-path", src, "--output", forced, "--compression", "none").returncode == 0
+    assert {f["codec"] for f in torch_lmdb.info(forced)["fields"]} == {"none"}
+    assert (os.path.getsize(os.path.join(out, "data.mdb"))
+            < os.path.getsize(os.path.join(forced, "data.mdb")))
+    assert tl_convert.source_codec(group["cir_lz4"]) == "lz4"
+
+
+def test_convert_auto_follows_hdf5_filters(tmp_path):
+    import h5py
+
+    src = str(tmp_path / "src.h5")
+    data = np.stack([radio_sample(i)["cir"] for i in range(40)])
+    with h5py.File(src, "w") as f:
+        f.create_dataset("gz", data=data, compression="gzip", chunks=(10, 4, 256))
+        f.create_dataset("lzf", data=data, compression="lzf", chunks=(10, 4, 256))
+        f.create_dataset("plain", data=data)
+    out = str(tmp_path / "h.lmdb")
+    tl_convert.convert("hdf5", src, out, log=lambda *a, **k: None)
+    assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {
+        "gz": "zstd", "lzf": "lz4", "plain": "none"}
