@@ -579,7 +579,8 @@ PYBIND11_MODULE(_C, m) {
       .def("delivered", &BatchStream::delivered)
       .def("num_samples", &BatchStream::num_samples)
       .def("batch_indices", &BatchStream::batch_indices, py::arg("k"));
-  m.def("epoch_seed", &epoch_seed, py::arg("seed"), py::arg("epoch"));
+  m.def("epoch_seed", [](uint64_t seed, uint64_t epoch) { return epoch_seed(seed, epoch); }, py::arg("seed"),
+        py::arg("epoch"), "the seed of an epoch's order (stream.h)");
   m.def("sample_order", [](size_t n, const std::string& order, uint64_t seed, size_t block_size,
                            size_t window_blocks) {
     const SampleOrder o = order_from_name(order);
