@@ -33,6 +33,10 @@ sys.path.insert(0, ROOT)
 import torch_lmdb  # noqa: E402
 
 BIN = os.path.join(ROOT, "build", "cmake", "torch_lmdb_bench_read")
+# torch 1.13's torchrun fails on Python 3.11 with the default redirect settings
+# ("'NoneType' object has no attribute 'get'": its Std flags lost value 0 there);
+# a per-rank mapping (rank 0's stderr, still shown) parses in every version.
+TORCHRUN_STD = ["--redirects", "0:2", "--tee", "0:2"]
 REPEATS = 3
 
 
@@ -157,7 +161,7 @@ def bench_ddp(tmp, quick, log):
     script = os.path.join(ROOT, "examples", "ddp", "train_ddp.py")
 
     def run(nproc):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *TORCHRUN_STD, "--nproc_per_node",
                                str(nproc), script, "--train", path, "--batch-size", "256", "--loader-only",
                                "--epochs", "3" if quick else "6"],
                               capture_output=True, text=True, env=env, timeout=600)
