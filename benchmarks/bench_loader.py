@@ -118,7 +118,7 @@ def bench_resume(tmp, quick, log):
                  "samples_per_s": None, "fresh_seconds": min(fresh)})
     log(f"resume 10M virtual: fresh {min(fresh) * 1e3:.1f} ms, at 90 % {min(resumed) * 1e3:.1f} ms")
 
-    m = 200_000 if quick else 1_000_000
+    m = 200_000 if quick else 10_000_000  # full: a real 10 M-sample epoch (tiny samples)
     path = os.path.join(tmp, "tiny.lmdb")
     t0 = time.perf_counter()
     _write(path, m, lambda i: {"i": np.int64(i)})
@@ -139,7 +139,7 @@ def bench_resume(tmp, quick, log):
         del it
     want = torch_lmdb._C.sample_order(m, "shuffle", torch_lmdb._C.epoch_seed(1, 3))[position:position + 256]
     assert torch.equal(first["i"], want), "the resumed stream's batch is not the epoch's batch at 90 %"
-    rows.append({"profile": f"resume {m // 1000}k db", "system": "iter_batches(start=90 %) -> first batch",
+    rows.append({"profile": f"resume {m:,}-sample db", "system": "iter_batches(start=90 %) -> first batch",
                  "seconds": min(resumed), "ratio": min(resumed) / min(fresh),
                  "vs": "iter_batches fresh epoch -> first batch", "target": 2.0, "samples_per_s": None,
                  "fresh_seconds": min(fresh)})
