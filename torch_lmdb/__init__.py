@@ -14,7 +14,7 @@ from torch_lmdb._C import (
     NotFoundError,
     ReadersFullError,
 )
-from torch_lmdb.dataset import LMDBDataset, info, make_loader
+from torch_lmdb.dataset import BatchIterator, LMDBDataset, LMDBLoader, info, make_loader
 from torch_lmdb.writer import LMDBWriter
 
 __version__ = _C.__version__
@@ -22,6 +22,8 @@ FORMAT_VERSION = _C.FORMAT_VERSION
 
 __all__ = [
     "LMDBDataset",
+    "LMDBLoader",
+    "BatchIterator",
     "LMDBWriter",
     "info",
     "make_loader",

@@ -11,7 +11,7 @@ import torch.utils.data
 
 from torch_lmdb import _C
 
-__all__ = ["LMDBDataset", "info", "make_loader"]
+__all__ = ["BatchIterator", "LMDBDataset", "LMDBLoader", "info", "make_loader"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -325,7 +325,8 @@ class LMDBDataset(torch.utils.data.Dataset):
                      drop_last: bool = False, prefetch: int = 2, threads: int = 1,
                      block_size: Optional[int] = None, window_blocks: int = 4,
                      pad: Union[None, bool, Sequence[str]] = None,
-                     pad_value: Optional[float] = None) -> Iterator[Dict[str, Any]]:
+                     pad_value: Optional[float] = None, *, epoch: int = 0, rank: Optional[int] = None,
+                     world_size: Optional[int] = None, start: int = 0) -> "BatchIterator":
         """Yields the collated batches of one epoch, read ahead by C++ threads.
 
         The fast path in a single process (``num_workers=0``): ``threads``
@@ -333,13 +334,19 @@ class LMDBDataset(torch.utils.data.Dataset):
         trains on the current one; no per-sample Python objects, no worker
         processes. Batches are what :meth:`get_batch` returns.
 
+        The epoch's global order is drawn from ``(seed, epoch)`` and split
+        across ranks as :func:`make_loader` does (see there). The returned
+        iterator has ``state_dict()``/``load_state_dict()``: the position is
+        restored directly (nothing is read again).
+
         Args:
             batch_size: samples per batch.
             shuffle: a random order (else sequential).
             seed: the order's seed; ``None`` draws one from torch's global
-                generator (so ``torch.manual_seed`` makes epochs repeatable).
-                Call again with another seed for the next epoch.
-            drop_last: drop the last, smaller batch.
+                generator (so ``torch.manual_seed`` makes epochs repeatable);
+                with several ranks ``None`` means 0 (every rank must draw
+                the same order).
+            drop_last: skip the last, partial global step.
             prefetch: batches read ahead (bounds the memory in flight).
             threads: reader threads.
             block_size: with ``shuffle``, shuffle blocks of this many
@@ -348,19 +355,25 @@ class LMDBDataset(torch.utils.data.Dataset):
                 few key ranges at a time, which keeps data larger than RAM
                 fast to read.
             pad, pad_value: as in :meth:`get_batch`.
+            epoch: the epoch whose order to read.
+            rank, world_size: this process's share (default: torch.distributed's
+                when initialised, else 0 and 1).
+            start: global position (samples consumed by all ranks) to start at.
         """
         for name, value, low in (("batch_size", batch_size, 1), ("prefetch", prefetch, 1), ("threads", threads, 1),
                                  ("window_blocks", window_blocks, 1), ("block_size", block_size or 1, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        rank, world_size = _rank_and_world(rank, world_size)
+        seed = _draw_seed(seed, None, world_size)
         order = ("block" if block_size else "shuffle") if shuffle else "sequential"
         pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
-        stream = _C.BatchStream(self._reader(), batch_size, order, seed & (2**64 - 1), drop_last, prefetch, threads,
-                                block_size or 1024, window_blocks, pad_all, pad_fields, float(pad_value))
-        return _BatchIterator(stream)
+        options = dict(batch_size=batch_size, order=order, seed=seed, drop_last=drop_last, prefetch=prefetch,
+                       threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
+                       pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
+                       world_size=world_size)
+        return BatchIterator(self._reader(), options, start)
 
     # -- description ----------------------------------------------------------
     @property
@@ -395,12 +408,71 @@ class LMDBDataset(torch.utils.data.Dataset):
         return f"LMDBDataset({self._paths!r}, {self._len} samples, {{{fields}}})"
 
 
-class _BatchIterator:
-    """The batches of one BatchStream; ``len()`` is the number of batches.
-    Dropping it (or breaking out of the loop) stops the reader threads."""
+def _rank_and_world(rank: Optional[int], world_size: Optional[int]):
+    """(rank, world_size): the given ones, else torch.distributed's when it is
+    initialised, else (0, 1). ValueError for a rank outside [0, world_size)."""
+    if rank is None or world_size is None:
+        import torch.distributed as dist
 
-    def __init__(self, stream):
-        self._stream = stream
+        initialised = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank}, "
+                         f"world_size={world_size}")
+    return rank, world_size
+
+
+def _draw_seed(seed: Optional[int], generator: Optional[torch.Generator], world_size: int) -> int:
+    """The order's seed: ``seed``; else 0 with several ranks (they must all draw
+    the same order, as DistributedSampler's default seed); else a draw from
+    ``generator`` or torch's global generator."""
+    if seed is None:
+        if world_size > 1:
+            return 0
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return seed & (2**64 - 1)
+
+
+def _check_state(state: Dict[str, Any], num_samples: int, order: str, what: str) -> None:
+    for key in ("seed", "epoch", "position", "num_samples"):
+        if key not in state:
+            raise ValueError(f"{what} state has no '{key}' (got keys {sorted(state)})")
+    if state["num_samples"] != num_samples:
+        raise ValueError(f"{what} state was saved for {state['num_samples']} samples, this dataset has "
+                         f"{num_samples}")
+    if state.get("order", order) != order:
+        raise ValueError(f"{what} state was saved with order {state['order']!r}, this loader uses {order!r}")
+    if not 0 <= state["position"] <= num_samples:
+        raise ValueError(f"{what} state position {state['position']} is outside [0, {num_samples}]")
+
+
+class BatchIterator:
+    """The batches of one epoch of a BatchStream (``ds.iter_batches``);
+    ``len()`` is the number of batches. Dropping it (or breaking out of the
+    loop) stops the reader threads.
+
+    ``state_dict()`` is a small JSON-able dict (seed, epoch, global position,
+    sample count, order); ``load_state_dict(state)`` restarts the stream at
+    that position (any rank and world size: the rest of the epoch is split
+    across the new ranks). Batches the threads read ahead are not counted."""
+
+    def __init__(self, reader, options: Dict[str, Any], start: int = 0):
+        self._reader = reader
+        self._options = dict(options)
+        self._order_name = _order_name(options["order"], options["block_size"], options["window_blocks"])
+        self._start(start)
+
+    def _start(self, start: int) -> None:
+        self._stream = None  # joins the previous stream's threads first
+        self._stream = _C.BatchStream(self._reader, start=start, **self._options)
         self._done = False
 
     def __iter__(self):
@@ -417,20 +489,196 @@ class _BatchIterator:
         return len(self._stream)
 
     def batch_indices(self, k: int) -> List[int]:
-        """The sample indices of batch ``k`` of this epoch."""
+        """The sample indices of batch ``k`` of this epoch (from its start)."""
         return self._stream.batch_indices(k)
+
+    @property
+    def position(self) -> int:
+        """Global position after the batches returned so far."""
+        return self._stream.position()
+
+    def state_dict(self) -> Dict[str, Any]:
+        o = self._options
+        return {"seed": o["seed"], "epoch": o["epoch"], "position": self._stream.position(),
+                "num_samples": self._stream.num_samples(), "order": self._order_name,
+                "batch_size": o["batch_size"], "world_size": o["world_size"]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        _check_state(state, self._stream.num_samples(), self._order_name, "iter_batches")
+        self._options["seed"] = int(state["seed"])
+        self._options["epoch"] = int(state["epoch"])
+        self._start(int(state["position"]))
+
+
+_BatchIterator = BatchIterator  # the name older code used
+
+
+def _order_name(order: str, block_size: int, window_blocks: int) -> str:
+    return f"block:{block_size}:{window_blocks}" if order == "block" else order
+
+
+class _EpochBatchSampler:
+    """Index lists of one rank's batches of the loader's current epoch."""
+
+    def __init__(self, loader: "LMDBLoader"):
+        self._loader = loader
+
+    def __len__(self) -> int:
+        return len(self._loader._plan(self._loader._start)[0])
+
+    def __iter__(self):
+        loader = self._loader
+        first, count, _, pad_index = loader._current_plan
+        order = loader._current_order
+        for f, c in zip(first, count):
+            if c == 0:  # an empty share of a tail smaller than the world (stream.h)
+                yield [int(order[pad_index]) if order is not None else pad_index]
+            elif order is None:
+                yield list(range(f, f + c))
+            else:
+                yield order[f:f + c].tolist()
+
+
+class LMDBLoader(torch.utils.data.DataLoader):
+    """A DataLoader of one rank's batches of seeded epochs, with exact resumption.
+
+    Made by :func:`make_loader`. Iterating runs the current epoch from its
+    start position; finishing it advances the epoch by one (``set_epoch(e)``
+    selects one, as DistributedSampler's). ``state_dict()`` /
+    ``load_state_dict()`` as torchdata's StatefulDataLoader: the state counts
+    the batches this loader *yielded* (not those its workers read ahead) and
+    is a small JSON-able dict ``{"seed", "epoch", "position", "num_samples",
+    "order", "batch_size", "world_size"}``; ``position`` is global (samples of
+    the epoch's order consumed by all ranks together), so a state saved on
+    any rank of a DDP run (ranks advance in step) resumes on any world size:
+    the rest of the epoch is re-split so every sample not yet seen is seen
+    exactly once. Resuming re-draws the order and starts at the position:
+    nothing is read or replayed. A state taken after an epoch's last batch is
+    the next epoch's start.
+    """
+
+    def __init__(self, dataset, batch_size: int, order: str, seed: int, rank: int, world_size: int,
+                 drop_last: bool, block_size: int, window_blocks: int, **kwargs):
+        self._tl_batch_size = batch_size
+        self._tl_order = order
+        self._tl_order_name = _order_name(order, block_size, window_blocks)
+        self._tl_block = (block_size, window_blocks)
+        self._tl_seed = seed
+        self._tl_rank, self._tl_world = rank, world_size
+        self._tl_drop_last = drop_last
+        self._tl_epoch = 0
+        self._start = 0
+        self._yielded = 0
+        self._running = False
+        self._current_plan = None
+        self._current_order = None
+        super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
+
+    def _plan(self, start: int):
+        return _C.rank_plan(len(self.dataset), self._tl_batch_size, self._tl_rank, self._tl_world, start,
+                            self._tl_drop_last)
+
+    def _order(self):
+        n = len(self.dataset)
+        if self._tl_order == "sequential":
+            return None
+        return _C.sample_order(n, self._tl_order, _C.epoch_seed(self._tl_seed, self._tl_epoch), *self._tl_block)
+
+    def __iter__(self):
+        self._current_plan = self._plan(self._start)
+        self._current_order = self._order()
+        self._yielded = 0
+        self._running = True
+        return self._generate(super().__iter__())
+
+    def _generate(self, batches):
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+        self._running = False
+        self._tl_epoch += 1
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects epoch ``epoch`` from its start (like DistributedSampler.set_epoch)."""
+        self._tl_epoch = int(epoch)
+        self._start = 0
+        self._running = False
+
+    @property
+    def epoch(self) -> int:
+        return self._tl_epoch
+
+    def state_dict(self) -> Dict[str, Any]:
+        epoch, position = self._tl_epoch, self._start
+        if self._running:
+            first, _, after, _ = self._current_plan
+            if self._yielded == len(first):
+                epoch, position = epoch + 1, 0  # the epoch's last batch was yielded
+            elif self._yielded > 0:
+                position = after[self._yielded - 1]
+        return {"seed": self._tl_seed, "epoch": epoch, "position": position, "num_samples": len(self.dataset),
+                "order": self._tl_order_name, "batch_size": self._tl_batch_size, "world_size": self._tl_world}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continues from ``state`` at the next iteration (see the class doc).
+        ValueError when it was saved for another sample count or order."""
+        _check_state(state, len(self.dataset), self._tl_order_name, "make_loader")
+        self._tl_seed = int(state["seed"])
+        self._tl_epoch = int(state["epoch"])
+        self._start = int(state["position"])
+        self._running = False
 
 
 def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
-                generator: Optional[torch.Generator] = None, **kwargs) -> torch.utils.data.DataLoader:
-    """A DataLoader on the batched path: a BatchSampler hands whole index lists
-    to ``dataset[indices]`` (one C++ call per batch, shared-memory batches in
-    workers). ``kwargs`` go to DataLoader (num_workers, persistent_workers,
-    multiprocessing_context, pin_memory, ...)."""
-    base = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
-            else torch.utils.data.SequentialSampler(dataset))
-    sampler = torch.utils.data.BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, **kwargs)
+                generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
+                rank: Optional[int] = None, world_size: Optional[int] = None, block_size: Optional[int] = None,
+                window_blocks: int = 4, **kwargs) -> LMDBLoader:
+    """A DataLoader on the batched path, split across ranks, resumable mid-epoch.
+
+    A batch sampler hands whole index lists to ``dataset[indices]`` (one C++
+    call per batch, shared-memory batches in workers). ``kwargs`` go to
+    DataLoader (num_workers, persistent_workers, multiprocessing_context,
+    pin_memory, ...).
+
+    Each epoch has one global order, a function of ``(seed, epoch, len)``
+    (the order BatchStream and the C++ loader draw). It is consumed in global
+    steps of ``batch_size * world_size`` samples, rank r taking the r-th
+    ``batch_size`` slice of each step. The remainder (the last, partial step)
+    is split into ``world_size`` contiguous parts whose sizes differ by at
+    most one, one last batch per rank; if it holds fewer samples than there
+    are ranks, a rank left without one gets one sample repeated from the
+    start of the order. So all ranks have the same number of batches and
+    every sample is seen exactly once per epoch over all ranks (the
+    repetition aside); ``drop_last`` skips the remainder instead.
+
+    Args:
+        dataset: an :class:`LMDBDataset` (or any dataset taking index lists).
+        batch_size: samples per batch and rank.
+        shuffle: a new random order each epoch (else sequential).
+        drop_last: skip each epoch's last, partial global step.
+        generator: draws the seed when ``seed`` is None.
+        seed: the orders' seed; ``None`` draws one from ``generator`` (or
+            torch's global generator) in a single process, and is 0 with
+            several ranks (all ranks must draw the same order).
+        rank, world_size: default to torch.distributed's when it is
+            initialised, else 0 and 1.
+        block_size, window_blocks: with ``shuffle``, shuffle blocks of
+            ``block_size`` consecutive samples (see ``iter_batches``).
+
+    Returns:
+        An :class:`LMDBLoader` (a DataLoader with ``set_epoch``,
+        ``state_dict`` and ``load_state_dict``).
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    rank, world_size = _rank_and_world(rank, world_size)
+    order = ("block" if block_size else "shuffle") if shuffle else "sequential"
+    seed = _draw_seed(seed, generator, world_size) if shuffle else (seed or 0) & (2**64 - 1)
+    return LMDBLoader(dataset, batch_size, order, seed, rank, world_size, drop_last, block_size or 1024,
+                      window_blocks, **kwargs)
 
 
 def _with_codec(field: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,7 +1,7 @@
 // Native read benchmark over an existing torch_lmdb database; one mode per
 // process (LMDB forbids opening one environment twice in a process).
 //
-//   torch_lmdb_bench_read --path DB --mode memcpy|raw|get_batch|get_stack [--threads T]
+//   torch_lmdb_bench_read --path DB --mode memcpy|raw|get_batch|get_stack|loader [--threads T]
 //                         [--batch B] [--order shuffled|sequential] [--seconds S] [--pad 1]
 //
 //   memcpy     the ceiling: every sample's tensor bytes gathered in the same
@@ -11,6 +11,8 @@
 //              of any LMDB reader); T=0 runs on the calling thread.
 //   get_batch  torch_lmdb::StackedDataset through make_data_loader, T workers.
 //   get_stack  torch_lmdb::Dataset + torch_lmdb::Stack through make_data_loader.
+//   loader     torch_lmdb::make_loader (BatchStream), T reader threads, a new
+//              order each epoch; batches of every epoch, seed 0.
 //
 // Prints one JSON object: samples/s, bytes/s (value bytes), CPU us per sample,
 // the page faults (major, minor) during the measurement.
@@ -260,6 +262,15 @@ int main(int argc, char** argv) try {
       const size_t n = *ds.size();
       m = shuffled ? run_mode<samplers::RandomSampler>(ds.map(torch_lmdb::Stack(a.pad)), n, a)
                    : run_mode<samplers::SequentialSampler>(ds.map(torch_lmdb::Stack(a.pad)), n, a);
+    } else if (a.mode == "loader") {
+      torch_lmdb::LoaderOptions lo;
+      lo.batch_size = a.batch;
+      lo.shuffle = shuffled;
+      lo.threads = std::max<size_t>(a.threads, 1);
+      lo.prefetch = 2 * lo.threads;
+      lo.batch.pad = a.pad;
+      auto loader = torch_lmdb::make_loader(a.path, lo);
+      m = run_loader(loader, a, [](const torch_lmdb::Batch& b) { return tensor_bytes(b.tensors); });
     } else {
       throw std::invalid_argument("unknown mode " + a.mode);
     }

@@ -462,6 +462,13 @@ struct PyWriter {
 };
 
 
+SampleOrder order_from_name(const std::string& order) {
+  if (order == "sequential") return SampleOrder::Sequential;
+  if (order == "shuffle") return SampleOrder::Shuffle;
+  if (order == "block") return SampleOrder::BlockShuffle;
+  throw py::value_error("order must be 'sequential', 'shuffle' or 'block', got '" + order + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -583,13 +590,11 @@ PYBIND11_MODULE(_C, m) {
   py::class_<BatchStream>(m, "BatchStream")
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
                        size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
-                       std::vector<std::string> pad_fields, double pad_value) {
+                       std::vector<std::string> pad_fields, double pad_value, uint64_t epoch, size_t rank,
+                       size_t world_size, size_t start) {
              StreamOptions o;
              o.batch_size = batch_size;
-             if (order == "sequential") o.order = SampleOrder::Sequential;
-             else if (order == "shuffle") o.order = SampleOrder::Shuffle;
-             else if (order == "block") o.order = SampleOrder::BlockShuffle;
-             else throw py::value_error("order must be 'sequential', 'shuffle' or 'block', got '" + order + "'");
+             o.order = order_from_name(order);
              o.seed = seed;
              o.drop_last = drop_last;
              o.prefetch = prefetch;
@@ -599,13 +604,18 @@ PYBIND11_MODULE(_C, m) {
              o.batch.pad = pad;
              o.batch.pad_fields = std::move(pad_fields);
              o.batch.pad_value = pad_value;
+             o.epoch = epoch;
+             o.rank = rank;
+             o.world_size = world_size;
+             o.start = start;
              const Reader reader = *r.reader;
              py::gil_scoped_release nogil;
              return std::make_unique<BatchStream>(reader, std::move(o));
            }),
            py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
            py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
-           py::arg("pad_fields"), py::arg("pad_value"))
+           py::arg("pad_fields"), py::arg("pad_value"), py::arg("epoch") = 0, py::arg("rank") = 0,
+           py::arg("world_size") = 1, py::arg("start") = 0)
       .def("next", [](BatchStream& s) -> py::object {
         std::optional<Batch> b;
         {
@@ -616,7 +626,30 @@ PYBIND11_MODULE(_C, m) {
         return batch_to_py(*b, "a batch of the stream");
       })
       .def("__len__", &BatchStream::size)
+      .def("position", &BatchStream::position)
+      .def("delivered", &BatchStream::delivered)
+      .def("num_samples", &BatchStream::num_samples)
       .def("batch_indices", &BatchStream::batch_indices, py::arg("k"));
+  m.def("epoch_seed", [](uint64_t seed, uint64_t epoch) { return epoch_seed(seed, epoch); }, py::arg("seed"),
+        py::arg("epoch"), "the seed of an epoch's order (stream.h)");
+  m.def("sample_order", [](size_t n, const std::string& order, uint64_t seed, size_t block_size,
+                           size_t window_blocks) {
+    const SampleOrder o = order_from_name(order);
+    std::vector<size_t> v;
+    {
+      py::gil_scoped_release nogil;
+      v = sample_order(n, o, seed, block_size, window_blocks);
+    }
+    at::Tensor t = at::empty({static_cast<int64_t>(n)}, at::kLong);
+    std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+    return t;
+  }, py::arg("n"), py::arg("order"), py::arg("seed"), py::arg("block_size") = 1024, py::arg("window_blocks") = 4,
+     "an epoch's sample order (int64 tensor), as BatchStream draws it");
+  m.def("rank_plan", [](size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+    const RankPlan p = rank_plan(n, batch_size, rank, world_size, start, drop_last);
+    return py::make_tuple(p.first, p.count, p.position_after, p.pad_index);
+  }, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"), py::arg("start"),
+     py::arg("drop_last"), "(first, count, position_after, pad_index) of a rank's batches (stream.h)");
 
   // Worker-batch transport (csrc/torch_lmdb/shm_slabs.h): a ticket crosses
   // as (pid, slab, generation, fd or -1, nbytes, sizes, strides, offset, dtype).

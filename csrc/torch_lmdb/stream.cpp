@@ -64,10 +64,39 @@ std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, siz
   return out;
 }
 
+uint64_t epoch_seed(uint64_t seed, uint64_t epoch) noexcept { return seed + epoch * 0x9E3779B97F4A7C15ull; }
+
+RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+  TORCH_CHECK_VALUE(batch_size > 0, "batch_size must be positive, got ", batch_size);
+  TORCH_CHECK_VALUE(world_size > 0, "world_size must be positive, got ", world_size);
+  TORCH_CHECK_VALUE(rank < world_size, "rank must be in [0, world_size = ", world_size, "), got ", rank);
+  TORCH_CHECK_VALUE(start <= n, "start position ", start, " is past the end of an epoch of ", n, " samples");
+  RankPlan plan;
+  const size_t step = batch_size * world_size;
+  const size_t full = (n - start) / step, tail = (n - start) - full * step;
+  plan.first.reserve(full + 1);
+  for (size_t k = 0; k < full; ++k) {
+    plan.first.push_back(start + k * step + rank * batch_size);
+    plan.count.push_back(batch_size);
+    plan.position_after.push_back(start + (k + 1) * step);
+  }
+  if (tail > 0 && !drop_last) {
+    // Contiguous parts of the tail, sizes differing by at most one.
+    const size_t base = tail / world_size, extra = tail % world_size;
+    plan.first.push_back(start + full * step + rank * base + std::min(rank, extra));
+    plan.count.push_back(base + (rank < extra ? 1 : 0));
+    plan.position_after.push_back(n);
+    // An empty share (tail < world_size) repeats a sample from the order's start.
+    if (plan.count.back() == 0) plan.pad_index = (rank - tail) % n;
+  }
+  return plan;
+}
+
 struct BatchStream::State {
   Reader reader;
   StreamOptions options;
   std::vector<size_t> order;
+  RankPlan plan;
   size_t num_batches = 0;
   uint64_t generation = 0;
 
@@ -76,6 +105,7 @@ struct BatchStream::State {
   std::condition_variable consumed;  // room to read ahead, or stop
   size_t next_to_claim = 0;          // the next batch a reader thread takes
   size_t next_to_deliver = 0;        // the next batch next() returns
+  size_t delivered = 0;              // batches next() returned (not counting an error)
   std::map<size_t, Batch> ready;     // read, not yet delivered
   std::exception_ptr error;          // the first failed batch's error
   size_t error_at = std::numeric_limits<size_t>::max();
@@ -98,10 +128,9 @@ struct BatchStream::State {
   }
 
   std::vector<size_t> indices(size_t k) const {
-    const size_t first = k * options.batch_size;
-    const size_t last = std::min(order.size(), first + options.batch_size);
-    return std::vector<size_t>(order.begin() + static_cast<std::ptrdiff_t>(first),
-                               order.begin() + static_cast<std::ptrdiff_t>(last));
+    if (plan.count[k] == 0) return {order[plan.pad_index]};
+    const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[k]);
+    return std::vector<size_t>(first, first + static_cast<std::ptrdiff_t>(plan.count[k]));
   }
 
   void work() {
@@ -137,10 +166,12 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
-  s.order = sample_order(s.reader.size(), s.options.order, s.options.seed, s.options.block_size,
+  const size_t n = s.reader.size();
+  s.plan = rank_plan(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                     s.options.drop_last);
+  s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
                          s.options.window_blocks);
-  s.num_batches = s.options.drop_last ? s.order.size() / s.options.batch_size
-                                      : (s.order.size() + s.options.batch_size - 1) / s.options.batch_size;
+  s.num_batches = s.plan.size();
   s.generation = fork_generation();
   const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
   for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
@@ -179,6 +210,7 @@ std::optional<Batch> BatchStream::next() {
   Batch b = std::move(it->second);
   s.ready.erase(it);
   ++s.next_to_deliver;
+  ++s.delivered;
   const bool last = s.next_to_deliver == s.num_batches;
   lock.unlock();
   if (last) {
@@ -190,6 +222,19 @@ std::optional<Batch> BatchStream::next() {
 }
 
 size_t BatchStream::size() const noexcept { return state_->num_batches; }
+
+size_t BatchStream::delivered() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->delivered;
+}
+
+size_t BatchStream::position() const {
+  const State& s = *state_;
+  const size_t k = delivered();
+  return k == 0 ? s.options.start : s.plan.position_after[k - 1];
+}
+
+size_t BatchStream::num_samples() const noexcept { return state_->order.size(); }
 
 std::vector<size_t> BatchStream::batch_indices(size_t k) const {
   TORCH_CHECK_INDEX(k < state_->num_batches, "batch ", k, " out of range for a stream of ", state_->num_batches,

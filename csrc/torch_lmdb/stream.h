@@ -1,10 +1,31 @@
 // torch_lmdb/stream.h -- an epoch of batches read ahead by C++ threads.
 //
 // Contract
-// - A BatchStream yields the batches of one epoch, in order: the sample
-//   order is drawn when the stream is created (sequential, shuffled, or
-//   block-shuffled) from `seed` alone, so a seed gives the same batches on
-//   every platform and with any number of threads.
+// - A BatchStream yields the batches of one epoch, in order: the epoch's
+//   global sample order is drawn when the stream is created (sequential,
+//   shuffled, or block-shuffled) from (`seed`, `epoch`) alone
+//   (epoch_seed()), so they give the same batches on every platform and with
+//   any number of threads.
+// - Ranks (distributed training): the global order is consumed in global
+//   steps of batch_size * world_size samples; rank r takes the r-th
+//   batch_size slice of each step. The remainder after the full steps (fewer
+//   than batch_size * world_size samples) is split into world_size
+//   contiguous parts whose sizes differ by at most one, one last batch per
+//   rank; when that remainder holds fewer samples than there are ranks, a
+//   rank left without one gets a batch of one sample repeated from the start
+//   of the order (the only case where a sample is seen twice in an epoch).
+//   With drop_last the remainder is skipped. So every rank has the same
+//   number of batches, and over all ranks each sample of the epoch is read
+//   exactly once (except the repetition above, and the drop_last tail).
+// - Position and resumption: `start` is a global position (samples of the
+//   global order already consumed by all ranks together); the stream reads
+//   the steps from there (the remaining samples re-split across the ranks of
+//   this world size). position() is the global position after the batches
+//   next() returned so far, the same on every rank of a run whose ranks
+//   advance in step (as DDP training does): a stream created with
+//   start = position() and the same seed and epoch, on any world size, reads
+//   exactly the samples not yet read. Creating a stream at any start costs
+//   the same (the order is drawn, nothing is read or replayed).
 // - Reader threads read batches ahead with Reader::read_batch (one read txn,
 //   one copy per sample into the batch); at most `prefetch` batches are read
 //   but not yet taken by next(), which bounds the memory in flight. The
@@ -55,7 +76,31 @@ struct StreamOptions {
   size_t window_blocks = 4;
   /// Padding of variable-shape fields (its `allocate` must be thread-safe).
   BatchOptions batch;
+  /// The epoch: the order is drawn from epoch_seed(seed, epoch).
+  uint64_t epoch = 0;
+  /// This reader's rank among world_size ranks (rank < world_size).
+  size_t rank = 0;
+  size_t world_size = 1;
+  /// Global position to start from (0 <= start <= number of samples).
+  size_t start = 0;
 };
+
+/// The seed of an epoch's order: seed + epoch * 0x9E3779B97F4A7C15 (mod 2^64),
+/// so epoch 0 uses `seed` itself. Python's make_loader uses the same rule.
+uint64_t epoch_seed(uint64_t seed, uint64_t epoch) noexcept;
+
+/// Where rank `rank`'s batches lie in an epoch's global order (see the
+/// contract above): batch k is the slice [first[k], first[k] + count[k]) of
+/// the order, or, when `count[k]` is 0, the one padding position pad[k];
+/// position_after[k] is the global position once every rank has read k + 1
+/// batches. Throws ValueError for a rank >= world_size, a zero world_size or
+/// batch_size, or start > n.
+struct RankPlan {
+  std::vector<size_t> first, count, position_after;
+  size_t pad_index = 0;  // the order position repeated by an empty tail share
+  size_t size() const noexcept { return first.size(); }
+};
+RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last);
 
 /// The sample order of one epoch over `n` samples (what BatchStream reads).
 /// Deterministic for a seed: it uses mt19937_64 and its own bounded draws,
@@ -66,7 +111,8 @@ std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, siz
 class BatchStream {
  public:
   /// Starts the reader threads. Throws ValueError for a zero batch_size,
-  /// prefetch, threads, block_size or window_blocks.
+  /// prefetch, threads, block_size, window_blocks or world_size, a rank >=
+  /// world_size, or a start past the number of samples.
   BatchStream(Reader reader, StreamOptions options);
   ~BatchStream();
   BatchStream(const BatchStream&) = delete;
@@ -74,10 +120,18 @@ class BatchStream {
 
   /// The next batch, or nullopt after the last one. Blocks until it is read.
   std::optional<Batch> next();
-  /// Batches in this epoch.
+  /// Batches of this rank in this epoch (from `start`).
   size_t size() const noexcept;
   /// The sample indices of batch `k` (k < size()).
   std::vector<size_t> batch_indices(size_t k) const;
+  /// The global position after the batches next() has returned (`start`
+  /// before the first; the number of samples after the last, or with
+  /// drop_last the end of the last full step). Thread-safe.
+  size_t position() const;
+  /// Batches next() has returned.
+  size_t delivered() const;
+  /// Samples of the epoch (the reader's size when the stream was created).
+  size_t num_samples() const noexcept;
 
   struct State;
 

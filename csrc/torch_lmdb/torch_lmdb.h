@@ -4,6 +4,7 @@
 #include "torch_lmdb/dataset.h"
 #include "torch_lmdb/env.h"
 #include "torch_lmdb/errors.h"
+#include "torch_lmdb/loader.h"
 #include "torch_lmdb/reader.h"
 #include "torch_lmdb/record.h"
 #include "torch_lmdb/stream.h"

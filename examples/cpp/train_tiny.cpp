@@ -1,5 +1,5 @@
 // Writes a small regression dataset with torch_lmdb::Writer, then trains a
-// tiny model on it with LibTorch's make_data_loader and 2 worker threads.
+// tiny model on it with torch_lmdb::make_loader (2 reader threads, shuffled).
 // Exits non-zero unless the loss falls (the install test runs this).
 //
 //   train_tiny <database directory>
@@ -28,10 +28,10 @@ int main(int argc, char** argv) {
     writer.close();  // marks the database complete
   }
 
-  torch_lmdb::Dataset dataset(path);
-  auto loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
-      dataset.map(torch_lmdb::ToExample("x", "y")).map(torch::data::transforms::Stack<>()),
-      torch::data::DataLoaderOptions().batch_size(64).workers(2));
+  torch_lmdb::LoaderOptions options;
+  options.batch_size = 64;
+  options.threads = 2;  // reader threads read shuffled batches ahead
+  auto loader = torch_lmdb::make_loader(path, options);
 
   torch::nn::Linear model(4, 1);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.05));
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
     int batches = 0;
     for (auto& batch : *loader) {
       opt.zero_grad();
-      auto loss = torch::mse_loss(model->forward(batch.data), batch.target);
+      auto loss = torch::mse_loss(model->forward(batch.tensors["x"]), batch.tensors["y"]);
       loss.backward();
       opt.step();
       total += loss.item<double>();

@@ -1,5 +1,6 @@
 // The radio-localization model of train.py, trained natively in LibTorch from
-// the same torch_lmdb shards with make_data_loader and worker threads.
+// the same torch_lmdb shards with torch_lmdb::make_loader (reader threads
+// read shuffled batches ahead; a new order every epoch).
 //
 //   train_native --train a.lmdb,b.lmdb --val c.lmdb [--epochs 5] [--batch-size 256]
 //                [--workers 2] [--lr 0.002] [--seed 0]
@@ -89,11 +90,13 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-template <typename Loader>
-double median_error(Net& net, Loader& loader, const torch::Tensor& scale) {
+double median_error(Net& net, torch_lmdb::Loader& loader, const torch::Tensor& scale) {
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> errors;
-  for (auto& b : *loader) errors.push_back((net->forward(features(b)) * scale - b["position"]).norm(2, {1}));
+  for (auto& batch : loader) {
+    const auto& b = batch.tensors;
+    errors.push_back((net->forward(features(b)) * scale - b["position"]).norm(2, {1}));
+  }
   return torch::cat(errors).median().item<double>();
 }
 
@@ -102,32 +105,34 @@ double median_error(Net& net, Loader& loader, const torch::Tensor& scale) {
 int main(int argc, char** argv) try {
   const Options o = parse(argc, argv);
   torch::manual_seed(o.seed);
-  torch_lmdb::ReaderOptions ro;
-  ro.fields = {"cir", "rssi", "position"};
-  torch_lmdb::StackedDataset train(o.train, ro), val(o.val, ro);
-  const size_t n_train = *train.size();
+  torch_lmdb::LoaderOptions lo;
+  lo.fields = {"cir", "rssi", "position"};
+  lo.batch_size = static_cast<size_t>(o.batch_size);
+  lo.threads = o.workers;
+  lo.seed = static_cast<uint64_t>(o.seed);
+  auto train_loader = torch_lmdb::make_loader(o.train, lo);
+  lo.shuffle = false;
+  auto val_loader = torch_lmdb::make_loader(o.val, lo);
+  const size_t n_train = train_loader->reader().size();
   // The simulator's configuration travels in the database metadata: user.config for the
   // generator's own shards, user.source_attrs.config (the store's root attributes) for a
   // database converted from the Zarr store.
-  const auto user = nlohmann::json::parse(train.reader().metadata_json(0)).at("user");
+  const auto user = nlohmann::json::parse(train_loader->reader().metadata_json(0)).at("user");
   const auto config = user.contains("config") ? user.at("config") : user.at("source_attrs").at("config");
   const int64_t num_bs = config.at("num_bs"), num_taps = config.at("num_taps");
   const auto scale = torch::tensor(config.at("area").get<std::vector<float>>());
   const int64_t in = num_bs * num_taps + num_bs;
-  auto opts = torch::data::DataLoaderOptions().batch_size(o.batch_size).workers(o.workers);
-  auto train_loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(std::move(train), opts);
-  auto val_loader = torch::data::make_data_loader<torch::data::samplers::SequentialSampler>(std::move(val), opts);
 
   auto t0 = std::chrono::steady_clock::now();
   std::vector<torch::Tensor> positions;
-  for (auto& b : *train_loader) positions.push_back(b["position"]);
+  for (auto& b : *train_loader) positions.push_back(b.tensors["position"]);
   const double load_rate = n_train / seconds_since(t0);
   auto all = torch::cat(positions);
   auto mean = all.mean(0);
   std::vector<torch::Tensor> val_pos;
-  for (auto& b : *val_loader) val_pos.push_back(b["position"]);
+  for (auto& b : *val_loader) val_pos.push_back(b.tensors["position"]);
   const double baseline = (torch::cat(val_pos) - mean).norm(2, {1}).median().item<double>();
-  std::printf("torch_lmdb StackedDataset + make_data_loader: %zu training samples, %zu worker threads: "
+  std::printf("torch_lmdb::make_loader: %zu training samples, %zu reader threads: "
               "data loading %.0f samples/s; predicting the mean position: median error %.2f m\n",
               n_train, o.workers, load_rate, baseline);
 
@@ -139,7 +144,8 @@ int main(int argc, char** argv) try {
     double total = 0;
     int64_t count = 0;
     auto t_epoch = std::chrono::steady_clock::now();
-    for (auto& b : *train_loader) {
+    for (auto& batch : *train_loader) {
+      const auto& b = batch.tensors;
       auto pred = net->forward(features(b));
       auto loss = torch::mse_loss(pred, b["position"] / scale);
       opt.zero_grad();
@@ -149,7 +155,7 @@ int main(int argc, char** argv) try {
       count += pred.size(0);
     }
     losses.push_back(total / count);
-    errors.push_back(median_error(net, val_loader, scale));
+    errors.push_back(median_error(net, *val_loader, scale));
     std::printf("epoch %d: loss %.5f  median error %.2f m  (%.0f samples/s with training)\n", epoch + 1,
                 losses.back(), errors.back(), count / seconds_since(t_epoch));
     std::fflush(stdout);
@@ -160,7 +166,7 @@ int main(int argc, char** argv) try {
     for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
     return s + "]";
   };
-  std::printf("RESULT {\"stage\": \"train\", \"loader\": \"native C++ make_data_loader\", \"num_workers\": %zu, "
+  std::printf("RESULT {\"stage\": \"train\", \"loader\": \"native C++ torch_lmdb::make_loader\", \"num_workers\": %zu, "
               "\"load_samples_per_s\": %.1f, \"losses\": %s, \"median_errors_m\": %s, \"baseline_error_m\": %.4f, "
               "\"train_seconds\": %.3f}\n",
               o.workers, load_rate, list(losses).c_str(), list(errors).c_str(), baseline, train_s);

@@ -1,0 +1,156 @@
+"""Trains the radio-localization model with DistributedDataParallel (gloo, CPU).
+
+    torchrun --standalone --nproc_per_node 2 examples/ddp/train_ddp.py \\
+        --train 'data/radio/train-*.lmdb' --epochs 4 --checkpoint ckpt.pt
+
+(``/usr/bin/python3 -m torch.distributed.run`` where ``torchrun`` is not on
+PATH.) Each rank reads its share of every epoch through
+``torch_lmdb.make_loader`` (rank and world size come from torch.distributed):
+one seeded global order per epoch, every sample once per epoch over all ranks,
+equal batch counts per rank. With ``--checkpoint`` rank 0 saves the model, the
+optimizer and the loader's ``state_dict()`` every ``--save-every`` steps and at
+each epoch's end; ``--resume`` continues from it mid-epoch, on any number of
+ranks (the rest of the epoch is re-split across them). ``--stop-after N``
+stops after N steps (to try a resume). ``--loader-only`` times ``--epochs`` passes of the
+loader alone on each rank. Rank 0 prints a final ``RESULT {json}`` line.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "radio_localization"))
+from common import features, make_model  # noqa: E402
+
+import torch_lmdb  # noqa: E402
+
+FIELDS = ["cir", "rssi", "position"]
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True, nargs="+", help="torch_lmdb databases (globs allowed)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--checkpoint", help="file for the model, optimizer and loader states")
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="time --epochs loader passes per rank (after one warm-up pass), no training")
+    return p.parse_args()
+
+
+def expand(patterns):
+    out = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern))
+        out.extend(matches or [pattern])
+    return out
+
+
+def param_digest(model):
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(path, model, opt, loader, steps):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict(),
+                "steps": steps}, tmp)
+    os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
+
+
+def main():
+    args = parse()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    torch.manual_seed(args.seed)  # identical initial weights (DDP also broadcasts rank 0's)
+    ds = torch_lmdb.LMDBDataset(expand(args.train), fields=FIELDS)
+    sim = ds.metadata["user"]["config"]
+    scale = torch.tensor(sim["area"], dtype=torch.float32)
+    loader = torch_lmdb.make_loader(ds, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.num_workers,
+                                    persistent_workers=args.num_workers > 0)
+
+    if args.loader_only:
+        dist.barrier()
+        samples = sum(len(b["position"]) for b in loader)  # a warm-up pass
+        t0 = time.perf_counter()
+        samples = sum(len(b["position"]) for _ in range(args.epochs) for b in loader)
+        rate = samples / (time.perf_counter() - t0)
+        rates = [None] * world
+        dist.all_gather_object(rates, {"rank": rank, "samples": samples, "samples_per_s": rate})
+        if rank == 0:
+            print("RESULT " + json.dumps({"stage": "loader_only", "world_size": world, "ranks": rates}), flush=True)
+        dist.destroy_process_group()
+        return
+
+    model = DistributedDataParallel(make_model(sim["num_bs"], sim["num_taps"]))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = 0
+    if args.resume:
+        ckpt = torch.load(args.checkpoint)
+        model.module.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        loader.load_state_dict(ckpt["loader"])  # saved on any world size
+        steps = ckpt["steps"]
+        if rank == 0:
+            print(f"resumed at epoch {loader.epoch}, position {ckpt['loader']['position']} "
+                  f"(saved with world size {ckpt['loader']['world_size']}, now {world})", flush=True)
+
+    losses, seen = [], []
+    stopped = False
+    while loader.epoch < args.epochs and not stopped:
+        epoch = loader.epoch
+        total, count = torch.zeros(2, dtype=torch.float64), 0
+        t0 = time.perf_counter()
+        for batch in loader:
+            pred = model(features(batch["cir"], batch["rssi"]))
+            loss = torch.nn.functional.mse_loss(pred, batch["position"] / scale)
+            opt.zero_grad()
+            loss.backward()  # DDP averages the gradients over the ranks
+            opt.step()
+            total += torch.tensor([float(loss) * len(pred), len(pred)], dtype=torch.float64)
+            count += len(pred)
+            steps += 1
+            if args.checkpoint and rank == 0 and args.save_every and steps % args.save_every == 0:
+                save(args.checkpoint, model.module, opt, loader, steps)
+            if args.stop_after and steps >= args.stop_after:
+                stopped = True
+                break
+        dist.all_reduce(total)  # the epoch's loss over all ranks
+        counts = [None] * world
+        dist.all_gather_object(counts, count)
+        if total[1] > 0:
+            losses.append(float(total[0] / total[1]))
+        seen.append(counts)
+        if rank == 0:
+            print(f"epoch {epoch + 1}: loss {losses[-1]:.5f}  samples per rank {counts}  "
+                  f"({sum(counts) / (time.perf_counter() - t0):,.0f} samples/s over {world} ranks)", flush=True)
+            if args.checkpoint and not stopped:
+                save(args.checkpoint, model.module, opt, loader, steps)
+    digests = [None] * world
+    dist.all_gather_object(digests, param_digest(model.module))
+    if rank == 0:
+        print("RESULT " + json.dumps({"stage": "ddp", "world_size": world, "losses": losses,
+                                      "samples_per_rank": seen, "param_digests": digests, "steps": steps,
+                                      "num_samples": len(ds), "loader_state": loader.state_dict()}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
