@@ -3,6 +3,7 @@
 //
 //   torch_lmdb_bench_read --path DB --mode memcpy|raw|get_batch|get_stack|loader [--threads T]
 //                         [--batch B] [--order shuffled|sequential] [--seconds S] [--pad 1]
+//                         [--cold 1]  (loader: no warm-up, at most one epoch)
 //
 //   memcpy     the ceiling: every sample's tensor bytes gathered in the same
 //              order from an in-memory copy into a reused buffer.
@@ -38,6 +39,7 @@ struct Args {
   std::string path, mode = "get_batch", order = "shuffled";
   size_t threads = 0, batch = 256;
   bool pad = false;
+  bool cold = false;  // loader mode: no warm-up epoch, one epoch at most (the file evicted by the caller)
   double seconds = 2.0;
 };
 
@@ -193,7 +195,9 @@ Measure run_memcpy(const Args& a) {
 
 template <typename Loader, typename Count>
 Measure run_loader(Loader& loader, const Args& a, Count count) {
-  for (auto& b : *loader) (void)b;  // warm-up epoch
+  if (!a.cold) {
+    for (auto& b : *loader) (void)b;  // warm-up epoch
+  }
   Measure m;
   const Usage start = usage();
   auto t0 = std::chrono::steady_clock::now();
@@ -202,9 +206,11 @@ Measure run_loader(Loader& loader, const Args& a, Count count) {
       auto [samples, bytes] = count(b);
       m.samples += samples;
       m.bytes += bytes;
+      // Cold: stop at the budget within the first epoch (a second one would read cached pages).
+      if (a.cold && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >= a.seconds) break;
     }
     m.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } while (m.wall < a.seconds);
+  } while (!a.cold && m.wall < a.seconds);
   m.finish(start);
   return m;
 }
@@ -238,6 +244,7 @@ int main(int argc, char** argv) try {
     else if (k == "--order") a.order = v;
     else if (k == "--seconds") a.seconds = std::stod(v);
     else if (k == "--pad") a.pad = v == "1";
+    else if (k == "--cold") a.cold = v == "1";
     else throw std::invalid_argument("unknown option " + k);
   }
   if (a.path.empty()) throw std::invalid_argument("--path is required");

@@ -191,3 +191,24 @@ def test_convert_cli_dask_without_address_starts_a_local_cluster(tmp_path, capsy
         check_zarr_sample(ds[i], i)
     again = main(["convert", "--zarr-path", src, "--output", out, "--shards", "2", "--dask"])
     assert again == 1 and "already holds a sharded dataset" in capsys.readouterr().err
+
+
+# A process that ran a Dask Client keeps Dask's threads (its event loop, the
+# profiler) for good; a DataLoader iterator garbage-collected on one of them
+# joins its workers from there, which deadlocked a later DataLoader test of
+# the same pytest process. So the tests above run in a pytest of their own.
+_IN_CHILD = "TORCH_LMDB_DASK_TESTS_IN_CHILD"
+if os.environ.get(_IN_CHILD) != "1":
+    for _name in [n for n in list(globals()) if n.startswith("test_")]:
+        del globals()[_name]
+
+    def test_dask_tests_in_a_process_of_their_own():
+        import subprocess
+        import sys
+
+        env = dict(os.environ, **{_IN_CHILD: "1"})
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                               os.path.abspath(__file__)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
