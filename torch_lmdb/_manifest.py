@@ -136,6 +136,9 @@ def _codecs(meta: Mapping[str, Any], schema: Sequence[Mapping[str, Any]]) -> Dic
             codec = stated.get(f["name"])
         if codec is None and stated is not None and not isinstance(stated, Mapping):
             codec = stated
+        if isinstance(codec, Mapping):  # the writer's entry: {"codec", "level", "raw_bytes", "stored_bytes"}
+            name = codec.get("codec", "none")
+            codec = f"{name}:{codec['level']}" if name != "none" and codec.get("level") is not None else name
         out[f["name"]] = codec if codec is not None else "none"
     return out
 
