@@ -293,7 +293,11 @@ def test_existing_output_is_not_overwritten_and_verify_catches_a_changed_source(
 
 
 def entries(path):
-    env = lmdb.open(path, readonly=True, lock=False, max_dbs=4)
+    """Samples committed in `path` so far; 0 while the file is still being created."""
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4)
+    except lmdb.Error:  # data.mdb exists but holds no meta pages yet
+        return 0
     try:
         with env.begin() as txn:
             return txn.stat(env.open_db(b"samples", txn=txn, create=False))["entries"]
