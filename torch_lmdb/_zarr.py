@@ -156,7 +156,7 @@ class RaggedArray:
 
     def __init__(self, group, name: str):
         try:
-            self._values, self._offsets = group["values"], group["offsets"]
+            self._values, self._offsets = readable(group["values"]), group["offsets"]
         except KeyError:
             raise StoreError(f"ragged group '{name}' needs the arrays 'values' and 'offsets'") from None
         if len(self._offsets.shape) != 1 or self._offsets.shape[0] < 1:
@@ -192,6 +192,26 @@ class RaggedArray:
 
 # ---------------------------------------------------------------------------------------
 # Writing (tests, examples)
+
+
+def readable(array):
+    """``array``, readable. zarr-python 3.0 parses a format 2 complex array's
+    fill value, stored as ``[real, imag]``, into two complex numbers, and then
+    fails on every read ("could not broadcast input array from shape (2,)"):
+    the opened array's (in-memory) fill value is set to the complex number the
+    file states. The store is not modified."""
+    if zarr_major() < 3:
+        return array
+    try:
+        meta = array._async_array.metadata
+        fill = getattr(meta, "fill_value", None)
+        if (getattr(meta, "zarr_format", None) == 2 and np.dtype(array.dtype).kind == "c"
+                and isinstance(fill, np.ndarray) and fill.shape == (2,)):
+            value = np.array(complex(float(np.real(fill[0])), float(np.real(fill[1]))), dtype=array.dtype)[()]
+            object.__setattr__(meta, "fill_value", value)
+    except AttributeError:  # another zarr-python 3 layout: nothing to repair
+        pass
+    return array
 
 
 def open_group(path: str, mode: str = "w", zarr_format: Optional[int] = None):

@@ -320,7 +320,7 @@ class ZarrSource(_ArraySource):
             raise ConversionError(f"cannot open Zarr store '{self.path}': {type(e).__name__}: {e}") from None
         arrays, attrs = {}, {}
         if isinstance(root, zarr.Array):
-            arrays[os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]] = root
+            arrays[os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]] = _zarr.readable(root)
             return arrays, attrs
 
         def visit(group, prefix):
@@ -329,7 +329,7 @@ class ZarrSource(_ArraySource):
                 attrs[prefix or "/"] = _plain(group_attrs)
             for name, array in sorted(group.arrays(), key=lambda kv: kv[0]):
                 path = f"{prefix}{name}"
-                arrays[path] = array
+                arrays[path] = _zarr.readable(array)
                 if array.attrs.asdict():
                     attrs[path] = _plain(dict(array.attrs.asdict()))
             for name, sub in sorted(group.groups(), key=lambda kv: kv[0]):

@@ -149,7 +149,7 @@ def _zarr_array(group, name, data, codec):
                                      compressor=codec)
     else:
         array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(25,) + data.shape[1:],
-                                   compressors=[codec] if codec is not None else None, zarr_format=2)
+                                   compressors=[codec] if codec is not None else None)
     array[...] = data
     return array
 
