@@ -37,6 +37,18 @@ BIN = os.path.join(ROOT, "build", "cmake", "torch_lmdb_bench_read")
 # ("'NoneType' object has no attribute 'get'": its Std flags lost value 0 there);
 # a per-rank mapping (rank 0's stderr, still shown) parses in every version.
 TORCHRUN_STD = ["--redirects", "0:2", "--tee", "0:2"]
+
+
+def _rendezvous():
+    """torchrun's static rendezvous on a free loopback port. (--standalone's c10d
+    rendezvous asks for a libuv TCPStore, which Debian's torch 2.6 is built without;
+    the static one follows USE_LIBUV=0.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
 REPEATS = 3
 
 
@@ -157,11 +169,12 @@ def bench_ddp(tmp, quick, log):
         for b in range(n // 1024):
             w.write_many(simulate_block(0, 0, b, 1024, cfg["num_bs"], cfg["num_taps"], cfg["area"]))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               USE_LIBUV="0")  # Debian's torch 2.6 has no libuv
     script = os.path.join(ROOT, "examples", "ddp", "train_ddp.py")
 
     def run(nproc):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *TORCHRUN_STD, "--nproc_per_node",
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *_rendezvous(), *TORCHRUN_STD, "--nproc_per_node",
                                str(nproc), script, "--train", path, "--batch-size", "256", "--loader-only",
                                "--epochs", "3" if quick else "6"],
                               capture_output=True, text=True, env=env, timeout=600)

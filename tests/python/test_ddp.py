@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import torch_lmdb
 
@@ -16,6 +17,16 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "radio_localization"))
 # ("'NoneType' object has no attribute 'get'": its Std flags lost value 0 there);
 # a per-rank mapping (rank 0's stderr, still shown) parses in every version.
 TORCHRUN_STD = ["--redirects", "0:2", "--tee", "0:2"]
+
+
+def _rendezvous():
+    """A free loopback port for the ranks' store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
 SCRIPT = os.path.join(ROOT, "examples", "ddp", "train_ddp.py")
 N = 1000  # 2 ranks x 64: 7 full steps and a tail of 104 split 52/52
 
@@ -33,13 +44,43 @@ def radio_db(tmp_path_factory):
     return path
 
 
+def _torchrun_can_rendezvous():
+    """torchrun's rendezvous store needs libuv on torch >= 2.4 (it ignores USE_LIBUV);
+    Debian's torch 2.6 is built without it."""
+    try:
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, use_libuv=True)
+    except TypeError:  # torch < 2.2: no libuv option, no libuv store
+        return True
+    except RuntimeError:
+        return False
+    del store
+    return True
+
+
 def torchrun(nproc, *args):
+    """Runs SCRIPT on `nproc` ranks under torchrun; where torchrun cannot start
+    (see above), as `nproc` processes given the environment torchrun gives its
+    workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), the store without libuv."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *TORCHRUN_STD, "--nproc_per_node",
-                           str(nproc), SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("RESULT ")[-1].splitlines()[0]), proc.stdout
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", USE_LIBUV="0")
+    if _torchrun_can_rendezvous():
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *TORCHRUN_STD,
+                               "--nproc_per_node", str(nproc), SCRIPT, *args],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        stdout = proc.stdout
+    else:
+        port = _rendezvous()[-1]
+        procs = [subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                                                      MASTER_PORT=port))
+                 for r in range(nproc)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out[-3000:] + err[-3000:]
+        stdout = outs[0][0]  # rank 0's output, as --tee 0:2 shows it
+    return json.loads(stdout.split("RESULT ")[-1].splitlines()[0]), stdout
 
 
 def test_ddp_two_ranks_split_epochs_learn_and_resume_on_one_rank(radio_db, tmp_path):
