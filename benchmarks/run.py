@@ -511,7 +511,7 @@ def report(rows, out, command, machine, method):
         ratio = a / b
         lines.append(f"| {label} | {ratio:.2f}× | ≥ {goal:g}× | {'yes' if ratio >= goal else '**no**'} |")
     for profile in SIZES:
-        prof = [r for r in rows if r["profile"] == profile and r.get("order") != "write"]
+        prof = [r for r in rows if r["profile"] == profile and r.get("order") != "write" and r.get("cache") != "cold"]
         if not prof:
             continue
         lines += ["", f"### {profile}", "",
@@ -522,6 +522,15 @@ def report(rows, out, command, machine, method):
                 f"| {r['order']} | {r['cache']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | "
                 f"{_ratio(r.get('vs_memcpy'))} | {_ratio(r.get('vs_pickle_nw0'))} | {r['cpu_us_per_sample']:.2f} | "
                 f"{_num(r.get('peak_pss_mib'))} |")
+    cold = [r for r in rows if r.get("cache") == "cold"]
+    if cold:
+        lines += ["", "### cold (medium: the file evicted before each run; disk measured by fio in the same run)", "",
+                  "| order | system | samples/s | MB/s | vs disk | vs pickle cold | page cache growth MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cold:
+            lines.append(f"| {r['order']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | "
+                         f"{_ratio(r.get('vs_disk'))} | {_ratio(r.get('vs_pickle_cold'))} | "
+                         f"{_num(r.get('page_cache_growth_mib'))} |")
     writes = [r for r in rows if r.get("order") == "write"]
     lines += ["", f"### Writers (best of {WRITE_REPEATS} interleaved runs; every run in seconds)", "",
               "| profile | system | samples/s | MB/s | database MiB | runs (s) |", "|---|---|---|---|---|---|"]
@@ -630,31 +639,11 @@ def main():
                         log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s{faults}")
             prof_rows = list(best.values())
             rows += prof_rows
-        if profile == "medium":  # cold: the files evicted from the page cache before each run
-            # Each cold system opens its own environment: one still open on the path (a warm
-            # system's dataset) would be shared, with its readahead (off), and keep the map's pages.
-            factory = None
+        if profile == "medium":  # cold: the disk (fio) and every system with the file evicted first
+            import bench_cold
+
             gc.collect()
-
-            def cold_get_batch():
-                ds = torch_lmdb.LMDBDataset(paths["torch_lmdb"])
-                for i in epochs("shuffled", n, 256):
-                    yield len(i), batch_bytes(ds.get_batch(i.tolist()))[0]
-
-            for name, store, factory in (
-                    ("torch_lmdb get_batch in process", paths["torch_lmdb"], cold_get_batch),
-                    ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), readahead, 2 threads",
-                     paths["torch_lmdb"], lambda: block_shuffled(paths["torch_lmdb"])),
-                    ("py-lmdb + pickle DataLoader, num_workers=0", paths["pickle_lmdb"],
-                     lambda: loader_batches(torch.utils.data.DataLoader(PickleLMDBDataset(paths["pickle_lmdb"]),
-                                                                        batch_size=256, shuffle=True)))):
-                if not drop_cache([os.path.join(store, "data.mdb")]):
-                    log("  cold runs skipped: posix_fadvise is not available")
-                    break
-                # No warm-up and at most one epoch: a sample read twice would be warm.
-                r = measure(first_epoch(factory(), n), budget, warmup=False)
-                rows.append(dict(profile=profile, order="shuffled", cache="cold", system=name, **r))
-                log(f"  {profile:6} cold       {name:55} {r['samples_per_s']:>12,.0f} samples/s")
+            rows += bench_cold.run_cold(paths, n, sample_bytes, budget, log)
         # ratios within the profile
         for r in rows:
             if r["profile"] != profile or r.get("order") == "write":
