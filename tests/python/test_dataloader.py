@@ -1,5 +1,6 @@
 """The dataset inside DataLoaders: every start method, pickling, fork after
 reads, reader slots, shared-memory batches."""
+import gc
 import pickle
 
 import numpy as np
@@ -179,7 +180,8 @@ def test_collate_fn_wrapper_dataset_and_transform_do_arithmetic_on_worker_batche
 
 def test_a_forked_child_dropping_held_batches_frees_none_of_them(make_db):
     import gc
-    import os
+    import gc
+import os
 
     path = make_db(320, width=1024)
     ds = torch_lmdb.LMDBDataset(path)
@@ -226,6 +228,7 @@ def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_large_worker_batches_recycle_buffers_never_overwriting_held_ones(make_db, method):
     # 16 KiB samples, batches of 8: 128 KiB tensors travel through recycled slabs.
+    gc.collect()  # earlier tests' loaders awaiting collection (and their workers' slabs) are not this test's count
     path = make_db(640, width=4096)
     ds = torch_lmdb.LMDBDataset(path)
     loader = torch_lmdb.make_loader(ds, batch_size=8, shuffle=True, num_workers=2, multiprocessing_context=method)
