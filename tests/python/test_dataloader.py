@@ -180,8 +180,7 @@ def test_collate_fn_wrapper_dataset_and_transform_do_arithmetic_on_worker_batche
 
 def test_a_forked_child_dropping_held_batches_frees_none_of_them(make_db):
     import gc
-    import gc
-import os
+    import os
 
     path = make_db(320, width=1024)
     ds = torch_lmdb.LMDBDataset(path)
