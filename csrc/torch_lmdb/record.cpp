@@ -593,6 +593,12 @@ bool parse_record_cached(const void* data, size_t size, bool verify_checksum, co
         out[i].name = base + reinterpret_cast<uintptr_t>(tmpl.views[i].name);
         out[i].data = base + reinterpret_cast<uintptr_t>(tmpl.views[i].data);
         out[i].ctx = ctx;
+        // The template holds the layout, not the payload: a compressed
+        // payload's Blosc header is checked as parse_record checks it.
+        if (out[i].codec != Codec::None) {
+          const std::string problem = blosc_problem(out[i]);
+          if (!problem.empty()) corrupted(ctx, "field '" + out[i].printable_name() + "': " + problem);
+        }
       }
       return true;
     }
