@@ -51,3 +51,28 @@ TEST(FuzzFindings, ZeroSizeFieldWhoseOtherSizesOverflowIsCorrupted) {
   EXPECT_EQ(t.sizes(), (std::vector<int64_t>{int64_t{1} << 20, int64_t{1} << 20, 0}));
   EXPECT_EQ(t.numel(), 0);
 }
+
+// A record of the cached layout whose compressed payload (not part of the
+// layout) has a damaged Blosc header: the template hit must refuse it as the
+// full parse does, not hand out a view that only decoding would catch.
+TEST(FuzzFindings, CachedParseChecksTheBloscHeaderOfACompressedPayload) {
+  const std::vector<Compression> lz4{Compression{Codec::BloscLZ4, 5}};
+  EncodeOptions o;
+  o.checksum = false;
+  o.compression = &lz4;
+  std::string good, bad;
+  append_record({Field{"x", FieldKind::Tensor, torch::arange(4096, torch::kFloat)}}, o, good);
+  bad = good;
+  std::vector<FieldView> views;
+  const std::string path = "p";
+  const RecordContext ctx{&path, 3};
+  RecordTemplate tmpl;
+  parse_record_cached(good.data(), good.size(), false, ctx, views, tmpl);  // remembers the layout
+  ASSERT_EQ(views.size(), 1u);
+  ASSERT_EQ(views[0].codec, Codec::BloscLZ4);
+  const size_t header = static_cast<size_t>(views[0].data - good.data());
+  bad[header + 4] ^= 0x40;  // the Blosc frame's decompressed length
+  EXPECT_THROW(parse_record(bad.data(), bad.size(), false, ctx, views), CorruptedError);
+  EXPECT_THROW(parse_record_cached(bad.data(), bad.size(), false, ctx, views, tmpl), CorruptedError);
+  EXPECT_TRUE(parse_record_cached(good.data(), good.size(), false, ctx, views, tmpl));  // the layout still hits
+}
