@@ -144,7 +144,9 @@ struct Writer::Impl {
   // field named in options.field_compression exists.
   void resolve_codecs() {
     codecs.assign(schema.size(), default_codec);
-    for (const auto& [name, spec] : options.field_compression) {
+    for (const auto& entry : options.field_compression) {
+      const std::string& name = entry.first;  // (a structured binding cannot be captured in C++17)
+      const auto& spec = entry.second;
       auto it = std::find_if(schema.begin(), schema.end(), [&](const FieldSchema& f) { return f.name == name; });
       if (it == schema.end()) {
         std::string names;
