@@ -4,6 +4,7 @@ import math
 import operator
 import os
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -518,16 +519,19 @@ def _order_name(order: str, block_size: int, window_blocks: int) -> str:
 
 
 class _EpochBatchSampler:
-    """Index lists of one rank's batches of the loader's current epoch."""
+    """Index lists of one rank's batches of the loader's current epoch. Holds
+    its loader weakly: no reference cycle, so a dropped loader (and its
+    persistent workers) goes at once, not at the next garbage collection."""
 
     def __init__(self, loader: "LMDBLoader"):
-        self._loader = loader
+        self._loader = weakref.ref(loader)
 
     def __len__(self) -> int:
-        return len(self._loader._plan(self._loader._start)[0])
+        loader = self._loader()
+        return len(loader._plan(loader._start)[0])
 
     def __iter__(self):
-        loader = self._loader
+        loader = self._loader()
         first, count, _, pad_index = loader._current_plan
         order = loader._current_order
         for f, c in zip(first, count):

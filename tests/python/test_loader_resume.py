@@ -207,3 +207,20 @@ def test_state_at_epoch_end_and_bad_states(make_db):
     # A resumed loader's len() counts the batches left.
     loader.load_state_dict(dict(state, position=32))
     assert len(loader) == 2 and len(ids(loader)) == 18
+
+
+def test_a_dropped_loader_goes_at_once(make_db):
+    # No reference cycle: persistent workers (and the batch buffers they map) end with the loader.
+    import gc
+    import weakref
+
+    ds = torch_lmdb.LMDBDataset(make_db(40))
+    gc.disable()
+    try:
+        loader = torch_lmdb.make_loader(ds, 8, shuffle=True, num_workers=1, persistent_workers=True)
+        assert len(ids(loader)) == 40
+        ref = weakref.ref(loader)
+        del loader
+        assert ref() is None
+    finally:
+        gc.enable()
