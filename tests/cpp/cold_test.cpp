@@ -177,26 +177,8 @@ TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   write_wide(path, 300);
-  {  // flip a payload byte of record 150 (a bad disk would)
-    MDB_env* env;
-    ASSERT_EQ(mdb_env_create(&env), 0);
-    mdb_env_set_maxdbs(env, 4);
-    ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
-    MDB_txn* txn;
-    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
-    MDB_dbi dbi;
-    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
-    unsigned char key[8];
-    encode_key(150, key);
-    MDB_val k{8, key}, v;
-    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
-    std::string value(static_cast<char*>(v.mv_data), v.mv_size);
-    value[value.size() / 2] ^= 0x5A;
-    MDB_val nv{value.size(), value.data()};
-    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
-    ASSERT_EQ(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-  }
+  // a payload byte of record 150 flipped (a bad disk would)
+  torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
   evict_file(path);
   ReaderOptions o = with_lookahead(LookaheadMode::Always);
   o.verify = true;

@@ -8,6 +8,7 @@
 #include "test_util.h"
 
 using namespace torch_lmdb;
+using torch_lmdb_test::mutate_record;
 using torch_lmdb_test::TempDir;
 
 namespace {
@@ -32,29 +33,6 @@ std::vector<Field> variants_for(at::ScalarType dtype) {
       Field{"strided", FieldKind::Tensor, random_of({20}, dtype).slice(0, 0, 20, 3)},
       Field{"large", FieldKind::Tensor, random_of({big, 64}, dtype)},
   };
-}
-
-// Opens the raw LMDB of `path` and applies `mutate` to the value of `index`.
-void mutate_record(const std::string& path, uint64_t index,
-                   const std::function<void(std::string&)>& mutate) {
-  MDB_env* env;
-  ASSERT_EQ(mdb_env_create(&env), 0);
-  mdb_env_set_maxdbs(env, 4);
-  ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
-  MDB_txn* txn;
-  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
-  MDB_dbi dbi;
-  ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
-  unsigned char key[8];
-  encode_key(index, key);
-  MDB_val k{8, key}, v;
-  ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
-  std::string value(static_cast<char*>(v.mv_data), v.mv_size);
-  mutate(value);
-  MDB_val nv{value.size(), value.data()};
-  ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
-  ASSERT_EQ(mdb_txn_commit(txn), 0);
-  mdb_env_close(env);
 }
 
 void expect_corrupted(const std::function<void()>& fn, const std::string& path, uint64_t index) {

@@ -2,9 +2,11 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <lmdb.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <functional>
 #include <string>
 
 #include "torch_lmdb/torch_lmdb.h"
@@ -48,6 +50,30 @@ inline void write_dataset(const std::string& path, int64_t n, int64_t first = 0,
   torch_lmdb::Writer w(path, options);
   for (int64_t i = 0; i < n; ++i) w.write(make_sample(first + i));
   w.close();
+}
+
+// Opens the raw LMDB of `path` and applies `mutate` to the stored value of
+// sample `index` (as a bad disk or another writer would change it).
+inline void mutate_record(const std::string& path, uint64_t index,
+                          const std::function<void(std::string&)>& mutate) {
+  MDB_env* env;
+  ASSERT_EQ(mdb_env_create(&env), 0);
+  mdb_env_set_maxdbs(env, 4);
+  ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
+  MDB_txn* txn;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+  MDB_dbi dbi;
+  ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  unsigned char key[8];
+  torch_lmdb::encode_key(index, key);
+  MDB_val k{8, key}, v;
+  ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+  std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+  mutate(value);
+  MDB_val nv{value.size(), value.data()};
+  ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  ASSERT_EQ(mdb_txn_commit(txn), 0);
+  mdb_env_close(env);
 }
 
 }  // namespace torch_lmdb_test
