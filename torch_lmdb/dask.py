@@ -66,7 +66,7 @@ def local_cluster(n_workers: int = 2, threads_per_worker: int = 1):
                         worker_dashboard_address="127.0.0.1:0")
 
 
-class _Session:
+class _Client:
     """The client to run on: the given one, a client of ``scheduler`` (an
     address, or "local" for a new LocalCluster), or the current default client.
     What it opened it closes."""
@@ -166,8 +166,8 @@ def write_shards(collection, out_dir: "os.PathLike | str", *, client=None, sched
     options = {"map_size": map_size, "commit_every": commit_every}
     user = {"source": dict(source or {})}
     tasks = [dask.delayed(_write_partition, pure=False)(p, out_dir, k, options, user) for k, p in enumerate(parts)]
-    with _Session(client, scheduler) as session:
-        records = _run(tasks, out_dir, session, retries)
+    with _Client(client, scheduler) as dask_client:
+        records = _run(tasks, out_dir, dask_client, retries)
     return _manifest.write_manifest(out_dir, records, source=dict(source or {}, kind="dask", partitions=len(parts)))
 
 
@@ -223,8 +223,8 @@ def convert_to_shards(kind: str, source_path: str, out_dir: str, *, shards: int,
             for k, (a, b) in enumerate(ranges)]
     tasks = [dask.delayed(_convert_range, pure=False)(job) for job in jobs]
     t0 = time.perf_counter()
-    with _Session(client, scheduler or "local") as session:
-        records = _run(tasks, out_dir, session, retries)
+    with _Client(client, scheduler or "local") as dask_client:
+        records = _run(tasks, out_dir, dask_client, retries)
     prov = dict(source.provenance)
     attrs = prov.pop("attrs", {})  # in full in every shard's user metadata; a digest here
     provenance = {"format": source.format, "path": os.path.abspath(source_path), "kind": kind,
