@@ -41,8 +41,7 @@ TORCHRUN_STD = ["--redirects", "0:2", "--tee", "0:2"]
 
 def _rendezvous():
     """torchrun's static rendezvous on a free loopback port. (--standalone's c10d
-    rendezvous asks for a libuv TCPStore, which Debian's torch 2.6 is built without;
-    the static one follows USE_LIBUV=0.)"""
+    rendezvous always listens on port 29400, shared by every run on the machine.)"""
     import socket
 
     with socket.socket() as s:

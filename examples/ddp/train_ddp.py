@@ -64,7 +64,7 @@ def param_digest(model):
     h = hashlib.sha256()
     for p in model.parameters():
         h.update(p.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:12]  # 48 bits: exact in gather()'s float64
 
 
 def save(path, model, opt, loader, steps):
@@ -72,6 +72,31 @@ def save(path, model, opt, loader, steps):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict(),
                 "steps": steps}, tmp)
     os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
+
+
+# The tensors of the last gather(), referenced until the process ends: see shutdown().
+_LAST_GATHER = []
+
+
+def gather(*values):
+    """Every rank's `values` (numbers), as one list per rank in rank order."""
+    mine = torch.tensor(values, dtype=torch.float64)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    _LAST_GATHER[:] = [mine, *out]
+    return [o.tolist() for o in out]
+
+
+def shutdown():
+    """Ends the process group. torch's gloo threads drop a finished
+    collective's tensors after its wait() has returned; dropping the last
+    reference to a tensor Python has let go of needs the GIL, and a process
+    group destroyed at that moment (its destructor joins those threads while
+    holding the GIL) never returns. So the last collectives' tensors stay
+    referenced (_LAST_GATHER), and a barrier (tensors of its own, no Python
+    objects) ends every rank's use of the group first."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main():
@@ -92,11 +117,10 @@ def main():
         t0 = time.perf_counter()
         samples = sum(len(b["position"]) for _ in range(args.epochs) for b in loader)
         rate = samples / (time.perf_counter() - t0)
-        rates = [None] * world
-        dist.all_gather_object(rates, {"rank": rank, "samples": samples, "samples_per_s": rate})
+        rates = [{"rank": r, "samples": int(n), "samples_per_s": v} for r, (n, v) in enumerate(gather(samples, rate))]
         if rank == 0:
             print("RESULT " + json.dumps({"stage": "loader_only", "world_size": world, "ranks": rates}), flush=True)
-        dist.destroy_process_group()
+        shutdown()
         return
 
     model = DistributedDataParallel(make_model(sim["num_bs"], sim["num_taps"]))
@@ -133,8 +157,7 @@ def main():
                 stopped = True
                 break
         dist.all_reduce(total)  # the epoch's loss over all ranks
-        counts = [None] * world
-        dist.all_gather_object(counts, count)
+        counts = [int(c) for (c,) in gather(count)]
         if total[1] > 0:
             losses.append(float(total[0] / total[1]))
         seen.append(counts)
@@ -143,13 +166,12 @@ def main():
                   f"({sum(counts) / (time.perf_counter() - t0):,.0f} samples/s over {world} ranks)", flush=True)
             if args.checkpoint and not stopped:
                 save(args.checkpoint, model.module, opt, loader, steps)
-    digests = [None] * world
-    dist.all_gather_object(digests, param_digest(model.module))
+    digests = ["%012x" % int(d) for (d,) in gather(int(param_digest(model.module), 16))]
     if rank == 0:
         print("RESULT " + json.dumps({"stage": "ddp", "world_size": world, "losses": losses,
                                       "samples_per_rank": seen, "param_digests": digests, "steps": steps,
                                       "num_samples": len(ds), "loader_state": loader.state_dict()}), flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

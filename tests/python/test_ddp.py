@@ -20,13 +20,17 @@ TORCHRUN_STD = ["--redirects", "0:2", "--tee", "0:2"]
 
 
 def _rendezvous():
-    """A free loopback port for the ranks' store."""
+    """torchrun's static rendezvous on a free loopback port. (--standalone's c10d
+    rendezvous always listens on port 29400: two runs on one machine share its
+    store and can wait out its 300 s exit barrier.)"""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
 SCRIPT = os.path.join(ROOT, "examples", "ddp", "train_ddp.py")
 N = 1000  # 2 ranks x 64: 7 full steps and a tail of 104 split 52/52
 
@@ -64,7 +68,7 @@ def torchrun(nproc, *args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", USE_LIBUV="0")
     if _torchrun_can_rendezvous():
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *TORCHRUN_STD,
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *_rendezvous(), *TORCHRUN_STD,
                                "--nproc_per_node", str(nproc), SCRIPT, *args],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
