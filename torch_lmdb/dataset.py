@@ -146,6 +146,10 @@ class LMDBDataset(torch.utils.data.Dataset):
             cached; ``"always"``; ``"never"``.
         lookahead_bytes: at most this many bytes of a batch are requested
             ahead (the bound of the reads in flight per reading thread).
+            ``iter_batches`` also requests the coming batches' pages while
+            it reads, a chunk at a time (a block-shuffle window when it fits
+            in ``lookahead_bytes``, else half of it), at most two chunks
+            ahead: at most ``2 * lookahead_bytes``.
         keep_cache: ``False`` drops each batch's pages from the page cache
             once copied, so an epoch over data larger than RAM does not
             evict the rest of the machine's cache (for every process: use it
@@ -167,7 +171,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         readahead: bool = False,
         max_readers: int = 1024,
         lookahead: str = "auto",
-        lookahead_bytes: int = 64 << 20,
+        lookahead_bytes: int = 128 << 20,
         keep_cache: bool = True,
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
@@ -396,8 +400,10 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def io_stats(self) -> Dict[str, int]:
         """This process's read counters: ``batches``, ``lookahead_batches``
-        (batches that requested their pages ahead) and ``pages_requested``
-        (pages they found uncached)."""
+        (batches that requested their pages ahead), ``pages_requested``
+        (pages they found uncached), and ``prefetches`` and
+        ``pages_prefetched`` (``iter_batches`` requesting the coming batches'
+        uncached pages while it reads)."""
         return dict(self._reader().io_stats())
 
     def reader_count(self, file: int = 0) -> int:

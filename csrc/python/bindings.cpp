@@ -532,7 +532,7 @@ PYBIND11_MODULE(_C, m) {
                     std::vector<std::string>, size_t, bool, std::string>(),
            py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
            py::arg("readahead") = false, py::arg("max_readers") = 1024,
-           py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{64} << 20,
+           py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{128} << 20,
            py::arg("keep_cache") = true, py::arg("lookahead") = "auto")
       .def("io_stats",
            [](const PyReader& r) {
@@ -541,6 +541,8 @@ PYBIND11_MODULE(_C, m) {
              d["batches"] = st.batches;
              d["lookahead_batches"] = st.lookahead_batches;
              d["pages_requested"] = st.pages_requested;
+             d["pages_prefetched"] = st.pages_prefetched;
+             d["prefetches"] = st.prefetches;
              return d;
            })
       .def("__len__", [](const PyReader& r) { return r.reader->size(); })

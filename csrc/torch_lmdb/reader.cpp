@@ -111,7 +111,7 @@ struct Reader::State {
   std::vector<std::shared_ptr<Env>> envs;
   std::shared_ptr<BufferPool> buffers;
   // Reader::io_stats().
-  mutable std::atomic<uint64_t> io_batches{0}, io_lookahead{0}, io_pages{0};
+  mutable std::atomic<uint64_t> io_batches{0}, io_lookahead{0}, io_pages{0}, io_prefetched{0}, io_prefetches{0};
 
   EnvOptions env_options() const {
     EnvOptions o;
@@ -226,7 +226,7 @@ thread_local ColdState cold_state;
 class ColdBatch {
  public:
   explicit ColdBatch(const ReaderOptions& o)
-      : enabled_(o.lookahead == LookaheadMode::Auto && o.lookahead_bytes > 0) {
+      : enabled_(o.lookahead == LookaheadMode::Auto && o.lookahead_bytes > 0), budget_(o.lookahead_bytes) {
     if (o.lookahead == LookaheadMode::Always) ahead_ = o.lookahead_bytes;
     if (!enabled_) return;
     if (cold_state.majflt < 0) cold_state.majflt = major_faults();
@@ -234,6 +234,15 @@ class ColdBatch {
   }
   /// Bytes of the batch to request ahead (0: plain reads).
   size_t ahead() const { return ahead_; }
+  /// Auto, not looking ahead: the bytes to request ahead should the batch's
+  /// first sample turn out not to be cached (see Lookahead).
+  size_t probe() const { return enabled_ && ahead_ == 0 ? budget_ : 0; }
+  /// The probe found the first sample uncached: this batch looked ahead.
+  void engaged() {
+    ahead_ = budget_;
+    cold_state.cold = true;
+    cold_state.warm_batches = 0;
+  }
   /// After the copies; `missing`: pages that were requested (not cached).
   void done(size_t missing, const Reader::State& s) {
     s.io_batches.fetch_add(1, std::memory_order_relaxed);
@@ -258,6 +267,7 @@ class ColdBatch {
 
  private:
   bool enabled_;
+  size_t budget_;
   size_t ahead_ = 0;
 };
 
@@ -271,10 +281,10 @@ std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v) {
 
 // Requests the pages of `values` (at most `budget` bytes of them, in batch
 // order) that are not in the page cache: the ranges are merged in address
-// order, mincore() tells which hold a missing page, and one madvise
-// (MADV_WILLNEED: asynchronous reads) goes out per such range. Returns the
-// number of missing pages.
-size_t request_pages(const std::vector<MDB_val>& values, size_t budget) {
+// order (across gaps of up to `gap` bytes), mincore() tells which hold a
+// missing page, and one madvise (MADV_WILLNEED: asynchronous reads) goes out
+// per such range. Returns the number of missing pages.
+size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_t gap = 0) {
   thread_local std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   thread_local std::vector<unsigned char> resident;
   ranges.clear();
@@ -289,7 +299,7 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget) {
   std::sort(ranges.begin(), ranges.end());
   size_t merged = 0;
   for (size_t i = 0; i < ranges.size(); ++i) {
-    if (merged > 0 && ranges[i].first <= ranges[merged - 1].second) {
+    if (merged > 0 && ranges[i].first <= ranges[merged - 1].second + gap) {
       ranges[merged - 1].second = std::max(ranges[merged - 1].second, ranges[i].second);
     } else {
       ranges[merged++] = ranges[i];
@@ -305,7 +315,13 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget) {
       absent = static_cast<size_t>(std::count_if(resident.begin(), resident.end(),
                                                   [](unsigned char r) { return (r & 1) == 0; }));
     if (absent == 0) continue;
-    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+    // The kernel reads at most max(read-ahead window, largest request) of one
+    // MADV_WILLNEED call and drops the rest (a 16 MiB call read 2-4 MiB):
+    // pieces of 128 KiB (the default window), which the block layer merges
+    // back into large requests.
+    constexpr uintptr_t kPiece = uintptr_t{128} << 10;
+    for (uintptr_t at = begin; at < end; at += kPiece)
+      ::madvise(reinterpret_cast<void*>(at), std::min(kPiece, end - at), MADV_WILLNEED);
     missing += absent;
   }
   return missing;
@@ -327,24 +343,31 @@ class Lookahead {
  public:
   // `ahead` > 0 (a cold thread, see ColdBatch): every sample is looked up
   // first and the pages of up to `ahead` bytes of them are requested at once.
+  // `probe` > 0: the same with `probe` bytes if the first sample's first
+  // page is not in the page cache (one mincore; probed() tells).
   Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
-            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0)
+            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0, size_t probe = 0)
       : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()),
         keep_(s.options.keep_cache) {
     if (indices.empty()) return;
     if (ahead == 0) {
       next_ = find(0);
-      return;
+      if (probe == 0 || cached(next_.value)) return;
+      probed_ = true;
+      ahead = probe;
     }
     found_.reserve(indices.size());
     thread_local std::vector<MDB_val> values;
     values.clear();
     for (size_t i = 0; i < indices.size(); ++i) {
-      found_.push_back(find(i));
+      found_.push_back(i == 0 && probed_ ? next_ : find(i));
       values.push_back(found_.back().value);
     }
     missing_ = request_pages(values, ahead);
   }
+
+  // The batch looked ahead because its first sample was not cached.
+  bool probed() const { return probed_; }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
   void parse_next(size_t i, std::vector<FieldView>& views) {
@@ -455,6 +478,14 @@ class Lookahead {
   std::vector<Found> found_;   // every sample, when looking ahead
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
+  bool probed_ = false;
+
+  static bool cached(const MDB_val& v) {
+    const uintptr_t page = page_bytes();
+    unsigned char in = 0;
+    void* first = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1));
+    return v.mv_size == 0 || ::mincore(first, page, &in) != 0 || (in & 1) != 0;
+  }
 };
 
 // Copies a row-major block of shape `src_shape` into a larger row-major
@@ -781,7 +812,8 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   outs.clear();
   std::vector<at::Tensor> tensors;
   batch.blobs.reserve(s.stored.size());
-  Lookahead samples(s, envs, indices, txns, cold.ahead());
+  Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
+  if (samples.probed()) cold.engaged();
   for (size_t i = 0; i < B; ++i) {
     std::vector<FieldView>& v = i == 0 ? first : cur;
     samples.parse_next(i, v);
@@ -848,7 +880,8 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   std::vector<ReadTxn> txns(envs.size());
   thread_local std::vector<std::vector<FieldView>> views;
   if (views.size() < B) views.resize(B);
-  Lookahead samples(s, envs, indices, txns, cold.ahead());
+  Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
+  if (samples.probed()) cold.engaged();
   for (size_t i = 0; i < B; ++i) samples.parse_next(i, views[i]);
 
   Batch batch;
@@ -961,7 +994,56 @@ bool Reader::complete() const { return state_->complete; }
 
 Reader::IoStats Reader::io_stats() const {
   const State& s = *state_;
-  return IoStats{s.io_batches.load(), s.io_lookahead.load(), s.io_pages.load()};
+  return IoStats{s.io_batches.load(), s.io_lookahead.load(), s.io_pages.load(), s.io_prefetched.load(),
+                 s.io_prefetches.load()};
+}
+
+const ReaderOptions& Reader::options() const { return state_->options; }
+
+bool Reader::looking_ahead() const {
+  const ReaderOptions& o = state_->options;
+  if (o.lookahead_bytes == 0 || o.lookahead == LookaheadMode::Never) return false;
+  return o.lookahead == LookaheadMode::Always || cold_state.cold;
+}
+
+Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
+  State& s = *state_;
+  const size_t budget = s.options.lookahead_bytes;
+  if (budget == 0 || s.options.lookahead == LookaheadMode::Never || indices.empty()) return {};
+  const auto& envs = s.current_envs();
+  const size_t n = s.offsets.back();
+  std::vector<ReadTxn> txns(envs.size());
+  thread_local std::vector<MDB_val> values;
+  values.clear();
+  size_t bytes = 0;
+  for (const size_t index : indices) {
+    if (bytes >= budget) break;
+    if (index >= n) continue;
+    const auto [file, local] = s.locate(index);
+    const Env& env = *envs[file];
+    if (txns[file].get() == nullptr) txns[file] = env.read_txn();
+    unsigned char kbuf[8];
+    encode_key(local, kbuf);
+    MDB_val k{8, kbuf}, v{0, nullptr};
+    if (mdb_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
+    try {
+      env.check_value(v, "sample index " + std::to_string(local));
+    } catch (const std::exception&) {
+      continue;  // the read of this sample raises it
+    }
+    values.push_back(v);
+    const auto [begin, end] = value_pages(v);
+    bytes += end - begin;
+  }
+  // Samples at most 16 KiB apart (B-tree pages between runs of values): one
+  // read for them and what lies between.
+  const size_t missing = request_pages(values, budget, uintptr_t{16} << 10);
+  s.io_prefetches.fetch_add(1, std::memory_order_relaxed);
+  s.io_prefetched.fetch_add(missing, std::memory_order_relaxed);
+  // Uncached pages ahead: this thread still reads from the disk (its own
+  // batches find the pages requested here cached, which alone would end it).
+  if (missing > 0) cold_state.warm_batches = 0;
+  return {bytes, missing};
 }
 
 Reader Reader::refreshed() const { return Reader(state_->paths, state_->options); }

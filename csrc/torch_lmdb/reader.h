@@ -67,7 +67,13 @@ struct ReaderOptions {
   LookaheadMode lookahead = LookaheadMode::Auto;
   /// Bytes of a batch whose pages are requested ahead, in batch order
   /// (the bound of the reads in flight per reading thread; 0: no lookahead).
-  size_t lookahead_bytes = size_t{64} << 20;
+  /// BatchStream (and so iter_batches and the C++ make_loader) also
+  /// requests the coming batches' pages while it reads, a chunk at a time:
+  /// one shuffle window of a block shuffle when its pages fit in this many
+  /// bytes (its samples then go out as a few long sequential reads), else
+  /// half this many bytes. At most two chunks lie ahead of the batch being
+  /// read: at most 2 x lookahead_bytes (see prefetch()).
+  size_t lookahead_bytes = size_t{128} << 20;
   /// false: once a batch is copied, its samples' pages are dropped from the
   /// page cache (and from this process's map), so an epoch over data much
   /// larger than RAM does not evict the rest of the machine's cache. It
@@ -140,6 +146,27 @@ class Reader {
   /// copy per sample and field straight into the batch tensor.
   Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options = {}) const;
 
+  /// Requests the pages of these samples that are not in the page cache
+  /// (madvise MADV_WILLNEED: asynchronous reads), at most lookahead_bytes of
+  /// them in the given order. Their page ranges are merged in address order
+  /// (across gaps of up to 16 KiB), so samples that lie together (a
+  /// block-shuffled window) go out as long sequential reads. For a caller
+  /// that knows which samples come next: BatchStream asks for the coming
+  /// batches while it reads. Only a hint: an index out of range or a record
+  /// that cannot be found is skipped (its read raises the error). Returns
+  /// the bytes of the samples' pages and how many of those pages were not
+  /// cached; nothing with LookaheadMode::Never or lookahead_bytes 0.
+  struct Prefetched {
+    size_t bytes = 0;
+    size_t missing_pages = 0;
+  };
+  Prefetched prefetch(at::ArrayRef<size_t> indices) const;
+  /// Whether this thread's batches look ahead now: Always, or Auto once one
+  /// of the thread's batches met the disk (until 4 batches in a row find
+  /// every page cached); never with LookaheadMode::Never.
+  bool looking_ahead() const;
+  const ReaderOptions& options() const;
+
   /// Stored fields (after the `fields` subset), with -1 for varying dims.
   const std::vector<FieldSchema>& schema() const;
   /// The `meta` table of file `file` as one JSON object text.
@@ -160,11 +187,14 @@ class Reader {
   Reader refreshed() const;
 
   /// Counters of this Reader and its copies (all threads), for tests and
-  /// benchmarks: batches read, batches that looked ahead, pages requested.
+  /// benchmarks: batches read, batches that looked ahead, pages requested
+  /// by them, and pages and calls of prefetch() (uncached pages requested).
   struct IoStats {
     uint64_t batches = 0;
     uint64_t lookahead_batches = 0;
     uint64_t pages_requested = 0;
+    uint64_t pages_prefetched = 0;
+    uint64_t prefetches = 0;
   };
   IoStats io_stats() const;
 

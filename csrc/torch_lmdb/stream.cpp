@@ -105,6 +105,15 @@ struct BatchStream::State {
   std::condition_variable consumed;  // room to read ahead, or stop
   size_t next_to_claim = 0;          // the next batch a reader thread takes
   size_t next_to_deliver = 0;        // the next batch next() returns
+  // Cold reads: batches before `prefetched_to` had their pages requested
+  // ahead (Reader::prefetch), in chunks of about lookahead_bytes / 2;
+  // `batch_bytes`: the bytes of a batch's pages, as the last chunk found.
+  size_t prefetched_to = 0;
+  size_t batch_bytes = 0;
+  // The last chunk requested found uncached pages: keep requesting chunks
+  // (the batches themselves find their pages cached, which alone would make
+  // a reading thread stop looking ahead).
+  bool cold = false;
   size_t delivered = 0;              // batches next() returned (not counting an error)
   std::map<size_t, Batch> ready;     // read, not yet delivered
   std::exception_ptr error;          // the first failed batch's error
@@ -133,9 +142,51 @@ struct BatchStream::State {
     return std::vector<size_t>(first, first + static_cast<std::ptrdiff_t>(plan.count[k]));
   }
 
+  // Batches whose pages are requested together: one shuffle window of a
+  // block shuffle when its pages fit in lookahead_bytes (requested at once,
+  // its samples are a few long runs of the file), else lookahead_bytes / 2
+  // worth. Under `mutex`.
+  size_t chunk_batches() const {
+    if (batch_bytes == 0) return 1;  // (until a first request measured a batch)
+    const size_t budget = reader.options().lookahead_bytes;
+    if (options.order == SampleOrder::BlockShuffle) {
+      const size_t per_batch = options.batch_size * options.world_size;
+      const size_t window = (options.block_size * options.window_blocks + per_batch - 1) / per_batch;
+      if (window * batch_bytes <= budget) return std::max<size_t>(1, window);
+    }
+    return std::max<size_t>(1, budget / 2 / batch_bytes);
+  }
+
+  // The batches whose pages to request as batch `k` is claimed, [first,
+  // last): the next chunk, once fewer than a chunk's batches beyond k are
+  // requested (so at most two chunks lie ahead). Under `mutex`.
+  std::pair<size_t, size_t> claim_prefetch(size_t k) {
+    const size_t chunk = chunk_batches();
+    const size_t first = std::max(prefetched_to, k + 1);
+    if (first >= num_batches || first - (k + 1) >= chunk) return {0, 0};
+    // Chunk ends on multiples of the chunk: a block shuffle's windows.
+    prefetched_to = std::min(num_batches, (first / chunk + 1) * chunk);
+    return {first, prefetched_to};
+  }
+
+  void prefetch(std::pair<size_t, size_t> range) {
+    std::vector<size_t> idx;
+    for (size_t b = range.first; b < range.second; ++b) {
+      if (plan.count[b] == 0) continue;
+      const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[b]);
+      idx.insert(idx.end(), first, first + static_cast<std::ptrdiff_t>(plan.count[b]));
+    }
+    const Reader::Prefetched got = reader.prefetch(idx);
+    std::lock_guard<std::mutex> lock(mutex);
+    cold = got.missing_pages > 0;
+    if (got.bytes > 0) batch_bytes = std::max<size_t>(1, got.bytes / (range.second - range.first));
+  }
+
   void work() {
     for (;;) {
       size_t k = 0;
+      std::pair<size_t, size_t> ahead{0, 0};
+      const bool thread_cold = reader.looking_ahead();
       {
         std::unique_lock<std::mutex> lock(mutex);
         consumed.wait(lock, [&] {
@@ -143,8 +194,10 @@ struct BatchStream::State {
         });
         if (stop || next_to_claim >= num_batches) return;
         k = next_to_claim++;
+        if (thread_cold || cold) ahead = claim_prefetch(k);
       }
       try {
+        if (ahead.second > ahead.first) prefetch(ahead);
         Batch b = reader.read_batch(indices(k), options.batch);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));

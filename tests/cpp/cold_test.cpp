@@ -9,10 +9,13 @@
 
 #include <algorithm>
 #include <numeric>
+#include <functional>
 #include <random>
+#include <thread>
 
 #include "test_util.h"
 #include "torch_lmdb/record.h"
+#include "torch_lmdb/stream.h"
 
 using namespace torch_lmdb;
 using torch_lmdb_test::make_sample;
@@ -130,6 +133,21 @@ TEST(ColdReads, AutoLooksAheadOnceBatchesWaitForTheDiskAndStopsWhenWarm) {
   EXPECT_EQ(warm.pages_requested, cold.pages_requested);
 }
 
+TEST(ColdReads, AutoLooksAheadFromTheFirstBatchWhoseFirstSampleIsNotCached) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 600);
+  evict_file(path);
+  Reader r(path);  // LookaheadMode::Auto
+  r.read_batch(batches_of(shuffled(600, 7), 64)[0]);
+  EXPECT_EQ(r.io_stats().lookahead_batches, 1u);
+  EXPECT_GT(r.io_stats().pages_requested, 0u);
+  // Cached now: the next thread's batches do not look ahead.
+  Reader warm(path);
+  std::thread([&] { warm.read_batch(batches_of(shuffled(600, 7), 64)[0]); }).join();
+  EXPECT_EQ(warm.io_stats().lookahead_batches, 0u);
+}
+
 TEST(ColdReads, PagesRequestedAheadAreBoundedByLookaheadBytes) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
@@ -198,4 +216,110 @@ TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
       EXPECT_NE(std::string(e.what()).find("index 150"), std::string::npos) << e.what();
     }
   }
+}
+
+namespace {
+
+// Reads one epoch of `stream`, checking every sample's content; returns how
+// often each index came. `after_batch` runs after each batch.
+std::vector<int> read_epoch(BatchStream& stream, int64_t n, const std::function<void(size_t)>& after_batch = {}) {
+  std::vector<int> seen(n, 0);
+  size_t k = 0;
+  while (auto b = stream.next()) {
+    const at::Tensor idx = b->tensors["index"];
+    for (int64_t j = 0; j < idx.size(0); ++j) {
+      const int64_t i = idx[j].item<int64_t>();
+      EXPECT_TRUE(torch::equal(b->tensors["x"][j], make_sample(i, kWidth)["x"])) << "index " << i;
+      ++seen[i];
+    }
+    if (after_batch) after_batch(++k);
+  }
+  return seen;
+}
+
+}  // namespace
+
+TEST(ColdReads, StreamRequestsTheComingBatchesInBoundedChunks) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 3000;  // 5 pages a sample: ~59 MiB
+  write_wide(path, n);
+  evict_file(path);
+  const size_t budget = size_t{8} << 20;
+  Reader r(path, with_lookahead(LookaheadMode::Always, budget));
+  StreamOptions o;
+  o.batch_size = 64;
+  o.order = SampleOrder::Shuffle;
+  o.threads = 1;
+  o.prefetch = 1;
+  BatchStream stream(r, o);
+  size_t peak_excess = 0;
+  const auto seen = read_epoch(stream, n, [&](size_t delivered) {
+    // Cached: the batches delivered, the one being read and the one queued
+    // (5 pages a sample), B-tree pages, and what was requested ahead: at
+    // most two chunks of budget / 2.
+    const size_t read = std::min<size_t>(n, (delivered + 2) * 64) * 5;
+    const size_t in = resident_pages(path).first;
+    if (in > read) peak_excess = std::max(peak_excess, in - read);
+  });
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+  const Reader::IoStats st = r.io_stats();
+  EXPECT_GT(st.prefetches, 1u);
+  EXPECT_GT(st.pages_prefetched, static_cast<uint64_t>(n) * 5 / 2);  // most pages came ahead of their batch
+  EXPECT_GT(peak_excess, 0u) << "nothing was requested ahead";
+  EXPECT_LE(peak_excess, 2 * budget / 4096 + 64) << "pages cached beyond the batches read";
+}
+
+TEST(ColdReads, StreamRequestsABlockShuffleWindowAtOnceAndNothingWhenWarm) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 3072;
+  write_wide(path, n);
+  evict_file(path);
+  Reader r(path, with_lookahead(LookaheadMode::Auto, size_t{8} << 20));
+  StreamOptions o;
+  o.batch_size = 64;
+  o.order = SampleOrder::BlockShuffle;
+  o.block_size = 128;
+  o.window_blocks = 2;  // windows of 256 samples (~5 MiB): 4 batches
+  o.threads = 2;
+  {
+    BatchStream stream(r, o);
+    const auto seen = read_epoch(stream, n);
+    EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+  }
+  const Reader::IoStats cold = r.io_stats();
+  // 12 windows: one request each, and a first one of a single batch.
+  EXPECT_GE(cold.prefetches, 10u);
+  EXPECT_LE(cold.prefetches, 13u);
+  EXPECT_GT(cold.pages_prefetched, static_cast<uint64_t>(n) * 5 / 2);
+  {
+    BatchStream warm(r, o);  // every page cached: nothing is requested
+    read_epoch(warm, n);
+  }
+  EXPECT_EQ(r.io_stats().prefetches, cold.prefetches);
+}
+
+TEST(ColdReads, AStreamRaisesADamagedRecordAtItsBatchThoughItsPagesWereRequestedAhead) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 640);
+  torch_lmdb_test::mutate_record(path, 300, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
+  evict_file(path);
+  ReaderOptions ro = with_lookahead(LookaheadMode::Always);
+  ro.verify = true;
+  Reader r(path, ro);
+  StreamOptions o;
+  o.batch_size = 64;
+  o.order = SampleOrder::Sequential;
+  o.threads = 2;
+  BatchStream stream(r, o);
+  for (size_t k = 0; k < 4; ++k) EXPECT_TRUE(stream.next().has_value()) << "batch " << k;
+  try {
+    stream.next();
+    FAIL() << "batch 4 holds the damaged record";
+  } catch (const CorruptedError& e) {
+    EXPECT_NE(std::string(e.what()).find("index 300"), std::string::npos) << e.what();
+  }
+  EXPECT_GT(r.io_stats().prefetches, 0u);
 }
