@@ -276,7 +276,9 @@ TEST(ColdReads, StreamRequestsABlockShuffleWindowAtOnceAndNothingWhenWarm) {
   const int64_t n = 3072;
   write_wide(path, n);
   evict_file(path);
-  Reader r(path, with_lookahead(LookaheadMode::Auto, size_t{8} << 20));
+  // Chunks of lookahead_bytes / 2 would be 6 batches (8 requests an epoch);
+  // a window is 4.
+  Reader r(path, with_lookahead(LookaheadMode::Auto, size_t{16} << 20));
   StreamOptions o;
   o.batch_size = 64;
   o.order = SampleOrder::BlockShuffle;
@@ -289,9 +291,10 @@ TEST(ColdReads, StreamRequestsABlockShuffleWindowAtOnceAndNothingWhenWarm) {
     EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
   }
   const Reader::IoStats cold = r.io_stats();
-  // 12 windows: one request each, and a first one of a single batch.
+  // 12 windows: one request each (the first ones partly read already), and
+  // a first request or two of a single batch, before a batch's size is known.
   EXPECT_GE(cold.prefetches, 10u);
-  EXPECT_LE(cold.prefetches, 13u);
+  EXPECT_LE(cold.prefetches, 15u);
   EXPECT_GT(cold.pages_prefetched, static_cast<uint64_t>(n) * 5 / 2);
   {
     BatchStream warm(r, o);  // every page cached: nothing is requested
