@@ -113,12 +113,13 @@ test-sanitize: sanitizer-deps
 	cmake --build build/asan -j $(JOBS) --target torch_lmdb_tests
 	cd build/asan && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) --no-tests=error
 
-# ThreadSanitizer (clang-14): the concurrency gtests (named *Concurrent* or *Threads*).
+# ThreadSanitizer (clang-14): the concurrency gtests (named *Concurrent* or *Threads*, and the
+# streams' cold reads, whose reader threads share the requests ahead).
 test-tsan: sanitizer-deps
 	$(CHECK_CMAKE) -S . -B build/tsan -DCMAKE_CXX_COMPILER=clang++-14 -DTORCH_LMDB_SANITIZE=thread
 	cmake --build build/tsan -j $(JOBS) --target torch_lmdb_tests
 	cd build/tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/sanitizers/tsan.supp \
-	  ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads'
+	  ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads|ColdReads.*Stream'
 
 # gcc LTO build whose link fails on ODR violations (-Werror=odr), then its gtests.
 test-odr: deps
