@@ -106,7 +106,7 @@ struct BatchStream::State {
   size_t next_to_claim = 0;          // the next batch a reader thread takes
   size_t next_to_deliver = 0;        // the next batch next() returns
   // Cold reads: batches before `prefetched_to` had their pages requested
-  // ahead (Reader::prefetch), in chunks of about lookahead_bytes / 2;
+  // ahead (Reader::prefetch), a chunk at a time (chunk_batches());
   // `batch_bytes`: the bytes of a batch's pages, as the last chunk found.
   size_t prefetched_to = 0;
   size_t batch_bytes = 0;
