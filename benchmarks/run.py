@@ -354,7 +354,7 @@ def write_stores(profile, n, out, log):
         for system, (store, write) in writers.items():
             shutil.rmtree(paths[store], ignore_errors=True)
             gc.collect()
-            os.sync()  # the previous run's writeback (and the removal's discards) is not billed to this one
+            os.sync()  # dirty pages and the removal's discards are written out before the clock starts
             t0 = time.perf_counter()
             write(paths[store])
             seconds[system].append(time.perf_counter() - t0)

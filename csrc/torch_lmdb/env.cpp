@@ -592,21 +592,26 @@ size_t Env::map_size() const {
 
 void Env::set_map_size(size_t bytes) { remap(bytes); }
 
-void Env::check_value(const MDB_val& v, const std::string& what) const {
+bool Env::value_inside(const MDB_val& v) const noexcept {
   const char* p = static_cast<const char*>(v.mv_data);
   const char* base = map_addr_;
   // Only memory of the map can lie past the file's end; a value outside the
   // map is a write transaction's dirty page (heap memory).
-  if (p < base || static_cast<size_t>(p - base) >= map_bytes_) return;
+  if (p < base || static_cast<size_t>(p - base) >= map_bytes_) return true;
   auto inside = [&](size_t file) {
     return p >= base && static_cast<size_t>(p - base) <= file && v.mv_size <= file - static_cast<size_t>(p - base);
   };
-  if (v.mv_size == 0 || inside(file_size_.load(std::memory_order_relaxed))) return;
+  if (v.mv_size == 0 || inside(file_size_.load(std::memory_order_relaxed))) return true;
   struct stat now {};  // the file may have grown since we last looked
   if (::fstat(fd_, &now) == 0) {
     file_size_.store(static_cast<size_t>(now.st_size), std::memory_order_relaxed);
-    if (inside(static_cast<size_t>(now.st_size))) return;
+    if (inside(static_cast<size_t>(now.st_size))) return true;
   }
+  return false;
+}
+
+void Env::check_value(const MDB_val& v, const std::string& what) const {
+  if (value_inside(v)) return;
   throw CorruptedError("'" + path_ + "/data.mdb' is damaged: the value of " + what + " (" +
                            std::to_string(v.mv_size) + " bytes) lies outside the file (" +
                            std::to_string(file_size_.load()) + " bytes); run `torch-lmdb verify` and rebuild "

@@ -169,9 +169,16 @@ class Env {
   /// is live (new ones wait meanwhile), then remaps. Throws Error when the
   /// calling thread holds a transaction of this env.
   void set_map_size(size_t bytes);
-  /// Throws CorruptedError (naming the path and `what`) unless `v` lies
-  /// inside the data file as it is on disk now.
+  /// Whether `v` lies inside the data file as it is on disk now (memory
+  /// outside the map, a write transaction's dirty page, passes).
+  bool value_inside(const MDB_val& v) const noexcept;
+  /// Throws CorruptedError (naming the path and `what`) unless value_inside(v).
   void check_value(const MDB_val& v, const std::string& what) const;
+  /// check_value for the value of sample `index`; its message is only built
+  /// when it throws.
+  void check_sample_value(const MDB_val& v, uint64_t index) const {
+    if (!value_inside(v)) check_value(v, "sample index " + std::to_string(index));
+  }
   /// Drops the pages of the map wholly inside [p, p + n) from this process's
   /// map and from the page cache (madvise + posix_fadvise DONTNEED). Only
   /// for memory of the map, with a read transaction of this env held by the

@@ -9,13 +9,11 @@
 
 using namespace torch_lmdb;
 using torch_lmdb_test::mutate_record;
+using torch_lmdb_test::kAllDtypes;
 using torch_lmdb_test::TempDir;
 
 namespace {
 
-const std::vector<at::ScalarType> kDtypes = {
-    at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
-    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble};
 
 // Compressible but not constant: a smooth signal with some noise, cast.
 at::Tensor signal_of(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
@@ -75,7 +73,7 @@ void expect_corrupted(const std::function<void()>& fn, const std::vector<std::st
 TEST(Compression, EveryDtypeRoundTripsWithEachCodecOnEveryReadPath) {
   TempDir tmp;
   for (const char* codec : {"lz4", "zstd:9"}) {
-    for (auto dtype : kDtypes) {
+    for (auto dtype : kAllDtypes) {
       SCOPED_TRACE(std::string(codec) + " " + c10::toString(dtype));
       const std::string path = tmp.sub(std::string(codec).substr(0, 3) + c10::toString(dtype));
       WriterOptions o;

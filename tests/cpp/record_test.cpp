@@ -9,13 +9,11 @@
 
 using namespace torch_lmdb;
 using torch_lmdb_test::mutate_record;
+using torch_lmdb_test::kAllDtypes;
 using torch_lmdb_test::TempDir;
 
 namespace {
 
-const std::vector<at::ScalarType> kAllDtypes = {
-    at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
-    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble};
 
 at::Tensor random_of(at::IntArrayRef shape, at::ScalarType dtype) {
   if (dtype == at::kBool) return torch::rand(shape) > 0.5;

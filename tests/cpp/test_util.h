@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "torch_lmdb/torch_lmdb.h"
 
@@ -75,5 +76,10 @@ inline void mutate_record(const std::string& path, uint64_t index,
   ASSERT_EQ(mdb_txn_commit(txn), 0);
   mdb_env_close(env);
 }
+
+// Every dtype the record format names.
+inline const std::vector<at::ScalarType> kAllDtypes = {
+    at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
+    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble};
 
 }  // namespace torch_lmdb_test
