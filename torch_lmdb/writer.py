@@ -118,6 +118,13 @@ class LMDBWriter:
             samples do not have, raises ValueError naming the field.
         format_version: record format of a new database: 2 (default) or 1
             (readable by torch_lmdb versions without compression; no codec).
+        samples_per_value: how many samples share one LMDB value in a new
+            database. ``None`` (default): one without compression; with
+            compression, enough for about 128 KiB per value (LMDB gives each
+            value above ~2 KiB whole 4 KiB pages of its own, so small
+            compressed samples stored alone waste up to half the file).
+            Every sample is still read and decoded alone. Appending keeps
+            the database's packing.
 
     Used as a context manager, a clean exit marks the database complete; an
     exception keeps every sample written so far but leaves it marked incomplete.
@@ -135,6 +142,7 @@ class LMDBWriter:
         auto_grow: bool = True,
         compression: "None | str | tuple | Mapping[str, Any]" = None,
         format_version: int = _C.FORMAT_VERSION,
+        samples_per_value: Optional[int] = None,
     ):
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
@@ -142,6 +150,11 @@ class LMDBWriter:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 1 <= value <= _MAX_SIZE):
                 raise ValueError(f"{name} must be an int from 1 to 2**63 - 1, got {value!r}")
+        if samples_per_value is not None and (isinstance(samples_per_value, bool)
+                                              or not isinstance(samples_per_value, int)
+                                              or not 1 <= samples_per_value <= _C.MAX_SAMPLES_PER_VALUE):
+            raise ValueError(f"samples_per_value must be an int from 1 to {_C.MAX_SAMPLES_PER_VALUE} "
+                             f"(or None: automatic), got {samples_per_value!r}")
         if map_size is not None:
             map_size = max(map_size, MIN_MAP_SIZE)  # a tiny map is only an initial size: it grows
         self.path = os.fspath(path)
@@ -159,6 +172,7 @@ class LMDBWriter:
             compression=default_codec,
             field_compression=field_codecs,
             format_version=format_version,
+            samples_per_value=samples_per_value or 0,
         )
 
     def write(self, sample: Mapping[str, Any]) -> int:

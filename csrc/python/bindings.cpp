@@ -414,8 +414,10 @@ struct PyWriter {
 
   PyWriter(const std::string& path, bool append, size_t map_size, size_t commit_every, size_t commit_bytes,
            bool checksum, bool auto_grow, const std::string& user_json, const std::string& compression,
-           const std::map<std::string, std::string>& field_compression, int format_version) {
+           const std::map<std::string, std::string>& field_compression, int format_version,
+           size_t samples_per_value) {
     WriterOptions o;
+    o.samples_per_value = samples_per_value;
     o.compression = compression;
     o.field_compression = field_compression;
     o.format_version = format_version;
@@ -475,6 +477,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_lmdb C++ core (use the torch_lmdb package, not this module)";
   m.attr("__version__") = TORCH_LMDB_VERSION;
   m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("MAX_SAMPLES_PER_VALUE") = kMaxSamplesPerValue;
 
   static py::exception<Error> base(m, "Error", PyExc_RuntimeError);
   static py::exception<MapFullError> map_full(m, "MapFullError", base.ptr());
@@ -564,12 +567,12 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyWriter>(m, "Writer")
       .def(py::init<const std::string&, bool, size_t, size_t, size_t, bool, bool, const std::string&,
-                    const std::string&, const std::map<std::string, std::string>&, int>(),
+                    const std::string&, const std::map<std::string, std::string>&, int, size_t>(),
            py::arg("path"), py::arg("append") = false, py::arg("map_size") = 0, py::arg("commit_every") = 0,
            py::arg("commit_bytes") = 0, py::arg("checksum") = true, py::arg("auto_grow") = true,
            py::arg("user_json") = "", py::arg("compression") = "",
            py::arg("field_compression") = std::map<std::string, std::string>(),
-           py::arg("format_version") = static_cast<int>(kFormatVersion))
+           py::arg("format_version") = static_cast<int>(kFormatVersion), py::arg("samples_per_value") = 0)
       .def("write", &PyWriter::write, py::arg("sample"), py::arg("convert"))
       .def("write_many", &PyWriter::write_many, py::arg("samples"), py::arg("convert"))
       .def("flush", [](PyWriter& w) { Writer& x = w.get(); py::gil_scoped_release nogil; x.flush(); })

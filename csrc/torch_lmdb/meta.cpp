@@ -99,12 +99,22 @@ MetaInfo validate_meta(const Json& meta, const std::string& path) {
   if (version == nullptr) invalid("no metadata 'format_version'");
   if (!version->is_number_integer()) wrong("format_version", "an integer", *version);
   const bool known = version->is_number_unsigned()
-                         ? version->get<uint64_t>() >= kMinFormatVersion && version->get<uint64_t>() <= kFormatVersion
-                         : version->get<int64_t>() >= kMinFormatVersion && version->get<int64_t>() <= kFormatVersion;
+                         ? version->get<uint64_t>() >= kMinFormatVersion && version->get<uint64_t>() <= kPackedFormatVersion
+                         : version->get<int64_t>() >= kMinFormatVersion && version->get<int64_t>() <= kPackedFormatVersion;
   if (!known)
     invalid("format version " + version->dump() + " (this torch_lmdb reads versions " +
-            std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion) + ")");
+            std::to_string(kMinFormatVersion) + " to " + std::to_string(kPackedFormatVersion) + ")");
   info.format_version = version->get<int64_t>();
+  if (const Json* per = find("samples_per_value")) {
+    if (!per->is_number_unsigned() || per->get<uint64_t>() < 1 || per->get<uint64_t>() > kMaxSamplesPerValue)
+      wrong("samples_per_value", "an integer from 1 to 65536", *per);
+    static_assert(kMaxSamplesPerValue == 65536, "the message above names the limit");
+    info.samples_per_value = per->get<size_t>();
+    if (info.samples_per_value > 1 && info.format_version < kPackedFormatVersion)
+      invalid("metadata 'samples_per_value' is " + per->dump() + " in a format version " +
+              std::to_string(info.format_version) + " database (packed values need version " +
+              std::to_string(kPackedFormatVersion) + ")");
+  }
 
   if (const Json* order = find("byte_order")) {
     if (!order->is_string()) wrong("byte_order", "\"little\"", *order);

@@ -54,6 +54,8 @@ Json parse_user_json(const std::string& text);
 struct MetaInfo {
   int64_t format_version = 0;
   size_t num_samples = 0;
+  /// Records per LMDB value (metadata `samples_per_value`; 1 when absent).
+  size_t samples_per_value = 1;
   bool complete = false;
   std::vector<FieldSchema> schema;
 };
@@ -64,7 +66,8 @@ struct MetaInfo {
 /// metadata '<key>' ..." saying what was expected and what was found:
 /// format != "torch_lmdb", format_version missing / not an integer / another
 /// version, num_samples missing / not an integer / negative / >= 2^63,
-/// complete or byte_order of the wrong type, byte_order not "little", schema
+/// complete or byte_order of the wrong type, samples_per_value not an
+/// integer 1..kMaxSamplesPerValue (or > 1 below format version 3), byte_order not "little", schema
 /// or user of the wrong shape.
 MetaInfo validate_meta(const Json& meta, const std::string& path);
 

@@ -103,6 +103,7 @@ struct Reader::State {
   std::vector<FieldSchema> schema;       // the selected ones
   std::vector<char> keep;                // per stored field: selected?
   std::vector<std::string> meta_json;
+  std::vector<uint32_t> per_value;       // per file: records per LMDB value (metadata samples_per_value)
   bool complete = true;
 
   // Environments of the current process (reopened after fork).
@@ -165,21 +166,43 @@ void check_layout(const std::vector<FieldView>& views, const std::vector<FieldSc
   }
 }
 
-// The value of sample `local` of `env`, looked up inside `txn`.
-MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local) {
+[[noreturn]] void missing_sample(const Env& env, uint64_t local) {
+  throw CorruptedError("sample index " + std::to_string(local) + " is missing from '" + env.path() +
+                           "' although its metadata counts it; run `torch-lmdb verify`",
+                       MDB_NOTFOUND, env.path());
+}
+
+// The record of sample `local` in `v`, the value of its key (local /
+// per_value): `v` itself, or its slot of a packed value.
+MDB_val record_in(const Env& env, const MDB_val& v, uint64_t local, uint32_t per_value) {
+  if (per_value <= 1) return v;
+  const char* record = nullptr;
+  size_t size = 0;
+  if (!packed_record(v.mv_data, v.mv_size, local % per_value, per_value, &record, &size))
+    throw CorruptedError("the value holding sample index " + std::to_string(local) + " of '" + env.path() +
+                             "' (samples " + std::to_string(local / per_value * per_value) + " to " +
+                             std::to_string(local / per_value * per_value + per_value - 1) +
+                             ") is damaged or does not hold it; run `torch-lmdb verify`",
+                         0, env.path());
+  return MDB_val{size, const_cast<char*>(record)};
+}
+
+// The LMDB value holding sample `local` of `env` (key local / per_value),
+// looked up inside `txn`, bounds-checked.
+MDB_val lookup_value(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value) {
   unsigned char kbuf[8];
-  encode_key(local, kbuf);
+  encode_key(local / per_value, kbuf);
   MDB_val k{8, kbuf}, v{0, nullptr};
   const int rc = mdb_get(txn, env.samples_dbi(), &k, &v);
-  if (rc == MDB_NOTFOUND) {
-    throw CorruptedError("sample index " + std::to_string(local) + " is missing from '" +
-                             env.path() + "' although its metadata counts it; run "
-                             "`torch-lmdb verify`",
-                         rc, env.path());
-  }
+  if (rc == MDB_NOTFOUND) missing_sample(env, local);
   detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
   env.check_sample_value(v, local);
   return v;
+}
+
+// The record of sample `local` of `env`, looked up inside `txn`.
+MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value) {
+  return record_in(env, lookup_value(env, txn, local, per_value), local, per_value);
 }
 
 // Parses the value `v` of sample `local` of `env` and checks its layout
@@ -359,11 +382,24 @@ class Lookahead {
     found_.reserve(indices.size());
     thread_local std::vector<MDB_val> values;
     values.clear();
+    bool packed = false;
     for (size_t i = 0; i < indices.size(); ++i) {
-      found_.push_back(i == 0 && probed_ ? next_ : find(i));
-      values.push_back(found_.back().value);
+      found_.push_back(i == 0 && probed_ ? next_ : find(i, /*slice=*/false));
+      const Found& f = found_.back();
+      if (f.per_value > 1 && f.value.mv_data == nullptr) {
+        // A packed value: where its record lies is in the value's header.
+        packed = true;
+        values.push_back(MDB_val{std::min(f.whole.mv_size, packed_header_bytes(f.per_value)), f.whole.mv_data});
+      }
     }
-    missing_ = request_pages(values, ahead);
+    // Headers of packed values first (their reads overlap), then the records.
+    if (packed) missing_ += request_pages(values, ahead);
+    values.clear();
+    for (Found& f : found_) {
+      if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
+      values.push_back(f.value);
+    }
+    missing_ += request_pages(values, ahead);
   }
 
   // The batch looked ahead because its first sample was not cached.
@@ -406,7 +442,9 @@ class Lookahead {
   struct Found {
     const Env* env = nullptr;
     uint64_t local = 0;
-    MDB_val value{0, nullptr};
+    MDB_val value{0, nullptr};  // the record (null: a packed value's slot not yet found)
+    MDB_val whole{0, nullptr};  // the LMDB value holding it
+    uint32_t per_value = 1;
   };
   // Read-only cursors are closed explicitly, here before their txns end
   // (the callers' txns outlive this object).
@@ -415,17 +453,27 @@ class Lookahead {
   };
   struct Cursor {
     std::unique_ptr<MDB_cursor, CursorCloser> cursor;
-    uint64_t at = 0;  // the local index it points at
+    uint64_t at = 0;            // the key it points at
+    MDB_val value{0, nullptr};  // its value
     bool positioned = false;
   };
 
-  Found find(size_t i) {
+  // Sample i's value; with `slice` (or one record per value) also its record.
+  Found find(size_t i, bool slice = true) {
     const auto loc = s_.locate(indices_[i]);
     const Env& env = *envs_[loc.first];
     if (txns_[loc.first].get() == nullptr) txns_[loc.first] = env.read_txn();
     const bool run = i + 1 < indices_.size() && indices_[i + 1] == indices_[i] + 1;
-    Found f{&env, loc.second, seek(env, loc.first, loc.second, run)};
-    // Every cache line of the value's first kPrefetchBytes (all of a small record).
+    Found f{&env, loc.second, {0, nullptr}, {0, nullptr}, s_.per_value[loc.first]};
+    f.whole = seek(env, loc.first, loc.second, f.per_value, run);
+    if (f.per_value <= 1) {
+      f.value = f.whole;
+    } else if (slice) {
+      f.value = record_in(env, f.whole, f.local, f.per_value);
+    } else {
+      return f;  // the header's pages are requested first (the lookahead)
+    }
+    // Every cache line of the record's first kPrefetchBytes (all of a small record).
     const uintptr_t begin = reinterpret_cast<uintptr_t>(f.value.mv_data);
     const uintptr_t end = begin + std::min<size_t>(f.value.mv_size, kPrefetchBytes);
     for (uintptr_t line = begin & ~uintptr_t{63}; line < end; line += 64)
@@ -433,15 +481,19 @@ class Lookahead {
     return f;
   }
 
-  // The value of `local` in `file`; `run`: the next sample follows it.
-  MDB_val seek(const Env& env, size_t file, uint64_t local, bool run) {
+  // The value holding `local` in `file` (key local / per_value); `run`: the
+  // next sample follows it.
+  MDB_val seek(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
     Cursor& c = cursors_[file];
     MDB_txn* txn = txns_[file].get();
+    const uint64_t key = local / per_value;
+    if (c.positioned && key == c.at) return c.value;  // the next record of a packed value
     MDB_val k{0, nullptr}, v{0, nullptr};
-    if (c.positioned && local == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
-        k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == local) {
-      c.at = local;
+    if (c.positioned && key == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
+        k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == key) {
       env.check_sample_value(v, local);
+      c.at = key;
+      c.value = v;
       return v;
     }
     c.positioned = false;
@@ -455,16 +507,17 @@ class Lookahead {
         c.cursor.reset(opened);
       }
       unsigned char kbuf[8];
-      encode_key(local, kbuf);
+      encode_key(key, kbuf);
       k = MDB_val{8, kbuf};
       if (mdb_cursor_get(c.cursor.get(), &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
-        c.at = local;
-        c.positioned = true;
         env.check_sample_value(v, local);
+        c.at = key;
+        c.value = v;
+        c.positioned = true;
         return v;
       }
     }
-    return lookup(env, txn, local);  // (on a failed search: throws the error of this index)
+    return lookup_value(env, txn, local, per_value);  // (on a failed search: throws the error of this index)
   }
 
   static constexpr size_t kPrefetchBytes = 256;
@@ -685,16 +738,16 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       ReadTxn txn = env->read_txn();
       meta = detail::read_meta(*env, txn.get());
     }
-    detail::validate_meta(meta, path);  // every key and its JSON type, before the uses below
+    const auto info = detail::validate_meta(meta, path);  // every key and its JSON type, before the uses below
     auto invalid = [&](const std::string& why) {
       throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
     };
     if (meta.value("format", std::string()) != "torch_lmdb") invalid("metadata 'format' is not \"torch_lmdb\"");
     if (!meta.contains("format_version") || !meta["format_version"].is_number_integer()) invalid("no 'format_version'");
     const int64_t version = meta["format_version"].get<int64_t>();
-    if (version < kMinFormatVersion || version > kFormatVersion)
+    if (version < kMinFormatVersion || version > kPackedFormatVersion)
       invalid("format version " + std::to_string(version) + " (this torch_lmdb reads versions " +
-              std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion) + ")");
+              std::to_string(kMinFormatVersion) + " to " + std::to_string(kPackedFormatVersion) + ")");
     if (meta.value("byte_order", std::string("little")) != "little") invalid("byte order is not little-endian");
     if (!meta.contains("num_samples") || !meta["num_samples"].is_number_unsigned()) invalid("no 'num_samples'");
     const size_t n = meta["num_samples"].get<size_t>();
@@ -736,6 +789,7 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
     }
     s.offsets.push_back(s.offsets.back() + n);
     s.meta_json.push_back(meta.dump());
+    s.per_value.push_back(static_cast<uint32_t>(info.samples_per_value));
     s.envs.push_back(std::move(env));
   }
   s.generation.store(fork_generation());
@@ -763,7 +817,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   thread_local std::vector<FieldView> views;
   std::vector<Field> out;
   ReadTxn txn = env.read_txn();
-  parse(env, lookup(env, txn.get(), loc.second), loc.second, s, views);
+  parse(env, lookup(env, txn.get(), loc.second, s.per_value[loc.first]), loc.second, s, views);
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
@@ -1016,17 +1070,25 @@ Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
   thread_local std::vector<MDB_val> values;
   values.clear();
   size_t bytes = 0;
+  uint64_t last_key = 0;
+  size_t last_file = 0;
   for (const size_t index : indices) {
     if (bytes >= budget) break;
     if (index >= n) continue;
     const auto [file, local] = s.locate(index);
     const Env& env = *envs[file];
     if (txns[file].get() == nullptr) txns[file] = env.read_txn();
+    // A packed value is requested whole (a stream's chunk of samples is
+    // mostly runs of the file: the value's other samples come next).
+    const uint32_t per_value = s.per_value[file];
     unsigned char kbuf[8];
-    encode_key(local, kbuf);
+    encode_key(local / per_value, kbuf);
     MDB_val k{8, kbuf}, v{0, nullptr};
+    if (!values.empty() && per_value > 1 && local / per_value == last_key && file == last_file) continue;
     if (mdb_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
     if (!env.value_inside(v)) continue;  // the read of this sample raises it
+    last_key = local / per_value;
+    last_file = file;
     values.push_back(v);
     const auto [begin, end] = value_pages(v);
     bytes += end - begin;

@@ -52,6 +52,10 @@ using Sample = torch::OrderedDict<std::string, at::Tensor>;
 
 constexpr uint32_t kRecordMagic = 0x444D4C54u;  // bytes "TLMD" on disk
 constexpr uint16_t kFormatVersion = 2;
+/// Metadata `format_version` of a database whose LMDB values each hold up to
+/// `samples_per_value` records (metadata key; > 1). Its records are version
+/// 2 (or 1); version 1 and 2 databases hold one record per value.
+constexpr uint16_t kPackedFormatVersion = 3;
 /// The oldest record/metadata format version this library reads (and may write).
 constexpr uint16_t kMinFormatVersion = 1;
 constexpr int kMaxDims = 16;
@@ -227,6 +231,26 @@ inline void decode_payload(const FieldView& view, void* dst) {
 
 /// Copies (decodes) a parsed field into a new tensor (str/bytes: 1-D uint8).
 at::Tensor to_tensor(const FieldView& view);
+
+/// Packed values (databases of kPackedFormatVersion): the value of key v holds
+/// the records of samples v*K .. v*K+n-1 (K = samples_per_value, 1 <= n <= K):
+///   u32 magic "TLMP", u32 n, u32 ends[n] (the end of each record, counted
+///   from the first record's start; non-decreasing), the records back to back.
+constexpr uint32_t kPackMagic = 0x504D4C54u;  // bytes "TLMP" on disk
+/// The largest samples_per_value a database may declare.
+constexpr uint32_t kMaxSamplesPerValue = 65536;
+/// Bytes before the first record of a packed value of `n` records.
+constexpr size_t packed_header_bytes(size_t n) { return 8 + 4 * n; }
+/// The record in `slot` of the packed value [data, data + size): sets
+/// `record`/`record_size` and returns true; false (leaving them) when the
+/// value is not a packed value of at most `max_records` records, an end lies
+/// outside the value or before the previous one, or the value holds no
+/// record `slot`. Reads only [data, data + size).
+bool packed_record(const void* data, size_t size, size_t slot, size_t max_records, const char** record,
+                   size_t* record_size) noexcept;
+/// Appends to `out` the packed value of the records [records, records + ends.back())
+/// whose ends (from `records`) are `ends` (at most kMaxSamplesPerValue).
+void append_packed(const char* records, const std::vector<size_t>& ends, std::string& out);
 
 /// Converts kind-tagged fields to a Sample (kinds dropped).
 Sample to_sample(std::vector<Field> fields);

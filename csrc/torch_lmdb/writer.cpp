@@ -139,6 +139,14 @@ struct Writer::Impl {
   std::vector<uint64_t> stored_bytes, raw_bytes;  // per schema field, over the whole database
   bool counts_known = true;                // false: appended to a database without counts
   Compression default_codec;
+  bool compresses = false;                 // some field has a codec
+  // Records per LMDB value (metadata samples_per_value): 0 until the first
+  // sample of a new database chooses it. Above 1, the value of the last key
+  // may be partly filled: `tail` holds its records as committed (their ends
+  // in `tail_ends`); the committer thread alone uses them.
+  uint32_t per_value = 0;
+  std::string tail;
+  std::vector<size_t> tail_ends;
 
   // Codecs per schema field, once the schema is known; checks that every
   // field named in options.field_compression exists.
@@ -211,6 +219,10 @@ struct Writer::Impl {
   void put_common_meta(MDB_txn* txn, size_t num_samples, const detail::Json& schema_json,
                        const detail::Json& user_json, bool complete, const detail::Json& compression) {
     if (version != kMinFormatVersion) detail::put_meta(*env, txn, "compression", compression);
+    if (per_value > 1) {
+      detail::put_meta(*env, txn, "format_version", kPackedFormatVersion);
+      detail::put_meta(*env, txn, "samples_per_value", per_value);
+    }
     detail::put_meta(*env, txn, "num_samples", num_samples);
     detail::put_meta(*env, txn, "schema", schema_json);
     detail::put_meta(*env, txn, "complete", complete);
@@ -223,6 +235,80 @@ struct Writer::Impl {
     env->set_map_size(target);
   }
 
+  // Packed values (per_value > 1): the batch's records joined to `tail`
+  // (the records of the last, partly filled value, which is rewritten), cut
+  // at every multiple of per_value. The new tail is left in `packing` /
+  // `packing_ends`, adopted once the transaction commits (a replay after
+  // MDB_MAP_FULL starts again from the old one).
+  void put_packed(MDB_txn* txn, const Batch& b) {
+    packing = tail;
+    packing_ends = tail_ends;
+    uint64_t first = b.first - packing_ends.size();  // index of packing's first record
+    bool exists = !packing_ends.empty();            // its value is in the database already
+    unsigned char kbuf[8];
+    auto put_value = [&] {
+      value.clear();
+      append_packed(packing.data(), packing_ends, value);
+      encode_key(first / per_value, kbuf);
+      MDB_val k{8, kbuf};
+      MDB_val v{value.size(), value.data()};
+      detail::check_mdb(mdb_put(txn, env->samples_dbi(), &k, &v, exists ? 0 : MDB_APPEND), "mdb_put", path,
+                        "index " + std::to_string(first) + " (a value of " + std::to_string(packing_ends.size()) +
+                            " samples)");
+      exists = false;
+    };
+    size_t start = 0;
+    for (size_t i = 0; i < b.size(); ++i) {
+      packing.append(b.bytes.data() + start, b.ends[i] - start);
+      packing_ends.push_back(packing.size());
+      start = b.ends[i];
+      if (packing_ends.size() == per_value) {
+        put_value();
+        first += per_value;
+        packing.clear();
+        packing_ends.clear();
+      }
+    }
+    if (!packing_ends.empty()) put_value();
+  }
+  // Appending to a packed database whose last value holds fewer than
+  // per_value records: they become the tail (checked, so that a damaged
+  // value is not carried on).
+  void load_tail(size_t counted) {
+    WriteTxn txn(*env);
+    const uint64_t key = (counted - 1) / per_value;
+    unsigned char kbuf[8];
+    encode_key(key, kbuf);
+    MDB_val k{8, kbuf}, v{0, nullptr};
+    const int rc = mdb_get(txn.get(), env->samples_dbi(), &k, &v);
+    const size_t n = counted - key * per_value;
+    auto damaged = [&](const std::string& why) {
+      throw CorruptedError("cannot append to '" + path + "': the value of samples " + std::to_string(key * per_value) +
+                               " to " + std::to_string(counted - 1) + " " + why + "; run `torch-lmdb verify`",
+                           0, path);
+    };
+    if (rc == MDB_NOTFOUND) damaged("is missing");
+    detail::check_mdb(rc, "mdb_get", path, "index " + std::to_string(key * per_value));
+    env->check_value(v, "the value of samples from index " + std::to_string(key * per_value));
+    tail.clear();
+    tail_ends.clear();
+    for (size_t slot = 0; slot < n; ++slot) {
+      const char* record = nullptr;
+      size_t size = 0;
+      if (!packed_record(v.mv_data, v.mv_size, slot, per_value, &record, &size))
+        damaged("is damaged or holds fewer than " + std::to_string(n) + " records");
+      tail.append(record, size);
+      tail_ends.push_back(tail.size());
+    }
+    const char* extra = nullptr;
+    size_t extra_size = 0;
+    if (packed_record(v.mv_data, v.mv_size, n, per_value, &extra, &extra_size))
+      damaged("holds more than the " + std::to_string(n) + " records the metadata counts");
+  }
+
+  std::string packing, value;  // put_packed's buffers (the committer thread's)
+  std::vector<size_t> packing_ends;
+
   // Writes a batch (and its metadata) in one transaction; on MDB_MAP_FULL
   // grows the map and replays the whole batch. Runs on the committer thread.
   void write_batch(const Batch& b) {
@@ -231,17 +317,25 @@ struct Writer::Impl {
         WriteTxn txn(*env);
         unsigned char kbuf[8];
         size_t start = 0;
-        for (size_t i = 0; i < b.size(); ++i) {
+        if (per_value > 1) {
+          put_packed(txn.get(), b);
+        } else {
+          for (size_t i = 0; i < b.size(); ++i) {
           encode_key(b.first + i, kbuf);
           MDB_val k{8, kbuf};
           MDB_val v{b.ends[i] - start, const_cast<char*>(b.bytes.data() + start)};
           detail::check_mdb(mdb_put(txn.get(), env->samples_dbi(), &k, &v, MDB_APPEND), "mdb_put",
                             path, "index " + std::to_string(b.first + i));
           start = b.ends[i];
+          }
         }
         put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression);
         EarlyWriteback writeback(env->handle());
         txn.commit();
+        if (per_value > 1) {
+          tail.swap(packing);
+          tail_ends.swap(packing_ends);
+        }
         break;
       } catch (const MapFullError&) {
         if (!options.auto_grow) throw;
@@ -364,6 +458,11 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   TORCH_CHECK_VALUE(!compresses || w.options.format_version != kMinFormatVersion,
                     "format version 1 records cannot be compressed; drop the compression or write version 2");
   w.version = static_cast<uint16_t>(w.options.format_version);
+  w.compresses = compresses;
+  TORCH_CHECK_VALUE(w.options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
+                    w.options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
+  TORCH_CHECK_VALUE(w.options.samples_per_value <= 1 || w.options.format_version != kMinFormatVersion,
+                    "a format version 1 database holds one sample per value; drop samples_per_value or write version 2");
   EnvOptions eo;
   eo.readonly = false;
   eo.lock = 1;
@@ -391,27 +490,29 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   }
 
   detail::Json meta;
-  size_t existing_samples = 0;
+  size_t existing_values = 0;
   {
     WriteTxn txn(*w.env);
     meta = detail::read_meta(*w.env, txn.get());
     MDB_stat st{};
     detail::check_mdb(mdb_stat(txn.get(), w.env->samples_dbi(), &st), "mdb_stat", path);
-    existing_samples = st.ms_entries;
+    existing_values = st.ms_entries;
   }
   const bool has_meta = meta.contains("format");
   if (has_meta && meta["format"] != "torch_lmdb") {
     throw InvalidDatabaseError("'" + path + "' holds an LMDB database of another format", 0, path);
   }
   if (!w.options.append) {
-    if (existing_samples > 0) {
-      throw InvalidDatabaseError("'" + path + "' already holds " + std::to_string(existing_samples) +
+    if (existing_values > 0) {
+      const size_t n = has_meta ? meta.value("num_samples", existing_values) : existing_values;
+      throw InvalidDatabaseError("'" + path + "' already holds " + std::to_string(n) +
                                      " samples; open it in append mode (mode=\"a\") or remove it first",
                                  0, path);
     }
   } else if (has_meta) {
-    detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
-    const int64_t version = meta.value("format_version", int64_t{0});
+    const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
+    int64_t version = meta.value("format_version", int64_t{0});
+    if (version == kPackedFormatVersion) version = kFormatVersion;  // its records
     if (version != kFormatVersion && version != kMinFormatVersion)
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
                                      ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
@@ -421,10 +522,22 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     // unless this writer compresses.
     w.version = compresses ? kFormatVersion : static_cast<uint16_t>(version);
     const size_t counted = meta.value("num_samples", size_t{0});
-    if (counted != existing_samples)
+    // An empty database takes this writer's choice; a database with samples keeps its own.
+    if (counted > 0 || info.samples_per_value > 1) {
+      TORCH_CHECK_VALUE(w.options.samples_per_value == 0 || w.options.samples_per_value == info.samples_per_value,
+                        "'", path, "' holds ", info.samples_per_value, " sample(s) per value; cannot append with "
+                        "samples_per_value ", w.options.samples_per_value, " (pass 0: keep the database's)");
+      w.per_value = static_cast<uint32_t>(info.samples_per_value);
+    }
+    const uint32_t per_value = std::max<uint32_t>(w.per_value, 1);
+    const size_t expected_values = counted / per_value + (counted % per_value != 0);
+    if (expected_values != existing_values)
       throw CorruptedError("'" + path + "' counts " + std::to_string(counted) + " samples but holds " +
-                               std::to_string(existing_samples) + "; run `torch-lmdb verify`",
+                               std::to_string(existing_values) + (per_value > 1 ? " values of up to " +
+                               std::to_string(per_value) + " samples" : std::string(" samples")) +
+                               "; run `torch-lmdb verify`",
                            0, path);
+    if (per_value > 1 && counted % per_value != 0) w.load_tail(counted);
     w.schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
     w.user = meta.value("user", detail::Json::object());
     w.committed = counted;
@@ -519,6 +632,16 @@ size_t Writer::write(const std::vector<Field>& fields) {
     throw;
   }
   b.ends.push_back(b.bytes.size());
+  if (w.per_value == 0) {
+    // A new database: its first record decides how many share an LMDB value.
+    const size_t record = b.bytes.size() - (b.size() > 1 ? b.ends[b.size() - 2] : 0);
+    size_t per_value = w.options.samples_per_value;
+    if (per_value == 0)
+      per_value = w.compresses ? std::clamp<size_t>(kPackedValueBytes / std::max<size_t>(record, 1), 1,
+                                                    kMaxSamplesPerValue)
+                               : 1;
+    w.per_value = static_cast<uint32_t>(per_value);
+  }
   if (b.size() >= w.options.commit_every || b.bytes.size() >= w.options.commit_bytes)
     w.commit(false, /*sync=*/false);
   return index;

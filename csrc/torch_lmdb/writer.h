@@ -75,7 +75,19 @@ struct WriterOptions {
   /// Appending keeps the database's version, unless a codec is set on a
   /// version 1 database: it then becomes version 2.
   int format_version = kFormatVersion;
+  /// Samples per LMDB value of a new database (docs/FORMAT.md "Packed
+  /// values"): 1 = one record per value; K > 1 = values of K records
+  /// (format version 3: LMDB gives every value above ~2 KiB whole 4 KiB
+  /// pages of its own, so small compressed records waste up to half their
+  /// space alone); 0 = automatic: 1 without compression, else enough
+  /// records for kPackedValueBytes (from the first sample's size). At most
+  /// kMaxSamplesPerValue. Appending keeps the database's (another explicit
+  /// value raises c10::ValueError). Reads decode one record either way.
+  size_t samples_per_value = 0;
 };
+
+/// The value size automatic packing aims at (WriterOptions::samples_per_value).
+constexpr size_t kPackedValueBytes = size_t{128} << 10;
 
 class Writer {
  public:

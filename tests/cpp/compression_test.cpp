@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cstring>
+#include <numeric>
 #include <nlohmann/json.hpp>
 
 #include "test_util.h"
@@ -45,11 +46,18 @@ std::vector<FieldView> parse_value(const std::string& path, uint64_t index, std:
   EXPECT_EQ(mdb_txn_begin(env, nullptr, MDB_RDONLY, &txn), 0);
   MDB_dbi dbi;
   EXPECT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  const uint64_t per_value = torch_lmdb_test::raw_samples_per_value(txn);
   unsigned char key[8];
-  encode_key(index, key);
+  encode_key(index / per_value, key);
   MDB_val k{8, key}, v;
   EXPECT_EQ(mdb_get(txn, dbi, &k, &v), 0);
-  holder.assign(static_cast<char*>(v.mv_data), v.mv_size);
+  if (per_value > 1) {
+    const auto records = torch_lmdb_test::unpack_value(v, per_value);
+    EXPECT_LT(index % per_value, records.size());
+    holder = records.at(index % per_value);
+  } else {
+    holder.assign(static_cast<char*>(v.mv_data), v.mv_size);
+  }
   mdb_txn_abort(txn);
   mdb_env_close(env);
   std::vector<FieldView> views;
@@ -172,7 +180,7 @@ TEST(Compression, IncompressiblePayloadsAreStoredRawAndMetadataCountsBytes) {
   EXPECT_EQ(views[1].codec, Codec::BloscLZ4);
   Reader r(path);
   const auto meta = nlohmann::json::parse(r.metadata_json());
-  EXPECT_EQ(meta["format_version"], 2);
+  EXPECT_EQ(meta["format_version"], kPackedFormatVersion);  // compressed: several samples per value
   EXPECT_EQ(meta["compression"]["noise"]["codec"], "lz4");
   EXPECT_EQ(meta["compression"]["noise"]["stored_bytes"], 4096);
   EXPECT_EQ(meta["compression"]["zeros"]["raw_bytes"], 4096 * 4);
@@ -294,4 +302,265 @@ TEST(Compression, BadCodecsAndUnknownFieldsAreRefusedNamingTheField) {
   EXPECT_NE(m.find("index, x"), std::string::npos) << m;  // lists the fields
   EXPECT_EQ(parse_compression("zstd:3", "f").level, 3);
   EXPECT_EQ(parse_compression("", "f").codec, Codec::None);
+}
+
+// ---- packed values (format version 3) ---------------------------------------
+namespace {
+
+// 2-3 KiB records once compressed: the size LMDB stores worst alone.
+std::vector<Field> packed_sample(int64_t i) {
+  at::Tensor cir = signal_of({8, 96}, at::kFloat, i) + static_cast<float>(i);
+  torch::manual_seed(i + 1000);
+  cir += torch::randn({8, 96});  // noise: Blosc leaves ~2.5 KiB of the 3 KiB: one 4 KiB page alone
+  return {Field{"cir", FieldKind::Tensor, cir}, Field{"id", FieldKind::Tensor, torch::tensor(i)},
+          Field{"paths", FieldKind::Tensor, torch::full({i % 5, 4}, static_cast<float>(i))},
+          Field{"scene", FieldKind::Str, torch::full({i % 3 + 1}, 'a' + i % 26, torch::kByte)}};
+}
+
+void expect_packed_sample(const std::vector<Field>& got, int64_t i) {
+  const auto want = packed_sample(i);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t f = 0; f < want.size(); ++f) {
+    EXPECT_EQ(got[f].name, want[f].name);
+    EXPECT_TRUE(torch::equal(got[f].tensor, want[f].tensor)) << "sample " << i << " field " << want[f].name;
+  }
+}
+
+nlohmann::json raw_meta(const std::string& path) { return nlohmann::json::parse(Reader(path).metadata_json()); }
+
+size_t raw_values(const std::string& path) {
+  MDB_env* env;
+  EXPECT_EQ(mdb_env_create(&env), 0);
+  mdb_env_set_maxdbs(env, 4);
+  EXPECT_EQ(mdb_env_open(env, path.c_str(), MDB_RDONLY | MDB_NOLOCK, 0644), 0);
+  MDB_txn* txn;
+  EXPECT_EQ(mdb_txn_begin(env, nullptr, MDB_RDONLY, &txn), 0);
+  MDB_dbi dbi;
+  EXPECT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  MDB_stat st;
+  EXPECT_EQ(mdb_stat(txn, dbi, &st), 0);
+  mdb_txn_abort(txn);
+  mdb_env_close(env);
+  return st.ms_entries;
+}
+
+// Every read path of `path` gives back sample i as written, for i < n.
+void expect_all_read_paths(const std::string& path, int64_t n) {
+  for (auto mode : {LookaheadMode::Never, LookaheadMode::Always}) {
+    for (bool keep : {true, false}) {
+      ReaderOptions ro;
+      ro.lookahead = mode;
+      ro.keep_cache = keep;
+      ro.verify = true;
+      Reader r(path, ro);
+      ASSERT_EQ(r.size(), static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; i += 3) expect_packed_sample(r.get_fields(static_cast<size_t>(i)), i);
+      // Sequential runs (the cursor walks values and the records inside them) and a shuffled batch.
+      std::vector<size_t> seq(static_cast<size_t>(n)), shuffled;
+      std::iota(seq.begin(), seq.end(), 0);
+      for (size_t i = 0; i < seq.size(); ++i) shuffled.push_back((i * 37 + 11) % seq.size());
+      for (const auto* order : {&seq, &shuffled}) {
+        const auto samples = r.get_many(*order);
+        for (size_t j = 0; j < order->size(); ++j) EXPECT_EQ(samples[j].find("id")->item<int64_t>(), (int64_t)(*order)[j]);
+        BatchOptions bo;
+        bo.pad = true;
+        const Batch b = r.read_batch(*order, bo);
+        for (size_t j = 0; j < order->size(); ++j) {
+          const int64_t i = static_cast<int64_t>((*order)[j]);
+          EXPECT_TRUE(torch::equal(b.tensors["cir"][static_cast<int64_t>(j)], packed_sample(i)[0].tensor));
+          EXPECT_EQ(b.blobs.at(0).values.at(j), std::string(static_cast<size_t>(i % 3 + 1), static_cast<char>('a' + i % 26)));
+        }
+        if (mode == LookaheadMode::Always) EXPECT_GT(r.prefetch(*order).bytes, 0u);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Packing, CompressedDatabasesPackSamplesAndEveryReadPathReadsThem) {
+  TempDir tmp;
+  WriterOptions o;
+  o.compression = "lz4";
+  o.commit_every = 7;  // commits end inside values: each rewrites the last one
+  const int64_t n = 103;
+  {
+    Writer w(tmp.sub("a"), o);
+    for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  const auto meta = raw_meta(tmp.sub("a"));
+  EXPECT_EQ(meta["format_version"], kPackedFormatVersion);
+  const uint64_t per_value = meta["samples_per_value"].get<uint64_t>();
+  EXPECT_GT(per_value, 20u);  // ~128 KiB of ~2.3 KiB records
+  EXPECT_EQ(raw_values(tmp.sub("a")), (n + per_value - 1) / per_value);
+  expect_all_read_paths(tmp.sub("a"), n);
+
+  // The same samples one per value: LMDB's whole pages per value make it larger
+  // (both written in one commit: rewriting a part value leaves free pages behind).
+  o.commit_every = 0;
+  {
+    Writer w(tmp.sub("c"), o);
+    for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  o.samples_per_value = 1;
+  {
+    Writer w(tmp.sub("b"), o);
+    for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  EXPECT_EQ(raw_meta(tmp.sub("b"))["format_version"], kFormatVersion);
+  EXPECT_EQ(raw_meta(tmp.sub("b")).count("samples_per_value"), 0u);
+  EXPECT_EQ(raw_values(tmp.sub("b")), static_cast<size_t>(n));
+  // The pages LMDB used (file sizes include the map's unused tail).
+  auto used = [](const std::string& path) {
+    MDB_env* env;
+    mdb_env_create(&env);
+    mdb_env_set_maxdbs(env, 4);
+    mdb_env_open(env, path.c_str(), MDB_RDONLY | MDB_NOLOCK, 0644);
+    MDB_envinfo info;
+    mdb_env_info(env, &info);
+    mdb_env_close(env);
+    return info.me_last_pgno;
+  };
+  EXPECT_LT(used(tmp.sub("c")) * 4, used(tmp.sub("b")) * 3) << used(tmp.sub("c")) << " vs " << used(tmp.sub("b"));
+}
+
+TEST(Packing, ExplicitPackingAppendContinuesThePartValueAndKeepsItsPacking) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  WriterOptions o;
+  o.samples_per_value = 5;  // uncompressed, packed on request
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 23; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  EXPECT_EQ(raw_values(path), 5u);
+  WriterOptions a;
+  a.append = true;
+  a.commit_every = 4;
+  {
+    Writer w(path, a);  // samples_per_value 0: the database's
+    for (int64_t i = 23; i < 33; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  EXPECT_EQ(raw_meta(path)["samples_per_value"], 5);
+  EXPECT_EQ(raw_values(path), 7u);
+  expect_all_read_paths(path, 33);
+  a.samples_per_value = 4;
+  try {
+    Writer w(path, a);
+    ADD_FAILURE() << "expected ValueError";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("5 sample(s) per value"), std::string::npos) << e.what();
+  }
+  WriterOptions bad;
+  bad.samples_per_value = kMaxSamplesPerValue + 1;
+  EXPECT_THROW(Writer(tmp.sub("x"), bad), c10::ValueError);
+}
+
+TEST(Packing, MapFullReplayKeepsThePartValue) {
+  TempDir tmp;
+  WriterOptions o;
+  o.compression = "zstd";
+  o.samples_per_value = 6;
+  o.map_size = 1 << 20;  // grows several times, replaying batches that end inside values
+  o.commit_every = 5;
+  {
+    Writer w(tmp.sub("db"), o);
+    for (int64_t i = 0; i < 700; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  Reader r(tmp.sub("db"));
+  ASSERT_EQ(r.size(), 700u);
+  for (int64_t i = 0; i < 700; ++i) expect_packed_sample(r.get_fields(static_cast<size_t>(i)), i);
+}
+
+TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  WriterOptions o;
+  o.compression = "lz4";
+  o.samples_per_value = 4;
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 16; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  // A record inside a value: its checksum names the sample.
+  mutate_record(path, 6, [](std::string& v) { v[v.size() / 2] ^= 0x5a; });
+  // A value's header: an end past the value.
+  {
+    MDB_env* env;
+    ASSERT_EQ(mdb_env_create(&env), 0);
+    mdb_env_set_maxdbs(env, 4);
+    ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
+    MDB_txn* txn;
+    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+    unsigned char key[8];
+    encode_key(3, key);  // samples 12..15
+    MDB_val k{8, key}, v;
+    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+    std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+    const uint32_t huge = 0x7fffffff;
+    std::memcpy(&value[8 + 4 * 1], &huge, 4);  // sample 13's end
+    MDB_val nv{value.size(), value.data()};
+    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+    encode_key(2, key);  // samples 8..11: gone
+    ASSERT_EQ(mdb_del(txn, dbi, &k, nullptr), 0);
+    ASSERT_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+  }
+  for (auto mode : {LookaheadMode::Never, LookaheadMode::Always}) {
+    ReaderOptions ro;
+    ro.verify = true;
+    ro.lookahead = mode;
+    Reader r(path, ro);
+    expect_corrupted([&] { r.get_fields(6); }, {path, "index 6"});
+    expect_corrupted([&] { r.get_fields(13); }, {path, "sample index 13", "samples 12 to 15", "damaged"});
+    expect_corrupted([&] { r.get_fields(14); }, {path, "sample index 14"});  // after the bad end: unordered
+    expect_corrupted([&] { r.get_fields(9); }, {path, "sample index 9", "missing"});
+    expect_corrupted([&] { r.read_batch(std::vector<size_t>{0, 1, 13}); }, {"sample index 13"});
+    expect_corrupted([&] { r.read_batch(std::vector<size_t>{4, 5, 6, 7}); }, {"index 6"});
+    // The samples of sound values still read.
+    for (int64_t i : {0, 5, 7, 12}) expect_packed_sample(r.get_fields(static_cast<size_t>(i)), i);
+  }
+  // Appending refuses a file whose values do not match the count (16 samples: 4 values, 3 left) ...
+  WriterOptions a;
+  a.append = true;
+  EXPECT_THROW(Writer(path, a), CorruptedError);
+  // ... and a last value that holds more records than the metadata counts.
+  const std::string other = tmp.sub("other");
+  {
+    Writer w(other, o);
+    for (int64_t i = 0; i < 10; ++i) w.write(packed_sample(i));  // values 0-3, 4-7, 8-9
+    w.close();
+  }
+  {
+    MDB_env* env;
+    ASSERT_EQ(mdb_env_create(&env), 0);
+    mdb_env_set_maxdbs(env, 4);
+    ASSERT_EQ(mdb_env_open(env, other.c_str(), 0, 0644), 0);
+    MDB_txn* txn;
+    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+    unsigned char key[8];
+    encode_key(2, key);
+    MDB_val k{8, key}, v;
+    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+    auto records = torch_lmdb_test::unpack_value(v, 4);
+    ASSERT_EQ(records.size(), 2u);
+    records.push_back(records[1]);
+    const std::string value = torch_lmdb_test::pack_records(records);
+    MDB_val nv{value.size(), const_cast<char*>(value.data())};
+    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+    ASSERT_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+  }
+  expect_corrupted([&] { Writer w(other, a); }, {other, "samples 8 to 9", "more than the 2 records"});
 }

@@ -53,8 +53,36 @@ inline void write_dataset(const std::string& path, int64_t n, int64_t first = 0,
   w.close();
 }
 
-// Opens the raw LMDB of `path` and applies `mutate` to the stored value of
-// sample `index` (as a bad disk or another writer would change it).
+// Metadata `samples_per_value` of an open raw LMDB (1 when absent).
+inline uint64_t raw_samples_per_value(MDB_txn* txn) {
+  MDB_dbi meta;
+  if (mdb_dbi_open(txn, "meta", 0, &meta) != 0) return 1;
+  MDB_val k{17, const_cast<char*>("samples_per_value")}, v;
+  if (mdb_get(txn, meta, &k, &v) != 0) return 1;
+  return std::stoull(std::string(static_cast<char*>(v.mv_data), v.mv_size));
+}
+
+// The records of a packed value (docs/FORMAT.md), each as its bytes.
+inline std::vector<std::string> unpack_value(const MDB_val& v, uint64_t per_value) {
+  std::vector<std::string> out;
+  const char* record = nullptr;
+  size_t size = 0;
+  while (torch_lmdb::packed_record(v.mv_data, v.mv_size, out.size(), per_value, &record, &size))
+    out.emplace_back(record, size);
+  return out;
+}
+
+inline std::string pack_records(const std::vector<std::string>& records) {
+  std::string joined, out;
+  std::vector<size_t> ends;
+  for (const auto& r : records) ends.push_back((joined += r).size());
+  torch_lmdb::append_packed(joined.data(), ends, out);
+  return out;
+}
+
+// Opens the raw LMDB of `path` and applies `mutate` to the stored record of
+// sample `index` (as a bad disk or another writer would change it); in a
+// packed database, to its record inside the value that holds it.
 inline void mutate_record(const std::string& path, uint64_t index,
                           const std::function<void(std::string&)>& mutate) {
   MDB_env* env;
@@ -65,12 +93,21 @@ inline void mutate_record(const std::string& path, uint64_t index,
   ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
   MDB_dbi dbi;
   ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  const uint64_t per_value = raw_samples_per_value(txn);
   unsigned char key[8];
-  torch_lmdb::encode_key(index, key);
+  torch_lmdb::encode_key(index / per_value, key);
   MDB_val k{8, key}, v;
   ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
-  std::string value(static_cast<char*>(v.mv_data), v.mv_size);
-  mutate(value);
+  std::string value;
+  if (per_value > 1) {
+    auto records = unpack_value(v, per_value);
+    ASSERT_LT(index % per_value, records.size());
+    mutate(records[index % per_value]);
+    value = pack_records(records);
+  } else {
+    value.assign(static_cast<char*>(v.mv_data), v.mv_size);
+    mutate(value);
+  }
   MDB_val nv{value.size(), value.data()};
   ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
   ASSERT_EQ(mdb_txn_commit(txn), 0);

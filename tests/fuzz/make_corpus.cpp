@@ -1,6 +1,6 @@
 // Writes the seed corpus of the fuzz targets: `fuzz_make_corpus DIR` fills
 // DIR/record (encoded records), DIR/meta (metadata values) and DIR/open
-// (data.mdb files of small databases). `make fuzz-corpus` runs it into
+// (data.mdb files of small databases, one of them packed). `make fuzz-corpus` runs it into
 // tests/fuzz/corpus; the files are committed so that a fuzz run starts from
 // valid inputs of every kind.
 #include <sys/stat.h>
@@ -92,6 +92,18 @@ int main(int argc, char** argv) {
     put(root + "/record/version1", rec);
   }
 
+  {  // a packed value (format version 3) of three records
+    std::string records;
+    std::vector<size_t> ends;
+    for (int64_t i = 0; i < 3; ++i) {
+      append_record({Field{"x", FieldKind::Tensor, torch::arange(5 + i)}}, true, records);
+      ends.push_back(records.size());
+    }
+    rec.clear();
+    append_packed(records.data(), ends, rec);
+    put(root + "/record/packed", rec);
+  }
+
   // meta: a whole table as Reader::metadata_json gives it, and single values.
   const std::string db = root + "/tmp/db";
   {
@@ -113,10 +125,15 @@ int main(int argc, char** argv) {
   std::system(("rm -rf '" + db + "'").c_str());
 
   // open: small databases (fixed and varying shapes; str/bytes fields; no checksum).
-  for (int k = 0; k < 3; ++k) {
+  // db3: packed values (format version 3) of Blosc-compressed records.
+  for (int k = 0; k < 4; ++k) {
     const std::string path = root + "/tmp/db" + std::to_string(k);
     WriterOptions o;
     o.checksum = k != 2;
+    if (k == 3) {
+      o.compression = "lz4";
+      o.samples_per_value = 3;
+    }
     o.map_size = size_t{1} << 20;
     Writer w(path, o);
     for (int64_t i = 0; i < 4 + 4 * k; ++i) {

@@ -5,7 +5,8 @@
 // anything else (another
 // exception, a sanitizer report, an allocation beyond -malloc_limit_mb) is a
 // finding. parse_record_cached() must agree with parse_record() on every
-// input, with a template left over from the inputs before.
+// input, with a template left over from the inputs before. The input is also
+// read as a packed value (packed_record): what it finds lies inside it.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -92,6 +93,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                      (unsigned long long)v.nbytes);
         std::abort();
       }
+    }
+  }
+  // The same bytes as a packed value (format version 3): a record found in
+  // it lies inside the input, and the slots of n records are 0..n-1 only.
+  for (size_t slot = 0; slot < 20; ++slot) {
+    const char* record = nullptr;
+    size_t record_size = 0;
+    const bool found = packed_record(value.data(), value.size(), slot, 16, &record, &record_size);
+    if (found && (record < value.data() || record_size > size_t(value.data() + value.size() - record))) {
+      std::fprintf(stderr, "packed_record returned a record outside the value\n");
+      std::abort();
+    }
+    if (found && slot >= 16) {
+      std::fprintf(stderr, "packed_record found slot %zu of at most 16 records\n", slot);
+      std::abort();
+    }
+    if (!found) continue;
+    std::vector<FieldView> views;
+    try {
+      parse_record(record, record_size, true, ctx, views);
+    } catch (const Error&) {
     }
   }
   return 0;

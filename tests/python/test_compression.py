@@ -36,11 +36,29 @@ def write(path, n=12, **kwargs):
     return path
 
 
+def samples_per_value(txn, env):
+    raw = txn.get(b"samples_per_value", db=env.open_db(b"meta", txn=txn, create=False))
+    return 1 if raw is None else json.loads(raw)
+
+
+def record_span(value, slot):
+    """[begin, end) of record `slot` inside a packed value (docs/FORMAT.md "Packed values")."""
+    assert value[:4] == b"TLMP"
+    n = int.from_bytes(value[4:8], "little")
+    ends = [int.from_bytes(value[8 + 4 * i:12 + 4 * i], "little") for i in range(n)]
+    header = 8 + 4 * n
+    return header + (ends[slot - 1] if slot else 0), header + ends[slot]
+
+
 def record_codecs(path, index=0):
     """{field: codec byte} of record `index`, parsed by hand (docs/FORMAT.md)."""
     env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
     with env.begin() as txn:
-        value = txn.get(index.to_bytes(8, "big"), db=env.open_db(b"samples", txn=txn, create=False))
+        k = samples_per_value(txn, env)
+        value = txn.get((index // k).to_bytes(8, "big"), db=env.open_db(b"samples", txn=txn, create=False))
+        if k > 1:
+            begin, end = record_span(value, index % k)
+            value = value[begin:end]
     env.close()
     version = int.from_bytes(value[4:6], "little")
     count = int.from_bytes(value[8:12], "little")
@@ -71,8 +89,11 @@ def record_codecs(path, index=0):
 ])
 def test_writer_compression_forms_round_trip(tmp_path, compression, expected):
     path = write(str(tmp_path / "db"), compression=compression)
-    version, codecs = record_codecs(path)
+    version, codecs = record_codecs(path, 5)
     assert version == 2
+    # Compressed samples share LMDB values (format version 3; their records are version 2).
+    assert torch_lmdb.info(path)["format_version"] == (2 if compression is None else 3)
+    assert (torch_lmdb.info(path)["samples_per_value"] > 1) == (compression is not None)
     assert codecs["cir"] == expected["cir"]
     assert codecs["scene"] == 0 and codecs["raw"] == 0 and codecs["rssi"] == 0  # str/bytes/tiny: raw
     ds = torch_lmdb.LMDBDataset(path, verify=True)
@@ -129,10 +150,13 @@ def test_version1_database_reads_and_damaged_payload_names_field(tmp_path):
     env = lmdb.open(path, max_dbs=4)
     with env.begin(write=True) as txn:
         db = env.open_db(b"samples", txn=txn)
-        value = bytearray(txn.get((4).to_bytes(8, "big"), db=db))
-        frame = value.index(b"cir") + 3 + 3 + 3 * 8 + 1 + 8  # kind, dtype, ndim, 3 sizes, codec, length
+        k = samples_per_value(txn, env)
+        assert 4 < k  # sample 4 lies inside the first value
+        value = bytearray(txn.get((4 // k).to_bytes(8, "big"), db=db))
+        begin, _ = record_span(value, 4)
+        frame = value.index(b"cir", begin) + 3 + 3 + 3 * 8 + 1 + 8  # kind, dtype, ndim, 3 sizes, codec, length
         value[frame + 12] ^= 0x7F  # the frame's compressed length
-        txn.put((4).to_bytes(8, "big"), bytes(value), db=db)
+        txn.put((4 // k).to_bytes(8, "big"), bytes(value), db=db)
     env.close()
     ds = torch_lmdb.LMDBDataset(path)
     with pytest.raises(torch_lmdb.CorruptedError, match=r"index 4.*field 'cir'"):
@@ -195,3 +219,29 @@ def test_convert_auto_follows_hdf5_filters(tmp_path):
     tl_convert.convert("hdf5", src, out, log=lambda *a, **k: None)
     assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {
         "gz": "zstd", "lzf": "lz4", "plain": "none"}
+
+
+def test_samples_per_value_packs_records_and_info_and_cli_show_it(tmp_path):
+    path = write(str(tmp_path / "packed"), n=30, samples_per_value=7)  # uncompressed, packed on request
+    info = torch_lmdb.info(path)
+    assert info["format_version"] == 3 and info["samples_per_value"] == 7
+    assert "(7 samples per LMDB value)" in cli("info", path).stdout
+    env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert env.stat()["entries"] == 2  # samples + meta named databases
+        assert txn.stat(env.open_db(b"samples", txn=txn, create=False))["entries"] == 5  # ceil(30 / 7)
+    env.close()
+    ds = torch_lmdb.LMDBDataset(path, verify=True)
+    order = [29, 0, 13, 14, 6, 7, 28]
+    batch = ds.get_batch(order)
+    assert torch.equal(batch["cir"], torch.from_numpy(np.stack([radio_sample(i)["cir"] for i in order])))
+    assert [ds[i]["raw"] for i in order] == [radio_sample(i)["raw"] for i in order]
+    with torch_lmdb.LMDBWriter(path, mode="a") as w:  # keeps the database's packing
+        w.write(radio_sample(30))
+    assert torch_lmdb.info(path)["samples_per_value"] == 7
+    assert torch_lmdb.LMDBDataset(path)[30]["scene"] == radio_sample(30)["scene"]
+    with pytest.raises(ValueError, match="cannot append with samples_per_value 3"):
+        torch_lmdb.LMDBWriter(path, mode="a", samples_per_value=3)
+    for bad in (0, True, 70000, 2.0):
+        with pytest.raises(ValueError, match="samples_per_value must be an int from 1 to 65536"):
+            torch_lmdb.LMDBWriter(str(tmp_path / "bad"), samples_per_value=bad)
