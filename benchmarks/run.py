@@ -474,6 +474,9 @@ TARGETS = [
     ("native C++ DataLoader `get_batch`, 2 threads, batch 256 / raw liblmdb get+copy, 2 threads",
      _warm("medium", "C++ get_batch (StackedDataset), 2 threads"),
      _warm("medium", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
+    ("native C++ `torch_lmdb::make_loader`, 2 threads, batch 256 / raw liblmdb get+copy, 2 threads",
+     _warm("medium", "C++ torch_lmdb::make_loader, 2 threads"),
+     _warm("medium", "C++ raw liblmdb get+copy, 2 threads"), 0.95),
     ("tiny: C++ `get_batch`, 2 threads / raw liblmdb random gets, 2 threads",
      _warm("tiny", "C++ get_batch (StackedDataset), 2 threads"),
      _warm("tiny", "C++ raw liblmdb get+copy, 2 threads"), 0.8),
@@ -531,6 +534,20 @@ def report(rows, out, command, machine, method):
             lines.append(f"| {r['order']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | "
                          f"{_ratio(r.get('vs_disk'))} | {_ratio(r.get('vs_pickle_cold'))} | "
                          f"{_num(r.get('page_cache_growth_mib'))} |")
+    comp = [r for r in rows if r.get("cache") == "compression"]
+    if comp:
+        lines += ["", "### Compression (Zarr sources converted with `--compression auto` (LZ4) and `zstd`; "
+                  "packed values)", "",
+                  "| measured | system | samples/s | MiB | ratio | vs | bar | met |", "|---|---|---|---|---|---|---|---|"]
+        for r in comp:
+            bar = r.get("bar")
+            met = "–"
+            if bar:
+                op, goal = bar.split()
+                met = "yes" if (r["ratio"] <= float(goal) if op == "<=" else r["ratio"] >= float(goal)) else "**no**"
+            lines.append(f"| {r['measured']} | {r['system']} | {_num(r.get('samples_per_s'))} | "
+                         f"{_num1(r['bytes'] / 2**20) if r.get('bytes') else '–'} | {r['ratio']:.2f}× | {r['vs']} | "
+                         f"{(bar.replace('<=', '≤').replace('>=', '≥') + '×') if bar else '–'} | {met} |")
     writes = [r for r in rows if r.get("order") == "write"]
     lines += ["", f"### Writers (best of {WRITE_REPEATS} interleaved runs; every run in seconds)", "",
               "| profile | system | samples/s | MB/s | database MiB | runs (s) |", "|---|---|---|---|---|---|"]
@@ -621,10 +638,11 @@ def main():
                     log(f"  {profile:6} {order:10} {name:55} {r['samples_per_s']:>12,.0f} samples/s")
                 for mode, label in (("memcpy", MEMCPY), ("raw", "C++ raw liblmdb get+copy"),
                                     ("get_batch", "C++ get_batch (StackedDataset)"),
-                                    ("get_stack", "C++ get + Stack (Dataset)")):
+                                    ("get_stack", "C++ get + Stack (Dataset)"),
+                                    ("loader", "C++ torch_lmdb::make_loader")):
                     for threads in (0, 1, 2):
                         if (order == "sequential" and mode == "get_stack") or (mode == "memcpy" and profile == "varlen") \
-                                or (mode == "memcpy" and threads == 1):
+                                or (mode == "memcpy" and threads == 1) or (mode == "loader" and threads != 2):
                             continue
                         r = native(args.bin, paths["torch_lmdb"], mode, threads, BATCH[profile], order, budget,
                                    profile == "varlen")
@@ -654,6 +672,12 @@ def main():
             r["vs_pickle_nw0"] = r["samples_per_s"] / pk if pk else None
         del samples
         gc.collect()
+
+    if "medium" in args.profiles.split(","):  # compression: sizes against Zarr, get_batch per codec
+        import bench_compression
+
+        for r in bench_compression.run(args.quick, log=log):
+            rows.append(dict(r, measured=r["profile"], profile="compression", order="-", cache="compression"))
 
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
     machine = f"{os.cpu_count()} cores, torch {torch.__version__}, torch_lmdb {torch_lmdb.__version__}"
