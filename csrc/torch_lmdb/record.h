@@ -1,8 +1,8 @@
 // torch_lmdb/record.h -- samples and the on-disk record format (version 2;
 // version 1 records are read too).
 //
-// A record (one LMDB value) is a cereal binary archive (little-endian hosts
-// only; the byte order is recorded in the metadata) of:
+// A record (an LMDB value, or a slot of a packed value: packed_record) is a cereal binary
+// archive (little-endian hosts only; the byte order is recorded in the metadata) of:
 //   u32 magic: the bytes "TLMD" (0x444D4C54 read as little-endian u32)
 //   u16 format version (2, or 1)   u16 flags (bit 0: checksum present)
 //   u32 field count
