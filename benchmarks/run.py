@@ -12,10 +12,14 @@ large (1 MiB float32), varlen (float32 of 1-8 K values, padded in batches).
 Systems: a memcpy ceiling (C++: each sample's tensor bytes gathered in the same
 order from memory into a reused buffer; "0 threads" = the calling thread, the
 reference of the single-threaded paths), raw liblmdb
-get+copy (C++), torch_lmdb native C++ DataLoader (get_batch, get+Stack), torch_lmdb
+get+copy (C++), torch_lmdb native C++ DataLoader (get_batch, get+Stack), the native
+torch_lmdb::make_loader (medium, 2 threads), torch_lmdb
 Python (ds[i] through DataLoader, get_batch in process, make_loader), py-lmdb +
 pickle (the design torch_lmdb replaces), Zarr and h5py Datasets, an in-memory
 Dataset (the DataLoader's own floor); writers: torch_lmdb vs py-lmdb + pickle.
+With the medium profile: cold reads (benchmarks/bench_cold.py) and compression
+(benchmarks/bench_compression.py: database sizes against the Zarr stores,
+get_batch per codec against the uncompressed database).
 """
 import argparse
 import gc
