@@ -492,15 +492,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
   // A record inside a value: its checksum names the sample.
   mutate_record(path, 6, [](std::string& v) { v[v.size() / 2] ^= 0x5a; });
   // A value's header: an end past the value.
-  {
-    MDB_env* env;
-    ASSERT_EQ(mdb_env_create(&env), 0);
-    mdb_env_set_maxdbs(env, 4);
-    ASSERT_EQ(mdb_env_open(env, path.c_str(), 0, 0644), 0);
-    MDB_txn* txn;
-    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
-    MDB_dbi dbi;
-    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  torch_lmdb_test::edit_samples(path, [](MDB_txn* txn, MDB_dbi dbi) {
     unsigned char key[8];
     encode_key(3, key);  // samples 12..15
     MDB_val k{8, key}, v;
@@ -512,9 +504,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
     ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
     encode_key(2, key);  // samples 8..11: gone
     ASSERT_EQ(mdb_del(txn, dbi, &k, nullptr), 0);
-    ASSERT_EQ(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-  }
+  });
   for (auto mode : {LookaheadMode::Never, LookaheadMode::Always}) {
     ReaderOptions ro;
     ro.verify = true;
@@ -540,15 +530,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
     for (int64_t i = 0; i < 10; ++i) w.write(packed_sample(i));  // values 0-3, 4-7, 8-9
     w.close();
   }
-  {
-    MDB_env* env;
-    ASSERT_EQ(mdb_env_create(&env), 0);
-    mdb_env_set_maxdbs(env, 4);
-    ASSERT_EQ(mdb_env_open(env, other.c_str(), 0, 0644), 0);
-    MDB_txn* txn;
-    ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
-    MDB_dbi dbi;
-    ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
+  torch_lmdb_test::edit_samples(other, [](MDB_txn* txn, MDB_dbi dbi) {
     unsigned char key[8];
     encode_key(2, key);
     MDB_val k{8, key}, v;
@@ -559,8 +541,6 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
     const std::string value = torch_lmdb_test::pack_records(records);
     MDB_val nv{value.size(), const_cast<char*>(value.data())};
     ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
-    ASSERT_EQ(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-  }
+  });
   expect_corrupted([&] { Writer w(other, a); }, {other, "samples 8 to 9", "more than the 2 records"});
 }

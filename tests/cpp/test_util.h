@@ -80,11 +80,9 @@ inline std::string pack_records(const std::vector<std::string>& records) {
   return out;
 }
 
-// Opens the raw LMDB of `path` and applies `mutate` to the stored record of
-// sample `index` (as a bad disk or another writer would change it); in a
-// packed database, to its record inside the value that holds it.
-inline void mutate_record(const std::string& path, uint64_t index,
-                          const std::function<void(std::string&)>& mutate) {
+// Runs `edit` on the `samples` table of the raw LMDB of `path` in one write
+// transaction (as a bad disk or another writer would change it), then commits.
+inline void edit_samples(const std::string& path, const std::function<void(MDB_txn*, MDB_dbi)>& edit) {
   MDB_env* env;
   ASSERT_EQ(mdb_env_create(&env), 0);
   mdb_env_set_maxdbs(env, 4);
@@ -93,25 +91,35 @@ inline void mutate_record(const std::string& path, uint64_t index,
   ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), 0);
   MDB_dbi dbi;
   ASSERT_EQ(mdb_dbi_open(txn, "samples", 0, &dbi), 0);
-  const uint64_t per_value = raw_samples_per_value(txn);
-  unsigned char key[8];
-  torch_lmdb::encode_key(index / per_value, key);
-  MDB_val k{8, key}, v;
-  ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
-  std::string value;
-  if (per_value > 1) {
-    auto records = unpack_value(v, per_value);
-    ASSERT_LT(index % per_value, records.size());
-    mutate(records[index % per_value]);
-    value = pack_records(records);
-  } else {
-    value.assign(static_cast<char*>(v.mv_data), v.mv_size);
-    mutate(value);
-  }
-  MDB_val nv{value.size(), value.data()};
-  ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  edit(txn, dbi);
   ASSERT_EQ(mdb_txn_commit(txn), 0);
   mdb_env_close(env);
+}
+
+// Opens the raw LMDB of `path` and applies `mutate` to the stored record of
+// sample `index` (as a bad disk or another writer would change it); in a
+// packed database, to its record inside the value that holds it.
+inline void mutate_record(const std::string& path, uint64_t index,
+                          const std::function<void(std::string&)>& mutate) {
+  edit_samples(path, [&](MDB_txn* txn, MDB_dbi dbi) {
+    const uint64_t per_value = raw_samples_per_value(txn);
+    unsigned char key[8];
+    torch_lmdb::encode_key(index / per_value, key);
+    MDB_val k{8, key}, v;
+    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+    std::string value;
+    if (per_value > 1) {
+      auto records = unpack_value(v, per_value);
+      ASSERT_LT(index % per_value, records.size());
+      mutate(records[index % per_value]);
+      value = pack_records(records);
+    } else {
+      value.assign(static_cast<char*>(v.mv_data), v.mv_size);
+      mutate(value);
+    }
+    MDB_val nv{value.size(), value.data()};
+    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  });
 }
 
 // Every dtype the record format names.
