@@ -13,7 +13,7 @@ Systems: a memcpy ceiling (C++: each sample's tensor bytes gathered in the same
 order from memory into a reused buffer; "0 threads" = the calling thread, the
 reference of the single-threaded paths), raw liblmdb
 get+copy (C++), torch_lmdb native C++ DataLoader (get_batch, get+Stack), the native
-torch_lmdb::make_loader (medium, 2 threads), torch_lmdb
+torch_lmdb::make_loader (2 threads; its target row is medium's), torch_lmdb
 Python (ds[i] through DataLoader, get_batch in process, make_loader), py-lmdb +
 pickle (the design torch_lmdb replaces), Zarr and h5py Datasets, an in-memory
 Dataset (the DataLoader's own floor); writers: torch_lmdb vs py-lmdb + pickle.
