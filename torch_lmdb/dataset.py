@@ -155,6 +155,13 @@ class LMDBDataset(torch.utils.data.Dataset):
             evict the rest of the machine's cache (for every process: use it
             for data nobody reads hot).
         max_readers: LMDB reader-table size (1 to 2**20).
+        decode_threads: threads that decompress a ``get_batch``'s compressed
+            payloads (the calling thread and helpers; batches whose
+            compressed payloads total under 256 KiB decode on the calling
+            thread). ``None``: the machine's cores (at most 4) in the
+            process that made the dataset's reader, one inside DataLoader
+            workers (they already run side by side); ``iter_batches`` and
+            ``make_loader`` decode on their reading threads.
         pad: for batches, pad variable-shape fields (True, or a list of names,
             or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
             ValueError for unknown names.
@@ -175,6 +182,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         keep_cache: bool = True,
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
+        decode_threads: Optional[int] = None,
     ):
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
@@ -192,8 +200,12 @@ class LMDBDataset(torch.utils.data.Dataset):
             raise ValueError(f"lookahead_bytes must be an int >= 0, got {lookahead_bytes!r}")
         if lookahead not in ("auto", "always", "never"):
             raise ValueError(f"lookahead must be 'auto', 'always' or 'never', got {lookahead!r}")
+        if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
+                                           or not 1 <= decode_threads <= 64):
+            raise ValueError(f"decode_threads must be an int from 1 to 64 (or None: automatic), got {decode_threads!r}")
         self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers,
-                             lookahead=lookahead, lookahead_bytes=lookahead_bytes, keep_cache=bool(keep_cache))
+                             lookahead=lookahead, lookahead_bytes=lookahead_bytes, keep_cache=bool(keep_cache),
+                             decode_threads=decode_threads or 0)
         self._pad = pad
         self._pad_value = pad_value
         self._handle = None

@@ -114,8 +114,9 @@ struct PyReader {
 
   PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool readahead,
            unsigned max_readers, std::vector<std::string> fields, size_t lookahead_bytes, bool keep_cache,
-           const std::string& lookahead) {
+           const std::string& lookahead, unsigned decode_threads) {
     ReaderOptions o;
+    o.decode_threads = decode_threads;
     if (lookahead == "auto") {
       o.lookahead = LookaheadMode::Auto;
     } else if (lookahead == "always") {
@@ -477,6 +478,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_lmdb C++ core (use the torch_lmdb package, not this module)";
   m.attr("__version__") = TORCH_LMDB_VERSION;
   m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("COMPACT_FORMAT_VERSION") = kCompactFormatVersion;
   m.attr("MAX_SAMPLES_PER_VALUE") = kMaxSamplesPerValue;
 
   static py::exception<Error> base(m, "Error", PyExc_RuntimeError);
@@ -532,11 +534,11 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyReader>(m, "Reader")
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
-                    std::vector<std::string>, size_t, bool, std::string>(),
+                    std::vector<std::string>, size_t, bool, std::string, unsigned>(),
            py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
            py::arg("readahead") = false, py::arg("max_readers") = 1024,
            py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{128} << 20,
-           py::arg("keep_cache") = true, py::arg("lookahead") = "auto")
+           py::arg("keep_cache") = true, py::arg("lookahead") = "auto", py::arg("decode_threads") = 0)
       .def("io_stats",
            [](const PyReader& r) {
              const Reader::IoStats st = r.reader->io_stats();
@@ -572,7 +574,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("commit_bytes") = 0, py::arg("checksum") = true, py::arg("auto_grow") = true,
            py::arg("user_json") = "", py::arg("compression") = "",
            py::arg("field_compression") = std::map<std::string, std::string>(),
-           py::arg("format_version") = static_cast<int>(kFormatVersion), py::arg("samples_per_value") = 0)
+           py::arg("format_version") = 0, py::arg("samples_per_value") = 0)
       .def("write", &PyWriter::write, py::arg("sample"), py::arg("convert"))
       .def("write_many", &PyWriter::write_many, py::arg("samples"), py::arg("convert"))
       .def("flush", [](PyWriter& w) { Writer& x = w.get(); py::gil_scoped_release nogil; x.flush(); })

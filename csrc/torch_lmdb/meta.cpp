@@ -99,11 +99,11 @@ MetaInfo validate_meta(const Json& meta, const std::string& path) {
   if (version == nullptr) invalid("no metadata 'format_version'");
   if (!version->is_number_integer()) wrong("format_version", "an integer", *version);
   const bool known = version->is_number_unsigned()
-                         ? version->get<uint64_t>() >= kMinFormatVersion && version->get<uint64_t>() <= kPackedFormatVersion
-                         : version->get<int64_t>() >= kMinFormatVersion && version->get<int64_t>() <= kPackedFormatVersion;
+                         ? version->get<uint64_t>() >= kMinFormatVersion && version->get<uint64_t>() <= kMaxFormatVersion
+                         : version->get<int64_t>() >= kMinFormatVersion && version->get<int64_t>() <= kMaxFormatVersion;
   if (!known)
     invalid("format version " + version->dump() + " (this torch_lmdb reads versions " +
-            std::to_string(kMinFormatVersion) + " to " + std::to_string(kPackedFormatVersion) + ")");
+            std::to_string(kMinFormatVersion) + " to " + std::to_string(kMaxFormatVersion) + ")");
   info.format_version = version->get<int64_t>();
   if (const Json* per = find("samples_per_value")) {
     if (!per->is_number_unsigned() || per->get<uint64_t>() < 1 || per->get<uint64_t>() > kMaxSamplesPerValue)

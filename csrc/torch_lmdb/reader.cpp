@@ -7,12 +7,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <thread>
 #include <unordered_map>
 
 #include <sys/stat.h>
@@ -90,6 +93,108 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   size_t cached_ = 0;
   std::unordered_map<size_t, std::vector<void*>> free_;
 };
+
+// Helper threads that decode batches beside the threads calling read_batch.
+// One pool per process, made on first use with up to kMaxHelpers threads,
+// which then wait for work until the process ends (they hold no Reader
+// state). A forked child makes its own: the parent's threads do not exist in
+// it, and the inherited object (whose mutex another thread may have held at
+// the fork) is never touched again.
+class DecodePool {
+ public:
+  static constexpr unsigned kMaxHelpers = 3;
+
+  static DecodePool& get() {
+    static std::mutex made;
+    static DecodePool* pool = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> guard(made);
+    if (pool == nullptr || owner != ::getpid()) {
+      pool = new DecodePool();  // never freed: its threads live until the process ends
+      owner = ::getpid();
+    }
+    return *pool;
+  }
+
+  /// Runs fn(0) .. fn(n - 1), each once, on the calling thread and up to
+  /// `helpers` pool threads; returns when all are done. The first exception
+  /// is rethrown here (items not started by then are skipped).
+  void run(size_t n, unsigned helpers, const std::function<void(size_t)>& fn) {
+    auto task = std::make_shared<Task>(n, fn);
+    helpers = std::min(helpers, kMaxHelpers);
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      while (threads_ < helpers) {
+        std::thread([this] { work(); }).detach();
+        ++threads_;
+      }
+      for (unsigned h = 0; h < helpers; ++h) queue_.push_back(task);
+    }
+    if (helpers == 1) wake_.notify_one(); else wake_.notify_all();
+    task->help();
+    std::unique_lock<std::mutex> lock(task->mutex);
+    task->finished.wait(lock, [&] { return task->done == task->n; });
+    if (task->error) std::rethrow_exception(task->error);
+  }
+
+ private:
+  struct Task {
+    Task(size_t count, const std::function<void(size_t)>& f) : n(count), fn(f) {}
+    const size_t n;
+    const std::function<void(size_t)>& fn;  // the caller's: it waits for every item
+    std::atomic<size_t> next{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+    size_t done = 0;             // items finished or skipped (under mutex)
+    std::exception_ptr error;    // the first failure (under mutex)
+    std::atomic<bool> failed{false};
+
+    // Claims and runs items until none is left.
+    void help() {
+      size_t ran = 0;
+      std::exception_ptr mine;
+      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n; ++ran) {
+        if (failed.load(std::memory_order_relaxed)) continue;
+        try {
+          fn(i);
+        } catch (...) {
+          if (!mine) mine = std::current_exception();
+          failed.store(true, std::memory_order_relaxed);
+        }
+      }
+      if (ran == 0 && !mine) return;
+      std::lock_guard<std::mutex> guard(mutex);
+      if (mine && !error) error = mine;
+      done += ran;
+      if (done == n) finished.notify_all();
+    }
+  };
+
+  void work() {
+    for (;;) {
+      std::shared_ptr<Task> task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return !queue_.empty(); });
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      task->help();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::shared_ptr<Task>> queue_;
+  unsigned threads_ = 0;
+};
+
+// Decoding threads of a batch (see ReaderOptions::decode_threads).
+unsigned decode_threads(const ReaderOptions& r, const BatchOptions& b) {
+  unsigned n = b.decode_threads != 0 ? b.decode_threads : r.decode_threads;
+  if (n == 0) n = std::max(1u, std::min(std::thread::hardware_concurrency(), DecodePool::kMaxHelpers + 1));
+  return std::min(n, DecodePool::kMaxHelpers + 1);
+}
 
 }  // namespace
 
@@ -210,6 +315,11 @@ MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value)
 void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s,
            std::vector<FieldView>& views) {
   RecordContext ctx{&env.path(), local};
+  if (record_version(v.mv_data, v.mv_size) == kCompactFormatVersion) {
+    // Fields by schema position: the views are the schema's by construction.
+    parse_record(v.mv_data, v.mv_size, s.options.verify, ctx, views, &s.stored);
+    return;
+  }
   // Records of a dataset usually share one layout: a record matching the
   // template needs neither parsing nor a schema check, once the template's
   // layout has passed the check for this reader.
@@ -745,9 +855,9 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
     if (meta.value("format", std::string()) != "torch_lmdb") invalid("metadata 'format' is not \"torch_lmdb\"");
     if (!meta.contains("format_version") || !meta["format_version"].is_number_integer()) invalid("no 'format_version'");
     const int64_t version = meta["format_version"].get<int64_t>();
-    if (version < kMinFormatVersion || version > kPackedFormatVersion)
+    if (version < kMinFormatVersion || version > kMaxFormatVersion)
       invalid("format version " + std::to_string(version) + " (this torch_lmdb reads versions " +
-              std::to_string(kMinFormatVersion) + " to " + std::to_string(kPackedFormatVersion) + ")");
+              std::to_string(kMinFormatVersion) + " to " + std::to_string(kMaxFormatVersion) + ")");
     if (meta.value("byte_order", std::string("little")) != "little") invalid("byte order is not little-endian");
     if (!meta.contains("num_samples") || !meta["num_samples"].is_number_unsigned()) invalid("no 'num_samples'");
     const size_t n = meta["num_samples"].get<size_t>();
@@ -853,8 +963,17 @@ namespace {
 // the caller then takes the general path (padding, errors).
 bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
                       at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, Batch& batch,
-                      ColdBatch& cold) {
+                      ColdBatch& cold, unsigned threads) {
   const size_t B = indices.size();
+  // Compressed payloads to decode on `threads` threads once every sample is
+  // parsed (their views stay valid: the txns are open until the caller returns).
+  struct Decode {
+    FieldView view;
+    char* dst;
+  };
+  thread_local std::vector<Decode> decodes;
+  decodes.clear();
+  size_t decode_bytes = 0;
   thread_local std::vector<FieldView> first, cur;
   struct Out {
     size_t field;
@@ -903,7 +1022,25 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
           return false;  // (the general path reads the batch again: nothing is evicted yet)
         }
       }
-      if (o.slot) decode_payload(fv, o.dst + i * o.slot);  // a copy, or Blosc straight into the batch
+      if (o.slot == 0) continue;
+      if (threads > 1 && fv.codec != Codec::None) {
+        decodes.push_back(Decode{fv, o.dst + i * o.slot});
+        decode_bytes += fv.stored;
+      } else {
+        decode_payload(fv, o.dst + i * o.slot);  // a copy, or Blosc straight into the batch
+      }
+    }
+  }
+  if (!decodes.empty()) {
+    constexpr size_t kParallelBytes = size_t{256} << 10;
+    if (decode_bytes < kParallelBytes) {
+      for (const Decode& d : decodes) decode_payload(d.view, d.dst);
+    } else {
+      // Each helper's share is at least a few payloads: fewer helpers for small batches.
+      const unsigned helpers =
+          static_cast<unsigned>(std::min<size_t>(threads - 1, decode_bytes / (kParallelBytes / 2)));
+      const std::vector<Decode>& list = decodes;
+      DecodePool::get().run(list.size(), helpers, [&list](size_t k) { decode_payload(list[k].view, list[k].dst); });
     }
   }
   size_t t = 0;
@@ -928,7 +1065,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   if (!options.allocate) {  // (a caller's allocator is only asked for the outputs it gets)
     std::vector<ReadTxn> txns(envs.size());
     Batch batch;
-    if (read_batch_fixed(s, envs, indices, txns, batch, cold)) return batch;
+    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options))) return batch;
   }
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());

@@ -79,6 +79,16 @@ struct ReaderOptions {
   /// larger than RAM does not evict the rest of the machine's cache. It
   /// drops them for every process: use it for data nobody else reads hot.
   bool keep_cache = true;
+  /// Threads that decode a batch's compressed payloads (read_batch, and so
+  /// get_batch): the calling thread and up to decode_threads - 1 helpers of
+  /// a process-wide pool (each payload is decompressed alone, straight into
+  /// its batch slot). 0: automatic (the machine's cores, at most 4); 1: on
+  /// the calling thread only. Batches whose compressed payloads total less
+  /// than 256 KiB decode on the calling thread. BatchStream's reading
+  /// threads always decode on their own thread (they already run side by
+  /// side), and so do batches that pad a compressed field or take their
+  /// tensors from BatchOptions::allocate.
+  unsigned decode_threads = 0;
 };
 
 /// How read_batch collates variable-shape fields.
@@ -92,6 +102,8 @@ struct BatchOptions {
   /// Optional allocator of the output tensors (e.g. shared memory in a Python
   /// DataLoader worker); called once per field and batch.
   std::function<at::Tensor(at::IntArrayRef, at::ScalarType)> allocate;
+  /// Decoding threads of this batch (0: ReaderOptions::decode_threads).
+  unsigned decode_threads = 0;
 };
 
 /// A collated batch. Tensor fields are stacked to [B, ...]; a padded field

@@ -278,32 +278,65 @@ std::string blosc_problem(const FieldView& v) {
   return {};
 }
 
-}  // namespace
 
-void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
-  out.clear();
-  append_record(fields, checksum, out);
+// The checks every field of a record passes; returns its dtype code.
+uint8_t check_field(const Field& f) {
+  TORCH_CHECK_VALUE(!f.name.empty(), "field names must not be empty");
+  TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' holds an undefined tensor");
+  TORCH_CHECK_VALUE(f.tensor.device().is_cpu(), "field '", f.name,
+                    "' is on ", f.tensor.device(), "; move it to the CPU first");
+  TORCH_CHECK_VALUE(f.tensor.dim() <= kMaxDims, "field '", f.name, "' has ",
+                    f.tensor.dim(), " dimensions; at most ", kMaxDims, " are supported");
+  TORCH_CHECK_TYPE(!f.tensor.is_sparse() && !f.tensor.is_quantized(), "field '", f.name,
+                   "' is a sparse or quantized tensor; store it dense");
+  if (f.kind != FieldKind::Tensor) {
+    TORCH_CHECK_TYPE(f.tensor.scalar_type() == at::kByte && f.tensor.dim() == 1,
+                     "field '", f.name, "' of kind ", kind_name(f.kind),
+                     " must be a 1-D uint8 tensor");
+  }
+  try {
+    return static_cast<uint8_t>(dtype_code(f.tensor.scalar_type()));
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, "field '", f.name, "': ", e.what_without_backtrace());
+  }
 }
 
-size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
-  EncodeOptions o;
-  o.checksum = checksum;
-  return append_record(fields, o, out);
+// The values to store: resolve_conj/resolve_neg, since a conj() or neg()
+// view shares its base's memory with a lazy bit that contiguous() keeps.
+at::Tensor stored_tensor(const Field& f) { return f.tensor.resolve_conj().resolve_neg().contiguous(); }
+
+// Compresses the `nbytes` bytes of `t` into `scratch`; returns the frame's
+// size, or 0 to store the payload raw. A frame is kept only when it is
+// smaller than the raw bytes: Blosc gives up (returns 0) when the output
+// does not fit in `nbytes`.
+int compress_payload(const Field& f, const at::Tensor& t, const Compression& c, uint64_t nbytes,
+                     std::string& scratch) {
+  int csize = 0;
+  if (c.codec != Codec::None && nbytes >= kMinCompressBytes &&
+      nbytes <= static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)) {
+    if (scratch.size() < nbytes) scratch.resize(nbytes);
+    csize = blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t.scalar_type()),
+                               static_cast<size_t>(nbytes), t.data_ptr(), &scratch[0],
+                               static_cast<size_t>(nbytes), blosc_compressor(c.codec), 0, 1);
+    TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
+  }
+  return csize;
 }
 
-size_t append_record(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out) {
-  TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
-  TORCH_CHECK_VALUE(options.version == kFormatVersion || options.version == kMinFormatVersion,
-                    "record format version ", options.version, " cannot be written; this torch_lmdb writes ",
-                    kMinFormatVersion, " to ", kFormatVersion);
-  TORCH_CHECK_VALUE(options.compression == nullptr || options.compression->size() == fields.size(),
-                    "compression for ", options.compression ? options.compression->size() : 0, " fields of a ",
-                    fields.size(), "-field record");
-  const bool checksum = options.checksum;
-  thread_local std::vector<uint64_t> stored;
-  stored.assign(fields.size(), 0);
-  thread_local std::string scratch;  // one compressed payload
-  const size_t start = out.size();
+void put_varint(std::string& out, uint64_t v) {
+  char buf[10];
+  size_t n = 0;
+  do {
+    buf[n++] = static_cast<char>((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+    v >>= 7;
+  } while (v != 0);
+  out.append(buf, n);
+}
+
+// A version 1 or 2 record of `fields` (cereal's binary archive), appended to
+// `out` without its checksum; `stored` gets each field's stored bytes.
+void append_cereal(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out,
+                   std::vector<uint64_t>& stored, std::string& scratch) {
   // One sink + ostream per thread, pointed at each output in turn: building a
   // std::ostream (locale, facets) per record costs more than a small record.
   struct Encoder {
@@ -316,33 +349,13 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
     cereal::BinaryOutputArchive ar(enc.os);
     const uint32_t magic = kRecordMagic;
     const uint16_t version = options.version;
-    const uint16_t flags = checksum ? 1 : 0;
+    const uint16_t flags = options.checksum ? 1 : 0;
     const uint32_t count = static_cast<uint32_t>(fields.size());
     ar(magic, version, flags, count);
     for (size_t fi = 0; fi < fields.size(); ++fi) {
       const Field& f = fields[fi];
-      TORCH_CHECK_VALUE(!f.name.empty(), "field names must not be empty");
-      TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' holds an undefined tensor");
-      TORCH_CHECK_VALUE(f.tensor.device().is_cpu(), "field '", f.name,
-                        "' is on ", f.tensor.device(), "; move it to the CPU first");
-      TORCH_CHECK_VALUE(f.tensor.dim() <= kMaxDims, "field '", f.name, "' has ",
-                        f.tensor.dim(), " dimensions; at most ", kMaxDims, " are supported");
-      TORCH_CHECK_TYPE(!f.tensor.is_sparse() && !f.tensor.is_quantized(), "field '", f.name,
-                       "' is a sparse or quantized tensor; store it dense");
-      if (f.kind != FieldKind::Tensor) {
-        TORCH_CHECK_TYPE(f.tensor.scalar_type() == at::kByte && f.tensor.dim() == 1,
-                         "field '", f.name, "' of kind ", kind_name(f.kind),
-                         " must be a 1-D uint8 tensor");
-      }
-      uint8_t code;
-      try {
-        code = static_cast<uint8_t>(dtype_code(f.tensor.scalar_type()));
-      } catch (const c10::TypeError& e) {
-        TORCH_CHECK_TYPE(false, "field '", f.name, "': ", e.what_without_backtrace());
-      }
-      // resolve_conj/resolve_neg: a conj() or neg() view shares its base's
-      // memory with a lazy bit that contiguous() keeps; store the values.
-      const at::Tensor t = f.tensor.resolve_conj().resolve_neg().contiguous();
+      const uint8_t code = check_field(f);
+      const at::Tensor t = stored_tensor(f);
       const uint64_t name_len = f.name.size();
       ar(name_len, cereal::binary_data(f.name.data(), name_len));
       const uint8_t kind = static_cast<uint8_t>(f.kind);
@@ -360,17 +373,7 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
         stored[fi] = nbytes;
         continue;
       }
-      // A frame is kept only when it is smaller than the raw bytes: Blosc
-      // gives up (returns 0) when the output does not fit in `nbytes`.
-      int csize = 0;
-      if (c.codec != Codec::None && nbytes >= kMinCompressBytes &&
-          nbytes <= static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)) {
-        if (scratch.size() < nbytes) scratch.resize(nbytes);
-        csize = blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t.scalar_type()),
-                                   static_cast<size_t>(nbytes), t.data_ptr(), &scratch[0],
-                                   static_cast<size_t>(nbytes), blosc_compressor(c.codec), 0, 1);
-        TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
-      }
+      const int csize = compress_payload(f, t, c, nbytes, scratch);
       if (csize > 0) {
         const uint8_t codec = static_cast<uint8_t>(c.codec);
         const uint64_t size = static_cast<uint64_t>(csize);
@@ -384,12 +387,82 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
       }
     }
   } catch (...) {
-    out.resize(start);  // never leave half a record behind
     enc.sink.target(nullptr);
     enc.os.clear();  // a failed append (bad_alloc) sets badbit on the reused stream
     throw;
   }
   enc.sink.target(nullptr);
+}
+
+// A compact record (version 4) of `fields`, in the schema's order, appended
+// to `out` without its checksum; `stored` gets each field's stored bytes.
+void append_compact(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out,
+                    std::vector<uint64_t>& stored, std::string& scratch) {
+  const uint32_t magic = kRecordMagic;
+  const uint16_t version = kCompactFormatVersion;
+  const uint16_t flags = options.checksum ? 1 : 0;
+  out.append(reinterpret_cast<const char*>(&magic), 4);
+  out.append(reinterpret_cast<const char*>(&version), 2);
+  out.append(reinterpret_cast<const char*>(&flags), 2);
+  put_varint(out, fields.size());
+  for (size_t fi = 0; fi < fields.size(); ++fi) {
+    const Field& f = fields[fi];
+    check_field(f);
+    const at::Tensor t = stored_tensor(f);
+    const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+    const Compression c = options.compression && f.kind == FieldKind::Tensor ? (*options.compression)[fi]
+                                                                             : Compression{};
+    const int csize = compress_payload(f, t, c, nbytes, scratch);
+    out.push_back(static_cast<char>(csize > 0 ? static_cast<uint8_t>(c.codec) : uint8_t{0}));
+    for (int64_t s : t.sizes()) put_varint(out, static_cast<uint64_t>(s));
+    if (csize > 0) {
+      put_varint(out, static_cast<uint64_t>(csize));
+      out.append(scratch.data(), static_cast<size_t>(csize));
+      stored[fi] = static_cast<uint64_t>(csize);
+    } else {
+      if (nbytes > 0) out.append(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(nbytes));
+      stored[fi] = nbytes;
+    }
+  }
+}
+
+}  // namespace
+
+void encode_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
+  out.clear();
+  append_record(fields, checksum, out);
+}
+
+size_t append_record(const std::vector<Field>& fields, bool checksum, std::string& out) {
+  EncodeOptions o;
+  o.checksum = checksum;
+  return append_record(fields, o, out);
+}
+
+size_t append_record(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out) {
+  TORCH_CHECK(host_is_little_endian(), "torch_lmdb writes little-endian records only");
+  TORCH_CHECK_VALUE(options.version == kFormatVersion || options.version == kMinFormatVersion ||
+                        options.version == kCompactFormatVersion,
+                    "record format version ", options.version, " cannot be written; this torch_lmdb writes ",
+                    kMinFormatVersion, ", ", kFormatVersion, " and ", kCompactFormatVersion);
+  TORCH_CHECK_VALUE(options.compression == nullptr || options.compression->size() == fields.size(),
+                    "compression for ", options.compression ? options.compression->size() : 0, " fields of a ",
+                    fields.size(), "-field record");
+  const bool checksum = options.checksum;
+  thread_local std::vector<uint64_t> stored;
+  stored.assign(fields.size(), 0);
+  thread_local std::string scratch;  // one compressed payload
+  const size_t start = out.size();
+  try {
+    if (options.version == kCompactFormatVersion) {
+      append_compact(fields, options, out, stored, scratch);
+    } else {
+      append_cereal(fields, options, out, stored, scratch);
+    }
+  } catch (...) {
+    out.resize(start);  // never leave half a record behind
+    throw;
+  }
   if (checksum) {
     const uint64_t h = XXH3_64bits(out.data() + start, out.size() - start);
     out.append(reinterpret_cast<const char*>(&h), sizeof(h));
@@ -399,9 +472,127 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
   return out.size() - start;
 }
 
+namespace {
+
+// An unsigned LEB128 value at [p, end): advances `p`; false when it is
+// truncated or longer than 9 bytes (so every value is below 2^63).
+bool get_varint(const char*& p, const char* end, uint64_t* value) noexcept {
+  uint64_t v = 0;
+  for (int shift = 0; shift < 63 && p < end; shift += 7) {
+    const uint8_t b = static_cast<uint8_t>(*p++);
+    v |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if ((b & 0x80) == 0) {
+      *value = v;
+      return true;
+    }
+  }
+  return false;
+}
+
+void parse_compact(const char* base, size_t size, bool verify_checksum, const RecordContext& ctx,
+                   std::vector<FieldView>& out, const std::vector<FieldSchema>* schema) {
+  if (schema == nullptr) {
+    const std::string path = ctx.path ? *ctx.path : std::string();
+    throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
+                                   " is a compact record (version 4), which is read with its database's schema",
+                               0, path);
+  }
+  uint16_t flags = 0;
+  std::memcpy(&flags, base + 6, 2);
+  if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
+  size_t end = size;
+  if (flags & 1) {
+    if (size < 8 + 1 + 8) corrupted(ctx, "truncated checksum");
+    end = size - 8;
+    if (verify_checksum) {
+      uint64_t stored;
+      std::memcpy(&stored, base + end, 8);
+      if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
+    }
+  }
+  const char* p = base + 8;
+  const char* const stop = base + end;
+  uint64_t count = 0;
+  if (!get_varint(p, stop, &count)) corrupted(ctx, "truncated or invalid field count");
+  if (count != schema->size())
+    corrupted(ctx, "record has " + std::to_string(count) + " fields but the schema " +
+                       std::to_string(schema->size()));
+  out.resize(schema->size());
+  // A raw payload lies in the value; a compressed one decompresses to at most Blosc 1's limit.
+  const uint64_t numel_limit = std::max<uint64_t>(size, BLOSC_MAX_BUFFERSIZE);
+  for (size_t i = 0; i < schema->size(); ++i) {
+    const FieldSchema& fs = (*schema)[i];
+    FieldView& f = out[i];
+    f.name = fs.name.data();
+    f.name_size = fs.name.size();
+    f.kind = fs.kind;
+    f.dtype = fs.dtype;
+    f.ctx = ctx;
+    if (fs.shape.size() > static_cast<size_t>(kMaxDims))
+      corrupted(ctx, "schema field '" + fs.name + "' has " + std::to_string(fs.shape.size()) + " dimensions");
+    f.ndim = static_cast<int>(fs.shape.size());
+    if (p >= stop) corrupted(ctx, "field '" + fs.name + "' is cut off (no codec byte)");
+    const uint8_t codec = static_cast<uint8_t>(*p++);
+    if (codec > 2) corrupted(ctx, "field '" + fs.name + "' has unknown codec " + std::to_string(codec));
+    if (codec != 0 && fs.kind != FieldKind::Tensor)
+      corrupted(ctx, "field '" + fs.name + "' of kind " + kind_name(fs.kind) + " is compressed");
+    f.codec = static_cast<Codec>(codec);
+    uint64_t numel = 1, rest = 1;
+    bool has_zero = false;
+    for (int d = 0; d < f.ndim; ++d) {
+      uint64_t s = 0;
+      if (!get_varint(p, stop, &s))
+        corrupted(ctx, "field '" + fs.name + "' has a truncated or invalid size in dimension " + std::to_string(d));
+      f.sizes[d] = static_cast<int64_t>(s);
+      if (s == 0) {
+        has_zero = true;
+        continue;
+      }
+      // Every nonzero size's product must fit in an int64 (it reaches at::empty).
+      if (__builtin_mul_overflow(rest, s, &rest) || rest > static_cast<uint64_t>(INT64_MAX))
+        corrupted(ctx, "field '" + fs.name + "' has sizes whose product overflows 64 bits");
+    }
+    // A payload's element count is bounded by the value (or Blosc's limit).
+    if (!has_zero && rest > numel_limit)
+      corrupted(ctx, "field '" + fs.name + "' has shape " + c10::str(f.shape()) + " that does not fit in a " +
+                         std::to_string(size) + "-byte value");
+    numel = has_zero ? 0 : rest;
+    f.nbytes = numel * c10::elementSize(f.dtype);
+    if (f.codec == Codec::None) {
+      f.stored = f.nbytes;
+    } else {
+      if (!get_varint(p, stop, &f.stored))
+        corrupted(ctx, "field '" + fs.name + "' has a truncated or invalid payload length");
+      if (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE))
+        corrupted(ctx, "field '" + fs.name + "' has a compressed payload for " + std::to_string(f.nbytes) +
+                           " bytes");
+    }
+    if (f.stored > static_cast<uint64_t>(stop - p))
+      corrupted(ctx, "field '" + fs.name + "' payload of " + std::to_string(f.stored) +
+                         " bytes runs past the end of the " + std::to_string(size) + "-byte value");
+    f.data = p;
+    if (f.codec != Codec::None) {
+      const std::string problem = blosc_problem(f);
+      if (!problem.empty()) corrupted(ctx, "field '" + fs.name + "': " + problem);
+    }
+    p += f.stored;
+  }
+  if (p != stop) corrupted(ctx, std::to_string(stop - p) + " unexpected bytes after the last field");
+}
+
+}  // namespace
+
 void parse_record(const void* data, size_t size, bool verify_checksum,
-                  const RecordContext& ctx, std::vector<FieldView>& out) {
+                  const RecordContext& ctx, std::vector<FieldView>& out,
+                  const std::vector<FieldSchema>* schema) {
   const char* base = static_cast<const char*>(data);
+  if (size >= 9 && record_version(data, size) == kCompactFormatVersion) {
+    uint32_t magic = 0;
+    std::memcpy(&magic, base, 4);
+    if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
+    parse_compact(base, size, verify_checksum, ctx, out, schema);
+    return;
+  }
   constexpr size_t kHeader = 12;
   if (size < kHeader) corrupted(ctx, "value of " + std::to_string(size) + " bytes is shorter than the record header");
   ViewSource src(base, size);
@@ -432,7 +623,8 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
     throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
                                    " has format version " + std::to_string(version) +
                                    "; this torch_lmdb reads versions " +
-                                   std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion),
+                                   std::to_string(kMinFormatVersion) + ", " + std::to_string(kFormatVersion) +
+                                   " and " + std::to_string(kCompactFormatVersion),
                                0, path);
   }
   if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
@@ -569,8 +761,12 @@ Sample to_sample(std::vector<Field> fields) {
 }
 
 bool parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
-                         std::vector<FieldView>& out, RecordTemplate& tmpl) {
+                         std::vector<FieldView>& out, RecordTemplate& tmpl, const std::vector<FieldSchema>* schema) {
   const char* base = static_cast<const char*>(data);
+  if (record_version(data, size) == kCompactFormatVersion) {
+    parse_record(data, size, verify_checksum, ctx, out, schema);
+    return false;
+  }
   if (size == tmpl.size && !tmpl.views.empty()) {
     bool same = true;
     size_t at = 0;

@@ -1,5 +1,5 @@
-// torch_lmdb/record.h -- samples and the on-disk record format (version 2;
-// version 1 records are read too).
+// torch_lmdb/record.h -- samples and the on-disk record format (versions 2
+// and 4; version 1 records are read too).
 //
 // A record (an LMDB value, or a slot of a packed value: packed_record) is a cereal binary
 // archive (little-endian hosts only; the byte order is recorded in the metadata) of:
@@ -15,6 +15,15 @@
 //              shuffle) that decompresses to those bytes
 //   u64 xxh3-64 of every preceding byte (when flag bit 0 is set): it covers
 //   the stored (compressed) bytes
+// A compact record (version 4, kCompactFormatVersion) names its fields by
+// their position in the database's schema, which gives each field's name,
+// kind, dtype and ndim:
+//   u32 magic "TLMD", u16 version 4, u16 flags (bit 0: checksum present),
+//   varint field count (== the schema's)
+//   per schema field: u8 codec, varint sizes[ndim],
+//              [codec != none: varint payload length], payload
+//   u64 xxh3-64 of every preceding byte (flag bit 0)
+// (varint: unsigned LEB128 of at most 9 bytes, so below 2^63.)
 // docs/FORMAT.md is the reference for readers written without this code.
 //
 // Contract
@@ -24,6 +33,10 @@
 //   compressed payload it also checks the Blosc header: the frame's length is
 //   the payload length and it decompresses to exactly prod(sizes) * itemsize
 //   bytes (at most 2^31 - 1: Blosc 1's limit), the codec named in the record.
+// - A compact record is parsed only against a schema (parse_record's
+//   `schema`): without one, InvalidDatabaseError; a field count other than
+//   the schema's, CorruptedError. Its views' names point into the schema's
+//   strings (valid while the schema lives).
 // - FieldView pointers point into the caller's buffer (for LMDB: the map,
 //   valid until the read transaction ends). Copy (decode_payload, to_tensor)
 //   before the txn is released.
@@ -56,6 +69,11 @@ constexpr uint16_t kFormatVersion = 2;
 /// `samples_per_value` records (metadata key; > 1). Its records are version
 /// 2 (or 1); version 1 and 2 databases hold one record per value.
 constexpr uint16_t kPackedFormatVersion = 3;
+/// Compact records (fields by schema position) and the metadata
+/// `format_version` of a database that holds them (packed or not).
+constexpr uint16_t kCompactFormatVersion = 4;
+/// The newest metadata format version this library reads and writes.
+constexpr uint16_t kMaxFormatVersion = kCompactFormatVersion;
 /// The oldest record/metadata format version this library reads (and may write).
 constexpr uint16_t kMinFormatVersion = 1;
 constexpr int kMaxDims = 16;
@@ -180,7 +198,9 @@ size_t append_record(const std::vector<Field>& fields, bool checksum, std::strin
 /// How append_record() encodes a record.
 struct EncodeOptions {
   bool checksum = true;
-  /// kFormatVersion, or 1 (no codec byte; compression must be none).
+  /// kFormatVersion, 1 (no codec byte; compression must be none), or
+  /// kCompactFormatVersion (`fields` in the schema's order: names, kinds and
+  /// dtypes are not stored).
   uint16_t version = kFormatVersion;
   /// Per field, in `fields` order (null: none). Tensor fields only: str/bytes
   /// payloads are always stored raw.
@@ -195,8 +215,18 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
 
 /// Parses and validates a record; `out` is resized to the field count.
 /// `verify_checksum` also checks the xxh3 (when the record carries one).
+/// `schema`: the database's fields, needed by compact records (see above).
 void parse_record(const void* data, size_t size, bool verify_checksum,
-                  const RecordContext& ctx, std::vector<FieldView>& out);
+                  const RecordContext& ctx, std::vector<FieldView>& out,
+                  const std::vector<FieldSchema>* schema = nullptr);
+
+/// The record version of the record at `data` (0 when it is too short to
+/// tell); nothing else is checked.
+inline uint16_t record_version(const void* data, size_t size) noexcept {
+  uint16_t v = 0;
+  if (size >= 6) std::memcpy(&v, static_cast<const char*>(data) + 4, 2);
+  return v;
+}
 
 /// The layout of the last record parsed with it: every byte that is not
 /// tensor data or the checksum, and where the names and data sit. A record
@@ -213,9 +243,12 @@ struct RecordTemplate {
 
 /// parse_record(), skipping the parse when the record matches `tmpl` (which
 /// is updated otherwise). Same results and errors as parse_record(). Returns
-/// true when the record matched the template.
+/// true when the record matched the template. A compact record is parsed
+/// against `schema` (no template: its parse is a few varints) and returns
+/// false, leaving `tmpl` as it was.
 bool parse_record_cached(const void* data, size_t size, bool verify_checksum, const RecordContext& ctx,
-                         std::vector<FieldView>& out, RecordTemplate& tmpl);
+                         std::vector<FieldView>& out, RecordTemplate& tmpl,
+                         const std::vector<FieldSchema>* schema = nullptr);
 
 /// Writes the field's decoded payload (view.nbytes bytes) to `dst`: a copy
 /// for codec none, a Blosc decompression otherwise (throws CorruptedError

@@ -217,6 +217,8 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   TORCH_CHECK_VALUE(options.batch_size > 0, "batch_size must be positive, got ", options.batch_size);
   TORCH_CHECK_VALUE(options.prefetch > 0, "prefetch must be at least 1, got ", options.prefetch);
   TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
+  // The reading threads already decode side by side: each decodes its own batches.
+  options.batch.decode_threads = 1;
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
   const size_t n = s.reader.size();

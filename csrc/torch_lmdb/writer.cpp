@@ -220,7 +220,8 @@ struct Writer::Impl {
                        const detail::Json& user_json, bool complete, const detail::Json& compression) {
     if (version != kMinFormatVersion) detail::put_meta(*env, txn, "compression", compression);
     if (per_value > 1) {
-      detail::put_meta(*env, txn, "format_version", kPackedFormatVersion);
+      detail::put_meta(*env, txn, "format_version",
+                       version == kCompactFormatVersion ? kCompactFormatVersion : kPackedFormatVersion);
       detail::put_meta(*env, txn, "samples_per_value", per_value);
     }
     detail::put_meta(*env, txn, "num_samples", num_samples);
@@ -448,20 +449,23 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   w.options = std::move(options);
   if (w.options.commit_every == 0) w.options.commit_every = kDefaultCommitEvery;
   if (w.options.commit_bytes == 0) w.options.commit_bytes = kDefaultCommitBytes;
-  TORCH_CHECK_VALUE(w.options.format_version == kFormatVersion || w.options.format_version == kMinFormatVersion,
-                    "WriterOptions::format_version ", w.options.format_version, " cannot be written; this torch_lmdb writes ",
-                    kMinFormatVersion, " or ", kFormatVersion);
+  const int asked = w.options.format_version;
+  TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
+                    "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
+                    kMinFormatVersion, ", ", kFormatVersion, " or ", kCompactFormatVersion, " (0: automatic)");
   w.default_codec = parse_compression(w.options.compression, "every field (WriterOptions::compression)");
   bool compresses = w.default_codec.codec != Codec::None;
   for (const auto& [name, spec] : w.options.field_compression)
     compresses = parse_compression(spec, "field '" + name + "'").codec != Codec::None || compresses;
-  TORCH_CHECK_VALUE(!compresses || w.options.format_version != kMinFormatVersion,
+  TORCH_CHECK_VALUE(!compresses || asked != kMinFormatVersion,
                     "format version 1 records cannot be compressed; drop the compression or write version 2");
-  w.version = static_cast<uint16_t>(w.options.format_version);
+  w.version = static_cast<uint16_t>(asked);
+  if (asked == 0)
+    w.version = compresses || w.options.samples_per_value > 1 ? kCompactFormatVersion : kFormatVersion;
   w.compresses = compresses;
   TORCH_CHECK_VALUE(w.options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
                     w.options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
-  TORCH_CHECK_VALUE(w.options.samples_per_value <= 1 || w.options.format_version != kMinFormatVersion,
+  TORCH_CHECK_VALUE(w.options.samples_per_value <= 1 || asked != kMinFormatVersion,
                     "a format version 1 database holds one sample per value; drop samples_per_value or write version 2");
   EnvOptions eo;
   eo.readonly = false;
@@ -513,14 +517,16 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     int64_t version = meta.value("format_version", int64_t{0});
     if (version == kPackedFormatVersion) version = kFormatVersion;  // its records
-    if (version != kFormatVersion && version != kMinFormatVersion)
+    if (version != kFormatVersion && version != kMinFormatVersion && version != kCompactFormatVersion)
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
                                      ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
-                                     " and " + std::to_string(kFormatVersion),
+                                     ", " + std::to_string(kFormatVersion) + " and " +
+                                     std::to_string(kCompactFormatVersion),
                                  0, path);
-    // A version 1 database stays version 1 (readable by older torch_lmdb)
-    // unless this writer compresses.
-    w.version = compresses ? kFormatVersion : static_cast<uint16_t>(version);
+    // A database keeps its records' version (a version 1 database stays
+    // readable by older torch_lmdb) unless this writer compresses into a
+    // version 1 database: it then becomes version 2.
+    w.version = compresses && version == kMinFormatVersion ? kFormatVersion : static_cast<uint16_t>(version);
     const size_t counted = meta.value("num_samples", size_t{0});
     // An empty database takes this writer's choice; a database with samples keeps its own.
     if (counted > 0 || info.samples_per_value > 1) {

@@ -70,11 +70,14 @@ struct WriterOptions {
   /// c10::ValueError naming it (at the first sample, or in the constructor
   /// when appending).
   std::map<std::string, std::string> field_compression;
-  /// Record format version of a new database: kFormatVersion (2), or 1
-  /// (readable by torch_lmdb before compression; no codec may be set).
-  /// Appending keeps the database's version, unless a codec is set on a
-  /// version 1 database: it then becomes version 2.
-  int format_version = kFormatVersion;
+  /// Record format version of a new database: 0 = automatic (compact
+  /// records, kCompactFormatVersion = 4, when a codec is set or
+  /// samples_per_value > 1, else kFormatVersion = 2), 4 (compact records:
+  /// fields named by their schema position, about 20 bytes of header per
+  /// field less), 2, or 1 (readable by torch_lmdb before compression; no
+  /// codec may be set). Appending keeps the database's version, unless a
+  /// codec is set on a version 1 database: it then becomes version 2.
+  int format_version = 0;
   /// Samples per LMDB value of a new database (docs/FORMAT.md "Packed
   /// values"): 1 = one record per value; K > 1 = values of K records
   /// (format version 3: LMDB gives every value above ~2 KiB whole 4 KiB

@@ -2,8 +2,10 @@
 #include <lmdb.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cstring>
 #include <numeric>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "test_util.h"
@@ -62,7 +64,9 @@ std::vector<FieldView> parse_value(const std::string& path, uint64_t index, std:
   mdb_env_close(env);
   std::vector<FieldView> views;
   RecordContext ctx{&path, index};
-  parse_record(holder.data(), holder.size(), true, ctx, views);
+  static std::vector<FieldSchema> schema;  // compact records name their fields by position
+  schema = Reader(path).schema();
+  parse_record(holder.data(), holder.size(), true, ctx, views, &schema);
   return views;
 }
 
@@ -180,7 +184,7 @@ TEST(Compression, IncompressiblePayloadsAreStoredRawAndMetadataCountsBytes) {
   EXPECT_EQ(views[1].codec, Codec::BloscLZ4);
   Reader r(path);
   const auto meta = nlohmann::json::parse(r.metadata_json());
-  EXPECT_EQ(meta["format_version"], kPackedFormatVersion);  // compressed: several samples per value
+  EXPECT_EQ(meta["format_version"], kCompactFormatVersion);  // compressed: compact records, several per value
   EXPECT_EQ(meta["compression"]["noise"]["codec"], "lz4");
   EXPECT_EQ(meta["compression"]["noise"]["stored_bytes"], 4096);
   EXPECT_EQ(meta["compression"]["zeros"]["raw_bytes"], 4096 * 4);
@@ -189,10 +193,13 @@ TEST(Compression, IncompressiblePayloadsAreStoredRawAndMetadataCountsBytes) {
 }
 
 TEST(Compression, DamagedCompressedPayloadRaisesCorruptedErrorNamingPathIndexAndField) {
+  for (int version : {kFormatVersion, kCompactFormatVersion}) {
+  SCOPED_TRACE(version);
   TempDir tmp;
   const std::string path = tmp.sub("damaged");
   WriterOptions o;
   o.compression = "zstd";
+  o.format_version = version;
   o.checksum = false;  // only the codec's own checks stand between damage and the tensor
   {
     Writer w(path, o);
@@ -217,7 +224,14 @@ TEST(Compression, DamagedCompressedPayloadRaisesCorruptedErrorNamingPathIndexAnd
   // 4: the frame truncated (payload length and record shortened together).
   mutate_record(path, 4, [&](std::string& v) {
     const uint64_t shorter = stored / 2;
-    std::memcpy(&v[frame - 8], &shorter, 8);
+    if (version == kFormatVersion) {
+      std::memcpy(&v[frame - 8], &shorter, 8);  // u64 payload length
+    } else {
+      size_t n = 1;  // a varint ends right before the frame: rewrite it in as many bytes
+      while (static_cast<uint8_t>(v[frame - n - 1]) & 0x80) ++n;
+      for (size_t b = 0; b < n; ++b)
+        v[frame - n + b] = static_cast<char>(((shorter >> (7 * b)) & 0x7f) | (b + 1 < n ? 0x80 : 0));
+    }
     v.erase(frame + shorter, stored - shorter);
   });
   // 5: the header says another compressor.
@@ -231,6 +245,7 @@ TEST(Compression, DamagedCompressedPayloadRaisesCorruptedErrorNamingPathIndexAnd
   }
   // The record after a damaged one (same layout: a template hit) still reads.
   EXPECT_TRUE(torch::equal(r.get_fields(0)[1].tensor, signal_of({32, 64}, at::kComplexFloat, 0)));
+  }
 }
 
 TEST(Compression, Version1FilesAreReadAndAppendingCompressedUpgradesThem) {
@@ -390,7 +405,7 @@ TEST(Packing, CompressedDatabasesPackSamplesAndEveryReadPathReadsThem) {
     w.close();
   }
   const auto meta = raw_meta(tmp.sub("a"));
-  EXPECT_EQ(meta["format_version"], kPackedFormatVersion);
+  EXPECT_EQ(meta["format_version"], kCompactFormatVersion);  // packed, compact records
   const uint64_t per_value = meta["samples_per_value"].get<uint64_t>();
   EXPECT_GT(per_value, 20u);  // ~128 KiB of ~2.3 KiB records
   EXPECT_EQ(raw_values(tmp.sub("a")), (n + per_value - 1) / per_value);
@@ -410,7 +425,7 @@ TEST(Packing, CompressedDatabasesPackSamplesAndEveryReadPathReadsThem) {
     for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
     w.close();
   }
-  EXPECT_EQ(raw_meta(tmp.sub("b"))["format_version"], kFormatVersion);
+  EXPECT_EQ(raw_meta(tmp.sub("b"))["format_version"], kCompactFormatVersion);  // compact records, one per value
   EXPECT_EQ(raw_meta(tmp.sub("b")).count("samples_per_value"), 0u);
   EXPECT_EQ(raw_values(tmp.sub("b")), static_cast<size_t>(n));
   // The pages LMDB used (file sizes include the map's unused tail).
@@ -543,4 +558,199 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
     ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
   });
   expect_corrupted([&] { Writer w(other, a); }, {other, "samples 8 to 9", "more than the 2 records"});
+}
+
+// ---- compact records (format version 4) -------------------------------------
+namespace {
+
+// The record version and size of sample `index`'s record.
+std::pair<uint16_t, size_t> record_info(const std::string& path, uint64_t index) {
+  std::string holder;
+  parse_value(path, index, holder);
+  return {record_version(holder.data(), holder.size()), holder.size()};
+}
+
+}  // namespace
+
+TEST(Compact, CompressedAndPackedDatabasesHoldCompactRecordsOthersKeepTheirVersion) {
+  TempDir tmp;
+  const int64_t n = 40;
+  auto write = [&](const std::string& name, WriterOptions o) {
+    Writer w(tmp.sub(name), o);
+    for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
+    w.close();
+    return tmp.sub(name);
+  };
+  WriterOptions lz4;
+  lz4.compression = "lz4";
+  const std::string compact = write("compact", lz4);
+  EXPECT_EQ(raw_meta(compact)["format_version"], kCompactFormatVersion);
+  EXPECT_EQ(record_info(compact, 3).first, kCompactFormatVersion);
+  expect_all_read_paths(compact, n);
+
+  // Asked for version 2 records: packed (format version 3), the records named field by field.
+  WriterOptions v2 = lz4;
+  v2.format_version = kFormatVersion;
+  const std::string named = write("named", v2);
+  EXPECT_EQ(raw_meta(named)["format_version"], kPackedFormatVersion);
+  EXPECT_EQ(record_info(named, 3).first, kFormatVersion);
+  expect_all_read_paths(named, n);
+  // Four fields: the compact record is smaller by their names and most of 20 bytes each.
+  for (int64_t i : {0, 7, 39}) {
+    const auto a = record_info(compact, i), b = record_info(named, i);
+    EXPECT_LE(a.second + 4 * 20 + std::string("cirid pathsscene").size() - 1, b.second) << i;
+  }
+
+  // Uncompressed, one per value: version 2 records unless asked (version 4 also unpacked).
+  const std::string plain = write("plain", WriterOptions{});
+  EXPECT_EQ(raw_meta(plain)["format_version"], kFormatVersion);
+  EXPECT_EQ(record_info(plain, 0).first, kFormatVersion);
+  WriterOptions v4;
+  v4.format_version = kCompactFormatVersion;
+  const std::string small = write("small", v4);
+  EXPECT_EQ(raw_meta(small)["format_version"], kCompactFormatVersion);
+  EXPECT_EQ(raw_meta(small).count("samples_per_value"), 0u);
+  EXPECT_EQ(record_info(small, 0).first, kCompactFormatVersion);
+  expect_all_read_paths(small, n);
+
+  // Appending keeps each database's record version.
+  for (const std::string& path : {compact, named, plain, small}) {
+    WriterOptions a;
+    a.append = true;
+    {
+      Writer w(path, a);
+      for (int64_t i = n; i < n + 9; ++i) w.write(packed_sample(i));
+      w.close();
+    }
+    EXPECT_EQ(record_info(path, n + 8).first, record_info(path, 0).first) << path;
+    expect_all_read_paths(path, n + 9);
+  }
+  WriterOptions bad;
+  bad.format_version = 3;  // a metadata version (packed values), not a record version
+  EXPECT_THROW(Writer(tmp.sub("bad"), bad), c10::ValueError);
+}
+
+TEST(Compact, DamagedCompactRecordsRaiseCorruptedErrorNamingPathAndIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  WriterOptions o;
+  o.compression = "lz4";
+  o.samples_per_value = 4;
+  o.checksum = false;  // the structure's own checks
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < 12; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  mutate_record(path, 1, [](std::string& v) { v[8] = 9; });             // field count 9 of 4
+  mutate_record(path, 2, [](std::string& v) { v[9] = 7; });             // codec 7
+  mutate_record(path, 5, [](std::string& v) { v.resize(v.size() - 3); });  // cut off
+  mutate_record(path, 6, [](std::string& v) { v += "xyz"; });           // bytes after the last field
+  mutate_record(path, 9, [](std::string& v) { v[10] = '\xff'; v[11] = '\xff'; });  // cir's sizes
+  Reader r(path);
+  for (uint64_t i : {1, 2, 5, 6, 9}) {
+    SCOPED_TRACE(i);
+    expect_corrupted([&] { r.get_fields(i); }, {path, "index " + std::to_string(i)});
+    expect_corrupted([&] { r.read_batch(std::vector<size_t>{0, static_cast<size_t>(i)}); },
+                     {path, "index " + std::to_string(i)});
+  }
+  for (int64_t i : {0, 3, 4, 7, 8, 11}) expect_packed_sample(r.get_fields(static_cast<size_t>(i)), i);
+}
+
+// ---- decoding a batch on several threads (ReaderOptions::decode_threads) ----
+namespace {
+
+// 16 KiB float32 samples that LZ4 shrinks to about 3/4 (a signal plus noise kept to 1e-3).
+std::vector<Field> wide_sample(int64_t i) {
+  torch::manual_seed(i);
+  at::Tensor x = torch::sin(torch::linspace(0, 20 + i % 9, 4096)) + 0.01 * torch::randn({4096});
+  return {Field{"x", FieldKind::Tensor, (x * 1000).round() / 1000}, Field{"id", FieldKind::Tensor, torch::tensor(i)}};
+}
+
+std::string write_wide(TempDir& tmp, int64_t n, bool checksum = true) {
+  WriterOptions o;
+  o.compression = "lz4";
+  o.checksum = checksum;
+  const std::string path = tmp.sub("wide");
+  Writer w(path, o);
+  for (int64_t i = 0; i < n; ++i) w.write(wide_sample(i));
+  w.close();
+  return path;
+}
+
+std::vector<size_t> shuffled_batch(size_t n, size_t b, size_t salt) {
+  std::vector<size_t> out;
+  for (size_t j = 0; j < b; ++j) out.push_back((j * 131 + salt * 17 + 5) % n);
+  return out;
+}
+
+void expect_wide_batch(const Batch& b, const std::vector<size_t>& idx) {
+  ASSERT_EQ(b.tensors["x"].size(0), static_cast<int64_t>(idx.size()));
+  for (size_t j = 0; j < idx.size(); ++j) {
+    const auto want = wide_sample(static_cast<int64_t>(idx[j]));
+    EXPECT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], want[0].tensor)) << idx[j];
+    EXPECT_EQ(b.tensors["id"][static_cast<int64_t>(j)].item<int64_t>(), static_cast<int64_t>(idx[j]));
+  }
+}
+
+}  // namespace
+
+TEST(ParallelDecode, ThreadsDecodeTheSameBatchAndPassOnTheirErrors) {
+  TempDir tmp;
+  const std::string path = write_wide(tmp, 200, /*checksum=*/false);
+  const auto idx = shuffled_batch(200, 64, 0);  // ~0.7 MiB compressed: above the threshold
+  for (unsigned threads : {1u, 2u, 4u}) {
+    ReaderOptions ro;
+    ro.decode_threads = threads;
+    Reader r(path, ro);
+    expect_wide_batch(r.read_batch(idx), idx);
+    BatchOptions one;
+    one.decode_threads = 1;  // a batch's own setting wins
+    expect_wide_batch(r.read_batch(idx, one), idx);
+  }
+  // A payload that fails to decompress (its stream damaged past Blosc's header):
+  // the error of the helper that met it reaches the caller, naming the index.
+  std::string holder;
+  const auto views = parse_value(path, 77, holder);
+  const size_t frame = static_cast<size_t>(views[0].data - holder.data());
+  const size_t stored = static_cast<size_t>(views[0].stored);
+  mutate_record(path, 77, [&](std::string& v) {
+    for (size_t p = frame + 40; p < frame + stored; p += 5) v[p] = static_cast<char>(v[p] ^ 0x5a);
+  });
+  ReaderOptions ro;
+  ro.decode_threads = 4;
+  Reader r(path, ro);
+  std::vector<size_t> bad = idx;
+  bad[50] = 77;
+  for (int round = 0; round < 3; ++round)
+    expect_corrupted([&] { r.read_batch(bad); }, {path, "index 77", "'x'"});
+  expect_wide_batch(r.read_batch(idx), idx);  // the pool still serves the next batches
+}
+
+// Under ThreadSanitizer (make test-tsan): batches of several threads share the pool's helpers.
+TEST(ParallelDecode, ConcurrentBatchesShareThePoolsHelpers) {
+  TempDir tmp;
+  const std::string path = write_wide(tmp, 160);
+  ReaderOptions ro;
+  ro.decode_threads = 3;
+  Reader r(path, ro);
+  std::vector<at::Tensor> want;  // made here: torch's generator is not for several threads
+  for (int64_t i = 0; i < 160; ++i) want.push_back(wide_sample(i)[0].tensor);
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (size_t t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      Reader mine = r;  // copies share the environment (as LibTorch's workers do)
+      for (size_t k = 0; k < 6; ++k) {
+        const auto idx = shuffled_batch(160, 48, t * 10 + k);
+        const Batch b = mine.read_batch(idx);
+        for (size_t j = 0; j < idx.size(); ++j)
+          if (b.tensors["id"][static_cast<int64_t>(j)].item<int64_t>() != static_cast<int64_t>(idx[j]) ||
+              !torch::equal(b.tensors["x"][static_cast<int64_t>(j)], want[idx[j]]))
+            failures.fetch_add(1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
 }

@@ -50,8 +50,60 @@ def record_span(value, slot):
     return header + (ends[slot - 1] if slot else 0), header + ends[slot]
 
 
-def record_codecs(path, index=0):
-    """{field: codec byte} of record `index`, parsed by hand (docs/FORMAT.md)."""
+def varint(data, pos):
+    """An unsigned LEB128 value at data[pos:] (docs/FORMAT.md "Compact record"): (value, next pos)."""
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def parse_fields(record, schema):
+    """{field: (codec, payload offset, payload length)} of a record, parsed by hand (docs/FORMAT.md)."""
+    version = int.from_bytes(record[4:6], "little")
+    out = {}
+    if version == 4:  # compact: fields by schema position
+        count, pos = varint(record, 8)
+        assert count == len(schema)
+        for field in schema:
+            codec = record[pos]
+            pos += 1
+            numel = 1
+            for _ in field["shape"]:
+                size, pos = varint(record, pos)
+                numel *= size
+            if codec:
+                length, pos = varint(record, pos)
+            else:
+                length = numel * torch.empty(0, dtype=getattr(torch, field["dtype"])).element_size()
+            out[field["name"]] = (codec, pos, length)
+            pos += length
+        return version, out
+    count = int.from_bytes(record[8:12], "little")
+    pos = 12
+    for _ in range(count):
+        n = int.from_bytes(record[pos:pos + 8], "little")
+        name = record[pos + 8:pos + 8 + n].decode()
+        pos += 8 + n
+        ndim = record[pos + 2]
+        pos += 3 + 8 * ndim
+        codec = 0
+        if version == 2:
+            codec = record[pos]
+            pos += 1
+        length = int.from_bytes(record[pos:pos + 8], "little")
+        pos += 8
+        out[name] = (codec, pos, length)
+        pos += length
+    return version, out
+
+
+def read_record(path, index):
+    """(record bytes, schema) of sample `index`, read with py-lmdb."""
     env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
     with env.begin() as txn:
         k = samples_per_value(txn, env)
@@ -59,24 +111,15 @@ def record_codecs(path, index=0):
         if k > 1:
             begin, end = record_span(value, index % k)
             value = value[begin:end]
+        schema = json.loads(txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))
     env.close()
-    version = int.from_bytes(value[4:6], "little")
-    count = int.from_bytes(value[8:12], "little")
-    pos, out = 12, {}
-    for _ in range(count):
-        n = int.from_bytes(value[pos:pos + 8], "little")
-        name = value[pos + 8:pos + 8 + n].decode()
-        pos += 8 + n
-        ndim = value[pos + 2]
-        pos += 3 + 8 * ndim
-        codec = 0
-        if version == 2:
-            codec = value[pos]
-            pos += 1
-        length = int.from_bytes(value[pos:pos + 8], "little")
-        pos += 8 + length
-        out[name] = codec
-    return version, out
+    return value, schema
+
+
+def record_codecs(path, index=0):
+    """(record version, {field: codec byte}) of record `index`, parsed by hand (docs/FORMAT.md)."""
+    version, fields = parse_fields(*read_record(path, index))
+    return version, {name: codec for name, (codec, _, _) in fields.items()}
 
 
 @pytest.mark.parametrize("compression, expected", [
@@ -90,9 +133,9 @@ def record_codecs(path, index=0):
 def test_writer_compression_forms_round_trip(tmp_path, compression, expected):
     path = write(str(tmp_path / "db"), compression=compression)
     version, codecs = record_codecs(path, 5)
-    assert version == 2
-    # Compressed samples share LMDB values (format version 3; their records are version 2).
-    assert torch_lmdb.info(path)["format_version"] == (2 if compression is None else 3)
+    # Compressed samples share LMDB values in compact records (format version 4).
+    assert version == (2 if compression is None else 4)
+    assert torch_lmdb.info(path)["format_version"] == (2 if compression is None else 4)
     assert (torch_lmdb.info(path)["samples_per_value"] > 1) == (compression is not None)
     assert codecs["cir"] == expected["cir"]
     assert codecs["scene"] == 0 and codecs["raw"] == 0 and codecs["rssi"] == 0  # str/bytes/tiny: raw
@@ -153,8 +196,9 @@ def test_version1_database_reads_and_damaged_payload_names_field(tmp_path):
         k = samples_per_value(txn, env)
         assert 4 < k  # sample 4 lies inside the first value
         value = bytearray(txn.get((4 // k).to_bytes(8, "big"), db=db))
-        begin, _ = record_span(value, 4)
-        frame = value.index(b"cir", begin) + 3 + 3 + 3 * 8 + 1 + 8  # kind, dtype, ndim, 3 sizes, codec, length
+        begin, end = record_span(value, 4)
+        schema = json.loads(txn.get(b"schema", db=env.open_db(b"meta", txn=txn)))
+        frame = begin + parse_fields(bytes(value[begin:end]), schema)[1]["cir"][1]
         value[frame + 12] ^= 0x7F  # the frame's compressed length
         txn.put((4 // k).to_bytes(8, "big"), bytes(value), db=db)
     env.close()
@@ -224,7 +268,7 @@ def test_convert_auto_follows_hdf5_filters(tmp_path):
 def test_samples_per_value_packs_records_and_info_and_cli_show_it(tmp_path):
     path = write(str(tmp_path / "packed"), n=30, samples_per_value=7)  # uncompressed, packed on request
     info = torch_lmdb.info(path)
-    assert info["format_version"] == 3 and info["samples_per_value"] == 7
+    assert info["format_version"] == 4 and info["samples_per_value"] == 7  # packed, compact records
     assert "(7 samples per LMDB value)" in cli("info", path).stdout
     env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
     with env.begin() as txn:
@@ -245,3 +289,48 @@ def test_samples_per_value_packs_records_and_info_and_cli_show_it(tmp_path):
     for bad in (0, True, 70000, 2.0):
         with pytest.raises(ValueError, match="samples_per_value must be an int from 1 to 65536"):
             torch_lmdb.LMDBWriter(str(tmp_path / "bad"), samples_per_value=bad)
+
+
+def test_compact_records_read_by_hand_hold_the_same_payloads_in_fewer_bytes(tmp_path):
+    compact = write(str(tmp_path / "compact"), n=40, compression="lz4")
+    named = write(str(tmp_path / "named"), n=40, compression="lz4", format_version=2)
+    assert torch_lmdb.info(compact)["format_version"] == 4
+    assert torch_lmdb.info(named)["format_version"] == 3  # packed, records named field by field
+    for i in (0, 17, 39):
+        rec_c, schema = read_record(compact, i)
+        rec_n, _ = read_record(named, i)
+        (vc, fc), (vn, fn) = parse_fields(rec_c, schema), parse_fields(rec_n, schema)
+        assert (vc, vn) == (4, 2) and list(fc) == list(fn) == [f["name"] for f in schema]
+        for name, (codec, at, length) in fc.items():  # the same stored payloads, byte for byte
+            assert codec == fn[name][0]
+            assert rec_c[at:at + length] == rec_n[fn[name][1]:fn[name][1] + fn[name][2]]
+        _, at, length = fc["pos"]
+        assert np.array_equal(np.frombuffer(rec_c[at:at + length], np.float64), radio_sample(i)["pos"])
+        _, at, length = fc["scene"]
+        assert rec_c[at:at + length].decode() == radio_sample(i)["scene"]
+        last = fc["raw"]
+        assert last[1] + last[2] + 8 == len(rec_c)  # then the checksum
+        # Five fields: names and 20 bytes of lengths and codes each are gone.
+        assert len(rec_c) + 5 * 20 <= len(rec_n)
+    ds = torch_lmdb.LMDBDataset(compact, verify=True)
+    assert torch.equal(ds.get_batch([3, 39])["cir"], torch.from_numpy(np.stack([radio_sample(i)["cir"] for i in (3, 39)])))
+    with pytest.raises(ValueError, match="format_version 3 cannot be written"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "bad"), format_version=3)
+
+
+def test_get_batch_decodes_on_several_threads_with_the_same_result(tmp_path):
+    rng = np.random.default_rng(3)
+    path = str(tmp_path / "wide")
+    with torch_lmdb.LMDBWriter(path, compression="lz4") as w:
+        for i in range(160):  # 16 KiB float32 samples LZ4 keeps ~3/4 of: a batch of 64 is ~0.7 MiB compressed
+            x = np.sin(np.linspace(0, 20 + i % 7, 4096)) + rng.normal(0, 0.01, 4096)
+            w.write({"x": (np.round(x * 1000) / 1000).astype(np.float32), "i": i})
+    order = rng.permutation(160)[:64].tolist()
+    one = torch_lmdb.LMDBDataset(path, decode_threads=1).get_batch(order)
+    for threads in (2, 4, None):
+        got = torch_lmdb.LMDBDataset(path, decode_threads=threads).get_batch(order)
+        assert torch.equal(got["x"], one["x"]) and got["i"].tolist() == order
+    assert one["x"].shape == (64, 4096)
+    for bad in (0, -1, True, 2.0, 65):
+        with pytest.raises(ValueError, match="decode_threads must be an int from 1 to 64"):
+            torch_lmdb.LMDBDataset(path, decode_threads=bad)
