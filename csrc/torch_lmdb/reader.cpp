@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -100,6 +103,11 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
 // state). A forked child makes its own: the parent's threads do not exist in
 // it, and the inherited object (whose mutex another thread may have held at
 // the fork) is never touched again.
+//
+// A Job runs fn(0), fn(1), ... of items the caller publishes while it goes on
+// (a batch's payloads, decoded as soon as their records are parsed): the
+// helpers take published items, and finish() makes the caller take the rest
+// and wait for all.
 class DecodePool {
  public:
   static constexpr unsigned kMaxHelpers = 3;
@@ -116,57 +124,53 @@ class DecodePool {
     return *pool;
   }
 
-  /// Runs fn(0) .. fn(n - 1), each once, on the calling thread and up to
-  /// `helpers` pool threads; returns when all are done. The first exception
-  /// is rethrown here (items not started by then are skipped).
-  void run(size_t n, unsigned helpers, const std::function<void(size_t)>& fn) {
-    auto task = std::make_shared<Task>(n, fn);
-    helpers = std::min(helpers, kMaxHelpers);
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      while (threads_ < helpers) {
-        std::thread([this] { work(); }).detach();
-        ++threads_;
-      }
-      for (unsigned h = 0; h < helpers; ++h) queue_.push_back(task);
-    }
-    if (helpers == 1) wake_.notify_one(); else wake_.notify_all();
-    task->help();
-    std::unique_lock<std::mutex> lock(task->mutex);
-    task->finished.wait(lock, [&] { return task->done == task->n; });
-    if (task->error) std::rethrow_exception(task->error);
-  }
-
  private:
   struct Task {
-    Task(size_t count, const std::function<void(size_t)>& f) : n(count), fn(f) {}
-    const size_t n;
-    const std::function<void(size_t)>& fn;  // the caller's: it waits for every item
-    std::atomic<size_t> next{0};
+    explicit Task(std::function<void(size_t)> f) : fn(std::move(f)) {}
+    const std::function<void(size_t)> fn;
+    std::atomic<size_t> next{0};       // the next item to claim
+    std::atomic<size_t> published{0};  // items 0 .. published - 1 may be claimed
     std::mutex mutex;
-    std::condition_variable finished;
-    size_t done = 0;             // items finished or skipped (under mutex)
-    std::exception_ptr error;    // the first failure (under mutex)
+    std::condition_variable more;      // published grew, or closed
+    std::condition_variable finished;  // done reached published once closed
+    bool closed = false;               // no more items (under mutex)
+    size_t done = 0;                   // items finished or skipped (under mutex)
+    std::exception_ptr error;          // the first failure (under mutex)
     std::atomic<bool> failed{false};
 
-    // Claims and runs items until none is left.
-    void help() {
-      size_t ran = 0;
+    // Claims and runs published items; a helper (`wait`) also waits for
+    // more until the job is closed, the caller returns when none is left.
+    void help(bool wait) {
       std::exception_ptr mine;
-      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n; ++ran) {
-        if (failed.load(std::memory_order_relaxed)) continue;
-        try {
-          fn(i);
-        } catch (...) {
-          if (!mine) mine = std::current_exception();
-          failed.store(true, std::memory_order_relaxed);
+      size_t ran = 0;
+      for (;;) {
+        size_t i = next.load(std::memory_order_relaxed);
+        if (i < published.load(std::memory_order_acquire)) {
+          if (!next.compare_exchange_weak(i, i + 1, std::memory_order_relaxed)) continue;
+          if (!failed.load(std::memory_order_relaxed)) {
+            try {
+              fn(i);
+            } catch (...) {
+              if (!mine) mine = std::current_exception();
+              failed.store(true, std::memory_order_relaxed);
+            }
+          }
+          ++ran;
+          continue;
         }
+        std::unique_lock<std::mutex> lock(mutex);
+        if (ran > 0 || mine) {
+          if (mine && !error) error = mine;
+          mine = nullptr;
+          done += ran;
+          ran = 0;
+          if (closed && done == published.load(std::memory_order_relaxed)) finished.notify_all();
+        }
+        if (!wait) return;
+        more.wait(lock, [&] { return closed || next.load(std::memory_order_relaxed) <
+                                                     published.load(std::memory_order_relaxed); });
+        if (closed && next.load(std::memory_order_relaxed) >= published.load(std::memory_order_relaxed)) return;
       }
-      if (ran == 0 && !mine) return;
-      std::lock_guard<std::mutex> guard(mutex);
-      if (mine && !error) error = mine;
-      done += ran;
-      if (done == n) finished.notify_all();
     }
   };
 
@@ -179,7 +183,7 @@ class DecodePool {
         task = std::move(queue_.front());
         queue_.pop_front();
       }
-      task->help();
+      task->help(/*wait=*/true);
     }
   }
 
@@ -187,12 +191,95 @@ class DecodePool {
   std::condition_variable wake_;
   std::deque<std::shared_ptr<Task>> queue_;
   unsigned threads_ = 0;
+
+ public:
+  class Job {
+   public:
+    /// `helpers` pool threads (at most kMaxHelpers) run fn on published items.
+    Job(unsigned helpers, std::function<void(size_t)> fn) : task_(std::make_shared<Task>(std::move(fn))) {
+      DecodePool& pool = DecodePool::get();
+      helpers = std::min(helpers, kMaxHelpers);
+      {
+        std::lock_guard<std::mutex> guard(pool.mutex_);
+        while (pool.threads_ < helpers) {
+          std::thread([&pool] { pool.work(); }).detach();
+          ++pool.threads_;
+        }
+        for (unsigned h = 0; h < helpers; ++h) pool.queue_.push_back(task_);
+      }
+      pool.wake_.notify_all();
+    }
+    Job(const Job&) = delete;
+    Job& operator=(const Job&) = delete;
+    /// Items 0 .. n - 1 are ready (n only grows).
+    void publish(size_t n) {
+      {
+        std::lock_guard<std::mutex> guard(task_->mutex);
+        task_->published.store(n, std::memory_order_release);
+      }
+      task_->more.notify_all();
+    }
+    /// No more items: runs what is left on this thread, waits for the
+    /// helpers, rethrows the first failure.
+    void finish() {
+      close_and_wait();
+      if (task_->error) std::rethrow_exception(task_->error);
+    }
+    /// Never leaves a helper writing after the caller moved on (an exception
+    /// in the caller: its buffers and transactions are about to go).
+    ~Job() {
+      if (!finished_) close_and_wait();
+    }
+
+   private:
+    void close_and_wait() {
+      finished_ = true;
+      {
+        std::lock_guard<std::mutex> guard(task_->mutex);
+        task_->closed = true;
+      }
+      task_->more.notify_all();
+      task_->help(/*wait=*/false);
+      std::unique_lock<std::mutex> lock(task_->mutex);
+      task_->finished.wait(lock, [&] { return task_->done == task_->published.load(std::memory_order_relaxed); });
+    }
+    std::shared_ptr<Task> task_;
+    bool finished_ = false;
+  };
 };
+
+// Decodes a payload into its batch slot. `around_cache`: a raw payload of
+// 4 KiB or more is copied with non-temporal stores, which write memory
+// without first reading the destination's lines into the cache (a batch
+// read ahead of its use is not read back soon: caching it only evicts the
+// records still to be read).
+inline void decode_to_slot(const FieldView& v, char* dst, bool around_cache) {
+#if defined(__SSE2__)
+  if (around_cache && v.codec == Codec::None && v.nbytes >= 4096 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    const char* src = v.data;
+    size_t n = static_cast<size_t>(v.nbytes);
+    for (; n >= 64; n -= 64, src += 64, dst += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+    }
+    if (n) std::memcpy(dst, src, n);
+    return;
+  }
+#endif
+  decode_payload(v, dst);
+}
 
 // Decoding threads of a batch (see ReaderOptions::decode_threads).
 unsigned decode_threads(const ReaderOptions& r, const BatchOptions& b) {
   unsigned n = b.decode_threads != 0 ? b.decode_threads : r.decode_threads;
-  if (n == 0) n = std::max(1u, std::min(std::thread::hardware_concurrency(), DecodePool::kMaxHelpers + 1));
+  static const unsigned cores = std::max(1u, std::thread::hardware_concurrency());  // (reads /sys)
+  if (n == 0) n = std::min(cores, DecodePool::kMaxHelpers + 1);
   return std::min(n, DecodePool::kMaxHelpers + 1);
 }
 
@@ -963,17 +1050,18 @@ namespace {
 // the caller then takes the general path (padding, errors).
 bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
                       at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, Batch& batch,
-                      ColdBatch& cold, unsigned threads) {
+                      ColdBatch& cold, unsigned threads, bool around_cache) {
   const size_t B = indices.size();
-  // Compressed payloads to decode on `threads` threads once every sample is
-  // parsed (their views stay valid: the txns are open until the caller returns).
+  // Compressed payloads decoded on `threads` threads: helpers take them as
+  // soon as their records are parsed (their views stay valid: the txns are
+  // open until the caller returns), this thread takes the rest at the end.
   struct Decode {
     FieldView view;
     char* dst;
   };
   thread_local std::vector<Decode> decodes;
   decodes.clear();
-  size_t decode_bytes = 0;
+  constexpr size_t kPublishEvery = 4;  // items published at a time
   thread_local std::vector<FieldView> first, cur;
   struct Out {
     size_t field;
@@ -984,6 +1072,9 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   thread_local std::vector<Out> outs;
   outs.clear();
   std::vector<at::Tensor> tensors;
+  // Declared after the tensors: on an early return or an exception, its
+  // destructor waits for the helpers before the tensors go.
+  std::unique_ptr<DecodePool::Job> job;
   batch.blobs.reserve(s.stored.size());
   Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
@@ -1008,6 +1099,20 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
         }
         outs.push_back(o);
       }
+      // Helpers when the batch's compressed payloads, estimated from this
+      // sample's, come to kParallelBytes (fewer helpers for smaller batches).
+      constexpr size_t kParallelBytes = size_t{256} << 10;
+      size_t compressed = 0;
+      for (const Out& o : outs)
+        if (o.blobs == nullptr && o.slot && v[o.field].codec != Codec::None) compressed += v[o.field].stored;
+      const size_t estimate = compressed * B;
+      if (threads > 1 && estimate >= kParallelBytes) {
+        decodes.reserve(B * outs.size());  // never reallocated while the helpers read it
+        const Decode* items = decodes.data();
+        job = std::make_unique<DecodePool::Job>(
+            static_cast<unsigned>(std::min<size_t>(threads - 1, estimate / (kParallelBytes / 2))),
+            [items](size_t k) { decode_payload(items[k].view, items[k].dst); });
+      }
     }
     for (Out& o : outs) {
       const FieldView& fv = v[o.field];
@@ -1023,25 +1128,20 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
         }
       }
       if (o.slot == 0) continue;
-      if (threads > 1 && fv.codec != Codec::None) {
+      if (job && fv.codec != Codec::None && decodes.size() < decodes.capacity()) {
         decodes.push_back(Decode{fv, o.dst + i * o.slot});
-        decode_bytes += fv.stored;
+        if (decodes.size() % kPublishEvery == 0) job->publish(decodes.size());
       } else {
-        decode_payload(fv, o.dst + i * o.slot);  // a copy, or Blosc straight into the batch
+        decode_to_slot(fv, o.dst + i * o.slot, around_cache);  // a copy, or Blosc straight into the batch
       }
     }
   }
-  if (!decodes.empty()) {
-    constexpr size_t kParallelBytes = size_t{256} << 10;
-    if (decode_bytes < kParallelBytes) {
-      for (const Decode& d : decodes) decode_payload(d.view, d.dst);
-    } else {
-      // Each helper's share is at least a few payloads: fewer helpers for small batches.
-      const unsigned helpers =
-          static_cast<unsigned>(std::min<size_t>(threads - 1, decode_bytes / (kParallelBytes / 2)));
-      const std::vector<Decode>& list = decodes;
-      DecodePool::get().run(list.size(), helpers, [&list](size_t k) { decode_payload(list[k].view, list[k].dst); });
-    }
+#if defined(__SSE2__)
+  if (around_cache) _mm_sfence();  // non-temporal stores are ordered before the batch is handed over
+#endif
+  if (job) {
+    job->publish(decodes.size());
+    job->finish();
   }
   size_t t = 0;
   for (const Out& o : outs) {
@@ -1065,7 +1165,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   if (!options.allocate) {  // (a caller's allocator is only asked for the outputs it gets)
     std::vector<ReadTxn> txns(envs.size());
     Batch batch;
-    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options))) return batch;
+    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options), options.read_ahead)) return batch;
   }
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());

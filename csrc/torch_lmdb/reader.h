@@ -104,6 +104,10 @@ struct BatchOptions {
   std::function<at::Tensor(at::IntArrayRef, at::ScalarType)> allocate;
   /// Decoding threads of this batch (0: ReaderOptions::decode_threads).
   unsigned decode_threads = 0;
+  /// The batch is read ahead of its use (BatchStream sets it): raw payloads
+  /// of 4 KiB or more are copied into it with non-temporal stores (x86),
+  /// which do not first read its lines into the cache.
+  bool read_ahead = false;
 };
 
 /// A collated batch. Tensor fields are stacked to [B, ...]; a padded field

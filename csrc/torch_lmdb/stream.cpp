@@ -219,6 +219,7 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
   // The reading threads already decode side by side: each decodes its own batches.
   options.batch.decode_threads = 1;
+  options.batch.read_ahead = true;  // batches wait in the queue: written around the cache
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
   const size_t n = s.reader.size();
