@@ -268,3 +268,35 @@ TEST(ConcurrentLoader, StateWhileThreadsReadAheadCountsOnlyTakenBatches) {
   EXPECT_EQ(batches, 43u);
   EXPECT_EQ(loader->epoch(), 1u);
 }
+
+// Raw payloads of 4 KiB and more reach a stream's batches through non-temporal
+// stores (BatchOptions::read_ahead): every byte, for odd widths (a tail under
+// 64 bytes) and on two threads (under ThreadSanitizer too: make test-tsan).
+TEST(Stream, WidePayloadsReadAheadArriveExactlyOnTwoThreads) {
+  TempDir tmp;
+  const int64_t n = 70;
+  for (int64_t width : {1024, 1028, 1037, 4096}) {  // 1028: a 16-byte tail; 1037: slots not 16-byte aligned
+    const std::string path = tmp.sub("w" + std::to_string(width));
+    {
+      Writer w(path);
+      for (int64_t i = 0; i < n; ++i) w.write(torch_lmdb_test::make_sample(i, width));
+      w.close();
+    }
+    StreamOptions o;
+    o.batch_size = 16;
+    o.threads = 2;
+    o.prefetch = 3;
+    BatchStream stream(Reader(path), o);
+    std::set<int64_t> seen;
+    while (auto b = stream.next()) {
+      const at::Tensor x = b->tensors["x"], index = b->tensors["index"];
+      for (int64_t j = 0; j < x.size(0); ++j) {
+        const int64_t i = index[j].item<int64_t>();
+        seen.insert(i);
+        EXPECT_TRUE(torch::equal(x[j], torch_lmdb_test::make_sample(i, width).find("x")->clone()))
+            << "width " << width << " sample " << i;
+      }
+    }
+    EXPECT_EQ(seen.size(), static_cast<size_t>(n));
+  }
+}

@@ -92,6 +92,21 @@ int main(int argc, char** argv) {
     put(root + "/record/version1", rec);
   }
 
+  // Compact records (format version 4) of record_fuzz's schema: cir, small, s, m.
+  for (const char* codec : {"none", "lz4", "zstd"}) {
+    const std::vector<Compression> c(4, parse_compression(codec, "seed"));
+    EncodeOptions eo;
+    eo.version = kCompactFormatVersion;
+    eo.compression = &c;
+    rec.clear();
+    append_record({Field{"cir", FieldKind::Tensor, torch::complex(torch::arange(64.0f), torch::ones({64}))},
+                   Field{"small", FieldKind::Tensor, torch::arange(3)},
+                   Field{"s", FieldKind::Str, torch::full({40}, 'a', torch::kByte)},
+                   Field{"m", FieldKind::Tensor, torch::zeros({5, 3})}},
+                  eo, rec);
+    put(root + "/record/compact-" + codec, rec);
+  }
+
   {  // a packed value (format version 3) of three records
     std::string records;
     std::vector<size_t> ends;

@@ -6,7 +6,9 @@
 // exception, a sanitizer report, an allocation beyond -malloc_limit_mb) is a
 // finding. parse_record_cached() must agree with parse_record() on every
 // input, with a template left over from the inputs before. The input is also
-// read as a packed value (packed_record): what it finds lies inside it.
+// read as a packed value (packed_record): what it finds lies inside it, and
+// against a fixed schema (a compact record, format version 4): its views lie
+// inside the input and decode within their payloads.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -92,6 +94,39 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         std::fprintf(stderr, "to_tensor made %zu bytes of a %llu-byte payload\n", size_t(t.nbytes()),
                      (unsigned long long)v.nbytes);
         std::abort();
+      }
+    }
+  }
+  // The same bytes against a schema (compact records name their fields by
+  // position; the schema of the seed corpus's compact records).
+  static const std::vector<FieldSchema> schema{{"cir", FieldKind::Tensor, at::kComplexFloat, {-1}},
+                                               {"small", FieldKind::Tensor, at::kLong, {-1}},
+                                               {"s", FieldKind::Str, at::kByte, {-1}},
+                                               {"m", FieldKind::Tensor, at::kFloat, {-1, 3}}};
+  for (bool verify : {false, true}) {
+    std::vector<FieldView> views;
+    try {
+      parse_record(value.data(), value.size(), verify, ctx, views, &schema);
+    } catch (const Error& e) {
+      if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
+          std::string(e.what()).find("index 7") == std::string::npos) {
+        std::fprintf(stderr, "error without the path or index: %s\n", e.what());
+        std::abort();
+      }
+      continue;
+    }
+    const char* begin = value.data();
+    const char* end = begin + value.size();
+    for (const FieldView& v : views) {
+      if (v.data < begin || v.stored > size_t(end - v.data) || (v.codec == Codec::None && v.stored != v.nbytes)) {
+        std::fprintf(stderr, "a compact view points outside the record\n");
+        std::abort();
+      }
+      if (v.codec != Codec::None && v.nbytes > (uint64_t{256} << 20)) continue;
+      try {
+        const at::Tensor t = to_tensor(v);
+        if (static_cast<uint64_t>(t.nbytes()) != v.nbytes) std::abort();
+      } catch (const Error&) {
       }
     }
   }

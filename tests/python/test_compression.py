@@ -269,7 +269,7 @@ def test_samples_per_value_packs_records_and_info_and_cli_show_it(tmp_path):
     path = write(str(tmp_path / "packed"), n=30, samples_per_value=7)  # uncompressed, packed on request
     info = torch_lmdb.info(path)
     assert info["format_version"] == 4 and info["samples_per_value"] == 7  # packed, compact records
-    assert "(7 samples per LMDB value)" in cli("info", path).stdout
+    assert "format version: 4 (7 samples per LMDB value), compact records" in cli("info", path).stdout
     env = lmdb.open(path, max_dbs=4, readonly=True, lock=False)
     with env.begin() as txn:
         assert env.stat()["entries"] == 2  # samples + meta named databases
