@@ -402,18 +402,17 @@ MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value)
 void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s,
            std::vector<FieldView>& views) {
   RecordContext ctx{&env.path(), local};
-  if (record_version(v.mv_data, v.mv_size) == kCompactFormatVersion) {
-    // Fields by schema position: the views are the schema's by construction.
-    parse_record(v.mv_data, v.mv_size, s.options.verify, ctx, views, &s.stored);
-    return;
-  }
   // Records of a dataset usually share one layout: a record matching the
   // template needs neither parsing nor a schema check, once the template's
   // layout has passed the check for this reader.
   thread_local RecordTemplate layout;
   thread_local uint64_t layout_checked_for = 0;  // Reader::State::id, 0 = none
-  const bool hit = parse_record_cached(v.mv_data, v.mv_size, s.options.verify, ctx, views, layout);
+  // (A compact record is parsed against the schema: never a template hit.)
+  const bool hit = parse_record_cached(v.mv_data, v.mv_size, s.options.verify, ctx, views, layout, &s.stored);
   if (hit && layout_checked_for == s.id) return;
+  // A compact record's views name the schema's own fields (their names
+  // point into it): nothing to check, and the template is not this record's.
+  if (!views.empty() && !s.stored.empty() && views[0].name == s.stored[0].name.data()) return;
   layout_checked_for = 0;
   check_layout(views, s.stored, env.path(), local);
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
