@@ -35,6 +35,15 @@ bool same_views(const std::vector<FieldView>& a, const std::vector<FieldView>& b
   return true;
 }
 
+// An error of a record must name the input's path and index.
+void expect_named(const Error& e) {
+  if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
+      std::string(e.what()).find("index 7") == std::string::npos) {
+    std::fprintf(stderr, "error without the path or index: %s\n", e.what());
+    std::abort();
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -49,11 +58,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       parse_record(value.data(), value.size(), verify, ctx, views);
     } catch (const Error& e) {
       ok = false;
-      if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
-          std::string(e.what()).find("index 7") == std::string::npos) {
-        std::fprintf(stderr, "error without the path or index: %s\n", e.what());
-        std::abort();
-      }
+      expect_named(e);
     }
     static RecordTemplate tmpl;  // shared across inputs on purpose
     std::vector<FieldView> cached;
@@ -83,11 +88,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       try {
         t = to_tensor(v);  // decompresses: a damaged frame raises CorruptedError naming path and index
       } catch (const Error& e) {
-        if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
-            std::string(e.what()).find("index 7") == std::string::npos) {
-          std::fprintf(stderr, "error without the path or index: %s\n", e.what());
-          std::abort();
-        }
+        expect_named(e);
         continue;
       }
       if (static_cast<uint64_t>(t.nbytes()) != v.nbytes) {
@@ -108,11 +109,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     try {
       parse_record(value.data(), value.size(), verify, ctx, views, &schema);
     } catch (const Error& e) {
-      if (std::string(e.what()).find("'fuzz'") == std::string::npos ||
-          std::string(e.what()).find("index 7") == std::string::npos) {
-        std::fprintf(stderr, "error without the path or index: %s\n", e.what());
-        std::abort();
-      }
+      expect_named(e);
       continue;
     }
     const char* begin = value.data();
