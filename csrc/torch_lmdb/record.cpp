@@ -474,6 +474,22 @@ size_t append_record(const std::vector<Field>& fields, const EncodeOptions& opti
 
 namespace {
 
+// The end of a record's checksummed body: `size`, or without the trailing
+// xxh3 when the record has one (which `verify` checks). A record shorter
+// than `header` plus the checksum is truncated.
+size_t body_end(const char* base, size_t size, bool has_checksum, size_t header, bool verify,
+                const RecordContext& ctx) {
+  if (!has_checksum) return size;
+  if (size < header + 8) corrupted(ctx, "truncated checksum");
+  const size_t end = size - 8;
+  if (verify) {
+    uint64_t stored;
+    std::memcpy(&stored, base + end, 8);
+    if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
+  }
+  return end;
+}
+
 // An unsigned LEB128 value at [p, end): advances `p`; false when it is
 // truncated or longer than 9 bytes (so every value is below 2^63).
 bool get_varint(const char*& p, const char* end, uint64_t* value) noexcept {
@@ -500,16 +516,7 @@ void parse_compact(const char* base, size_t size, bool verify_checksum, const Re
   uint16_t flags = 0;
   std::memcpy(&flags, base + 6, 2);
   if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
-  size_t end = size;
-  if (flags & 1) {
-    if (size < 8 + 1 + 8) corrupted(ctx, "truncated checksum");
-    end = size - 8;
-    if (verify_checksum) {
-      uint64_t stored;
-      std::memcpy(&stored, base + end, 8);
-      if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
-    }
-  }
+  const size_t end = body_end(base, size, (flags & 1) != 0, 8 + 1, verify_checksum, ctx);
   const char* p = base + 8;
   const char* const stop = base + end;
   uint64_t count = 0;
@@ -628,17 +635,7 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
                                0, path);
   }
   if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
-  const bool has_checksum = (flags & 1) != 0;
-  size_t end = size;  // end of the checksummed body
-  if (has_checksum) {
-    if (size < kHeader + 8) corrupted(ctx, "truncated checksum");
-    end = size - 8;
-    if (verify_checksum) {
-      uint64_t stored;
-      std::memcpy(&stored, base + end, 8);
-      if (XXH3_64bits(base, end) != stored) corrupted(ctx, "checksum mismatch");
-    }
-  }
+  const size_t end = body_end(base, size, (flags & 1) != 0, kHeader, verify_checksum, ctx);  // the checksummed body
   // Each field takes at least 8 + 1 + 3 + 8 bytes (+ 1 codec byte in
   // version 2): bound the count before resizing.
   const size_t kMinField = version == 1 ? 20 : 21;

@@ -341,6 +341,13 @@ void expect_packed_sample(const std::vector<Field>& got, int64_t i) {
   }
 }
 
+// packed_sample(0 .. n - 1), written to `path` with `o`.
+void write_packed(const std::string& path, int64_t n, const WriterOptions& o) {
+  Writer w(path, o);
+  for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
+  w.close();
+}
+
 nlohmann::json raw_meta(const std::string& path) { return nlohmann::json::parse(Reader(path).metadata_json()); }
 
 size_t raw_values(const std::string& path) {
@@ -499,11 +506,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
   WriterOptions o;
   o.compression = "lz4";
   o.samples_per_value = 4;
-  {
-    Writer w(path, o);
-    for (int64_t i = 0; i < 16; ++i) w.write(packed_sample(i));
-    w.close();
-  }
+  write_packed(path, 16, o);
   // A record inside a value: its checksum names the sample.
   mutate_record(path, 6, [](std::string& v) { v[v.size() / 2] ^= 0x5a; });
   // A value's header: an end past the value.
@@ -540,11 +543,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
   EXPECT_THROW(Writer(path, a), CorruptedError);
   // ... and a last value that holds more records than the metadata counts.
   const std::string other = tmp.sub("other");
-  {
-    Writer w(other, o);
-    for (int64_t i = 0; i < 10; ++i) w.write(packed_sample(i));  // values 0-3, 4-7, 8-9
-    w.close();
-  }
+  write_packed(other, 10, o);  // values 0-3, 4-7, 8-9
   torch_lmdb_test::edit_samples(other, [](MDB_txn* txn, MDB_dbi dbi) {
     unsigned char key[8];
     encode_key(2, key);
@@ -575,10 +574,8 @@ std::pair<uint16_t, size_t> record_info(const std::string& path, uint64_t index)
 TEST(Compact, CompressedAndPackedDatabasesHoldCompactRecordsOthersKeepTheirVersion) {
   TempDir tmp;
   const int64_t n = 40;
-  auto write = [&](const std::string& name, WriterOptions o) {
-    Writer w(tmp.sub(name), o);
-    for (int64_t i = 0; i < n; ++i) w.write(packed_sample(i));
-    w.close();
+  auto write = [&](const std::string& name, const WriterOptions& o) {
+    write_packed(tmp.sub(name), n, o);
     return tmp.sub(name);
   };
   WriterOptions lz4;
@@ -637,11 +634,7 @@ TEST(Compact, DamagedCompactRecordsRaiseCorruptedErrorNamingPathAndIndex) {
   o.compression = "lz4";
   o.samples_per_value = 4;
   o.checksum = false;  // the structure's own checks
-  {
-    Writer w(path, o);
-    for (int64_t i = 0; i < 12; ++i) w.write(packed_sample(i));
-    w.close();
-  }
+  write_packed(path, 12, o);
   mutate_record(path, 1, [](std::string& v) { v[8] = 9; });             // field count 9 of 4
   mutate_record(path, 2, [](std::string& v) { v[9] = 7; });             // codec 7
   mutate_record(path, 5, [](std::string& v) { v.resize(v.size() - 3); });  // cut off
