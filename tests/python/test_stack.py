@@ -110,13 +110,21 @@ def test_a_dtype_the_format_does_not_name_is_refused_at_open(tmp_path):
 
 
 THREADS_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
     import numpy as np, torch
     torch.set_num_threads(1)          # torch's own intra-op pool: not torch_lmdb's threads
     import torch_lmdb
 
-    def threads():
-        return sorted(os.listdir("/proc/self/task"))
+    def threads(settle=False):
+        # A joined thread can still be listed for a moment: pthread_join returns
+        # when the kernel clears the thread's tid, before it leaves /proc. A
+        # thread that leaked stays; one that is leaving goes within the deadline.
+        deadline = time.monotonic() + (5.0 if settle else 0.0)
+        while True:
+            now = sorted(os.listdir("/proc/self/task"))
+            if not settle or now == out["start"] or time.monotonic() > deadline:
+                return now
+            time.sleep(0.01)
 
     path = sys.argv[1]
     out = {"start": threads()}
@@ -124,21 +132,21 @@ THREADS_SCRIPT = textwrap.dedent("""
     for i in range(300):
         w.write({"x": np.full(256, i, np.float32), "name": str(i)})
     w.close()
-    out["after_close"] = threads()
+    out["after_close"] = threads(settle=True)
     with torch_lmdb.LMDBWriter(path, mode="a", commit_every=16) as w:
         w.write_many({"x": np.full(256, i, np.float32), "name": str(i)} for i in range(300, 400))
-    out["after_with"] = threads()
+    out["after_with"] = threads(settle=True)
     ds = torch_lmdb.LMDBDataset(path)
     epoch = ds.iter_batches(8, threads=3, prefetch=4, shuffle=True, seed=1)
     seen = [next(epoch)]
     out["during_epoch"] = threads()
     seen += list(epoch)
-    out["after_epoch"] = threads()
+    out["after_epoch"] = threads(settle=True)
     out["samples"] = sum(len(b["name"]) for b in seen)
     epoch = ds.iter_batches(8, threads=3)
     next(epoch)
     del epoch                          # leaving an epoch early
-    out["after_break"] = threads()
+    out["after_break"] = threads(settle=True)
     print(json.dumps(out))
 """)
 
