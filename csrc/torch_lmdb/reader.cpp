@@ -546,11 +546,12 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_
   return missing;
 }
 
-// The samples of a batch, looked up one ahead of their parse: the first
+// The samples of a batch, looked up two ahead of their parse: the first
 // bytes of each value are prefetched as soon as it is found, so that their
-// cache misses overlap with the B-tree search of the next sample instead of
-// stalling the parse (tiny random reads: a sixth of the time went to the
-// first touch of the record).
+// cache misses overlap with the B-tree searches and copies of the samples
+// before it instead of stalling the parse (tiny random reads: a sixth of the
+// time went to the first touch of the record; 16 KiB samples on 2 threads:
+// two ahead read +2 % over one ahead in 14 paired rounds).
 //
 // Runs of consecutive indices (sequential batches) are walked with a cursor
 // per file: the first sample of a run is searched with MDB_SET_KEY, each
@@ -571,7 +572,10 @@ class Lookahead {
     if (indices.empty()) return;
     if (ahead == 0) {
       next_ = find(0);
-      if (probe == 0 || cached(next_.value)) return;
+      if (probe == 0 || cached(next_.value)) {
+        if (indices.size() > 1) after_ = find(1);
+        return;
+      }
       probed_ = true;
       ahead = probe;
     }
@@ -610,7 +614,8 @@ class Lookahead {
       return;
     }
     const Found cur = next_;
-    if (i + 1 < indices_.size()) next_ = find(i + 1);
+    next_ = after_;
+    if (i + 2 < indices_.size()) after_ = find(i + 2);
     if (!keep_) parsed_.push_back(cur);
     parse(*cur.env, cur.value, cur.local, s_, views);
   }
@@ -736,7 +741,7 @@ class Lookahead {
   at::ArrayRef<size_t> indices_;
   std::vector<ReadTxn>& txns_;
   std::vector<Cursor> cursors_;
-  Found next_;
+  Found next_, after_;  // samples i + 1 and i + 2 while sample i is parsed
   bool keep_;
   std::vector<Found> found_;   // every sample, when looking ahead
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
