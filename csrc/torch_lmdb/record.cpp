@@ -775,11 +775,7 @@ bool parse_record_cached(const void* data, size_t size, bool verify_checksum, co
       at += end - begin;
     }
     if (same) {
-      if (verify_checksum && tmpl.has_checksum) {
-        uint64_t stored;
-        std::memcpy(&stored, base + tmpl.body_end, 8);
-        if (XXH3_64bits(base, tmpl.body_end) != stored) corrupted(ctx, "checksum mismatch");
-      }
+      body_end(base, size, tmpl.has_checksum, 0, verify_checksum, ctx);  // (tmpl.body_end: the size matched)
       out.resize(tmpl.views.size());
       for (size_t i = 0; i < out.size(); ++i) {
         out[i] = tmpl.views[i];
