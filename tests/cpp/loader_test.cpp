@@ -275,7 +275,9 @@ TEST(ConcurrentLoader, StateWhileThreadsReadAheadCountsOnlyTakenBatches) {
 TEST(Stream, WidePayloadsReadAheadArriveExactlyOnTwoThreads) {
   TempDir tmp;
   const int64_t n = 70;
-  for (int64_t width : {1024, 1028, 1037, 4096}) {  // 1028: a 16-byte tail; 1037: slots not 16-byte aligned
+  // Float counts: 1028 a 16-byte tail; 1037 slots not 16-byte aligned (some 32-byte aligned: both
+  // copy loops); 1048 a 96-byte tail after 128-byte steps; 1056 whole 128-byte steps.
+  for (int64_t width : {1024, 1028, 1037, 1048, 1056, 4096}) {
     const std::string path = tmp.sub("w" + std::to_string(width));
     {
       Writer w(path);
