@@ -514,6 +514,28 @@ bool Env::holds_txn() const noexcept {
   return false;
 }
 
+ValueIndex::ValueIndex(uint64_t txnid, size_t keys)
+    : txnid_(txnid), keys_(keys), slots_(static_cast<Slot*>(std::calloc(std::max<size_t>(keys, 1), sizeof(Slot)))) {
+  if (!slots_) keys_ = 0;  // out of memory: an index that holds nothing
+}
+
+std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) const {
+  if (max_keys == 0) return nullptr;
+  const uint64_t id = mdb_txn_id(txn);
+  {
+    std::lock_guard<std::mutex> lock(index_mutex_);
+    if (index_ && index_->txnid() == id) return index_;
+    if (index_ && index_->txnid() > id) return nullptr;  // an older snapshot: keep the newer's index
+  }
+  MDB_stat st{};
+  if (mdb_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
+  auto made = std::make_shared<ValueIndex>(id, st.ms_entries);  // (outside the lock: it zeroes the slots)
+  std::lock_guard<std::mutex> lock(index_mutex_);
+  if (index_ && index_->txnid() >= id) return index_->txnid() == id ? index_ : nullptr;
+  index_ = made;
+  return made;
+}
+
 void Env::remap(size_t bytes) const {
   TORCH_CHECK(!holds_txn(), "torch_lmdb: cannot resize the map of '", path_,
               "' on a thread that holds one of its transactions");
@@ -524,6 +546,10 @@ void Env::remap(size_t bytes) const {
   gate_cv_.wait(lock, [this] { return live_ == 0; });
   // lmdb.h: no transaction of this process is active now.
   const auto maps_before = mappings_of(key_);
+  {
+    std::lock_guard<std::mutex> index_lock(index_mutex_);
+    index_.reset();  // its pointers are into the old map
+  }
   const int rc = mdb_env_set_mapsize(env_.get(), bytes);
   MDB_envinfo info{};
   if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {

@@ -48,6 +48,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -131,6 +132,54 @@ class WriteTxn {
   MDB_txn* txn_ = nullptr;
 };
 
+/// The samples table's values in one snapshot, by key: filled by the
+/// batched reads (Reader::read_batch and all that use it), so that a key
+/// read again in the same snapshot (the next epoch) skips the B-tree search.
+/// Its pointers are into the map: use them only while holding a read
+/// transaction of that snapshot (Env::value_index). Thread-safe: slots are
+/// filled and read concurrently, and a slot only ever holds its key's value
+/// in that snapshot.
+class ValueIndex {
+ public:
+  ValueIndex(uint64_t txnid, size_t keys);
+  /// The snapshot (mdb_txn_id) it holds values of.
+  uint64_t txnid() const noexcept { return txnid_; }
+  /// Keys 0 .. keys() - 1 have a slot.
+  size_t keys() const noexcept { return keys_; }
+  /// The value of `key` once stored, else {0, nullptr}.
+  MDB_val find(uint64_t key) const noexcept {
+    if (key >= keys_) return MDB_val{0, nullptr};
+    Slot* s = slots_.get() + key;
+    char* data = __atomic_load_n(&s->data, __ATOMIC_ACQUIRE);
+    if (data == nullptr) return MDB_val{0, nullptr};
+    return MDB_val{__atomic_load_n(&s->size, __ATOMIC_RELAXED), data};
+  }
+  /// Records `v` (found by mdb_get or a cursor in this snapshot) as `key`'s value.
+  void store(uint64_t key, const MDB_val& v) noexcept {
+    if (key >= keys_ || v.mv_data == nullptr) return;
+    Slot* s = slots_.get() + key;
+    __atomic_store_n(&s->size, v.mv_size, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->data, static_cast<char*>(v.mv_data), __ATOMIC_RELEASE);
+  }
+  /// Bytes per key.
+  static constexpr size_t kSlotBytes = 2 * sizeof(void*);
+
+ private:
+  // Zeroed memory from calloc (large tables: pages of zeros the kernel maps
+  // as they are first touched, so a table costs what its filled slots use).
+  // Accessed with atomic builtins only.
+  struct Slot {
+    char* data;
+    size_t size;
+  };
+  struct Free {
+    void operator()(Slot* p) const noexcept { std::free(p); }
+  };
+  uint64_t txnid_;
+  size_t keys_;
+  std::unique_ptr<Slot, Free> slots_;
+};
+
 /// A shared, opened database environment with its `samples` and `meta`
 /// named databases. Obtain with Env::open(); never copied.
 class Env {
@@ -179,6 +228,13 @@ class Env {
   void check_sample_value(const MDB_val& v, uint64_t index) const {
     if (!value_inside(v)) check_value(v, "sample index " + std::to_string(index));
   }
+  /// The ValueIndex of the snapshot of `txn` (a read transaction of this
+  /// env, held by the caller while it uses the index). One index per env:
+  /// made for the newest snapshot seen (replacing an older one); nullptr for
+  /// a snapshot older than the index's, or when the samples table holds more
+  /// than `max_keys` entries (no index then: reads search the B-tree). A
+  /// resize of the map drops it (its pointers would be stale).
+  std::shared_ptr<ValueIndex> value_index(MDB_txn* txn, size_t max_keys) const;
   /// Drops the pages of the map wholly inside [p, p + n) from this process's
   /// map and from the page cache (madvise + posix_fadvise DONTNEED). Only
   /// for memory of the map, with a read transaction of this env held by the
@@ -228,6 +284,10 @@ class Env {
   std::pair<dev_t, ino_t> key_{};
   bool registered_ = false;
   std::atomic<bool> writer_{false};  // in the registry (false while open() builds it)
+  // value_index(): the index of the newest snapshot seen (reset by remap(),
+  // when no transaction is live).
+  mutable std::mutex index_mutex_;
+  mutable std::shared_ptr<ValueIndex> index_;
 };
 
 /// Big-endian 8-byte key of sample `index` (key order == index order).

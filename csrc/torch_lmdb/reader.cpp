@@ -601,7 +601,7 @@ class Lookahead {
   // page is not in the page cache (one mincore; probed() tells).
   Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
             at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0, size_t probe = 0)
-      : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()),
+      : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()), index_(envs.size()),
         keep_(s.options.keep_cache) {
     if (indices.empty()) return;
     if (ahead == 0) {
@@ -697,7 +697,10 @@ class Lookahead {
   Found find(size_t i, bool slice = true) {
     const auto loc = s_.locate(indices_[i]);
     const Env& env = *envs_[loc.first];
-    if (txns_[loc.first].get() == nullptr) txns_[loc.first] = env.read_txn();
+    if (txns_[loc.first].get() == nullptr) {
+      txns_[loc.first] = env.read_txn();
+      index_[loc.first] = env.value_index(txns_[loc.first].get(), s_.options.value_index_bytes / ValueIndex::kSlotBytes);
+    }
     const bool run = i + 1 < indices_.size() && indices_[i + 1] == indices_[i] + 1;
     Found f{&env, loc.second, {0, nullptr}, {0, nullptr}, s_.per_value[loc.first]};
     f.whole = seek(env, loc.first, loc.second, f.per_value, run);
@@ -733,9 +736,26 @@ class Lookahead {
   // next sample follows it.
   MDB_val seek(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
     Cursor& c = cursors_[file];
-    MDB_txn* txn = txns_[file].get();
     const uint64_t key = local / per_value;
     if (c.positioned && key == c.at) return c.value;  // the next record of a packed value
+    ValueIndex* index = index_[file].get();
+    if (index != nullptr) {
+      const MDB_val known = index->find(key);
+      if (known.mv_data != nullptr) {
+        env.check_sample_value(known, local);  // (the file may have shrunk since)
+        return known;
+      }
+    }
+    const MDB_val v = search(env, file, local, per_value, run);
+    if (index != nullptr) index->store(key, v);
+    return v;
+  }
+
+  // seek() in the B-tree.
+  MDB_val search(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
+    Cursor& c = cursors_[file];
+    MDB_txn* txn = txns_[file].get();
+    const uint64_t key = local / per_value;
     MDB_val k{0, nullptr}, v{0, nullptr};
     if (c.positioned && key == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
         k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == key) {
@@ -775,6 +795,7 @@ class Lookahead {
   at::ArrayRef<size_t> indices_;
   std::vector<ReadTxn>& txns_;
   std::vector<Cursor> cursors_;
+  std::vector<std::shared_ptr<ValueIndex>> index_;  // per file: its snapshot's values (or none)
   Found next_, after_;  // samples i + 1 and i + 2 while sample i is parsed
   bool keep_;
   std::vector<Found> found_;   // every sample, when looking ahead

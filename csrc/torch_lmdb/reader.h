@@ -14,6 +14,13 @@
 //   meta page claims is refused at open. Without `verify`, a record whose
 //   payload bytes were altered in place is returned as stored: the checksum
 //   is what detects that.
+// - Batched reads (read_batch, and so every batched path) keep the values
+//   they find in the file's ValueIndex (Env::value_index, see
+//   ReaderOptions::value_index_bytes): a sample read again in the same
+//   snapshot skips the B-tree search. A value is used only in the snapshot
+//   it was found in (any commit, of this process or another, starts a new
+//   index) and never after the map moved, and is checked like any value
+//   LMDB returns.
 // - Returned tensors own their memory (copied out of the map before the read
 //   transaction ends).
 // - Errors: index out of range -> c10::IndexError; corrupted records ->
@@ -89,6 +96,14 @@ struct ReaderOptions {
   /// side), and so do batches that pad a compressed field or take their
   /// tensors from BatchOptions::allocate.
   unsigned decode_threads = 0;
+  /// Bytes of the lookup table of a file's values that batched reads
+  /// (read_batch, and so every batched path) fill as they go: a sample read
+  /// again in the same snapshot of the file (the next epoch, when nothing
+  /// was committed since) skips LMDB's B-tree search. 16 bytes per LMDB
+  /// value, one table per file and process (shared by its Readers, made
+  /// anew after a commit); a file with more values than fit gets none.
+  /// 0 disables it.
+  size_t value_index_bytes = size_t{64} << 20;
 };
 
 /// How read_batch collates variable-shape fields.

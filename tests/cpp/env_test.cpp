@@ -8,8 +8,11 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <numeric>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -345,4 +348,144 @@ TEST(Writer, ConjugateAndNegativeViewsAreStoredAsTheirValues) {
   const Sample got = r.get(0);
   EXPECT_TRUE(torch::equal(got.find("conj")->resolve_conj(), conj.resolve_conj()));
   EXPECT_TRUE(torch::equal(*got.find("neg"), torch::tensor({-1.0, 2.0, -3.0})));
+}
+
+// The value index (Env::value_index): one per env for the newest snapshot,
+// none for an older snapshot or a table larger than asked, a new one after
+// a commit, and none surviving a resize of the map.
+TEST(ValueIndex, OneIndexPerSnapshotMadeAnewByACommitAndByAResize) {
+  TempDir tmp;
+  const std::string path = tmp.sub("index");
+  write_dataset(path, 10);
+  EnvOptions eo;
+  auto env = Env::open(path, eo);
+  std::shared_ptr<ValueIndex> first;
+  {
+    ReadTxn a = env->read_txn(), b = env->read_txn();
+    EXPECT_EQ(env->value_index(a.get(), 9), nullptr);  // 10 values, room for 9
+    EXPECT_EQ(env->value_index(a.get(), 0), nullptr);
+    first = env->value_index(a.get(), 10);
+    ASSERT_NE(first, nullptr);
+    EXPECT_EQ(first->keys(), 10u);
+    EXPECT_EQ(first->txnid(), mdb_txn_id(a.get()));
+    EXPECT_EQ(env->value_index(b.get(), 1000), first);  // the same snapshot: the same index
+    unsigned char key[8];
+    encode_key(3, key);
+    MDB_val k{8, key}, v{0, nullptr};
+    ASSERT_EQ(mdb_get(a.get(), env->samples_dbi(), &k, &v), MDB_SUCCESS);
+    EXPECT_EQ(first->find(3).mv_data, nullptr);
+    first->store(3, v);
+    EXPECT_EQ(first->find(3).mv_data, v.mv_data);
+    EXPECT_EQ(first->find(3).mv_size, v.mv_size);
+    EXPECT_EQ(first->find(10).mv_data, nullptr);  // past its keys
+    first->store(10, v);                          // ignored
+    EXPECT_EQ(first->find(10).mv_data, nullptr);
+  }
+  ReadTxn old = env->read_txn();  // the snapshot of 10 samples, held
+  WriterOptions wo;
+  wo.append = true;
+  Writer w(path, wo);
+  w.write(make_sample(10));
+  w.flush();
+  {
+    ReadTxn now = env->read_txn();
+    const auto second = env->value_index(now.get(), 1000);
+    ASSERT_NE(second, nullptr);
+    EXPECT_NE(second, first);
+    EXPECT_GT(second->txnid(), first->txnid());
+    EXPECT_EQ(second->keys(), 11u);
+    EXPECT_EQ(second->find(3).mv_data, nullptr);  // nothing carried over from the old snapshot
+    EXPECT_EQ(env->value_index(old.get(), 1000), nullptr);  // older than the index: none
+  }
+  w.close();
+  old = ReadTxn();
+  std::shared_ptr<ValueIndex> before;
+  {
+    ReadTxn t = env->read_txn();
+    before = env->value_index(t.get(), 1000);
+    ASSERT_NE(before, nullptr);
+  }
+  env->set_map_size(env->map_size() * 2);
+  ReadTxn t = env->read_txn();
+  const auto after = env->value_index(t.get(), 1000);
+  ASSERT_NE(after, nullptr);
+  EXPECT_EQ(after->txnid(), before->txnid());  // the same snapshot ...
+  EXPECT_NE(after, before);                    // ... but the map moved: a new index
+}
+
+// A commit that rewrites a packed value (the last value's records grow) is
+// read anew by batched reads, which filled the index in the older snapshot.
+TEST(ValueIndex, ARewrittenPackedValueIsReadFromTheNewSnapshot) {
+  TempDir tmp;
+  const std::string path = tmp.sub("packed");
+  WriterOptions wo;
+  wo.samples_per_value = 4;
+  Writer w(path, wo);
+  for (int64_t i = 0; i < 2; ++i) w.write(make_sample(i));
+  w.flush();
+  ReaderOptions quiet;
+  quiet.warn = [](const std::string&) {};
+  const Reader two(path, quiet);
+  ASSERT_EQ(two.size(), 2u);
+  const std::vector<size_t> first{0, 1};
+  for (int epoch = 0; epoch < 2; ++epoch) expect_batch(two.read_batch(first), first, 16);
+  for (int64_t i = 2; i < 7; ++i) w.write(make_sample(i));
+  w.flush();
+  const Reader seven = two.refreshed();
+  ASSERT_EQ(seven.size(), 7u);
+  const std::vector<size_t> all{6, 0, 3, 1, 2, 5, 4};
+  for (int epoch = 0; epoch < 2; ++epoch) expect_batch(seven.read_batch(all), all, 16);
+  w.close();
+}
+
+// Batches read again in the same snapshot (the index's hits) give the same
+// samples as the first read, and with value_index_bytes = 0 as well.
+TEST(ValueIndex, EpochsReadTheSameSamplesWithAndWithoutTheIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("epochs");
+  write_dataset(path, 300);
+  for (size_t bytes : {size_t{0}, size_t{64} << 20}) {
+    ReaderOptions o;
+    o.value_index_bytes = bytes;
+    const Reader r(path, o);
+    std::mt19937_64 rng(bytes);
+    for (int epoch = 0; epoch < 3; ++epoch) {
+      std::vector<size_t> order(300);
+      std::iota(order.begin(), order.end(), size_t{0});
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t at = 0; at < order.size(); at += 64) {
+        const std::vector<size_t> idx(order.begin() + at, order.begin() + std::min(order.size(), at + 64));
+        expect_batch(r.read_batch(idx), idx, 16);
+      }
+    }
+  }
+}
+
+// Threads filling and reading one file's index at once (run under
+// ThreadSanitizer by make test-tsan): every batch holds its samples.
+TEST(ValueIndexConcurrent, ThreadsFillAndReadOneIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("threads");
+  write_dataset(path, 200);
+  const Reader reader(path);
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      const Reader own = t % 2 ? reader : Reader(path);  // one Env, so one index, either way
+      for (int round = 0; round < 40; ++round) {
+        std::vector<size_t> idx(1 + rng() % 48);
+        for (auto& i : idx) i = rng() % 200;
+        const Batch b = own.read_batch(idx);
+        const at::Tensor index = b.tensors["index"], x = b.tensors["x"];
+        for (size_t j = 0; j < idx.size(); ++j) {
+          const at::Tensor want = torch::arange(16, torch::kFloat) + static_cast<float>(idx[j]);
+          if (index[j].item<int64_t>() != static_cast<int64_t>(idx[j]) || !torch::equal(x[j], want)) ++bad;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0u);
 }
