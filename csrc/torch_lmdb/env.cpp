@@ -529,7 +529,7 @@ std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) cons
   }
   MDB_stat st{};
   if (mdb_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
-  auto made = std::make_shared<ValueIndex>(id, st.ms_entries);  // (outside the lock: it zeroes the slots)
+  auto made = std::make_shared<ValueIndex>(id, st.ms_entries);  // (outside the lock: a large table is an mmap)
   std::lock_guard<std::mutex> lock(index_mutex_);
   if (index_ && index_->txnid() >= id) return index_->txnid() == id ? index_ : nullptr;
   index_ = made;
