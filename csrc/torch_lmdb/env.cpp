@@ -22,6 +22,40 @@
 namespace torch_lmdb {
 namespace {
 
+// LMDB 0.9 takes the page size from the meta pages without checking it: a
+// damaged meta page with page size 0 makes mdb_env_open divide by zero
+// (SIGFPE). Each meta page that LMDB would accept (P_META flag, magic,
+// data version; lmdb's mdb_env_read_header) must name a power of two from
+// 512 to 64 KiB, else CorruptedError naming the file. Layout (lmdb 0.9,
+// 64-bit): page header 16 bytes (flags at 10), then MDB_meta: magic, version
+// (u32 each), address, map size (8 bytes each), mm_dbs[0].md_pad = page size.
+void check_meta_pages(const std::string& data_path, const std::string& path) {
+  const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // (mdb_env_open reports it)
+  size_t offset = 0;
+  for (int meta = 0; meta < 2; ++meta) {
+    unsigned char page[64] = {};
+    const ssize_t got = ::pread(fd, page, sizeof page, static_cast<off_t>(offset));
+    if (got < static_cast<ssize_t>(sizeof page)) break;  // (short: LMDB refuses it itself)
+    uint16_t flags;
+    uint32_t magic, version, psize;
+    std::memcpy(&flags, page + 10, 2);
+    std::memcpy(&magic, page + 16, 4);
+    std::memcpy(&version, page + 20, 4);
+    std::memcpy(&psize, page + 40, 4);
+    if (!(flags & 0x08) || magic != 0xBEEFC0DE || version != 1) break;  // LMDB refuses it (MDB_INVALID, MDB_VERSION_MISMATCH)
+    if (psize < 512 || psize > 65536 || (psize & (psize - 1)) != 0) {
+      ::close(fd);
+      throw CorruptedError("'" + data_path + "' is damaged: its meta page " + std::to_string(meta) +
+                               " gives a page size of " + std::to_string(psize) +
+                               " bytes; run `torch-lmdb verify` and rebuild it from the source data",
+                           MDB_CORRUPTED, path);
+    }
+    if (meta == 0) offset = psize;  // where LMDB reads the second meta page
+  }
+  ::close(fd);
+}
+
 constexpr size_t kDefaultMapSize = size_t{64} << 20;  // 64 MiB, grows by doubling
 constexpr size_t kMinMapSize = size_t{64} << 10;      // smaller requests are raised to this
 // Readers map at least this much, and at least twice the file: a writer in
@@ -386,6 +420,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
   if (!options.readahead) flags |= MDB_NORDAHEAD;
   if (nolock) flags |= MDB_NOLOCK;
+  if (exists && data.st_size > 0) check_meta_pages(data_path, path);
   const auto maps_before = key.second != 0 ? mappings_of(key) : decltype(mappings_of(key)){};
   int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
   if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");

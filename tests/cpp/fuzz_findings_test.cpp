@@ -1,6 +1,10 @@
 // Regression tests of what `make fuzz` found (tests/fuzz): each input class
 // that got past torch_lmdb's checks, reduced to a hand-made case.
+#include <sys/stat.h>
+
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -75,4 +79,41 @@ TEST(FuzzFindings, CachedParseChecksTheBloscHeaderOfACompressedPayload) {
   EXPECT_THROW(parse_record(bad.data(), bad.size(), false, ctx, views), CorruptedError);
   EXPECT_THROW(parse_record_cached(bad.data(), bad.size(), false, ctx, views, tmpl), CorruptedError);
   EXPECT_TRUE(parse_record_cached(good.data(), good.size(), false, ctx, views, tmpl));  // the layout still hits
+}
+
+// open_fuzz: a meta page with page size 0 (flags, magic and version intact)
+// made LMDB's mdb_env_open divide by zero (SIGFPE). Every page size that is
+// not a power of two from 512 to 64 KiB, in either meta page, is refused
+// before LMDB reads it; the database itself opens as before.
+TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
+  torch_lmdb_test::TempDir tmp;
+  const std::string original = tmp.sub("ok");
+  torch_lmdb_test::write_dataset(original, 5);
+  std::string bytes;
+  {
+    std::ifstream in(original + "/data.mdb", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  uint32_t psize = 0;
+  std::memcpy(&psize, &bytes[40], 4);
+  ASSERT_EQ(psize, 4096u);
+  int n = 0;
+  for (size_t meta_offset : {size_t{0}, size_t{4096}}) {
+    for (uint32_t bad : {0u, 1u, 3000u, 131072u}) {
+      const std::string path = tmp.sub("bad" + std::to_string(n++));
+      std::string damaged = bytes;
+      std::memcpy(&damaged[meta_offset + 40], &bad, 4);
+      ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+      std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+      try {
+        Reader r(path);
+        ADD_FAILURE() << "page size " << bad << " in the meta page at " << meta_offset << " was accepted";
+      } catch (const CorruptedError& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find(path + "/data.mdb"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("page size of " + std::to_string(bad)), std::string::npos) << msg;
+      }
+    }
+  }
+  EXPECT_EQ(Reader(original).size(), 5u);
 }
