@@ -37,7 +37,9 @@
 //   check_value() bounds such memory by the file's size: a damaged file whose
 //   B-tree points past its end raises CorruptedError instead of SIGBUS.
 // - Damage at open: a data.mdb shorter than the last page its meta page
-//   claims raises CorruptedError naming the path (reading it would SIGBUS).
+//   claims raises CorruptedError naming the path (reading it would SIGBUS),
+//   and so does a meta page whose page size is not a power of two from 512
+//   to 64 KiB (LMDB would divide by it).
 // - Thread safety: Env::open, ReadTxn acquisition and all const members are
 //   thread-safe. WriteTxn follows LMDB: one at a time per env.
 #pragma once
