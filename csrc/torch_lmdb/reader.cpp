@@ -742,7 +742,7 @@ class Lookahead {
     if (index != nullptr) {
       const MDB_val known = index->find(key);
       if (known.mv_data != nullptr) {
-        env.check_sample_value(known, local);  // (the file may have shrunk since)
+        env.check_sample_value(known, local);  // (as every value LMDB returns)
         return known;
       }
     }
