@@ -62,9 +62,10 @@ def _field(name: Any, value: Any):
 
 
 def _codec_spec(value: Any, what: str) -> str:
-    """One codec as the C++ writer's spec: None/"none", "lz4", "zstd", "zstd:5" or ("zstd", 5)."""
+    """One codec as the C++ writer's spec: "none", "lz4", "zstd", "zstd:5" or ("zstd", 5); None is
+    "" (the writer's automatic choice: raw in a new database, the database's codecs when appending)."""
     if value is None:
-        return "none"
+        return ""
     if isinstance(value, str):
         return value
     if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
@@ -81,7 +82,7 @@ def _compression_options(compression: Any) -> "tuple[str, dict]":
         for name, value in compression.items():
             if not isinstance(name, str):
                 raise TypeError(f"compression: field names must be str, got {name!r}")
-            per_field[name] = _codec_spec(value, f"field {name!r}")
+            per_field[name] = _codec_spec(value, f"field {name!r}") or "none"
         return "none", per_field
     return _codec_spec(compression, "every field"), {}
 
@@ -109,7 +110,9 @@ class LMDBWriter:
         commit_bytes: commit after this many encoded bytes (default 16 MiB).
         auto_grow: grow the map on MDB_MAP_FULL (else raise MapFullError).
         compression: Blosc compression (byte shuffle) of tensor fields:
-            ``None`` (raw), ``"lz4"``, ``"zstd"``, with an optional level
+            ``None`` (raw in a new database; when appending, each field
+            keeps the codec the database stores it with), ``"none"``
+            (raw), ``"lz4"``, ``"zstd"``, with an optional level
             1-9 as ``"zstd:5"`` or ``("zstd", 5)`` (default 5); or a dict
             ``{field: codec}`` (fields not named are stored raw). str and
             bytes fields, payloads under 128 bytes and payloads Blosc does not

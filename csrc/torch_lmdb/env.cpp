@@ -1,4 +1,7 @@
 #include "torch_lmdb/env.h"
+#include "torch_lmdb/fault_guard.h"
+
+#include <xxhash.h>
 
 #include <c10/util/Exception.h>
 #include <fcntl.h>
@@ -305,6 +308,40 @@ void WriteTxn::abort() noexcept {
 
 // ---- Env -------------------------------------------------------------------
 
+void Env::throw_faulted() const {
+  throw CorruptedError("'" + path_ + "/data.mdb' changed while it was mapped (truncated, or overwritten in "
+                           "place): a read touched a page the file no longer holds. Reads of it are refused "
+                           "until it is opened again (refresh() or a new dataset); if nobody replaced the file, "
+                           "run `torch-lmdb verify`",
+                       MDB_CORRUPTED, path_);
+}
+
+void Env::retire(const std::string& why) {
+  TORCH_CHECK(!holds_txn(), "torch_lmdb: cannot reopen '", path_, "' on a thread that holds one of its transactions");
+  if (writer_claimed())
+    throw LockError("'" + path_ + "' must be opened anew (" + why + ") but a Writer of this process holds the "
+                        "old file; close it first",
+                    EBUSY, path_);
+  std::unique_lock<std::mutex> lock(gate_mutex_);
+  gate_cv_.wait(lock, [this] { return !resizing_; });
+  resizing_ = true;  // new transactions wait, then find the env retired
+  gate_cv_.wait(lock, [this] { return live_ == 0; });
+  for (MDB_txn* txn : pool_) mdb_txn_abort(txn);
+  pool_.clear();
+  {
+    std::lock_guard<std::mutex> index_lock(index_mutex_);
+    index_.reset();
+  }
+  if (map_bytes_ != 0) detail::unregister_map(map_addr_);
+  map_bytes_ = 0;
+  env_.reset();  // mdb_env_close: its fcntl locks go before another env takes the lock file
+  retired_ = "'" + path_ + "' was opened anew in this process (" + why +
+             "); this handle's snapshot is gone: use the dataset's refresh() or a new reader";
+  resizing_ = false;
+  lock.unlock();
+  gate_cv_.notify_all();
+}
+
 std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& options) {
   Registry& reg = registry();
   const auto warn = options.warn ? options.warn : default_warn;
@@ -339,6 +376,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   }
 
   std::shared_ptr<Env> existing;  // destroyed after the guard below is released
+  std::vector<std::shared_ptr<Env>> retired;  // (likewise)
   std::unique_lock<std::mutex> guard(reg.mutex);
   auto key = std::make_pair(data.st_dev, data.st_ino);
   if (!exists && ::stat(data_path.c_str(), &data) == 0) key = std::make_pair(data.st_dev, data.st_ino);
@@ -349,6 +387,31 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     existing = it->second.lock();
     if (existing) break;
     reg.closed.wait(guard);  // its last holder is closing it: wait, then open anew
+  }
+  // A poisoned map (fault_guard.h) is not reused: the file is opened anew.
+  if (existing && existing->faulted()) {
+    existing->retire("its map was poisoned by a fault");
+    reg.envs.erase(existing->key_);
+    retired.push_back(std::move(existing));
+    existing.reset();
+  }
+  struct stat lock_file {};
+  if (!existing && ::stat((path + "/lock.mdb").c_str(), &lock_file) == 0) {
+    // Another data.mdb now at this path (published by rename, as mv and rsync
+    // do): the old file's env shares the lock file, and a second env on one
+    // lock file in one process would reinitialise its reader table under the
+    // first (MDB_BAD_RSLOT): the old env is closed first.
+    const auto lock_key = std::make_pair(lock_file.st_dev, lock_file.st_ino);
+    for (auto it = reg.envs.begin(); it != reg.envs.end();) {
+      std::shared_ptr<Env> other = it->second.lock();
+      if (other && other->lock_key_ == lock_key && other->key_ != key && other->env_ != nullptr) {
+        other->retire("its data.mdb was replaced by another file");
+        it = reg.envs.erase(it);
+        retired.push_back(std::move(other));
+      } else {
+        ++it;
+      }
+    }
   }
   if (existing) {
     if (!options.readonly && (existing->readonly() || existing->nolock())) {
@@ -432,6 +495,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     key = std::make_pair(created.st_dev, created.st_ino);
   }
   const auto maps_after = mappings_of(key);
+  mdb_env_set_assert(raw, detail::on_lmdb_assert);
 
   std::shared_ptr<Env> env(new Env());
   env->path_ = path;
@@ -467,7 +531,12 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     env->map_size_.store(info.me_mapsize, std::memory_order_release);
     env->map_addr_ = find_map(maps_before, maps_after, info.me_mapsize);
     if (env->map_addr_ == nullptr) env->map_bytes_ = 0;  // not found: values go unchecked
+    detail::install_fault_handler();
+    if (env->map_bytes_ != 0) detail::register_map(env->map_addr_, env->map_bytes_, &env->faults_);
   }
+  struct stat lock_stat {};
+  if (!nolock && ::stat((path + "/lock.mdb").c_str(), &lock_stat) == 0)
+    env->lock_key_ = std::make_pair(lock_stat.st_dev, lock_stat.st_ino);
 
   if (!nolock) {
     int dead = 0;  // reclaim reader slots of killed processes
@@ -518,6 +587,7 @@ Env::~Env() {
   std::lock_guard<std::mutex> guard(reg.mutex);
   for (MDB_txn* txn : pool_) mdb_txn_abort(txn);
   pool_.clear();
+  if (map_bytes_ != 0) detail::unregister_map(map_addr_);
   env_.reset();  // mdb_env_close, under the registry's lock
   auto it = reg.envs.find(key_);
   if (it != reg.envs.end() && it->second.expired()) reg.envs.erase(it);
@@ -530,6 +600,7 @@ void Env::enter() const {
   const bool held = holds_txn();
   std::unique_lock<std::mutex> lock(gate_mutex_);
   gate_cv_.wait(lock, [this, held] { return held || !resizing_; });
+  if (!retired_.empty()) throw InvalidDatabaseError(retired_, 0, path_);
   ++live_;
   note_held(this, 1);
 }
@@ -549,24 +620,38 @@ bool Env::holds_txn() const noexcept {
   return false;
 }
 
-ValueIndex::ValueIndex(uint64_t txnid, size_t keys)
-    : txnid_(txnid), keys_(keys), slots_(static_cast<Slot*>(std::calloc(std::max<size_t>(keys, 1), sizeof(Slot)))) {
+ValueIndex::ValueIndex(uint64_t txnid, uint64_t file_version, size_t keys)
+    : txnid_(txnid),
+      file_version_(file_version),
+      keys_(keys),
+      slots_(static_cast<Slot*>(std::calloc(std::max<size_t>(keys, 1), sizeof(Slot)))) {
   if (!slots_) keys_ = 0;  // out of memory: an index that holds nothing
 }
 
 std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) const {
   if (max_keys == 0) return nullptr;
   const uint64_t id = mdb_txn_id(txn);
+  // The file as it is now: a writer's commit changes its ctime too (a new
+  // index then, as for its new transaction id); a file copied over data.mdb
+  // changes it whatever its transaction id.
+  struct stat now {};
+  if (::fstat(fd_, &now) != 0) return nullptr;
+  const uint64_t words[4] = {static_cast<uint64_t>(now.st_ino), static_cast<uint64_t>(now.st_size),
+                             static_cast<uint64_t>(now.st_ctim.tv_sec), static_cast<uint64_t>(now.st_ctim.tv_nsec)};
+  const uint64_t version = XXH3_64bits(words, sizeof(words));
   {
     std::lock_guard<std::mutex> lock(index_mutex_);
-    if (index_ && index_->txnid() == id) return index_;
-    if (index_ && index_->txnid() > id) return nullptr;  // an older snapshot: keep the newer's index
+    if (index_ && index_->file_version() == version) {
+      if (index_->txnid() == id) return index_;
+      if (index_->txnid() > id) return nullptr;  // an older snapshot: keep the newer's index
+    }
   }
   MDB_stat st{};
   if (mdb_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
-  auto made = std::make_shared<ValueIndex>(id, st.ms_entries);  // (outside the lock: a large table is an mmap)
+  auto made = std::make_shared<ValueIndex>(id, version, st.ms_entries);  // (outside the lock: a large table is an mmap)
   std::lock_guard<std::mutex> lock(index_mutex_);
-  if (index_ && index_->txnid() >= id) return index_->txnid() == id ? index_ : nullptr;
+  if (index_ && index_->file_version() == version && index_->txnid() >= id)
+    return index_->txnid() == id ? index_ : nullptr;
   index_ = made;
   return made;
 }
@@ -585,14 +670,23 @@ void Env::remap(size_t bytes) const {
     std::lock_guard<std::mutex> index_lock(index_mutex_);
     index_.reset();  // its pointers are into the old map
   }
+  if (!retired_.empty()) {
+    resizing_ = false;
+    lock.unlock();
+    gate_cv_.notify_all();
+    throw InvalidDatabaseError(retired_, 0, path_);
+  }
+  if (map_bytes_ != 0) detail::unregister_map(map_addr_);
   const int rc = mdb_env_set_mapsize(env_.get(), bytes);
   MDB_envinfo info{};
+  Env* self = const_cast<Env*>(this);
+  self->map_bytes_ = 0;
   if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {
-    Env* self = const_cast<Env*>(this);
     self->map_size_.store(info.me_mapsize, std::memory_order_release);
     self->map_addr_ = find_map(maps_before, mappings_of(key_), info.me_mapsize);
     self->map_bytes_ = self->map_addr_ != nullptr ? info.me_mapsize : 0;
   }
+  if (map_bytes_ != 0) detail::register_map(map_addr_, map_bytes_, &faults_);
   resizing_ = false;
   lock.unlock();
   gate_cv_.notify_all();
@@ -606,6 +700,11 @@ ReadTxn Env::read_txn() const {
       const bool held = holds_txn();  // (as in enter())
       std::unique_lock<std::mutex> lock(gate_mutex_);
       gate_cv_.wait(lock, [this, held] { return held || !resizing_; });
+      if (!retired_.empty()) throw InvalidDatabaseError(retired_, 0, path_);
+      if (faulted()) {
+        lock.unlock();
+        throw_faulted();
+      }
       ++live_;
       if (!pool_.empty()) {
         txn = pool_.back();
@@ -691,7 +790,7 @@ void Env::evict(const void* p, size_t n) const noexcept {
 }
 
 int Env::reader_count() const {
-  if (nolock_) return -1;
+  if (nolock_ || env_ == nullptr) return -1;
   int count = 0;
   auto cb = [](const char* msg, void* ctx) -> int {
     // One line per reader after a header line ("    pid     thread     txnid").

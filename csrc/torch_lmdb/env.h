@@ -36,6 +36,14 @@
 // - Memory returned by mdb_get is valid only until the ReadTxn is destroyed.
 //   check_value() bounds such memory by the file's size: a damaged file whose
 //   B-tree points past its end raises CorruptedError instead of SIGBUS.
+// - Files changed under the map (fault_guard.h): a fault on a page of a
+//   registered map is contained; the env is then faulted(), its reads throw
+//   CorruptedError, and the next Env::open() of the path closes it (once no
+//   transaction of it is live) and opens the file anew. An open that finds
+//   another data.mdb at a path whose lock file an env of this process holds
+//   (a new version published by rename) closes that env first: two envs on
+//   one lock file in one process would reset each other's reader slots.
+//   Transactions of a closed env throw InvalidDatabaseError saying why.
 // - Damage at open: a data.mdb shorter than the last page its meta page
 //   claims raises CorruptedError naming the path (reading it would SIGBUS),
 //   and so does a meta page whose page size is not a power of two from 512
@@ -134,7 +142,7 @@ class WriteTxn {
   MDB_txn* txn_ = nullptr;
 };
 
-/// The samples table's values in one snapshot, by key: filled by the
+/// The samples table's values in one snapshot of one file, by key: filled by the
 /// batched reads (Reader::read_batch and all that use it), so that a key
 /// read again in the same snapshot (the next epoch) skips the B-tree search.
 /// Its pointers are into the map: use them only while holding a read
@@ -143,9 +151,13 @@ class WriteTxn {
 /// in that snapshot.
 class ValueIndex {
  public:
-  ValueIndex(uint64_t txnid, size_t keys);
+  ValueIndex(uint64_t txnid, uint64_t file_version, size_t keys);
   /// The snapshot (mdb_txn_id) it holds values of.
   uint64_t txnid() const noexcept { return txnid_; }
+  /// The file it was made for: its inode, size and change time (ctime)
+  /// together (Env::value_index), so that another file copied over
+  /// data.mdb with the same transaction id never reads through this index.
+  uint64_t file_version() const noexcept { return file_version_; }
   /// Keys 0 .. keys() - 1 have a slot.
   size_t keys() const noexcept { return keys_; }
   /// The value of `key` once stored, else {0, nullptr}.
@@ -178,6 +190,7 @@ class ValueIndex {
     void operator()(Slot* p) const noexcept { std::free(p); }
   };
   uint64_t txnid_;
+  uint64_t file_version_;
   size_t keys_;
   std::unique_ptr<Slot, Free> slots_;
 };
@@ -232,10 +245,12 @@ class Env {
   }
   /// The ValueIndex of the snapshot of `txn` (a read transaction of this
   /// env, held by the caller while it uses the index). One index per env:
-  /// made for the newest snapshot seen (replacing an older one); nullptr for
-  /// a snapshot older than the index's, or when the samples table holds more
-  /// than `max_keys` entries (no index then: reads search the B-tree). A
-  /// resize of the map drops it (its pointers would be stale).
+  /// made for the newest snapshot seen of the file as it is now (replacing
+  /// an older one, or one made before the file changed: a file copied over
+  /// data.mdb in place may repeat a transaction id); nullptr for a snapshot
+  /// older than the index's, or when the samples table holds more than
+  /// `max_keys` entries (no index then: reads search the B-tree). A resize
+  /// of the map drops it (its pointers would be stale).
   std::shared_ptr<ValueIndex> value_index(MDB_txn* txn, size_t max_keys) const;
   /// Drops the pages of the map wholly inside [p, p + n) from this process's
   /// map and from the page cache (madvise + posix_fadvise DONTNEED). Only
@@ -250,6 +265,17 @@ class Env {
   /// when another Writer of this process holds it.
   bool claim_writer() noexcept { return !writer_.exchange(true); }
   void release_writer() noexcept { writer_.store(false); }
+  /// Whether a fault on this env's map was contained (the file shrank or
+  /// changed under it: fault_guard.h). Its reads are then refused
+  /// (read_txn() throws CorruptedError) and the next Env::open() of the
+  /// path retires it and opens the file anew.
+  bool faulted() const noexcept { return faults_.load(std::memory_order_relaxed) != 0; }
+  /// Throws CorruptedError naming the path when faulted().
+  void check_intact() const {
+    if (faulted()) throw_faulted();
+  }
+  /// Whether a Writer of this process holds the file.
+  bool writer_claimed() const noexcept { return writer_.load(); }
 
  private:
   friend class ReadTxn;
@@ -261,6 +287,12 @@ class Env {
   void leave() const noexcept;
   void remap(size_t bytes) const;  // closes the gate, waits, remaps
   bool holds_txn() const noexcept;  // the calling thread holds a txn of this env
+  [[noreturn]] void throw_faulted() const;
+  // Closes the MDB_env for good once no transaction of it is live (a newer
+  // file took its path, or a fault poisoned its map): later transactions
+  // throw InvalidDatabaseError saying why. Called by open() under the
+  // registry's lock.
+  void retire(const std::string& why);
 
   detail::UniqueEnv env_{nullptr, detail::EnvCloser{0}};
   std::string path_;
@@ -284,6 +316,9 @@ class Env {
   mutable std::atomic<size_t> file_size_{0};
   int fd_ = -1;
   std::pair<dev_t, ino_t> key_{};
+  std::pair<dev_t, ino_t> lock_key_{};  // lock.mdb's (0, 0 without lock)
+  mutable std::atomic<uint64_t> faults_{0};  // contained faults on the map (fault_guard.h)
+  std::string retired_;                  // why, once retire() closed the env
   bool registered_ = false;
   std::atomic<bool> writer_{false};  // in the registry (false while open() builds it)
   // value_index(): the index of the newest snapshot seen (reset by remap(),

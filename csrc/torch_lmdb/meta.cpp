@@ -32,16 +32,56 @@ size_t json_depth(const char* p, size_t n, size_t limit) noexcept {
   return deepest;
 }
 
+bool valid_utf8(const char* p, size_t n) noexcept {
+  const auto* s = reinterpret_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n;) {
+    const unsigned c = s[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (len == 0 || i + len > n || (len == 2 && c < 0xc2)) return false;
+    for (size_t j = 1; j < len; ++j)
+      if ((s[i + j] & 0xc0) != 0x80) return false;
+    if (len == 3) {
+      const unsigned cp = ((c & 0xf) << 12) | ((s[i + 1] & 0x3f) << 6);
+      if (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff)) return false;  // overlong, surrogate
+    }
+    if (len == 4) {
+      const unsigned cp = ((c & 0x7) << 18) | ((s[i + 1] & 0x3f) << 12);
+      if (cp < 0x10000 || cp > 0x10ffff) return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+std::string printable_key(const char* p, size_t n) {
+  std::string out;
+  static const char* hex = "0123456789abcdef";
+  for (size_t i = 0; i < n && i < 64; ++i) {
+    const unsigned char c = static_cast<unsigned char>(p[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 0xf];
+    }
+  }
+  return n > 64 ? out + "..." : out;
+}
+
 Json parse_meta_value(const char* p, size_t n, const std::string& path, const std::string& key) {
-  auto invalid = [&](const std::string& why) {
-    throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: metadata '" + key +
-                                   "' " + why,
-                               0, path);
+  // Damage (a flipped byte) more often than a foreign writer: CorruptedError.
+  auto damaged = [&](const std::string& why) {
+    throw CorruptedError("'" + path + "' is not a readable torch_lmdb database: metadata '" +
+                             printable_key(key.data(), key.size()) + "' " + why +
+                             "; run `torch-lmdb verify` and rebuild it from the source data",
+                         MDB_CORRUPTED, path);
   };
+  if (!valid_utf8(key.data(), key.size())) damaged("(a key) is not valid UTF-8");
   if (json_depth(p, n) > kMaxMetaDepth)
-    invalid("is nested more than " + std::to_string(kMaxMetaDepth) + " levels deep");
+    damaged("is nested more than " + std::to_string(kMaxMetaDepth) + " levels deep");
   Json value = Json::parse(p, p + n, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) invalid("is not valid JSON");
+  if (value.is_discarded()) damaged("is not valid JSON");
   return value;
 }
 

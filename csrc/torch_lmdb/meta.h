@@ -42,8 +42,9 @@ constexpr size_t kMaxMetaDepth = 128;
 size_t json_depth(const char* p, size_t n, size_t limit = kMaxMetaDepth) noexcept;
 
 /// Parses the value of metadata key `key` of the database at `path`. Throws
-/// InvalidDatabaseError naming both when the value is not JSON or is nested
-/// deeper than kMaxMetaDepth (checked before parsing).
+/// CorruptedError naming both when the key is not valid UTF-8, or the value
+/// is not JSON or is nested deeper than kMaxMetaDepth (checked before
+/// parsing).
 Json parse_meta_value(const char* p, size_t n, const std::string& path, const std::string& key);
 
 /// Parses user metadata given to a Writer: c10::ValueError when it is not a
@@ -71,9 +72,9 @@ struct MetaInfo {
 /// or user of the wrong shape.
 MetaInfo validate_meta(const Json& meta, const std::string& path);
 
-/// Reads every key of `meta` into one object. Throws InvalidDatabaseError
-/// naming the path and key on values that are not JSON or are nested deeper
-/// than kMaxMetaDepth (see parse_meta_value).
+/// Reads every key of `meta` into one object. Throws CorruptedError naming
+/// the path and key on keys that are not UTF-8 and values that are not JSON
+/// or are nested deeper than kMaxMetaDepth (see parse_meta_value).
 inline Json read_meta(const Env& env, MDB_txn* txn) {
   Json out = Json::object();
   MDB_cursor* cur = nullptr;

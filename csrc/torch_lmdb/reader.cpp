@@ -18,17 +18,20 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
 
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <dirent.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include "torch_lmdb/errors.h"
+#include "torch_lmdb/fault_guard.h"
 #include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
@@ -413,13 +416,19 @@ MDB_val record_in(const Env& env, const MDB_val& v, uint64_t local, uint32_t per
   return MDB_val{size, const_cast<char*>(record)};
 }
 
+// Throws CorruptedError when a fault was contained on one of `envs`' maps
+// (fault_guard.h): what was read may hold its zeros.
+void check_intact(const std::vector<std::shared_ptr<Env>>& envs) {
+  for (const auto& env : envs) env->check_intact();
+}
+
 // The LMDB value holding sample `local` of `env` (key local / per_value),
 // looked up inside `txn`, bounds-checked.
 MDB_val lookup_value(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value) {
   unsigned char kbuf[8];
   encode_key(local / per_value, kbuf);
   MDB_val k{8, kbuf}, v{0, nullptr};
-  const int rc = mdb_get(txn, env.samples_dbi(), &k, &v);
+  const int rc = detail::guarded_get(txn, env.samples_dbi(), &k, &v);
   if (rc == MDB_NOTFOUND) missing_sample(env, local);
   if (rc != MDB_SUCCESS) detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
   env.check_sample_value(v, local);
@@ -757,7 +766,7 @@ class Lookahead {
     MDB_txn* txn = txns_[file].get();
     const uint64_t key = local / per_value;
     MDB_val k{0, nullptr}, v{0, nullptr};
-    if (c.positioned && key == c.at + 1 && mdb_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
+    if (c.positioned && key == c.at + 1 && detail::guarded_cursor_get(c.cursor.get(), &k, &v, MDB_NEXT) == MDB_SUCCESS &&
         k.mv_size == 8 && decode_key(static_cast<const unsigned char*>(k.mv_data)) == key) {
       env.check_sample_value(v, local);
       c.at = key;
@@ -777,7 +786,7 @@ class Lookahead {
       unsigned char kbuf[8];
       encode_key(key, kbuf);
       k = MDB_val{8, kbuf};
-      if (mdb_cursor_get(c.cursor.get(), &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
+      if (detail::guarded_cursor_get(c.cursor.get(), &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
         env.check_sample_value(v, local);
         c.at = key;
         c.value = v;
@@ -988,6 +997,42 @@ std::string metadata_checksum(const std::string& meta_json) {
 }
 
 namespace {
+
+// Whether a Writer holds `path`: one of this process (its claim on the env),
+// or of any process (its fcntl lock on writer.lock, listed in /proc/locks).
+// Never opens writer.lock: closing any descriptor of a file drops this
+// process's fcntl locks on it, a Writer's among them.
+bool writer_alive(const std::string& path, const Env& env) {
+  if (env.writer_claimed()) return true;
+  struct stat st {};
+  if (::stat((path + "/writer.lock").c_str(), &st) != 0) return false;
+  std::ifstream locks("/proc/locks");
+  std::string line;
+  while (std::getline(locks, line)) {
+    if (line.find("->") != std::string::npos) continue;  // a waiter, not a holder
+    // "<n>: POSIX  ADVISORY  WRITE <pid> <major>:<minor>:<inode> <start> <end>" (major, minor in hex)
+    std::istringstream in(line);
+    std::string id, kind, mode, rw, pid, file;
+    if (!(in >> id >> kind >> mode >> rw >> pid >> file)) continue;
+    unsigned dev_major = 0, dev_minor = 0;
+    unsigned long long inode = 0;
+    if (std::sscanf(file.c_str(), "%x:%x:%llu", &dev_major, &dev_minor, &inode) != 3) continue;
+    if (inode == static_cast<unsigned long long>(st.st_ino) && dev_major == major(st.st_dev) &&
+        dev_minor == minor(st.st_dev))
+      return true;
+  }
+  return false;
+}
+
+// A database left incomplete by a dead writer is reported once per process
+// (every reader of every worker would repeat it otherwise).
+bool first_report(const std::string& path) {
+  static std::mutex mutex;
+  static std::set<std::string> reported;
+  std::lock_guard<std::mutex> lock(mutex);
+  return reported.insert(path).second;
+}
+
 }  // namespace
 
 Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
@@ -1039,8 +1084,10 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
     }
     if (!meta.value("complete", false)) {
       s.complete = false;
-      warn("torch_lmdb: '" + path + "' is incomplete (its writer did not close cleanly); reading its " +
-           std::to_string(n) + " committed samples");
+      // A live writer's database is incomplete until it closes: nothing to report.
+      if (!writer_alive(path, *env) && first_report(path))
+        warn("torch_lmdb: '" + path + "' is incomplete (its writer did not close cleanly); reading its " +
+             std::to_string(n) + " committed samples");
     }
     if (i == 0 || s.stored.empty()) {
       s.stored = schema;
@@ -1091,6 +1138,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
+  env.check_intact();  // a fault contained while reading (fault_guard.h): nothing read is returned
   return out;
 }
 
@@ -1110,6 +1158,7 @@ std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
       if (s.keep[f]) sample.insert(views[f].name_str(), to_tensor(views[f]));
     out.push_back(std::move(sample));
   }
+  check_intact(envs);
   return out;
 }
 
@@ -1238,7 +1287,10 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   if (!options.allocate) {  // (a caller's allocator is only asked for the outputs it gets)
     std::vector<ReadTxn> txns(envs.size());
     Batch batch;
-    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options), options.read_ahead)) return batch;
+    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options), options.read_ahead)) {
+      check_intact(envs);
+      return batch;
+    }
   }
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());
@@ -1322,6 +1374,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   }
   samples.evict();
   cold.done(samples.missing(), s);
+  check_intact(envs);
   return batch;
 }
 
@@ -1395,7 +1448,7 @@ Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
     encode_key(local / per_value, kbuf);
     MDB_val k{8, kbuf}, v{0, nullptr};
     if (!values.empty() && per_value > 1 && local / per_value == last_key && file == last_file) continue;
-    if (mdb_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
+    if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
     if (!env.value_inside(v)) continue;  // the read of this sample raises it
     last_key = local / per_value;
     last_file = file;

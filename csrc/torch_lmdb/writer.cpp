@@ -136,6 +136,9 @@ struct Writer::Impl {
   std::vector<Field> ordered;
   uint16_t version = kFormatVersion;      // of the records written
   std::vector<Compression> codecs;         // per schema field
+  // Per schema field: the codec specs ("zstd:5", ...) of the records already
+  // in the database when other than this writer's (metadata `codecs`).
+  std::vector<std::vector<std::string>> earlier_codecs;
   std::vector<uint64_t> stored_bytes, raw_bytes;  // per schema field, over the whole database
   bool counts_known = true;                // false: appended to a database without counts
   Compression default_codec;
@@ -170,12 +173,57 @@ struct Writer::Impl {
     raw_bytes.resize(schema.size(), 0);
   }
 
+  // Appending: without a codec given (WriterOptions::compression "" and no
+  // field_compression), each field keeps the codec the database's metadata
+  // names; the codecs of the records already written are remembered when
+  // this writer's differ (metadata `codecs`, so info() reports them all).
+  void adopt_codecs(const detail::Json& old, size_t counted) {
+    if (!old.is_object()) return;
+    const bool keep = options.compression.empty() && options.field_compression.empty();
+    earlier_codecs.assign(schema.size(), {});
+    for (size_t f = 0; f < schema.size(); ++f) {
+      const auto it = old.find(schema[f].name);
+      if (it == old.end() || !it->is_object() || schema[f].kind != FieldKind::Tensor) continue;
+      Compression stored;
+      const detail::Json codec = it->value("codec", detail::Json("none"));
+      const detail::Json level = it->value("level", detail::Json(5));
+      if (codec.is_string() && level.is_number_integer()) {
+        const std::string spec = codec.get<std::string>() == "none"
+                                     ? "none"
+                                     : codec.get<std::string>() + ":" + std::to_string(level.get<int64_t>());
+        try {
+          stored = parse_compression(spec, "field '" + schema[f].name + "' of '" + path + "'");
+        } catch (const c10::ValueError&) {
+          throw CorruptedError("'" + path + "' metadata 'compression' names codec '" + spec + "' for field '" +
+                                   schema[f].name + "', which this torch_lmdb does not know",
+                               0, path);
+        }
+      }
+      if (keep) codecs[f] = stored;
+      const detail::Json listed = it->value("codecs", detail::Json());
+      if (listed.is_array()) {
+        for (const auto& c : listed)
+          if (c.is_string()) earlier_codecs[f].push_back(c.get<std::string>());
+      } else if (counted > 0) {
+        earlier_codecs[f].push_back(compression_spec(stored));
+      }
+    }
+    for (const auto& c : codecs) compresses = compresses || c.codec != Codec::None;
+  }
+
   // Metadata `compression`: per field its codec and the stored vs decoded payload bytes.
   detail::Json compression_json() const {
     detail::Json out = detail::Json::object();
     for (size_t f = 0; f < schema.size() && f < codecs.size(); ++f) {
       detail::Json entry{{"codec", codec_name(codecs[f].codec)}};
       if (codecs[f].codec != Codec::None) entry["level"] = codecs[f].level;
+      if (f < earlier_codecs.size() && !earlier_codecs[f].empty()) {
+        // The database holds records of several codecs: every spec, oldest first.
+        std::vector<std::string> all = earlier_codecs[f];
+        const std::string now = compression_spec(codecs[f]);
+        if (std::find(all.begin(), all.end(), now) == all.end()) all.push_back(now);
+        if (all.size() > 1) entry["codecs"] = all;
+      }
       if (counts_known) {
         entry["stored_bytes"] = stored_bytes[f];
         entry["raw_bytes"] = raw_bytes[f];
@@ -549,9 +597,10 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     w.committed = counted;
     w.pending.first = counted;
     if (!w.schema.empty()) {
-      w.resolve_codecs();  // ValueError for a codec naming no field
-      // Continue the byte counts of the metadata (absent in version 1: then unknown).
       const detail::Json old = meta.value("compression", detail::Json());
+      w.resolve_codecs();  // ValueError for a codec naming no field
+      w.adopt_codecs(old, counted);
+      // Continue the byte counts of the metadata (absent in version 1: then unknown).
       w.counts_known = counted == 0;
       if (old.is_object()) {
         bool all = true;

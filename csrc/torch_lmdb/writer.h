@@ -58,8 +58,12 @@ struct WriterOptions {
   /// Free JSON object text stored as metadata `user` (merged into existing
   /// user metadata when appending). Empty = none.
   std::string user_json;
-  /// Codec of every tensor field: "" or "none", "lz4", "zstd" (Blosc with
-  /// byte shuffle), optionally with a Blosc level 1-9: "zstd:5" (default 5).
+  /// Codec of every tensor field: "none", "lz4", "zstd" (Blosc with byte
+  /// shuffle), optionally with a Blosc level 1-9: "zstd:5" (default 5); ""
+  /// (default): none in a new database, and when appending, with no
+  /// field_compression either, each field keeps the codec the database's
+  /// metadata names (a database whose records use several codecs lists them
+  /// all in its metadata: `compression.<field>.codecs`).
   /// str/bytes fields are always stored raw, and so is a payload below
   /// kMinCompressBytes or one that Blosc does not make smaller (per record:
   /// each record names its fields' codecs). A bad spec raises

@@ -1,0 +1,272 @@
+"""Files changed under a running job: truncated, replaced by rename, copied over
+in place; damaged metadata; a live writer against a dead one.
+
+Reads that may fault run in a child process: a crash (SIGBUS, SIGSEGV) is a
+failed test with the child's output, never a dead test runner."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import torch_lmdb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_db(path, n, offset=0, width=4096, **kwargs):
+    with torch_lmdb.LMDBWriter(path, **kwargs) as w:
+        for i in range(n):
+            w.write({"x": np.full(width, i + offset, dtype=np.float32), "i": i + offset})
+    return path
+
+
+def run_child(code, *args, timeout=120):
+    """Runs `code` in a fresh interpreter (argv[1:] = args); returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+TRUNCATE_CHILD = """
+    import os, sys
+    import numpy as np
+    import torch_lmdb
+    path = sys.argv[1]
+    data = os.path.join(path, "data.mdb")
+    original = open(data, "rb").read()
+    for trial, keep in enumerate(float(k) for k in sys.argv[2:]):
+        with open(data, "r+b") as f:   # the same file (inode) again, whole
+            f.write(original)
+        ds = torch_lmdb.LMDBDataset(path)
+        n = len(ds)
+        order = np.random.default_rng(trial).permutation(n).tolist()
+        ds.get_batch(order[:64])           # pages mapped, value index filled
+        os.truncate(data, int(len(original) * keep) // 4096 * 4096)
+        errors = wrong = 0
+        for start in range(0, n, 64):      # every sample, batched and alone
+            idx = order[start:start + 64]
+            try:
+                batch = ds.get_batch(idx)
+                wrong += int((batch["x"][:, 0] != batch["i"].float()).sum())
+            except torch_lmdb.CorruptedError as e:
+                assert "data.mdb" in str(e) or path in str(e), str(e)
+                errors += 1
+            try:
+                s = ds[idx[0]]
+                wrong += int(s["x"][0] != s["i"])
+            except torch_lmdb.CorruptedError:
+                errors += 1
+        print("trial", trial, "keep", keep, "errors", errors, "wrong", wrong, flush=True)
+"""
+
+
+def truncation_trials(path, keeps):
+    """[(errors, wrong)] of one child process truncating under an open reader once per `keeps`."""
+    proc = run_child(TRUNCATE_CHILD, path, *keeps, timeout=600)
+    assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    results = []
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        results.append((int(words[words.index("errors") + 1]), int(words[words.index("wrong") + 1])))
+    assert len(results) == len(keeps), proc.stdout
+    return results
+
+
+def test_truncated_under_an_open_reader_raises_and_the_process_lives(tmp_path):
+    path = write_db(str(tmp_path / "db"), 600)
+    for errors, wrong in truncation_trials(path, [0.0, 0.1, 0.5, 0.9]):
+        assert wrong == 0
+        assert errors > 0  # the lost samples are refused, not read as zeros
+
+
+def test_sixty_four_truncations_never_kill_the_reader(tmp_path):
+    # One process: every trial after the first reopens an env its fault poisoned.
+    path = write_db(str(tmp_path / "db"), 300)
+    results = truncation_trials(path, [(t % 16) / 16 for t in range(64)])
+    assert [w for _, w in results] == [0] * 64
+
+
+def test_a_fault_outside_the_maps_still_reaches_faulthandler(tmp_path):
+    # The guard chains: a crash that is not a mapped database read ends the
+    # process as before, with Python's faulthandler report.
+    path = write_db(str(tmp_path / "db"), 10)
+    proc = run_child("""
+        import ctypes, sys, torch_lmdb
+        ds = torch_lmdb.LMDBDataset(sys.argv[1]); ds.get_batch([0, 1])
+        ctypes.string_at(0)
+    """, path)
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr)
+    assert "Fatal Python error" in proc.stderr
+
+
+def test_refresh_after_a_truncation_is_undone_reads_again(tmp_path):
+    path = write_db(str(tmp_path / "db"), 300)
+    proc = run_child("""
+        import os, sys, torch_lmdb
+        path = sys.argv[1]
+        data = os.path.join(path, "data.mdb")
+        original = open(data, "rb").read()
+        ds = torch_lmdb.LMDBDataset(path)
+        ds.get_batch(list(range(300)))
+        os.truncate(data, 8192)
+        try:
+            ds.get_batch(list(range(300)))
+            print("read zeros")
+        except torch_lmdb.CorruptedError as e:
+            print("refused:", e)
+        with open(data, "r+b") as f:
+            f.write(original)
+        ds.refresh()
+        b = ds.get_batch(list(range(300)))
+        assert (b["x"][:, 0] == b["i"].float()).all()
+        print("ok", len(ds))
+    """, path)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "ok 300" in proc.stdout, proc.stdout
+
+
+def test_refresh_reads_a_database_published_by_rename(tmp_path):
+    live = write_db(str(tmp_path / "live"), 200)
+    staged = write_db(str(tmp_path / "staged"), 300, offset=1000)
+    ds = torch_lmdb.LMDBDataset(live)
+    it = ds.iter_batches(50)
+    next(it)
+    assert ds.get_batch(list(range(200)))["i"].tolist() == list(range(200))
+    os.rename(os.path.join(staged, "data.mdb"), os.path.join(live, "data.mdb"))  # as mv and rsync do
+    assert ds.refresh() == 300
+    batch = ds.get_batch(list(range(300)))
+    assert batch["i"].tolist() == list(range(1000, 1300))
+    assert (batch["x"][:, 0] == batch["i"].float()).all()
+    assert ds[299]["i"] == 1299
+    del it
+
+
+def test_a_database_copied_over_in_place_is_read_after_refresh(tmp_path):
+    # Same writer, same sample count and shapes: the same LMDB transaction id.
+    live = write_db(str(tmp_path / "live"), 400)
+    other = write_db(str(tmp_path / "other"), 400, offset=5000)
+    ds = torch_lmdb.LMDBDataset(live)
+    for _ in range(2):  # the value index holds every sample
+        assert ds.get_batch(list(range(400)))["i"].tolist() == list(range(400))
+    shutil.copyfile(os.path.join(other, "data.mdb"), os.path.join(live, "data.mdb"))  # cp: same inode
+    ds.refresh()
+    batch = ds.get_batch(list(range(400)))
+    assert batch["i"].tolist() == list(range(5000, 5400))
+    assert (batch["x"][:, 0] == batch["i"].float()).all()
+
+
+def poke_meta_key(path, old, new):
+    import lmdb
+
+    env = lmdb.open(path, max_dbs=4)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        value = txn.get(old, db=meta)
+        txn.delete(old, db=meta)
+        txn.put(new, value, db=meta)
+    env.close()
+
+
+@pytest.mark.parametrize("new", [b"compl\xe5te", b"\xff", b"format_version\xc0\x80"])
+def test_a_metadata_key_that_is_not_utf8_is_corruption_naming_path_and_key(tmp_path, new):
+    path = write_db(str(tmp_path / "db"), 3, width=4)
+    poke_meta_key(path, b"complete", new)
+    with pytest.raises(torch_lmdb.CorruptedError) as e:
+        torch_lmdb.LMDBDataset(path)
+    assert path in str(e.value) and "is not valid UTF-8" in str(e.value)
+    assert "\\x" in str(e.value)  # the key, escaped
+
+
+def test_a_metadata_value_that_is_not_json_is_corruption(tmp_path):
+    import lmdb
+
+    path = write_db(str(tmp_path / "db"), 3, width=4)
+    env = lmdb.open(path, max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"complete", b"tr\xffe", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(torch_lmdb.CorruptedError, match="metadata 'complete' is not valid JSON"):
+        torch_lmdb.LMDBDataset(path)
+
+
+def test_append_keeps_the_databases_codecs(tmp_path):
+    path = str(tmp_path / "db")
+    rows = lambda first, n: ({"x": np.full(4096, i % 7, dtype=np.float32), "i": i} for i in range(first, first + n))
+    with torch_lmdb.LMDBWriter(path, compression="zstd") as w:
+        w.write_many(rows(0, 300))
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    with torch_lmdb.LMDBWriter(path, mode="a") as w:
+        w.write_many(rows(300, 300))
+    grown = os.path.getsize(os.path.join(path, "data.mdb")) - size
+    assert grown < 300 * 4096 * 4 / 4, grown  # stored compressed, not raw (4.9 MB)
+    fields = {f["name"]: f for f in torch_lmdb.info(path)["fields"]}
+    assert fields["x"]["codec"] == "zstd" and fields["x"]["level"] == 5
+    batch = torch_lmdb.LMDBDataset(path).get_batch(list(range(600)))
+    assert (batch["x"][:, 0] == (batch["i"] % 7).float()).all()
+
+
+def test_append_with_another_codec_lists_both(tmp_path):
+    path = str(tmp_path / "db")
+    write_db(path, 50, compression="zstd")
+    with torch_lmdb.LMDBWriter(path, mode="a", compression="lz4") as w:
+        w.write({"x": np.zeros(4096, dtype=np.float32), "i": 50})
+    meta = torch_lmdb.LMDBDataset(path).metadata
+    assert meta["compression"]["x"]["codec"] == "lz4"
+    assert meta["compression"]["x"]["codecs"] == ["zstd:5", "lz4:5"]
+    with torch_lmdb.LMDBWriter(path, mode="a", compression="none") as w:
+        w.write({"x": np.zeros(4096, dtype=np.float32), "i": 51})
+    meta = torch_lmdb.LMDBDataset(path).metadata
+    assert meta["compression"]["x"]["codecs"] == ["zstd:5", "lz4:5", "none"]
+
+
+WRITER_CHILD = """
+    import sys, time, numpy as np, torch_lmdb
+    w = torch_lmdb.LMDBWriter(sys.argv[1], commit_every=10)
+    for i in range(20):
+        w.write({"x": np.zeros(4, dtype=np.float32)})
+    w.flush()
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def incomplete_warnings(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = torch_lmdb.LMDBDataset(path)
+        ds.refresh()
+        torch_lmdb.LMDBDataset(path)
+    return len(ds), [w for w in caught if "did not close cleanly" in str(w.message)]
+
+
+def test_a_live_writer_is_not_reported_as_dead_and_a_dead_one_once(tmp_path):
+    path = str(tmp_path / "db")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER_CHILD), path], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        n, caught = incomplete_warnings(path)
+        assert n == 20 and caught == []  # being written: nothing to report
+    finally:
+        child.kill()
+        child.wait()
+    n, caught = incomplete_warnings(path)
+    assert n == 20 and len(caught) == 1, [str(w.message) for w in caught]  # three opens, one report
+
+
+def test_a_writer_of_this_process_is_live(tmp_path):
+    path = str(tmp_path / "db")
+    w = torch_lmdb.LMDBWriter(path, commit_every=5)
+    for i in range(10):
+        w.write({"x": np.zeros(4, dtype=np.float32)})
+    w.flush()
+    n, caught = incomplete_warnings(path)
+    assert n == 10 and caught == []
+    w.close()
