@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <xxhash.h>
+
+#include <cstdio>
 #include <limits>
 
 namespace torch_lmdb {
@@ -83,6 +86,30 @@ Json parse_meta_value(const char* p, size_t n, const std::string& path, const st
   Json value = Json::parse(p, p + n, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) damaged("is not valid JSON");
   return value;
+}
+
+std::string layout_checksum(const Json& meta) {
+  Json layout = Json::object();  // (a std::map: keys sorted by their bytes)
+  for (const char* key : kLayoutKeys) {
+    const auto it = meta.find(key);
+    if (it != meta.end()) layout[key] = *it;
+  }
+  const std::string text = layout.dump();  // no whitespace; UTF-8, minimal escapes
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(XXH3_64bits(text.data(), text.size())));
+  return hex;
+}
+
+void check_layout(const Json& meta, const std::string& path) {
+  const auto it = meta.find(kLayoutChecksumKey);
+  if (it == meta.end()) return;
+  const std::string stored = it->is_string() ? it->get<std::string>() : it->dump();
+  const std::string now = layout_checksum(meta);
+  if (stored != now)
+    throw CorruptedError("'" + path + "' is damaged or was edited: its metadata layout checksum is " + stored +
+                             " but its schema, format version and packing hash to " + now +
+                             " (their bytes would be read wrongly); rebuild it from the source data",
+                         MDB_CORRUPTED, path);
 }
 
 Json parse_user_json(const std::string& text) {

@@ -72,6 +72,21 @@ struct MetaInfo {
 /// or user of the wrong shape.
 MetaInfo validate_meta(const Json& meta, const std::string& path);
 
+/// Metadata keys that decide how a record's bytes are read; the layout
+/// checksum covers them (docs/FORMAT.md, "Layout checksum").
+inline const char* const kLayoutKeys[] = {"byte_order", "checksum", "format", "format_version",
+                                          "samples_per_value", "schema"};
+/// The key under which writers store the layout checksum.
+constexpr const char* kLayoutChecksumKey = "layout_xxh3_64";
+/// The layout checksum of `meta`: xxh3-64 (seed 0), as 16 lowercase hex
+/// digits, of the canonical JSON text (RFC 8785: keys sorted, no whitespace)
+/// of the object holding those of kLayoutKeys that `meta` has.
+std::string layout_checksum(const Json& meta);
+/// Throws CorruptedError naming `path` when `meta` holds a layout checksum
+/// that does not match its keys (an edited schema, version or packing).
+/// Databases written before the checksum existed have none: nothing to check.
+void check_layout(const Json& meta, const std::string& path);
+
 /// Reads every key of `meta` into one object. Throws CorruptedError naming
 /// the path and key on keys that are not UTF-8 and values that are not JSON
 /// or are nested deeper than kMaxMetaDepth (see parse_meta_value).

@@ -1054,6 +1054,7 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       meta = detail::read_meta(*env, txn.get());
     }
     const auto info = detail::validate_meta(meta, path);  // every key and its JSON type, before the uses below
+    detail::check_layout(meta, path);
     auto invalid = [&](const std::string& why) {
       throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
     };

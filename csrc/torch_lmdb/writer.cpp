@@ -276,6 +276,8 @@ struct Writer::Impl {
     detail::put_meta(*env, txn, "schema", schema_json);
     detail::put_meta(*env, txn, "complete", complete);
     detail::put_meta(*env, txn, "user", user_json);
+    // Last: the checksum of the keys that decide how records are read, as this txn holds them.
+    detail::put_meta(*env, txn, detail::kLayoutChecksumKey, detail::layout_checksum(detail::read_meta(*env, txn)));
   }
 
   void grow(size_t needed) {
@@ -563,6 +565,7 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     }
   } else if (has_meta) {
     const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
+    detail::check_layout(meta, path);  // an edited schema is not appended to
     int64_t version = meta.value("format_version", int64_t{0});
     if (version == kPackedFormatVersion) version = kFormatVersion;  // its records
     if (version != kFormatVersion && version != kMinFormatVersion && version != kCompactFormatVersion)

@@ -270,3 +270,72 @@ def test_a_writer_of_this_process_is_live(tmp_path):
     n, caught = incomplete_warnings(path)
     assert n == 10 and caught == []
     w.close()
+
+
+def edit_meta(path, key, edit):
+    import json
+
+    import lmdb
+
+    env = lmdb.open(path, max_dbs=4)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        value = json.loads(txn.get(key, db=meta))
+        txn.put(key, json.dumps(edit(value)).encode(), db=meta)
+    env.close()
+
+
+def swap_first_two(fields):
+    fields[0]["name"], fields[1]["name"] = fields[1]["name"], fields[0]["name"]
+    return fields
+
+
+def set_dtype(fields):
+    fields[0]["dtype"] = "int32"
+    return fields
+
+
+@pytest.mark.parametrize("edit", [swap_first_two, set_dtype])
+def test_an_edited_schema_of_a_compact_database_is_refused(tmp_path, edit):
+    path = str(tmp_path / "db")
+    with torch_lmdb.LMDBWriter(path, compression="lz4") as w:  # compact records: fields named by position
+        for i in range(20):
+            w.write({"a": np.full(64, i, dtype=np.float32), "b": np.full(64, -i, dtype=np.float32)})
+    assert torch_lmdb.LMDBDataset(path).metadata["format_version"] == 4
+    edit_meta(path, b"schema", edit)
+    with pytest.raises(torch_lmdb.CorruptedError, match="layout checksum"):
+        torch_lmdb.LMDBDataset(path, verify=True)
+    with pytest.raises(torch_lmdb.CorruptedError, match="layout checksum"):
+        torch_lmdb.LMDBWriter(path, mode="a")
+    proc = subprocess.run([sys.executable, "-m", "torch_lmdb", "verify", path], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert proc.returncode != 0 and "layout checksum" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("key, edit", [(b"format_version", lambda v: 2), (b"samples_per_value", lambda v: v + 1)])
+def test_an_edited_version_or_packing_is_refused(tmp_path, key, edit):
+    path = str(tmp_path / "db")
+    with torch_lmdb.LMDBWriter(path, compression="lz4", samples_per_value=4) as w:
+        for i in range(20):
+            w.write({"a": np.full(64, i, dtype=np.float32)})
+    edit_meta(path, key, edit)
+    with pytest.raises(torch_lmdb.CorruptedError):
+        torch_lmdb.LMDBDataset(path)
+
+
+def test_the_layout_checksum_is_the_documented_canonical_form(tmp_path):
+    # docs/FORMAT.md: xxh3-64 of the sorted, whitespace-free JSON of the layout keys.
+    import ctypes
+    import ctypes.util
+    import json
+
+    xxhash = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+    xxhash.XXH3_64bits.restype = ctypes.c_uint64
+    xxhash.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    path = write_db(str(tmp_path / "db"), 3, width=4)
+    meta = torch_lmdb.LMDBDataset(path).metadata
+    keys = ["byte_order", "checksum", "format", "format_version", "samples_per_value", "schema"]
+    text = json.dumps({k: meta[k] for k in keys if k in meta}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    data = text.encode()
+    assert meta["layout_xxh3_64"] == f"{xxhash.XXH3_64bits(data, len(data)):016x}"
