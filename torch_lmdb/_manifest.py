@@ -8,9 +8,10 @@ atomically. The reader side lives in C++ (``Reader("out/")`` expands the
 manifest and checks every shard against it); :func:`read_manifest` is the same
 check in Python for ``torch-lmdb info`` and ``verify``.
 
-Manifest (format "torch_lmdb.manifest", version 1)::
+Manifest (format "torch_lmdb.manifest", version 2; docs/FORMAT.md)::
 
-    {"format": "torch_lmdb.manifest", "format_version": 1,
+    {"format": "torch_lmdb.manifest", "format_version": 2,
+     "dataset_id": "<32 hex digits, drawn when the manifest is written>",
      "num_samples": 1000,
      "schema": [{"name": "x", "kind": "tensor", "dtype": "float32", "shape": [3]}, ...],
      "codecs": {"x": "none", ...},
@@ -31,7 +32,7 @@ from torch_lmdb import _C
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "torch_lmdb.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 _TMP_RE = re.compile(r"^\.shard-\d+\.lmdb\.tmp-[0-9a-f]+$")
 
 
@@ -151,20 +152,31 @@ def write_manifest(out_dir: str, records: Sequence[Dict[str, Any]], source: Opti
     re-read here, so the manifest states what is on disk."""
     import torch_lmdb
 
-    listed = []
+    from torch_lmdb.writer import LMDBWriter
+
+    kept = []
     for r in records:
         path = os.path.join(out_dir, r["path"])
-        fresh = shard_record(path)
-        if fresh["num_samples"] == 0:
+        if shard_record(path)["num_samples"] == 0:
             shutil.rmtree(path)
             continue
-        listed.append(fresh)
-    if not listed:
+        kept.append(path)
+    if not kept:
         raise ManifestError(f"no samples were written to '{out_dir}' (every shard is empty)")
+    # Each shard states its place in the dataset in its own metadata (what
+    # the readers compare the manifest with: a shard listed twice, left out,
+    # reordered or taken from another directory is refused).
+    dataset_id = uuid.uuid4().hex
+    listed = []
+    for k, path in enumerate(kept):
+        with LMDBWriter(path, mode="a") as writer:
+            writer._w.set_shard(dataset_id, k, len(kept))
+        listed.append(shard_record(path))
     schema = _merge_schemas(listed, out_dir)
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
+        "dataset_id": dataset_id,
         "num_samples": sum(r["num_samples"] for r in listed),
         "schema": schema,
         "codecs": _codecs(listed[0]["meta"], listed[0]["schema"]),
@@ -219,29 +231,16 @@ def prepare_output(out_dir: str, overwrite: bool) -> None:
 
 
 def read_manifest(path: str) -> Dict[str, Any]:
-    """Loads and checks ``path/manifest.json`` and every shard it lists (the
-    checks C++ ``Reader`` makes). Raises ManifestError naming the directory or
-    the shard."""
-    manifest_path = os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
-        shards = shard_like_entries(path)
-        if shards:
-            raise ManifestError(f"'{path}' holds {len(shards)} shard database(s) but no {MANIFEST_NAME}: "
-                                f"an incomplete write (the manifest is written last)")
-        raise ManifestError(f"'{path}' is neither a torch_lmdb database nor a shard directory")
+    """Loads ``path/manifest.json`` after the C++ reader checked it and every
+    shard it lists (its one implementation: csrc/torch_lmdb/reader.cpp,
+    docs/FORMAT.md). Raises ManifestError naming the directory or the shard."""
+    from torch_lmdb import Error
+
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except OSError as e:
-        raise ManifestError(f"cannot read shard manifest '{manifest_path}': {e}") from None
-    except ValueError as e:
-        raise ManifestError(f"shard manifest '{manifest_path}' is invalid: not JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"shard manifest '{manifest_path}' is invalid: 'format' is not \"{MANIFEST_FORMAT}\"")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise ManifestError(f"shard manifest '{manifest_path}' is invalid: format version "
-                            f"{manifest.get('format_version')!r} (this torch_lmdb reads {MANIFEST_VERSION})")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise ManifestError(f"shard manifest '{manifest_path}' is invalid: 'shards' is not a non-empty list")
-    return manifest
+        _C.Reader([path]).take_warnings()
+    except (Error, OSError) as e:  # NotFoundError is a FileNotFoundError too
+        raise ManifestError(str(e)) from None
+    if not is_manifest_dir(path):
+        raise ManifestError(f"'{path}' is a torch_lmdb database, not a shard directory")
+    with open(os.path.join(path, MANIFEST_NAME)) as f:
+        return json.load(f)

@@ -589,6 +589,9 @@ PYBIND11_MODULE(_C, m) {
         w.writer.reset();
       })
       .def("set_user_metadata", [](PyWriter& w, const std::string& j) { w.get().set_user_metadata(j); })
+      .def("set_shard", [](PyWriter& w, const std::string& id, size_t index, size_t count) {
+        w.get().set_shard(id, index, count);
+      })
       .def("__len__", [](PyWriter& w) { return w.get().size(); })
       .def_property_readonly("committed", [](PyWriter& w) { return w.get().committed(); })
       .def_property_readonly("map_size", [](PyWriter& w) { return w.get().map_size(); })

@@ -850,7 +850,11 @@ void copy_padded(char* dst, const int64_t* dst_shape, const char* src, const int
 
 constexpr const char* kManifestName = "manifest.json";
 constexpr const char* kManifestFormat = "torch_lmdb.manifest";
-constexpr int64_t kManifestVersion = 1;
+// Version 2 adds `dataset_id`, which each shard's metadata `shard` repeats
+// with its index and the number of shards; version 1 directories (no
+// identity) stay readable.
+constexpr int64_t kManifestVersion = 2;
+constexpr int64_t kMinManifestVersion = 1;
 constexpr std::streamoff kMaxManifestBytes = std::streamoff{64} << 20;
 
 struct ShardExpectation {
@@ -859,7 +863,19 @@ struct ShardExpectation {
   size_t num_samples = 0;
   std::string meta_checksum;
   std::vector<FieldSchema> schema;
+  std::string dataset_id;  // manifest version 2: the identity the shard's metadata must state
+  size_t shards = 0;       // how many the manifest lists
 };
+
+// The directory's canonical path (realpath) with a trailing '/', or "" when
+// it cannot be resolved.
+std::string canonical_dir(const std::string& p) {
+  char* resolved = ::realpath(p.c_str(), nullptr);
+  if (resolved == nullptr) return std::string();
+  std::string out(resolved);
+  std::free(resolved);
+  return out.back() == '/' ? out : out + "/";
+}
 
 bool is_dir(const std::string& p) {
   struct stat st;
@@ -918,9 +934,19 @@ void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
     bad_manifest(manifest, std::string("'format' is not \"") + kManifestFormat + "\"");
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     bad_manifest(manifest, "no integer 'format_version'");
-  if (j["format_version"].get<int64_t>() != kManifestVersion)
-    bad_manifest(manifest, "format version " + std::to_string(j["format_version"].get<int64_t>()) +
-                               " (this torch_lmdb reads version " + std::to_string(kManifestVersion) + ")");
+  const int64_t version = j["format_version"].get<int64_t>();
+  if (version < kMinManifestVersion || version > kManifestVersion)
+    bad_manifest(manifest, "format version " + std::to_string(version) + " (this torch_lmdb reads versions " +
+                               std::to_string(kMinManifestVersion) + " to " + std::to_string(kManifestVersion) + ")");
+  std::string dataset_id;
+  if (version >= 2) {
+    if (!j.contains("dataset_id") || !j["dataset_id"].is_string() || j["dataset_id"].get<std::string>().empty())
+      bad_manifest(manifest, "no 'dataset_id' (a version 2 manifest names its dataset)");
+    dataset_id = j["dataset_id"].get<std::string>();
+  }
+  const std::string root = canonical_dir(dir);
+  std::set<std::string> seen;  // shards' canonical paths
+  size_t total = 0;
   if (!j.contains("schema")) bad_manifest(manifest, "no 'schema'");
   const std::vector<FieldSchema> schema = detail::schema_from_json(j["schema"], manifest);
   if (!j.contains("shards") || !j["shards"].is_array() || j["shards"].empty())
@@ -946,11 +972,25 @@ void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
     const std::string path = join(dir, rel);
     if (!is_file(join(path, "data.mdb")))
       throw NotFoundError("shard '" + path + "' listed in '" + manifest + "' is missing (no data.mdb)", ENOENT, path);
+    // Resolved, a shard stays inside the directory (no symlink out of it),
+    // and is listed once.
+    const std::string real = canonical_dir(path);
+    if (root.empty() || real.size() <= root.size() || real.compare(0, root.size(), root) != 0)
+      bad_manifest(manifest, where + " '" + rel + "' resolves to '" + real + "', outside the directory '" + root + "'");
+    const std::string data_real = canonical_dir(join(path, "data.mdb"));
+    if (data_real.compare(0, root.size(), root) != 0)
+      bad_manifest(manifest, where + " '" + rel + "' has a data.mdb outside the directory ('" + data_real + "')");
+    if (!seen.insert(real).second) bad_manifest(manifest, where + " '" + rel + "' is listed twice");
+    const size_t n = shard["num_samples"].get<size_t>();
+    total += n;
     paths.push_back(path);
-    expect.push_back(ShardExpectation{manifest, k, shard["num_samples"].get<size_t>(),
-                                      shard["meta_xxh3_64"].get<std::string>(), schema});
+    expect.push_back(ShardExpectation{manifest, k, n, shard["meta_xxh3_64"].get<std::string>(), schema, dataset_id,
+                                      j["shards"].size()});
     ++k;
   }
+  if (!j.contains("num_samples") || !j["num_samples"].is_number_unsigned() || j["num_samples"].get<size_t>() != total)
+    bad_manifest(manifest, "'num_samples' is " + (j.contains("num_samples") ? j["num_samples"].dump() : "missing") +
+                               " but its shards list " + std::to_string(total) + " samples");
 }
 
 // Plain database paths stay; manifest directories become their shards.
@@ -1078,6 +1118,14 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       if (n != e.num_samples)
         mismatch(std::to_string(n) + " samples, the manifest says " + std::to_string(e.num_samples));
       if (!same_fields(schema, e.schema)) mismatch("its fields or dtypes differ from the manifest's schema");
+      if (!e.dataset_id.empty()) {
+        const detail::Json want{{"dataset_id", e.dataset_id}, {"index", e.shard}, {"count", e.shards}};
+        const detail::Json got = meta.value("shard", detail::Json());
+        if (got != want)
+          mismatch("it is " + (got.is_null() ? std::string("no shard of a dataset") : "shard " + got.dump()) +
+                   ", the manifest lists it as " + want.dump() +
+                   " (a shard listed twice, left out, moved or taken from another dataset)");
+      }
       const std::string sum = metadata_checksum(meta.dump());
       if (sum != e.meta_checksum)
         mismatch("metadata checksum " + sum + ", the manifest says " + e.meta_checksum +

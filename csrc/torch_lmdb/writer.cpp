@@ -102,7 +102,7 @@ struct Batch {
   std::vector<size_t> ends;
   size_t first = 0;           // index of the first record
   bool complete = false;      // mark the database complete in this commit
-  detail::Json schema, user, compression;  // metadata committed with these samples
+  detail::Json schema, user, compression, shard;  // metadata committed with these samples
   size_t size() const noexcept { return ends.size(); }
   void clear() noexcept {
     bytes.clear();
@@ -131,6 +131,7 @@ struct Writer::Impl {
   std::atomic<bool> failed{false};  // set by the committer after `failure`
   std::vector<FieldSchema> schema;
   detail::Json user = detail::Json::object();
+  detail::Json shard;  // metadata `shard` (null: none)
   bool meta_dirty = false;
   bool closed = false;
   std::vector<Field> ordered;
@@ -265,7 +266,9 @@ struct Writer::Impl {
   size_t size() const noexcept { return pending.first + pending.size(); }
 
   void put_common_meta(MDB_txn* txn, size_t num_samples, const detail::Json& schema_json,
-                       const detail::Json& user_json, bool complete, const detail::Json& compression) {
+                       const detail::Json& user_json, bool complete, const detail::Json& compression,
+                       const detail::Json& shard_json) {
+    if (!shard_json.is_null()) detail::put_meta(*env, txn, "shard", shard_json);
     if (version != kMinFormatVersion) detail::put_meta(*env, txn, "compression", compression);
     if (per_value > 1) {
       detail::put_meta(*env, txn, "format_version",
@@ -380,7 +383,7 @@ struct Writer::Impl {
           start = b.ends[i];
           }
         }
-        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression);
+        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression, b.shard);
         EarlyWriteback writeback(env->handle());
         txn.commit();
         if (per_value > 1) {
@@ -413,6 +416,7 @@ struct Writer::Impl {
     pending.complete = complete;
     pending.schema = detail::schema_to_json(schema);
     pending.user = user;
+    pending.shard = shard;
     pending.compression = compression_json();
     std::swap(pending, inflight);
     pending.clear();
@@ -597,6 +601,7 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
     if (per_value > 1 && counted % per_value != 0) w.load_tail(counted);
     w.schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
     w.user = meta.value("user", detail::Json::object());
+    w.shard = meta.value("shard", detail::Json());
     w.committed = counted;
     w.pending.first = counted;
     if (!w.schema.empty()) {
@@ -637,7 +642,7 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
       }
       if (has_meta && w.options.append) detail::put_meta(*w.env, txn.get(), "format_version", w.version);
       w.put_common_meta(txn.get(), w.committed, detail::schema_to_json(w.schema), w.user, false,
-                        w.compression_json());
+                        w.compression_json(), w.shard);
       txn.commit();
       break;
     } catch (const MapFullError&) {
@@ -733,6 +738,13 @@ void Writer::close() {
   }
   w.closed = true;
   w.release_files();
+}
+
+void Writer::set_shard(const std::string& dataset_id, size_t index, size_t count) {
+  TORCH_CHECK_VALUE(!dataset_id.empty() && index < count, "set_shard: shard ", index, " of ", count,
+                    " of dataset '", dataset_id, "' is not a shard");
+  impl_->shard = detail::Json{{"dataset_id", dataset_id}, {"index", index}, {"count", count}};
+  impl_->meta_dirty = true;
 }
 
 void Writer::set_user_metadata(const std::string& json_object) {

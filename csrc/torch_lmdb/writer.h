@@ -114,6 +114,11 @@ class Writer {
   void close();
   /// Replaces (merges) the user metadata; committed with the next flush.
   void set_user_metadata(const std::string& json_object);
+  /// Marks the database as shard `index` of the `count` shards of the shard
+  /// directory `dataset_id` (metadata `shard`, committed with the next
+  /// flush; what the manifest's checks compare with: docs/FORMAT.md).
+  /// c10::ValueError unless index < count and the id is not empty.
+  void set_shard(const std::string& dataset_id, size_t index, size_t count);
 
   /// Samples in the database, including pending ones.
   size_t size() const;
