@@ -647,7 +647,7 @@ std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) cons
     }
   }
   MDB_stat st{};
-  if (mdb_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
+  if (detail::guarded_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
   auto made = std::make_shared<ValueIndex>(id, version, st.ms_entries);  // (outside the lock: a large table is an mmap)
   std::lock_guard<std::mutex> lock(index_mutex_);
   if (index_ && index_->file_version() == version && index_->txnid() >= id)
@@ -713,7 +713,17 @@ ReadTxn Env::read_txn() const {
     }
     note_held(this, 1);
     int rc = txn != nullptr ? mdb_txn_renew(txn) : mdb_txn_begin(env_.get(), nullptr, MDB_RDONLY, &txn);
-    if (rc == 0) return ReadTxn(this, txn);
+    if (rc == 0) {
+      // The samples table's root, searched now under the fault guard: a
+      // file changed under the map (its meta or root page lost) fails here
+      // instead of inside a later, unguarded LMDB call.
+      MDB_stat st{};
+      const int found = detail::guarded_stat(txn, samples_, &st);
+      if (found == MDB_SUCCESS || found == MDB_NOTFOUND) return ReadTxn(this, txn);
+      ReadTxn doomed(this, txn);  // (returned to the pool, reset)
+      if (faulted()) throw_faulted();
+      detail::throw_mdb(found, "mdb_stat(samples)", path_, "");
+    }
     if (txn != nullptr) mdb_txn_abort(txn);  // (a failed begin leaves txn unset)
     leave();
     if (rc == MDB_MAP_RESIZED && attempt < kResizeRetries && !holds_txn()) {

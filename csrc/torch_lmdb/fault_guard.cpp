@@ -145,6 +145,19 @@ int guarded_cursor_get(MDB_cursor* cursor, MDB_val* key, MDB_val* value, MDB_cur
   return rc;
 }
 
+int guarded_stat(MDB_txn* txn, MDB_dbi dbi, MDB_stat* stat) noexcept {
+  sigjmp_buf buffer;
+  sigjmp_buf* outer = t_guard;
+  if (sigsetjmp(buffer, 0) != 0) {
+    t_guard = outer;
+    return MDB_CORRUPTED;
+  }
+  t_guard = &buffer;
+  const int rc = mdb_stat(txn, dbi, stat);
+  t_guard = outer;
+  return rc;
+}
+
 void on_lmdb_assert(MDB_env*, const char*) noexcept {
   if (t_guard != nullptr) siglongjmp(*t_guard, 2);
 }

@@ -48,6 +48,9 @@ void unregister_map(const void* base) noexcept;
 /// or LMDB assertion inside the call.
 int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcept;
 int guarded_cursor_get(MDB_cursor* cursor, MDB_val* key, MDB_val* value, MDB_cursor_op op) noexcept;
+/// mdb_stat, likewise (a named table's first use in a transaction searches
+/// its root page: Env::read_txn() does it under the guard).
+int guarded_stat(MDB_txn* txn, MDB_dbi dbi, MDB_stat* stat) noexcept;
 
 /// For mdb_env_set_assert: inside a guarded call, abandons it (see above);
 /// elsewhere returns, and LMDB aborts as it would have.

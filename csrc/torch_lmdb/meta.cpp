@@ -94,7 +94,10 @@ std::string layout_checksum(const Json& meta) {
     const auto it = meta.find(key);
     if (it != meta.end()) layout[key] = *it;
   }
-  const std::string text = layout.dump();  // no whitespace; UTF-8, minimal escapes
+  // Canonical: nlohmann::json keeps objects in std::maps (keys sorted by
+  // their bytes, at every depth); dump() writes no whitespace, UTF-8 as is
+  // and only the escapes JSON requires.
+  const std::string text = nlohmann::json::parse(layout.dump()).dump();
   char hex[17];
   std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(XXH3_64bits(text.data(), text.size())));
   return hex;

@@ -416,6 +416,16 @@ MDB_val record_in(const Env& env, const MDB_val& v, uint64_t local, uint32_t per
   return MDB_val{size, const_cast<char*>(record)};
 }
 
+// An LMDB call reading sample `local` returned `rc`: throws what it means.
+[[noreturn]] void read_failed(const Env& env, int rc, const char* what, uint64_t local) {
+  env.check_intact();  // the file changed under the map: say so
+  if (rc == MDB_NOTFOUND) missing_sample(env, local);
+  // MDB_BAD_TXN: an earlier lookup in this transaction met damage
+  // (lookahead skips its failures; LMDB then refuses the transaction).
+  detail::check_mdb(rc == MDB_BAD_TXN ? MDB_CORRUPTED : rc, what, env.path(), "index " + std::to_string(local));
+  throw CorruptedError(std::string(what) + " failed at '" + env.path() + "'", rc, env.path());  // (unreached)
+}
+
 // Throws CorruptedError when a fault was contained on one of `envs`' maps
 // (fault_guard.h): what was read may hold its zeros.
 void check_intact(const std::vector<std::shared_ptr<Env>>& envs) {
@@ -429,8 +439,7 @@ MDB_val lookup_value(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_
   encode_key(local / per_value, kbuf);
   MDB_val k{8, kbuf}, v{0, nullptr};
   const int rc = detail::guarded_get(txn, env.samples_dbi(), &k, &v);
-  if (rc == MDB_NOTFOUND) missing_sample(env, local);
-  if (rc != MDB_SUCCESS) detail::check_mdb(rc, "mdb_get", env.path(), "index " + std::to_string(local));
+  if (rc != MDB_SUCCESS) read_failed(env, rc, "mdb_get", local);
   env.check_sample_value(v, local);
   return v;
 }
@@ -779,8 +788,8 @@ class Lookahead {
     if (run) {
       if (c.cursor == nullptr) {
         MDB_cursor* opened = nullptr;
-        detail::check_mdb(mdb_cursor_open(txn, env.samples_dbi(), &opened), "mdb_cursor_open", env.path(),
-                          "index " + std::to_string(local));
+        const int rc = mdb_cursor_open(txn, env.samples_dbi(), &opened);
+        if (rc != MDB_SUCCESS) read_failed(env, rc, "mdb_cursor_open", local);
         c.cursor.reset(opened);
       }
       unsigned char kbuf[8];
@@ -1029,11 +1038,20 @@ bool same_fields(const std::vector<FieldSchema>& got, const std::vector<FieldSch
 
 }  // namespace
 
-std::string metadata_checksum(const std::string& meta_json) {
+namespace {
+std::string xxh3_hex(const std::string& text) {
   char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx",
-                static_cast<unsigned long long>(XXH3_64bits(meta_json.data(), meta_json.size())));
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(XXH3_64bits(text.data(), text.size())));
   return hex;
+}
+}  // namespace
+
+std::string metadata_checksum(const std::string& meta_json) {
+  // Canonical form (docs/FORMAT.md): nlohmann::json sorts object keys by
+  // their bytes at every depth; dump() adds no whitespace.
+  const nlohmann::json parsed = nlohmann::json::parse(meta_json, nullptr, /*allow_exceptions=*/false);
+  TORCH_CHECK_VALUE(!parsed.is_discarded(), "metadata_checksum: the metadata is not JSON");
+  return xxh3_hex(parsed.dump());
 }
 
 namespace {
@@ -1093,8 +1111,8 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       ReadTxn txn = env->read_txn();
       meta = detail::read_meta(*env, txn.get());
     }
+    detail::check_layout(meta, path);  // damage or an edit first: then what the keys say
     const auto info = detail::validate_meta(meta, path);  // every key and its JSON type, before the uses below
-    detail::check_layout(meta, path);
     auto invalid = [&](const std::string& why) {
       throw InvalidDatabaseError("'" + path + "' is not a readable torch_lmdb database: " + why, 0, path);
     };
@@ -1118,6 +1136,12 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
       if (n != e.num_samples)
         mismatch(std::to_string(n) + " samples, the manifest says " + std::to_string(e.num_samples));
       if (!same_fields(schema, e.schema)) mismatch("its fields or dtypes differ from the manifest's schema");
+      const std::string sum = metadata_checksum(meta.dump());
+      // A version 1 manifest hashed the text as stored (no canonical form).
+      if (sum != e.meta_checksum && !(e.dataset_id.empty() && xxh3_hex(meta.dump()) == e.meta_checksum))
+        mismatch("metadata checksum " + sum + ", the manifest says " + e.meta_checksum +
+                 " (the shard was rewritten or altered after the manifest)");
+      // The checksum may have been recomputed: the shard's own identity.
       if (!e.dataset_id.empty()) {
         const detail::Json want{{"dataset_id", e.dataset_id}, {"index", e.shard}, {"count", e.shards}};
         const detail::Json got = meta.value("shard", detail::Json());
@@ -1126,10 +1150,6 @@ Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
                    ", the manifest lists it as " + want.dump() +
                    " (a shard listed twice, left out, moved or taken from another dataset)");
       }
-      const std::string sum = metadata_checksum(meta.dump());
-      if (sum != e.meta_checksum)
-        mismatch("metadata checksum " + sum + ", the manifest says " + e.meta_checksum +
-                 " (the shard was rewritten or altered after the manifest)");
     }
     if (!meta.value("complete", false)) {
       s.complete = false;

@@ -140,8 +140,10 @@ struct Batch {
   std::vector<std::string> order;
 };
 
-/// xxh3-64 of a file's metadata JSON text (Reader::metadata_json) as 16
+/// xxh3-64 of a file's metadata (Reader::metadata_json) in canonical form
+/// (keys sorted at every depth, no whitespace: docs/FORMAT.md) as 16
 /// lowercase hex digits: the per-shard checksum a shard manifest stores.
+/// c10::ValueError when the text is not JSON.
 std::string metadata_checksum(const std::string& meta_json);
 
 class Reader {

@@ -568,8 +568,8 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
                                  0, path);
     }
   } else if (has_meta) {
-    const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     detail::check_layout(meta, path);  // an edited schema is not appended to
+    const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     int64_t version = meta.value("format_version", int64_t{0});
     if (version == kPackedFormatVersion) version = kFormatVersion;  // its records
     if (version != kFormatVersion && version != kMinFormatVersion && version != kCompactFormatVersion)

@@ -130,3 +130,18 @@ def test_a_version_1_directory_stays_readable(tmp_path):
     m["format_version"] = 2
     save_manifest(path, m)
     refused(path, "dataset_id")
+
+
+def test_a_shards_checksum_is_the_documented_canonical_form(tmp_path):
+    # docs/FORMAT.md: xxh3-64 of json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).
+    import ctypes
+    import ctypes.util
+
+    xxhash = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+    xxhash.XXH3_64bits.restype = ctypes.c_uint64
+    xxhash.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    path = write_dir(tmp_path / "out")
+    for shard in load_manifest(path)["shards"]:
+        meta = json.loads(_C.Reader([os.path.join(path, shard["path"])]).metadata_json(0))
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        assert shard["meta_xxh3_64"] == f"{xxhash.XXH3_64bits(text, len(text)):016x}"
