@@ -1,0 +1,67 @@
+"""torch-lmdb convert of an untrusted source: runs no code, reads no file outside it, ends.
+
+Every conversion runs in a subprocess with a timeout, so a regression that blocks fails
+instead of hanging the suite.
+"""
+import base64
+import os
+import pickle
+import shutil
+import zipfile
+
+import pytest
+
+from test_convert import _Marker, cli, write_v2_array_by_hand
+
+TIMEOUT = 120
+
+
+def convert(*args):
+    return cli("convert", *args, "--no-progress", timeout=TIMEOUT)
+
+
+def pickle_store(store, marker):
+    """A format 2 store whose arrays run pickles creating `marker`: 'obj' when a chunk is
+    read, 'rec' (a structured object dtype) when zarr-python 2 decodes its fill value."""
+    payload = pickle.dumps(_Marker(str(marker)))
+    write_v2_array_by_hand(store, "obj", {"shape": [2], "chunks": [2], "dtype": "|O",
+                                          "filters": [{"id": "pickle", "protocol": 5}]}, {"0": payload})
+    write_v2_array_by_hand(store, "rec", {"shape": [2], "chunks": [2], "dtype": [["a", "|O"]],
+                                          "filters": [{"id": "pickle", "protocol": 5}],
+                                          "fill_value": base64.standard_b64encode(payload).decode()}, {})
+    return store
+
+
+def zip_store(store, path):
+    with zipfile.ZipFile(path, "w") as zf:
+        for directory, _, files in os.walk(store):
+            for name in files:
+                full = os.path.join(directory, name)
+                zf.write(full, os.path.relpath(full, store))
+    return path
+
+
+@pytest.mark.parametrize("how", ["symlinked-array-dir", "symlinked-store", "zip", "file-url"])
+def test_zarr_pickle_is_refused_for_every_way_to_name_a_store(tmp_path, how):
+    marker = tmp_path / "ran"
+    elsewhere = pickle_store(str(tmp_path / "elsewhere"), marker)
+    if how == "symlinked-array-dir":  # the store's array directories are symlinks to elsewhere
+        src = str(tmp_path / "s.zarr")
+        os.makedirs(src)
+        shutil.copy(os.path.join(elsewhere, ".zgroup"), src)
+        for name in ("obj", "rec"):
+            os.symlink(os.path.join(elsewhere, name), os.path.join(src, name))
+    elif how == "symlinked-store":
+        src = str(tmp_path / "s.zarr")
+        os.symlink(elsewhere, src)
+    elif how == "zip":
+        src = zip_store(elsewhere, str(tmp_path / "s.zip"))
+    else:
+        src = "file://" + elsewhere
+    out = tmp_path / "o.lmdb"
+    proc = convert("--zarr-path", src, "--output", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert "uses the Pickle codec" in proc.stderr and "--allow-pickle" in proc.stderr
+    assert "array 'obj'" in proc.stderr or "array 'rec'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not marker.exists() and not out.exists()
