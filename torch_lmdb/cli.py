@@ -307,8 +307,8 @@ def _cmd_convert(args) -> int:
     options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
                    commit_every=args.commit_every, allow_pickle=args.allow_pickle,
-                   compression=args.compression)
-    splits, _ = convert.store_splits(kind, source, args.allow_pickle)
+                   compression=args.compression, allow_external=args.allow_external)
+    splits, _ = convert.store_splits(kind, source, args.allow_pickle, args.allow_external)
     groups = args.group or []
     try:
         if args.output and len(groups) == 1:  # one group to a named database
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling: --pickle-lmdb-path, and Zarr arrays using the Pickle codec; "
                         "only for sources you trust")
+    p.add_argument("--allow-external", action="store_true",
+                   help="allow an HDF5 source to read other files: external storage, external links and "
+                        "virtual datasets whose data lies outside it; only for sources you trust")
     p.add_argument("--output-dir", metavar="DIR",
                    help="write DIR/<source name>.lmdb, or DIR/<split>.lmdb per split of a store with splits "
                         "(a nested group a/b becomes a__b.lmdb) (default: the current directory)")

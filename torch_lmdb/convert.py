@@ -163,10 +163,11 @@ class _ArraySource:
     format = ""
 
     def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False,
-                 group: Optional[str] = None):
+                 group: Optional[str] = None, allow_external: bool = False):
         self.path = path
         self.skip_mismatched = skip_mismatched
         self.allow_pickle = allow_pickle
+        self.allow_external = allow_external
         arrays, attrs = self._walk()
         if not arrays:
             raise ConversionError(f"'{path}' holds no arrays")
@@ -372,12 +373,51 @@ class HDF5Source(_ArraySource):
             if obj.attrs:
                 attrs[name] = _plain({k: obj.attrs[k] for k in obj.attrs})
             if isinstance(obj, h5py.Dataset):
+                self._refuse_external(name, self._outside_files(obj))
                 arrays[name] = _HDF5Array(obj)
 
         if self._file.attrs:
             attrs["/"] = _plain({k: self._file.attrs[k] for k in self._file.attrs})
         self._file.visititems(visit)
+        for name, target in self._external_links():  # visititems does not follow them
+            self._refuse_external(name, [target])
+            obj = self._file[name]
+            visit(name, obj)
+            if isinstance(obj, h5py.Group):
+                obj.visititems(lambda inner, o: visit(f"{name}/{inner}", o))
         return arrays, attrs
+
+    def _external_links(self) -> List[Tuple[str, str]]:
+        """(link path, target file) of every external link in the file."""
+        import h5py
+
+        links: List[Tuple[str, str]] = []
+
+        def add(name, info):
+            if info.type == h5py.h5l.TYPE_EXTERNAL:
+                name = name.decode("utf-8", "replace")
+                links.append((name, self._file.get(name, getlink=True).filename))
+
+        self._file.id.links.visit(add, info=True)
+        return sorted(links)
+
+    def _outside_files(self, dataset) -> List[str]:
+        """The files other than the source that hold ``dataset``'s data: external storage
+        (``external=``) and the sources of a virtual dataset."""
+        files = [name for name, _, _ in dataset.external or []]
+        if dataset.is_virtual:
+            here = os.path.realpath(self.path)
+            for source in dataset.virtual_sources():
+                target = os.path.join(os.path.dirname(here), source.file_name)
+                if source.file_name != "." and os.path.realpath(target) != here:
+                    files.append(source.file_name)
+        return files
+
+    def _refuse_external(self, name: str, files: List[str]) -> None:
+        if files and not self.allow_external:
+            raise ConversionError(f"'{self.path}': '{name}' reads the file(s) {', '.join(map(repr, files))} outside "
+                                  f"the source (external storage, external link or virtual dataset); pass "
+                                  f"--allow-external (allow_external=True) only for a source you trust")
 
 class _HDF5Array:
     """An h5py dataset with variable-length and string types as numpy objects."""
@@ -557,25 +597,28 @@ def source_compression(source, fields: Sequence[str], compression: str = "auto")
 
 
 def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False,
-                group: Optional[str] = None):
+                group: Optional[str] = None, allow_external: bool = False):
     """A source of ``kind`` ("zarr", "hdf5", "pickle-lmdb"). Nothing is unpickled unless
     ``allow_pickle``: a Zarr array with the Pickle codec is refused, and a pickle-in-LMDB
-    database is refused as a whole. ``group``: one split group of a Zarr store or HDF5
-    file (see :func:`find_splits`); a store with splits needs one."""
-    if group is not None:
-        if kind == "pickle-lmdb":
+    database is refused as a whole. No file outside an HDF5 source is read unless
+    ``allow_external`` (external storage, external links, virtual datasets). ``group``: one
+    split group of a Zarr store or HDF5 file (see :func:`find_splits`); a store with splits
+    needs one."""
+    if kind == "pickle-lmdb":
+        if group is not None:
             raise ConversionError(f"'{path}': a pickle-in-LMDB database has no groups (--group {group})")
-        return SOURCES[kind](path, skip_mismatched, allow_pickle, group=group)
-    return SOURCES[kind](path, skip_mismatched, allow_pickle)
+        return SOURCES[kind](path, skip_mismatched, allow_pickle)
+    return SOURCES[kind](path, skip_mismatched, allow_pickle, group=group, allow_external=allow_external)
 
 
-def store_splits(kind: str, path: str, allow_pickle: bool = False) -> Tuple[List[str], List[str]]:
+def store_splits(kind: str, path: str, allow_pickle: bool = False,
+                 allow_external: bool = False) -> Tuple[List[str], List[str]]:
     """``(splits, groups)`` of a source: the split groups :func:`find_splits` detects ([] for
     a store that is one dataset) and every group path that holds arrays."""
     if kind not in ("zarr", "hdf5"):
         return [], []
     source = SOURCES[kind].__new__(SOURCES[kind])
-    source.path, source.allow_pickle = path, allow_pickle
+    source.path, source.allow_pickle, source.allow_external = path, allow_pickle, allow_external
     arrays, _ = source._walk()
     return find_splits(arrays), _group_paths(arrays)
 
@@ -636,7 +679,7 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConversionWarning)
             source = open_source(job["kind"], job["source"], job["skip_mismatched"], job["allow_pickle"],
-                                 job.get("group"))
+                                 job.get("group"), job.get("allow_external", False))
     start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
     user = dict(source.provenance)
     user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
@@ -729,12 +772,13 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
-            group: Optional[str] = None, log=print, compression: str = "auto") -> List[str]:
+            group: Optional[str] = None, log=print, compression: str = "auto",
+            allow_external: bool = False) -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
-    returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``: see
-    :func:`open_source`; ``compression``: see
+    returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``,
+    ``allow_external``: see :func:`open_source`; ``compression``: see
     :func:`source_compression`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
-    source = open_source(kind, source_path, skip_mismatched, allow_pickle, group)
+    source = open_source(kind, source_path, skip_mismatched, allow_pickle, group, allow_external)
     label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
     names = list(source.fields)
     if fields:
@@ -752,6 +796,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
+                 allow_external=allow_external,
                  start=a, stop=b, output=p, group=source.group,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp,
                  compression=source_compression(source, names, compression))
@@ -803,7 +848,8 @@ def convert_splits(kind: str, source_path: str, output_dir: str, *, groups: Opti
     (:func:`split_file_name`); returns ``{group: paths}``. ``groups``: some of the splits
     (or any group paths holding arrays); default: every split :func:`find_splits` detects.
     ``options`` go to :func:`convert` for each split (``fields`` and ``limit`` apply per split)."""
-    splits, available = store_splits(kind, source_path, options.get("allow_pickle", False))
+    splits, available = store_splits(kind, source_path, options.get("allow_pickle", False),
+                                     options.get("allow_external", False))
     if groups:
         chosen = [g.strip("/") for g in groups]
         unknown = [g for g in chosen if g not in available]

@@ -65,3 +65,43 @@ def test_zarr_pickle_is_refused_for_every_way_to_name_a_store(tmp_path, how):
     assert "array 'obj'" in proc.stderr or "array 'rec'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not marker.exists() and not out.exists()
+
+
+def h5_reaching_outside(tmp_path, how):
+    """An HDF5 file with 'x' (4 samples) and 'out', whose data lies in another file."""
+    import h5py
+    import numpy as np
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:x:0:0")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["d"] = np.arange(4, dtype=np.int64) + 100
+    src = str(tmp_path / "s.h5")
+    with h5py.File(src, "w") as f:
+        f["x"] = np.arange(4, dtype=np.int64)
+        if how == "external-storage":
+            f.create_dataset("out", shape=(4,), dtype="u1", external=[(str(secret), 0, 4)])
+        elif how == "external-link":
+            f["out"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/d")
+        else:
+            layout = h5py.VirtualLayout(shape=(4,), dtype="i8")
+            layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "d", shape=(4,))
+            f.create_virtual_dataset("out", layout)
+    return src, str(secret if how == "external-storage" else tmp_path / "other.h5")
+
+
+@pytest.mark.parametrize("how", ["external-storage", "external-link", "virtual-dataset"])
+def test_hdf5_data_outside_the_file_needs_allow_external(tmp_path, how):
+    import torch_lmdb
+
+    src, outside = h5_reaching_outside(tmp_path, how)
+    out = tmp_path / "o.lmdb"
+    proc = convert("--hdf5-path", src, "--output", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert f"'out' reads the file(s) '{outside}' outside the source" in proc.stderr
+    assert "--allow-external" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    proc = convert("--hdf5-path", src, "--output", str(out), "--allow-external")
+    assert proc.returncode == 0, proc.stderr
+    got = torch_lmdb.LMDBDataset(str(out))[1]
+    assert int(got["out"]) == (ord("o") if how == "external-storage" else 101)
