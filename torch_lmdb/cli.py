@@ -307,7 +307,8 @@ def _cmd_convert(args) -> int:
     options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
                    commit_every=args.commit_every, allow_pickle=args.allow_pickle,
-                   compression=args.compression, allow_external=args.allow_external)
+                   compression=args.compression, allow_external=args.allow_external,
+                   allow_missing_chunks=args.allow_missing_chunks)
     splits, _ = convert.store_splits(kind, source, args.allow_pickle, args.allow_external)
     groups = args.group or []
     try:
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("auto", "none", "lz4", "zstd"), default="auto",
                    help="Blosc codec of the tensor fields (default auto: each array's own compressor's "
                         "nearest, none for an uncompressed array)")
+    p.add_argument("--allow-missing-chunks", action="store_true",
+                   help="convert an array even when more than half of the chunks its samples need are missing "
+                        "(written as fill values); refused by default")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same output")
     p.add_argument("--verify", action="store_true", help="read back every sample and compare it with the source")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -623,6 +624,47 @@ def store_splits(kind: str, path: str, allow_pickle: bool = False,
     return find_splits(arrays), _group_paths(arrays)
 
 
+def _chunk_coverage(array, n: int) -> Optional[Tuple[int, int]]:
+    """(stored, needed): how many of the storage chunks (Zarr chunks or shards, HDF5 chunks)
+    holding the first ``n`` samples of ``array`` exist; None when not chunked or unknown."""
+    dataset = getattr(array, "_ds", None)  # _HDF5Array
+    if dataset is not None:
+        if dataset.chunks is None:
+            return None
+        grid = [math.ceil(s / c) for s, c in zip(dataset.shape, dataset.chunks)]
+        rows, stored = dataset.chunks[0], dataset.id.get_num_chunks()
+    elif hasattr(array, "nchunks_initialized"):
+        grid = list(array.cdata_shape)
+        rows, stored = (getattr(array, "shards", None) or array.chunks)[0], array.nchunks_initialized
+    else:
+        return None
+    needed = math.ceil(n / rows) * math.prod(grid[1:])
+    return min(stored, needed), needed
+
+
+def _check_feasible(source, label: str, names: Sequence[str], n: int, output: str,
+                    allow_missing_chunks: bool) -> None:
+    """Refuses, before anything is written, a conversion that would mostly write fill
+    values (more than half of the chunks its samples need are missing, unless
+    ``allow_missing_chunks``) or whose output would not fit in the free space."""
+    arrays = getattr(source, "_arrays", {})
+    for name in names:
+        coverage = _chunk_coverage(arrays[name], n) if name in arrays else None
+        if coverage and 2 * coverage[0] < coverage[1] and not allow_missing_chunks:
+            raise ConversionError(f"{label}: array '{name}' stores {coverage[0]:,} of the {coverage[1]:,} chunks its "
+                                  f"{n:,} samples need (the rest would be written as fill values); pass "
+                                  f"--allow-missing-chunks (allow_missing_chunks=True) if that is intended")
+    estimate = n * sum(source._row_bytes(arrays[name]) for name in names if name in arrays)
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if estimate > free:
+        raise ConversionError(f"{label}: {n:,} samples need about {_human_bytes(estimate)} before compression, more "
+                              f"than the {_human_bytes(free)} free under '{parent}'; convert fewer (--limit N) "
+                              f"or free space")
+
+
 def shard_ranges(n: int, shards: int) -> List[Tuple[int, int]]:
     """``shards`` contiguous ranges of near-equal size covering [0, n)."""
     bounds = [n * k // shards for k in range(shards + 1)]
@@ -773,10 +815,11 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
             group: Optional[str] = None, log=print, compression: str = "auto",
-            allow_external: bool = False) -> List[str]:
+            allow_external: bool = False, allow_missing_chunks: bool = False) -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
     returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``,
-    ``allow_external``: see :func:`open_source`; ``compression``: see
+    ``allow_external``: see :func:`open_source`; ``allow_missing_chunks``: see
+    :func:`_check_feasible`; ``compression``: see
     :func:`source_compression`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
     source = open_source(kind, source_path, skip_mismatched, allow_pickle, group, allow_external)
     label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
@@ -791,6 +834,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
         raise ConversionError(f"--shards must be between 1 and the sample count ({n}), got {shards}")
     if os.path.abspath(output) == os.path.abspath(source_path):
         raise ConversionError(f"the output '{output}' is the source itself")
+    _check_feasible(source, label, names, n, output, allow_missing_chunks)
     ranges = shard_ranges(n, shards)
     paths = output_paths(output, shards)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

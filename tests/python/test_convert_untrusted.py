@@ -105,3 +105,39 @@ def test_hdf5_data_outside_the_file_needs_allow_external(tmp_path, how):
     assert proc.returncode == 0, proc.stderr
     got = torch_lmdb.LMDBDataset(str(out))[1]
     assert int(got["out"]) == (ord("o") if how == "external-storage" else 101)
+
+
+def sparse_store(store, samples, written):
+    """A float32 array 'x' of `samples` x 2 in chunks of 10 samples, of which only the
+    chunks `written` exist."""
+    import numpy as np
+
+    chunk = np.arange(20, dtype="<f4").tobytes()
+    write_v2_array_by_hand(store, "x", {"shape": [samples, 2], "chunks": [10, 2], "dtype": "<f4"},
+                           {f"{k}.0": chunk for k in written})
+    return store
+
+
+def test_missing_chunks_are_refused_unless_allowed(tmp_path):
+    import torch_lmdb
+
+    src, out = sparse_store(str(tmp_path / "s.zarr"), 50, [0, 3]), tmp_path / "o.lmdb"
+    proc = convert("--zarr-path", src, "--output", str(out))
+    assert proc.returncode == 1 and "array 'x' stores 2 of the 5 chunks its 50 samples need" in proc.stderr
+    assert "--allow-missing-chunks" in proc.stderr and not out.exists()
+    assert convert("--zarr-path", src, "--output", str(out), "--limit", "40").returncode == 1  # 2 of 4: refused
+    proc = convert("--zarr-path", src, "--output", str(out), "--limit", "30")  # 2 of 3: converted
+    assert proc.returncode == 0, proc.stderr
+    proc = convert("--zarr-path", src, "--output", str(tmp_path / "all.lmdb"), "--allow-missing-chunks")
+    assert proc.returncode == 0, proc.stderr
+    assert len(torch_lmdb.LMDBDataset(str(tmp_path / "all.lmdb"))) == 50
+
+
+def test_a_store_declaring_more_samples_than_fit_is_refused_before_writing(tmp_path):
+    src, out = sparse_store(str(tmp_path / "huge.zarr"), 10 ** 15, [0]), tmp_path / "o.lmdb"
+    proc = convert("--zarr-path", src, "--output", str(out))
+    assert proc.returncode == 1 and "stores 1 of the 100,000,000,000,000 chunks" in proc.stderr
+    proc = convert("--zarr-path", src, "--output", str(out), "--allow-missing-chunks")
+    assert proc.returncode == 1, proc.stderr
+    assert "1,000,000,000,000,000 samples need about 7450580.6 GiB before compression, more than the" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
