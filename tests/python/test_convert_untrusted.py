@@ -141,3 +141,25 @@ def test_a_store_declaring_more_samples_than_fit_is_refused_before_writing(tmp_p
     assert proc.returncode == 1, proc.stderr
     assert "1,000,000,000,000,000 samples need about 7450580.6 GiB before compression, more than the" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "oversized"])
+@pytest.mark.parametrize("entry", [".zattrs", "x/.zarray"])
+def test_metadata_that_is_not_a_small_regular_file_is_refused_naming_it(tmp_path, kind, entry):
+    src = sparse_store(str(tmp_path / "s.zarr"), 10, [0])
+    bad = os.path.join(src, entry)
+    if os.path.exists(bad):
+        os.remove(bad)
+    if kind == "fifo":  # reading it blocks forever
+        os.mkfifo(bad)
+    elif kind == "dev-zero":  # reading it never ends
+        os.symlink("/dev/zero", bad)
+    else:  # sparse: 64 MiB + 1 byte of metadata
+        with open(bad, "wb") as f:
+            f.truncate((64 << 20) + 1)
+    proc = convert("--zarr-path", src, "--output", str(tmp_path / "o.lmdb"))
+    assert proc.returncode == 1, proc.stderr
+    want = "is not a regular file" if kind != "oversized" else "holds 67108865 bytes, more than the 64 MiB"
+    assert f"Zarr metadata file '{bad}' {want}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lmdb").exists()
+
