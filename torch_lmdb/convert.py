@@ -7,6 +7,7 @@ stored as the ``user`` metadata of the output. :func:`convert` writes one or
 several shards (in parallel processes), resumes an interrupted run and
 verifies the result against the source.
 """
+import base64
 import datetime
 import math
 import multiprocessing
@@ -221,7 +222,7 @@ class _ArraySource:
             elif nbytes <= MISMATCHED_METADATA_LIMIT and not variable:
                 value = np.asarray(array[...])
                 self.mismatched[name] = {"dtype": str(value.dtype), "shape": list(value.shape),
-                                         "value": value.tolist() if value.dtype.kind not in "SV" else None}
+                                         "value": _plain(value) if value.dtype.kind not in "SV" else None}
             else:
                 raise ConversionError(
                     f"{where}: array '{name}' has shape {list(array.shape)}, not {self.num_samples} samples "
@@ -278,13 +279,18 @@ class _ArraySource:
 
 
 def _plain(value: Any) -> Any:
-    """Attribute values as JSON-compatible Python values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    """Attribute values as JSON values (README, Provenance): NaN and infinities become the
+    strings "NaN", "Infinity", "-Infinity"; bytes a str when they are UTF-8, else
+    ``{"base64": "..."}``."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -163,3 +163,40 @@ def test_metadata_that_is_not_a_small_regular_file_is_refused_naming_it(tmp_path
     assert f"Zarr metadata file '{bad}' {want}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lmdb").exists()
 
+
+@pytest.mark.parametrize("meta,want", [
+    ({"shape": [-5], "chunks": [2]}, "array 'x' has shape [-5]: every dimension must be an integer >= 0"),
+    ({"shape": [4], "chunks": [0]}, "array 'x' has chunk shape [0]: every dimension must be an integer >= 1"),
+], ids=["negative-shape", "zero-chunks"])
+def test_impossible_shapes_are_one_line_errors_naming_the_array(tmp_path, meta, want):
+    src = str(tmp_path / "s.zarr")
+    write_v2_array_by_hand(src, "x", dict(meta, dtype="<f4"), {})
+    proc = convert("--zarr-path", src, "--output", str(tmp_path / "o.lmdb"))
+    assert proc.returncode == 1 and want in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lmdb").exists()
+
+
+def test_nan_infinity_and_bytes_attributes_are_stored_in_json_safe_form(tmp_path):
+    import json
+
+    import h5py
+    import numpy as np
+
+    import torch_lmdb
+
+    src = str(tmp_path / "s.h5")
+    with h5py.File(src, "w") as f:
+        f["x"] = np.arange(3, dtype=np.float32)
+        f["calib"] = np.array([1.0, np.nan])  # not per sample: kept in the metadata
+        f.attrs["gain"] = np.nan
+        f.attrs["limits"] = np.array([-np.inf, 0.5, np.inf])
+        f["x"].attrs["raw"] = np.bytes_(b"\xff\x00")
+        f["x"].attrs["unit"] = np.bytes_(b"m/s")
+    out = str(tmp_path / "o.lmdb")
+    proc = convert("--hdf5-path", src, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    user = torch_lmdb.LMDBDataset(out).metadata["user"]
+    json.dumps(user, allow_nan=False)  # strict JSON
+    assert user["source_attrs"] == {"gain": "NaN", "limits": ["-Infinity", 0.5, "Infinity"]}
+    assert user["attrs"]["x"] == {"raw": {"base64": "/wA="}, "unit": "m/s"}
+    assert user["mismatched_arrays"]["calib"]["value"] == [1.0, "NaN"]
