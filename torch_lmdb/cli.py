@@ -360,6 +360,8 @@ def _cmd_convert_dask(args, kind: str, source: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from torch_lmdb.convert import COMPRESSIONS
+
     parser = argparse.ArgumentParser(prog="torch-lmdb", description="Convert, inspect and verify torch_lmdb databases.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -410,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="leave out arrays whose first dimension is not the sample count, printing a warning "
                         "line for each (default: keep small ones in the metadata, refuse large ones)")
-    p.add_argument("--compression", choices=("auto", "none", "lz4", "zstd"), default="auto",
-                   help="Blosc codec of the tensor fields (default auto: each array's own compressor's "
-                        "nearest, none for an uncompressed array)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="lz4",
+                   help="Blosc codec of the tensor fields (default lz4, the fastest to read; source: each "
+                        "array's own compressor's nearest, none for an uncompressed array); each field's "
+                        "codec is printed on stderr")
     p.add_argument("--allow-missing-chunks", action="store_true",
                    help="convert an array even when more than half of the chunks its samples need are missing "
                         "(written as fill values); refused by default")

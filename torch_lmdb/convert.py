@@ -591,16 +591,20 @@ def source_codec(array) -> str:
     return "none"
 
 
-def source_compression(source, fields: Sequence[str], compression: str = "auto") -> Any:
-    """The ``compression=`` of LMDBWriter for ``fields`` of an open source:
-    "auto" follows each array's compressor (see source_codec; a pickle-in-LMDB
-    source has none); "none", "lz4", "zstd" apply to every field."""
-    if compression != "auto":
-        if compression not in ("none", "lz4", "zstd"):
-            raise ConversionError(f"--compression must be auto, none, lz4 or zstd, got {compression!r}")
-        return compression
-    arrays = getattr(source, "_arrays", {})
-    return {name: source_codec(arrays[name]) for name in fields if name in arrays}
+COMPRESSIONS = ("lz4", "zstd", "none", "source")
+
+
+def source_compression(source, fields: Sequence[str], compression: str = "lz4") -> Dict[str, str]:
+    """The codec of each of ``fields`` of an open source (``compression=`` of LMDBWriter):
+    "lz4" (the default: README advises it for data read every epoch), "zstd" and "none"
+    apply to every field; "source" (formerly "auto") follows each array's compressor (see
+    source_codec; a pickle-in-LMDB source has none)."""
+    if compression in ("source", "auto"):
+        arrays = getattr(source, "_arrays", {})
+        return {name: source_codec(arrays[name]) if name in arrays else "none" for name in fields}
+    if compression not in COMPRESSIONS:
+        raise ConversionError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    return {name: compression for name in fields}
 
 
 def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False,
@@ -820,7 +824,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
-            group: Optional[str] = None, log=print, compression: str = "auto",
+            group: Optional[str] = None, log=print, compression: str = "lz4",
             allow_external: bool = False, allow_missing_chunks: bool = False) -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
     returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``,
@@ -845,11 +849,14 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
     paths = output_paths(output, shards)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    codecs = source_compression(source, names, compression)
+    for name in names:
+        log(f"{label}: field {name!r}: {codecs[name]}", file=sys.stderr)
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
                  allow_external=allow_external,
                  start=a, stop=b, output=p, group=source.group,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp,
-                 compression=source_compression(source, names, compression))
+                 compression=codecs)
             for p, (a, b) in zip(paths, ranges)]
     desc = os.path.basename(source_path.rstrip("/")) + (f"/{group}" if group is not None else "")
     bar = _bar(progress, n, f"converting {desc}")

@@ -342,3 +342,24 @@ def test_interrupted_conversion_is_incomplete_then_resumes(tmp_path, sig, shards
     assert len(ds) == n and all(torch_lmdb.info(p)["complete"] for p in outputs)
     batch = ds.get_batch(list(range(0, n, 997)))
     np.testing.assert_array_equal(batch["v"].numpy(), np.arange(0, n, 997))
+
+
+def test_compression_defaults_to_lz4_prints_each_fields_codec_and_can_follow_the_source(tmp_path):
+    import numcodecs
+
+    src = str(tmp_path / "z.zarr")
+    root = zarr.open_group(src, mode="w")
+    data = np.tile(np.arange(256, dtype=np.float32), (40, 1))
+    root.create_dataset("cir", data=data, chunks=(10, 256), compressor=numcodecs.Blosc(cname="zstd"))
+    root.create_dataset("raw", data=data, chunks=(10, 256), compressor=None)
+    out = str(tmp_path / "default.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {"cir": "lz4", "raw": "lz4"}
+    assert f"'{src}': field 'cir': lz4" in proc.stderr.splitlines()
+    assert f"'{src}': field 'raw': lz4" in proc.stderr.splitlines()
+    out = str(tmp_path / "source.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--no-progress", "--compression", "source")
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {"cir": "zstd", "raw": "none"}
+    assert f"'{src}': field 'cir': zstd" in proc.stderr.splitlines()
