@@ -58,6 +58,8 @@ _WIDEN = _torch_unsigned_widening()
 def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
     """One sample's value of a field, as LMDBWriter takes it."""
     if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:  # a big-endian source ('>f8'): the writer takes native byte order
+            value = value.astype(value.dtype.newbyteorder("="))
         kind = value.dtype.kind  # (dtype.name is slow: this runs once per field and sample)
         if kind == "u" and _WIDEN and value.dtype.itemsize in (2, 4):
             value = value.astype(_WIDEN[value.dtype.name])  # torch < 2.3 has no uint16/uint32: widen
@@ -761,11 +763,11 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
     if counter is not None and done:
         with counter.get_lock():
             counter.value += done
-    written = 0
-    writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
-                                   user_metadata=user, commit_every=job["commit_every"],
-                                   compression=job.get("compression"))
+    written, writer, created = 0, None, not os.path.exists(out)
     try:
+        writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
+                                       user_metadata=user, commit_every=job["commit_every"],
+                                       compression=job.get("compression"))
         if done:
             writer.set_user_metadata(user)
         for position, end in _blocks(source, start + done, stop):
@@ -779,7 +781,11 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
             elif job.get("progress") is not None:
                 job["progress"].update(end - position)
     except BaseException:
-        writer.abandon()  # commits what was written; the database stays marked incomplete
+        empty = writer is None or len(writer) == 0
+        if writer is not None:
+            writer.abandon()  # commits what was written; the database stays marked incomplete
+        if created and empty:  # nothing to resume: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
         raise
     writer.close()
     return {"output": out, "written": written, "resumed_from": done}

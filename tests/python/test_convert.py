@@ -363,3 +363,29 @@ def test_compression_defaults_to_lz4_prints_each_fields_codec_and_can_follow_the
     assert proc.returncode == 0, proc.stderr
     assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {"cir": "zstd", "raw": "none"}
     assert f"'{src}': field 'cir': zstd" in proc.stderr.splitlines()
+
+
+def test_big_endian_arrays_convert_and_a_failed_start_leaves_no_output(tmp_path):
+    src = str(tmp_path / "be.zarr")
+    root = zarr.open_group(src, mode="w")
+    big = (np.arange(30, dtype=">f8") / 7).reshape(10, 3)
+    root.create_dataset("x", data=big, chunks=(4, 3))
+    root.create_dataset("n", data=np.arange(10, dtype=">i4"), chunks=(4,))
+    # zarr-python 2 returns plain arrays in native order, but VLenArray elements as stored
+    _zarr.write_ragged(root, "r", [np.arange(i % 3 + 1, dtype=">f8") for i in range(10)], chunks=4,
+                       form=_zarr.ragged_forms(2)[0])
+    out = str(tmp_path / "be.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--verify", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    ds = torch_lmdb.LMDBDataset(out)
+    np.testing.assert_array_equal(ds[9]["x"].numpy(), big[9])
+    assert int(ds[3]["n"]) == 3 and ds[5]["r"].tolist() == [0.0, 1.0, 2.0]
+    os.remove(os.path.join(src, "x", "0.0"))  # the first block fails: zarr 2 fills it, so break it instead
+    with open(os.path.join(src, "x", "0.0"), "wb") as f:
+        f.write(b"not a chunk")
+    for target, existed in ((str(tmp_path / "new" / "o.lmdb"), False), (str(tmp_path / "mine"), True)):
+        if existed:
+            os.makedirs(target)
+        proc = cli("convert", "--zarr-path", src, "--output", target, "--no-progress")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert os.path.isdir(target) == existed  # removed when created by the failed run, kept otherwise
