@@ -161,10 +161,14 @@ class _ArraySource:
 
     ``group``: convert one split group (a path such as ``train``); its arrays are named
     relative to it, the root's attributes become ``source_attrs`` and the group's
-    ``group_attrs``; arrays outside every split are handled like mismatched arrays.
+    ``group_attrs``; arrays outside every split are handled like mismatched arrays. A
+    ``path`` naming a group inside a store (``store.zarr/train``, see ``within``) carries
+    its attributes the same way.
     """
 
     format = ""
+    # (group path, the store root's attributes) when ``path`` is a group inside a store.
+    within: Optional[Tuple[str, Dict[str, Any]]] = None
 
     def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False,
                  group: Optional[str] = None, allow_external: bool = False):
@@ -201,6 +205,10 @@ class _ArraySource:
         elif self.splits:
             raise ConversionError(f"'{path}' holds splits ({', '.join(self.splits)}): convert them one database "
                                   f"each (--output-dir DIR, or --group NAME)")
+        if self.within is not None:
+            if self.group is None:
+                self.group_attrs = self.source_attrs
+            self.source_attrs = self.within[1]
         # The sample count: the first dimension most arrays share (ties: the larger).
         self.num_samples = _sample_count(arrays)
         if self.num_samples is None:
@@ -270,8 +278,9 @@ class _ArraySource:
     @property
     def provenance(self) -> Dict[str, Any]:
         prov: Dict[str, Any] = {"attrs": self.attrs, "source_attrs": self.source_attrs}
-        if self.group is not None:
-            prov["group"] = self.group
+        group = "/".join(g for g in ((self.within or ("",))[0], self.group or "") if g)
+        if group:
+            prov["group"] = group
             prov["group_attrs"] = self.group_attrs
         if self.mismatched:
             prov["mismatched_arrays"] = self.mismatched
@@ -333,6 +342,7 @@ class ZarrSource(_ArraySource):
         except Exception as e:  # zarr raises several types for a missing/invalid store
             raise ConversionError(f"cannot open Zarr store '{self.path}': {type(e).__name__}: {e}") from None
         arrays, attrs = {}, {}
+        self.within = None if isinstance(root, zarr.Array) else self._enclosing_store(_zarr)
         if isinstance(root, zarr.Array):
             name = os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
             arrays[name] = _zarr.readable(_zarr.checked(self.path, name, root, self.allow_pickle))
@@ -364,6 +374,19 @@ class ZarrSource(_ArraySource):
 
         visit(root, "")
         return arrays, attrs
+
+
+    def _enclosing_store(self, _zarr) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """``within`` for a local group path whose parent directories are Zarr groups."""
+        here = os.path.abspath(self.path)
+        root, parent = None, os.path.dirname(here)
+        while parent != os.path.dirname(parent) and any(os.path.isfile(os.path.join(parent, name))
+                                                        for name in (".zgroup", "zarr.json")):
+            root, parent = parent, os.path.dirname(parent)
+        if root is None:
+            return None
+        attrs = _zarr.open_store(root, self.allow_pickle).attrs.asdict()
+        return os.path.relpath(here, root).replace(os.sep, "/"), _plain(dict(attrs))
 
 
 class HDF5Source(_ArraySource):

@@ -389,3 +389,15 @@ def test_big_endian_arrays_convert_and_a_failed_start_leaves_no_output(tmp_path)
         proc = cli("convert", "--zarr-path", src, "--output", target, "--no-progress")
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert os.path.isdir(target) == existed  # removed when created by the failed run, kept otherwise
+
+
+def test_a_group_path_carries_the_store_roots_attributes_as_a_split_does(tmp_path):
+    src = make_zarr(tmp_path / "sim.zarr")
+    zarr.open_group(os.path.join(src, "meta"), mode="r+").attrs["kind"] = "labels"
+    proc = cli("convert", "--zarr-path", os.path.join(src, "meta"), "--output", str(tmp_path / "m.lmdb"),
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    user = torch_lmdb.LMDBDataset(str(tmp_path / "m.lmdb")).metadata["user"]
+    assert user["source_attrs"] == {"simulator": "raysim 2.1"}
+    assert user["group"] == "meta" and user["group_attrs"] == {"units": "m", "kind": "labels"}
+    assert int(torch_lmdb.LMDBDataset(str(tmp_path / "m.lmdb"))[3]["label"]) == 21
