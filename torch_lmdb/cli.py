@@ -373,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "becomes one database per split: DIR/train.lmdb, DIR/val.lmdb (--output-dir DIR).",
         epilog="Nothing is unpickled without --allow-pickle: unpickling executes code from the file, so a "
                "pickle-in-LMDB database, or a Zarr array using the Pickle codec, is refused unless you pass "
-               "--allow-pickle for a source you trust. Interrupted conversions leave the output marked incomplete; "
-               "rerun with --resume.")
+               "--allow-pickle for a source you trust. Reading other files (HDF5 external storage, links, virtual "
+               "datasets) needs --allow-external, mostly missing chunks --allow-missing-chunks (see SECURITY.md). "
+               "Interrupted conversions leave the output marked incomplete; rerun with --resume.")
     src = p.add_argument_group("source (exactly one)")
-    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr store of format 2 or 3 (a directory)")
+    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr store of format 2 or 3 (a directory; with zarr-python 2 also a .zip or a URL)")
     src.add_argument("--hdf5-path", metavar="PATH", help="an HDF5 file")
     src.add_argument("--pickle-lmdb-path", metavar="PATH",
                      help="a py-lmdb database of pickled dicts (needs --allow-pickle: unpickling executes code "
