@@ -1,11 +1,14 @@
 """Zarr through zarr-python 2.x or 3.x: metadata checks before reading, and writing helpers.
 
 Reading (used by ``torch-lmdb convert``):
-  * :func:`scan_store` parses every metadata file of a directory store itself
-    (``.zgroup``/``.zarray``/``.zattrs``/``.zmetadata`` of format 2, ``zarr.json`` of
-    format 3) before zarr opens it, so that a corrupt file is named, a format the
-    installed zarr cannot read is refused with the reason, and an array using the
-    Pickle codec is refused before any chunk is read (unpickling runs code).
+  * :func:`open_store` opens a store (directory, ``.zip``, URL) so that every metadata
+    file zarr reads (``.zgroup``/``.zarray``/``.zattrs``/``.zmetadata``, ``zarr.json``) is
+    checked first: a FIFO, a device or a file over ``METADATA_LIMIT`` is refused, a corrupt
+    one is named; and every array is checked by :func:`check_array` before any chunk is
+    decoded: the Pickle codec (unpickling runs code), a codec the installed zarr cannot
+    read, impossible shapes. zarr-python 2 reads through a checking view of its store;
+    zarr-python 3 scans a local directory first (:func:`scan_store`) and checks each array
+    as it is opened (:func:`checked`).
   * :class:`RaggedArray` reads the *offsets form* of a ragged array: a group with the
     attribute ``"ragged": true`` holding ``values`` (samples concatenated along the
     first dimension) and ``offsets`` (``n + 1`` int64, ``offsets[0] == 0``): sample i is
@@ -145,16 +148,19 @@ def check_array(store: str, name: str, meta: Dict[str, Any], allow_pickle: bool 
             raise StoreError(f"{label} has {what} {list(dims)}: every dimension must be an integer >= {low}")
 
 
-def scan_store(path: str) -> None:
+def scan_store(path: str, allow_pickle: bool = False) -> None:
     """zarr-python 3 and a local directory store: checks every metadata file (type, size,
-    JSON) before zarr reads it; a format zarr cannot read is refused by zarr itself."""
+    JSON) and every array's (:func:`check_array`) before zarr reads them, so that what
+    zarr-python 3 would fail to open is refused with the reason."""
     if not os.path.isdir(path):
         return
     for directory, subdirs, files in os.walk(path):
         subdirs.sort()
-        for name in files:
-            if name in _META_FILES:
-                _load_json(os.path.join(directory, name))
+        for name in sorted(set(files) & _META_FILES):
+            meta = _load_json(os.path.join(directory, name))
+            if name == ".zarray" or (name == "zarr.json" and meta.get("node_type") == "array"):
+                rel = os.path.relpath(directory, path).replace(os.sep, "/")
+                check_array(path, os.path.basename(path.rstrip("/")) if rel == "." else rel, meta, allow_pickle)
 
 
 def _store_class():
@@ -230,7 +236,7 @@ def open_store(path: str, allow_pickle: bool = False):
     (:func:`checked`). Raises :class:`StoreError` naming the file, the array or the reason."""
     zarr = _zarr()
     if zarr_major() >= 3:
-        scan_store(path)
+        scan_store(path, allow_pickle)
         return zarr.open(path, mode="r")
     store = _store_class()(zarr.storage.normalize_store_arg(path, mode="r"), path.rstrip("/"), allow_pickle)
     if "zarr.json" in store and ".zgroup" not in store and ".zarray" not in store:
