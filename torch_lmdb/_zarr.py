@@ -1,11 +1,14 @@
 """Zarr through zarr-python 2.x or 3.x: metadata checks before reading, and writing helpers.
 
 Reading (used by ``torch-lmdb convert``):
-  * :func:`scan_store` parses every metadata file of a directory store itself
-    (``.zgroup``/``.zarray``/``.zattrs``/``.zmetadata`` of format 2, ``zarr.json`` of
-    format 3) before zarr opens it, so that a corrupt file is named, a format the
-    installed zarr cannot read is refused with the reason, and an array using the
-    Pickle codec is refused before any chunk is read (unpickling runs code).
+  * :func:`open_store` opens a store (directory, ``.zip``, URL) so that every metadata
+    file zarr reads (``.zgroup``/``.zarray``/``.zattrs``/``.zmetadata``, ``zarr.json``) is
+    checked first: a FIFO, a device or a file over ``METADATA_LIMIT`` is refused, a corrupt
+    one is named; and every array is checked by :func:`check_array` before any chunk is
+    decoded: the Pickle codec (unpickling runs code), a codec the installed zarr cannot
+    read, impossible shapes. zarr-python 2 reads through a checking view of its store;
+    zarr-python 3 scans a local directory first (:func:`scan_store`) and checks each array
+    as it is opened (:func:`checked`).
   * :class:`RaggedArray` reads the *offsets form* of a ragged array: a group with the
     attribute ``"ragged": true`` holding ``values`` (samples concatenated along the
     first dimension) and ``offsets`` (``n + 1`` int64, ``offsets[0] == 0``): sample i is
@@ -18,12 +21,13 @@ calls that works with either zarr-python: :func:`open_group`, :func:`write_array
 """
 import json
 import os
+import stat
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["zarr_major", "writable_formats", "ragged_forms", "scan_store", "RaggedArray", "open_group",
+__all__ = ["zarr_major", "writable_formats", "ragged_forms", "open_store", "checked", "check_array", "RaggedArray", "open_group",
            "create_array", "write_array", "write_strings", "write_ragged", "StoreError"]
 
 _V2_FILES = (".zgroup", ".zarray", ".zattrs", ".zmetadata")
@@ -59,14 +63,40 @@ def ragged_forms(zarr_format: int) -> List[str]:
 # Reading
 
 
+# Metadata files larger than this are refused (SECURITY.md): a real one is a few KiB.
+METADATA_LIMIT = 64 << 20
+_META_FILES = frozenset(_V2_FILES + ("zarr.json",))
+
+
+def _parse_json(data: bytes, file: str) -> Any:
+    try:
+        meta = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise StoreError(f"Zarr metadata file '{file}' is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"Zarr metadata file '{file}' holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _check_entry(file: str, regular: bool, size: int) -> None:
+    """Refuses a metadata entry that is not a regular file (a FIFO blocks, /dev/zero never
+    ends) or is larger than METADATA_LIMIT, before anything reads it."""
+    if not regular:
+        raise StoreError(f"Zarr metadata file '{file}' is not a regular file (a device, FIFO or socket)")
+    if size > METADATA_LIMIT:
+        raise StoreError(f"Zarr metadata file '{file}' holds {size} bytes, more than the "
+                         f"{METADATA_LIMIT >> 20} MiB a metadata file may hold")
+
+
 def _load_json(path: str) -> Any:
     try:
+        st = os.stat(path)
+        _check_entry(path, stat.S_ISREG(st.st_mode), st.st_size)
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        raise StoreError(f"Zarr metadata file '{path}' is not valid JSON: {e}") from None
+            data = f.read(METADATA_LIMIT + 1)
     except OSError as e:
         raise StoreError(f"cannot read Zarr metadata file '{path}': {e.strerror}") from None
+    return _parse_json(data, path)
 
 
 def _codec_ids(meta: Dict[str, Any]) -> List[str]:
@@ -96,59 +126,132 @@ def _is_pickle(codec_id: str) -> bool:
     return codec_id.lower().rsplit(".", 1)[-1] == "pickle"  # "pickle", "numcodecs.pickle"
 
 
-def scan_store(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
-    """Checks a directory store's metadata before zarr reads it.
+def check_array(store: str, name: str, meta: Dict[str, Any], allow_pickle: bool = False) -> None:
+    """Refuses an array, from its metadata (a .zarray or zarr.json dict, or what zarr-python
+    3 parsed), before any of its chunks (or a format 2 object fill value) is decoded: a Pickle
+    codec unless ``allow_pickle``, a codec the installed zarr-python cannot read, a negative
+    dimension or a chunk dimension below 1. The message names ``store`` and the array."""
+    label = f"'{store}': array '{name}'"
+    ids = _codec_ids(meta)
+    if any(_is_pickle(c) for c in ids) and not allow_pickle:
+        raise StoreError(f"{label} uses the Pickle codec: reading it runs code stored in the file; "
+                         f"pass --allow-pickle (allow_pickle=True) only for a store you trust")
+    if zarr_major() >= 3 and any(c.lower() in ("vlen-array", "numcodecs.vlen-array") for c in ids):
+        raise StoreError(f"{label} is a ragged VLenArray array, which zarr-python {_zarr().__version__} "
+                         f"cannot read; convert it with zarr-python 2, or store it as a ragged group "
+                         f"(values + offsets, see README)")
+    grid = meta.get("chunk_grid")
+    chunks = ((grid.get("configuration") or {}).get("chunk_shape") if isinstance(grid, dict)
+              else meta.get("chunks"))
+    for what, dims, low in (("shape", meta.get("shape"), 0), ("chunk shape", chunks, 1)):
+        if isinstance(dims, (list, tuple)) and any(not isinstance(d, int) or d < low for d in dims):
+            raise StoreError(f"{label} has {what} {list(dims)}: every dimension must be an integer >= {low}")
 
-    Returns ``{"format": 2 | 3, "arrays": {name: metadata}}``. Raises
-    :class:`StoreError` naming the file for corrupt metadata, naming the array for a
-    Pickle codec (unless ``allow_pickle``) or for a codec the installed zarr-python
-    cannot read, and naming the reason for a format it cannot read. Stores that are not
-    local directories are left to zarr.
-    """
+
+def scan_store(path: str, allow_pickle: bool = False) -> None:
+    """zarr-python 3 and a local directory store: checks every metadata file (type, size,
+    JSON) and every array's (:func:`check_array`) before zarr reads them, so that what
+    zarr-python 3 would fail to open is refused with the reason."""
     if not os.path.isdir(path):
-        return {"format": None, "arrays": {}}
-    arrays: Dict[str, Dict[str, Any]] = {}
-    formats = set()
+        return
     for directory, subdirs, files in os.walk(path):
         subdirs.sort()
-        rel = os.path.relpath(directory, path).replace(os.sep, "/")
-        rel = "" if rel == "." else rel
-        for name in files:
-            if name not in _V2_FILES and name != "zarr.json":
-                continue
-            file = os.path.join(directory, name)
-            meta = _load_json(file)
-            if not isinstance(meta, dict):
-                raise StoreError(f"Zarr metadata file '{file}' holds a {type(meta).__name__}, not an object")
-            formats.add(3 if name == "zarr.json" else 2)
+        for name in sorted(set(files) & _META_FILES):
+            meta = _load_json(os.path.join(directory, name))
             if name == ".zarray" or (name == "zarr.json" and meta.get("node_type") == "array"):
-                arrays[rel] = meta
-            elif name == ".zmetadata":  # consolidated format 2: {"metadata": {"x/.zarray": {...}}}
-                for key, inner in (meta.get("metadata") or {}).items():
-                    if key.endswith("/.zarray") or key == ".zarray":
-                        arrays.setdefault("/".join(p for p in (rel, key[: -len(".zarray")].rstrip("/")) if p),
-                                          inner)
-            if name == "zarr.json":  # consolidated format 3 lives in the group's own zarr.json
-                consolidated = (meta.get("consolidated_metadata") or {}).get("metadata") or {}
-                for key, inner in consolidated.items():
-                    if isinstance(inner, dict) and inner.get("node_type") == "array":
-                        arrays.setdefault("/".join(p for p in (rel, key) if p), inner)
-    store_format = 3 if 3 in formats else (2 if formats else None)
-    major = zarr_major()
-    if store_format == 3 and major < 3:
-        raise StoreError(f"'{path}' is a Zarr format 3 store (zarr.json); zarr-python {_zarr().__version__} "
+                rel = os.path.relpath(directory, path).replace(os.sep, "/")
+                check_array(path, os.path.basename(path.rstrip("/")) if rel == "." else rel, meta, allow_pickle)
+
+
+def _store_class():
+    """zarr-python 2: the read-only store view that checks each metadata entry as zarr reads it."""
+    zarr = _zarr()
+
+    class CheckedStore(zarr.storage.Store):
+        """Every metadata entry zarr asks for (``.zarray``, ``.zattrs``, ...) is checked
+        before it is read (:func:`_check_entry`: no FIFO, device or oversized file; names the
+        file), and every ``.zarray`` is checked (:func:`check_array`) before zarr decodes it,
+        so nothing in it (an object fill value) and no chunk is unpickled. Works for every
+        store zarr opens from a path: a directory (symlinked or not), a ``.zip``, an URL."""
+
+        def __init__(self, inner, label: str, allow_pickle: bool):
+            self._inner, self._label, self._allow_pickle = inner, label, allow_pickle
+
+        def _entry(self, key: str):
+            """(regular file, size) of ``key`` without reading it, or None when absent."""
+            inner = self._inner
+            try:
+                if hasattr(inner, "zf"):  # ZipStore
+                    info = inner.zf.getinfo(key)
+                    return not info.is_dir(), info.file_size
+                if hasattr(inner, "fs"):  # FSStore (URLs)
+                    info = inner.fs.info(inner.map._key_to_str(inner._normalize_key(key)))
+                    return info.get("type") == "file", int(info.get("size") or 0)
+                st = os.stat(os.path.join(inner.path, key))  # DirectoryStore
+                return stat.S_ISREG(st.st_mode), st.st_size
+            except (KeyError, FileNotFoundError, NotADirectoryError):
+                return None
+
+        def _checked(self, key: str) -> bool:
+            entry = self._entry(key) if key.rsplit("/", 1)[-1] in _META_FILES else None
+            if entry is not None:
+                _check_entry(f"{self._label}/{key}", *entry)
+            return entry is not None
+
+        def __contains__(self, key):
+            return self._checked(key) or key in self._inner
+
+        def __getitem__(self, key):
+            if not self._checked(key):
+                return self._inner[key]
+            data = self._inner[key]
+            meta = _parse_json(data, f"{self._label}/{key}")
+            if key.endswith(".zarray"):
+                name = key[: -len(".zarray")].strip("/") or os.path.basename(self._label.rstrip("/"))
+                check_array(self._label, name, meta, self._allow_pickle)
+            return data
+
+        def __iter__(self):
+            return iter(self._inner)
+
+        def __len__(self):
+            return len(self._inner)
+
+        def listdir(self, path=None):
+            return zarr.storage.listdir(self._inner, path)
+
+        def __setitem__(self, key, value):
+            raise PermissionError(f"'{self._label}' is opened read-only")
+
+        __delitem__ = __setitem__
+
+    return CheckedStore
+
+
+def open_store(path: str, allow_pickle: bool = False):
+    """``zarr.open(path, mode="r")`` (an array or a group), with every metadata file checked
+    and every array checked by :func:`check_array` before zarr decodes it. zarr-python 2 reads
+    through a checking view of the store it opens (directory, ``.zip``, URL); zarr-python 3
+    checks a local directory's metadata files first, and each array when it is opened
+    (:func:`checked`). Raises :class:`StoreError` naming the file, the array or the reason."""
+    zarr = _zarr()
+    if zarr_major() >= 3:
+        scan_store(path, allow_pickle)
+        return zarr.open(path, mode="r")
+    store = _store_class()(zarr.storage.normalize_store_arg(path, mode="r"), path.rstrip("/"), allow_pickle)
+    if "zarr.json" in store and ".zgroup" not in store and ".zarray" not in store:
+        raise StoreError(f"'{path}' is a Zarr format 3 store (zarr.json); zarr-python {zarr.__version__} "
                          f"reads format 2 only: convert it with zarr-python >= 3")
-    for name, meta in sorted(arrays.items()):
-        ids = _codec_ids(meta)
-        label = name or os.path.basename(path.rstrip("/"))
-        if any(_is_pickle(c) for c in ids) and not allow_pickle:
-            raise StoreError(f"'{path}': array '{label}' uses the Pickle codec: reading it runs code stored in the "
-                             f"file; pass --allow-pickle (allow_pickle=True) only for a store you trust")
-        if major >= 3 and any(c.lower() in ("vlen-array", "numcodecs.vlen-array") for c in ids):
-            raise StoreError(f"'{path}': array '{label}' is a ragged VLenArray array, which zarr-python "
-                             f"{_zarr().__version__} cannot read; convert it with zarr-python 2, or store it "
-                             f"as a ragged group (values + offsets, see README)")
-    return {"format": store_format, "arrays": arrays}
+    return zarr.open(store, mode="r")
+
+
+def checked(store: str, name: str, array, allow_pickle: bool = False):
+    """``array`` (opened by :func:`open_store`) after :func:`check_array`; zarr-python 2
+    checked it as it opened it, zarr-python 3 from the metadata it parsed (which decodes no
+    chunk)."""
+    if zarr_major() >= 3:
+        check_array(store, name, array.metadata.to_dict(), allow_pickle)
+    return array
 
 
 class RaggedArray:

@@ -307,8 +307,9 @@ def _cmd_convert(args) -> int:
     options = dict(fields=fields, limit=args.limit, shards=args.shards, map_size=args.map_size, resume=args.resume,
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
                    commit_every=args.commit_every, allow_pickle=args.allow_pickle,
-                   compression=args.compression)
-    splits, _ = convert.store_splits(kind, source, args.allow_pickle)
+                   compression=args.compression, allow_external=args.allow_external,
+                   allow_missing_chunks=args.allow_missing_chunks)
+    splits, _ = convert.store_splits(kind, source, args.allow_pickle, args.allow_external)
     groups = args.group or []
     try:
         if args.output and len(groups) == 1:  # one group to a named database
@@ -359,6 +360,8 @@ def _cmd_convert_dask(args, kind: str, source: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from torch_lmdb.convert import COMPRESSIONS
+
     parser = argparse.ArgumentParser(prog="torch-lmdb", description="Convert, inspect and verify torch_lmdb databases.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -370,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "becomes one database per split: DIR/train.lmdb, DIR/val.lmdb (--output-dir DIR).",
         epilog="Nothing is unpickled without --allow-pickle: unpickling executes code from the file, so a "
                "pickle-in-LMDB database, or a Zarr array using the Pickle codec, is refused unless you pass "
-               "--allow-pickle for a source you trust. Interrupted conversions leave the output marked incomplete; "
-               "rerun with --resume.")
+               "--allow-pickle for a source you trust. Reading other files (HDF5 external storage, links, virtual "
+               "datasets) needs --allow-external, mostly missing chunks --allow-missing-chunks (see SECURITY.md). "
+               "Interrupted conversions leave the output marked incomplete; rerun with --resume.")
     src = p.add_argument_group("source (exactly one)")
-    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr store of format 2 or 3 (a directory)")
+    src.add_argument("--zarr-path", metavar="PATH", help="a Zarr store of format 2 or 3 (a directory; with zarr-python 2 also a .zip or a URL)")
     src.add_argument("--hdf5-path", metavar="PATH", help="an HDF5 file")
     src.add_argument("--pickle-lmdb-path", metavar="PATH",
                      help="a py-lmdb database of pickled dicts (needs --allow-pickle: unpickling executes code "
@@ -381,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling: --pickle-lmdb-path, and Zarr arrays using the Pickle codec; "
                         "only for sources you trust")
+    p.add_argument("--allow-external", action="store_true",
+                   help="allow an HDF5 source to read other files: external storage, external links and "
+                        "virtual datasets whose data lies outside it; only for sources you trust")
     p.add_argument("--output-dir", metavar="DIR",
                    help="write DIR/<source name>.lmdb, or DIR/<split>.lmdb per split of a store with splits "
                         "(a nested group a/b becomes a__b.lmdb) (default: the current directory)")
@@ -406,9 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="leave out arrays whose first dimension is not the sample count, printing a warning "
                         "line for each (default: keep small ones in the metadata, refuse large ones)")
-    p.add_argument("--compression", choices=("auto", "none", "lz4", "zstd"), default="auto",
-                   help="Blosc codec of the tensor fields (default auto: each array's own compressor's "
-                        "nearest, none for an uncompressed array)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="lz4",
+                   help="Blosc codec of the tensor fields (default lz4, the fastest to read; source: each "
+                        "array's own compressor's nearest, none for an uncompressed array); each field's "
+                        "codec is printed on stderr")
+    p.add_argument("--allow-missing-chunks", action="store_true",
+                   help="convert an array even when more than half of the chunks its samples need are missing "
+                        "(written as fill values); refused by default")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same output")
     p.add_argument("--verify", action="store_true", help="read back every sample and compare it with the source")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),

@@ -7,11 +7,13 @@ stored as the ``user`` metadata of the output. :func:`convert` writes one or
 several shards (in parallel processes), resumes an interrupted run and
 verifies the result against the source.
 """
+import base64
 import datetime
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -56,6 +58,8 @@ _WIDEN = _torch_unsigned_widening()
 def _to_sample_value(name: str, value: Any, element_shape: Optional[Sequence[int]] = None) -> Any:
     """One sample's value of a field, as LMDBWriter takes it."""
     if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:  # a big-endian source ('>f8'): the writer takes native byte order
+            value = value.astype(value.dtype.newbyteorder("="))
         kind = value.dtype.kind  # (dtype.name is slow: this runs once per field and sample)
         if kind == "u" and _WIDEN and value.dtype.itemsize in (2, 4):
             value = value.astype(_WIDEN[value.dtype.name])  # torch < 2.3 has no uint16/uint32: widen
@@ -157,16 +161,21 @@ class _ArraySource:
 
     ``group``: convert one split group (a path such as ``train``); its arrays are named
     relative to it, the root's attributes become ``source_attrs`` and the group's
-    ``group_attrs``; arrays outside every split are handled like mismatched arrays.
+    ``group_attrs``; arrays outside every split are handled like mismatched arrays. A
+    ``path`` naming a group inside a store (``store.zarr/train``, see ``within``) carries
+    its attributes the same way.
     """
 
     format = ""
+    # (group path, the store root's attributes) when ``path`` is a group inside a store.
+    within: Optional[Tuple[str, Dict[str, Any]]] = None
 
     def __init__(self, path: str, skip_mismatched: bool, allow_pickle: bool = False,
-                 group: Optional[str] = None):
+                 group: Optional[str] = None, allow_external: bool = False):
         self.path = path
         self.skip_mismatched = skip_mismatched
         self.allow_pickle = allow_pickle
+        self.allow_external = allow_external
         arrays, attrs = self._walk()
         if not arrays:
             raise ConversionError(f"'{path}' holds no arrays")
@@ -196,6 +205,10 @@ class _ArraySource:
         elif self.splits:
             raise ConversionError(f"'{path}' holds splits ({', '.join(self.splits)}): convert them one database "
                                   f"each (--output-dir DIR, or --group NAME)")
+        if self.within is not None:
+            if self.group is None:
+                self.group_attrs = self.source_attrs
+            self.source_attrs = self.within[1]
         # The sample count: the first dimension most arrays share (ties: the larger).
         self.num_samples = _sample_count(arrays)
         if self.num_samples is None:
@@ -219,7 +232,7 @@ class _ArraySource:
             elif nbytes <= MISMATCHED_METADATA_LIMIT and not variable:
                 value = np.asarray(array[...])
                 self.mismatched[name] = {"dtype": str(value.dtype), "shape": list(value.shape),
-                                         "value": value.tolist() if value.dtype.kind not in "SV" else None}
+                                         "value": _plain(value) if value.dtype.kind not in "SV" else None}
             else:
                 raise ConversionError(
                     f"{where}: array '{name}' has shape {list(array.shape)}, not {self.num_samples} samples "
@@ -265,8 +278,9 @@ class _ArraySource:
     @property
     def provenance(self) -> Dict[str, Any]:
         prov: Dict[str, Any] = {"attrs": self.attrs, "source_attrs": self.source_attrs}
-        if self.group is not None:
-            prov["group"] = self.group
+        group = "/".join(g for g in ((self.within or ("",))[0], self.group or "") if g)
+        if group:
+            prov["group"] = group
             prov["group_attrs"] = self.group_attrs
         if self.mismatched:
             prov["mismatched_arrays"] = self.mismatched
@@ -276,13 +290,18 @@ class _ArraySource:
 
 
 def _plain(value: Any) -> Any:
-    """Attribute values as JSON-compatible Python values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    """Attribute values as JSON values (README, Provenance): NaN and infinities become the
+    strings "NaN", "Infinity", "-Infinity"; bytes a str when they are UTF-8, else
+    ``{"base64": "..."}``."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -293,9 +312,9 @@ def _plain(value: Any) -> Any:
 class ZarrSource(_ArraySource):
     """Zarr stores of format 2 and 3, through zarr-python 2.x or 3.x (see torch_lmdb._zarr).
 
-    Every metadata file is checked before zarr opens the store: corrupt JSON names the
-    file, and an array with the Pickle codec is refused before any chunk is read unless
-    ``allow_pickle``. A group with the attribute ``"ragged": true`` (``values`` +
+    Every metadata file is checked as zarr reads it (see _zarr.open_store): corrupt JSON,
+    a FIFO or an oversized file names the file, and an array with the Pickle codec is
+    refused before any chunk is read unless ``allow_pickle``. A group with the attribute ``"ragged": true`` (``values`` +
     ``offsets``) is one ragged field.
     """
 
@@ -308,19 +327,25 @@ class ZarrSource(_ArraySource):
 
         from torch_lmdb import _zarr
 
-        try:
-            _zarr.scan_store(self.path, allow_pickle=self.allow_pickle)
-        except _zarr.StoreError as e:
-            raise ConversionError(str(e)) from None
         # zarr 3 warns on every open that vlen-utf8 / vlen-bytes are "not part of the v3 spec" yet.
         warnings.filterwarnings("ignore", message=r".*not part in the Zarr format 3 specification", category=UserWarning)
         try:
-            root = zarr.open(self.path, mode="r")
+            return self._visit_store(zarr, _zarr)
+        except _zarr.StoreError as e:
+            raise ConversionError(str(e)) from None
+
+    def _visit_store(self, zarr, _zarr):
+        try:
+            root = _zarr.open_store(self.path, self.allow_pickle)
+        except _zarr.StoreError:
+            raise
         except Exception as e:  # zarr raises several types for a missing/invalid store
             raise ConversionError(f"cannot open Zarr store '{self.path}': {type(e).__name__}: {e}") from None
         arrays, attrs = {}, {}
+        self.within = None if isinstance(root, zarr.Array) else self._enclosing_store(_zarr)
         if isinstance(root, zarr.Array):
-            arrays[os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]] = _zarr.readable(root)
+            name = os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
+            arrays[name] = _zarr.readable(_zarr.checked(self.path, name, root, self.allow_pickle))
             return arrays, attrs
 
         def visit(group, prefix):
@@ -329,13 +354,16 @@ class ZarrSource(_ArraySource):
                 attrs[prefix or "/"] = _plain(group_attrs)
             for name, array in sorted(group.arrays(), key=lambda kv: kv[0]):
                 path = f"{prefix}{name}"
-                arrays[path] = _zarr.readable(array)
+                arrays[path] = _zarr.readable(_zarr.checked(self.path, path, array, self.allow_pickle))
                 if array.attrs.asdict():
                     attrs[path] = _plain(dict(array.attrs.asdict()))
             for name, sub in sorted(group.groups(), key=lambda kv: kv[0]):
                 sub_attrs = dict(sub.attrs.asdict())
                 if sub_attrs.get("ragged") is True:
                     path = f"{prefix}{name}"
+                    for part in ("values", "offsets"):
+                        if part in sub:
+                            _zarr.checked(self.path, f"{path}/{part}", sub[part], self.allow_pickle)
                     try:
                         arrays[path] = _zarr.RaggedArray(sub, path)
                     except _zarr.StoreError as e:
@@ -346,6 +374,19 @@ class ZarrSource(_ArraySource):
 
         visit(root, "")
         return arrays, attrs
+
+
+    def _enclosing_store(self, _zarr) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """``within`` for a local group path whose parent directories are Zarr groups."""
+        here = os.path.abspath(self.path)
+        root, parent = None, os.path.dirname(here)
+        while parent != os.path.dirname(parent) and any(os.path.isfile(os.path.join(parent, name))
+                                                        for name in (".zgroup", "zarr.json")):
+            root, parent = parent, os.path.dirname(parent)
+        if root is None:
+            return None
+        attrs = _zarr.open_store(root, self.allow_pickle).attrs.asdict()
+        return os.path.relpath(here, root).replace(os.sep, "/"), _plain(dict(attrs))
 
 
 class HDF5Source(_ArraySource):
@@ -364,12 +405,51 @@ class HDF5Source(_ArraySource):
             if obj.attrs:
                 attrs[name] = _plain({k: obj.attrs[k] for k in obj.attrs})
             if isinstance(obj, h5py.Dataset):
+                self._refuse_external(name, self._outside_files(obj))
                 arrays[name] = _HDF5Array(obj)
 
         if self._file.attrs:
             attrs["/"] = _plain({k: self._file.attrs[k] for k in self._file.attrs})
         self._file.visititems(visit)
+        for name, target in self._external_links():  # visititems does not follow them
+            self._refuse_external(name, [target])
+            obj = self._file[name]
+            visit(name, obj)
+            if isinstance(obj, h5py.Group):
+                obj.visititems(lambda inner, o: visit(f"{name}/{inner}", o))
         return arrays, attrs
+
+    def _external_links(self) -> List[Tuple[str, str]]:
+        """(link path, target file) of every external link in the file."""
+        import h5py
+
+        links: List[Tuple[str, str]] = []
+
+        def add(name, info):
+            if info.type == h5py.h5l.TYPE_EXTERNAL:
+                name = name.decode("utf-8", "replace")
+                links.append((name, self._file.get(name, getlink=True).filename))
+
+        self._file.id.links.visit(add, info=True)
+        return sorted(links)
+
+    def _outside_files(self, dataset) -> List[str]:
+        """The files other than the source that hold ``dataset``'s data: external storage
+        (``external=``) and the sources of a virtual dataset."""
+        files = [name for name, _, _ in dataset.external or []]
+        if dataset.is_virtual:
+            here = os.path.realpath(self.path)
+            for source in dataset.virtual_sources():
+                target = os.path.join(os.path.dirname(here), source.file_name)
+                if source.file_name != "." and os.path.realpath(target) != here:
+                    files.append(source.file_name)
+        return files
+
+    def _refuse_external(self, name: str, files: List[str]) -> None:
+        if files and not self.allow_external:
+            raise ConversionError(f"'{self.path}': '{name}' reads the file(s) {', '.join(map(repr, files))} outside "
+                                  f"the source (external storage, external link or virtual dataset); pass "
+                                  f"--allow-external (allow_external=True) only for a source you trust")
 
 class _HDF5Array:
     """An h5py dataset with variable-length and string types as numpy objects."""
@@ -536,40 +616,88 @@ def source_codec(array) -> str:
     return "none"
 
 
-def source_compression(source, fields: Sequence[str], compression: str = "auto") -> Any:
-    """The ``compression=`` of LMDBWriter for ``fields`` of an open source:
-    "auto" follows each array's compressor (see source_codec; a pickle-in-LMDB
-    source has none); "none", "lz4", "zstd" apply to every field."""
-    if compression != "auto":
-        if compression not in ("none", "lz4", "zstd"):
-            raise ConversionError(f"--compression must be auto, none, lz4 or zstd, got {compression!r}")
-        return compression
-    arrays = getattr(source, "_arrays", {})
-    return {name: source_codec(arrays[name]) for name in fields if name in arrays}
+COMPRESSIONS = ("lz4", "zstd", "none", "source")
+
+
+def source_compression(source, fields: Sequence[str], compression: str = "lz4") -> Dict[str, str]:
+    """The codec of each of ``fields`` of an open source (``compression=`` of LMDBWriter):
+    "lz4" (the default: README advises it for data read every epoch), "zstd" and "none"
+    apply to every field; "source" (formerly "auto") follows each array's compressor (see
+    source_codec; a pickle-in-LMDB source has none)."""
+    if compression in ("source", "auto"):
+        arrays = getattr(source, "_arrays", {})
+        return {name: source_codec(arrays[name]) if name in arrays else "none" for name in fields}
+    if compression not in COMPRESSIONS:
+        raise ConversionError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    return {name: compression for name in fields}
 
 
 def open_source(kind: str, path: str, skip_mismatched: bool = False, allow_pickle: bool = False,
-                group: Optional[str] = None):
+                group: Optional[str] = None, allow_external: bool = False):
     """A source of ``kind`` ("zarr", "hdf5", "pickle-lmdb"). Nothing is unpickled unless
     ``allow_pickle``: a Zarr array with the Pickle codec is refused, and a pickle-in-LMDB
-    database is refused as a whole. ``group``: one split group of a Zarr store or HDF5
-    file (see :func:`find_splits`); a store with splits needs one."""
-    if group is not None:
-        if kind == "pickle-lmdb":
+    database is refused as a whole. No file outside an HDF5 source is read unless
+    ``allow_external`` (external storage, external links, virtual datasets). ``group``: one
+    split group of a Zarr store or HDF5 file (see :func:`find_splits`); a store with splits
+    needs one."""
+    if kind == "pickle-lmdb":
+        if group is not None:
             raise ConversionError(f"'{path}': a pickle-in-LMDB database has no groups (--group {group})")
-        return SOURCES[kind](path, skip_mismatched, allow_pickle, group=group)
-    return SOURCES[kind](path, skip_mismatched, allow_pickle)
+        return SOURCES[kind](path, skip_mismatched, allow_pickle)
+    return SOURCES[kind](path, skip_mismatched, allow_pickle, group=group, allow_external=allow_external)
 
 
-def store_splits(kind: str, path: str, allow_pickle: bool = False) -> Tuple[List[str], List[str]]:
+def store_splits(kind: str, path: str, allow_pickle: bool = False,
+                 allow_external: bool = False) -> Tuple[List[str], List[str]]:
     """``(splits, groups)`` of a source: the split groups :func:`find_splits` detects ([] for
     a store that is one dataset) and every group path that holds arrays."""
     if kind not in ("zarr", "hdf5"):
         return [], []
     source = SOURCES[kind].__new__(SOURCES[kind])
-    source.path, source.allow_pickle = path, allow_pickle
+    source.path, source.allow_pickle, source.allow_external = path, allow_pickle, allow_external
     arrays, _ = source._walk()
     return find_splits(arrays), _group_paths(arrays)
+
+
+def _chunk_coverage(array, n: int) -> Optional[Tuple[int, int]]:
+    """(stored, needed): how many of the storage chunks (Zarr chunks or shards, HDF5 chunks)
+    holding the first ``n`` samples of ``array`` exist; None when not chunked or unknown."""
+    dataset = getattr(array, "_ds", None)  # _HDF5Array
+    if dataset is not None:
+        if dataset.chunks is None:
+            return None
+        grid = [math.ceil(s / c) for s, c in zip(dataset.shape, dataset.chunks)]
+        rows, stored = dataset.chunks[0], dataset.id.get_num_chunks()
+    elif hasattr(array, "nchunks_initialized"):
+        grid = list(array.cdata_shape)
+        rows, stored = (getattr(array, "shards", None) or array.chunks)[0], array.nchunks_initialized
+    else:
+        return None
+    needed = math.ceil(n / rows) * math.prod(grid[1:])
+    return min(stored, needed), needed
+
+
+def _check_feasible(source, label: str, names: Sequence[str], n: int, output: str,
+                    allow_missing_chunks: bool) -> None:
+    """Refuses, before anything is written, a conversion that would mostly write fill
+    values (more than half of the chunks its samples need are missing, unless
+    ``allow_missing_chunks``) or whose output would not fit in the free space."""
+    arrays = getattr(source, "_arrays", {})
+    for name in names:
+        coverage = _chunk_coverage(arrays[name], n) if name in arrays else None
+        if coverage and 2 * coverage[0] < coverage[1] and not allow_missing_chunks:
+            raise ConversionError(f"{label}: array '{name}' stores {coverage[0]:,} of the {coverage[1]:,} chunks its "
+                                  f"{n:,} samples need (the rest would be written as fill values); pass "
+                                  f"--allow-missing-chunks (allow_missing_chunks=True) if that is intended")
+    estimate = n * sum(source._row_bytes(arrays[name]) for name in names if name in arrays)
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if estimate > free:
+        raise ConversionError(f"{label}: {n:,} samples need about {_human_bytes(estimate)} before compression, more "
+                              f"than the {_human_bytes(free)} free under '{parent}'; convert fewer (--limit N) "
+                              f"or free space")
 
 
 def shard_ranges(n: int, shards: int) -> List[Tuple[int, int]]:
@@ -628,7 +756,7 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConversionWarning)
             source = open_source(job["kind"], job["source"], job["skip_mismatched"], job["allow_pickle"],
-                                 job.get("group"))
+                                 job.get("group"), job.get("allow_external", False))
     start, stop, out, fields = job["start"], job["stop"], job["output"], job["fields"]
     user = dict(source.provenance)
     user["source"] = {"format": source.format, "path": os.path.abspath(job["source"]),
@@ -658,11 +786,11 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
     if counter is not None and done:
         with counter.get_lock():
             counter.value += done
-    written = 0
-    writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
-                                   user_metadata=user, commit_every=job["commit_every"],
-                                   compression=job.get("compression"))
+    written, writer, created = 0, None, not os.path.exists(out)
     try:
+        writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
+                                       user_metadata=user, commit_every=job["commit_every"],
+                                       compression=job.get("compression"))
         if done:
             writer.set_user_metadata(user)
         for position, end in _blocks(source, start + done, stop):
@@ -676,7 +804,11 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
             elif job.get("progress") is not None:
                 job["progress"].update(end - position)
     except BaseException:
-        writer.abandon()  # commits what was written; the database stays marked incomplete
+        empty = writer is None or len(writer) == 0
+        if writer is not None:
+            writer.abandon()  # commits what was written; the database stays marked incomplete
+        if created and empty:  # nothing to resume: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
         raise
     writer.close()
     return {"output": out, "written": written, "resumed_from": done}
@@ -721,12 +853,14 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             limit: Optional[int] = None, shards: int = 1, map_size: Optional[int] = None,
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
-            group: Optional[str] = None, log=print, compression: str = "auto") -> List[str]:
+            group: Optional[str] = None, log=print, compression: str = "lz4",
+            allow_external: bool = False, allow_missing_chunks: bool = False) -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
-    returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``: see
-    :func:`open_source`; ``compression``: see
+    returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``,
+    ``allow_external``: see :func:`open_source`; ``allow_missing_chunks``: see
+    :func:`_check_feasible`; ``compression``: see
     :func:`source_compression`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
-    source = open_source(kind, source_path, skip_mismatched, allow_pickle, group)
+    source = open_source(kind, source_path, skip_mismatched, allow_pickle, group, allow_external)
     label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
     names = list(source.fields)
     if fields:
@@ -739,14 +873,19 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
         raise ConversionError(f"--shards must be between 1 and the sample count ({n}), got {shards}")
     if os.path.abspath(output) == os.path.abspath(source_path):
         raise ConversionError(f"the output '{output}' is the source itself")
+    _check_feasible(source, label, names, n, output, allow_missing_chunks)
     ranges = shard_ranges(n, shards)
     paths = output_paths(output, shards)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    codecs = source_compression(source, names, compression)
+    for name in names:
+        log(f"{label}: field {name!r}: {codecs[name]}", file=sys.stderr)
     jobs = [dict(kind=kind, source=source_path, skip_mismatched=skip_mismatched, allow_pickle=allow_pickle,
+                 allow_external=allow_external,
                  start=a, stop=b, output=p, group=source.group,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp,
-                 compression=source_compression(source, names, compression))
+                 compression=codecs)
             for p, (a, b) in zip(paths, ranges)]
     desc = os.path.basename(source_path.rstrip("/")) + (f"/{group}" if group is not None else "")
     bar = _bar(progress, n, f"converting {desc}")
@@ -795,7 +934,8 @@ def convert_splits(kind: str, source_path: str, output_dir: str, *, groups: Opti
     (:func:`split_file_name`); returns ``{group: paths}``. ``groups``: some of the splits
     (or any group paths holding arrays); default: every split :func:`find_splits` detects.
     ``options`` go to :func:`convert` for each split (``fields`` and ``limit`` apply per split)."""
-    splits, available = store_splits(kind, source_path, options.get("allow_pickle", False))
+    splits, available = store_splits(kind, source_path, options.get("allow_pickle", False),
+                                     options.get("allow_external", False))
     if groups:
         chosen = [g.strip("/") for g in groups]
         unknown = [g for g in chosen if g not in available]

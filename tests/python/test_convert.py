@@ -342,3 +342,62 @@ def test_interrupted_conversion_is_incomplete_then_resumes(tmp_path, sig, shards
     assert len(ds) == n and all(torch_lmdb.info(p)["complete"] for p in outputs)
     batch = ds.get_batch(list(range(0, n, 997)))
     np.testing.assert_array_equal(batch["v"].numpy(), np.arange(0, n, 997))
+
+
+def test_compression_defaults_to_lz4_prints_each_fields_codec_and_can_follow_the_source(tmp_path):
+    import numcodecs
+
+    src = str(tmp_path / "z.zarr")
+    root = zarr.open_group(src, mode="w")
+    data = np.tile(np.arange(256, dtype=np.float32), (40, 1))
+    root.create_dataset("cir", data=data, chunks=(10, 256), compressor=numcodecs.Blosc(cname="zstd"))
+    root.create_dataset("raw", data=data, chunks=(10, 256), compressor=None)
+    out = str(tmp_path / "default.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {"cir": "lz4", "raw": "lz4"}
+    assert f"'{src}': field 'cir': lz4" in proc.stderr.splitlines()
+    assert f"'{src}': field 'raw': lz4" in proc.stderr.splitlines()
+    out = str(tmp_path / "source.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--no-progress", "--compression", "source")
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {"cir": "zstd", "raw": "none"}
+    assert f"'{src}': field 'cir': zstd" in proc.stderr.splitlines()
+
+
+def test_big_endian_arrays_convert_and_a_failed_start_leaves_no_output(tmp_path):
+    src = str(tmp_path / "be.zarr")
+    root = zarr.open_group(src, mode="w")
+    big = (np.arange(30, dtype=">f8") / 7).reshape(10, 3)
+    root.create_dataset("x", data=big, chunks=(4, 3))
+    root.create_dataset("n", data=np.arange(10, dtype=">i4"), chunks=(4,))
+    # zarr-python 2 returns plain arrays in native order, but VLenArray elements as stored
+    _zarr.write_ragged(root, "r", [np.arange(i % 3 + 1, dtype=">f8") for i in range(10)], chunks=4,
+                       form=_zarr.ragged_forms(2)[0])
+    out = str(tmp_path / "be.lmdb")
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--verify", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    ds = torch_lmdb.LMDBDataset(out)
+    np.testing.assert_array_equal(ds[9]["x"].numpy(), big[9])
+    assert int(ds[3]["n"]) == 3 and ds[5]["r"].tolist() == [0.0, 1.0, 2.0]
+    os.remove(os.path.join(src, "x", "0.0"))  # the first block fails: zarr 2 fills it, so break it instead
+    with open(os.path.join(src, "x", "0.0"), "wb") as f:
+        f.write(b"not a chunk")
+    for target, existed in ((str(tmp_path / "new" / "o.lmdb"), False), (str(tmp_path / "mine"), True)):
+        if existed:
+            os.makedirs(target)
+        proc = cli("convert", "--zarr-path", src, "--output", target, "--no-progress")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert os.path.isdir(target) == existed  # removed when created by the failed run, kept otherwise
+
+
+def test_a_group_path_carries_the_store_roots_attributes_as_a_split_does(tmp_path):
+    src = make_zarr(tmp_path / "sim.zarr")
+    zarr.open_group(os.path.join(src, "meta"), mode="r+").attrs["kind"] = "labels"
+    proc = cli("convert", "--zarr-path", os.path.join(src, "meta"), "--output", str(tmp_path / "m.lmdb"),
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    user = torch_lmdb.LMDBDataset(str(tmp_path / "m.lmdb")).metadata["user"]
+    assert user["source_attrs"] == {"simulator": "raysim 2.1"}
+    assert user["group"] == "meta" and user["group_attrs"] == {"units": "m", "kind": "labels"}
+    assert int(torch_lmdb.LMDBDataset(str(tmp_path / "m.lmdb"))[3]["label"]) == 21
