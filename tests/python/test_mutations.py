@@ -191,3 +191,90 @@ def test_append_killed_before_its_first_commit_is_incomplete(tmp_path, make_db):
     with pytest.warns(RuntimeWarning, match="incomplete"):
         ds = torch_lmdb.LMDBDataset(path, verify=True)
     assert [ds[i]["label"] for i in range(5)] == [f"item-{i}" for i in range(5)]
+
+
+# -- 13d: the lookahead's page requests reach the kernel -----------------------------
+WIDE = 16384  # float32 values a sample: 64 KiB, on overflow pages of their own
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.mmap.restype = ctypes.c_void_p
+LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+class Residency:
+    """Which pages of a file are in the page cache (mincore(2) on a map of
+    it that is never touched, so looking loads nothing)."""
+
+    def __init__(self, path: str):
+        self.size = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = LIBC.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        assert addr not in (None, ctypes.c_void_p(-1).value), f"mmap: {os.strerror(ctypes.get_errno())}"
+        self.addr = addr
+
+    def resident(self, pages) -> list:
+        """The pages (numbers) of ``pages`` that are cached."""
+        n = (self.size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * n)()
+        assert LIBC.mincore(self.addr, self.size, vec) == 0, os.strerror(ctypes.get_errno())
+        return [p for p in pages if vec[p] & 1]
+
+    def close(self):
+        LIBC.munmap(self.addr, self.size)
+
+
+def _inner_pages(data: bytes, i: int) -> list:
+    """The pages lying wholly inside sample i's payload (x = i + 0.5 everywhere),
+    without the first and last: no B-tree search or header read touches them."""
+    pattern = np.full(WIDE, i + 0.5, dtype=np.float32).tobytes()
+    at = data.find(pattern)
+    assert at >= 0 and data.find(pattern, at + 1) < 0, f"sample {i}'s payload found {data.count(pattern)} times"
+    first, end = (at + PAGE - 1) // PAGE, (at + len(pattern)) // PAGE
+    return list(range(first + 1, end - 1))
+
+
+def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
+    """iter_batches with lookahead="always" requests the pages of the next
+    batch (Reader::prefetch -> request_pages -> madvise(MADV_WILLNEED)) before
+    it reads the current one. With prefetch=1 the reading thread stops after
+    batch 0 until next() is called: batch 1 has been requested, not read. Its
+    pages must arrive in the page cache; without the madvise call (the
+    counters still count) nothing would read them. Pages of later batches,
+    requested by nobody, stay out (so readahead of the kernel is not what
+    brings batch 1 in)."""
+    path = str(tmp_path / "db")
+    n, batch = 24, 4
+    with torch_lmdb.LMDBWriter(path) as w:
+        for i in range(n):
+            w.write({"index": i, "x": torch.full((WIDE,), i + 0.5)})
+    data_file = os.path.join(path, "data.mdb")
+    with open(data_file, "rb") as f:
+        data = f.read()
+    pages = {i: _inner_pages(data, i) for i in range(n)}
+    del data
+    coming = [p for i in range(batch, 2 * batch) for p in pages[i]]  # batch 1
+    later = [p for i in range(4 * batch, n) for p in pages[i]]       # batches 4 and 5
+    _evict(path)
+    look = Residency(data_file)
+    try:
+        assert look.resident(coming + later) == [], "could not drop the test file from the page cache"
+        ds = torch_lmdb.LMDBDataset(path, lookahead="always")
+        assert look.resident(coming) == [], "opening the dataset read the pages of batch 1"
+        it = ds.iter_batches(batch, prefetch=1, threads=1)
+        deadline = time.monotonic() + 10.0  # the reads are asynchronous: wait for them, boundedly
+        while look.resident(coming) != coming and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = look.resident(coming)
+        stats = ds.io_stats()
+        assert got == coming, (f"{len(coming) - len(got)} of {len(coming)} pages of the coming batch 1 were "
+                               f"not read in 10 s after iter_batches requested them (io_stats {stats})")
+        assert stats["prefetches"] >= 1 and stats["pages_prefetched"] > 0, stats
+        assert look.resident(later) == [], "pages nobody requested were read (kernel readahead?)"
+        seen = [b["index"].tolist() for b in it]
+        assert seen == [list(range(k, k + batch)) for k in range(0, n, batch)]
+    finally:
+        look.close()
