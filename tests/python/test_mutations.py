@@ -278,3 +278,108 @@ def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
         assert seen == [list(range(k, k + batch)) for k in range(0, n, batch)]
     finally:
         look.close()
+
+
+# -- 13e: a value-index hit is bounds-checked like an mdb_get result ----------------
+_STALE_INDEX = r"""
+import json, sys
+import torch_lmdb
+db, replacement, damage = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+def attempt(name, indices):
+    try:
+        b = ds.get_batch(indices)
+        out[name] = {"returned": [float(v) for v in b["x"][:, 0].tolist()]}
+    except torch_lmdb.CorruptedError as e:
+        out[name] = {"corrupted": str(e)}
+    except Exception as e:
+        out[name] = {"other": f"{type(e).__name__}: {e}"}
+    print(json.dumps({name: out[name]}), flush=True)
+ds = torch_lmdb.LMDBDataset(db, lookahead="never")
+attempt("fill", [19, 18])  # the value index of this snapshot now holds 19 and 18
+with open(replacement, "rb") as f:
+    smaller = f.read()
+with open(db + "/data.mdb", "r+b") as f:  # replaced in place, as `cp` does: same inode
+    f.truncate(0)
+    f.write(smaller)
+if damage == "1":
+    attempt("damaged", [5])  # found in the B-tree: its value lies past the file
+attempt("stale", [19])       # an index hit into the pages the file lost
+print("DONE " + json.dumps(out), flush=True)
+"""
+
+
+def _txnid(path: str) -> int:
+    import lmdb
+
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=4)
+    try:
+        return env.info()["last_txnid"]
+    finally:
+        env.close()
+
+
+def _same_txnid_smaller_database(tmp_path, damaged: bool):
+    """(big, small): two databases of 20 samples written with the same number
+    of commits (so the same txnid); big's samples are 64 KiB, small's 16
+    bytes but sample 5 (8 KiB, on overflow pages). With ``damaged``, sample
+    5's leaf node in small claims 64 MiB (a value past the file)."""
+    big, small = str(tmp_path / "big"), str(tmp_path / "small")
+    with torch_lmdb.LMDBWriter(big, commit_every=1000) as w:
+        for i in range(20):
+            w.write({"x": torch.full((WIDE,), float(i))})
+    with torch_lmdb.LMDBWriter(small, commit_every=1000) as w:
+        for i in range(20):
+            w.write({"x": torch.full((2048 if i == 5 else 4,), 1000.0 + i)})
+    assert _txnid(big) == _txnid(small), "the two databases must share a txnid for the index to be reused"
+    if damaged:
+        with open(os.path.join(small, "data.mdb"), "r+b") as f:
+            data = f.read()
+            node = data.find(b"\x01\x00\x08\x00" + (5).to_bytes(8, "big"))  # F_BIGDATA, 8-byte key 5
+            assert node >= 4 and data.find(b"\x01\x00\x08\x00" + (5).to_bytes(8, "big"), node + 1) < 0
+            f.seek(node - 4)
+            f.write((64 << 20).to_bytes(4, "little"))
+    assert os.path.getsize(os.path.join(small, "data.mdb")) < os.path.getsize(os.path.join(big, "data.mdb")) // 4
+    return big, os.path.join(small, "data.mdb")
+
+
+def _run_stale_index(tmp_path, damaged: bool):
+    big, replacement = _same_txnid_smaller_database(tmp_path, damaged)
+    rc, out, err = run_script(_STALE_INDEX, big, replacement, "1" if damaged else "0")
+    done = [ln for ln in out.splitlines() if ln.startswith("DONE ")]
+    assert rc == 0 and done, (f"reading a database replaced in place under its value index: {_status(rc)} "
+                              f"(a crash instead of CorruptedError)\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
+    res = json.loads(done[0][5:])
+    assert res["fill"] == {"returned": [19.0, 18.0]}, res
+    return big, res
+
+
+def _assert_stale_hit_refused(big: str, stale: dict) -> None:
+    # The value index's entry points into pages the file no longer has: an
+    # error naming the path, or (an index that knows the file changed) the
+    # new file's own sample 19 (1019.0). Never a crash, never other bytes.
+    if "corrupted" in stale:
+        assert big in stale["corrupted"] and "outside the file" in stale["corrupted"], stale
+    else:
+        assert stale == {"returned": [1019.0]}, stale
+
+
+def test_value_index_hit_outside_the_file_is_corrupted_error(tmp_path):
+    """Env::check_sample_value on a ValueIndex hit (Lookahead::seek): the file
+    was replaced in place by a smaller database of the same txnid, so the
+    index of the snapshot is reused and its entry for sample 19 points past
+    the end of the file. Reading sample 5 first (a damaged value past the
+    file: found by the B-tree search, CorruptedError) makes the Env see the
+    file's new size; the index hit for 19 must then be CorruptedError too. Without
+    the check on the hit, the copy touches the map past the file: SIGBUS."""
+    big, res = _run_stale_index(tmp_path, damaged=True)
+    assert "corrupted" in res["damaged"] and "sample index 5" in res["damaged"]["corrupted"], res
+    _assert_stale_hit_refused(big, res["stale"])
+
+
+def test_value_index_after_the_file_shrank_in_place(tmp_path):
+    """The same replacement without a read in between that makes the Env
+    look at the file's size: the index hit for sample 19 must still not
+    crash (CorruptedError, or the new file's sample 19)."""
+    big, res = _run_stale_index(tmp_path, damaged=False)
+    _assert_stale_hit_refused(big, res["stale"])
