@@ -385,3 +385,56 @@ def test_value_index_after_the_file_shrank_in_place(tmp_path):
     the new file's sample 19)."""
     big, res = _run_stale_index(tmp_path, damaged=False)
     _assert_stale_hit_refused(big, res["stale"])
+
+
+# -- 13f: a meta page's page size is checked at open ----------------------------------
+_OPEN_EACH = r"""
+import json, sys
+import torch_lmdb
+for path in sys.argv[1:]:
+    try:
+        torch_lmdb.LMDBDataset(path)
+        r = {"opened": True}
+    except torch_lmdb.CorruptedError as e:
+        r = {"corrupted": str(e)}
+    except Exception as e:
+        r = {"other": f"{type(e).__name__}: {e}"}
+    print("OPEN " + json.dumps(dict(r, path=path)), flush=True)
+"""
+
+BAD_PAGE_SIZES = [0, 1, 256, 511, 513, 3000, 4095, 4097, 65535, 65536 * 2, 2**31, 2**32 - 1]
+
+
+def test_meta_page_with_a_bad_page_size_is_corrupted_error(tmp_path, make_db):
+    """check_meta_pages (env.cpp): a page size in either meta page that is not
+    a power of two from 512 to 64 KiB (256 and 128 KiB are powers of two:
+    only the bounds refuse them) is CorruptedError naming data.mdb and the
+    size, before LMDB reads it (page size 0 made LMDB divide by zero)."""
+    original = make_db(5)
+    with open(os.path.join(original, "data.mdb"), "rb") as f:
+        data = f.read()
+    assert struct.unpack_from("<I", data, 40)[0] == PAGE and struct.unpack_from("<I", data, PAGE + 40)[0] == PAGE
+    cases = {}
+    for meta in (0, 1):
+        for psize in BAD_PAGE_SIZES:
+            path = str(tmp_path / f"meta{meta}-psize{psize}")
+            os.makedirs(path)
+            damaged = bytearray(data)
+            struct.pack_into("<I", damaged, meta * PAGE + 40, psize)
+            with open(os.path.join(path, "data.mdb"), "wb") as f:
+                f.write(damaged)
+            cases[path] = (meta, psize)
+    rc, out, err = run_script(_OPEN_EACH, *cases)
+    results = [json.loads(ln[5:]) for ln in out.splitlines() if ln.startswith("OPEN ")]
+    assert rc == 0 and len(results) == len(cases), (
+        f"opening databases with bad meta page sizes: {_status(rc)} after {len(results)} of {len(cases)}"
+        f"\n{out[-3000:]}\n{err[-3000:]}")
+    wrong = []
+    for r in results:
+        meta, psize = cases[r["path"]]
+        message = r.get("corrupted", "")
+        if not (os.path.join(r["path"], "data.mdb") in message and f"page size of {psize} bytes" in message
+                and f"meta page {meta}" in message):
+            wrong.append(f"meta page {meta}, page size {psize}: {r}")
+    assert not wrong, "\n".join(wrong)
+    assert len(torch_lmdb.LMDBDataset(original)) == 5
