@@ -438,3 +438,38 @@ def test_meta_page_with_a_bad_page_size_is_corrupted_error(tmp_path, make_db):
             wrong.append(f"meta page {meta}, page size {psize}: {r}")
     assert not wrong, "\n".join(wrong)
     assert len(torch_lmdb.LMDBDataset(original)) == 5
+
+
+# -- 13g: Blosc shuffles complex payloads by their component size ---------------------
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+@pytest.mark.parametrize("format_version", [2, 4])
+def test_blosc_typesize_of_complex_payloads_is_the_component_size(tmp_path, codec, format_version):
+    """shuffle_typesize (record.cpp) and docs/FORMAT.md: Blosc's typesize is the
+    itemsize, half of it for complex dtypes (complex64: 4, complex128: 8: the
+    real and imaginary parts are floats that shuffle like numcodecs'). The
+    typesize is byte 3 of the Blosc header of each stored payload (records
+    parsed by hand with py-lmdb, as test_compression does)."""
+    path = str(tmp_path / "db")
+    k = torch.arange(512) % 8
+    fields = {"c64": torch.complex(k.float(), -k.float()), "c128": torch.complex(k.double(), k.double() / 2),
+              "f32": k.float()}
+    want = {"c64": 4, "c128": 8, "f32": 4}
+    with torch_lmdb.LMDBWriter(path, compression=codec, format_version=format_version) as w:
+        for i in range(3):
+            w.write({name: t + i for name, t in fields.items()})
+    ds = torch_lmdb.LMDBDataset(path, verify=True)
+    for i in range(3):
+        got = ds[i]
+        for name, t in fields.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t + i), name
+    record, schema = read_record(path, 0)
+    version, payloads = parse_fields(record, schema)
+    assert version == format_version
+    for name, size in want.items():
+        stored_codec, at, length = payloads[name]
+        assert stored_codec in (1, 2), f"{name} was stored raw (codec {stored_codec}): nothing to check"
+        _, _, flags, typesize = record[at:at + 4]
+        nbytes, _, cbytes = struct.unpack_from("<III", record, at + 4)
+        assert nbytes == fields[name].numel() * fields[name].element_size() and cbytes == length
+        assert flags & 0x1, f"{name}: the Blosc frame is not byte-shuffled (flags {flags:#x})"
+        assert typesize == size, f"{name} ({fields[name].dtype}): Blosc typesize {typesize}, expected {size}"
