@@ -129,16 +129,22 @@ def _run_child(target, *args, timeout: float = 120.0):
     return status, (json.loads(data) if data else None)
 
 
-def _writer_child(path: str, quota: int, map_size: int, commit_every: int, wfd: int) -> None:
-    """Forked child: appends samples first, first+1, ... (mode "a", small map);
-    tells the parent len(w) at open, then writes until killed or done."""
+def _writer_child(path: str, first_report: int, map_size: int, commit_every: int, wfd: int) -> None:
+    """Forked child: appends samples first, first+1, ... (mode "a", small map)
+    and never stops by itself: it tells the parent len(w) at open, then
+    ``{"wrote": k}`` once it wrote ``first_report`` samples, and writes on
+    until it is killed (so the kill always lands in a write, a commit or a
+    map growth, however loaded the machine)."""
     try:
         w = torch_lmdb.LMDBWriter(path, mode="a", map_size=map_size, commit_every=commit_every)
-        os.write(wfd, (json.dumps({"open_len": len(w)}) + "\n").encode())
-        for i in range(len(w), len(w) + quota):
+        first = len(w)
+        os.write(wfd, (json.dumps({"open_len": first}) + "\n").encode())
+        i = first
+        while True:
+            if i - first == first_report:
+                os.write(wfd, (json.dumps({"wrote": first_report}) + "\n").encode())
             w.write(storm_sample(i))
-        w.close()
-        os.write(wfd, (json.dumps({"closed_len": len(w)}) + "\n").encode())
+            i += 1
     except BaseException as e:  # noqa: BLE001
         os.write(wfd, (json.dumps({"error": describe(e)}) + "\n").encode())
     os._exit(0)
@@ -180,7 +186,12 @@ def cmd_kill_storm(a) -> int:
         verified = n
         map_size = rng.choice([32 << 10, 64 << 10, 256 << 10, 1 << 20])
         commit_every = rng.choice([1, 2, 5, 17, 64, 200, 1000])
-        quota = rng.randrange(200, 4000)
+        # The kill lands a random time after the writer reported `quota`
+        # samples (0: right after the open). The writer never stops by
+        # itself, so every kill is mid-write; a kill used to be a race
+        # between this timer and a writer with a quota, which a loaded
+        # machine decided (48 of 50 mid-write kills in 150 cycles).
+        quota = rng.choice([0, 1, rng.randrange(2, 4000)])
         r, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -200,7 +211,15 @@ def cmd_kill_storm(a) -> int:
             break
         if first["open_len"] != n:
             problems.append(f"cycle {cycles}: the writer opened with {first['open_len']} samples, {n} verified")
-        time.sleep(rng.random() * 0.3)
+        if quota > 0:
+            line = reader.readline()  # written once the writer wrote `quota` samples
+            if '"wrote"' not in line:
+                _, status = os.waitpid(pid, 0)
+                problems.append(f"cycle {cycles}: the writer stopped before {quota} samples: {line.strip()} "
+                                f"({_status_text(status)})")
+                reader.close()
+                break
+        time.sleep(rng.random() * 0.05)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # reaped below

@@ -1,13 +1,17 @@
 """Damaged files never kill the process.
 
 A small database (300 samples, some spanning overflow pages) is copied and
-damaged: data.mdb truncated at >= 40 sizes, bytes flipped at >= 300 random
-offsets (seeded; the seed is printed, TORCH_LMDB_DAMAGE_SEED forces one). Each
-copy is opened with LMDBDataset(verify=False) and (verify=True) and every
-sample is read, each in a process of its own (forked by
-tests/python/_damage_worker.py). A case passes when its process was not killed
-by a signal, did not hang, raised only torch_lmdb.Error / OSError naming the
-path, and, with verify=True, returned no sample that differs from the original.
+damaged: data.mdb truncated at about 25 chosen sizes and 8 random ones a
+seed, bytes flipped at 112 random offsets (or bursts) a seed. The random
+damage is drawn from a fixed list of seeds (DAMAGE_SEEDS, one test case
+each, so every run checks the same files); the environment variable
+TORCH_LMDB_DAMAGE_SEEDS adds more ("12 34", or "random" for a fresh one). A
+failure message names its seed. Each copy is opened with
+LMDBDataset(verify=False) and (verify=True) and every sample is read, each
+in a process of its own (forked by tests/python/_damage_worker.py). A case
+passes when its process was not killed by a signal, did not hang, raised
+only torch_lmdb.Error / OSError naming the path, and, with verify=True,
+returned no sample that differs from the original.
 
 `torch-lmdb verify` is tested on the same kinds of damage: exit 1 and a
 first line naming the path, 0 on the good database, never a signal.
@@ -15,6 +19,7 @@ first line naming the path, 0 on the good database, never a signal.
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -34,10 +39,28 @@ def _env():
     return env
 
 
-def seed_for(name: str) -> int:
-    seed = int(os.environ.get("TORCH_LMDB_DAMAGE_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"{name}: seed {seed} (rerun with TORCH_LMDB_DAMAGE_SEED={seed})")
-    return seed
+# The random damage tests run once per seed: these in every run (CI included),
+# then those of TORCH_LMDB_DAMAGE_SEEDS (integers separated by spaces or
+# commas; "random" draws one, printed in the test id and in every failure).
+DAMAGE_SEEDS = [1, 2, 3]
+FLIPS_PER_SEED = 112  # 336 flip cases a run, in three worker runs of a bounded time each
+
+
+def damage_seeds():
+    seeds = list(DAMAGE_SEEDS)
+    for word in re.split(r"[\s,]+", os.environ.get("TORCH_LMDB_DAMAGE_SEEDS", "").strip()):
+        if word == "random":
+            seeds.append(random.SystemRandom().randrange(2**31))
+        elif word:
+            seeds.append(int(word))
+    return seeds
+
+
+def seeded(name: str, seed: int) -> str:
+    """The line that names a random damage test's seed (printed, and the head of its failure messages)."""
+    line = f"{name}, seed {seed} (rerun: TORCH_LMDB_DAMAGE_SEEDS={seed} pytest -k 'seed{seed}')"
+    print(line)
+    return line
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +87,14 @@ def run_cases(original: str, workdir, cases, timeout: float = 170):
     return results
 
 
-def report(results) -> str:
-    """Failures grouped by outcome, each with the first damage that caused it."""
+def report(results, seed_line: str = "") -> str:
+    """Failures grouped by outcome, each with the first damage that caused it
+    (after ``seed_line``, which names the seed of random damage)."""
     failed = [r for r in results if r["outcome"] != "ok"]
     groups = {}
     for r in failed:
         groups.setdefault((r["outcome"].split(" (")[0], r["verify"]), []).append(r)
-    lines = [f"{len(failed)} of {len(results)} reads failed:"]
+    lines = ([seed_line] if seed_line else []) + [f"{len(failed)} of {len(results)} reads failed:"]
     for (outcome, verify), rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         first = rs[0]
         detail = {k: first[k] for k in ("bad_errors", "wrong", "len") if k in first}
@@ -79,14 +103,16 @@ def report(results) -> str:
     return "\n".join(lines)
 
 
-def test_truncated_files(original, tmp_path):
-    seed = seed_for("truncations")
+@pytest.mark.parametrize("seed", damage_seeds(), ids=lambda s: f"seed{s}")
+def test_truncated_files(original, tmp_path, seed):
+    seed_line = seeded("truncations", seed)
     rng = random.Random(seed)
     size = data_size(original)
     sizes = {0, 1, 16, 100, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE - 1, 2 * PAGE, 2 * PAGE + 100, size - 1,
              size - PAGE, size - PAGE // 2}
     sizes |= {k * PAGE for k in range(3, size // PAGE, max(1, size // PAGE // 12))}
-    while len(sizes) < 44:
+    fixed = len(sizes)
+    while len(sizes) < fixed + 8:  # 8 random sizes a seed
         sizes.add(rng.randrange(size))
     cases = [{"kind": "truncate", "size": s} for s in sorted(sizes)]
     results = run_cases(original, tmp_path, cases)
@@ -94,16 +120,17 @@ def test_truncated_files(original, tmp_path):
     for r in results:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     print(f"{len(cases)} truncations of a {size}-byte data.mdb, 2 modes each: {counts}")
-    assert all(r["outcome"] == "ok" for r in results), report(results)
+    assert all(r["outcome"] == "ok" for r in results), report(results, seed_line)
 
 
-def test_flipped_bytes(original, tmp_path):
-    seed = seed_for("byte flips")
+@pytest.mark.parametrize("seed", damage_seeds(), ids=lambda s: f"seed{s}")
+def test_flipped_bytes(original, tmp_path, seed):
+    seed_line = seeded("byte flips", seed)
     rng = random.Random(seed)
     size = data_size(original)
     cases = []
-    for k in range(320):
-        n = 1 if k < 280 else rng.randrange(2, 9)  # mostly one byte, some bursts
+    for k in range(FLIPS_PER_SEED):
+        n = 1 if k < FLIPS_PER_SEED * 7 // 8 else rng.randrange(2, 9)  # mostly one byte, some bursts
         offsets = [rng.randrange(size) for _ in range(n)]
         cases.append({"kind": "flip", "offsets": offsets, "masks": [rng.randrange(1, 256) for _ in offsets]})
     results = run_cases(original, tmp_path, cases)
@@ -130,11 +157,11 @@ def test_flipped_bytes(original, tmp_path):
             f.write(data)
         rc, out, err = cli_verify(target)
         assert rc == 1 and target in (out + err).splitlines()[0], (
-            f"case {r['case']} killed a reader ({r['outcome']}) but `torch-lmdb verify` did not report it "
+            f"{seed_line}: case {r['case']} killed a reader ({r['outcome']}) but `torch-lmdb verify` did not report it "
             f"as damaged: exit {rc}\n{out}{err}")
     if in_lmdb:
         print(f"{len(in_lmdb)} reads faulted inside liblmdb's B-tree search; verify reported each file as damaged")
-    assert all(r["outcome"] == "ok" or r in in_lmdb for r in results), report(results)
+    assert all(r["outcome"] == "ok" or r in in_lmdb for r in results), report(results, seed_line)
 
 
 def _overflow_node_size_offsets(original: str, index: int):
