@@ -234,7 +234,7 @@ def test_convert_auto_follows_the_zarr_compressor(tmp_path):
     _zarr_array(group, "cir_zlib", cir, numcodecs.Zlib(level=5))
     _zarr_array(group, "cir_raw", cir, None)
     out = str(tmp_path / "auto.lmdb")
-    proc = cli("convert", "--zarr-path", src, "--output", out)
+    proc = cli("convert", "--zarr-path", src, "--output", out, "--compression", "source")
     assert proc.returncode == 0, proc.stderr
     fields = {f["name"]: f for f in torch_lmdb.info(out)["fields"]}
     assert {k: f["codec"] for k, f in fields.items()} == {
@@ -260,7 +260,7 @@ def test_convert_auto_follows_hdf5_filters(tmp_path):
         f.create_dataset("lzf", data=data, compression="lzf", chunks=(10, 4, 256))
         f.create_dataset("plain", data=data)
     out = str(tmp_path / "h.lmdb")
-    tl_convert.convert("hdf5", src, out, log=lambda *a, **k: None)
+    tl_convert.convert("hdf5", src, out, compression="source", log=lambda *a, **k: None)
     assert {f["name"]: f["codec"] for f in torch_lmdb.info(out)["fields"]} == {
         "gz": "zstd", "lzf": "lz4", "plain": "none"}
 
