@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
+#include <string>
 #include <mutex>
 
 namespace torch_lmdb {
@@ -23,6 +25,12 @@ MapSlot g_slots[kSlots];
 struct sigaction g_previous_bus, g_previous_segv;
 std::mutex g_install_mutex;
 thread_local sigjmp_buf* t_guard = nullptr;
+// TORCH_LMDB_FAULT_GUARD=0 in the environment turns the guard off (to
+// measure what it costs: benchmarks/run.py --no-fault-guard).
+const bool g_enabled = [] {
+  const char* v = std::getenv("TORCH_LMDB_FAULT_GUARD");
+  return v == nullptr || std::string(v) != "0";
+}();
 
 // The slot of the map holding `addr`, or nullptr.
 MapSlot* slot_of(uintptr_t addr) noexcept {
@@ -80,7 +88,7 @@ bool ours(int sig) noexcept {
 }  // namespace
 
 void install_fault_handler() noexcept {
-  if (ours(SIGBUS) && ours(SIGSEGV)) return;
+  if (!g_enabled || (ours(SIGBUS) && ours(SIGSEGV))) return;
   std::lock_guard<std::mutex> lock(g_install_mutex);
   struct sigaction action {};
   action.sa_sigaction = on_fault;
@@ -96,7 +104,7 @@ void install_fault_handler() noexcept {
 }
 
 bool register_map(const void* base, size_t bytes, std::atomic<uint64_t>* faults) noexcept {
-  if (base == nullptr || bytes == 0) return false;
+  if (!g_enabled || base == nullptr || bytes == 0) return false;
   for (MapSlot& s : g_slots) {
     // Claim a free slot: its base is set last (the handler reads base first).
     std::atomic<uint64_t>* none = nullptr;
@@ -120,6 +128,7 @@ void unregister_map(const void* base) noexcept {
 }
 
 int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcept {
+  if (!g_enabled) return mdb_get(txn, dbi, key, value);
   sigjmp_buf buffer;
   sigjmp_buf* outer = t_guard;
   if (sigsetjmp(buffer, 0) != 0) {
@@ -133,6 +142,7 @@ int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcep
 }
 
 int guarded_cursor_get(MDB_cursor* cursor, MDB_val* key, MDB_val* value, MDB_cursor_op op) noexcept {
+  if (!g_enabled) return mdb_cursor_get(cursor, key, value, op);
   sigjmp_buf buffer;
   sigjmp_buf* outer = t_guard;
   if (sigsetjmp(buffer, 0) != 0) {
@@ -146,6 +156,7 @@ int guarded_cursor_get(MDB_cursor* cursor, MDB_val* key, MDB_val* value, MDB_cur
 }
 
 int guarded_stat(MDB_txn* txn, MDB_dbi dbi, MDB_stat* stat) noexcept {
+  if (!g_enabled) return mdb_stat(txn, dbi, stat);
   sigjmp_buf buffer;
   sigjmp_buf* outer = t_guard;
   if (sigsetjmp(buffer, 0) != 0) {

@@ -21,6 +21,8 @@
 //   process dies as it would have). A handler installed after ours takes
 //   precedence until install_fault_handler() runs again (every Env::open).
 // - Cost: nothing per access; one sigsetjmp per guarded LMDB lookup.
+//   TORCH_LMDB_FAULT_GUARD=0 in the environment (read once) turns it all
+//   off: faults then end the process as LMDB's always did.
 // - Async-signal safety: the handler uses mmap(2), atomics and siglongjmp.
 #pragma once
 
