@@ -592,6 +592,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._start = 0
         self._yielded = 0
         self._running = False
+        self._loaded = False  # a load_state_dict() position no iteration has started from yet
         self._current_plan = None
         self._current_order = None
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
@@ -611,6 +612,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._current_order = self._order()
         self._yielded = 0
         self._running = True
+        self._loaded = False
         return self._generate(super().__iter__())
 
     def _generate(self, batches):
@@ -622,9 +624,14 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects epoch ``epoch`` from its start (like DistributedSampler.set_epoch)."""
-        self._tl_epoch = int(epoch)
-        self._start = 0
+        """Selects epoch ``epoch`` from its start (like DistributedSampler.set_epoch),
+        except the epoch of a state loaded since the last iteration began: that
+        keeps the state's position, so ``for epoch in range(loader.epoch, n):
+        loader.set_epoch(epoch)`` after ``load_state_dict`` continues mid-epoch."""
+        if not (self._loaded and epoch == self._tl_epoch):
+            self._tl_epoch = int(epoch)
+            self._start = 0
+            self._loaded = False
         self._running = False
 
     @property
@@ -650,6 +657,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._tl_epoch = int(state["epoch"])
         self._start = int(state["position"])
         self._running = False
+        self._loaded = True
 
 
 def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
