@@ -310,7 +310,8 @@ class LMDBDataset(torch.utils.data.Dataset):
                 and getattr(index, "ndim", 0) == 1))
         if batched:
             return self.get_batch(index)
-        sample = self._reader().get(self._index(index))
+        index = self._index(index)  # first: it may refresh the reader (a persistent worker)
+        sample = self._reader().get(index)
         return self.transform(sample) if self.transform is not None else sample
 
     def __getitems__(self, indices: Sequence[int]) -> List[Any]:
