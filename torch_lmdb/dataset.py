@@ -1,11 +1,12 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
 import json
 import math
+import numbers
 import operator
 import os
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.utils.data
@@ -461,17 +462,58 @@ def _draw_seed(seed: Optional[int], generator: Optional[torch.Generator], world_
     return seed & (2**64 - 1)
 
 
-def _check_state(state: Dict[str, Any], num_samples: int, order: str, what: str) -> None:
-    for key in ("seed", "epoch", "position", "num_samples"):
-        if key not in state:
-            raise ValueError(f"{what} state has no '{key}' (got keys {sorted(state)})")
-    if state["num_samples"] != num_samples:
-        raise ValueError(f"{what} state was saved for {state['num_samples']} samples, this dataset has "
-                         f"{num_samples}")
-    if state.get("order", order) != order:
-        raise ValueError(f"{what} state was saved with order {state['order']!r}, this loader uses {order!r}")
-    if not 0 <= state["position"] <= num_samples:
-        raise ValueError(f"{what} state position {state['position']} is outside [0, {num_samples}]")
+# The keys of a loader's and a stream's state_dict() (spelled here only).
+SEED_KEY = "seed"
+EPOCH_KEY = "epoch"
+POSITION_KEY = "position"
+NUM_SAMPLES_KEY = "num_samples"
+ORDER_KEY = "order"
+BATCH_SIZE_KEY = "batch_size"
+WORLD_SIZE_KEY = "world_size"
+_REQUIRED_STATE_KEYS = (SEED_KEY, EPOCH_KEY, POSITION_KEY, NUM_SAMPLES_KEY)
+
+
+def _make_state(seed: int, epoch: int, position: int, num_samples: int, order: str, batch_size: int,
+                world_size: int) -> Dict[str, Any]:
+    return {SEED_KEY: seed, EPOCH_KEY: epoch, POSITION_KEY: position, NUM_SAMPLES_KEY: num_samples,
+            ORDER_KEY: order, BATCH_SIZE_KEY: batch_size, WORLD_SIZE_KEY: world_size}
+
+
+def _state_int(state: Dict[str, Any], key: str, low: int, high: int, what: str) -> int:
+    """state[key] as an int in [low, high]; ValueError naming the key for
+    anything else (bool, float, str, None: never converted)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
+        raise ValueError(f"{what} state['{key}'] must be an int from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _check_state(state: Dict[str, Any], num_samples: int, order: str, what: str) -> "tuple[int, int, int]":
+    """Checks a state_dict() against this loader or stream: every key's type
+    and range, the sample count and the order kind. Returns (seed, epoch,
+    position). ValueError naming the key."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} state must be a dict (as state_dict() returns), got {type(state).__name__}")
+    missing = [key for key in _REQUIRED_STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{what} state has no '{missing[0]}' (got keys {sorted(map(str, state))})")
+    seed = _state_int(state, SEED_KEY, 0, 2**64 - 1, what)
+    epoch = _state_int(state, EPOCH_KEY, 0, 2**63 - 1, what)
+    saved_for = _state_int(state, NUM_SAMPLES_KEY, 0, 2**63 - 1, what)
+    if saved_for != num_samples:
+        raise ValueError(f"{what} state['{NUM_SAMPLES_KEY}']: it was saved for {saved_for} samples, this "
+                         f"dataset has {num_samples}")
+    position = _state_int(state, POSITION_KEY, 0, num_samples, what)
+    for key in (BATCH_SIZE_KEY, WORLD_SIZE_KEY):  # informative (any batch size or world size resumes)
+        if key in state:
+            _state_int(state, key, 1, 2**63 - 1, what)
+    saved_order = state.get(ORDER_KEY, order)
+    if not isinstance(saved_order, str):
+        raise ValueError(f"{what} state['{ORDER_KEY}'] must be a str, got {saved_order!r}")
+    if saved_order != order:
+        raise ValueError(f"{what} state['{ORDER_KEY}'] was saved with order {saved_order!r}, this loader uses "
+                         f"{order!r}")
+    return seed, epoch, position
 
 
 class BatchIterator:
@@ -519,15 +561,16 @@ class BatchIterator:
 
     def state_dict(self) -> Dict[str, Any]:
         o = self._options
-        return {"seed": o["seed"], "epoch": o["epoch"], "position": self._stream.position(),
-                "num_samples": self._stream.num_samples(), "order": self._order_name,
-                "batch_size": o["batch_size"], "world_size": o["world_size"]}
+        return _make_state(o["seed"], o["epoch"], self._stream.position(), self._stream.num_samples(),
+                           self._order_name, o["batch_size"], o["world_size"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        _check_state(state, self._stream.num_samples(), self._order_name, "iter_batches")
-        self._options["seed"] = int(state["seed"])
-        self._options["epoch"] = int(state["epoch"])
-        self._start(int(state["position"]))
+        """Restarts the stream at ``state``'s position. ValueError naming the
+        key for a value of the wrong type or range, or a state saved for
+        another sample count or order."""
+        seed, epoch, position = _check_state(state, self._stream.num_samples(), self._order_name, "iter_batches")
+        self._options["seed"], self._options["epoch"] = seed, epoch
+        self._start(position)
 
 
 _BatchIterator = BatchIterator  # the name older code used
@@ -647,16 +690,15 @@ class LMDBLoader(torch.utils.data.DataLoader):
                 epoch, position = epoch + 1, 0  # the epoch's last batch was yielded
             elif self._yielded > 0:
                 position = after[self._yielded - 1]
-        return {"seed": self._tl_seed, "epoch": epoch, "position": position, "num_samples": len(self.dataset),
-                "order": self._tl_order_name, "batch_size": self._tl_batch_size, "world_size": self._tl_world}
+        return _make_state(self._tl_seed, epoch, position, len(self.dataset), self._tl_order_name,
+                           self._tl_batch_size, self._tl_world)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continues from ``state`` at the next iteration (see the class doc).
-        ValueError when it was saved for another sample count or order."""
-        _check_state(state, len(self.dataset), self._tl_order_name, "make_loader")
-        self._tl_seed = int(state["seed"])
-        self._tl_epoch = int(state["epoch"])
-        self._start = int(state["position"])
+        ValueError naming the key for a value of the wrong type or range, or a
+        state saved for another sample count or order."""
+        self._tl_seed, self._tl_epoch, self._start = _check_state(state, len(self.dataset), self._tl_order_name,
+                                                                  "make_loader")
         self._running = False
         self._loaded = True
 

@@ -330,3 +330,35 @@ def test_readme_resume_loop_on_two_ranks(make_db, tmp_path):
     for rank in range(2):
         assert first[rank] + second[rank] == whole[rank], rank
 
+
+BAD_STATE_VALUES = [
+    ("position", "320"), ("position", None), ("position", True), ("position", 32.0), ("position", 5.9),
+    ("position", -1), ("position", 51),
+    ("seed", "abc"), ("seed", -1), ("seed", 2**80), ("seed", 0.5), ("seed", None),
+    ("epoch", 2**64), ("epoch", -1), ("epoch", 5.9), ("epoch", True), ("epoch", "1"),
+    ("num_samples", 50.0), ("num_samples", "50"),
+    ("order", 3),
+    ("batch_size", 0), ("batch_size", "16"), ("world_size", 0), ("world_size", 1.5),
+]
+
+
+@pytest.mark.parametrize("kind", ["loader", "stream"])
+def test_load_state_dict_checks_every_key(make_db, kind):
+    ds = torch_lmdb.LMDBDataset(make_db(50))
+    make = {"loader": lambda: torch_lmdb.make_loader(ds, 16, shuffle=True, seed=1),
+            "stream": lambda: ds.iter_batches(16, shuffle=True, seed=1)}[kind]
+    good = make().state_dict()
+    for key, value in BAD_STATE_VALUES:
+        target = make()
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            target.load_state_dict(dict(good, **{key: value}))
+        assert ids(target) == ids(make()), (key, value)  # a refused state changes nothing
+    for key in ("seed", "epoch", "position", "num_samples"):
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            make().load_state_dict({k: v for k, v in good.items() if k != key})
+    with pytest.raises(ValueError, match="state"):
+        make().load_state_dict([("seed", 1)])
+    # The largest values in range are taken.
+    edge = make()
+    edge.load_state_dict(dict(good, seed=2**64 - 1, epoch=2**63 - 1, position=50))
+    assert ids(edge) == []
