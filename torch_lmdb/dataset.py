@@ -116,6 +116,43 @@ def _worker_get_batch(reader, idx, pad_all, pad_fields, pad_value):
     return reader.get_batch(idx, pad_all, pad_fields, pad_value, _alloc_shared, _worker_slabs())
 
 
+def _equal_lengths(batch: torch.Tensor) -> torch.Tensor:
+    """``<name>_lengths`` (int64 [B, ndim]) of a batch whose samples share one shape."""
+    return torch.tensor(batch.shape[1:], dtype=torch.int64).repeat(batch.shape[0], 1)
+
+
+def _with_lengths(batch: Dict[str, Any], padded: Sequence[str]) -> Dict[str, Any]:
+    """``batch`` with ``<name>_lengths`` for every padded field (after its field),
+    where the batch's shapes were equal and C++ added none."""
+    missing = [name for name in padded if name + "_lengths" not in batch and name in batch]
+    if not missing:
+        return batch
+    out = {}
+    for name, value in batch.items():
+        out[name] = value
+        if name in missing:
+            out[name + "_lengths"] = _equal_lengths(value)
+    return out
+
+
+def _stack(name: str, values: List[torch.Tensor], pad: bool, pad_value: float):
+    """(batch, lengths or None): ``values`` stacked, padded to the largest
+    shape when they differ and ``pad``; lengths only for a padded batch."""
+    first = values[0]
+    for i, v in enumerate(values):
+        if v.dim() != first.dim() or (v.shape != first.shape and not pad):
+            raise ValueError(f"field '{name}' has shape {list(v.shape)} in sample {i} of the batch but "
+                             f"{list(first.shape)} in sample 0; pass pad=True (or pad=[names]) to the "
+                             f"LMDBDataset to pad it")
+    if all(v.shape == first.shape for v in values):
+        return torch.stack(values), None
+    shape = [max(sizes) for sizes in zip(*(v.shape for v in values))]
+    out = torch.full([len(values), *shape], pad_value, dtype=first.dtype)
+    for slot, v in zip(out, values):
+        slot[tuple(slice(0, n) for n in v.shape)] = v
+    return out, torch.tensor([list(v.shape) for v in values], dtype=torch.int64).reshape(len(values), first.dim())
+
+
 class LMDBDataset(torch.utils.data.Dataset):
     """A map-style dataset over one or several torch_lmdb databases.
 
@@ -337,8 +374,43 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
         if torch.utils.data.get_worker_info() is not None:
-            return _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
-        return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
+            batch = _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
+        else:
+            batch = self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
+        return _with_lengths(batch, self._padded_fields(pad_all, pad_fields))
+
+    def _padded_fields(self, pad_all: bool, pad_fields: Sequence[str]) -> List[str]:
+        """The tensor fields whose batches carry ``<name>_lengths`` in every batch:
+        the fields named by ``pad``, or with ``pad=True`` those whose shape varies
+        (-1 in the schema). (The C++ batch adds lengths only to a batch whose
+        shapes differ; the rest are added here.)"""
+        return [f["name"] for f in self._schema if f["kind"] == "tensor"
+                and (f["name"] in pad_fields or (pad_all and -1 in f["shape"]))]
+
+    def collate(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        """A ``collate_fn`` for the drop-in ``DataLoader(ds, batch_size=B,
+        collate_fn=ds.collate)``: collates per-sample dicts (after
+        ``transform``) as :meth:`get_batch` does, padding the dataset's ``pad``
+        fields (with ``<name>_lengths`` in every batch). Tensors are stacked,
+        str/bytes fields become lists, other values go to PyTorch's
+        ``default_collate``. ValueError naming the field for shapes that differ
+        in a field not padded."""
+        if not samples:
+            raise ValueError("collate needs at least one sample")
+        pad_all, pad_fields = self._pad_args(self._pad)
+        padded = set(self._padded_fields(pad_all, pad_fields))
+        out: Dict[str, Any] = {}
+        for name, first in samples[0].items():
+            values = [s[name] for s in samples]
+            if isinstance(first, torch.Tensor):
+                out[name], lengths = _stack(name, values, pad_all or name in pad_fields, self._pad_value)
+                if lengths is not None or name in padded:
+                    out[name + "_lengths"] = lengths if lengths is not None else _equal_lengths(out[name])
+            elif isinstance(first, (str, bytes)):
+                out[name] = values
+            else:
+                out[name] = torch.utils.data.default_collate(values)
+        return out
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: Optional[int] = None,
                      drop_last: bool = False, prefetch: int = 2, threads: int = 1,
@@ -392,7 +464,7 @@ class LMDBDataset(torch.utils.data.Dataset):
                        threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
                        pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
                        world_size=world_size)
-        return BatchIterator(self._reader(), options, start)
+        return BatchIterator(self._reader(), options, start, self._padded_fields(pad_all, pad_fields))
 
     # -- description ----------------------------------------------------------
     @property
@@ -526,8 +598,9 @@ class BatchIterator:
     that position (any rank and world size: the rest of the epoch is split
     across the new ranks). Batches the threads read ahead are not counted."""
 
-    def __init__(self, reader, options: Dict[str, Any], start: int = 0):
+    def __init__(self, reader, options: Dict[str, Any], start: int = 0, padded: Sequence[str] = ()):
         self._reader = reader
+        self._padded = list(padded)
         self._options = dict(options)
         self._order_name = _order_name(options["order"], options["block_size"], options["window_blocks"])
         self._start(start)
@@ -545,7 +618,7 @@ class BatchIterator:
         if batch is None:
             self._done = True
             raise StopIteration
-        return batch
+        return _with_lengths(batch, self._padded)
 
     def __len__(self) -> int:
         return len(self._stream)
@@ -703,10 +776,29 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._loaded = True
 
 
+class _PadView(torch.utils.data.Dataset):
+    """An LMDBDataset whose index lists are read with make_loader's ``pad``
+    and ``pad_value`` (the dataset itself, refresh() included, stays shared)."""
+
+    def __init__(self, dataset: LMDBDataset, pad, pad_value):
+        if not isinstance(dataset, LMDBDataset):
+            raise TypeError(f"make_loader's pad and pad_value need an LMDBDataset, got {type(dataset).__name__}")
+        if pad is not None:
+            dataset._pad_args(pad)  # unknown names: ValueError now
+        self.dataset, self.pad, self.pad_value = dataset, pad, pad_value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        return self.dataset.get_batch(indices, self.pad, self.pad_value)
+
+
 def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                 generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                 rank: Optional[int] = None, world_size: Optional[int] = None, block_size: Optional[int] = None,
-                window_blocks: int = 4, **kwargs) -> LMDBLoader:
+                window_blocks: int = 4, pad: Union[None, bool, Sequence[str]] = None,
+                pad_value: Optional[float] = None, **kwargs) -> LMDBLoader:
     """A DataLoader on the batched path, split across ranks, resumable mid-epoch.
 
     A batch sampler hands whole index lists to ``dataset[indices]`` (one C++
@@ -738,6 +830,8 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
             initialised, else 0 and 1.
         block_size, window_blocks: with ``shuffle``, shuffle blocks of
             ``block_size`` consecutive samples (see ``iter_batches``).
+        pad, pad_value: as in :meth:`LMDBDataset.get_batch` (default: the
+            dataset's own); padded fields carry ``<name>_lengths`` in every batch.
 
     Returns:
         An :class:`LMDBLoader` (a DataLoader with ``set_epoch``,
@@ -748,6 +842,8 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     rank, world_size = _rank_and_world(rank, world_size)
+    if pad is not None or pad_value is not None:
+        dataset = _PadView(dataset, pad, pad_value)
     order = ("block" if block_size else "shuffle") if shuffle else "sequential"
     seed = _draw_seed(seed, generator, world_size) if shuffle else (seed or 0) & (2**64 - 1)
     return LMDBLoader(dataset, batch_size, order, seed, rank, world_size, drop_last, block_size or 1024,
