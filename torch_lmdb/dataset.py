@@ -153,6 +153,20 @@ def _stack(name: str, values: List[torch.Tensor], pad: bool, pad_value: float):
     return out, torch.tensor([list(v.shape) for v in values], dtype=torch.int64).reshape(len(values), first.dim())
 
 
+def missing_database(path: str, reason: str = "no such file or directory") -> FileNotFoundError:
+    """The error for a path that holds no database (``filename`` set): one
+    message for the library and the CLI."""
+    error = FileNotFoundError(f"no torch_lmdb database at '{path}' ({reason})")
+    error.filename = path
+    return error
+
+
+def check_database_path(path: str) -> None:
+    """FileNotFoundError when nothing exists at ``path``."""
+    if not os.path.exists(path):
+        raise missing_database(path)
+
+
 class LMDBDataset(torch.utils.data.Dataset):
     """A map-style dataset over one or several torch_lmdb databases.
 
@@ -228,8 +242,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         if not self._paths:
             raise ValueError("LMDBDataset needs at least one path")
         for p in self._paths:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"no torch_lmdb database at '{p}'")
+            check_database_path(p)
         self.transform = transform
         if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
             raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
@@ -870,6 +883,7 @@ def info(path: PathLike) -> Dict[str, Any]:
     For a shard directory: also ``manifest`` and per-shard ``shards``
     (path, num_samples, file_size); ``metadata`` is the first shard's."""
     path = os.fspath(path)
+    check_database_path(path)
     reader = _C.Reader([path])
     if len(reader.paths) != 1 or os.path.isfile(os.path.join(path, "manifest.json")):
         return _shard_dir_info(path, reader)
