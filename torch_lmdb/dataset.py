@@ -1,4 +1,5 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
+import errno
 import json
 import math
 import numbers
@@ -154,11 +155,9 @@ def _stack(name: str, values: List[torch.Tensor], pad: bool, pad_value: float):
 
 
 def missing_database(path: str, reason: str = "no such file or directory") -> FileNotFoundError:
-    """The error for a path that holds no database (``filename`` set): one
-    message for the library and the CLI."""
-    error = FileNotFoundError(f"no torch_lmdb database at '{path}' ({reason})")
-    error.filename = path
-    return error
+    """The error for a path that holds no database (``errno`` ENOENT,
+    ``filename`` the path): one message for the library and the CLI."""
+    return FileNotFoundError(errno.ENOENT, f"no torch_lmdb database ({reason})", path)
 
 
 def check_database_path(path: str) -> None:

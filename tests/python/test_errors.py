@@ -282,7 +282,7 @@ def _cli(*args, cwd=None):
 
 def test_a_missing_database_is_one_error_everywhere(tmp_path):
     (tmp_path / "empty.lmdb").mkdir()
-    message = "no torch_lmdb database at 'nope.lmdb' (no such file or directory)"
+    message = "[Errno 2] no torch_lmdb database (no such file or directory): 'nope.lmdb'"
     with pytest.raises(FileNotFoundError) as raised:
         torch_lmdb.LMDBDataset(["nope.lmdb"])
     assert str(raised.value) == message and raised.value.filename == "nope.lmdb"
@@ -294,8 +294,8 @@ def test_a_missing_database_is_one_error_everywhere(tmp_path):
         assert proc.stderr == f"torch-lmdb {command}: error: FileNotFoundError: {message}\n"
     proc = _cli("verify", "empty.lmdb", cwd=str(tmp_path))  # a directory without data.mdb
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == ("torch-lmdb verify: error: FileNotFoundError: no torch_lmdb database at 'empty.lmdb' "
-                           "(no data.mdb)\n")
+    assert proc.stderr == ("torch-lmdb verify: error: FileNotFoundError: [Errno 2] no torch_lmdb database "
+                           "(no data.mdb): 'empty.lmdb'\n")
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["write", "write_many"])
