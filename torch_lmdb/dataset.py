@@ -1,5 +1,6 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
 import errno
+import gc
 import json
 import math
 import numbers
@@ -29,6 +30,15 @@ _MAX_READERS = 1 << 20  # 64 bytes of lock file each
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    # Every object the child inherited goes to the collector's permanent
+    # generation: a forked DataLoader worker never finalizes its parent's
+    # garbage. A DataLoader iterator left in a reference cycle (a traceback, a
+    # notebook's history) was otherwise collected in each worker, where its
+    # __del__ shut down the parent's workers (setting their done event,
+    # writing to their queues) and could wait forever on a lock that another
+    # thread of the parent (Dask's profiler and event loop, which collect
+    # garbage too) held at fork. Objects the child creates are collected as usual.
+    gc.freeze()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
