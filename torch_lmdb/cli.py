@@ -45,6 +45,11 @@ def _codec_text(field) -> str:
     return f"{codec:7} stored {_human(stored)} of {_human(raw)} raw ({ratio})"
 
 
+def _error_line(command: str, error: BaseException) -> str:
+    """The one form of a command's error: ``torch-lmdb CMD: error: Class: message``."""
+    return f"torch-lmdb {command}: error: {type(error).__name__}: {error}"
+
+
 def _cmd_info(args) -> int:
     import torch_lmdb
 
@@ -221,6 +226,8 @@ def _shard_paths(path: str) -> Optional[List[str]]:
 
 
 def _cmd_verify(args) -> int:
+    from torch_lmdb.dataset import missing_database
+
     status = 0
     paths: List[str] = []
     for path in args.paths:
@@ -236,8 +243,9 @@ def _cmd_verify(args) -> int:
             print(f"{path}: manifest ok, {len(shards)} shards")
             paths.extend(shards)
     for path in paths:
-        if not os.path.isfile(os.path.join(path, "data.mdb")):
-            print(f"{path}: not a torch_lmdb database (no data.mdb)")
+        if not os.path.isfile(os.path.join(path, "data.mdb")):  # an error as info's, not a damage report
+            error = missing_database(path, "no data.mdb") if os.path.exists(path) else missing_database(path)
+            print(_error_line(args.command, error), file=sys.stderr)
             status = 1
             continue
         reason = _check_meta_pages(path)
@@ -460,5 +468,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:  # one line, no traceback, unless --debug
             if args.debug:
                 raise
-            print(f"torch-lmdb {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+            print(_error_line(args.command, e), file=sys.stderr)
             return 1

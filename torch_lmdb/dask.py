@@ -58,12 +58,17 @@ def _convert_range(job: Dict[str, Any]) -> Dict[str, Any]:
 
 def local_cluster(n_workers: int = 2, threads_per_worker: int = 1):
     """A ``distributed.LocalCluster`` of worker processes listening on the
-    loopback interface only (their HTTP servers too, on free ports)."""
+    loopback interface only (their HTTP servers too, on free ports), without
+    Dask's profiler: its scheduler runs in this process, and its profiler
+    thread would outlive the cluster, sampling (and collecting garbage) every
+    few milliseconds in a process that goes on to train."""
+    import dask
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                        host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                        worker_dashboard_address="127.0.0.1:0")
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                            host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                            worker_dashboard_address="127.0.0.1:0")
 
 
 class _Client:

@@ -1,11 +1,14 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
+import errno
+import gc
 import json
 import math
+import numbers
 import operator
 import os
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.utils.data
@@ -27,6 +30,15 @@ _MAX_READERS = 1 << 20  # 64 bytes of lock file each
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    # Every object the child inherited goes to the collector's permanent
+    # generation: a forked DataLoader worker never finalizes its parent's
+    # garbage. A DataLoader iterator left in a reference cycle (a traceback, a
+    # notebook's history) was otherwise collected in each worker, where its
+    # __del__ shut down the parent's workers (setting their done event,
+    # writing to their queues) and could wait forever on a lock that another
+    # thread of the parent (Dask's profiler and event loop, which collect
+    # garbage too) held at fork. Objects the child creates are collected as usual.
+    gc.freeze()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -115,6 +127,55 @@ def _worker_get_batch(reader, idx, pad_all, pad_fields, pad_value):
     return reader.get_batch(idx, pad_all, pad_fields, pad_value, _alloc_shared, _worker_slabs())
 
 
+def _equal_lengths(batch: torch.Tensor) -> torch.Tensor:
+    """``<name>_lengths`` (int64 [B, ndim]) of a batch whose samples share one shape."""
+    return torch.tensor(batch.shape[1:], dtype=torch.int64).repeat(batch.shape[0], 1)
+
+
+def _with_lengths(batch: Dict[str, Any], padded: Sequence[str]) -> Dict[str, Any]:
+    """``batch`` with ``<name>_lengths`` for every padded field (after its field),
+    where the batch's shapes were equal and C++ added none."""
+    missing = [name for name in padded if name + "_lengths" not in batch and name in batch]
+    if not missing:
+        return batch
+    out = {}
+    for name, value in batch.items():
+        out[name] = value
+        if name in missing:
+            out[name + "_lengths"] = _equal_lengths(value)
+    return out
+
+
+def _stack(name: str, values: List[torch.Tensor], pad: bool, pad_value: float):
+    """(batch, lengths or None): ``values`` stacked, padded to the largest
+    shape when they differ and ``pad``; lengths only for a padded batch."""
+    first = values[0]
+    for i, v in enumerate(values):
+        if v.dim() != first.dim() or (v.shape != first.shape and not pad):
+            raise ValueError(f"field '{name}' has shape {list(v.shape)} in sample {i} of the batch but "
+                             f"{list(first.shape)} in sample 0; pass pad=True (or pad=[names]) to the "
+                             f"LMDBDataset to pad it")
+    if all(v.shape == first.shape for v in values):
+        return torch.stack(values), None
+    shape = [max(sizes) for sizes in zip(*(v.shape for v in values))]
+    out = torch.full([len(values), *shape], pad_value, dtype=first.dtype)
+    for slot, v in zip(out, values):
+        slot[tuple(slice(0, n) for n in v.shape)] = v
+    return out, torch.tensor([list(v.shape) for v in values], dtype=torch.int64).reshape(len(values), first.dim())
+
+
+def missing_database(path: str, reason: str = "no such file or directory") -> FileNotFoundError:
+    """The error for a path that holds no database (``errno`` ENOENT,
+    ``filename`` the path): one message for the library and the CLI."""
+    return FileNotFoundError(errno.ENOENT, f"no torch_lmdb database ({reason})", path)
+
+
+def check_database_path(path: str) -> None:
+    """FileNotFoundError when nothing exists at ``path``."""
+    if not os.path.exists(path):
+        raise missing_database(path)
+
+
 class LMDBDataset(torch.utils.data.Dataset):
     """A map-style dataset over one or several torch_lmdb databases.
 
@@ -190,8 +251,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         if not self._paths:
             raise ValueError("LMDBDataset needs at least one path")
         for p in self._paths:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"no torch_lmdb database at '{p}'")
+            check_database_path(p)
         self.transform = transform
         if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
             raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
@@ -310,7 +370,8 @@ class LMDBDataset(torch.utils.data.Dataset):
                 and getattr(index, "ndim", 0) == 1))
         if batched:
             return self.get_batch(index)
-        sample = self._reader().get(self._index(index))
+        index = self._index(index)  # first: it may refresh the reader (a persistent worker)
+        sample = self._reader().get(index)
         return self.transform(sample) if self.transform is not None else sample
 
     def __getitems__(self, indices: Sequence[int]) -> List[Any]:
@@ -335,8 +396,43 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
         if torch.utils.data.get_worker_info() is not None:
-            return _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
-        return self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
+            batch = _worker_get_batch(self._reader(), idx, pad_all, pad_fields, float(pad_value))
+        else:
+            batch = self._reader().get_batch(idx, pad_all, pad_fields, float(pad_value), None)
+        return _with_lengths(batch, self._padded_fields(pad_all, pad_fields))
+
+    def _padded_fields(self, pad_all: bool, pad_fields: Sequence[str]) -> List[str]:
+        """The tensor fields whose batches carry ``<name>_lengths`` in every batch:
+        the fields named by ``pad``, or with ``pad=True`` those whose shape varies
+        (-1 in the schema). (The C++ batch adds lengths only to a batch whose
+        shapes differ; the rest are added here.)"""
+        return [f["name"] for f in self._schema if f["kind"] == "tensor"
+                and (f["name"] in pad_fields or (pad_all and -1 in f["shape"]))]
+
+    def collate(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        """A ``collate_fn`` for the drop-in ``DataLoader(ds, batch_size=B,
+        collate_fn=ds.collate)``: collates per-sample dicts (after
+        ``transform``) as :meth:`get_batch` does, padding the dataset's ``pad``
+        fields (with ``<name>_lengths`` in every batch). Tensors are stacked,
+        str/bytes fields become lists, other values go to PyTorch's
+        ``default_collate``. ValueError naming the field for shapes that differ
+        in a field not padded."""
+        if not samples:
+            raise ValueError("collate needs at least one sample")
+        pad_all, pad_fields = self._pad_args(self._pad)
+        padded = set(self._padded_fields(pad_all, pad_fields))
+        out: Dict[str, Any] = {}
+        for name, first in samples[0].items():
+            values = [s[name] for s in samples]
+            if isinstance(first, torch.Tensor):
+                out[name], lengths = _stack(name, values, pad_all or name in pad_fields, self._pad_value)
+                if lengths is not None or name in padded:
+                    out[name + "_lengths"] = lengths if lengths is not None else _equal_lengths(out[name])
+            elif isinstance(first, (str, bytes)):
+                out[name] = values
+            else:
+                out[name] = torch.utils.data.default_collate(values)
+        return out
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: Optional[int] = None,
                      drop_last: bool = False, prefetch: int = 2, threads: int = 1,
@@ -390,7 +486,7 @@ class LMDBDataset(torch.utils.data.Dataset):
                        threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
                        pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
                        world_size=world_size)
-        return BatchIterator(self._reader(), options, start)
+        return BatchIterator(self._reader(), options, start, self._padded_fields(pad_all, pad_fields))
 
     # -- description ----------------------------------------------------------
     @property
@@ -460,17 +556,58 @@ def _draw_seed(seed: Optional[int], generator: Optional[torch.Generator], world_
     return seed & (2**64 - 1)
 
 
-def _check_state(state: Dict[str, Any], num_samples: int, order: str, what: str) -> None:
-    for key in ("seed", "epoch", "position", "num_samples"):
-        if key not in state:
-            raise ValueError(f"{what} state has no '{key}' (got keys {sorted(state)})")
-    if state["num_samples"] != num_samples:
-        raise ValueError(f"{what} state was saved for {state['num_samples']} samples, this dataset has "
-                         f"{num_samples}")
-    if state.get("order", order) != order:
-        raise ValueError(f"{what} state was saved with order {state['order']!r}, this loader uses {order!r}")
-    if not 0 <= state["position"] <= num_samples:
-        raise ValueError(f"{what} state position {state['position']} is outside [0, {num_samples}]")
+# The keys of a loader's and a stream's state_dict() (spelled here only).
+SEED_KEY = "seed"
+EPOCH_KEY = "epoch"
+POSITION_KEY = "position"
+NUM_SAMPLES_KEY = "num_samples"
+ORDER_KEY = "order"
+BATCH_SIZE_KEY = "batch_size"
+WORLD_SIZE_KEY = "world_size"
+_REQUIRED_STATE_KEYS = (SEED_KEY, EPOCH_KEY, POSITION_KEY, NUM_SAMPLES_KEY)
+
+
+def _make_state(seed: int, epoch: int, position: int, num_samples: int, order: str, batch_size: int,
+                world_size: int) -> Dict[str, Any]:
+    return {SEED_KEY: seed, EPOCH_KEY: epoch, POSITION_KEY: position, NUM_SAMPLES_KEY: num_samples,
+            ORDER_KEY: order, BATCH_SIZE_KEY: batch_size, WORLD_SIZE_KEY: world_size}
+
+
+def _state_int(state: Dict[str, Any], key: str, low: int, high: int, what: str) -> int:
+    """state[key] as an int in [low, high]; ValueError naming the key for
+    anything else (bool, float, str, None: never converted)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
+        raise ValueError(f"{what} state['{key}'] must be an int from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _check_state(state: Dict[str, Any], num_samples: int, order: str, what: str) -> "tuple[int, int, int]":
+    """Checks a state_dict() against this loader or stream: every key's type
+    and range, the sample count and the order kind. Returns (seed, epoch,
+    position). ValueError naming the key."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} state must be a dict (as state_dict() returns), got {type(state).__name__}")
+    missing = [key for key in _REQUIRED_STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{what} state has no '{missing[0]}' (got keys {sorted(map(str, state))})")
+    seed = _state_int(state, SEED_KEY, 0, 2**64 - 1, what)
+    epoch = _state_int(state, EPOCH_KEY, 0, 2**63 - 1, what)
+    saved_for = _state_int(state, NUM_SAMPLES_KEY, 0, 2**63 - 1, what)
+    if saved_for != num_samples:
+        raise ValueError(f"{what} state['{NUM_SAMPLES_KEY}']: it was saved for {saved_for} samples, this "
+                         f"dataset has {num_samples}")
+    position = _state_int(state, POSITION_KEY, 0, num_samples, what)
+    for key in (BATCH_SIZE_KEY, WORLD_SIZE_KEY):  # informative (any batch size or world size resumes)
+        if key in state:
+            _state_int(state, key, 1, 2**63 - 1, what)
+    saved_order = state.get(ORDER_KEY, order)
+    if not isinstance(saved_order, str):
+        raise ValueError(f"{what} state['{ORDER_KEY}'] must be a str, got {saved_order!r}")
+    if saved_order != order:
+        raise ValueError(f"{what} state['{ORDER_KEY}'] was saved with order {saved_order!r}, this loader uses "
+                         f"{order!r}")
+    return seed, epoch, position
 
 
 class BatchIterator:
@@ -483,8 +620,9 @@ class BatchIterator:
     that position (any rank and world size: the rest of the epoch is split
     across the new ranks). Batches the threads read ahead are not counted."""
 
-    def __init__(self, reader, options: Dict[str, Any], start: int = 0):
+    def __init__(self, reader, options: Dict[str, Any], start: int = 0, padded: Sequence[str] = ()):
         self._reader = reader
+        self._padded = list(padded)
         self._options = dict(options)
         self._order_name = _order_name(options["order"], options["block_size"], options["window_blocks"])
         self._start(start)
@@ -502,7 +640,7 @@ class BatchIterator:
         if batch is None:
             self._done = True
             raise StopIteration
-        return batch
+        return _with_lengths(batch, self._padded)
 
     def __len__(self) -> int:
         return len(self._stream)
@@ -518,15 +656,16 @@ class BatchIterator:
 
     def state_dict(self) -> Dict[str, Any]:
         o = self._options
-        return {"seed": o["seed"], "epoch": o["epoch"], "position": self._stream.position(),
-                "num_samples": self._stream.num_samples(), "order": self._order_name,
-                "batch_size": o["batch_size"], "world_size": o["world_size"]}
+        return _make_state(o["seed"], o["epoch"], self._stream.position(), self._stream.num_samples(),
+                           self._order_name, o["batch_size"], o["world_size"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        _check_state(state, self._stream.num_samples(), self._order_name, "iter_batches")
-        self._options["seed"] = int(state["seed"])
-        self._options["epoch"] = int(state["epoch"])
-        self._start(int(state["position"]))
+        """Restarts the stream at ``state``'s position. ValueError naming the
+        key for a value of the wrong type or range, or a state saved for
+        another sample count or order."""
+        seed, epoch, position = _check_state(state, self._stream.num_samples(), self._order_name, "iter_batches")
+        self._options["seed"], self._options["epoch"] = seed, epoch
+        self._start(position)
 
 
 _BatchIterator = BatchIterator  # the name older code used
@@ -592,6 +731,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._start = 0
         self._yielded = 0
         self._running = False
+        self._loaded = False  # a load_state_dict() position no iteration has started from yet
         self._current_plan = None
         self._current_order = None
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
@@ -611,6 +751,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._current_order = self._order()
         self._yielded = 0
         self._running = True
+        self._loaded = False
         return self._generate(super().__iter__())
 
     def _generate(self, batches):
@@ -622,9 +763,14 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects epoch ``epoch`` from its start (like DistributedSampler.set_epoch)."""
-        self._tl_epoch = int(epoch)
-        self._start = 0
+        """Selects epoch ``epoch`` from its start (like DistributedSampler.set_epoch),
+        except the epoch of a state loaded since the last iteration began: that
+        keeps the state's position, so ``for epoch in range(loader.epoch, n):
+        loader.set_epoch(epoch)`` after ``load_state_dict`` continues mid-epoch."""
+        if not (self._loaded and epoch == self._tl_epoch):
+            self._tl_epoch = int(epoch)
+            self._start = 0
+            self._loaded = False
         self._running = False
 
     @property
@@ -639,23 +785,42 @@ class LMDBLoader(torch.utils.data.DataLoader):
                 epoch, position = epoch + 1, 0  # the epoch's last batch was yielded
             elif self._yielded > 0:
                 position = after[self._yielded - 1]
-        return {"seed": self._tl_seed, "epoch": epoch, "position": position, "num_samples": len(self.dataset),
-                "order": self._tl_order_name, "batch_size": self._tl_batch_size, "world_size": self._tl_world}
+        return _make_state(self._tl_seed, epoch, position, len(self.dataset), self._tl_order_name,
+                           self._tl_batch_size, self._tl_world)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continues from ``state`` at the next iteration (see the class doc).
-        ValueError when it was saved for another sample count or order."""
-        _check_state(state, len(self.dataset), self._tl_order_name, "make_loader")
-        self._tl_seed = int(state["seed"])
-        self._tl_epoch = int(state["epoch"])
-        self._start = int(state["position"])
+        ValueError naming the key for a value of the wrong type or range, or a
+        state saved for another sample count or order."""
+        self._tl_seed, self._tl_epoch, self._start = _check_state(state, len(self.dataset), self._tl_order_name,
+                                                                  "make_loader")
         self._running = False
+        self._loaded = True
+
+
+class _PadView(torch.utils.data.Dataset):
+    """An LMDBDataset whose index lists are read with make_loader's ``pad``
+    and ``pad_value`` (the dataset itself, refresh() included, stays shared)."""
+
+    def __init__(self, dataset: LMDBDataset, pad, pad_value):
+        if not isinstance(dataset, LMDBDataset):
+            raise TypeError(f"make_loader's pad and pad_value need an LMDBDataset, got {type(dataset).__name__}")
+        if pad is not None:
+            dataset._pad_args(pad)  # unknown names: ValueError now
+        self.dataset, self.pad, self.pad_value = dataset, pad, pad_value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        return self.dataset.get_batch(indices, self.pad, self.pad_value)
 
 
 def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                 generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                 rank: Optional[int] = None, world_size: Optional[int] = None, block_size: Optional[int] = None,
-                window_blocks: int = 4, **kwargs) -> LMDBLoader:
+                window_blocks: int = 4, pad: Union[None, bool, Sequence[str]] = None,
+                pad_value: Optional[float] = None, **kwargs) -> LMDBLoader:
     """A DataLoader on the batched path, split across ranks, resumable mid-epoch.
 
     A batch sampler hands whole index lists to ``dataset[indices]`` (one C++
@@ -687,6 +852,8 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
             initialised, else 0 and 1.
         block_size, window_blocks: with ``shuffle``, shuffle blocks of
             ``block_size`` consecutive samples (see ``iter_batches``).
+        pad, pad_value: as in :meth:`LMDBDataset.get_batch` (default: the
+            dataset's own); padded fields carry ``<name>_lengths`` in every batch.
 
     Returns:
         An :class:`LMDBLoader` (a DataLoader with ``set_epoch``,
@@ -697,6 +864,8 @@ def make_loader(dataset: LMDBDataset, batch_size: int, shuffle: bool = False, dr
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     rank, world_size = _rank_and_world(rank, world_size)
+    if pad is not None or pad_value is not None:
+        dataset = _PadView(dataset, pad, pad_value)
     order = ("block" if block_size else "shuffle") if shuffle else "sequential"
     seed = _draw_seed(seed, generator, world_size) if shuffle else (seed or 0) & (2**64 - 1)
     return LMDBLoader(dataset, batch_size, order, seed, rank, world_size, drop_last, block_size or 1024,
@@ -723,6 +892,7 @@ def info(path: PathLike) -> Dict[str, Any]:
     For a shard directory: also ``manifest`` and per-shard ``shards``
     (path, num_samples, file_size); ``metadata`` is the first shard's."""
     path = os.fspath(path)
+    check_database_path(path)
     reader = _C.Reader([path])
     if len(reader.paths) != 1 or os.path.isfile(os.path.join(path, "manifest.json")):
         return _shard_dir_info(path, reader)

@@ -27,11 +27,18 @@ def _field(name: Any, value: Any):
     if isinstance(value, torch.Tensor):
         return (name, _TENSOR, value.detach())
     if isinstance(value, str):
-        return (name, _STR, value.encode("utf-8"))
+        try:
+            return (name, _STR, value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(f"field {name!r}: str {value[max(0, e.start - 10):e.end + 10]!a} cannot be stored: "
+                             f"{e.reason} at position {e.start} (str values must be encodable as UTF-8; store "
+                             f"bytes instead)") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return (name, _BYTES, bytes(value))
     if isinstance(value, (np.ndarray, np.generic)):
         array = np.asarray(value)  # keeps 0-dim for numpy scalars
+        if not array.dtype.isnative:  # big-endian data: stored as its values, in native order
+            array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         try:

@@ -1,10 +1,21 @@
-"""Trains the radio-localization model with DistributedDataParallel (gloo, CPU).
+"""Trains a regression MLP with DistributedDataParallel (gloo, CPU) on any fields.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp/train_ddp.py \\
         --train 'data/radio/train-*.lmdb' --epochs 4 --checkpoint ckpt.pt
+    python3 examples/ddp/train_ddp.py --nproc 2 --train data/converted.lmdb \\
+        --inputs image aux --target label
 
-(``/usr/bin/python3 -m torch.distributed.run`` where ``torchrun`` is not on
-PATH.) Each rank reads its share of every epoch through
+``--inputs`` are the tensor fields the model sees (each flattened, then
+concatenated), ``--target`` the field it predicts (default: the radio
+example's ``cir rssi`` -> ``position``); both are standardized with the mean
+and standard deviation of the first samples, so any database works, a
+converted one included. Without a launcher (no ``RANK`` in the environment)
+the script starts ``--nproc`` ranks itself, meeting through a file (no
+network store). Under a launcher (torchrun, or one process per rank with
+RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) it uses its variables, and
+turns libuv off where this torch was built without it (Debian 13's torch
+2.6: "use_libuv was requested but PyTorch was build without libuv support").
+Each rank reads its share of every epoch through
 ``torch_lmdb.make_loader`` (rank and world size come from torch.distributed):
 one seeded global order per epoch, every sample once per epoch over all ranks,
 equal batch counts per rank. With ``--checkpoint`` rank 0 saves the model, the
@@ -19,25 +30,24 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "radio_localization"))
-from common import features, make_model  # noqa: E402
+import torch_lmdb
 
-import torch_lmdb  # noqa: E402
-
-FIELDS = ["cir", "rssi", "position"]
+STATS_SAMPLES = 512  # samples that set the standardization (the first ones: the same on every rank)
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, nargs="+", help="torch_lmdb databases (globs allowed)")
+    p.add_argument("--inputs", nargs="+", default=["cir", "rssi"], help="tensor fields the model sees")
+    p.add_argument("--target", default="position", help="tensor field the model predicts")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks to start when no launcher set RANK (they meet through a file)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.002)
@@ -99,23 +109,68 @@ def shutdown():
     dist.destroy_process_group()
 
 
-def main():
-    args = parse()
-    dist.init_process_group("gloo")
+def libuv_available() -> bool:
+    """Whether this torch's TCPStore has libuv (torch >= 2.4 asks for it by
+    default; Debian 13's torch 2.6 is built without it)."""
+    try:
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, use_libuv=True)
+    except TypeError:  # torch < 2.2: no libuv option, and no libuv store to ask for
+        return True
+    except RuntimeError:
+        return False
+    del store
+    return True
+
+
+def init_process_group(rank=None, world=None, store_file=None):
+    """env:// under a launcher (libuv off where torch lacks it), else a file
+    store shared by the ranks this script started."""
+    if store_file is None:
+        if "USE_LIBUV" not in os.environ and not libuv_available():
+            os.environ["USE_LIBUV"] = "0"  # read by env://'s store in torch >= 2.4
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", init_method="file://" + store_file, rank=rank, world_size=world)
+
+
+class Standardize:
+    """Flattens and concatenates fields, then standardizes them with the mean and
+    standard deviation of the first samples of the dataset."""
+
+    def __init__(self, ds, names):
+        self.names = names
+        first = ds.get_batch(list(range(min(len(ds), STATS_SAMPLES))))
+        x = self.concat(first)
+        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-6)
+
+    def concat(self, batch):
+        return torch.cat([batch[n].reshape(len(batch[n]), -1).to(torch.float32) for n in self.names], dim=1)
+
+    def __call__(self, batch):
+        return (self.concat(batch) - self.mean) / self.std
+
+
+def make_model(inputs: int, outputs: int):
+    return torch.nn.Sequential(torch.nn.Linear(inputs, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                               torch.nn.ReLU(), torch.nn.Linear(256, outputs))
+
+
+def main(rank=None, args=None, store_file=None):
+    args = args or parse()
+    init_process_group(rank, args.nproc, store_file)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)  # the ranks share the machine's cores
     torch.manual_seed(args.seed)  # identical initial weights (DDP also broadcasts rank 0's)
-    ds = torch_lmdb.LMDBDataset(expand(args.train), fields=FIELDS)
-    sim = ds.metadata["user"]["config"]
-    scale = torch.tensor(sim["area"], dtype=torch.float32)
+    ds = torch_lmdb.LMDBDataset(expand(args.train), fields=[*args.inputs, args.target])
+    features, target = Standardize(ds, args.inputs), Standardize(ds, [args.target])
     loader = torch_lmdb.make_loader(ds, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.num_workers,
                                     persistent_workers=args.num_workers > 0)
 
     if args.loader_only:
         dist.barrier()
-        samples = sum(len(b["position"]) for b in loader)  # a warm-up pass
+        samples = sum(len(b[args.target]) for b in loader)  # a warm-up pass
         t0 = time.perf_counter()
-        samples = sum(len(b["position"]) for _ in range(args.epochs) for b in loader)
+        samples = sum(len(b[args.target]) for _ in range(args.epochs) for b in loader)
         rate = samples / (time.perf_counter() - t0)
         rates = [{"rank": r, "samples": int(n), "samples_per_s": v} for r, (n, v) in enumerate(gather(samples, rate))]
         if rank == 0:
@@ -123,7 +178,7 @@ def main():
         shutdown()
         return
 
-    model = DistributedDataParallel(make_model(sim["num_bs"], sim["num_taps"]))
+    model = DistributedDataParallel(make_model(len(features.mean), len(target.mean)))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps = 0
     if args.resume:
@@ -143,8 +198,8 @@ def main():
         total, count = torch.zeros(2, dtype=torch.float64), 0
         t0 = time.perf_counter()
         for batch in loader:
-            pred = model(features(batch["cir"], batch["rssi"]))
-            loss = torch.nn.functional.mse_loss(pred, batch["position"] / scale)
+            pred = model(features(batch))
+            loss = torch.nn.functional.mse_loss(pred, target(batch))
             opt.zero_grad()
             loss.backward()  # DDP averages the gradients over the ranks
             opt.step()
@@ -174,5 +229,19 @@ def main():
     shutdown()
 
 
+def launch(args):
+    """Runs ``args.nproc`` ranks of main() in processes started here."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(main, args=(args, os.path.join(tmp, "store")), nprocs=args.nproc, start_method="spawn")
+
+
 if __name__ == "__main__":
-    main()
+    arguments = parse()
+    if "RANK" in os.environ:  # a launcher's rank (torchrun's, or set by hand)
+        main(args=arguments)
+    else:
+        launch(arguments)

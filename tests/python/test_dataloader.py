@@ -242,3 +242,19 @@ def test_large_worker_batches_recycle_buffers_never_overwriting_held_ones(make_d
     assert count == 80
     assert torch_lmdb._C.slab_count() <= 12  # 2 workers x (prefetch + in flight), not one per batch
     check_every_index_once(held, 640, width=4096)  # still intact after the second epoch
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_persistent_drop_in_workers_read_samples_appended_after_refresh(make_db, method):
+    # README: a persistent worker given an index past what it knows refreshes itself.
+    path = make_db(40)
+    ds = torch_lmdb.LMDBDataset(path)
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, persistent_workers=True,
+                        multiprocessing_context=method, timeout=120)
+    check_every_index_once(loader, 40)
+    with torch_lmdb.LMDBWriter(path, mode="a") as w:
+        for i in range(40, 70):
+            w.write(sample(i))
+    assert ds.refresh() == 70
+    check_every_index_once(loader, 70)  # the new samples, as written
+    check_every_index_once(loader, 70)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import torch_lmdb
 
@@ -32,6 +31,8 @@ def _rendezvous():
 
 
 SCRIPT = os.path.join(ROOT, "examples", "ddp", "train_ddp.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))
+import train_ddp  # noqa: E402
 N = 1000  # 2 ranks x 64: 7 full steps and a tail of 104 split 52/52
 
 
@@ -48,17 +49,9 @@ def radio_db(tmp_path_factory):
     return path
 
 
-def _torchrun_can_rendezvous():
-    """torchrun's rendezvous store needs libuv on torch >= 2.4 (it ignores USE_LIBUV);
-    Debian's torch 2.6 is built without it."""
-    try:
-        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, use_libuv=True)
-    except TypeError:  # torch < 2.2: no libuv option, no libuv store
-        return True
-    except RuntimeError:
-        return False
-    del store
-    return True
+# torchrun's rendezvous store needs libuv on torch >= 2.4 (it ignores USE_LIBUV);
+# Debian's torch 2.6 is built without it.
+_torchrun_can_rendezvous = train_ddp.libuv_available
 
 
 def torchrun(nproc, *args):
@@ -105,3 +98,26 @@ def test_ddp_two_ranks_split_epochs_learn_and_resume_on_one_rank(radio_db, tmp_p
     assert "resumed at epoch 2, position 384 (saved with world size 2, now 1)" in out
     assert r["samples_per_rank"] == [[N - 384]]
     assert r["loader_state"]["epoch"] == 3 and r["loader_state"]["position"] == 0
+
+
+def test_the_example_trains_on_a_converted_store_with_its_own_field_names(tmp_path):
+    # A converted Zarr store: other field names ('meta/label'), no radio config in
+    # its metadata. No launcher: the script starts its 2 ranks itself.
+    from test_convert import make_zarr
+
+    src = make_zarr(tmp_path / "sim.zarr", n=400)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    convert = subprocess.run([sys.executable, "-m", "torch_lmdb", "convert", "--zarr-path", src, "--output-dir",
+                              str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    db = convert.stdout.split()[-1]
+    proc = subprocess.run([sys.executable, SCRIPT, "--nproc", "2", "--train", db, "--inputs", "x", "--target",
+                           "meta/label", "--epochs", "4", "--batch-size", "16", "--lr", "0.003"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(proc.stdout.split("RESULT ")[-1].splitlines()[0])
+    assert r["world_size"] == 2 and r["num_samples"] == 400
+    assert r["samples_per_rank"] == [[200, 200]] * 4  # every sample once per epoch, equal shares
+    assert len(set(r["param_digests"])) == 1
+    assert r["losses"][-1] < r["losses"][0] / 2  # it learns label from x

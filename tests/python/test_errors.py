@@ -272,3 +272,48 @@ def test_ragged_batch_error_names_the_python_option(tmp_path):
             read()
         assert "BatchOptions" not in str(info.value)
     assert ds.get_batch([0, 1], pad=True)["paths"].shape == (2, 3, 4)
+
+
+def _cli(*args, cwd=None):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-m", "torch_lmdb", *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=root), timeout=120)
+
+
+def test_a_missing_database_is_one_error_everywhere(tmp_path):
+    (tmp_path / "empty.lmdb").mkdir()
+    message = "[Errno 2] no torch_lmdb database (no such file or directory): 'nope.lmdb'"
+    with pytest.raises(FileNotFoundError) as raised:
+        torch_lmdb.LMDBDataset(["nope.lmdb"])
+    assert str(raised.value) == message and raised.value.filename == "nope.lmdb"
+    with pytest.raises(FileNotFoundError, match="'nope.lmdb'"):
+        torch_lmdb.info("nope.lmdb")
+    for command in ("info", "verify"):
+        proc = _cli(command, "nope.lmdb", cwd=str(tmp_path))
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr == f"torch-lmdb {command}: error: FileNotFoundError: {message}\n"
+    proc = _cli("verify", "empty.lmdb", cwd=str(tmp_path))  # a directory without data.mdb
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == ("torch-lmdb verify: error: FileNotFoundError: [Errno 2] no torch_lmdb database "
+                           "(no data.mdb): 'empty.lmdb'\n")
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["write", "write_many"])
+def test_big_endian_arrays_are_stored_as_their_values(tmp_path, many):
+    sample = {"f": np.arange(4, dtype=">f8"), "i": np.arange(6, dtype=">i4").reshape(2, 3)[:, ::2],
+              "s": np.array(7, dtype=">i2"), "c": np.array([1 + 2j], dtype=">c16")}
+    with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
+        w.write_many([sample]) if many else w.write(sample)
+    got = torch_lmdb.LMDBDataset(str(tmp_path / "db"))[0]
+    for name, value in sample.items():
+        want = torch.from_numpy(value.astype(value.dtype.newbyteorder("=")))
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["write", "write_many"])
+def test_a_str_with_a_lone_surrogate_is_refused_naming_the_field(tmp_path, many):
+    with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
+        w.write({"s": "ok"})
+        with pytest.raises(ValueError, match=r"field 's'.*UTF-8"):
+            w.write_many([{"s": "a\ud800b"}]) if many else w.write({"s": "a\ud800b"})
+        assert len(w) == 1

@@ -224,3 +224,141 @@ def test_a_dropped_loader_goes_at_once(make_db):
         assert ref() is None
     finally:
         gc.enable()
+
+
+# README "Exact mid-epoch resumption", run as written: a run that stops
+# mid-epoch, then the same code again, trains every sample of each epoch once.
+README_N = 300  # 64 a batch: 4 full batches and a tail of 44 (2 ranks: 2 steps of 128, a tail of 22 each)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _run_readme_resume(ds, epochs, crash_at=None, before_step=None):
+    """Runs the README's resume snippet in the current directory; returns the
+    batches (lists of ids) train_step saw, stopping at call ``crash_at``."""
+    from _readme import snippet
+
+    seen = []
+
+    def train_step(batch):
+        if before_step is not None:
+            before_step()
+        if len(seen) == crash_at:
+            raise _Crash
+        seen.append(batch["index"].tolist())
+
+    scope = dict(os=os, torch=torch, torch_lmdb=torch_lmdb, ds=ds, epochs=epochs, train_step=train_step)
+    try:
+        exec(snippet("Exact mid-epoch resumption"), scope)
+    except _Crash:
+        pass
+    return seen
+
+
+def test_readme_resume_loop_continues_the_epoch_it_stopped_in(make_db, tmp_path, monkeypatch):
+    ds = torch_lmdb.LMDBDataset(make_db(README_N))
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "stopped").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    whole = _run_readme_resume(ds, 2)
+    assert len(whole) == 10 and sorted(ids_of(whole[:5])) == list(range(README_N))
+    monkeypatch.chdir(tmp_path / "stopped")
+    first = _run_readme_resume(ds, 2, crash_at=3)  # saved after batch 3, stopped in batch 4
+    assert torch.load("ckpt.pt")["loader"]["position"] == 3 * 64
+    second = _run_readme_resume(ds, 2)
+    assert first + second == whole  # epoch 0 continued at 192: nothing replayed, nothing skipped
+
+
+def ids_of(batches):
+    return [i for b in batches for i in b]
+
+
+README_RANK = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import torch.distributed as dist
+import torch_lmdb
+from test_loader_resume import _run_readme_resume
+path, port, crash_at = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+# train_step syncs the ranks as DDP's gradient all-reduce does (rank 0 saves
+# after every step, so no rank loads a checkpoint being written).
+seen = _run_readme_resume(torch_lmdb.LMDBDataset(path), 2, crash_at, before_step=dist.barrier)
+print("SEEN " + json.dumps(seen), flush=True)
+"""
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _readme_resume_on_ranks(path, cwd, world, crash_at=None):
+    root = os.path.dirname(os.path.dirname(HERE))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", README_RANK, root, HERE, path, port, json.dumps(crash_at)],
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    return [json.loads(out.split("SEEN ")[-1]) for out, _ in outs]
+
+
+def test_readme_resume_loop_on_two_ranks(make_db, tmp_path):
+    path = make_db(README_N)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "stopped").mkdir()
+    whole = _readme_resume_on_ranks(path, str(tmp_path / "whole"), 2)
+    assert [len(w) for w in whole] == [6, 6]  # 3 batches a rank and epoch
+    assert sorted(ids_of(whole[0][:3]) + ids_of(whole[1][:3])) == list(range(README_N))
+    first = _readme_resume_on_ranks(path, str(tmp_path / "stopped"), 2, crash_at=2)
+    assert torch.load(str(tmp_path / "stopped" / "ckpt.pt"))["loader"]["position"] == 2 * 128
+    second = _readme_resume_on_ranks(path, str(tmp_path / "stopped"), 2)
+    for rank in range(2):
+        assert first[rank] + second[rank] == whole[rank], rank
+
+
+BAD_STATE_VALUES = [
+    ("position", "320"), ("position", None), ("position", True), ("position", 32.0), ("position", 5.9),
+    ("position", -1), ("position", 51),
+    ("seed", "abc"), ("seed", -1), ("seed", 2**80), ("seed", 0.5), ("seed", None),
+    ("epoch", 2**64), ("epoch", -1), ("epoch", 5.9), ("epoch", True), ("epoch", "1"),
+    ("num_samples", 50.0), ("num_samples", "50"),
+    ("order", 3),
+    ("batch_size", 0), ("batch_size", "16"), ("world_size", 0), ("world_size", 1.5),
+]
+
+
+@pytest.mark.parametrize("kind", ["loader", "stream"])
+def test_load_state_dict_checks_every_key(make_db, kind):
+    ds = torch_lmdb.LMDBDataset(make_db(50))
+    make = {"loader": lambda: torch_lmdb.make_loader(ds, 16, shuffle=True, seed=1),
+            "stream": lambda: ds.iter_batches(16, shuffle=True, seed=1)}[kind]
+    good = make().state_dict()
+    for key, value in BAD_STATE_VALUES:
+        target = make()
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            target.load_state_dict(dict(good, **{key: value}))
+        assert ids(target) == ids(make()), (key, value)  # a refused state changes nothing
+    for key in ("seed", "epoch", "position", "num_samples"):
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            make().load_state_dict({k: v for k, v in good.items() if k != key})
+    with pytest.raises(ValueError, match="state"):
+        make().load_state_dict([("seed", 1)])
+    # The largest values in range are taken.
+    edge = make()
+    edge.load_state_dict(dict(good, seed=2**64 - 1, epoch=2**63 - 1, position=50))
+    assert ids(edge) == []
