@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 import os
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
@@ -27,8 +28,12 @@ _fork_generation = 0
 _MAX_READERS = 1 << 20  # 64 bytes of lock file each
 
 
+_refresh_lock = threading.Lock()  # LMDBDataset.refresh, one at a time per process
+
+
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _refresh_lock
+    _refresh_lock = threading.Lock()  # (another thread may have held it at fork)
     _fork_generation += 1
     # Every object the child inherited goes to the collector's permanent
     # generation: a forked DataLoader worker never finalizes its parent's
@@ -316,13 +321,20 @@ class LMDBDataset(torch.utils.data.Dataset):
         Returns:
             The new number of samples.
         """
-        handle = _C.Reader(self._paths, fields=self._fields, **self._options)
-        self._emit_warnings(handle)
-        self._handle, self._generation = handle, _fork_generation
-        self._len = len(handle)
-        self._schema = handle.schema()
-        self._metadata = [json.loads(handle.metadata_json(i)) for i in range(len(handle.paths))]
-        return self._len
+        # One refresh at a time in the process: two threads' handles would
+        # otherwise be published in either order (len() going backwards, a
+        # length checked against another handle than the one read).
+        with _refresh_lock:
+            handle = _C.Reader(self._paths, fields=self._fields, **self._options)
+            self._emit_warnings(handle)
+            metadata = [json.loads(handle.metadata_json(i)) for i in range(len(handle.paths))]
+            # The handle before the length: a reader that sees the new length
+            # (checked first) then takes a handle that holds it.
+            self._handle, self._generation = handle, _fork_generation
+            self._len = len(handle)
+            self._schema = handle.schema()
+            self._metadata = metadata
+            return self._len
 
     def close(self) -> None:
         """Drops this process's handle (the files reopen on next use)."""

@@ -89,7 +89,9 @@ py::dict batch_to_py(const Batch& batch, const std::string& where) {
 // The core's messages name C++ options; Python users get the Python names.
 static std::string python_wording(std::string text) {
   static const std::pair<const char*, const char*> kNames[] = {
-      {"set BatchOptions::pad (or name it in BatchOptions::pad_fields)", "pass pad=True (or pad=[names])"},
+      {"set BatchOptions::pad (or name it in BatchOptions::pad_fields)",
+       "pass pad=True (or pad=[names]) to LMDBDataset, get_batch, iter_batches or make_loader (a drop-in "
+       "DataLoader: collate_fn=ds.collate)"},
   };
   for (const auto& [cpp, py] : kNames) {
     for (size_t at = text.find(cpp); at != std::string::npos; at = text.find(cpp, at + std::strlen(py)))

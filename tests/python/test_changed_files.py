@@ -339,3 +339,49 @@ def test_the_layout_checksum_is_the_documented_canonical_form(tmp_path):
                       ensure_ascii=False)
     data = text.encode()
     assert meta["layout_xxh3_64"] == f"{xxhash.XXH3_64bits(data, len(data)):016x}"
+
+
+APPENDER_CHILD = """
+    import sys, time, numpy as np, torch_lmdb
+    with torch_lmdb.LMDBWriter(sys.argv[1], mode="a", commit_every=1) as w:
+        deadline = time.time() + float(sys.argv[2])
+        i = 0
+        while time.time() < deadline:
+            w.write({"x": np.full(4096, i, dtype=np.float32), "i": i})
+            w.flush()
+            i += 1
+"""
+
+
+def test_threads_refreshing_while_a_writer_appends_never_see_the_length_go_back(tmp_path):
+    import threading
+
+    path = write_db(str(tmp_path / "db"), 10)
+    ds = torch_lmdb.LMDBDataset(path)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(APPENDER_CHILD), path, "4"], env=env)
+    failures = []
+
+    def refresh_and_read():
+        last = 0
+        while writer.poll() is None and len(failures) < 10:
+            try:
+                ds.refresh()
+                n = len(ds)
+                if n < last:
+                    failures.append(f"len went from {last} to {n}")
+                last = n
+                ds[n - 1]
+                ds.get_batch([n - 1, 0])
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=refresh_and_read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    writer.wait(timeout=60)
+    assert writer.returncode == 0
+    assert failures == []
+    assert len(ds) > 10

@@ -271,6 +271,7 @@ def test_ragged_batch_error_names_the_python_option(tmp_path):
         with pytest.raises(ValueError, match=r"field 'paths' has shape \[3, 4\].*pass pad=True") as info:
             read()
         assert "BatchOptions" not in str(info.value)
+        assert "make_loader" in str(info.value) and "collate_fn=ds.collate" in str(info.value)  # where pad goes
     assert ds.get_batch([0, 1], pad=True)["paths"].shape == (2, 3, 4)
 
 
