@@ -79,54 +79,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-_META_MAGIC = 0xBEEFC0DE
-
-
-def _check_meta_pages(path: str) -> Optional[str]:
-    """Reads LMDB's two meta pages from data.mdb with plain file reads (no map,
-    so no fault) and compares the file size with the pages the newest valid
-    meta page says are in use. Returns a reason on damage, else None.
-
-    Layout (lmdb 0.9, 64-bit; mdb.c MDB_page / MDB_meta): a 16-byte page
-    header, then magic u32, version u32, address u64, mapsize u64, two MDB_db
-    of 48 bytes (the first one's leading u32 holds the page size), last_pg u64,
-    txnid u64. The second meta page starts at offset page size.
-    """
-    import struct
-
-    data_file = os.path.join(path, "data.mdb")
-    try:
-        size = os.path.getsize(data_file)
-        with open(data_file, "rb") as f:
-            head = f.read(16 + 136)
-            metas = []
-            if len(head) == 16 + 136:
-                metas.append(head)
-                psize = struct.unpack_from("<I", head, 16 + 24)[0]
-                if 512 <= psize <= (1 << 16) and psize & (psize - 1) == 0:
-                    f.seek(psize)
-                    metas.append(f.read(16 + 136))
-    except OSError as e:
-        return f"cannot read {data_file}: {e.strerror}"
-    best = None
-    for m in metas:
-        if len(m) < 16 + 136:
-            continue
-        magic, version = struct.unpack_from("<II", m, 16)
-        psize = struct.unpack_from("<I", m, 16 + 24)[0]
-        last_pg, txnid = struct.unpack_from("<QQ", m, 16 + 24 + 96)
-        if magic != _META_MAGIC or version != 1 or not (512 <= psize <= (1 << 16)) or psize & (psize - 1):
-            continue
-        if best is None or txnid > best[2]:
-            best = (psize, last_pg, txnid)
-    if best is None:
-        return (f"{data_file} has no valid LMDB meta page ({size} bytes; the first pages are damaged "
-                f"or this is not an LMDB file)")
-    psize, last_pg, _ = best
-    needed = (last_pg + 1) * psize
-    if size < needed:
-        return f"{data_file} is truncated: {size} bytes, its last commit uses {needed} ({last_pg + 1} pages of {psize})"
-    return None
 
 
 def _verify_walk(path: str, args, report) -> None:
@@ -226,6 +178,7 @@ def _shard_paths(path: str) -> Optional[List[str]]:
 
 
 def _cmd_verify(args) -> int:
+    from torch_lmdb import _C
     from torch_lmdb.dataset import missing_database
 
     status = 0
@@ -248,7 +201,7 @@ def _cmd_verify(args) -> int:
             print(_error_line(args.command, error), file=sys.stderr)
             status = 1
             continue
-        reason = _check_meta_pages(path)
+        reason = _C.meta_pages_problem(path)  # one parser: the C++ check at open
         if reason is not None:
             print(f"{path}: damaged: {reason}")
             status = 1

@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "torch_lmdb/meta.h"
 #include "torch_lmdb/shm_slabs.h"
 #include "torch_lmdb/torch_lmdb.h"
 
@@ -693,6 +694,11 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("slab_count", [] { return SlabReceiver::instance().size(); },
         "worker batch buffers mapped in this process (a diagnostic)");
+  m.def("meta_pages_problem", [](const std::string& path) -> py::object {
+          const std::string why = torch_lmdb::detail::meta_pages_problem(path + "/data.mdb");
+          return why.empty() ? py::object(py::none()) : py::object(py::str(why));
+        }, py::arg("path"),
+        "why a database's data.mdb cannot be mapped safely (its meta pages, read without a map), or None");
   m.def("metadata_checksum", &torch_lmdb::metadata_checksum, py::arg("meta_json"),
         "xxh3-64 (16 hex digits) of a metadata JSON text, as a shard manifest stores it");
 }

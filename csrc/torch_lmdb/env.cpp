@@ -21,42 +21,26 @@
 #include <utility>
 
 #include "torch_lmdb/errors.h"
+#include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
 namespace {
 
 // LMDB 0.9 takes the page size from the meta pages without checking it: a
 // damaged meta page with page size 0 makes mdb_env_open divide by zero
-// (SIGFPE). Each meta page that LMDB would accept (P_META flag, magic,
-// data version; lmdb's mdb_env_read_header) must name a power of two from
-// 512 to 64 KiB, else CorruptedError naming the file. Layout (lmdb 0.9,
-// 64-bit): page header 16 bytes (flags at 10), then MDB_meta: magic, version
-// (u32 each), address, map size (8 bytes each), mm_dbs[0].md_pad = page size.
+// (SIGFPE). Each meta page that LMDB would accept (P_META flag, magic, data
+// version; lmdb's mdb_env_read_header) must name a power of two from 512 to
+// 64 KiB, else CorruptedError naming the file.
 void check_meta_pages(const std::string& data_path, const std::string& path) {
-  const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;  // (mdb_env_open reports it)
-  size_t offset = 0;
-  for (int meta = 0; meta < 2; ++meta) {
-    unsigned char page[64] = {};
-    const ssize_t got = ::pread(fd, page, sizeof page, static_cast<off_t>(offset));
-    if (got < static_cast<ssize_t>(sizeof page)) break;  // (short: LMDB refuses it itself)
-    uint16_t flags;
-    uint32_t magic, version, psize;
-    std::memcpy(&flags, page + 10, 2);
-    std::memcpy(&magic, page + 16, 4);
-    std::memcpy(&version, page + 20, 4);
-    std::memcpy(&psize, page + 40, 4);
-    if (!(flags & 0x08) || magic != 0xBEEFC0DE || version != 1) break;  // LMDB refuses it (MDB_INVALID, MDB_VERSION_MISMATCH)
-    if (psize < 512 || psize > 65536 || (psize & (psize - 1)) != 0) {
-      ::close(fd);
+  int meta = 0;
+  for (const detail::MetaPage& m : detail::read_meta_pages(data_path)) {
+    if (m.lmdb_accepts && !m.page_size_ok())
       throw CorruptedError("'" + data_path + "' is damaged: its meta page " + std::to_string(meta) +
-                               " gives a page size of " + std::to_string(psize) +
+                               " gives a page size of " + std::to_string(m.page_size) +
                                " bytes; run `torch-lmdb verify` and rebuild it from the source data",
                            MDB_CORRUPTED, path);
-    }
-    if (meta == 0) offset = psize;  // where LMDB reads the second meta page
+    ++meta;
   }
-  ::close(fd);
 }
 
 constexpr size_t kDefaultMapSize = size_t{64} << 20;  // 64 MiB, grows by doubling
@@ -245,6 +229,58 @@ uint64_t fork_generation() noexcept {
 }
 
 namespace detail {
+
+std::vector<MetaPage> read_meta_pages(const std::string& data_path) {
+  // Layout (lmdb 0.9, 64-bit; mdb.c MDB_page, MDB_meta): a 16-byte page
+  // header (flags u16 at 10), then magic u32, version u32, address u64, map
+  // size u64, two MDB_db of 48 bytes (the first one's leading u32 holds the
+  // page size), last_pg u64, txnid u64. The second meta page starts at the
+  // first one's page size.
+  std::vector<MetaPage> out;
+  const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return out;
+  size_t offset = 0;
+  for (int meta = 0; meta < 2; ++meta) {
+    unsigned char page[160] = {};
+    if (::pread(fd, page, sizeof page, static_cast<off_t>(offset)) < static_cast<ssize_t>(sizeof page)) break;
+    MetaPage m;
+    uint16_t flags;
+    uint32_t magic, version;
+    std::memcpy(&flags, page + 10, 2);
+    std::memcpy(&magic, page + 16, 4);
+    std::memcpy(&version, page + 20, 4);
+    std::memcpy(&m.page_size, page + 40, 4);
+    std::memcpy(&m.last_page, page + 136, 8);
+    std::memcpy(&m.txnid, page + 144, 8);
+    m.lmdb_accepts = (flags & 0x08) && magic == 0xBEEFC0DE && version == 1;
+    out.push_back(m);
+    if (meta == 0) {
+      if (!m.page_size_ok()) break;  // where LMDB would read the second one is unknown
+      offset = m.page_size;
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
+std::string meta_pages_problem(const std::string& data_path) {
+  struct stat st {};
+  if (::stat(data_path.c_str(), &st) != 0) return "cannot read " + data_path + ": " + std::strerror(errno);
+  const MetaPage* best = nullptr;
+  const auto metas = read_meta_pages(data_path);
+  for (const MetaPage& m : metas)
+    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
+  if (best == nullptr)
+    return data_path + " has no valid LMDB meta page (" + std::to_string(st.st_size) +
+           " bytes; the first pages are damaged or this is not an LMDB file)";
+  const uint64_t needed = (best->last_page + 1) * best->page_size;
+  if (static_cast<uint64_t>(st.st_size) < needed)
+    return data_path + " is truncated: " + std::to_string(st.st_size) + " bytes, its last commit uses " +
+           std::to_string(needed) + " (" + std::to_string(best->last_page + 1) + " pages of " +
+           std::to_string(best->page_size) + ")";
+  return std::string();
+}
+
 void EnvCloser::operator()(MDB_env* e) const noexcept {
   // lmdb.h: an env must not be used or closed in a forked child.
   if (e != nullptr && ::getpid() == owner) mdb_env_close(e);

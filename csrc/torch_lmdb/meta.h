@@ -72,6 +72,27 @@ struct MetaInfo {
 /// or user of the wrong shape.
 MetaInfo validate_meta(const Json& meta, const std::string& path);
 
+/// One of data.mdb's two LMDB meta pages, read with plain file reads (no
+/// map: nothing faults).
+struct MetaPage {
+  bool lmdb_accepts = false;  // P_META flag, magic and data version as LMDB checks them
+  uint32_t page_size = 0;
+  uint64_t last_page = 0;     // the last page its commit uses
+  uint64_t txnid = 0;
+  /// A power of two from 512 to 64 KiB (LMDB divides by it).
+  bool page_size_ok() const noexcept {
+    return page_size >= 512 && page_size <= 65536 && (page_size & (page_size - 1)) == 0;
+  }
+};
+/// The meta pages of `data_path` (up to two; fewer when the file is short
+/// or the first names an impossible page size). One parser for the check
+/// at open (Env::open) and `torch-lmdb verify` (meta_pages_problem).
+std::vector<MetaPage> read_meta_pages(const std::string& data_path);
+/// Why `data_path` cannot be mapped safely: no meta page LMDB would accept
+/// with a valid page size, or a file shorter than the newest one's commit;
+/// "" when neither.
+std::string meta_pages_problem(const std::string& data_path);
+
 /// Metadata keys that decide how a record's bytes are read; the layout
 /// checksum covers them (docs/FORMAT.md, "Layout checksum").
 inline const char* const kLayoutKeys[] = {"byte_order", "checksum", "format", "format_version",
