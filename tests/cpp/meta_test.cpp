@@ -4,6 +4,8 @@
 #include <lmdb.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "test_util.h"
 #include "torch_lmdb/meta.h"
@@ -16,7 +18,12 @@ namespace {
 
 // Overwrites metadata key `key` of the closed database at `path` with the raw
 // bytes `value`, through LMDB itself (as another tool would).
-void poke_meta(const std::string& path, const std::string& key, const std::string& value) {
+// Writes metadata `key` = `value` (JSON text) into the database at `path`
+// with liblmdb; with `keep_layout_checksum` false it also drops the layout
+// checksum, as in a database written before it existed (so that the
+// validation of each key is what the test sees).
+void poke_meta(const std::string& path, const std::string& key, const std::string& value,
+               bool keep_layout_checksum = false) {
   MDB_env* env = nullptr;
   ASSERT_EQ(mdb_env_create(&env), 0);
   ASSERT_EQ(mdb_env_set_maxdbs(env, 4), 0);
@@ -29,19 +36,29 @@ void poke_meta(const std::string& path, const std::string& key, const std::strin
   MDB_val k{key.size(), const_cast<char*>(key.data())};
   MDB_val v{value.size(), const_cast<char*>(value.data())};
   ASSERT_EQ(mdb_put(txn, dbi, &k, &v, 0), 0);
+  if (!keep_layout_checksum) {
+    const std::string sum = torch_lmdb::detail::kLayoutChecksumKey;
+    MDB_val sk{sum.size(), const_cast<char*>(sum.data())};
+    const int rc = mdb_del(txn, dbi, &sk, nullptr);
+    ASSERT_TRUE(rc == 0 || rc == MDB_NOTFOUND) << rc;
+  }
   ASSERT_EQ(mdb_txn_commit(txn), 0);
   mdb_env_close(env);
 }
 
 std::string nested_arrays(size_t depth) { return std::string(depth, '[') + std::string(depth, ']'); }
 
-// Opens `path` with a Reader and returns the InvalidDatabaseError's message
-// ("" when the open succeeded).
+// Opens `path` with a Reader and returns the InvalidDatabaseError's (or,
+// for metadata that does not parse, the CorruptedError's) message ("" when
+// the open succeeded).
 std::string open_error(const std::string& path) {
   try {
     Reader r(path);
     return "";
   } catch (const InvalidDatabaseError& e) {
+    EXPECT_EQ(e.path(), path);
+    return e.what();
+  } catch (const CorruptedError& e) {
     EXPECT_EQ(e.path(), path);
     return e.what();
   }
@@ -139,6 +156,30 @@ TEST(Meta, BadValuesNameThePathTheKeyAndWhatWasFound) {
     EXPECT_NE(msg.find("'" + path + "' is not a readable torch_lmdb database"), std::string::npos)
         << c.key << "=" << c.value << ": " << msg;
     EXPECT_NE(msg.find(c.expect), std::string::npos) << c.key << "=" << c.value << ": " << msg;
+  }
+}
+
+// The keys that decide how bytes are read are covered by the layout
+// checksum: an edit is CorruptedError before any of them is believed.
+TEST(Meta, AnEditedLayoutKeyFailsTheLayoutChecksum) {
+  TempDir tmp;
+  int i = 0;
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"format_version", "2"}, {"samples_per_value", "2"}, {"byte_order", "\"little\""},
+           {"schema", "[{\"name\": \"y\", \"kind\": \"tensor\", \"dtype\": \"float32\", \"shape\": [4]}]"}}) {
+    const std::string path = tmp.sub("edit" + std::to_string(i++));
+    write_dataset(path, 3);
+    const auto stored = torch_lmdb::detail::Json::parse(Reader(path).metadata_json());
+    poke_meta(path, key, value, /*keep_layout_checksum=*/true);
+    const bool same = stored.contains(key) && stored[key] == torch_lmdb::detail::Json::parse(value);
+    try {
+      Reader r(path);
+      EXPECT_TRUE(same) << key << "=" << value << " was accepted";
+    } catch (const CorruptedError& e) {
+      EXPECT_FALSE(same) << e.what();
+      EXPECT_NE(std::string(e.what()).find("layout checksum"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
   }
 }
 
