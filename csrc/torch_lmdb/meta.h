@@ -21,6 +21,7 @@
 
 #include "torch_lmdb/env.h"
 #include "torch_lmdb/errors.h"
+#include "torch_lmdb/fault_guard.h"
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {
@@ -114,9 +115,17 @@ void check_layout(const Json& meta, const std::string& path);
 inline Json read_meta(const Env& env, MDB_txn* txn) {
   Json out = Json::object();
   MDB_cursor* cur = nullptr;
+  // The table's root is searched under the fault guard first (a damaged
+  // page fails here, not in mdb_cursor_open), and so is every step.
+  MDB_stat root{};
+  int rc = guarded_stat(txn, env.meta_dbi(), &root);
+  if (rc != MDB_SUCCESS) {
+    env.check_intact();
+    throw_mdb(rc, "mdb_stat(meta)", env.path(), "");
+  }
   check_mdb(mdb_cursor_open(txn, env.meta_dbi(), &cur), "mdb_cursor_open(meta)", env.path());
   MDB_val k, v;
-  int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+  rc = guarded_cursor_get(cur, &k, &v, MDB_FIRST);
   while (rc == 0) {
     try {
       env.check_value(k, "a metadata key");
@@ -134,7 +143,7 @@ inline Json read_meta(const Env& env, MDB_txn* txn) {
       throw;
     }
     out[key] = std::move(value);
-    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    rc = guarded_cursor_get(cur, &k, &v, MDB_NEXT);
   }
   mdb_cursor_close(cur);
   if (rc != MDB_NOTFOUND) throw_mdb(rc, "mdb_cursor_get(meta)", env.path(), "");

@@ -385,3 +385,44 @@ def test_threads_refreshing_while_a_writer_appends_never_see_the_length_go_back(
     assert writer.returncode == 0
     assert failures == []
     assert len(ds) > 10
+
+
+META_FLIP_CHILD = """
+    import os, shutil, sys
+    import torch_lmdb
+    src, work, page, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    original = open(os.path.join(src, "data.mdb"), "rb").read()
+    outcomes = {}
+    for k, offset in enumerate(range(page * 4096, page * 4096 + 4096, step)):
+        copy = os.path.join(work, f"c{k}")
+        os.makedirs(copy)
+        data = bytearray(original)
+        data[offset] ^= 0xFF
+        open(os.path.join(copy, "data.mdb"), "wb").write(bytes(data))
+        print("flip", offset, flush=True)   # the last line names the flip that killed the process
+        try:
+            ds = torch_lmdb.LMDBDataset(copy, verify=True)
+            ds.get_batch(list(range(len(ds))))
+            outcome = "read"
+        except (torch_lmdb.Error, OSError) as e:
+            outcome = type(e).__name__
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(copy)
+    print("outcomes", outcomes)
+"""
+
+
+def test_a_damaged_metadata_page_never_kills_the_opening_process(tmp_path):
+    # The meta table's leaf page (read while opening, before any sample):
+    # every 5th byte of it flipped, each in its own copy.
+    src = str(tmp_path / "packed")
+    with torch_lmdb.LMDBWriter(src, compression="lz4") as w:
+        for i in range(200):
+            w.write({"x": np.full(1024, i, dtype=np.float32), "i": i, "s": f"sample-{i}"})
+    data = open(os.path.join(src, "data.mdb"), "rb").read()
+    page = data.index(b"samples_per_value") // 4096
+    work = tmp_path / "copies"
+    work.mkdir()
+    proc = run_child(META_FLIP_CHILD, src, work, page, 5, timeout=600)
+    assert proc.returncode == 0, f"died ({proc.returncode}) at {proc.stdout.splitlines()[-1:]}: {proc.stderr[-2000:]}"
+    assert "outcomes" in proc.stdout

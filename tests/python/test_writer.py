@@ -174,7 +174,6 @@ def test_a_rejected_first_sample_defines_no_schema(tmp_path):
 
 def test_a_writer_forked_child_does_not_keep_the_writer_lock(tmp_path):
     import os
-import warnings
     import signal
 
     path = str(tmp_path / "fork")
