@@ -390,10 +390,12 @@ def test_threads_refreshing_while_a_writer_appends_never_see_the_length_go_back(
 META_FLIP_CHILD = """
     import os, shutil, sys
     import torch_lmdb
-    src, work, page, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    src, work, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    pages = [int(p) for p in sys.argv[4:]]
     original = open(os.path.join(src, "data.mdb"), "rb").read()
     outcomes = {}
-    for k, offset in enumerate(range(page * 4096, page * 4096 + 4096, step)):
+    offsets = [o for page in pages for o in range(page * 4096, page * 4096 + 4096, step)]
+    for k, offset in enumerate(offsets):
         copy = os.path.join(work, f"c{k}")
         os.makedirs(copy)
         data = bytearray(original)
@@ -420,9 +422,14 @@ def test_a_damaged_metadata_page_never_kills_the_opening_process(tmp_path):
         for i in range(200):
             w.write({"x": np.full(1024, i, dtype=np.float32), "i": i, "s": f"sample-{i}"})
     data = open(os.path.join(src, "data.mdb"), "rb").read()
-    page = data.index(b"samples_per_value") // 4096
+    # Pages holding the metadata's keys: the live leaf page and older copies of it.
+    pages, at = set(), data.find(b"samples_per_value")
+    while at >= 0:
+        pages.add(at // 4096)
+        at = data.find(b"samples_per_value", at + 1)
+    assert pages
     work = tmp_path / "copies"
     work.mkdir()
-    proc = run_child(META_FLIP_CHILD, src, work, page, 5, timeout=600)
+    proc = run_child(META_FLIP_CHILD, src, work, 5, *sorted(pages)[-4:], timeout=900)
     assert proc.returncode == 0, f"died ({proc.returncode}) at {proc.stdout.splitlines()[-1:]}: {proc.stderr[-2000:]}"
     assert "outcomes" in proc.stdout
