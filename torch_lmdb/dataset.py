@@ -11,6 +11,7 @@ import torch
 import torch.utils.data
 
 from torch_lmdb import _C
+from torch_lmdb import selection as _selection
 
 __all__ = ["BatchIterator", "LMDBDataset", "LMDBLoader", "info", "make_loader"]
 
@@ -166,6 +167,9 @@ class LMDBDataset(torch.utils.data.Dataset):
             or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
             ValueError for unknown names.
         pad_value: fill value of the padding.
+        selection: the name of a selection stored beside the data
+            (:meth:`filter` with ``name``, or ``torch-lmdb select``): the
+            dataset is then that view (see :meth:`select`).
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
         decode_threads: Optional[int] = None,
+        selection: Optional[str] = None,
     ):
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
@@ -222,6 +227,11 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._schema = reader.schema()
         self._pad_args(pad)  # unknown pad fields: an error now, not silence later
         self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(reader.paths))]
+        self._selection = None  # sample indices of a view (array('q')), see select()
+        self._c_selection = None  # (pid, _C.Selection) of this process
+        if selection is not None:
+            self._selection = _selection.load_named(self, selection)
+            self._len = len(self._selection)
 
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
@@ -240,6 +250,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_generation"] = None
+        state["_c_selection"] = None
         return state
 
     def refresh(self) -> int:
@@ -259,7 +270,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         handle = _C.Reader(self._paths, fields=self._fields, **self._options)
         self._emit_warnings(handle)
         self._handle, self._generation = handle, _fork_generation
-        self._len = len(handle)
+        self._len = len(handle) if self._selection is None else len(self._selection)
         self._schema = handle.schema()
         self._metadata = [json.loads(handle.metadata_json(i)) for i in range(len(handle.paths))]
         return self._len
@@ -289,7 +300,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         if not 0 <= index < self._len:
             raise IndexError(f"index {operator.index(i)} out of range for dataset of size {self._len} "
                              f"at '{self._paths[0]}'")
-        return index
+        return index if self._selection is None else self._selection[index]
 
     def _pad_args(self, pad: Union[bool, str, Sequence[str]]):
         """(pad every field?, names to pad), checking the names against the schema."""
@@ -389,8 +400,31 @@ class LMDBDataset(torch.utils.data.Dataset):
         options = dict(batch_size=batch_size, order=order, seed=seed, drop_last=drop_last, prefetch=prefetch,
                        threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
                        pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
-                       world_size=world_size)
+                       world_size=world_size, selection=_selection.c_selection(self))
         return BatchIterator(self._reader(), options, start)
+
+    # -- views ----------------------------------------------------------------
+    def select(self, indices: Sequence[int], allow_duplicates: bool = False) -> "LMDBDataset":
+        """A view of this dataset restricted to ``indices`` (its positions, any
+        order; a bool mask works too), usable wherever a dataset is. Nothing
+        is copied: position p reads sample ``indices[p]``; loaders shuffle,
+        split and resume over the view's positions. IndexError for an index
+        out of range, ValueError for a duplicate unless ``allow_duplicates``."""
+        return _selection.select(self, indices, allow_duplicates)
+
+    def filter(self, predicate: Callable[[Dict[str, Any]], Any], fields: Sequence[str],
+               name: Optional[str] = None, batch_size: int = 65536) -> "LMDBDataset":
+        """The view of the samples ``predicate`` accepts: it gets batches of
+        only ``fields`` (read in C++, ``batch_size`` at a time) and returns a
+        bool mask. ``name`` also stores the selection beside the data
+        (``<path>/selections/<name>.sel``, checksummed and tied to this data),
+        so ``LMDBDataset(path, selection=name)`` opens the view."""
+        return _selection.filter_dataset(self, predicate, fields, name, batch_size)
+
+    @property
+    def selection(self) -> Optional[torch.Tensor]:
+        """The sample indices of this view (None: every sample)."""
+        return None if self._selection is None else _selection.as_tensor(self._selection).clone()
 
     # -- description ----------------------------------------------------------
     @property
@@ -424,7 +458,8 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f['name']}: {f['dtype']}{f['shape']}" for f in self._schema)
-        return f"LMDBDataset({self._paths!r}, {self._len} samples, {{{fields}}})"
+        view = "" if self._selection is None else " selected"
+        return f"LMDBDataset({self._paths!r}, {self._len}{view} samples, {{{fields}}})"
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]):
@@ -740,6 +775,7 @@ def info(path: PathLike) -> Dict[str, Any]:
         "file_size": os.path.getsize(data_file),
         "map_size": reader.map_size(0),
         "metadata": meta,
+        "selections": _C.list_selections(path),
     }
 
 
@@ -761,4 +797,5 @@ def _shard_dir_info(path: str, reader) -> Dict[str, Any]:
         "metadata": metas[0],
         "manifest": manifest,
         "shards": shards,
+        "selections": _C.list_selections(path),
     }

@@ -136,10 +136,14 @@ struct BatchStream::State {
     threads.clear();
   }
 
+  // The sample index at order position p (through the selection, if any).
+  size_t sample_at(size_t p) const { return options.selection ? options.selection->at(order[p]) : order[p]; }
+
   std::vector<size_t> indices(size_t k) const {
-    if (plan.count[k] == 0) return {order[plan.pad_index]};
-    const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[k]);
-    return std::vector<size_t>(first, first + static_cast<std::ptrdiff_t>(plan.count[k]));
+    if (plan.count[k] == 0) return {sample_at(plan.pad_index)};
+    std::vector<size_t> out(plan.count[k]);
+    for (size_t j = 0; j < out.size(); ++j) out[j] = sample_at(plan.first[k] + j);
+    return out;
   }
 
   // Batches whose pages are requested together: one shuffle window of a
@@ -173,8 +177,8 @@ struct BatchStream::State {
     std::vector<size_t> idx;
     for (size_t b = range.first; b < range.second; ++b) {
       if (plan.count[b] == 0) continue;
-      const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[b]);
-      idx.insert(idx.end(), first, first + static_cast<std::ptrdiff_t>(plan.count[b]));
+      const std::vector<size_t> batch = indices(b);
+      idx.insert(idx.end(), batch.begin(), batch.end());
     }
     const Reader::Prefetched got = reader.prefetch(idx);
     std::lock_guard<std::mutex> lock(mutex);
@@ -222,7 +226,11 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   options.batch.read_ahead = true;  // batches wait in the queue: written around the cache
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
-  const size_t n = s.reader.size();
+  const size_t n = s.options.selection ? s.options.selection->size() : s.reader.size();
+  if (s.options.selection)
+    for (size_t p = 0; p < n; ++p)
+      TORCH_CHECK_INDEX(s.options.selection->at(p) < s.reader.size(), "selection position ", p, ": index ",
+                        s.options.selection->at(p), " out of range for dataset of size ", s.reader.size());
   s.plan = rank_plan(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
                      s.options.drop_last);
   s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,

@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "torch_lmdb/reader.h"
+#include "torch_lmdb/selection.h"
 
 namespace torch_lmdb {
 
@@ -83,6 +84,10 @@ struct StreamOptions {
   size_t world_size = 1;
   /// Global position to start from (0 <= start <= number of samples).
   size_t start = 0;
+  /// Read only these samples (selection.h): the order, the ranks and the
+  /// positions are over the selection's positions, each mapped to its
+  /// sample index when read. Unset: every sample of the reader.
+  std::optional<Selection> selection;
 };
 
 /// The seed of an epoch's order: seed + epoch * 0x9E3779B97F4A7C15 (mod 2^64),
@@ -122,7 +127,7 @@ class BatchStream {
   std::optional<Batch> next();
   /// Batches of this rank in this epoch (from `start`).
   size_t size() const noexcept;
-  /// The sample indices of batch `k` (k < size()).
+  /// The sample indices of batch `k` (k < size()), selection mapped.
   std::vector<size_t> batch_indices(size_t k) const;
   /// The global position after the batches next() has returned (`start`
   /// before the first; the number of samples after the last, or with
@@ -130,7 +135,8 @@ class BatchStream {
   size_t position() const;
   /// Batches next() has returned.
   size_t delivered() const;
-  /// Samples of the epoch (the reader's size when the stream was created).
+  /// Samples of the epoch (the selection's size, else the reader's size when
+  /// the stream was created).
   size_t num_samples() const noexcept;
 
   struct State;
