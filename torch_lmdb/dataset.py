@@ -589,11 +589,13 @@ class _EpochBatchSampler:
         order = loader._current_order
         for f, c in zip(first, count):
             if c == 0:  # an empty share of a tail smaller than the world (stream.h)
-                yield [int(order[pad_index]) if order is not None else pad_index]
+                batch = [int(order[pad_index]) if order is not None else pad_index]
             elif order is None:
-                yield list(range(f, f + c))
+                batch = list(range(f, f + c))
             else:
-                yield order[f:f + c].tolist()
+                batch = order[f:f + c].tolist()
+            yield batch if loader._request is None else loader._request(batch, loader._tl_seed, loader._tl_epoch,
+                                                                        loader._tl_order)
 
 
 class LMDBLoader(torch.utils.data.DataLoader):
@@ -629,6 +631,9 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._running = False
         self._current_plan = None
         self._current_order = None
+        # A dataset that draws its own order from (seed, epoch) (a Mixture) turns
+        # each batch of global positions into its own request.
+        self._request = getattr(dataset, "_loader_request", None)
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
 
     def _plan(self, start: int):
@@ -637,7 +642,7 @@ class LMDBLoader(torch.utils.data.DataLoader):
 
     def _order(self):
         n = len(self.dataset)
-        if self._tl_order == "sequential":
+        if self._tl_order == "sequential" or self._request is not None:
             return None
         return _C.sample_order(n, self._tl_order, _C.epoch_seed(self._tl_seed, self._tl_epoch), *self._tl_block)
 
