@@ -11,6 +11,7 @@ import torch
 import torch.utils.data
 
 from torch_lmdb import _C
+from torch_lmdb import _plan
 from torch_lmdb import selection as _selection
 
 __all__ = ["BatchIterator", "LMDBDataset", "LMDBLoader", "info", "make_loader"]
@@ -637,8 +638,8 @@ class LMDBLoader(torch.utils.data.DataLoader):
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
 
     def _plan(self, start: int):
-        return _C.rank_plan(len(self.dataset), self._tl_batch_size, self._tl_rank, self._tl_world, start,
-                            self._tl_drop_last)
+        return _plan.RankPlan(len(self.dataset), self._tl_batch_size, self._tl_rank, self._tl_world, start,
+                              self._tl_drop_last)
 
     def _order(self):
         n = len(self.dataset)

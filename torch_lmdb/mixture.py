@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from torch_lmdb import _C
+from torch_lmdb import _C, _plan
 from torch_lmdb import selection as _selection
 from torch_lmdb.dataset import LMDBDataset, _check_state, _draw_seed, _rank_and_world
 
@@ -52,7 +52,8 @@ class Mixture:
         fields: the fields to read (they must exist in every source); None:
             every field, and the sources must have the same fields.
         block_size: see ``stratified``.
-        pad, pad_value: pad variable-shape fields (as ``LMDBDataset``).
+        pad, pad_value: pad variable-shape fields (as ``LMDBDataset``); the
+            sources' options (verify, lookahead, ...) are the first source's.
 
     Every batch has the sources' fields and ``source`` (int64: the index of
     the sample's source in ``names``). Works with :func:`make_loader`
@@ -69,7 +70,28 @@ class Mixture:
             raise ValueError("Mixture needs a non-empty mapping {name: dataset}")
         self.names = [str(n) for n in sources]
         opened = [_open(n, sources[n]) for n in self.names]
-        self._datasets = [_selection.with_fields(ds, self._common_fields(opened, fields)) for ds in opened]
+        fields = self._common_fields(opened, fields)
+        self._datasets = [_selection.with_fields(ds, fields) for ds in opened]
+        # Every source's files as one dataset: source k's sample j is sample
+        # offsets[k] + (its selection's j-th index, or j) of it.
+        # Sources whose files share a schema (LMDB files of one dataset must)
+        # are read as one group: one get_batch reads their samples straight
+        # into the batch; several groups' batches are assembled (_assemble).
+        options = dict(self._datasets[0]._options)
+        options["decode_threads"] = options["decode_threads"] or None
+        self._group, self._offsets, groups = [], [], {}
+        for ds in self._datasets:
+            key = repr(_C.Reader(ds.paths, **ds._options).schema())
+            members = groups.setdefault(key, [])
+            self._group.append(list(groups).index(key))
+            self._offsets.append(sum(len(m._reader()) for m in members))
+            members.append(ds)
+        self._groups = [LMDBDataset([p for ds in members for p in ds.paths], fields=fields, pad=pad,
+                                    pad_value=pad_value, **options) for members in groups.values()]
+        self._pad = pad
+        self._pad_value = float(pad_value)
+        self._selections = [None if ds._selection is None else _selection.as_tensor(ds._selection).clone()
+                            for ds in self._datasets]
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(self.names))
             if unknown or len(weights) != len(self.names):
@@ -83,8 +105,6 @@ class Mixture:
         self._epoch_size = epoch_size or 0
         self.stratified = bool(stratified)
         self.block_size = block_size
-        self._pad = pad
-        self._pad_value = float(pad_value)
         self._orders: Dict[tuple, Any] = {}
         self.weights = self._order(0, 0, True).weights()  # validates (ValueError names the source)
 
@@ -135,7 +155,11 @@ class Mixture:
 
     # -- reading ----------------------------------------------------------------
     def read(self, positions: Sequence[int], seed: int = 0, epoch: int = 0, shuffle: bool = True) -> Dict[str, Any]:
-        """The batch of global ``positions`` of epoch ``epoch`` (collated; with ``source``)."""
+        """The batch of global ``positions`` of epoch ``epoch`` (collated; with ``source``).
+
+        One ``get_batch`` over every source's files at once: the samples are
+        read (in C++, into shared memory inside DataLoader workers) straight
+        into the batch, in position order."""
         positions = list(positions)
         if positions and positions == list(range(positions[0], positions[0] + len(positions))):
             source, sample = self.locate(positions[0], len(positions), seed, epoch, shuffle)
@@ -143,14 +167,25 @@ class Mixture:
             located = [self.locate(p, 1, seed, epoch, shuffle) for p in positions]
             source = torch.cat([s for s, _ in located]) if located else torch.zeros(0, dtype=torch.int64)
             sample = torch.cat([x for _, x in located]) if located else torch.zeros(0, dtype=torch.int64)
-        parts = []
-        for k, ds in enumerate(self._datasets):
-            at = (source == k).nonzero().squeeze(1)
-            if len(at):
-                parts.append((k, at, ds.get_batch(sample[at].tolist(), pad=self._pad, pad_value=self._pad_value)))
-        batch = self._assemble(len(positions), parts)
+        index = torch.empty_like(sample)
+        for k, (offset, chosen) in enumerate(zip(self._offsets, self._selections)):
+            at = source == k
+            index[at] = (sample[at] if chosen is None else chosen[sample[at]]) + offset
+        if len(self._groups) == 1:
+            batch = self._groups[0].get_batch(index.tolist())
+        else:
+            group = torch.tensor(self._group)[source]
+            parts = []
+            for g, ds in enumerate(self._groups):
+                at = (group == g).nonzero().squeeze(1)
+                if len(at):
+                    parts.append((self._sources_of(g), at, ds.get_batch(index[at].tolist())))
+            batch = self._assemble(len(positions), parts)
         batch[SOURCE_FIELD] = source
         return batch
+
+    def _sources_of(self, group: int) -> str:
+        return "/".join(n for n, g in zip(self.names, self._group) if g == group)
 
     def get_batch(self, positions: Sequence[int]) -> Dict[str, Any]:
         """The batch of ``positions`` of epoch 0, seed 0, shuffled sources."""
@@ -188,8 +223,8 @@ class Mixture:
             if len(set(shapes)) > 1 and (len({len(s) for s in shapes}) > 1 or not name.endswith("_lengths")
                                          and not self._pads(name)):
                 k, other = next((k, s) for (k, _, _), s in zip(parts, shapes) if s != shapes[0])
-                raise ValueError(f"field '{name}' has shape {list(shapes[0])} in source '{self.names[parts[0][0]]}' "
-                                 f"and {list(other)} in source '{self.names[k]}': pass pad=True (or pad=['{name}'])")
+                raise ValueError(f"field '{name}' has shape {list(shapes[0])} in source '{parts[0][0]}' "
+                                 f"and {list(other)} in source '{k}': pass pad=True (or pad=['{name}'])")
             shape = [max(s[d] for s in shapes) for d in range(len(shapes[0]))]
             if len(set(shapes)) > 1:
                 t = torch.full([size] + shape, self._pad_value, dtype=first.dtype)
@@ -238,8 +273,8 @@ class MixtureBatchIterator:
     def _start(self, start: int) -> None:
         o = self._options
         self._close()
-        self._plan = _C.rank_plan(len(self._mixture), o["batch_size"], o["rank"], o["world_size"], start,
-                                  o["drop_last"])
+        self._plan = tuple(_plan.RankPlan(len(self._mixture), o["batch_size"], o["rank"], o["world_size"], start,
+                                          o["drop_last"]))
         self._begin = start
         self._next = 0  # batches returned
         self._queued = 0  # batches submitted

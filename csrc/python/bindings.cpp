@@ -540,6 +540,14 @@ void bind_compose(py::module_& m) {
         return py::make_tuple(source, sample);
       }, py::arg("first"), py::arg("count"), "(source, sample) int64 tensors of positions [first, first + count)");
   m.def("permute", &permute, py::arg("n"), py::arg("key"), py::arg("x"));
+  m.def("rank_batches", &rank_batches, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"),
+        py::arg("start"), py::arg("drop_last"), "rank_plan's number of batches, in O(1) (stream.h)");
+  m.def("rank_batch", [](size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                         size_t k) {
+    const RankBatch b = rank_batch(n, batch_size, rank, world_size, start, drop_last, k);
+    return py::make_tuple(b.first, b.count, b.position_after, b.pad_index);
+  }, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"), py::arg("start"),
+     py::arg("drop_last"), py::arg("k"), "(first, count, position_after, pad_index) of batch k alone (stream.h)");
 }
 
 }  // namespace

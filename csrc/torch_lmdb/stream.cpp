@@ -66,28 +66,49 @@ std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, siz
 
 uint64_t epoch_seed(uint64_t seed, uint64_t epoch) noexcept { return seed + epoch * 0x9E3779B97F4A7C15ull; }
 
-RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+size_t rank_batches(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
   TORCH_CHECK_VALUE(batch_size > 0, "batch_size must be positive, got ", batch_size);
   TORCH_CHECK_VALUE(world_size > 0, "world_size must be positive, got ", world_size);
   TORCH_CHECK_VALUE(rank < world_size, "rank must be in [0, world_size = ", world_size, "), got ", rank);
   TORCH_CHECK_VALUE(start <= n, "start position ", start, " is past the end of an epoch of ", n, " samples");
-  RankPlan plan;
   const size_t step = batch_size * world_size;
   const size_t full = (n - start) / step, tail = (n - start) - full * step;
-  plan.first.reserve(full + 1);
-  for (size_t k = 0; k < full; ++k) {
-    plan.first.push_back(start + k * step + rank * batch_size);
-    plan.count.push_back(batch_size);
-    plan.position_after.push_back(start + (k + 1) * step);
+  return full + (tail > 0 && !drop_last ? 1 : 0);
+}
+
+RankBatch rank_batch(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                     size_t k) {
+  const size_t batches = rank_batches(n, batch_size, rank, world_size, start, drop_last);
+  TORCH_CHECK_INDEX(k < batches, "batch ", k, " out of range for a rank's ", batches, " batches");
+  const size_t step = batch_size * world_size;
+  const size_t full = (n - start) / step, tail = (n - start) - full * step;
+  RankBatch b;
+  if (k < full) {
+    b.first = start + k * step + rank * batch_size;
+    b.count = batch_size;
+    b.position_after = start + (k + 1) * step;
+    return b;
   }
-  if (tail > 0 && !drop_last) {
-    // Contiguous parts of the tail, sizes differing by at most one.
-    const size_t base = tail / world_size, extra = tail % world_size;
-    plan.first.push_back(start + full * step + rank * base + std::min(rank, extra));
-    plan.count.push_back(base + (rank < extra ? 1 : 0));
-    plan.position_after.push_back(n);
-    // An empty share (tail < world_size) repeats a sample from the order's start.
-    if (plan.count.back() == 0) plan.pad_index = (rank - tail) % n;
+  // The tail: contiguous parts, sizes differing by at most one.
+  const size_t base = tail / world_size, extra = tail % world_size;
+  b.first = start + full * step + rank * base + std::min(rank, extra);
+  b.count = base + (rank < extra ? 1 : 0);
+  b.position_after = n;
+  // An empty share (tail < world_size) repeats a sample from the order's start.
+  if (b.count == 0) b.pad_index = (rank - tail) % n;
+  return b;
+}
+
+RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+  RankPlan plan;
+  const size_t batches = rank_batches(n, batch_size, rank, world_size, start, drop_last);
+  plan.first.reserve(batches);
+  for (size_t k = 0; k < batches; ++k) {
+    const RankBatch b = rank_batch(n, batch_size, rank, world_size, start, drop_last, k);
+    plan.first.push_back(b.first);
+    plan.count.push_back(b.count);
+    plan.position_after.push_back(b.position_after);
+    if (b.count == 0) plan.pad_index = b.pad_index;
   }
   return plan;
 }

@@ -107,6 +107,18 @@ struct RankPlan {
 };
 RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last);
 
+/// One batch of rank_plan() alone, in O(1) (what a loader over an epoch of
+/// 1e8 positions needs instead of the whole plan): rank_batches() is
+/// rank_plan(...).size(); rank_batch(..., k) is batch k: {first[k], count[k],
+/// position_after[k], pad_index (meaningful when count is 0)}. Same checks as
+/// rank_plan, and IndexError for k >= rank_batches().
+struct RankBatch {
+  size_t first = 0, count = 0, position_after = 0, pad_index = 0;
+};
+size_t rank_batches(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last);
+RankBatch rank_batch(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                     size_t k);
+
 /// The sample order of one epoch over `n` samples (what BatchStream reads).
 /// Deterministic for a seed: it uses mt19937_64 and its own bounded draws,
 /// not the implementation-defined std::shuffle.

@@ -131,7 +131,7 @@ def test_fields_must_agree_or_be_picked(sources, tmp_path):
     with pytest.raises(KeyError, match="scene"):
         torch_lmdb.Mixture({"sim": sources["sim"], "other": other}, fields=["index", "scene"])
     m = torch_lmdb.Mixture({"sim": sources["sim"], "other": other}, [0.5, 0.5], fields=["index", "x"])
-    with pytest.raises(ValueError, match="field 'x' has shape .* in source .*pad=True"):
+    with pytest.raises(ValueError, match="field 'x' has shape .*pad=True"):
         m.read(range(40))
     padded = torch_lmdb.Mixture({"sim": sources["sim"], "other": other}, [0.5, 0.5], fields=["index", "x"], pad=True)
     b = padded.read(range(40))
