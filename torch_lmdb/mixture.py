@@ -14,7 +14,7 @@ import torch
 
 from torch_lmdb import _C, _plan
 from torch_lmdb import selection as _selection
-from torch_lmdb.dataset import LMDBDataset, _check_state, _draw_seed, _rank_and_world
+from torch_lmdb.dataset import BatchIterator, LMDBDataset, _check_state, _draw_seed, _rank_and_world
 
 __all__ = ["Mixture", "MixtureBatchIterator"]
 
@@ -244,15 +244,31 @@ class Mixture:
                      rank: Optional[int] = None, world_size: Optional[int] = None,
                      start: int = 0) -> "MixtureBatchIterator":
         """The batches of one epoch of this rank, read ahead by ``threads``
-        threads (``LMDBDataset.iter_batches``' arguments and state dicts)."""
+        threads (``LMDBDataset.iter_batches``' arguments and state dicts).
+        Sources that share a schema are read by the C++ BatchStream
+        (StreamOptions::mixture); otherwise by a Python thread pool."""
         for name, value in (("batch_size", batch_size), ("prefetch", prefetch), ("threads", threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         rank, world_size = _rank_and_world(rank, world_size)
         seed = _draw_seed(seed, None, world_size)
+        if len(self._groups) == 1:  # the C++ BatchStream reads the mixture (StreamOptions::mixture)
+            group = self._groups[0]
+            pad_all, pad_fields = group._pad_args(self._pad)
+            options = dict(batch_size=batch_size, order="shuffle" if shuffle else "sequential", seed=seed,
+                           drop_last=drop_last, prefetch=prefetch, threads=threads, block_size=1024, window_blocks=4,
+                           pad=pad_all, pad_fields=pad_fields, pad_value=self._pad_value, epoch=epoch, rank=rank,
+                           world_size=world_size, mixture=self._c_source())
+            return BatchIterator(group._reader(), options, start)
         options = dict(batch_size=batch_size, shuffle=bool(shuffle), seed=seed, drop_last=drop_last,
                        prefetch=prefetch, threads=threads, epoch=epoch, rank=rank, world_size=world_size)
         return MixtureBatchIterator(self, options, start)
+
+    def _c_source(self):
+        """The mixture as the core's MixtureSource over the one group's reader."""
+        return _C.MixtureSource(self.names, self._sizes, self._weights, self._epoch_size, self.stratified,
+                                self.block_size, self._offsets,
+                                [_selection.c_selection(ds) for ds in self._datasets])
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {s} samples, w={w:.3g}" for n, s, w in zip(self.names, self._sizes, self.weights))

@@ -511,6 +511,23 @@ void bind_compose(py::module_& m) {
     return load_selection(file, n, identity);
   }, py::arg("file"), py::arg("num_samples"), py::arg("identity"));
 
+  py::class_<MixtureSource>(m, "MixtureSource")
+      .def(py::init([](std::vector<std::string> names, std::vector<size_t> sizes, std::vector<double> weights,
+                       size_t epoch_size, bool stratified, size_t block_size, std::vector<size_t> offsets,
+                       std::vector<std::optional<Selection>> selections) {
+             MixtureSource m;
+             m.rule.names = std::move(names);
+             m.rule.sizes = std::move(sizes);
+             m.rule.weights = std::move(weights);
+             m.rule.epoch_size = epoch_size;
+             m.rule.stratified = stratified;
+             m.rule.block_size = block_size;
+             m.offsets = std::move(offsets);
+             m.selections = std::move(selections);
+             return m;
+           }),
+           py::arg("names"), py::arg("sizes"), py::arg("weights"), py::arg("epoch_size"), py::arg("stratified"),
+           py::arg("block_size"), py::arg("offsets"), py::arg("selections"));
   py::class_<MixtureOrder>(m, "MixtureOrder")
       .def(py::init([](std::vector<std::string> names, std::vector<size_t> sizes, std::vector<double> weights,
                        size_t epoch_size, bool stratified, size_t block_size, bool shuffle, uint64_t seed,
@@ -676,7 +693,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
                        size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
                        std::vector<std::string> pad_fields, double pad_value, uint64_t epoch, size_t rank,
-                       size_t world_size, size_t start, std::optional<Selection> selection) {
+                       size_t world_size, size_t start, std::optional<Selection> selection,
+                       std::optional<MixtureSource> mixture) {
              StreamOptions o;
              o.batch_size = batch_size;
              o.order = order_from_name(order);
@@ -694,6 +712,7 @@ PYBIND11_MODULE(_C, m) {
              o.world_size = world_size;
              o.start = start;
              o.selection = std::move(selection);
+             o.mixture = std::move(mixture);
              const Reader reader = *r.reader;
              py::gil_scoped_release nogil;
              return std::make_unique<BatchStream>(reader, std::move(o));
@@ -701,7 +720,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
            py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
            py::arg("pad_fields"), py::arg("pad_value"), py::arg("epoch") = 0, py::arg("rank") = 0,
-           py::arg("world_size") = 1, py::arg("start") = 0, py::arg("selection") = py::none())
+           py::arg("world_size") = 1, py::arg("start") = 0, py::arg("selection") = py::none(),
+           py::arg("mixture") = py::none())
       .def("next", [](BatchStream& s) -> py::object {
         std::optional<Batch> b;
         {

@@ -202,7 +202,7 @@ struct MixtureOrder::State {
     std::vector<uint32_t> seen(k(), 0);
     for (size_t j = 0; j < block; ++j) a->rank[j] = seen[a->source[j]]++;
     std::lock_guard<std::mutex> lock(mutex);
-    if (recent.size() >= 8) recent.erase(recent.begin());
+    if (recent.size() >= 4) recent.erase(recent.begin());  // 2 MiB each at kRandomChunk
     recent.emplace(b, a);
     return a;
   }

@@ -47,13 +47,16 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "torch_lmdb/selection.h"
 
 namespace torch_lmdb {
 
 /// Positions per chunk of the random mode (the unit of its multinomial draws).
-constexpr size_t kRandomChunk = 65536;
+constexpr size_t kRandomChunk = size_t{1} << 18;
 
 struct MixtureOptions {
   /// One entry per source: a name (keys its permutation), its size and weight.
@@ -90,6 +93,17 @@ class MixtureOrder {
 
  private:
   std::shared_ptr<State> state_;
+};
+
+/// A mixture read by a BatchStream (StreamOptions::mixture) through one
+/// Reader over every source's files in order: source k's position j is the
+/// Reader's sample offsets[k] + selections[k]->at(j) (or + j without a
+/// selection). `rule.sizes[k]` is source k's size (its selection's size).
+/// `rule.shuffle` is set by the stream (from its SampleOrder).
+struct MixtureSource {
+  MixtureOptions rule;
+  std::vector<size_t> offsets;
+  std::vector<std::optional<Selection>> selections;  // empty: no selections
 };
 
 /// A bijection of [0, n) keyed by `key` (4-round Feistel network with cycle

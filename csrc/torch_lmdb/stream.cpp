@@ -113,11 +113,45 @@ RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, 
   return plan;
 }
 
+namespace {
+
+void add_sources(Batch& b, const std::vector<int64_t>& sources) {
+  at::Tensor t = at::empty({static_cast<int64_t>(sources.size())}, at::kLong);
+  std::copy(sources.begin(), sources.end(), t.data_ptr<int64_t>());
+  b.tensors.insert("source", std::move(t));
+  b.order.push_back("source");
+}
+
+// The mixture's checks against the reader (StreamOptions::mixture).
+void check_mixture(const MixtureSource& m, const StreamOptions& o, size_t reader_size) {
+  TORCH_CHECK_VALUE(!o.selection, "a stream reads a mixture or a selection, not both (make the selection a source)");
+  TORCH_CHECK_VALUE(o.order != SampleOrder::BlockShuffle,
+                    "block shuffle does not apply to a mixture (each source is read in its own permutation)");
+  const size_t k = m.rule.sizes.size();
+  TORCH_CHECK_VALUE(m.offsets.size() == k && (m.selections.empty() || m.selections.size() == k), "a mixture of ", k,
+                    " sources got ", m.offsets.size(), " offsets and ", m.selections.size(), " selections");
+  for (size_t s = 0; s < k; ++s) {
+    const bool selected = !m.selections.empty() && m.selections[s];
+    size_t end = m.rule.sizes[s];
+    if (selected) {
+      TORCH_CHECK_VALUE(m.selections[s]->size() == m.rule.sizes[s], "mixture source '", m.rule.names[s],
+                        "' has size ", m.rule.sizes[s], " but its selection ", m.selections[s]->size());
+      const auto& idx = m.selections[s]->indices();
+      end = idx.empty() ? 0 : *std::max_element(idx.begin(), idx.end()) + 1;
+    }
+    TORCH_CHECK_INDEX(m.offsets[s] + end <= reader_size, "mixture source '", m.rule.names[s], "' reaches sample ",
+                      m.offsets[s] + end, " of a reader of ", reader_size, " samples");
+  }
+}
+
+}  // namespace
+
 struct BatchStream::State {
   Reader reader;
   StreamOptions options;
-  std::vector<size_t> order;
-  RankPlan plan;
+  std::vector<size_t> order;         // empty with a mixture
+  std::optional<MixtureOrder> rule;  // the mixture's, for (seed, epoch)
+  size_t n = 0;                      // positions of the epoch
   size_t num_batches = 0;
   uint64_t generation = 0;
 
@@ -157,13 +191,31 @@ struct BatchStream::State {
     threads.clear();
   }
 
+  // Batch k of this rank (stream.h's rank plan, computed when asked).
+  RankBatch batch_at(size_t k) const {
+    return rank_batch(n, options.batch_size, options.rank, options.world_size, options.start, options.drop_last, k);
+  }
+
   // The sample index at order position p (through the selection, if any).
   size_t sample_at(size_t p) const { return options.selection ? options.selection->at(order[p]) : order[p]; }
 
-  std::vector<size_t> indices(size_t k) const {
-    if (plan.count[k] == 0) return {sample_at(plan.pad_index)};
-    std::vector<size_t> out(plan.count[k]);
-    for (size_t j = 0; j < out.size(); ++j) out[j] = sample_at(plan.first[k] + j);
+  // The reader's sample indices of batch k; with a mixture, `sources` gets each sample's source.
+  std::vector<size_t> indices(size_t k, std::vector<int64_t>* sources = nullptr) const {
+    const RankBatch b = batch_at(k);
+    const size_t first = b.count == 0 ? b.pad_index : b.first, count = std::max<size_t>(b.count, 1);
+    std::vector<size_t> out(count);
+    if (!rule) {
+      for (size_t j = 0; j < count; ++j) out[j] = sample_at(first + j);
+      return out;
+    }
+    std::vector<int64_t> src(count), sample(count);
+    rule->locate(first, count, src.data(), sample.data());
+    const MixtureSource& m = *options.mixture;
+    for (size_t j = 0; j < count; ++j) {
+      const size_t s = static_cast<size_t>(src[j]), at = static_cast<size_t>(sample[j]);
+      out[j] = m.offsets[s] + (!m.selections.empty() && m.selections[s] ? m.selections[s]->at(at) : at);
+    }
+    if (sources != nullptr) *sources = std::move(src);
     return out;
   }
 
@@ -197,7 +249,7 @@ struct BatchStream::State {
   void prefetch(std::pair<size_t, size_t> range) {
     std::vector<size_t> idx;
     for (size_t b = range.first; b < range.second; ++b) {
-      if (plan.count[b] == 0) continue;
+      if (batch_at(b).count == 0) continue;
       const std::vector<size_t> batch = indices(b);
       idx.insert(idx.end(), batch.begin(), batch.end());
     }
@@ -223,7 +275,9 @@ struct BatchStream::State {
       }
       try {
         if (ahead.second > ahead.first) prefetch(ahead);
-        Batch b = reader.read_batch(indices(k), options.batch);
+        std::vector<int64_t> sources;
+        Batch b = reader.read_batch(indices(k, &sources), options.batch);
+        if (rule) add_sources(b, sources);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));
       } catch (...) {
@@ -247,16 +301,26 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   options.batch.read_ahead = true;  // batches wait in the queue: written around the cache
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
-  const size_t n = s.options.selection ? s.options.selection->size() : s.reader.size();
+  if (s.options.mixture) {
+    check_mixture(*s.options.mixture, s.options, s.reader.size());
+    MixtureOptions rule = s.options.mixture->rule;
+    rule.shuffle = s.options.order == SampleOrder::Shuffle;
+    s.rule.emplace(std::move(rule), s.options.seed, s.options.epoch);
+  }
+  const size_t n = s.rule ? s.rule->size() : s.options.selection ? s.options.selection->size() : s.reader.size();
   if (s.options.selection)
     for (size_t p = 0; p < n; ++p)
       TORCH_CHECK_INDEX(s.options.selection->at(p) < s.reader.size(), "selection position ", p, ": index ",
                         s.options.selection->at(p), " out of range for dataset of size ", s.reader.size());
-  s.plan = rank_plan(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
-                     s.options.drop_last);
-  s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
-                         s.options.window_blocks);
-  s.num_batches = s.plan.size();
+  s.n = n;
+  s.num_batches = rank_batches(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                               s.options.drop_last);
+  TORCH_CHECK_VALUE(s.options.block_size > 0 && s.options.window_blocks > 0,
+                    "block_size and window_blocks must be positive, got ", s.options.block_size, " and ",
+                    s.options.window_blocks);
+  if (!s.rule)
+    s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
+                           s.options.window_blocks);
   s.generation = fork_generation();
   const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
   for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
@@ -316,10 +380,10 @@ size_t BatchStream::delivered() const {
 size_t BatchStream::position() const {
   const State& s = *state_;
   const size_t k = delivered();
-  return k == 0 ? s.options.start : s.plan.position_after[k - 1];
+  return k == 0 ? s.options.start : s.batch_at(k - 1).position_after;
 }
 
-size_t BatchStream::num_samples() const noexcept { return state_->order.size(); }
+size_t BatchStream::num_samples() const noexcept { return state_->n; }
 
 std::vector<size_t> BatchStream::batch_indices(size_t k) const {
   TORCH_CHECK_INDEX(k < state_->num_batches, "batch ", k, " out of range for a stream of ", state_->num_batches,

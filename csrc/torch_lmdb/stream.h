@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "torch_lmdb/reader.h"
+#include "torch_lmdb/mixture.h"
 #include "torch_lmdb/selection.h"
 
 namespace torch_lmdb {
@@ -88,6 +89,13 @@ struct StreamOptions {
   /// positions are over the selection's positions, each mapped to its
   /// sample index when read. Unset: every sample of the reader.
   std::optional<Selection> selection;
+  /// Read a mixture's global stream (mixture.h) instead: the epoch has the
+  /// mixture's epoch_size positions, position i reads what MixtureOrder(rule,
+  /// seed, epoch) locates for i (each source shuffled unless `order` is
+  /// Sequential; BlockShuffle is a ValueError), and every batch gets an int64
+  /// tensor "source" (the source index of each sample). Ranks, positions and
+  /// resumption work as for any epoch. `selection` must then be unset.
+  std::optional<MixtureSource> mixture;
 };
 
 /// The seed of an epoch's order: seed + epoch * 0x9E3779B97F4A7C15 (mod 2^64),
@@ -129,7 +137,11 @@ class BatchStream {
  public:
   /// Starts the reader threads. Throws ValueError for a zero batch_size,
   /// prefetch, threads, block_size, window_blocks or world_size, a rank >=
-  /// world_size, or a start past the number of samples.
+  /// world_size, or a start past the number of samples; IndexError for a
+  /// mixture source or selection reaching past the reader's samples.
+  /// Creating a stream costs O(1) in the epoch's size with a mixture (the
+  /// rank's batches are computed as they are read), O(n) otherwise (the
+  /// order is drawn).
   BatchStream(Reader reader, StreamOptions options);
   ~BatchStream();
   BatchStream(const BatchStream&) = delete;

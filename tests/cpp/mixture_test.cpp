@@ -55,15 +55,15 @@ TEST(Mixture, PermuteIsABijection) {
 
 TEST(Mixture, AnySplitOfPositionsGivesTheSameStream) {
   for (bool stratified : {false, true}) {
-    const MixtureOrder m(three(stratified, 150000), 5, 2);
+    const MixtureOrder m(three(stratified, 3 * kRandomChunk - 5), 5, 2);  // chunks of both modes
     const Located whole = locate(m, 0, m.size());
     std::mt19937_64 rng(1);
     size_t at = 0;
     // A fresh order (nothing cached) read in uneven pieces, last piece first.
-    const MixtureOrder fresh(three(stratified, 150000), 5, 2);
+    const MixtureOrder fresh(three(stratified, 3 * kRandomChunk - 5), 5, 2);
     std::vector<std::pair<size_t, size_t>> pieces;
     while (at < m.size()) {
-      const size_t len = std::min<size_t>(m.size() - at, 1 + rng() % 70000);
+      const size_t len = std::min<size_t>(m.size() - at, 1 + rng() % 100000);
       pieces.emplace_back(at, len);
       at += len;
     }
@@ -78,12 +78,13 @@ TEST(Mixture, AnySplitOfPositionsGivesTheSameStream) {
 
 TEST(Mixture, CursorsAreTheCountsOfEarlierPositions) {
   for (bool stratified : {false, true}) {
-    const MixtureOrder m(three(stratified, 200000), 9, 0);
+    const size_t n = 2 * kRandomChunk + 1000;
+    const MixtureOrder m(three(stratified, n), 9, 0);
     const Located whole = locate(m, 0, m.size());
     std::vector<uint64_t> count(3, 0);
     for (size_t p = 0; p <= m.size(); ++p) {
-      if (p % 4099 == 0 || p % kRandomChunk == 0 || p % 96 == 0 || p == m.size()) {
-        const MixtureOrder fresh(three(stratified, 200000), 9, 0);  // the closed form / table from scratch
+      if (p % 7919 == 0 || p % kRandomChunk <= 1 || (p % 96 == 0 && p < 5000) || p == m.size()) {
+        const MixtureOrder fresh(three(stratified, n), 9, 0);  // the closed form / table from scratch
         ASSERT_EQ(fresh.cursors(p), count) << "position " << p;
       }
       if (p < m.size()) ++count[whole.source[p]];
@@ -214,4 +215,115 @@ TEST(Selection, StreamReadsTheSelectedSamplesAcrossRanks) {
     }
   }
   EXPECT_EQ(got, std::multiset<int64_t>(chosen.begin(), chosen.end()));
+}
+
+namespace {
+
+// Three databases (ids 0.., 1000.., 2000..) read through one Reader; source 1 through a selection.
+struct ThreeSources {
+  TempDir dir;
+  std::vector<std::string> paths;
+  MixtureSource mixture;
+  ThreeSources() {
+    const std::vector<int64_t> sizes = {120, 45, 31};
+    for (int64_t k = 0; k < 3; ++k) {
+      paths.push_back(dir.sub("s" + std::to_string(k)));
+      write_dataset(paths.back(), sizes[k], 1000 * k);
+    }
+    mixture.rule.names = {"sim", "measured", "scene"};
+    mixture.rule.weights = {0.5, 0.3, 0.2};
+    mixture.rule.epoch_size = 600;
+    std::vector<uint64_t> odd;
+    for (uint64_t i = 1; i < 45; i += 2) odd.push_back(i);
+    mixture.rule.sizes = {120, odd.size(), 31};
+    mixture.offsets = {0, 120, 165};
+    mixture.selections = {std::nullopt, Selection(odd, 45), std::nullopt};
+  }
+  // The global stream read by `world` ranks from `start`, each step's rank batches in rank order.
+  std::vector<std::pair<int64_t, int64_t>> read(size_t world, size_t start = 0, size_t batch = 7,
+                                               size_t steps = SIZE_MAX) const {
+    std::vector<std::vector<Batch>> per_rank(world);
+    for (size_t r = 0; r < world; ++r) {
+      StreamOptions o;
+      o.batch_size = batch;
+      o.seed = 11;
+      o.rank = r;
+      o.world_size = world;
+      o.start = start;
+      o.threads = 2;
+      o.mixture = mixture;
+      BatchStream s(Reader(paths), o);
+      while (per_rank[r].size() < steps) {
+        auto b = s.next();
+        if (!b) break;
+        per_rank[r].push_back(std::move(*b));
+      }
+    }
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (size_t k = 0; k < per_rank[0].size(); ++k)
+      for (size_t r = 0; r < world; ++r) {
+        const at::Tensor src = per_rank[r][k].tensors["source"], id = per_rank[r][k].tensors["index"];
+        for (int64_t j = 0; j < id.numel(); ++j) out.emplace_back(src[j].item<int64_t>(), id[j].item<int64_t>());
+      }
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST(MixtureStream, GlobalStreamIsTheRuleForEveryWorldSizeAndAcrossARankChange) {
+  ThreeSources t;
+  const auto reference = t.read(1);
+  ASSERT_EQ(reference.size(), 600u);
+  MixtureOptions rule = t.mixture.rule;
+  rule.shuffle = true;
+  const Located want = locate(MixtureOrder(rule, 11, 0), 0, 600);
+  for (size_t p = 0; p < 600; ++p) {
+    const int64_t s = want.source[p], j = want.sample[p];
+    ASSERT_EQ(reference[p].first, s);
+    ASSERT_EQ(reference[p].second, 1000 * s + (s == 1 ? 2 * j + 1 : j));  // source 1: its odd samples
+  }
+  for (size_t world : {2, 3, 4, 6}) EXPECT_EQ(t.read(world), reference) << world;
+  // Five steps on 4 ranks, then the rest on 3 ranks from the global position.
+  auto first = t.read(4, 0, 7, 5);
+  const auto rest = t.read(3, 5 * 28);
+  first.insert(first.end(), rest.begin(), rest.end());
+  EXPECT_EQ(first, reference);
+}
+
+TEST(MixtureStream, LoaderResumesAndChecksTheMixture) {
+  ThreeSources t;
+  LoaderOptions o;
+  o.batch_size = 7;
+  o.seed = 11;
+  o.threads = 2;
+  o.mixture = t.mixture;
+  Loader loader(Reader(t.paths), o);
+  std::vector<int64_t> ids;
+  size_t taken = 0;
+  LoaderState state;
+  for (auto& b : loader) {
+    if (++taken == 3) state = loader.state();
+    const at::Tensor id = b.tensors["index"];
+    ids.insert(ids.end(), id.data_ptr<int64_t>(), id.data_ptr<int64_t>() + id.numel());
+  }
+  EXPECT_EQ(ids.size(), 600u);
+  EXPECT_EQ(state.num_samples, 600u);
+  EXPECT_EQ(state.position, 21u);
+  Loader again(Reader(t.paths), o);
+  again.load_state(state);
+  std::vector<int64_t> rest;
+  for (auto& b : again) {
+    const at::Tensor id = b.tensors["index"];
+    rest.insert(rest.end(), id.data_ptr<int64_t>(), id.data_ptr<int64_t>() + id.numel());
+  }
+  EXPECT_EQ(rest, std::vector<int64_t>(ids.begin() + 21, ids.end()));
+  LoaderOptions block = o;
+  block.block_size = 8;
+  EXPECT_THROW(Loader(Reader(t.paths), block).begin(), c10::ValueError);
+  MixtureSource past = t.mixture;
+  past.offsets[2] = 170;  // 170 + 31 > 196 samples
+  StreamOptions so;
+  so.mixture = past;
+  EXPECT_THROW(BatchStream(Reader(t.paths), so), c10::IndexError);
 }

@@ -63,7 +63,7 @@ def test_global_stream_is_the_same_for_every_world_size_and_worker_count(sources
     for world in (2, 3, 4, 6):
         assert ranks_stream(m, world, 7) == reference, world
     assert ranks_stream(m, 1, 7, num_workers=2) == reference
-    assert ranks_stream(m, 3, 7, use_loader=False) == reference
+    assert ranks_stream(m, 3, 7, use_loader=False) == reference  # C++ BatchStream (StreamOptions::mixture)
     # Another epoch is another stream.
     assert ranks_stream(m, 1, 7, epoch=1) != reference
 
@@ -136,6 +136,9 @@ def test_fields_must_agree_or_be_picked(sources, tmp_path):
     padded = torch_lmdb.Mixture({"sim": sources["sim"], "other": other}, [0.5, 0.5], fields=["index", "x"], pad=True)
     b = padded.read(range(40))
     assert b["x"].shape == (40, 5) and sorted(b) == ["index", "source", "x"]
+    # Two schemas: iter_batches reads through Python threads, the same stream as read().
+    it = padded.iter_batches(8, shuffle=True, seed=3)
+    assert stream(it)[:40] == stream([padded.read(range(40), seed=3)])
     short = b["x"][b["source"] == 0]
     assert (short[:, 3:] == 0).all()
     with pytest.raises(ValueError, match="weights"):
