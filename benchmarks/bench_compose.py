@@ -84,7 +84,7 @@ def get_batch_rate(ds, batches, seed):
     return batches * BATCH / (time.perf_counter() - t)
 
 
-def bench_selection(path, log, batches):
+def bench_selection(path, log, batches, n):
     full = torch_lmdb.LMDBDataset(path)
     view = full.select(torch.randperm(len(full), generator=torch.Generator().manual_seed(0))[:len(full) // 10])
     for ds in (full, view):  # warm: every page of the file once
@@ -94,7 +94,7 @@ def bench_selection(path, log, batches):
     for r in range(REPEATS):
         rates["full"].append(get_batch_rate(full, batches, r))
         rates["selection"].append(get_batch_rate(view, batches, r))
-    row = dict(row="10 % selection, shuffled get_batch", full=max(rates["full"]),
+    row = dict(row=f"10 % selection of {n} medium samples, shuffled get_batch", full=max(rates["full"]),
                selection=max(rates["selection"]), ratio=max(rates["selection"]) / max(rates["full"]), bar=">= 0.95x")
     log(f"  selection: full {row['full']:.0f}/s, 10 % selection {row['selection']:.0f}/s")
     return [row]
@@ -144,19 +144,13 @@ def bench_mixture_loader(full_path, parts, log, batches):
     return [row]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--medium", type=int, default=100_000, help="medium-profile samples (16 KiB each)")
-    ap.add_argument("--tiny", type=int, default=10_000_000, help="tiny samples for the filter row")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    n_medium = 20_000 if args.quick else args.medium
-    n_tiny = 1_000_000 if args.quick else args.tiny
-    batches = 50 if args.quick else 200
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    tmp = tempfile.mkdtemp(dir=args.dir)
+def run(quick=False, n_medium=100_000, n_tiny=10_000_000, log=None, work_dir=None):
+    """Every row of this benchmark (benchmarks/run.py calls it too)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    n_medium = 20_000 if quick else n_medium
+    n_tiny = 1_000_000 if quick else n_tiny
+    batches = 50 if quick else 200
+    tmp = tempfile.mkdtemp(dir=work_dir)
     try:
         rng = np.random.default_rng(0)
         make = medium(rng)
@@ -170,24 +164,41 @@ def main():
             write(parts[-1], third if k < 2 else n_medium - 2 * third, make, first=k * third)
         log(f"  wrote {n_medium} medium samples twice in {time.perf_counter() - t:.1f} s")
         rows = bench_resume(dict(zip(("a", "b", "c"), parts)), log)
-        rows += bench_selection(full, log, batches)
+        rows += bench_selection(full, log, batches, n_medium)
         rows += bench_mixture_loader(full, parts, log, batches)
         rows += bench_filter(tmp, n_tiny, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"| row | figures | ratio | bar |")
-    print("|---|---|---|---|")
+    return rows
+
+
+def table(rows):
+    """The rows as markdown lines."""
+    lines = ["| row | figures | ratio | bar |", "|---|---|---|---|"]
     for r in rows:
         if "fresh_ms" in r:
             figs = f"{r['mode']}: fresh {r['fresh_ms']:.2f} ms, resumed {r['resumed_ms']:.2f} ms"
         elif "selection" in r:
-            figs = f"full {r['full']:,.0f} samples/s, selection {r['selection']:,.0f} samples/s ({n_medium} samples)"
+            figs = f"full {r['full']:,.0f} samples/s, selection {r['selection']:,.0f} samples/s"
         elif "mixture" in r:
             figs = f"one database {r['one']:,.0f} samples/s, mixture {r['mixture']:,.0f} samples/s"
         else:
             figs = f"{r['seconds']:.2f} s, {r['samples_per_s']:,.0f} samples/s"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        print(f"| {r['row']} | {figs} | {ratio} | {r.get('bar', '')} |")
+        lines.append(f"| {r['row']} | {figs} | {ratio} | {r.get('bar', '')} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--medium", type=int, default=100_000, help="medium-profile samples (16 KiB each)")
+    ap.add_argument("--tiny", type=int, default=10_000_000, help="tiny samples for the filter row")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = run(args.quick, args.medium, args.tiny, work_dir=args.dir)
+    print("\n".join(table(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

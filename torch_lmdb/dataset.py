@@ -1,4 +1,5 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
+import collections
 import json
 import math
 import operator
@@ -595,8 +596,12 @@ class _EpochBatchSampler:
                 batch = list(range(f, f + c))
             else:
                 batch = order[f:f + c].tolist()
-            yield batch if loader._request is None else loader._request(batch, loader._tl_seed, loader._tl_epoch,
-                                                                        loader._tl_order)
+            if loader._request is None:
+                yield batch
+                continue
+            request = loader._request(batch, loader._tl_seed, loader._tl_epoch, loader._tl_order)
+            loader._pending.append(request)  # batches come back in order: _generate finishes them
+            yield request
 
 
 class LMDBLoader(torch.utils.data.DataLoader):
@@ -635,6 +640,8 @@ class LMDBLoader(torch.utils.data.DataLoader):
         # A dataset that draws its own order from (seed, epoch) (a Mixture) turns
         # each batch of global positions into its own request.
         self._request = getattr(dataset, "_loader_request", None)
+        self._finish = getattr(dataset, "_loader_finish", None)  # (batch, request) -> batch, in this process
+        self._pending = collections.deque()
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
 
     def _plan(self, start: int):
@@ -652,10 +659,14 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._current_order = self._order()
         self._yielded = 0
         self._running = True
+        self._pending.clear()
         return self._generate(super().__iter__())
 
     def _generate(self, batches):
         for batch in batches:
+            if self._request is not None:
+                request = self._pending.popleft()
+                batch = batch if self._finish is None else self._finish(batch, request)
             self._yielded += 1
             yield batch
         self._running = False

@@ -154,19 +154,16 @@ class Mixture:
         return state
 
     # -- reading ----------------------------------------------------------------
-    def read(self, positions: Sequence[int], seed: int = 0, epoch: int = 0, shuffle: bool = True) -> Dict[str, Any]:
-        """The batch of global ``positions`` of epoch ``epoch`` (collated; with ``source``).
+    def read(self, positions: Sequence[int], seed: int = 0, epoch: int = 0, shuffle: bool = True,
+             with_source: bool = True) -> Dict[str, Any]:
+        """The batch of global ``positions`` of epoch ``epoch`` (collated; with ``source``
+        unless ``with_source`` is False).
 
         One ``get_batch`` over every source's files at once: the samples are
         read (in C++, into shared memory inside DataLoader workers) straight
         into the batch, in position order."""
         positions = list(positions)
-        if positions and positions == list(range(positions[0], positions[0] + len(positions))):
-            source, sample = self.locate(positions[0], len(positions), seed, epoch, shuffle)
-        else:
-            located = [self.locate(p, 1, seed, epoch, shuffle) for p in positions]
-            source = torch.cat([s for s, _ in located]) if located else torch.zeros(0, dtype=torch.int64)
-            sample = torch.cat([x for _, x in located]) if located else torch.zeros(0, dtype=torch.int64)
+        source, sample = self._locate_all(positions, seed, epoch, shuffle)
         index = torch.empty_like(sample)
         for k, (offset, chosen) in enumerate(zip(self._offsets, self._selections)):
             at = source == k
@@ -181,7 +178,8 @@ class Mixture:
                 if len(at):
                     parts.append((self._sources_of(g), at, ds.get_batch(index[at].tolist())))
             batch = self._assemble(len(positions), parts)
-        batch[SOURCE_FIELD] = source
+        if with_source:
+            batch[SOURCE_FIELD] = source
         return batch
 
     def _sources_of(self, group: int) -> str:
@@ -194,7 +192,10 @@ class Mixture:
     def __getitem__(self, request):
         if isinstance(request, tuple) and len(request) == 4:  # from make_loader's sampler
             positions, seed, epoch, shuffle = request
-            return self.read(positions, seed, epoch, shuffle)
+            # The source is added by _loader_finish in the loader's process: a small
+            # tensor of its own would cross from a worker as a shared-memory segment
+            # and a file descriptor per batch, costing more than the batch's read.
+            return self.read(positions, seed, epoch, shuffle, with_source=False)
         if isinstance(request, int):
             batch = self.read([request])
             return {k: v[0] for k, v in batch.items()}
@@ -206,6 +207,21 @@ class Mixture:
             raise ValueError("block shuffle does not apply to a Mixture (each source is read in its own "
                              "permutation): call make_loader without block_size")
         return (positions, seed, epoch, order == "shuffle")
+
+    def _loader_finish(self, batch: Dict[str, Any], request) -> Dict[str, Any]:
+        """Adds the sources of a make_loader batch, in the loader's process (dataset.py)."""
+        positions, seed, epoch, shuffle = request
+        batch[SOURCE_FIELD] = self._locate_all(positions, seed, epoch, shuffle)[0]
+        return batch
+
+    def _locate_all(self, positions: List[int], seed: int, epoch: int, shuffle: bool):
+        """locate() of any list of positions (one call when they are a run)."""
+        if positions and positions == list(range(positions[0], positions[0] + len(positions))):
+            return self.locate(positions[0], len(positions), seed, epoch, shuffle)
+        located = [self.locate(p, 1, seed, epoch, shuffle) for p in positions]
+        if not located:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return torch.cat([s for s, _ in located]), torch.cat([x for _, x in located])
 
     def _assemble(self, size: int, parts) -> Dict[str, Any]:
         if len(parts) <= 1:  # one source: its batch is already in position order
