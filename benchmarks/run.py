@@ -552,6 +552,11 @@ def report(rows, out, command, machine, method):
             lines.append(f"| {r['measured']} | {r['system']} | {_num(r.get('samples_per_s'))} | "
                          f"{_num1(r['bytes'] / 2**20) if r.get('bytes') else '–'} | {r['ratio']:.2f}× | {r['vs']} | "
                          f"{(bar.replace('<=', '≤').replace('>=', '≥') + '×') if bar else '–'} | {met} |")
+    compose = [r for r in rows if r.get("cache") == "compose"]
+    if compose:
+        import bench_compose
+
+        lines += ["", "### Mixtures and selections (benchmarks/bench_compose.py)", ""] + bench_compose.table(compose)
     writes = [r for r in rows if r.get("order") == "write"]
     lines += ["", f"### Writers (best of {WRITE_REPEATS} interleaved runs; every run in seconds)", "",
               "| profile | system | samples/s | MB/s | database MiB | runs (s) |", "|---|---|---|---|---|---|"]
@@ -682,6 +687,10 @@ def main():
 
         for r in bench_compression.run(args.quick, log=log):
             rows.append(dict(r, measured=r["profile"], profile="compression", order="-", cache="compression"))
+        import bench_compose  # mixtures and selections (issue 28)
+
+        for r in bench_compose.run(args.quick, log=log, work_dir=args.data):
+            rows.append(dict(r, profile="compose", order="-", cache="compose"))
 
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
     machine = f"{os.cpu_count()} cores, torch {torch.__version__}, torch_lmdb {torch_lmdb.__version__}"

@@ -15,6 +15,7 @@ from torch_lmdb._C import (
     ReadersFullError,
 )
 from torch_lmdb.dataset import BatchIterator, LMDBDataset, LMDBLoader, info, make_loader
+from torch_lmdb.mixture import Mixture
 from torch_lmdb.writer import LMDBWriter
 
 __version__ = _C.__version__
@@ -25,6 +26,7 @@ __all__ = [
     "LMDBLoader",
     "BatchIterator",
     "LMDBWriter",
+    "Mixture",
     "info",
     "make_loader",
     "Error",

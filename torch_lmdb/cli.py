@@ -60,6 +60,7 @@ def _cmd_info(args) -> int:
     for i in infos:
         if "shards" in i:
             _print_shard_dir(i)
+            _print_selections(i)
             continue
         print(f"{i['path']}")
         print(f"  samples:        {i['num_samples']}")
@@ -76,6 +77,58 @@ def _cmd_info(args) -> int:
         user = i["metadata"].get("user") or {}
         if user:
             print(f"  user metadata:  {json.dumps(user)[:2000]}")
+        _print_selections(i)
+    return 0
+
+
+def _print_selections(i: dict) -> None:
+    """The selections stored beside a database, with their sizes (or why they no longer open)."""
+    import torch_lmdb
+
+    if not i.get("selections"):
+        return
+    parts = []
+    for name in i["selections"]:
+        try:
+            parts.append(f"{name} ({len(torch_lmdb.LMDBDataset(i['path'], selection=name))} samples)")
+        except torch_lmdb.Error as e:
+            parts.append(f"{name} (unusable: {type(e).__name__})")
+    print(f"  selections:     {', '.join(parts)}")
+
+
+def _read_ids(file: str, n: int) -> List[int]:
+    """Sample indices of an id list: one integer a line; blank lines and '#' comments are skipped."""
+    out = []
+    with open(file) as f:
+        for line_no, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                index = int(text)
+            except ValueError:
+                raise ValueError(f"{file}:{line_no}: expected a sample index, got {text!r}") from None
+            if not 0 <= index < n:
+                raise IndexError(f"{file}:{line_no}: index {index} out of range for dataset of size {n}")
+            out.append(index)
+    return out
+
+
+def _cmd_select(args) -> int:
+    import torch
+    import torch_lmdb
+    from torch_lmdb import selection
+
+    ds = torch_lmdb.LMDBDataset(args.path)
+    ids = _read_ids(args.include_file or args.exclude_file, len(ds))
+    if args.include_file:
+        keep = sorted(set(ids))
+    else:
+        mask = torch.ones(len(ds), dtype=torch.bool)
+        mask[torch.tensor(ids, dtype=torch.int64)] = False
+        keep = mask.nonzero().squeeze(1)
+    file = selection.save_named(ds, args.name, torch.as_tensor(keep, dtype=torch.int64))
+    print(f"{file}: {len(keep)} of {len(ds)} samples")
     return 0
 
 
@@ -390,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("select", help="store a named selection of a database from a list of sample indices",
+                       description="Stores PATH/selections/NAME.sel (LMDBDataset(PATH, selection=NAME) opens it): "
+                                   "the samples listed in --include-file, or all but those in --exclude-file "
+                                   "(one sample index a line; '#' comments).")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--name", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--include-file", metavar="FILE")
+    which.add_argument("--exclude-file", metavar="FILE")
+    p.set_defaults(func=_cmd_select)
     p = sub.add_parser("verify", help="decode every record and check every checksum",
                        description="Checks the file size against LMDB's meta pages, then decodes every record "
                                    "and checks every checksum in a child process, so a damaged file that makes "

@@ -1,4 +1,5 @@
 """LMDBDataset: a torch.utils.data.Dataset over torch_lmdb files."""
+import collections
 import errno
 import gc
 import json
@@ -15,6 +16,8 @@ import torch
 import torch.utils.data
 
 from torch_lmdb import _C
+from torch_lmdb import _plan
+from torch_lmdb import selection as _selection
 
 __all__ = ["BatchIterator", "LMDBDataset", "LMDBLoader", "info", "make_loader"]
 
@@ -232,6 +235,9 @@ class LMDBDataset(torch.utils.data.Dataset):
             or one name) and add ``<name>_lengths`` (int64 [B, ndim]);
             ValueError for unknown names.
         pad_value: fill value of the padding.
+        selection: the name of a selection stored beside the data
+            (:meth:`filter` with ``name``, or ``torch-lmdb select``): the
+            dataset is then that view (see :meth:`select`).
     """
 
     def __init__(
@@ -249,6 +255,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
         decode_threads: Optional[int] = None,
+        selection: Optional[str] = None,
     ):
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
@@ -287,6 +294,11 @@ class LMDBDataset(torch.utils.data.Dataset):
         self._schema = reader.schema()
         self._pad_args(pad)  # unknown pad fields: an error now, not silence later
         self._metadata = [json.loads(reader.metadata_json(i)) for i in range(len(reader.paths))]
+        self._selection = None  # sample indices of a view (array('q')), see select()
+        self._c_selection = None  # (pid, _C.Selection) of this process
+        if selection is not None:
+            self._selection = _selection.load_named(self, selection)
+            self._len = len(self._selection)
 
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
@@ -305,6 +317,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_generation"] = None
+        state["_c_selection"] = None
         return state
 
     def refresh(self) -> int:
@@ -331,7 +344,7 @@ class LMDBDataset(torch.utils.data.Dataset):
             # The handle before the length: a reader that sees the new length
             # (checked first) then takes a handle that holds it.
             self._handle, self._generation = handle, _fork_generation
-            self._len = len(handle)
+            self._len = len(handle) if self._selection is None else len(self._selection)
             self._schema = handle.schema()
             self._metadata = metadata
             return self._len
@@ -361,7 +374,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         if not 0 <= index < self._len:
             raise IndexError(f"index {operator.index(i)} out of range for dataset of size {self._len} "
                              f"at '{self._paths[0]}'")
-        return index
+        return index if self._selection is None else self._selection[index]
 
     def _pad_args(self, pad: Union[bool, str, Sequence[str]]):
         """(pad every field?, names to pad), checking the names against the schema."""
@@ -497,8 +510,31 @@ class LMDBDataset(torch.utils.data.Dataset):
         options = dict(batch_size=batch_size, order=order, seed=seed, drop_last=drop_last, prefetch=prefetch,
                        threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
                        pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
-                       world_size=world_size)
+                       world_size=world_size, selection=_selection.c_selection(self))
         return BatchIterator(self._reader(), options, start, self._padded_fields(pad_all, pad_fields))
+
+    # -- views ----------------------------------------------------------------
+    def select(self, indices: Sequence[int], allow_duplicates: bool = False) -> "LMDBDataset":
+        """A view of this dataset restricted to ``indices`` (its positions, any
+        order; a bool mask works too), usable wherever a dataset is. Nothing
+        is copied: position p reads sample ``indices[p]``; loaders shuffle,
+        split and resume over the view's positions. IndexError for an index
+        out of range, ValueError for a duplicate unless ``allow_duplicates``."""
+        return _selection.select(self, indices, allow_duplicates)
+
+    def filter(self, predicate: Callable[[Dict[str, Any]], Any], fields: Sequence[str],
+               name: Optional[str] = None, batch_size: int = 65536) -> "LMDBDataset":
+        """The view of the samples ``predicate`` accepts: it gets batches of
+        only ``fields`` (read in C++, ``batch_size`` at a time) and returns a
+        bool mask. ``name`` also stores the selection beside the data
+        (``<path>/selections/<name>.sel``, checksummed and tied to this data),
+        so ``LMDBDataset(path, selection=name)`` opens the view."""
+        return _selection.filter_dataset(self, predicate, fields, name, batch_size)
+
+    @property
+    def selection(self) -> Optional[torch.Tensor]:
+        """The sample indices of this view (None: every sample)."""
+        return None if self._selection is None else _selection.as_tensor(self._selection).clone()
 
     # -- description ----------------------------------------------------------
     @property
@@ -532,7 +568,8 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f['name']}: {f['dtype']}{f['shape']}" for f in self._schema)
-        return f"LMDBDataset({self._paths!r}, {self._len} samples, {{{fields}}})"
+        view = "" if self._selection is None else " selected"
+        return f"LMDBDataset({self._paths!r}, {self._len}{view} samples, {{{fields}}})"
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]):
@@ -705,11 +742,17 @@ class _EpochBatchSampler:
         order = loader._current_order
         for f, c in zip(first, count):
             if c == 0:  # an empty share of a tail smaller than the world (stream.h)
-                yield [int(order[pad_index]) if order is not None else pad_index]
+                batch = [int(order[pad_index]) if order is not None else pad_index]
             elif order is None:
-                yield list(range(f, f + c))
+                batch = list(range(f, f + c))
             else:
-                yield order[f:f + c].tolist()
+                batch = order[f:f + c].tolist()
+            if loader._request is None:
+                yield batch
+                continue
+            request = loader._request(batch, loader._tl_seed, loader._tl_epoch, loader._tl_order)
+            loader._pending.append(request)  # batches come back in order: _generate finishes them
+            yield request
 
 
 class LMDBLoader(torch.utils.data.DataLoader):
@@ -746,15 +789,20 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._loaded = False  # a load_state_dict() position no iteration has started from yet
         self._current_plan = None
         self._current_order = None
+        # A dataset that draws its own order from (seed, epoch) (a Mixture) turns
+        # each batch of global positions into its own request.
+        self._request = getattr(dataset, "_loader_request", None)
+        self._finish = getattr(dataset, "_loader_finish", None)  # (batch, request) -> batch, in this process
+        self._pending = collections.deque()
         super().__init__(dataset, batch_size=None, sampler=_EpochBatchSampler(self), **kwargs)
 
     def _plan(self, start: int):
-        return _C.rank_plan(len(self.dataset), self._tl_batch_size, self._tl_rank, self._tl_world, start,
-                            self._tl_drop_last)
+        return _plan.RankPlan(len(self.dataset), self._tl_batch_size, self._tl_rank, self._tl_world, start,
+                              self._tl_drop_last)
 
     def _order(self):
         n = len(self.dataset)
-        if self._tl_order == "sequential":
+        if self._tl_order == "sequential" or self._request is not None:
             return None
         return _C.sample_order(n, self._tl_order, _C.epoch_seed(self._tl_seed, self._tl_epoch), *self._tl_block)
 
@@ -764,10 +812,14 @@ class LMDBLoader(torch.utils.data.DataLoader):
         self._yielded = 0
         self._running = True
         self._loaded = False
+        self._pending.clear()
         return self._generate(super().__iter__())
 
     def _generate(self, batches):
         for batch in batches:
+            if self._request is not None:
+                request = self._pending.popleft()
+                batch = batch if self._finish is None else self._finish(batch, request)
             self._yielded += 1
             yield batch
         self._running = False
@@ -922,6 +974,7 @@ def info(path: PathLike) -> Dict[str, Any]:
         "file_size": os.path.getsize(data_file),
         "map_size": reader.map_size(0),
         "metadata": meta,
+        "selections": _C.list_selections(path),
     }
 
 
@@ -943,4 +996,5 @@ def _shard_dir_info(path: str, reader) -> Dict[str, Any]:
         "metadata": metas[0],
         "manifest": manifest,
         "shards": shards,
+        "selections": _C.list_selections(path),
     }

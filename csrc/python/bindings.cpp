@@ -475,6 +475,101 @@ SampleOrder order_from_name(const std::string& order) {
   throw py::value_error("order must be 'sequential', 'shuffle' or 'block', got '" + order + "'");
 }
 
+// Mixtures (mixture.h) and selections (selection.h): the rules live in the core;
+// Python's Mixture and LMDBDataset.select/filter call these.
+at::Tensor indices_to_tensor(const std::vector<uint64_t>& v) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+std::vector<uint64_t> tensor_to_indices(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_TYPE(t.dim() == 1 && t.scalar_type() == at::kLong, what, " must be a 1-dim int64 tensor, got ",
+                   t.scalar_type(), " of shape ", t.sizes());
+  const at::Tensor c = t.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    TORCH_CHECK_INDEX(p[i] >= 0, what, " position ", i, ": index ", p[i], " is negative");
+  return std::vector<uint64_t>(p, p + c.numel());
+}
+
+void bind_compose(py::module_& m) {
+  py::class_<Selection>(m, "Selection")
+      .def(py::init([](const at::Tensor& indices, size_t num_samples, bool allow_duplicates) {
+             return Selection(tensor_to_indices(indices, "a selection"), num_samples, allow_duplicates);
+           }),
+           py::arg("indices"), py::arg("num_samples"), py::arg("allow_duplicates") = false)
+      .def("__len__", &Selection::size)
+      .def("indices", [](const Selection& s) { return indices_to_tensor(s.indices()); })
+      .def("sorted", &Selection::sorted);
+  m.def("selection_path", &selection_path, py::arg("path"), py::arg("name"));
+  m.def("list_selections", &list_selections, py::arg("path"));
+  m.def("data_identity", [](const PyReader& r) { return data_identity(*r.reader); }, py::arg("reader"));
+  m.def("save_selection", [](const std::string& file, const Selection& s, uint64_t n, uint64_t identity) {
+    py::gil_scoped_release nogil;
+    save_selection(file, s, n, identity);
+  }, py::arg("file"), py::arg("selection"), py::arg("num_samples"), py::arg("identity"));
+  m.def("load_selection", [](const std::string& file, uint64_t n, uint64_t identity) {
+    py::gil_scoped_release nogil;
+    return load_selection(file, n, identity);
+  }, py::arg("file"), py::arg("num_samples"), py::arg("identity"));
+
+  py::class_<MixtureSource>(m, "MixtureSource")
+      .def(py::init([](std::vector<std::string> names, std::vector<size_t> sizes, std::vector<double> weights,
+                       size_t epoch_size, bool stratified, size_t block_size, std::vector<size_t> offsets,
+                       std::vector<std::optional<Selection>> selections) {
+             MixtureSource m;
+             m.rule.names = std::move(names);
+             m.rule.sizes = std::move(sizes);
+             m.rule.weights = std::move(weights);
+             m.rule.epoch_size = epoch_size;
+             m.rule.stratified = stratified;
+             m.rule.block_size = block_size;
+             m.offsets = std::move(offsets);
+             m.selections = std::move(selections);
+             return m;
+           }),
+           py::arg("names"), py::arg("sizes"), py::arg("weights"), py::arg("epoch_size"), py::arg("stratified"),
+           py::arg("block_size"), py::arg("offsets"), py::arg("selections"));
+  py::class_<MixtureOrder>(m, "MixtureOrder")
+      .def(py::init([](std::vector<std::string> names, std::vector<size_t> sizes, std::vector<double> weights,
+                       size_t epoch_size, bool stratified, size_t block_size, bool shuffle, uint64_t seed,
+                       uint64_t epoch) {
+             MixtureOptions o;
+             o.names = std::move(names);
+             o.sizes = std::move(sizes);
+             o.weights = std::move(weights);
+             o.epoch_size = epoch_size;
+             o.stratified = stratified;
+             o.block_size = block_size;
+             o.shuffle = shuffle;
+             return python_errors([&] { return MixtureOrder(std::move(o), seed, epoch); });
+           }),
+           py::arg("names"), py::arg("sizes"), py::arg("weights"), py::arg("epoch_size"), py::arg("stratified"),
+           py::arg("block_size"), py::arg("shuffle"), py::arg("seed"), py::arg("epoch"))
+      .def("__len__", &MixtureOrder::size)
+      .def("weights", &MixtureOrder::weights)
+      .def("cursors", &MixtureOrder::cursors, py::arg("position"))
+      .def("locate", [](const MixtureOrder& o, size_t first, size_t count) {
+        at::Tensor source = at::empty({static_cast<int64_t>(count)}, at::kLong);
+        at::Tensor sample = at::empty({static_cast<int64_t>(count)}, at::kLong);
+        {
+          py::gil_scoped_release nogil;
+          o.locate(first, count, source.data_ptr<int64_t>(), sample.data_ptr<int64_t>());
+        }
+        return py::make_tuple(source, sample);
+      }, py::arg("first"), py::arg("count"), "(source, sample) int64 tensors of positions [first, first + count)");
+  m.def("permute", &permute, py::arg("n"), py::arg("key"), py::arg("x"));
+  m.def("rank_batches", &rank_batches, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"),
+        py::arg("start"), py::arg("drop_last"), "rank_plan's number of batches, in O(1) (stream.h)");
+  m.def("rank_batch", [](size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                         size_t k) {
+    const RankBatch b = rank_batch(n, batch_size, rank, world_size, start, drop_last, k);
+    return py::make_tuple(b.first, b.count, b.position_after, b.pad_index);
+  }, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"), py::arg("start"),
+     py::arg("drop_last"), py::arg("k"), "(first, count, position_after, pad_index) of batch k alone (stream.h)");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -604,7 +699,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
                        size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
                        std::vector<std::string> pad_fields, double pad_value, uint64_t epoch, size_t rank,
-                       size_t world_size, size_t start) {
+                       size_t world_size, size_t start, std::optional<Selection> selection,
+                       std::optional<MixtureSource> mixture) {
              StreamOptions o;
              o.batch_size = batch_size;
              o.order = order_from_name(order);
@@ -621,6 +717,8 @@ PYBIND11_MODULE(_C, m) {
              o.rank = rank;
              o.world_size = world_size;
              o.start = start;
+             o.selection = std::move(selection);
+             o.mixture = std::move(mixture);
              const Reader reader = *r.reader;
              py::gil_scoped_release nogil;
              return std::make_unique<BatchStream>(reader, std::move(o));
@@ -628,7 +726,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
            py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
            py::arg("pad_fields"), py::arg("pad_value"), py::arg("epoch") = 0, py::arg("rank") = 0,
-           py::arg("world_size") = 1, py::arg("start") = 0)
+           py::arg("world_size") = 1, py::arg("start") = 0, py::arg("selection") = py::none(),
+           py::arg("mixture") = py::none())
       .def("next", [](BatchStream& s) -> py::object {
         std::optional<Batch> b;
         {
@@ -701,4 +800,5 @@ PYBIND11_MODULE(_C, m) {
         "why a database's data.mdb cannot be mapped safely (its meta pages, read without a map), or None");
   m.def("metadata_checksum", &torch_lmdb::metadata_checksum, py::arg("meta_json"),
         "xxh3-64 (16 hex digits) of a metadata JSON text, as a shard manifest stores it");
+  bind_compose(m);
 }

@@ -82,6 +82,11 @@ struct LoaderOptions {
   /// This process's rank among world_size (distributed training).
   size_t rank = 0;
   size_t world_size = 1;
+  /// Read only these samples of the reader (StreamOptions::selection).
+  std::optional<Selection> selection;
+  /// Read a mixture through the reader (StreamOptions::mixture; the reader
+  /// opens every source's files in order). num_samples is then its epoch size.
+  std::optional<MixtureSource> mixture;
 };
 
 /// Where a loader is in its epochs: what load_state() needs to continue.
@@ -99,8 +104,7 @@ class Loader {
   /// Throws ValueError for invalid options (checked here, not at begin()).
   Loader(Reader reader, LoaderOptions options) : reader_(std::move(reader)), options_(std::move(options)) {
     stream_options();  // validates the options
-    (void)rank_plan(reader_.size(), options_.batch_size, options_.rank, options_.world_size, 0,
-                    options_.drop_last);
+    (void)rank_batches(samples(), options_.batch_size, options_.rank, options_.world_size, 0, options_.drop_last);
   }
 
   class Iterator {
@@ -150,15 +154,14 @@ class Loader {
   /// Batches of this rank in the current epoch from its start position.
   size_t size() const {
     if (stream_) return stream_->size();
-    return rank_plan(reader_.size(), options_.batch_size, options_.rank, options_.world_size, start_,
-                     options_.drop_last)
-        .size();
+    return rank_batches(samples(), options_.batch_size, options_.rank, options_.world_size, start_,
+                        options_.drop_last);
   }
 
   LoaderState state() const {
     LoaderState s;
     s.seed = options_.seed;
-    s.num_samples = reader_.size();
+    s.num_samples = samples();
     if (stream_ && stream_->delivered() == stream_->size()) {  // the epoch's last batch was taken
       s.epoch = epoch_ + 1;
     } else {
@@ -171,8 +174,8 @@ class Loader {
   /// Continues from `state` at the next begin(). Throws ValueError when the
   /// data's sample count differs or the position is past it.
   void load_state(const LoaderState& state) {
-    TORCH_CHECK_VALUE(state.num_samples == reader_.size(), "the loader state was saved for ", state.num_samples,
-                      " samples, this loader reads ", reader_.size());
+    TORCH_CHECK_VALUE(state.num_samples == samples(), "the loader state was saved for ", state.num_samples,
+                      " samples, this loader reads ", samples());
     TORCH_CHECK_VALUE(state.position <= state.num_samples, "the loader state's position ", state.position,
                       " is past its ", state.num_samples, " samples");
     stream_.reset();
@@ -185,6 +188,12 @@ class Loader {
   const Reader& reader() const noexcept { return reader_; }
 
  private:
+  // Positions of an epoch: the mixture's, the selection's or the reader's samples.
+  size_t samples() const {
+    if (options_.mixture) return MixtureOrder(options_.mixture->rule, 0, 0).size();
+    return options_.selection ? options_.selection->size() : reader_.size();
+  }
+
   StreamOptions stream_options() const {
     const LoaderOptions& o = options_;
     TORCH_CHECK_VALUE(o.batch_size > 0, "LoaderOptions::batch_size must be positive, got ", o.batch_size);
@@ -209,6 +218,8 @@ class Loader {
     s.rank = o.rank;
     s.world_size = o.world_size;
     s.start = start_;
+    s.selection = o.selection;
+    s.mixture = o.mixture;
     return s;
   }
 

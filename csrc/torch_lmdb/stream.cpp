@@ -66,37 +66,92 @@ std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, siz
 
 uint64_t epoch_seed(uint64_t seed, uint64_t epoch) noexcept { return seed + epoch * 0x9E3779B97F4A7C15ull; }
 
-RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+size_t rank_batches(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
   TORCH_CHECK_VALUE(batch_size > 0, "batch_size must be positive, got ", batch_size);
   TORCH_CHECK_VALUE(world_size > 0, "world_size must be positive, got ", world_size);
   TORCH_CHECK_VALUE(rank < world_size, "rank must be in [0, world_size = ", world_size, "), got ", rank);
   TORCH_CHECK_VALUE(start <= n, "start position ", start, " is past the end of an epoch of ", n, " samples");
-  RankPlan plan;
   const size_t step = batch_size * world_size;
   const size_t full = (n - start) / step, tail = (n - start) - full * step;
-  plan.first.reserve(full + 1);
-  for (size_t k = 0; k < full; ++k) {
-    plan.first.push_back(start + k * step + rank * batch_size);
-    plan.count.push_back(batch_size);
-    plan.position_after.push_back(start + (k + 1) * step);
+  return full + (tail > 0 && !drop_last ? 1 : 0);
+}
+
+RankBatch rank_batch(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                     size_t k) {
+  const size_t batches = rank_batches(n, batch_size, rank, world_size, start, drop_last);
+  TORCH_CHECK_INDEX(k < batches, "batch ", k, " out of range for a rank's ", batches, " batches");
+  const size_t step = batch_size * world_size;
+  const size_t full = (n - start) / step, tail = (n - start) - full * step;
+  RankBatch b;
+  if (k < full) {
+    b.first = start + k * step + rank * batch_size;
+    b.count = batch_size;
+    b.position_after = start + (k + 1) * step;
+    return b;
   }
-  if (tail > 0 && !drop_last) {
-    // Contiguous parts of the tail, sizes differing by at most one.
-    const size_t base = tail / world_size, extra = tail % world_size;
-    plan.first.push_back(start + full * step + rank * base + std::min(rank, extra));
-    plan.count.push_back(base + (rank < extra ? 1 : 0));
-    plan.position_after.push_back(n);
-    // An empty share (tail < world_size) repeats a sample from the order's start.
-    if (plan.count.back() == 0) plan.pad_index = (rank - tail) % n;
+  // The tail: contiguous parts, sizes differing by at most one.
+  const size_t base = tail / world_size, extra = tail % world_size;
+  b.first = start + full * step + rank * base + std::min(rank, extra);
+  b.count = base + (rank < extra ? 1 : 0);
+  b.position_after = n;
+  // An empty share (tail < world_size) repeats a sample from the order's start.
+  if (b.count == 0) b.pad_index = (rank - tail) % n;
+  return b;
+}
+
+RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last) {
+  RankPlan plan;
+  const size_t batches = rank_batches(n, batch_size, rank, world_size, start, drop_last);
+  plan.first.reserve(batches);
+  for (size_t k = 0; k < batches; ++k) {
+    const RankBatch b = rank_batch(n, batch_size, rank, world_size, start, drop_last, k);
+    plan.first.push_back(b.first);
+    plan.count.push_back(b.count);
+    plan.position_after.push_back(b.position_after);
+    if (b.count == 0) plan.pad_index = b.pad_index;
   }
   return plan;
 }
 
+namespace {
+
+void add_sources(Batch& b, const std::vector<int64_t>& sources) {
+  at::Tensor t = at::empty({static_cast<int64_t>(sources.size())}, at::kLong);
+  std::copy(sources.begin(), sources.end(), t.data_ptr<int64_t>());
+  b.tensors.insert("source", std::move(t));
+  b.order.push_back("source");
+}
+
+// The mixture's checks against the reader (StreamOptions::mixture).
+void check_mixture(const MixtureSource& m, const StreamOptions& o, size_t reader_size) {
+  TORCH_CHECK_VALUE(!o.selection, "a stream reads a mixture or a selection, not both (make the selection a source)");
+  TORCH_CHECK_VALUE(o.order != SampleOrder::BlockShuffle,
+                    "block shuffle does not apply to a mixture (each source is read in its own permutation)");
+  const size_t k = m.rule.sizes.size();
+  TORCH_CHECK_VALUE(m.offsets.size() == k && (m.selections.empty() || m.selections.size() == k), "a mixture of ", k,
+                    " sources got ", m.offsets.size(), " offsets and ", m.selections.size(), " selections");
+  for (size_t s = 0; s < k; ++s) {
+    const bool selected = !m.selections.empty() && m.selections[s];
+    size_t end = m.rule.sizes[s];
+    if (selected) {
+      TORCH_CHECK_VALUE(m.selections[s]->size() == m.rule.sizes[s], "mixture source '", m.rule.names[s],
+                        "' has size ", m.rule.sizes[s], " but its selection ", m.selections[s]->size());
+      const auto& idx = m.selections[s]->indices();
+      end = idx.empty() ? 0 : *std::max_element(idx.begin(), idx.end()) + 1;
+    }
+    TORCH_CHECK_INDEX(m.offsets[s] + end <= reader_size, "mixture source '", m.rule.names[s], "' reaches sample ",
+                      m.offsets[s] + end, " of a reader of ", reader_size, " samples");
+  }
+}
+
+}  // namespace
+
 struct BatchStream::State {
   Reader reader;
   StreamOptions options;
-  std::vector<size_t> order;
-  RankPlan plan;
+  std::vector<size_t> order;         // empty with a mixture
+  std::optional<MixtureOrder> rule;  // the mixture's, for (seed, epoch)
+  size_t n = 0;                      // positions of the epoch
   size_t num_batches = 0;
   uint64_t generation = 0;
 
@@ -136,10 +191,32 @@ struct BatchStream::State {
     threads.clear();
   }
 
-  std::vector<size_t> indices(size_t k) const {
-    if (plan.count[k] == 0) return {order[plan.pad_index]};
-    const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[k]);
-    return std::vector<size_t>(first, first + static_cast<std::ptrdiff_t>(plan.count[k]));
+  // Batch k of this rank (stream.h's rank plan, computed when asked).
+  RankBatch batch_at(size_t k) const {
+    return rank_batch(n, options.batch_size, options.rank, options.world_size, options.start, options.drop_last, k);
+  }
+
+  // The sample index at order position p (through the selection, if any).
+  size_t sample_at(size_t p) const { return options.selection ? options.selection->at(order[p]) : order[p]; }
+
+  // The reader's sample indices of batch k; with a mixture, `sources` gets each sample's source.
+  std::vector<size_t> indices(size_t k, std::vector<int64_t>* sources = nullptr) const {
+    const RankBatch b = batch_at(k);
+    const size_t first = b.count == 0 ? b.pad_index : b.first, count = std::max<size_t>(b.count, 1);
+    std::vector<size_t> out(count);
+    if (!rule) {
+      for (size_t j = 0; j < count; ++j) out[j] = sample_at(first + j);
+      return out;
+    }
+    std::vector<int64_t> src(count), sample(count);
+    rule->locate(first, count, src.data(), sample.data());
+    const MixtureSource& m = *options.mixture;
+    for (size_t j = 0; j < count; ++j) {
+      const size_t s = static_cast<size_t>(src[j]), at = static_cast<size_t>(sample[j]);
+      out[j] = m.offsets[s] + (!m.selections.empty() && m.selections[s] ? m.selections[s]->at(at) : at);
+    }
+    if (sources != nullptr) *sources = std::move(src);
+    return out;
   }
 
   // Batches whose pages are requested together: one shuffle window of a
@@ -172,9 +249,9 @@ struct BatchStream::State {
   void prefetch(std::pair<size_t, size_t> range) {
     std::vector<size_t> idx;
     for (size_t b = range.first; b < range.second; ++b) {
-      if (plan.count[b] == 0) continue;
-      const auto first = order.begin() + static_cast<std::ptrdiff_t>(plan.first[b]);
-      idx.insert(idx.end(), first, first + static_cast<std::ptrdiff_t>(plan.count[b]));
+      if (batch_at(b).count == 0) continue;
+      const std::vector<size_t> batch = indices(b);
+      idx.insert(idx.end(), batch.begin(), batch.end());
     }
     const Reader::Prefetched got = reader.prefetch(idx);
     std::lock_guard<std::mutex> lock(mutex);
@@ -198,7 +275,9 @@ struct BatchStream::State {
       }
       try {
         if (ahead.second > ahead.first) prefetch(ahead);
-        Batch b = reader.read_batch(indices(k), options.batch);
+        std::vector<int64_t> sources;
+        Batch b = reader.read_batch(indices(k, &sources), options.batch);
+        if (rule) add_sources(b, sources);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));
       } catch (...) {
@@ -222,12 +301,26 @@ BatchStream::BatchStream(Reader reader, StreamOptions options) {
   options.batch.read_ahead = true;  // batches wait in the queue: written around the cache
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
-  const size_t n = s.reader.size();
-  s.plan = rank_plan(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
-                     s.options.drop_last);
-  s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
-                         s.options.window_blocks);
-  s.num_batches = s.plan.size();
+  if (s.options.mixture) {
+    check_mixture(*s.options.mixture, s.options, s.reader.size());
+    MixtureOptions rule = s.options.mixture->rule;
+    rule.shuffle = s.options.order == SampleOrder::Shuffle;
+    s.rule.emplace(std::move(rule), s.options.seed, s.options.epoch);
+  }
+  const size_t n = s.rule ? s.rule->size() : s.options.selection ? s.options.selection->size() : s.reader.size();
+  if (s.options.selection)
+    for (size_t p = 0; p < n; ++p)
+      TORCH_CHECK_INDEX(s.options.selection->at(p) < s.reader.size(), "selection position ", p, ": index ",
+                        s.options.selection->at(p), " out of range for dataset of size ", s.reader.size());
+  s.n = n;
+  s.num_batches = rank_batches(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                               s.options.drop_last);
+  TORCH_CHECK_VALUE(s.options.block_size > 0 && s.options.window_blocks > 0,
+                    "block_size and window_blocks must be positive, got ", s.options.block_size, " and ",
+                    s.options.window_blocks);
+  if (!s.rule)
+    s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
+                           s.options.window_blocks);
   s.generation = fork_generation();
   const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
   for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
@@ -287,10 +380,10 @@ size_t BatchStream::delivered() const {
 size_t BatchStream::position() const {
   const State& s = *state_;
   const size_t k = delivered();
-  return k == 0 ? s.options.start : s.plan.position_after[k - 1];
+  return k == 0 ? s.options.start : s.batch_at(k - 1).position_after;
 }
 
-size_t BatchStream::num_samples() const noexcept { return state_->order.size(); }
+size_t BatchStream::num_samples() const noexcept { return state_->n; }
 
 std::vector<size_t> BatchStream::batch_indices(size_t k) const {
   TORCH_CHECK_INDEX(k < state_->num_batches, "batch ", k, " out of range for a stream of ", state_->num_batches,

@@ -48,6 +48,8 @@
 #include <vector>
 
 #include "torch_lmdb/reader.h"
+#include "torch_lmdb/mixture.h"
+#include "torch_lmdb/selection.h"
 
 namespace torch_lmdb {
 
@@ -83,6 +85,17 @@ struct StreamOptions {
   size_t world_size = 1;
   /// Global position to start from (0 <= start <= number of samples).
   size_t start = 0;
+  /// Read only these samples (selection.h): the order, the ranks and the
+  /// positions are over the selection's positions, each mapped to its
+  /// sample index when read. Unset: every sample of the reader.
+  std::optional<Selection> selection;
+  /// Read a mixture's global stream (mixture.h) instead: the epoch has the
+  /// mixture's epoch_size positions, position i reads what MixtureOrder(rule,
+  /// seed, epoch) locates for i (each source shuffled unless `order` is
+  /// Sequential; BlockShuffle is a ValueError), and every batch gets an int64
+  /// tensor "source" (the source index of each sample). Ranks, positions and
+  /// resumption work as for any epoch. `selection` must then be unset.
+  std::optional<MixtureSource> mixture;
 };
 
 /// The seed of an epoch's order: seed + epoch * 0x9E3779B97F4A7C15 (mod 2^64),
@@ -102,6 +115,18 @@ struct RankPlan {
 };
 RankPlan rank_plan(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last);
 
+/// One batch of rank_plan() alone, in O(1) (what a loader over an epoch of
+/// 1e8 positions needs instead of the whole plan): rank_batches() is
+/// rank_plan(...).size(); rank_batch(..., k) is batch k: {first[k], count[k],
+/// position_after[k], pad_index (meaningful when count is 0)}. Same checks as
+/// rank_plan, and IndexError for k >= rank_batches().
+struct RankBatch {
+  size_t first = 0, count = 0, position_after = 0, pad_index = 0;
+};
+size_t rank_batches(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last);
+RankBatch rank_batch(size_t n, size_t batch_size, size_t rank, size_t world_size, size_t start, bool drop_last,
+                     size_t k);
+
 /// The sample order of one epoch over `n` samples (what BatchStream reads).
 /// Deterministic for a seed: it uses mt19937_64 and its own bounded draws,
 /// not the implementation-defined std::shuffle.
@@ -112,7 +137,11 @@ class BatchStream {
  public:
   /// Starts the reader threads. Throws ValueError for a zero batch_size,
   /// prefetch, threads, block_size, window_blocks or world_size, a rank >=
-  /// world_size, or a start past the number of samples.
+  /// world_size, or a start past the number of samples; IndexError for a
+  /// mixture source or selection reaching past the reader's samples.
+  /// Creating a stream costs O(1) in the epoch's size with a mixture (the
+  /// rank's batches are computed as they are read), O(n) otherwise (the
+  /// order is drawn).
   BatchStream(Reader reader, StreamOptions options);
   ~BatchStream();
   BatchStream(const BatchStream&) = delete;
@@ -122,7 +151,7 @@ class BatchStream {
   std::optional<Batch> next();
   /// Batches of this rank in this epoch (from `start`).
   size_t size() const noexcept;
-  /// The sample indices of batch `k` (k < size()).
+  /// The sample indices of batch `k` (k < size()), selection mapped.
   std::vector<size_t> batch_indices(size_t k) const;
   /// The global position after the batches next() has returned (`start`
   /// before the first; the number of samples after the last, or with
@@ -130,7 +159,8 @@ class BatchStream {
   size_t position() const;
   /// Batches next() has returned.
   size_t delivered() const;
-  /// Samples of the epoch (the reader's size when the stream was created).
+  /// Samples of the epoch (the selection's size, else the reader's size when
+  /// the stream was created).
   size_t num_samples() const noexcept;
 
   struct State;

@@ -54,6 +54,18 @@ class ZarrDataset(torch.utils.data.Dataset):
         return dict(self.__dict__, _root=None, _pid=None)
 
 
+def train_mixture(m):
+    """A Mixture from the config's dataset.train_mixture (README "Mixing and selecting"):
+    sources: {name: {path: one database or shard directory, selection: a stored selection's name}
+    or {paths: [databases, glob patterns]}}, weights: {name: w}, stratified, epoch_size."""
+    sources = {}
+    for name, src in m["sources"].items():
+        paths = expand(src["paths"]) if "paths" in src else src["path"]
+        sources[name] = torch_lmdb.LMDBDataset(paths, fields=FIELDS, selection=src.get("selection"))
+    return torch_lmdb.Mixture(sources, m.get("weights"), epoch_size=m.get("epoch_size"),
+                              stratified=m.get("stratified", False), block_size=m.get("block_size", 256))
+
+
 def make_loaders(cfg):
     d = cfg["dataset"]
     # The users' configs ask for 4 workers whatever the core count; PyTorch's advice is noted once here.
@@ -61,9 +73,11 @@ def make_loaders(cfg):
     common = dict(num_workers=cfg["num_workers"], persistent_workers=cfg["num_workers"] > 0)
     g = torch.Generator().manual_seed(cfg["seed"])
     if d.get("use_lmdb", True):
-        train = torch_lmdb.LMDBDataset(expand(d["train_lmdb_paths"]), fields=FIELDS)
+        train = train_mixture(d["train_mixture"]) if d.get("train_mixture") else \
+            torch_lmdb.LMDBDataset(expand(d["train_lmdb_paths"]), fields=FIELDS)
         val = torch_lmdb.LMDBDataset(expand(d["val_lmdb_paths"]), fields=FIELDS)
-        user = train.metadata["user"]  # the generator's shards: user.config; converted: the store's root attrs
+        first = next(iter(train.datasets.values())) if isinstance(train, torch_lmdb.Mixture) else train
+        user = first.metadata["user"]  # the generator's shards: user.config; converted: the store's root attrs
         meta = user["config"] if "config" in user else user["source_attrs"]["config"]
         return (torch_lmdb.make_loader(train, cfg["batch_size"], shuffle=True, generator=g, **common),
                 torch_lmdb.make_loader(val, cfg["batch_size"], **common), meta, "torch_lmdb make_loader")
@@ -139,7 +153,7 @@ def main():
               f"({count / (time.perf_counter() - t_epoch):,.0f} samples/s with training)", flush=True)
     train_s = time.perf_counter() - t_train
     print("RESULT " + json.dumps({"stage": "train", "loader": loader_name, "num_workers": cfg["num_workers"],
-                                  "load_samples_per_s": load_rate, "losses": losses, "median_errors_m": errors,
+                                  "load_samples_per_s": load_rate, "train_samples": n_train, "losses": losses, "median_errors_m": errors,
                                   "baseline_error_m": baseline, "train_seconds": train_s}))
 
 

@@ -116,6 +116,23 @@ def test_train_py_reads_the_generated_shards_and_zarr_too(radio):
     assert r["loader"].startswith("zarr") and r["losses"][-1] < r["losses"][0]
 
 
+def test_train_py_trains_on_a_mixture_with_a_stored_selection(radio, tmp_path):
+    _, paths = radio
+    first = paths["train"][0]
+    excluded = tmp_path / "scene.txt"
+    excluded.write_text("\n".join(str(i) for i in range(0, 100)) + "\n")
+    subprocess.run([sys.executable, "-m", "torch_lmdb", "select", first, "--name", "no-scene", "--exclude-file",
+                    str(excluded)], check=True, env=ENV, capture_output=True)
+    mixture = (f"{{weights: {{sim_a: 0.6, sim_b: 0.4}}, stratified: true, block_size: 64, sources: "
+               f"{{sim_a: {{path: {first}, selection: no-scene}}, sim_b: {{paths: [{','.join(paths['train'][1:])}]}}}}}}")
+    r = run([sys.executable, os.path.join(RADIO, "train.py"), "--config", os.path.join(RADIO, "configs", "train.yaml"),
+             "--set", f"dataset.train_mixture={mixture}",
+             "--set", f"dataset.val_lmdb_paths=[{','.join(paths['val'])}]",
+             "--set", "epochs=3", "--set", "num_workers=2", "--set", "batch_size=64", "--no-progress"])
+    assert r["loader"].startswith("torch_lmdb") and r["losses"][-1] < r["losses"][0]
+    assert r["train_samples"] == len(torch_lmdb.LMDBDataset(paths["train"])) - 100
+
+
 def test_train_native_loss_falls(converted):
     r = run([binary("train_native"), "--train", ",".join(converted["train"]), "--val", ",".join(converted["val"]),
              "--epochs", "4", "--batch-size", "64", "--workers", "2"])
