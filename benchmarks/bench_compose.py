@@ -1,4 +1,4 @@
-"""Mixtures and selections: the bars of issue 28, every ratio measured in this run.
+"""Mixtures and selections: its bars, every ratio measured in this run.
 
     /usr/bin/python3 benchmarks/bench_compose.py [--quick] [--medium 100000] [--tiny 10000000] [--json out.json]
 

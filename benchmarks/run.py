@@ -3,7 +3,7 @@
     /usr/bin/python3 benchmarks/run.py --quick      # under 5 minutes on a 2-core VM
     /usr/bin/python3 benchmarks/run.py              # the full run (bigger files, longer timings)
 
-Writes <out>/results.json, <out>/results.md (tables, and the targets of issue 6
+Writes <out>/results.json, <out>/results.md (tables, and the targets
 with their measured ratios) and <out>/<profile>.png. Every figure of a table is
 measured in this run; ratios compare systems of the same profile and order.
 
@@ -509,7 +509,7 @@ def lookup(rows, key):
 
 def report(rows, out, command, machine, method):
     lines = [f"Measured by `{command}` on {machine}. {method}", ""]
-    lines += ["### Targets (issue 6)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += ["### Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for label, num, den, goal in TARGETS:
         a, b = lookup(rows, num), lookup(rows, den)
         if a is None or b is None:
@@ -687,7 +687,7 @@ def main():
 
         for r in bench_compression.run(args.quick, log=log):
             rows.append(dict(r, measured=r["profile"], profile="compression", order="-", cache="compression"))
-        import bench_compose  # mixtures and selections (issue 28)
+        import bench_compose  # mixtures and selections
 
         for r in bench_compose.run(args.quick, log=log, work_dir=args.data):
             rows.append(dict(r, profile="compose", order="-", cache="compose"))
