@@ -101,8 +101,7 @@ def test_common_values_keep_their_types(tmp_path):
     # torch < 2.3 has no uint16 (torch 2.3+ round-trips it: test_stack.py)
     *([(np.arange(3, dtype=np.uint16), TypeError, "field 'a': numpy dtype uint16 has no torch equivalent")]
       if not hasattr(torch, "uint16") else []),
-    (np.arange(3, dtype=">f4"), ValueError, "byte order"),
-])
+])  # (big-endian arrays are stored as their values: test_errors.py)
 def test_values_without_a_torch_dtype_are_refused_naming_the_field(tmp_path, value, error, match):
     with torch_lmdb.LMDBWriter(str(tmp_path / "db")) as w:
         with pytest.raises(error, match=match):
