@@ -133,17 +133,19 @@ Result run(const char* name, TrainLoader& train, TestLoader& test, const Options
 // A few training steps with a throwaway network: the first training in a
 // process pays one-time costs (intra-op thread pool, allocator, kernels'
 // first use) that would otherwise all land on whichever reader runs first.
+// The pass runs to its end (LibTorch's loader refuses a new pass while one
+// is unfinished); batches after the first `steps` are only read.
 template <typename Unpack, typename TrainLoader>
 void warm_up(TrainLoader& train, int steps) {
   Net net;
   torch::optim::Adam opt(net->parameters(), torch::optim::AdamOptions(1e-3));
   for (auto& b : *train) {
+    if (steps-- <= 0) continue;
     auto [x, y] = Unpack::unpack(b);
     auto loss = torch::cross_entropy_loss(net->forward(x), y);
     opt.zero_grad();
     loss.backward();
     opt.step();
-    if (--steps <= 0) break;
   }
 }
 

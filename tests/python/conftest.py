@@ -46,3 +46,28 @@ def corrupt_record(path: str, index: int) -> None:
         value[len(value) // 2] ^= 0xFF
         txn.put(key, bytes(value), db=samples)
     env.close()
+
+
+def layout_checksum(meta: dict) -> str:
+    """The metadata layout checksum as docs/FORMAT.md defines it (what a writer
+    stores as ``layout_xxh3_64``), computed independently of the C++ code."""
+    import ctypes
+    import ctypes.util
+    import json
+
+    lib = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+    lib.XXH3_64bits.restype = ctypes.c_uint64
+    lib.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    keys = ["byte_order", "checksum", "format", "format_version", "samples_per_value", "schema"]
+    text = json.dumps({k: meta[k] for k in keys if k in meta}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    return f"{lib.XXH3_64bits(text, len(text)):016x}"
+
+
+def restamp_layout(txn, meta_db) -> None:
+    """Rewrites ``layout_xxh3_64`` in an open py-lmdb write transaction after
+    the metadata was changed on purpose (a database another writer made)."""
+    import json
+
+    meta = {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=meta_db)}
+    txn.put(b"layout_xxh3_64", json.dumps(layout_checksum(meta)).encode(), db=meta_db)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import torch_lmdb
+from conftest import layout_checksum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -339,6 +340,7 @@ def test_the_layout_checksum_is_the_documented_canonical_form(tmp_path):
                       ensure_ascii=False)
     data = text.encode()
     assert meta["layout_xxh3_64"] == f"{xxhash.XXH3_64bits(data, len(data)):016x}"
+    assert meta["layout_xxh3_64"] == layout_checksum(meta)  # (conftest's, which other tests use)
 
 
 APPENDER_CHILD = """

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torch_lmdb
+from conftest import restamp_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,6 +84,7 @@ def relabel(path: str, field: str, dtype_name: str) -> None:
             if f["name"] == field:
                 f["dtype"] = dtype_name
         txn.put(b"schema", json.dumps(schema).encode(), db=meta)
+        restamp_layout(txn, meta)  # as the other writer would have
     env.close()
 
 
