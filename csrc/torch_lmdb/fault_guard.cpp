@@ -127,8 +127,13 @@ void unregister_map(const void* base) noexcept {
   }
 }
 
-int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcept {
-  if (!g_enabled) return mdb_get(txn, dbi, key, value);
+namespace {
+// Runs `call` (one LMDB C function: no C++ object lives across it) with this
+// thread's guard set; a contained fault or assertion inside it comes back
+// here through siglongjmp as MDB_CORRUPTED. The guard nests (outer restored).
+template <typename Call>
+int guarded(Call call) noexcept {
+  if (!g_enabled) return call();
   sigjmp_buf buffer;
   sigjmp_buf* outer = t_guard;
   if (sigsetjmp(buffer, 0) != 0) {
@@ -136,37 +141,22 @@ int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcep
     return MDB_CORRUPTED;
   }
   t_guard = &buffer;
-  const int rc = mdb_get(txn, dbi, key, value);
+  const int rc = call();
   t_guard = outer;
   return rc;
+}
+}  // namespace
+
+int guarded_get(MDB_txn* txn, MDB_dbi dbi, MDB_val* key, MDB_val* value) noexcept {
+  return guarded([=] { return mdb_get(txn, dbi, key, value); });
 }
 
 int guarded_cursor_get(MDB_cursor* cursor, MDB_val* key, MDB_val* value, MDB_cursor_op op) noexcept {
-  if (!g_enabled) return mdb_cursor_get(cursor, key, value, op);
-  sigjmp_buf buffer;
-  sigjmp_buf* outer = t_guard;
-  if (sigsetjmp(buffer, 0) != 0) {
-    t_guard = outer;
-    return MDB_CORRUPTED;
-  }
-  t_guard = &buffer;
-  const int rc = mdb_cursor_get(cursor, key, value, op);
-  t_guard = outer;
-  return rc;
+  return guarded([=] { return mdb_cursor_get(cursor, key, value, op); });
 }
 
 int guarded_stat(MDB_txn* txn, MDB_dbi dbi, MDB_stat* stat) noexcept {
-  if (!g_enabled) return mdb_stat(txn, dbi, stat);
-  sigjmp_buf buffer;
-  sigjmp_buf* outer = t_guard;
-  if (sigsetjmp(buffer, 0) != 0) {
-    t_guard = outer;
-    return MDB_CORRUPTED;
-  }
-  t_guard = &buffer;
-  const int rc = mdb_stat(txn, dbi, stat);
-  t_guard = outer;
-  return rc;
+  return guarded([=] { return mdb_stat(txn, dbi, stat); });
 }
 
 void on_lmdb_assert(MDB_env*, const char*) noexcept {
