@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from test_convert import _Marker, cli, write_v2_array_by_hand
+from torch_lmdb import _zarr
 
 TIMEOUT = 120
 
@@ -118,11 +119,21 @@ def sparse_store(store, samples, written):
     return store
 
 
+# zarr-python 3 gives no count of a store's chunks that means missing data
+# (it skips chunks equal to the fill value): the chunk check is zarr 2's and
+# HDF5's; the free-space estimate applies to both.
+COUNTS_CHUNKS = _zarr.zarr_major() < 3
+
+
 def test_missing_chunks_are_refused_unless_allowed(tmp_path):
     import torch_lmdb
 
     src, out = sparse_store(str(tmp_path / "s.zarr"), 50, [0, 3]), tmp_path / "o.lmdb"
     proc = convert("--zarr-path", src, "--output", str(out))
+    if not COUNTS_CHUNKS:  # converted, the missing chunks as fill values
+        assert proc.returncode == 0, proc.stderr
+        assert len(torch_lmdb.LMDBDataset(str(out))) == 50
+        return
     assert proc.returncode == 1 and "array 'x' stores 2 of the 5 chunks its 50 samples need" in proc.stderr
     assert "--allow-missing-chunks" in proc.stderr and not out.exists()
     proc = convert("--zarr-path", src, "--output", str(out), "--limit", "40")  # 2 of 4: half is not more than half
@@ -134,8 +145,9 @@ def test_missing_chunks_are_refused_unless_allowed(tmp_path):
 
 def test_a_store_declaring_more_samples_than_fit_is_refused_before_writing(tmp_path):
     src, out = sparse_store(str(tmp_path / "huge.zarr"), 10 ** 15, [0]), tmp_path / "o.lmdb"
-    proc = convert("--zarr-path", src, "--output", str(out))
-    assert proc.returncode == 1 and "stores 1 of the 100,000,000,000,000 chunks" in proc.stderr
+    if COUNTS_CHUNKS:
+        proc = convert("--zarr-path", src, "--output", str(out))
+        assert proc.returncode == 1 and "stores 1 of the 100,000,000,000,000 chunks" in proc.stderr
     proc = convert("--zarr-path", src, "--output", str(out), "--allow-missing-chunks")
     assert proc.returncode == 1, proc.stderr
     assert "1,000,000,000,000,000 samples need about 7450580.6 GiB before compression, more than the" in proc.stderr
