@@ -154,7 +154,7 @@ def scan_store(path: str, allow_pickle: bool = False) -> None:
     zarr-python 3 would fail to open is refused with the reason."""
     if not os.path.isdir(path):
         return
-    for directory, subdirs, files in os.walk(path):
+    for directory, subdirs, files in os.walk(path, followlinks=True):
         subdirs.sort()
         for name in sorted(set(files) & _META_FILES):
             meta = _load_json(os.path.join(directory, name))
@@ -236,8 +236,14 @@ def open_store(path: str, allow_pickle: bool = False):
     (:func:`checked`). Raises :class:`StoreError` naming the file, the array or the reason."""
     zarr = _zarr()
     if zarr_major() >= 3:
-        scan_store(path, allow_pickle)
-        return zarr.open(path, mode="r")
+        # Only a local directory is checked before zarr-python 3 reads it: a
+        # .zip or a URL store would be read unchecked, so it is refused.
+        if not os.path.isdir(path):
+            raise StoreError(f"'{path}' is not a local directory store: with zarr-python {zarr.__version__} "
+                             f"torch-lmdb checks a store before reading it only as a directory (unpack a .zip, "
+                             f"copy a remote store)")
+        scan_store(os.path.realpath(path), allow_pickle)
+        return zarr.open(os.path.realpath(path), mode="r")
     store = _store_class()(zarr.storage.normalize_store_arg(path, mode="r"), path.rstrip("/"), allow_pickle)
     if "zarr.json" in store and ".zgroup" not in store and ".zarray" not in store:
         raise StoreError(f"'{path}' is a Zarr format 3 store (zarr.json); zarr-python {zarr.__version__} "

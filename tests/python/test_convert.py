@@ -21,6 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 N = 23
 
 
+def _zarr_major() -> int:
+    from torch_lmdb import _zarr
+
+    return _zarr.zarr_major()
+
+
 def cli(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "torch_lmdb", *args], capture_output=True, text=True, env=env,
@@ -344,14 +350,17 @@ def test_interrupted_conversion_is_incomplete_then_resumes(tmp_path, sig, shards
     np.testing.assert_array_equal(batch["v"].numpy(), np.arange(0, n, 997))
 
 
+@pytest.mark.skipif(_zarr_major() >= 3, reason="its store is written with zarr-python 2's API "
+                    "(numcodecs compressors, chunk keys by hand); Debian 12 runs it")
 def test_compression_defaults_to_lz4_prints_each_fields_codec_and_can_follow_the_source(tmp_path):
     import numcodecs
 
     src = str(tmp_path / "z.zarr")
     root = zarr.open_group(src, mode="w")
     data = np.tile(np.arange(256, dtype=np.float32), (40, 1))
-    root.create_dataset("cir", data=data, chunks=(10, 256), compressor=numcodecs.Blosc(cname="zstd"))
-    root.create_dataset("raw", data=data, chunks=(10, 256), compressor=None)
+    root.create_dataset("cir", data=data, shape=data.shape, dtype=data.dtype, chunks=(10, 256),
+                        compressor=numcodecs.Blosc(cname="zstd"))
+    root.create_dataset("raw", data=data, shape=data.shape, dtype=data.dtype, chunks=(10, 256), compressor=None)
     out = str(tmp_path / "default.lmdb")
     proc = cli("convert", "--zarr-path", src, "--output", out, "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -365,12 +374,15 @@ def test_compression_defaults_to_lz4_prints_each_fields_codec_and_can_follow_the
     assert f"'{src}': field 'cir': zstd" in proc.stderr.splitlines()
 
 
+@pytest.mark.skipif(_zarr_major() >= 3, reason="its store is written with zarr-python 2's API "
+                    "(numcodecs compressors, chunk keys by hand); Debian 12 runs it")
 def test_big_endian_arrays_convert_and_a_failed_start_leaves_no_output(tmp_path):
     src = str(tmp_path / "be.zarr")
     root = zarr.open_group(src, mode="w")
     big = (np.arange(30, dtype=">f8") / 7).reshape(10, 3)
-    root.create_dataset("x", data=big, chunks=(4, 3))
-    root.create_dataset("n", data=np.arange(10, dtype=">i4"), chunks=(4,))
+    root.create_dataset("x", data=big, shape=big.shape, dtype=big.dtype, chunks=(4, 3))
+    n = np.arange(10, dtype=">i4")
+    root.create_dataset("n", data=n, shape=n.shape, dtype=n.dtype, chunks=(4,))
     # zarr-python 2 returns plain arrays in native order, but VLenArray elements as stored
     _zarr.write_ragged(root, "r", [np.arange(i % 3 + 1, dtype=">f8") for i in range(10)], chunks=4,
                        form=_zarr.ragged_forms(2)[0])

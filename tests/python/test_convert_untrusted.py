@@ -62,8 +62,11 @@ def test_zarr_pickle_is_refused_for_every_way_to_name_a_store(tmp_path, how):
     out = tmp_path / "o.lmdb"
     proc = convert("--zarr-path", src, "--output", str(out))
     assert proc.returncode == 1, proc.stderr
-    assert "uses the Pickle codec" in proc.stderr and "--allow-pickle" in proc.stderr
-    assert "array 'obj'" in proc.stderr or "array 'rec'" in proc.stderr
+    if _zarr.zarr_major() >= 3 and how in ("zip", "file-url"):  # checked only as a directory: refused unread
+        assert "is not a local directory store" in proc.stderr
+    else:
+        assert "uses the Pickle codec" in proc.stderr and "--allow-pickle" in proc.stderr
+        assert "array 'obj'" in proc.stderr or "array 'rec'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not marker.exists() and not out.exists()
 
@@ -150,7 +153,8 @@ def test_a_store_declaring_more_samples_than_fit_is_refused_before_writing(tmp_p
         assert proc.returncode == 1 and "stores 1 of the 100,000,000,000,000 chunks" in proc.stderr
     proc = convert("--zarr-path", src, "--output", str(out), "--allow-missing-chunks")
     assert proc.returncode == 1, proc.stderr
-    assert "1,000,000,000,000,000 samples need about 7450580.6 GiB before compression, more than the" in proc.stderr
+    if COUNTS_CHUNKS:  # (zarr-python 3 fails earlier, opening it: one line, nothing written)
+        assert "1,000,000,000,000,000 samples need about 7450580.6 GiB before compression, more than the" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
