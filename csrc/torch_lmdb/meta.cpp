@@ -56,27 +56,11 @@ bool valid_utf8(const char* p, size_t n) noexcept {
   return true;
 }
 
-std::string printable_key(const char* p, size_t n) {
-  std::string out;
-  static const char* hex = "0123456789abcdef";
-  for (size_t i = 0; i < n && i < 64; ++i) {
-    const unsigned char c = static_cast<unsigned char>(p[i]);
-    if (c >= 0x20 && c < 0x7f && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      out += "\\x";
-      out += hex[c >> 4];
-      out += hex[c & 0xf];
-    }
-  }
-  return n > 64 ? out + "..." : out;
-}
-
 Json parse_meta_value(const char* p, size_t n, const std::string& path, const std::string& key) {
   // Damage (a flipped byte) more often than a foreign writer: CorruptedError.
   auto damaged = [&](const std::string& why) {
     throw CorruptedError("'" + path + "' is not a readable torch_lmdb database: metadata '" +
-                             printable_key(key.data(), key.size()) + "' " + why +
+                             printable_bytes(key.data(), key.size(), 64) + "' " + why +
                              "; run `torch-lmdb verify` and rebuild it from the source data",
                          MDB_CORRUPTED, path);
   };

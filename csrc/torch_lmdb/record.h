@@ -128,6 +128,26 @@ struct Field {
 };
 
 /// A parsed field pointing into the record's buffer.
+/// Up to `limit` bytes of `p` for an error message: printable ASCII as is,
+/// other bytes (and a backslash) as \xNN, "..." when cut (a damaged name or key
+/// must not make the message itself invalid UTF-8).
+inline std::string printable_bytes(const char* p, size_t n, size_t limit) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < n && i < limit; ++i) {
+    const unsigned char c = static_cast<unsigned char>(p[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  if (n > limit) out += "...";
+  return out;
+}
+
 struct FieldView {
   const char* name = nullptr;
   size_t name_size = 0;
@@ -144,22 +164,7 @@ struct FieldView {
   std::string name_str() const { return std::string(name, name_size); }
   /// The name for error messages: bytes outside printable ASCII as \xNN (a
   /// damaged name must not make the message itself invalid UTF-8).
-  std::string printable_name() const {
-    static const char* hex = "0123456789abcdef";
-    std::string out;
-    for (size_t i = 0; i < name_size && i < 256; ++i) {
-      const unsigned char c = static_cast<unsigned char>(name[i]);
-      if (c >= 0x20 && c < 0x7f && c != '\\') {
-        out += static_cast<char>(c);
-      } else {
-        out += "\\x";
-        out += hex[c >> 4];
-        out += hex[c & 15];
-      }
-    }
-    if (name_size > 256) out += "...";
-    return out;
-  }
+  std::string printable_name() const { return printable_bytes(name, name_size, 256); }
   bool name_equals(const std::string& n) const {
     return n.size() == name_size && n.compare(0, n.size(), name, name_size) == 0;
   }
