@@ -12,7 +12,7 @@ JOBS ?= $(shell nproc)
 
 DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev python3-torch \
   liblmdb-dev libcereal-dev nlohmann-json3-dev pybind11-dev libxxhash-dev libgtest-dev libbenchmark-dev \
-  python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-tqdm python3-yaml \
+  python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-pytest-xdist python3-tqdm python3-yaml \
   python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist \
   libblosc-dev python3-dask python3-distributed
 
@@ -45,8 +45,11 @@ cmake-build:
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX=$(PREFIX)
 	cmake --build $(BUILD) -j $(JOBS)
 
+# Through ccache where installed, with paths relative to the tree: the pip-install test
+# (tests/python/test_stack.py) builds a copy of the tree and finds these objects again.
+CCACHE_ENV = $(if $(wildcard /usr/lib/ccache),PATH=/usr/lib/ccache:$$PATH CCACHE_BASEDIR=$(CURDIR) CCACHE_NOHASHDIR=1)
 python-build:
-	MAX_JOBS=$(JOBS) $(PYTHON) setup.py -q build_ext --inplace --build-temp build/python
+	$(CCACHE_ENV) MAX_JOBS=$(JOBS) $(PYTHON) setup.py -q build_ext --inplace --build-temp build/python
 
 install: cmake-build
 	cmake --install $(BUILD) --prefix $(PREFIX)
@@ -71,9 +74,12 @@ example-cpp: install
 	cmake --build build/example-cpp
 	build/example-cpp/train_tiny build/example-cpp/tiny.lmdb
 
+# pytest runs $(JOBS) test processes (pytest-xdist). PYTEST_MARK selects by marker, e.g.
+# PYTEST_MARK='not storm' leaves out the long storms and damage runs (tests/python/conftest.py).
+PYTEST_MARK ?=
 pytest: python-build cmake-build examples
 	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip TORCH_LMDB_EXAMPLES_BIN=$(CURDIR)/build/examples \
-	  $(PYTHON) -m pytest -q -rs tests/python -p no:cacheprovider
+	  $(PYTHON) -m pytest -q -rs -n $(JOBS) tests/python -p no:cacheprovider $(if $(PYTEST_MARK),-m "$(PYTEST_MARK)")
 
 clean:
 	rm -rf build torch_lmdb/_C*.so *.egg-info

@@ -11,6 +11,12 @@ if ROOT not in sys.path:
 import torch_lmdb  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "storm: a long storm or damage run (minutes of processes, kills and flipped bytes); "
+        "CI runs these on Debian 12 only (tools/debian13.sh passes -m 'not storm')")
+
+
 def sample(i: int, width: int = 8):
     """Sample i of the standard test dataset (content derived from i)."""
     return {

@@ -103,6 +103,7 @@ def report(results, seed_line: str = "") -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.storm
 @pytest.mark.parametrize("seed", damage_seeds(), ids=lambda s: f"seed{s}")
 def test_truncated_files(original, tmp_path, seed):
     seed_line = seeded("truncations", seed)
@@ -123,6 +124,7 @@ def test_truncated_files(original, tmp_path, seed):
     assert all(r["outcome"] == "ok" for r in results), report(results, seed_line)
 
 
+@pytest.mark.storm
 @pytest.mark.parametrize("seed", damage_seeds(), ids=lambda s: f"seed{s}")
 def test_flipped_bytes(original, tmp_path, seed):
     seed_line = seeded("byte flips", seed)

@@ -250,6 +250,7 @@ for i in range(64):
 """
 
 
+@pytest.mark.storm
 def test_values_replaced_by_another_thread_during_a_write_stay_alive(tmp_path):
     root = os.path.dirname(os.path.dirname(torch_lmdb.__file__))
     # A fixed mmap threshold: every freed 4 MiB value is unmapped at once (glibc

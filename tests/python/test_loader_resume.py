@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -282,8 +283,9 @@ sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 import torch.distributed as dist
 import torch_lmdb
 from test_loader_resume import _run_readme_resume
-path, port, crash_at = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=int(os.environ["RANK"]),
+path, store, crash_at = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+# A file store: no port and no TCPStore, whose libuv backend Debian's torch 2.6 lacks.
+dist.init_process_group("gloo", init_method="file://" + store, rank=int(os.environ["RANK"]),
                         world_size=int(os.environ["WORLD_SIZE"]))
 # train_step syncs the ranks as DDP's gradient all-reduce does (rank 0 saves
 # after every step, so no rank loads a checkpoint being written).
@@ -292,18 +294,10 @@ print("SEEN " + json.dumps(seen), flush=True)
 """
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _readme_resume_on_ranks(path, cwd, world, crash_at=None):
     root = os.path.dirname(os.path.dirname(HERE))
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", README_RANK, root, HERE, path, port, json.dumps(crash_at)],
+    store = tempfile.mktemp(prefix="rendezvous-", dir=cwd)  # a new store for each run of the ranks
+    procs = [subprocess.Popen([sys.executable, "-c", README_RANK, root, HERE, path, store, json.dumps(crash_at)],
                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1"))
              for r in range(world)]

@@ -183,7 +183,9 @@ def test_pip_install_into_a_venv_with_system_site_packages(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     if os.path.isdir("/usr/lib/ccache"):  # Debian's ccache masquerade: c++ -> ccache c++
-        env["PATH"] = "/usr/lib/ccache:" + env.get("PATH", "")
+        # Paths relative to the copy, as `make python-build` has them relative to the tree
+        # (both build two levels below their root): its objects are found again.
+        env.update(PATH="/usr/lib/ccache:" + env.get("PATH", ""), CCACHE_BASEDIR=src, CCACHE_NOHASHDIR="1")
     pip = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-q",
                           src], capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert pip.returncode == 0, pip.stdout + pip.stderr

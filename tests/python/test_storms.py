@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.storm
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "_storm_worker.py")
