@@ -14,8 +14,11 @@ from torch_lmdb._C import (
     NotFoundError,
     ReadersFullError,
 )
-from torch_lmdb.dataset import BatchIterator, LMDBDataset, LMDBLoader, info, make_loader
+from torch_lmdb._info import info
+from torch_lmdb.dataset import LMDBDataset
+from torch_lmdb.loader import LMDBLoader, make_loader
 from torch_lmdb.mixture import Mixture
+from torch_lmdb.stream import BatchIterator
 from torch_lmdb.writer import LMDBWriter
 
 __version__ = _C.__version__

@@ -232,7 +232,7 @@ def _shard_paths(path: str) -> Optional[List[str]]:
 
 def _cmd_verify(args) -> int:
     from torch_lmdb import _C
-    from torch_lmdb.dataset import missing_database
+    from torch_lmdb._info import missing_database
 
     status = 0
     paths: List[str] = []

@@ -14,7 +14,8 @@ import torch
 
 from torch_lmdb import _C, _plan
 from torch_lmdb import selection as _selection
-from torch_lmdb.dataset import BatchIterator, LMDBDataset, _check_state, _draw_seed, _rank_and_world
+from torch_lmdb.dataset import LMDBDataset
+from torch_lmdb.stream import BatchIterator, _check_state, _draw_seed, _rank_and_world
 
 __all__ = ["Mixture", "MixtureBatchIterator"]
 
@@ -202,14 +203,14 @@ class Mixture:
         return self.read(request)
 
     def _loader_request(self, positions: List[int], seed: int, epoch: int, order: str):
-        """What make_loader's sampler hands a worker for a batch (dataset.py)."""
+        """What make_loader's sampler hands a worker for a batch (loader.py)."""
         if order == "block":
             raise ValueError("block shuffle does not apply to a Mixture (each source is read in its own "
                              "permutation): call make_loader without block_size")
         return (positions, seed, epoch, order == "shuffle")
 
     def _loader_finish(self, batch: Dict[str, Any], request) -> Dict[str, Any]:
-        """Adds the sources of a make_loader batch, in the loader's process (dataset.py)."""
+        """Adds the sources of a make_loader batch, in the loader's process (loader.py)."""
         positions, seed, epoch, shuffle = request
         batch[SOURCE_FIELD] = self._locate_all(positions, seed, epoch, shuffle)[0]
         return batch

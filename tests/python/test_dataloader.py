@@ -89,7 +89,7 @@ class _SharedProbe(torch_lmdb.LMDBDataset):
     main process: through a recycled slab, fresh shared memory, or a copy."""
 
     def __getitem__(self, index):
-        from torch_lmdb.dataset import _is_slab_tensor
+        from torch_lmdb._slabs import _is_slab_tensor
 
         batch = super().__getitem__(index)
         ways = []
