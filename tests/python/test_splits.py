@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import torch_lmdb
-from torch_lmdb import _zarr, cli
+from torch_lmdb import _source, _zarr, cli
 from torch_lmdb import convert as tl_convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,9 +176,9 @@ def test_skip_mismatched_prints_each_array_it_leaves_out_on_one_line(tmp_path):
 
 def _interrupt_after(monkeypatch, blocks):
     """Makes the next conversion read `blocks` blocks of 5 samples, then stop as SIGINT would."""
-    monkeypatch.setattr(tl_convert, "BLOCK_BYTES", 1)  # one chunk (5 samples) a block
+    monkeypatch.setattr(_source, "BLOCK_BYTES", 1)  # one chunk (5 samples) a block
     calls = []
-    real = tl_convert._ArraySource.read
+    real = _source._ArraySource.read
 
     def read(self, start, stop, fields):
         calls.append(start)
@@ -186,7 +186,7 @@ def _interrupt_after(monkeypatch, blocks):
             raise tl_convert.Interrupted("SIGINT")
         return real(self, start, stop, fields)
 
-    monkeypatch.setattr(tl_convert._ArraySource, "read", read)
+    monkeypatch.setattr(_source._ArraySource, "read", read)
 
 
 def test_resume_reports_written_and_present_then_complete(tmp_path, monkeypatch, capsys):
