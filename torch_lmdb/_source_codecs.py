@@ -76,7 +76,7 @@ COMPRESSIONS = ("lz4", "zstd", "none", "source")
 def source_compression(source, fields: Sequence[str], compression: str = "lz4") -> Dict[str, str]:
     """The codec of each of ``fields`` of an open source (``compression=`` of LMDBWriter):
     "lz4" (the default: README advises it for data read every epoch), "zstd" and "none"
-    apply to every field; "source" (formerly "auto") follows each array's compressor (see
+    apply to every field; "source" (or its alias "auto") follows each array's compressor (see
     source_codec; a pickle-in-LMDB source has none)."""
     if compression in ("source", "auto"):
         arrays = getattr(source, "_arrays", {})

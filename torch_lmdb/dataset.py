@@ -447,7 +447,6 @@ class LMDBDataset(torch.utils.data.Dataset):
         return f"LMDBDataset({self._paths!r}, {self._len}{view} samples, {{{fields}}})"
 
 
-_BatchIterator = BatchIterator  # the name older code used
 
 
 def __getattr__(name: str):
