@@ -4,7 +4,7 @@
 #include <lmdb.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 #include <unistd.h>
 
 #include <algorithm>

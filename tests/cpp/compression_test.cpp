@@ -1,6 +1,6 @@
 // Per-field Blosc compression (record format version 2) and version 1 records.
 #include <lmdb.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <atomic>
 #include <cstring>

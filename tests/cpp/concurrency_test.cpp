@@ -1,7 +1,7 @@
 // Threads sharing torch_lmdb objects. Suite names contain "Concurrent" so
 // that `make test-tsan` (ThreadSanitizer) runs exactly these; they also run
 // in the ordinary and ASan/UBSan ctest runs.
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <atomic>
 #include <mutex>

@@ -1,5 +1,5 @@
 // BatchStream's ranks and positions (stream.h) and the native loader (loader.h).
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <map>

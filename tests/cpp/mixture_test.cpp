@@ -1,12 +1,14 @@
 // Mixtures (mixture.h) and selections (selection.h).
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test_util.h"
@@ -73,6 +75,38 @@ TEST(Mixture, AnySplitOfPositionsGivesTheSameStream) {
       ASSERT_TRUE(std::equal(part.source.begin(), part.source.end(), whole.source.begin() + first));
       ASSERT_TRUE(std::equal(part.sample.begin(), part.sample.end(), whole.sample.begin() + first));
     }
+  }
+}
+
+// mixture.h: locate() and cursors() from many threads at once, on one order and on
+// copies of it (which share the random mode's prefix table), while the table grows.
+TEST(MixtureConcurrent, ThreadsLocateAndCountThroughOneSharedOrder) {
+  for (bool stratified : {false, true}) {
+    const size_t n = 6 * kRandomChunk + 17;
+    const MixtureOrder reference(three(stratified, n), 4, 1);
+    const Located whole = locate(reference, 0, n);
+    const MixtureOrder shared(three(stratified, n), 4, 1);  // nothing cached yet
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t, copy = shared] {
+        const MixtureOrder& m = t % 2 ? copy : shared;
+        for (size_t k = 7; k-- > 0;) {  // far chunks first: the table grows by several at once
+          const size_t first = (k * (n / 7) + t * 4099) % (n - 1000);
+          const size_t len = 1000;
+          const Located part = locate(m, first, len);
+          if (!std::equal(part.source.begin(), part.source.end(), whole.source.begin() + first) ||
+              !std::equal(part.sample.begin(), part.sample.end(), whole.sample.begin() + first))
+            ++wrong;
+          const std::vector<uint64_t> at = m.cursors(first);
+          uint64_t total = 0;
+          for (uint64_t c : at) total += c;
+          if (total != first || at != reference.cursors(first)) ++wrong;
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    EXPECT_EQ(wrong.load(), 0) << (stratified ? "stratified" : "random");
   }
 }
 

@@ -1,6 +1,6 @@
 // Record format: round trips of every dtype and shape, corruption handling.
 #include <lmdb.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <cstring>
 #include <random>
