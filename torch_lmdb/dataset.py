@@ -447,8 +447,6 @@ class LMDBDataset(torch.utils.data.Dataset):
         return f"LMDBDataset({self._paths!r}, {self._len}{view} samples, {{{fields}}})"
 
 
-
-
 def __getattr__(name: str):
     """LMDBLoader and make_loader, importable from here too: they live in
     torch_lmdb.loader, which imports this module, so they load on first use."""

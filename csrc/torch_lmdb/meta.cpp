@@ -4,7 +4,14 @@
 
 #include <xxhash.h>
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
 #include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
 #include <limits>
 
 namespace torch_lmdb {
@@ -241,6 +248,41 @@ std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path
     out.push_back(std::move(s));
   }
   return out;
+}
+
+// Whether a Writer holds `path`: one of this process (its claim on the env),
+// or of any process (its fcntl lock on writer.lock, listed in /proc/locks).
+// Never opens writer.lock: closing any descriptor of a file drops this
+// process's fcntl locks on it, a Writer's among them.
+bool writer_alive(const std::string& path, const Env& env) {
+  if (env.writer_claimed()) return true;
+  struct stat st {};
+  if (::stat((path + "/writer.lock").c_str(), &st) != 0) return false;
+  std::ifstream locks("/proc/locks");
+  std::string line;
+  while (std::getline(locks, line)) {
+    if (line.find("->") != std::string::npos) continue;  // a waiter, not a holder
+    // "<n>: POSIX  ADVISORY  WRITE <pid> <major>:<minor>:<inode> <start> <end>" (major, minor in hex)
+    std::istringstream in(line);
+    std::string id, kind, mode, rw, pid, file;
+    if (!(in >> id >> kind >> mode >> rw >> pid >> file)) continue;
+    unsigned dev_major = 0, dev_minor = 0;
+    unsigned long long inode = 0;
+    if (std::sscanf(file.c_str(), "%x:%x:%llu", &dev_major, &dev_minor, &inode) != 3) continue;
+    if (inode == static_cast<unsigned long long>(st.st_ino) && dev_major == major(st.st_dev) &&
+        dev_minor == minor(st.st_dev))
+      return true;
+  }
+  return false;
+}
+
+// A database left incomplete by a dead writer is reported once per process
+// (every reader of every worker would repeat it otherwise).
+bool first_report(const std::string& path) {
+  static std::mutex mutex;
+  static std::set<std::string> reported;
+  std::lock_guard<std::mutex> lock(mutex);
+  return reported.insert(path).second;
 }
 
 }  // namespace detail

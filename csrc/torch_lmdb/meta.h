@@ -10,7 +10,8 @@
 //   arrays/objects, so a value nested 100,000 deep overflows the stack. No
 //   value deeper than kMaxMetaDepth is parsed (read_meta checks the bytes
 //   with a linear scan first) or written (parse_user_json).
-// - Thread safety: pure functions (read_meta/put_meta use the caller's txn).
+// - Thread safety: pure functions (read_meta/put_meta use the caller's txn),
+//   but for first_report, whose set of reported paths is guarded by a mutex.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -172,6 +173,17 @@ inline Json schema_to_json(const std::vector<FieldSchema>& schema) {
 /// when it is not a list of {name, kind, dtype, shape} with known kind and
 /// dtype names and at most kMaxDims dims, each -1 (varies) or >= 0.
 std::vector<FieldSchema> schema_from_json(const Json& j, const std::string& path);
+
+/// Whether a Writer holds the database at `path`: one of this process (its
+/// claim on `env`), or of any process (its fcntl lock on writer.lock, listed
+/// in /proc/locks). Never opens writer.lock (closing any descriptor of a file
+/// drops this process's fcntl locks on it).
+bool writer_alive(const std::string& path, const Env& env);
+
+/// True the first time it is asked for `path` in this process: a database
+/// left incomplete by a dead writer is reported once (every reader of every
+/// worker would repeat it otherwise). Thread-safe.
+bool first_report(const std::string& path);
 
 }  // namespace detail
 }  // namespace torch_lmdb
