@@ -4,6 +4,8 @@
 #
 #   tools/debian13.sh [make targets...]        (default: test)
 #   TORCH_LMDB_KEEP_BUILD=1 tools/debian13.sh pytest    (reuse the last run's build/)
+#   tools/debian13.sh --root-only              (make the root, run nothing: .ci/run makes it
+#                                               while the Debian 12 suite runs)
 #
 # The root is cached outside the clone, in $TORCH_LMDB_ROOTS (default
 # /var/cache/torch_lmdb), under a name keyed by its package list: a second run reuses it,
@@ -45,6 +47,7 @@ if [ ! -e "$ROOT/.complete" ]; then
 else
   echo "== reusing the Debian 13 root $ROOT"
 fi
+[ "${TARGETS[*]}" != "--root-only" ] || exit 0
 
 # Mount what the tests need; unmount on every exit.
 MOUNTS=()
