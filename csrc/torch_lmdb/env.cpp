@@ -20,28 +20,12 @@
 #include <map>
 #include <utility>
 
+#include "torch_lmdb/env_files.h"
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
 namespace {
-
-// LMDB 0.9 takes the page size from the meta pages without checking it: a
-// damaged meta page with page size 0 makes mdb_env_open divide by zero
-// (SIGFPE). Each meta page that LMDB would accept (P_META flag, magic, data
-// version; lmdb's mdb_env_read_header) must name a power of two from 512 to
-// 64 KiB, else CorruptedError naming the file.
-void check_meta_pages(const std::string& data_path, const std::string& path) {
-  int meta = 0;
-  for (const detail::MetaPage& m : detail::read_meta_pages(data_path)) {
-    if (m.lmdb_accepts && !m.page_size_ok())
-      throw CorruptedError("'" + data_path + "' is damaged: its meta page " + std::to_string(meta) +
-                               " gives a page size of " + std::to_string(m.page_size) +
-                               " bytes; run `torch-lmdb verify` and rebuild it from the source data",
-                           MDB_CORRUPTED, path);
-    ++meta;
-  }
-}
 
 constexpr size_t kDefaultMapSize = size_t{64} << 20;  // 64 MiB, grows by doubling
 constexpr size_t kMinMapSize = size_t{64} << 10;      // smaller requests are raised to this
@@ -98,80 +82,6 @@ void note_held(const Env* env, int delta) noexcept {
   if (delta > 0) t_held.emplace_back(env, delta);
 }
 
-// Size of LMDB's lock file for `max_readers` slots: sizeof(MDB_txninfo) +
-// (max_readers - 1) * sizeof(MDB_reader) (mdb.c), that is 192 + 64 * (n - 1)
-// bytes on Linux x86-64 and aarch64 (each part padded to a 64-byte cache
-// line). LMDB adopts the size of an existing lock file, so this must be exact
-// for max_readers to hold.
-size_t lock_file_bytes(unsigned max_readers) {
-  return static_cast<size_t>(max_readers) * 64 + 128;
-}
-
-// Creates (or opens) lock.mdb and gives it its disk blocks now: LMDB maps
-// the lock file and writes it through the map, so on a full disk its first
-// write would be a SIGBUS. Returns 0, or the errno of a failed open (the
-// caller decides: read-only storage), or throws DiskFullError.
-int preallocate_lock_file(const std::string& path, unsigned max_readers) {
-  const std::string lock_path = path + "/lock.mdb";
-  const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return errno;
-  struct stat st {};
-  size_t bytes = lock_file_bytes(max_readers);
-  if (::fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) > bytes) bytes = static_cast<size_t>(st.st_size);
-  const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-  ::close(fd);
-  if (rc == ENOSPC || rc == EDQUOT) {
-    throw DiskFullError("cannot create the lock file of '" + path + "': " + std::strerror(rc) +
-                            " (the disk is full; free space and open again)",
-                        ENOSPC, path);
-  }
-  return 0;  // other fallocate failures (e.g. EOPNOTSUPP): LMDB's own ftruncate then
-}
-
-// This process's mappings of the file (dev, ino): start address and length,
-// from /proc/self/maps. LMDB does not expose its map's address (MDB_envinfo's
-// me_mapaddr is only the MDB_FIXEDMAP address), and check_value needs it.
-std::vector<std::pair<uintptr_t, size_t>> mappings_of(std::pair<dev_t, ino_t> key) {
-  std::vector<std::pair<uintptr_t, size_t>> out;
-  FILE* maps = std::fopen("/proc/self/maps", "re");
-  if (maps == nullptr) return out;
-  char line[4096];
-  while (std::fgets(line, sizeof line, maps) != nullptr) {
-    unsigned long start = 0, end = 0, offset = 0, inode = 0;
-    unsigned major = 0, minor = 0;
-    char perms[8];
-    if (std::sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &start, &end, perms, &offset, &major, &minor, &inode) != 7)
-      continue;
-    if (inode == static_cast<unsigned long>(key.second) && offset == 0)  // (st_dev and the maps device differ on some filesystems)
-      out.emplace_back(start, end - start);
-  }
-  std::fclose(maps);
-  return out;
-}
-
-// The map LMDB made between two looks at the file's mappings: the one that is
-// new, else the one of the map's length; nullptr when it cannot be told.
-const char* find_map(const std::vector<std::pair<uintptr_t, size_t>>& before,
-                     const std::vector<std::pair<uintptr_t, size_t>>& after, size_t length) {
-  const char* found = nullptr;
-  int candidates = 0;
-  for (const auto& m : after) {
-    if (std::find(before.begin(), before.end(), m) == before.end()) {
-      found = reinterpret_cast<const char*>(m.first);
-      ++candidates;
-    }
-  }
-  if (candidates == 1) return found;
-  candidates = 0;
-  for (const auto& m : after) {
-    if (m.second == length) {
-      found = reinterpret_cast<const char*>(m.first);
-      ++candidates;
-    }
-  }
-  return candidates == 1 ? found : nullptr;
-}
-
 // MDB_READERS_FULL with the table's size in force (the lock file's, fixed by
 // the first process that opened the database) and what to do about it.
 [[noreturn]] void throw_readers_full(MDB_env* env, const std::string& path) {
@@ -183,11 +93,6 @@ const char* find_map(const std::vector<std::pair<uintptr_t, size_t>>& before,
                              "fixed by the first process that opens the database; to change it, stop every "
                              "process using it and open it again with another max_readers, or use fewer workers",
                          MDB_READERS_FULL, path);
-}
-
-bool filesystem_readonly(const std::string& path) {
-  struct statvfs vfs {};
-  return ::statvfs(path.c_str(), &vfs) == 0 && (vfs.f_flag & ST_RDONLY) != 0;
 }
 
 void default_warn(const std::string& msg) { TORCH_WARN(msg); }
@@ -209,18 +114,6 @@ int compare_sample_keys(const MDB_val* a, const MDB_val* b) {
   return (a->mv_size > b->mv_size) - (a->mv_size < b->mv_size);
 }
 
-bool make_dirs(const std::string& path) {
-  std::string partial;
-  size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = path.find('/', pos + 1);
-    partial = path.substr(0, pos);
-    if (partial.empty()) continue;
-    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 uint64_t fork_generation() noexcept {
@@ -229,57 +122,6 @@ uint64_t fork_generation() noexcept {
 }
 
 namespace detail {
-
-std::vector<MetaPage> read_meta_pages(const std::string& data_path) {
-  // Layout (lmdb 0.9, 64-bit; mdb.c MDB_page, MDB_meta): a 16-byte page
-  // header (flags u16 at 10), then magic u32, version u32, address u64, map
-  // size u64, two MDB_db of 48 bytes (the first one's leading u32 holds the
-  // page size), last_pg u64, txnid u64. The second meta page starts at the
-  // first one's page size.
-  std::vector<MetaPage> out;
-  const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return out;
-  size_t offset = 0;
-  for (int meta = 0; meta < 2; ++meta) {
-    unsigned char page[160] = {};
-    if (::pread(fd, page, sizeof page, static_cast<off_t>(offset)) < static_cast<ssize_t>(sizeof page)) break;
-    MetaPage m;
-    uint16_t flags;
-    uint32_t magic, version;
-    std::memcpy(&flags, page + 10, 2);
-    std::memcpy(&magic, page + 16, 4);
-    std::memcpy(&version, page + 20, 4);
-    std::memcpy(&m.page_size, page + 40, 4);
-    std::memcpy(&m.last_page, page + 136, 8);
-    std::memcpy(&m.txnid, page + 144, 8);
-    m.lmdb_accepts = (flags & 0x08) && magic == 0xBEEFC0DE && version == 1;
-    out.push_back(m);
-    if (meta == 0) {
-      if (!m.page_size_ok()) break;  // where LMDB would read the second one is unknown
-      offset = m.page_size;
-    }
-  }
-  ::close(fd);
-  return out;
-}
-
-std::string meta_pages_problem(const std::string& data_path) {
-  struct stat st {};
-  if (::stat(data_path.c_str(), &st) != 0) return "cannot read " + data_path + ": " + std::strerror(errno);
-  const MetaPage* best = nullptr;
-  const auto metas = read_meta_pages(data_path);
-  for (const MetaPage& m : metas)
-    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
-  if (best == nullptr)
-    return data_path + " has no valid LMDB meta page (" + std::to_string(st.st_size) +
-           " bytes; the first pages are damaged or this is not an LMDB file)";
-  const uint64_t needed = (best->last_page + 1) * best->page_size;
-  if (static_cast<uint64_t>(st.st_size) < needed)
-    return data_path + " is truncated: " + std::to_string(st.st_size) + " bytes, its last commit uses " +
-           std::to_string(needed) + " (" + std::to_string(best->last_page + 1) + " pages of " +
-           std::to_string(best->page_size) + ")";
-  return std::string();
-}
 
 void EnvCloser::operator()(MDB_env* e) const noexcept {
   // lmdb.h: an env must not be used or closed in a forked child.
@@ -383,7 +225,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   const auto warn = options.warn ? options.warn : default_warn;
 
   if (!options.readonly) {
-    TORCH_CHECK_VALUE(make_dirs(path), "cannot create database directory '", path,
+    TORCH_CHECK_VALUE(detail::make_dirs(path), "cannot create database directory '", path,
                       "': ", std::strerror(errno));
   }
   struct stat st {};
@@ -481,9 +323,9 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   bool nolock = options.lock == 0;
   // Readers open read-write where they may, so a Writer of this process can
   // share the env; MDB_RDONLY on read-only files and filesystems.
-  bool rdonly = options.readonly && (::access(data_path.c_str(), W_OK) != 0 || filesystem_readonly(path));
+  bool rdonly = options.readonly && (::access(data_path.c_str(), W_OK) != 0 || detail::filesystem_readonly(path));
   if (!nolock) {
-    const int rc = preallocate_lock_file(path, options.max_readers);
+    const int rc = detail::preallocate_lock_file(path, options.max_readers);
     if (rc != 0) {
       if (options.readonly && options.lock == -1 && (rc == EACCES || rc == EROFS || rc == EPERM)) {
         warn("torch_lmdb: cannot create or open the lock file of '" + path + "' (" + std::strerror(rc) +
@@ -519,8 +361,8 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
   if (!options.readahead) flags |= MDB_NORDAHEAD;
   if (nolock) flags |= MDB_NOLOCK;
-  if (exists && data.st_size > 0) check_meta_pages(data_path, path);
-  const auto maps_before = key.second != 0 ? mappings_of(key) : decltype(mappings_of(key)){};
+  if (exists && data.st_size > 0) detail::check_meta_pages(data_path, path);
+  const auto maps_before = key.second != 0 ? detail::mappings_of(key) : decltype(detail::mappings_of(key)){};
   int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
   if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");
   if (key.second == 0) {
@@ -530,7 +372,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     if (::fstat(fd, &created) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
     key = std::make_pair(created.st_dev, created.st_ino);
   }
-  const auto maps_after = mappings_of(key);
+  const auto maps_after = detail::mappings_of(key);
   mdb_env_set_assert(raw, detail::on_lmdb_assert);
 
   std::shared_ptr<Env> env(new Env());
@@ -565,7 +407,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     env->file_size_.store(static_cast<size_t>(now.st_size));
     env->map_bytes_ = info.me_mapsize;
     env->map_size_.store(info.me_mapsize, std::memory_order_release);
-    env->map_addr_ = find_map(maps_before, maps_after, info.me_mapsize);
+    env->map_addr_ = detail::find_map(maps_before, maps_after, info.me_mapsize);
     if (env->map_addr_ == nullptr) env->map_bytes_ = 0;  // not found: values go unchecked
     detail::install_fault_handler();
     if (env->map_bytes_ != 0) detail::register_map(env->map_addr_, env->map_bytes_, &env->faults_);
@@ -701,7 +543,7 @@ void Env::remap(size_t bytes) const {
   resizing_ = true;
   gate_cv_.wait(lock, [this] { return live_ == 0; });
   // lmdb.h: no transaction of this process is active now.
-  const auto maps_before = mappings_of(key_);
+  const auto maps_before = detail::mappings_of(key_);
   {
     std::lock_guard<std::mutex> index_lock(index_mutex_);
     index_.reset();  // its pointers are into the old map
@@ -719,7 +561,7 @@ void Env::remap(size_t bytes) const {
   self->map_bytes_ = 0;
   if (rc == 0 && mdb_env_info(env_.get(), &info) == 0) {
     self->map_size_.store(info.me_mapsize, std::memory_order_release);
-    self->map_addr_ = find_map(maps_before, mappings_of(key_), info.me_mapsize);
+    self->map_addr_ = detail::find_map(maps_before, detail::mappings_of(key_), info.me_mapsize);
     self->map_bytes_ = self->map_addr_ != nullptr ? info.me_mapsize : 0;
   }
   if (map_bytes_ != 0) detail::register_map(map_addr_, map_bytes_, &faults_);
