@@ -8,18 +8,16 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <exception>
-#include <mutex>
-#include <system_error>
-#include <thread>
 #include <cerrno>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
 
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/meta.h"
 #include "torch_lmdb/version.h"
+#include "torch_lmdb/writeback.h"
 
 namespace torch_lmdb {
 
@@ -35,56 +33,6 @@ constexpr size_t kDefaultCommitEvery = 4096;
 constexpr size_t kDefaultCommitBytes = size_t{16} << 20;
 // The batch buffer is reserved up front up to this size (then grows).
 constexpr size_t kMaxReserve = size_t{256} << 20;
-
-// While it lives, a thread asks the kernel every kWritebackKick to start
-// writing out the file's dirty pages (sync_file_range(SYNC_FILE_RANGE_WRITE),
-// which does not wait). Alive around mdb_txn_commit: the disk then writes the
-// batch while the commit's write(2)s copy the rest of it into the page cache,
-// and the commit's fdatasync waits for the tail instead of the whole batch.
-// write_many of 60,000 16 KiB samples to ext4 on the 2-core dev VM, 5
-// interleaved runs each: 1.15-1.35 s without it, 0.89-1.02 s with it; on
-// tmpfs (no writeback) 0.81-0.86 s either way. Only a hint: it writes out
-// sooner what the kernel may write out at any moment anyway, so LMDB's order
-// (the data synced before the meta page is written), its crash consistency
-// and its errors (from fdatasync) are the commit's own.
-class EarlyWriteback {
- public:
-  explicit EarlyWriteback(MDB_env* env) {
-#ifdef SYNC_FILE_RANGE_WRITE
-    int fd = -1;
-    if (mdb_env_get_fd(env, &fd) != 0 || fd < 0) return;
-    try {
-      thread_ = std::thread([this, fd] {
-        std::unique_lock<std::mutex> lock(mutex_);
-        while (!stop_.wait_for(lock, kWritebackKick, [this] { return done_; }))
-          (void)::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-      });
-    } catch (const std::system_error&) {
-      // No thread to spare: the commit runs without the hint.
-    }
-#else
-    (void)env;
-#endif
-  }
-  ~EarlyWriteback() {
-    if (!thread_.joinable()) return;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_ = true;
-    }
-    stop_.notify_one();
-    thread_.join();
-  }
-  EarlyWriteback(const EarlyWriteback&) = delete;
-  EarlyWriteback& operator=(const EarlyWriteback&) = delete;
-
- private:
-  static constexpr std::chrono::microseconds kWritebackKick{250};
-  std::mutex mutex_;
-  std::condition_variable stop_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 #define TORCH_LMDB_STR_(x) #x
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
@@ -384,7 +332,7 @@ struct Writer::Impl {
           }
         }
         put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression, b.shard);
-        EarlyWriteback writeback(env->handle());
+        detail::EarlyWriteback writeback(env->handle());
         txn.commit();
         if (per_value > 1) {
           tail.swap(packing);
