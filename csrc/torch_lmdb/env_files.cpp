@@ -130,6 +130,20 @@ bool make_dirs(const std::string& path) {
   return true;
 }
 
+int lock_writer_file(const std::string& path) {
+  const int fd = ::open((path + "/writer.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw_mdb(errno, "open(writer.lock)", path, "");
+  struct flock region {};
+  region.l_type = F_WRLCK;
+  region.l_whence = SEEK_SET;
+  if (::fcntl(fd, F_SETLK, &region) != 0) {
+    ::close(fd);  // (this process holds no lock on the file: its Writer claims the env first)
+    throw LockError("another Writer has '" + path + "' open (in another process); one writer at a time", EAGAIN,
+                    path);
+  }
+  return fd;
+}
+
 // ---- meta pages (meta.h) -------------------------------------------------------
 
 std::vector<MetaPage> read_meta_pages(const std::string& data_path) {

@@ -10,6 +10,7 @@
 //   it: a full disk is DiskFullError, not a SIGBUS.
 // - mappings_of()/find_map() tell where LMDB mapped data.mdb in this
 //   process (from /proc/self/maps).
+// - lock_writer_file() holds one writer per database across processes.
 // - Thread safety: pure functions (they read and create files, hold no state).
 #pragma once
 
@@ -48,6 +49,13 @@ bool filesystem_readonly(const std::string& path);
 
 /// mkdir -p; false when a directory cannot be made.
 bool make_dirs(const std::string& path);
+
+/// Takes the writer lock of the database at `path`: an fcntl (POSIX) write
+/// lock on path/writer.lock, which the kernel drops when the process dies (a
+/// killed writer never blocks the next one) and which a forked child does not
+/// inherit (an flock would be shared with it). Returns its descriptor (closing
+/// it releases the lock); LockError when another process holds it.
+int lock_writer_file(const std::string& path);
 
 }  // namespace detail
 }  // namespace torch_lmdb

@@ -2,7 +2,6 @@
 
 #include <c10/util/Exception.h>
 #include <fcntl.h>
-#include <sys/file.h>
 #include <torch/csrc/api/include/torch/version.h>
 #include <unistd.h>
 
@@ -14,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "torch_lmdb/env_files.h"
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/meta.h"
 #include "torch_lmdb/version.h"
@@ -477,23 +477,12 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   w.generation = fork_generation();
 
   // One writer per database: in this process, a claim on the shared env; across
-  // processes, an fcntl (POSIX) lock on writer.lock, which the kernel drops when
-  // the process dies (a killed writer never blocks the next one) and which a
-  // forked child does not inherit (an flock would be shared with it).
+  // processes, the lock on writer.lock (env_files.h).
   if (!w.env->claim_writer()) {
     throw LockError("another Writer of this process has '" + path + "' open; one writer at a time", EAGAIN, path);
   }
   w.claimed = true;
-  const std::string lock_path = path + "/writer.lock";
-  w.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (w.lock_fd < 0) detail::throw_mdb(errno, "open(writer.lock)", path, "");
-  struct flock region {};
-  region.l_type = F_WRLCK;
-  region.l_whence = SEEK_SET;
-  if (::fcntl(w.lock_fd, F_SETLK, &region) != 0) {
-    throw LockError("another Writer has '" + path + "' open (in another process); one writer at a time", EAGAIN,
-                    path);
-  }
+  w.lock_fd = detail::lock_writer_file(path);
 
   detail::Json meta;
   size_t existing_values = 0;
