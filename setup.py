@@ -31,7 +31,7 @@ setup(
     ext_modules=[
         CppExtension(
             "torch_lmdb._C",
-            SOURCES + ["csrc/python/bindings.cpp"],
+            SOURCES + ["csrc/python/bindings.cpp", "csrc/python/bind_writer.cpp"],
             include_dirs=[str(ROOT / "csrc")],
             libraries=["lmdb", "xxhash", "blosc"],
             extra_compile_args=FLAGS,
