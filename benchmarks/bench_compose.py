@@ -1,6 +1,6 @@
 """Mixtures and selections: its bars, every ratio measured in this run.
 
-    /usr/bin/python3 benchmarks/bench_compose.py [--quick] [--medium 100000] [--tiny 10000000] [--json out.json]
+    /usr/bin/python3 benchmarks/bench_compose.py [--quick] [--medium 100000] [--tiny 10000000] [--rows selection,...] [--json out.json]
 
 Rows:
 - resume: a Mixture of 3 sources (real databases, epoch of 2e8 positions),
@@ -144,8 +144,11 @@ def bench_mixture_loader(full_path, parts, log, batches):
     return [row]
 
 
-def run(quick=False, n_medium=100_000, n_tiny=10_000_000, log=None, work_dir=None):
-    """Every row of this benchmark (benchmarks/run.py calls it too)."""
+ROWS = ("resume", "selection", "mixture", "filter")
+
+
+def run(quick=False, n_medium=100_000, n_tiny=10_000_000, log=None, work_dir=None, rows=ROWS):
+    """The `rows` of this benchmark (all by default; benchmarks/run.py calls it too)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     n_medium = 20_000 if quick else n_medium
     n_tiny = 1_000_000 if quick else n_tiny
@@ -156,20 +159,27 @@ def run(quick=False, n_medium=100_000, n_tiny=10_000_000, log=None, work_dir=Non
         make = medium(rng)
         full = os.path.join(tmp, "medium")
         t = time.perf_counter()
-        write(full, n_medium, make)
-        third = n_medium // 3
+        if "selection" in rows or "mixture" in rows:
+            write(full, n_medium, make)
         parts = []
-        for k in range(3):
-            parts.append(os.path.join(tmp, f"part{k}"))
-            write(parts[-1], third if k < 2 else n_medium - 2 * third, make, first=k * third)
-        log(f"  wrote {n_medium} medium samples twice in {time.perf_counter() - t:.1f} s")
-        rows = bench_resume(dict(zip(("a", "b", "c"), parts)), log)
-        rows += bench_selection(full, log, batches, n_medium)
-        rows += bench_mixture_loader(full, parts, log, batches)
-        rows += bench_filter(tmp, n_tiny, log)
+        if "resume" in rows or "mixture" in rows:
+            third = n_medium // 3
+            for k in range(3):
+                parts.append(os.path.join(tmp, f"part{k}"))
+                write(parts[-1], third if k < 2 else n_medium - 2 * third, make, first=k * third)
+        log(f"  wrote the medium samples ({n_medium}) in {time.perf_counter() - t:.1f} s")
+        out = []
+        if "resume" in rows:
+            out += bench_resume(dict(zip(("a", "b", "c"), parts)), log)
+        if "selection" in rows:
+            out += bench_selection(full, log, batches, n_medium)
+        if "mixture" in rows:
+            out += bench_mixture_loader(full, parts, log, batches)
+        if "filter" in rows:
+            out += bench_filter(tmp, n_tiny, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+    return out
 
 
 def table(rows):
@@ -196,8 +206,13 @@ def main():
     ap.add_argument("--tiny", type=int, default=10_000_000, help="tiny samples for the filter row")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run (default: all)")
     args = ap.parse_args()
-    rows = run(args.quick, args.medium, args.tiny, work_dir=args.dir)
+    asked = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(asked) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; the rows are {', '.join(ROWS)}")
+    rows = run(args.quick, args.medium, args.tiny, work_dir=args.dir, rows=asked)
     print("\n".join(table(rows)))
     if args.json:
         with open(args.json, "w") as f:
