@@ -1,6 +1,8 @@
 // libFuzzer target: a metadata value as read from a file (meta.h): the depth
 // scan, the parse, validate_meta() and schema_from_json(). Only
-// InvalidDatabaseError may come out; the depth scan must bound what the
+// CorruptedError (a value that is not JSON or nests too deep: damage, from
+// the parse) and InvalidDatabaseError (a value of the wrong kind, from the
+// checks) may come out, naming the file; the depth scan must bound what the
 // parser nests (checked against the parsed value's real depth).
 #include <algorithm>
 #include <cstdint>
@@ -37,7 +39,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   torch_lmdb::detail::Json meta;
   try {
     meta = torch_lmdb::detail::parse_meta_value(text.data(), text.size(), path, "meta");
-  } catch (const InvalidDatabaseError& e) {
+  } catch (const CorruptedError& e) {
     if (std::string(e.what()).find("'fuzz.lmdb'") == std::string::npos) std::abort();
     return 0;
   }
