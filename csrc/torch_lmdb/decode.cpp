@@ -160,7 +160,17 @@ void DecodePool::Job::publish(size_t n) {
 
 void DecodePool::Job::finish() {
   close_and_wait();
-  if (task_->error) std::rethrow_exception(task_->error);
+  // Taken out of the task: a helper may drop the task's last reference, and
+  // the exception, thrown on a helper, is then the caller's alone to free
+  // (its reference count lives in uninstrumented libstdc++, which
+  // ThreadSanitizer cannot see order the free after the caller's handler).
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> guard(task_->mutex);
+    error = task_->error;
+    task_->error = nullptr;
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 DecodePool::Job::~Job() {

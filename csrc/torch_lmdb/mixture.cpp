@@ -1,6 +1,7 @@
 #include "torch_lmdb/mixture.h"
 
 #include <c10/util/Exception.h>
+#include <math.h>  // lgamma_r
 
 #include <algorithm>
 #include <cmath>
@@ -64,13 +65,21 @@ u128 floor_sum(u128 n, u128 m, u128 a, u128 b) {
 
 // Binomial(n, p) by inversion of the CDF taken outward from the mode (exact
 // up to rounding; O(sqrt(n p q)) steps), u uniform in [0, 1).
+// log Gamma(x) for x > 0. lgamma_r, not std::lgamma: glibc's lgamma also
+// stores the sign in the global `signgam`, a data race between threads
+// locating positions at once (mixture.h promises they may).
+double log_gamma(double x) {
+  int sign = 0;
+  return ::lgamma_r(x, &sign);
+}
+
 uint64_t binomial(uint64_t n, double p, double u) {
   if (n == 0 || p <= 0) return 0;
   if (p >= 1) return n;
   const double q = 1 - p, nd = static_cast<double>(n);
   const uint64_t m = std::min<uint64_t>(n, static_cast<uint64_t>(std::floor((nd + 1) * p)));
   const double md = static_cast<double>(m);
-  const double pm = std::exp(std::lgamma(nd + 1) - std::lgamma(md + 1) - std::lgamma(nd - md + 1) + md * std::log(p) +
+  const double pm = std::exp(log_gamma(nd + 1) - log_gamma(md + 1) - log_gamma(nd - md + 1) + md * std::log(p) +
                              (nd - md) * std::log(q));
   u -= pm;
   if (u < 0) return m;
