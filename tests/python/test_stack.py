@@ -88,12 +88,17 @@ def relabel(path: str, field: str, dtype_name: str) -> None:
     env.close()
 
 
-@pytest.mark.parametrize("name", MISSING or [pytest.param(None, marks=pytest.mark.skip(
-    reason=f"torch {torch.__version__} has every dtype the format names: nothing to refuse"))])
+@pytest.mark.parametrize("name", MISSING or [None])
 def test_a_dtype_this_torch_lacks_is_refused_at_open_naming_field_and_dtype(tmp_path, name):
     path = str(tmp_path / "db")
     with torch_lmdb.LMDBWriter(path) as w:
         w.write({"a": np.zeros(2, np.int16), "pixels": np.zeros(2, np.int16)})
+    if name is None:
+        # This torch has every dtype the format names: a schema naming the newest
+        # of them opens (the refusal is only for what this torch lacks).
+        relabel(path, "pixels", "uint16")
+        assert len(torch_lmdb.LMDBDataset(path)) == 1
+        return
     relabel(path, "pixels", name)
     with pytest.raises(torch_lmdb.InvalidDatabaseError) as e:
         torch_lmdb.LMDBDataset(path)
