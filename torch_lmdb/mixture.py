@@ -15,7 +15,7 @@ import torch
 from torch_lmdb import _C, _plan
 from torch_lmdb import selection as _selection
 from torch_lmdb.dataset import LMDBDataset
-from torch_lmdb.stream import BatchIterator, _check_state, _draw_seed, _rank_and_world
+from torch_lmdb.stream import BatchIterator, _check_state, _draw_seed, _make_state, _rank_and_world
 
 __all__ = ["Mixture", "MixtureBatchIterator"]
 
@@ -358,9 +358,8 @@ class MixtureBatchIterator:
 
     def state_dict(self) -> Dict[str, Any]:
         o = self._options
-        return {"seed": o["seed"], "epoch": o["epoch"], "position": self.position,
-                "num_samples": len(self._mixture), "order": self._order_name, "batch_size": o["batch_size"],
-                "world_size": o["world_size"]}
+        return _make_state(o["seed"], o["epoch"], self.position, len(self._mixture), self._order_name,
+                           o["batch_size"], o["world_size"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         _check_state(state, len(self._mixture), self._order_name, "Mixture.iter_batches")
