@@ -31,9 +31,9 @@ setup(
     ext_modules=[
         CppExtension(
             "torch_lmdb._C",
-            SOURCES + ["csrc/python/bindings.cpp", "csrc/python/bind_writer.cpp"],
+            SOURCES + ["csrc/python/bindings.cpp", "csrc/python/bind_writer.cpp", "csrc/python/bind_stage.cpp"],
             include_dirs=[str(ROOT / "csrc")],
-            libraries=["lmdb", "xxhash", "blosc"],
+            libraries=["lmdb", "xxhash", "blosc", "curl"],
             extra_compile_args=FLAGS,
         )
     ],

@@ -18,7 +18,14 @@ Manifest (format "torch_lmdb.manifest", version 2; docs/FORMAT.md)::
      "source": {...provenance of the data...},
      "created_with": {"torch_lmdb": "0.1.0"}, "created_at": "2026-...",
      "shards": [{"path": "shard-00000.lmdb", "num_samples": 500,
-                 "meta_xxh3_64": "<16 hex digits of xxh3-64 of the shard's metadata JSON>"}, ...]}
+                 "meta_xxh3_64": "<16 hex digits of xxh3-64 of the shard's metadata JSON>",
+                 "size": <bytes of data.mdb>, "data_xxh3_64": "<16 hex digits of xxh3-64 of data.mdb>"},
+                ...]}
+
+``size`` and ``data_xxh3_64`` let a copy of a shard be checked whole (a
+dataset staged from a URL or a shared file system to a local cache, README
+"Remote and shared storage"); :func:`add_hashes` (``torch-lmdb manifest
+--hash``) adds them to a directory written without them.
 """
 import datetime
 import json
@@ -183,18 +190,57 @@ def write_manifest(out_dir: str, records: Sequence[Dict[str, Any]], source: Opti
         "source": dict(source or {}),
         "created_with": {"torch_lmdb": torch_lmdb.__version__},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shards": [{"path": r["path"], "num_samples": r["num_samples"], "meta_xxh3_64": r["meta_xxh3_64"]}
+        "shards": [dict({"path": r["path"], "num_samples": r["num_samples"], "meta_xxh3_64": r["meta_xxh3_64"]},
+                        **_file_record(os.path.join(out_dir, r["path"])))
                    for r in listed],
     }
-    tmp = os.path.join(out_dir, f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, MANIFEST_NAME))
-    _fsync_dir(out_dir)
+    _replace_manifest(out_dir, manifest)
     remove_temporaries(out_dir)
+    return manifest
+
+
+def _file_record(shard_path: str) -> Dict[str, Any]:
+    """The whole-file part of a shard's manifest entry: size and xxh3-64 of data.mdb."""
+    data = os.path.join(shard_path, "data.mdb")
+    return {"size": os.path.getsize(data), "data_xxh3_64": _C.file_xxh3(data)}
+
+
+def _replace_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
+    """Writes out_dir/manifest.json atomically: a temporary file, fsync, rename, fsync of the directory."""
+    tmp = os.path.join(out_dir, f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out_dir, MANIFEST_NAME))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(out_dir)
+
+
+def add_hashes(out_dir: str, progress: Optional[Any] = None) -> Dict[str, Any]:
+    """``torch-lmdb manifest --hash DIR``: gives every shard of the manifest its
+    ``size`` and ``data_xxh3_64`` (read from its data.mdb, after the manifest
+    and every shard are checked), replacing manifest.json atomically. A
+    shard's existing ``data_xxh3_64`` that differs from its file is an error
+    (the file changed since the manifest was written): ManifestError naming it.
+    ``progress`` is called with (shard index, shard count) after each shard."""
+    manifest = read_manifest(out_dir)
+    shards = manifest["shards"]
+    for k, entry in enumerate(shards):
+        record = _file_record(os.path.join(out_dir, entry["path"]))
+        if "data_xxh3_64" in entry and entry["data_xxh3_64"] != record["data_xxh3_64"]:
+            raise ManifestError(f"shard {k} ('{os.path.join(out_dir, entry['path'])}') has changed since its hash "
+                                f"was recorded: data.mdb hashes to {record['data_xxh3_64']}, the manifest says "
+                                f"{entry['data_xxh3_64']}")
+        entry.update(record)
+        if progress is not None:
+            progress(k + 1, len(shards))
+    _replace_manifest(out_dir, manifest)
     return manifest
 
 

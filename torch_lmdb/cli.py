@@ -45,15 +45,56 @@ def _codec_text(field) -> str:
     return f"{codec:7} stored {_human(stored)} of {_human(raw)} raw ({ratio})"
 
 
+def _C_is_url(path: str) -> bool:
+    from torch_lmdb import _C
+
+    return _C.is_url(path)
+
+
 def _error_line(command: str, error: BaseException) -> str:
     """The one form of a command's error: ``torch-lmdb CMD: error: Class: message``."""
     return f"torch-lmdb {command}: error: {type(error).__name__}: {error}"
 
 
+def _staged(args, path: str) -> str:
+    """A URL (or, with --cache-dir, a shard directory elsewhere) staged whole to
+    the cache: the local mirror's path. Other paths stay."""
+    from torch_lmdb import _C
+    from torch_lmdb.remote import default_cache_dir, parse_cache_limit
+
+    if not (_C.is_url(path) or args.cache_dir):
+        return path
+    cache = _C.ShardCache(path, args.cache_dir or default_cache_dir(), parse_cache_limit(args.cache_limit) or 0)
+    cache.acquire_all()
+    _HELD.append(cache)  # its leases last as long as the command
+    return cache.local_dir
+
+
+_HELD: list = []
+
+
+def _cmd_manifest(args) -> int:
+    from torch_lmdb import _manifest
+
+    def progress(k: int, n: int) -> None:
+        if args.progress:
+            print(f"\r{args.path}: hashed {k}/{n} shards", end="" if k < n else "\n", file=sys.stderr, flush=True)
+
+    manifest = _manifest.add_hashes(args.path, progress)
+    total = sum(s["size"] for s in manifest["shards"])
+    print(f"{args.path}: size and data_xxh3_64 recorded for {len(manifest['shards'])} shards ({_human(total)})")
+    return 0
+
+
 def _cmd_info(args) -> int:
     import torch_lmdb
 
-    infos = [torch_lmdb.info(p) for p in args.paths]
+    infos = []
+    for p in args.paths:
+        i = torch_lmdb.info(_staged(args, p))
+        if i.get("path") != p and (_C_is_url(p) or args.cache_dir):
+            i["cached_at"], i["path"] = i.get("path"), p
+        infos.append(i)
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=1))
         return 0
@@ -138,8 +179,13 @@ def _cmd_verify(args) -> int:
 
     status = 0
     paths: List[str] = []
-    for path in args.paths:
+    for given in args.paths:
+        path = given
         try:
+            path = _staged(args, given)
+            if path != given:
+                print(f"{given}: every shard fetched and its size and xxh3 checked against the manifest "
+                      f"(cached at {path})")
             shards = _verify.shard_paths(path)
         except Exception as e:  # noqa: BLE001 - one line naming the directory or shard
             print(f"{path}: damaged or incomplete: {e}")
@@ -344,7 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe databases: samples, fields, sizes, metadata")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
+    _cache_args(p)
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("manifest", help="record each shard's file size and hash in a shard directory's manifest",
+                       description="With --hash: adds 'size' and 'data_xxh3_64' (xxh3-64 of data.mdb) to every "
+                                   "shard of DIR/manifest.json, after checking the manifest and every shard, so the "
+                                   "directory can be staged from an HTTP server, S3 or a shared file system (README "
+                                   "\"Remote and shared storage\"). Shard directories written by torch_lmdb get them "
+                                   "when written.")
+    p.add_argument("path", metavar="DIR")
+    p.add_argument("--hash", action="store_true", required=True, help="record each shard's size and xxh3-64")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                   help="show progress (default: on a terminal)")
+    p.set_defaults(func=_cmd_manifest)
     p = sub.add_parser("select", help="store a named selection of a database from a list of sample indices",
                        description="Stores PATH/selections/NAME.sel (LMDBDataset(PATH, selection=NAME) opens it): "
                                    "the samples listed in --include-file, or all but those in --exclude-file "
@@ -362,10 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "killing the command.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--max-errors", type=int, default=20, help="report at most this many bad records (default 20)")
+    _cache_args(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                    help="show a progress bar (default: on a terminal)")
     p.set_defaults(func=_cmd_verify)
     return parser
+
+
+def _cache_args(p) -> None:
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="where a PATH that is a URL (http://, https://, s3://) is staged (default: "
+                        "$TORCH_LMDB_CACHE, else ~/.cache/torch_lmdb); given, a local shard directory is staged too")
+    p.add_argument("--cache-limit", metavar="SIZE", default=None,
+                   help="bytes the cache may hold, e.g. 20GB (default: no limit)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -59,6 +59,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _fork_generation_now() -> int:
+    """Changes in every forked child (see _after_fork_in_child)."""
+    return _fork_generation
+
+
 class LMDBDataset(torch.utils.data.Dataset):
     """A map-style dataset over one or several torch_lmdb databases.
 
@@ -113,7 +118,34 @@ class LMDBDataset(torch.utils.data.Dataset):
         selection: the name of a selection stored beside the data
             (:meth:`filter` with ``name``, or ``torch-lmdb select``): the
             dataset is then that view (see :meth:`select`).
+        cache_dir: where a dataset at an ``http://``, ``https://`` or
+            ``s3://`` URL is staged (default ``$TORCH_LMDB_CACHE``, else
+            ``~/.cache/torch_lmdb``); given with a local shard directory
+            (e.g. on a shared file system), that directory is staged too.
+            Each shard is fetched once per node (DataLoader workers and the
+            ranks of a node share the cache) and checked against the
+            manifest's size and hash. README "Remote and shared storage".
+        cache_limit: bytes the cache may hold (an int, or a size such as
+            ``"20GB"``; None: no limit). When the dataset fits, every shard
+            is staged at open; otherwise the dataset reads in shard windows
+            (a :class:`torch_lmdb.remote.ShardWindowDataset`), and a limit
+            too small for one window is a ValueError naming the minimum.
+        predownload, shard_window: for a dataset read in shard windows:
+            shards fetched ahead, and shards whose samples an epoch shuffles
+            together (default: what the cache holds twice over).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # A staged dataset larger than its cache is read in shard windows.
+        if cls is LMDBDataset and (args or "paths" in kwargs) and kwargs.get("cache_limit") is not None:
+            from torch_lmdb import remote
+
+            paths = args[0] if args else kwargs["paths"]
+            if remote.is_remote(paths, kwargs.get("cache_dir")):
+                spec = remote._Spec(remote._single_source(paths), kwargs.get("cache_dir"), kwargs["cache_limit"])
+                if spec.open().total_bytes() > spec.cache_limit:
+                    return super().__new__(remote.ShardWindowDataset)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -131,7 +163,22 @@ class LMDBDataset(torch.utils.data.Dataset):
         pad_value: float = 0,
         decode_threads: Optional[int] = None,
         selection: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        cache_limit: Union[None, int, str] = None,
+        predownload: Optional[int] = None,
+        shard_window: Optional[int] = None,
     ):
+        from torch_lmdb import remote
+
+        self._staged = None  # (spec, ShardCache) of a dataset staged whole to a local cache
+        spec, cache, local = remote.stage_whole(paths, cache_dir, cache_limit)
+        if spec is not None:
+            if local is None:
+                raise ValueError(f"'{spec.source}' ({cache.total_bytes()} bytes) does not fit cache_limit "
+                                 f"{spec.cache_limit}: open it as LMDBDataset(path, cache_dir=..., cache_limit=...) "
+                                 f"to read it in shard windows")
+            self._staged = (spec, cache)
+            paths, lock = [local], False  # the staged copies: read-only, no lock file
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
         self._paths = [os.fspath(p) for p in paths]
@@ -178,6 +225,10 @@ class LMDBDataset(torch.utils.data.Dataset):
     # -- process lifetime ---------------------------------------------------
     def _reader(self):
         if self._handle is None or self._generation != _fork_generation:
+            if self._staged is not None and self._staged[1] is None:  # unpickled in a spawned process
+                cache = self._staged[0].open()
+                cache.acquire_all()  # held by this process too (found in the node's cache)
+                self._staged = (self._staged[0], cache)
             handle = _C.Reader(self._paths, fields=self._fields, **self._options)
             self._emit_warnings(handle)
             self._handle, self._generation = handle, _fork_generation
@@ -193,6 +244,8 @@ class LMDBDataset(torch.utils.data.Dataset):
         state["_handle"] = None
         state["_generation"] = None
         state["_c_selection"] = None
+        if self._staged is not None:
+            state["_staged"] = (self._staged[0], None)
         return state
 
     def refresh(self) -> int:

@@ -310,6 +310,8 @@ void bind_compose(py::module_& m) {
 
 // bind_writer.cpp: torch_lmdb._C.Writer.
 void bind_writer(py::module_& m);
+// bind_stage.cpp: torch_lmdb._C.ShardCache and the staging helpers.
+void bind_stage(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_lmdb C++ core (use the torch_lmdb package, not this module)";
@@ -405,6 +407,7 @@ PYBIND11_MODULE(_C, m) {
       .def("take_warnings", [](PyReader& r) { return r.sink->take(); });
 
   bind_writer(m);
+  bind_stage(m);
 
   py::class_<BatchStream>(m, "BatchStream")
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,

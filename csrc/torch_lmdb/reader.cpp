@@ -20,6 +20,7 @@
 #include "torch_lmdb/manifest.h"
 #include "torch_lmdb/meta.h"
 #include "torch_lmdb/reader_state.h"
+#include "torch_lmdb/stage.h"
 
 namespace torch_lmdb {
 
@@ -63,13 +64,45 @@ void copy_padded(char* dst, const int64_t* dst_shape, const char* src, const int
 
 }  // namespace
 
+namespace {
+
+// ReaderOptions::cache_dir: a URL (or, with cache_dir, a local shard
+// directory) becomes the local mirror of its staged shards, held by the State.
+std::vector<std::string> stage_remote(std::vector<std::string> paths, Reader::State& s) {
+  ReaderOptions& o = s.options;
+  bool any = !o.cache_dir.empty();
+  for (const auto& p : paths) any = any || detail::is_url(p);
+  if (!any) return paths;
+  for (auto& p : paths) {
+    if (!detail::is_url(p) && o.cache_dir.empty()) continue;
+    TORCH_CHECK_VALUE(!o.cache_dir.empty(), "'", p, "' is read through a local cache: set ReaderOptions::cache_dir");
+    detail::StageOptions so;
+    so.cache_dir = o.cache_dir;
+    so.cache_limit = o.cache_limit;
+    auto cache = std::make_shared<detail::ShardCache>(p, so);
+    TORCH_CHECK_VALUE(o.cache_limit == 0 || cache->total_bytes() <= o.cache_limit, "cache_limit ", o.cache_limit,
+                      " bytes is below the ", cache->total_bytes(), " bytes of '", p,
+                      "', which a Reader stages whole: raise it, or read it with Python's LMDBDataset, whose "
+                      "shard window needs less");
+    cache->acquire_all();
+    p = cache->local_dir();
+    s.staged.push_back(std::move(cache));
+  }
+  o.cache_dir.clear();  // the paths are local now (refreshed() reopens them as they are)
+  o.lock = 0;           // staged copies: read-only, no lock file
+  return paths;
+}
+
+}  // namespace
+
 Reader::Reader(std::vector<std::string> paths, ReaderOptions options)
     : state_(std::make_shared<State>()) {
   TORCH_CHECK_VALUE(!paths.empty(), "Reader needs at least one path");
   State& s = *state_;
+  s.options = std::move(options);
+  paths = stage_remote(std::move(paths), s);
   std::vector<detail::ShardExpectation> expect;
   s.paths = detail::expand_paths(paths, expect);
-  s.options = std::move(options);
   s.offsets.push_back(0);
   const auto warn = s.options.warn ? s.options.warn
                                    : [](const std::string& m) { TORCH_WARN(m); };
@@ -482,6 +515,10 @@ Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
   return {bytes, missing};
 }
 
-Reader Reader::refreshed() const { return Reader(state_->paths, state_->options); }
+Reader Reader::refreshed() const {
+  Reader fresh(state_->paths, state_->options);
+  fresh.state_->staged = state_->staged;  // the same leases
+  return fresh;
+}
 
 }  // namespace torch_lmdb

@@ -104,6 +104,20 @@ struct ReaderOptions {
   /// anew after a commit); a file with more values than fit gets none.
   /// 0 disables it.
   size_t value_index_bytes = size_t{64} << 20;
+  /// A path that is an http:// or https:// URL of a shard directory, or
+  /// s3://bucket/prefix (credentials and endpoint from the AWS environment
+  /// variables), is read from copies staged in this node-local directory;
+  /// so is a local shard directory (e.g. on a shared file system) when
+  /// cache_dir is set. Every shard is fetched (several at a time), checked
+  /// against the manifest's size and xxh3, and held by this Reader and its
+  /// copies; the staged copies open read-only without a lock file. README
+  /// "Remote and shared storage".
+  std::string cache_dir;
+  /// Bytes the cache directory may hold (0: no limit). A Reader stages the
+  /// whole dataset, so a limit below the dataset's size is a ValueError
+  /// naming both (Python's LMDBDataset reads such a dataset through a
+  /// shard window instead).
+  uint64_t cache_limit = 0;
 };
 
 /// How read_batch collates variable-shape fields.

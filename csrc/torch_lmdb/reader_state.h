@@ -24,6 +24,9 @@
 #include "torch_lmdb/reader.h"
 
 namespace torch_lmdb {
+namespace detail {
+class ShardCache;  // stage.h
+}  // namespace detail
 
 struct Reader::State {
   static inline std::atomic<uint64_t> next_id{1};
@@ -42,6 +45,8 @@ struct Reader::State {
   std::atomic<uint64_t> generation{0};
   std::mutex reopen_mutex;
   std::vector<std::shared_ptr<Env>> envs;
+  // Staged datasets (ReaderOptions::cache_dir): their leases last as long as the State.
+  std::vector<std::shared_ptr<detail::ShardCache>> staged;
   std::shared_ptr<detail::BufferPool> buffers;
   // Reader::io_stats().
   mutable std::atomic<uint64_t> io_batches{0}, io_lookahead{0}, io_pages{0}, io_prefetched{0}, io_prefetches{0};

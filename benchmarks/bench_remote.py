@@ -1,0 +1,195 @@
+"""Remote datasets staged to a local cache: the bars of README "Remote and
+shared storage", every ratio against a baseline measured in this run.
+
+    /usr/bin/python3 benchmarks/bench_remote.py [--quick] [--json out.json]
+
+A shard directory (full: 1 GB in 16 shards; quick: 256 MB in 8) of 16 KiB
+samples is served by nginx (Debian's nginx-light, started here on 127.0.0.1
+with `limit_rate` per connection, so the link is the bottleneck).
+
+Rows:
+- link: a plain parallel download of every shard (4 connections, libcurl
+  through the same ShardCache code path but into a cache without limit, and
+  so no shard windows); its bytes/s is the link's rate.
+- cold window epoch: LMDBDataset(url, cache_dir, cache_limit=300 MB (quick
+  80 MB)).iter_batches(256, shuffle=True): bytes of the epoch / its time vs
+  the link's rate (bar >= 0.8x); the cache's bytes on disk sampled every
+  5 ms (bar: never above cache_limit); nginx's access log (bar: each shard
+  fetched once).
+- faults: the same epoch through a proxy answering 10 % of requests with
+  503 and cutting 5 % of bodies short: completes, every sample equal to the
+  source, no temporary file left.
+- warm epoch: a second epoch from a cache holding the whole dataset vs the
+  local shard directory (get_batch, shuffled, batch 256, warm page cache),
+  interleaved, best of 3 (bar >= 0.95x).
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+import torch_lmdb  # noqa: E402
+from torch_lmdb import _C, _manifest  # noqa: E402
+from _http import FaultProxy, Nginx  # noqa: E402
+
+BATCH = 256
+SAMPLE = 16384
+
+
+def write_dataset(out, shards, per_shard):
+    block = np.random.default_rng(0).standard_normal(4096 * 64).astype(np.float32)
+    records = []
+    for k in range(shards):
+        samples = ({"x": block[(i % 63) * 4096:(i % 63) * 4096 + 4096], "i": np.int64(i)}
+                   for i in range(k * per_shard, (k + 1) * per_shard))
+        records.append(_manifest.write_shard(out, k, samples))
+    _manifest.write_manifest(out, records)
+
+
+def drop_page_cache(path):
+    for f in glob.glob(os.path.join(path, "**", "*.mdb"), recursive=True):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cache_bytes(cache):
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
+               + glob.glob(os.path.join(cache, "**", ".tmp-*"), recursive=True))
+
+
+def window_epoch(url, cache, limit, check=False):
+    """(seconds, peak cache bytes, samples, mismatches) of one cold shard-window epoch."""
+    ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit=limit)
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], cache_bytes(cache))
+            except FileNotFoundError:
+                pass
+            time.sleep(0.005)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    n, bad = 0, 0
+    block = np.random.default_rng(0).standard_normal(4096 * 64).astype(np.float32)
+    t = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(BATCH, shuffle=True, seed=1):
+            n += len(batch["i"])
+            if check:
+                for j, i in enumerate(batch["i"].tolist()):
+                    if not np.array_equal(batch["x"][j].numpy(), block[(i % 63) * 4096:(i % 63) * 4096 + 4096]):
+                        bad += 1
+    finally:
+        seconds = time.perf_counter() - t
+        done.set()
+        w.join()
+    return seconds, peak[0], n, bad, ds
+
+
+def read_rate(ds, n, repeats=3):
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(n, generator=g).tolist()
+    for k in range(0, n, BATCH):  # warm
+        ds.get_batch(order[k:k + BATCH])
+    t = time.perf_counter()
+    for k in range(0, n, BATCH):
+        ds.get_batch(order[k:k + BATCH])
+    return n / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--rate", default="25m", help="nginx limit_rate per connection (default 25m)")
+    args = ap.parse_args()
+    shards, per_shard = (8, 2048) if args.quick else (16, 4096)
+    limit = (80 if args.quick else 300) * 10**6
+    work = tempfile.mkdtemp(prefix="bench_remote-")
+    rows = {}
+    try:
+        www = os.path.join(work, "www")
+        src = os.path.join(www, "ds")
+        t = time.perf_counter()
+        write_dataset(src, shards, per_shard)
+        total = sum(s["size"] for s in json.load(open(os.path.join(src, "manifest.json")))["shards"])
+        print(f"dataset: {shards} shards, {shards * per_shard} samples, {total / 1e6:.0f} MB "
+              f"(written in {time.perf_counter() - t:.1f} s); nginx limit_rate {args.rate} per connection")
+        server = Nginx(www, os.path.join(work, "nginx"), limit_rate=args.rate)
+        url = server.url + "/ds"
+        try:
+            # link: every shard, 4 at a time, no limit
+            c = _C.ShardCache(url, os.path.join(work, "link"))
+            t = time.perf_counter()
+            c.acquire_all()
+            link = total / (time.perf_counter() - t)
+            del c
+            shutil.rmtree(os.path.join(work, "link"))
+            print(f"link (plain parallel download, 4 connections): {link / 1e6:.1f} MB/s")
+            before = len(server.requests("/data.mdb"))
+            seconds, peak, n, _, ds = window_epoch(url, os.path.join(work, "cache"), limit)
+            fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+            rate = total / seconds
+            once = len(fetched) == shards and len(set(fetched)) == shards
+            print(f"cold shard-window epoch (cache_limit {limit / 1e6:.0f} MB, shard_window {ds.shard_window}): "
+                  f"{n} samples in {seconds:.2f} s, {rate / 1e6:.1f} MB/s = {rate / link:.2f}x the link (bar 0.8x); "
+                  f"peak cache {peak / 1e6:.1f} MB (limit {limit / 1e6:.0f}); each shard fetched once: {once} "
+                  f"({len(fetched)} fetches of {shards} shards)")
+            rows["link_MBps"] = link / 1e6
+            rows["window_epoch"] = dict(seconds=seconds, MBps=rate / 1e6, ratio=rate / link, peak=peak, limit=limit,
+                                        fetches=len(fetched), shards=shards, shard_window=ds.shard_window)
+            del ds
+            # faults
+            proxy = FaultProxy(server.port, p503=0.10, pcut=0.05, seed=1)
+            try:
+                fcache = os.path.join(work, "faults")
+                seconds, peak, n, bad, ds = window_epoch(proxy.url + "/ds", fcache, limit, check=True)
+                left = glob.glob(os.path.join(fcache, "**", ".tmp-*"), recursive=True)
+                st = ds.io_stats()
+                print(f"faults (10 % 503, 5 % cut bodies; {proxy.counts['503']} 503s and {proxy.counts['cut']} cuts "
+                      f"of {proxy.counts['requests']} requests): {n} samples, {bad} differ from the source, "
+                      f"{len(left)} temporaries left, {st['retries']} retries, {seconds:.2f} s")
+                rows["faults"] = dict(samples=n, mismatches=bad, temporaries=len(left), counts=proxy.counts,
+                                      retries=st["retries"], seconds=seconds)
+                del ds
+            finally:
+                proxy.stop()
+            # warm: whole cache vs the local directory
+            staged = torch_lmdb.LMDBDataset(url, cache_dir=os.path.join(work, "whole"))
+            local = torch_lmdb.LMDBDataset(src)
+            n = len(local)
+            best_s, best_l = 0.0, 0.0
+            for _ in range(3):
+                best_l = max(best_l, read_rate(local, n))
+                best_s = max(best_s, read_rate(staged, n))
+            print(f"warm epoch from a cache holding the dataset: {best_s:,.0f} samples/s vs the local directory "
+                  f"{best_l:,.0f} = {best_s / best_l:.2f}x (bar 0.95x)")
+            rows["warm"] = dict(staged=best_s, local=best_l, ratio=best_s / best_l)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Datasets staged from HTTP and from a shared file system to a node-local
+cache (README "Remote and shared storage"): nginx serves a shard directory,
+a proxy injects faults."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import torch_lmdb
+from torch_lmdb import _C, _manifest
+from torch_lmdb.cli import main
+
+from _http import FaultProxy, Nginx
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/nginx"),
+                                reason="needs Debian's nginx-light (make deps installs it)")
+
+
+def sample(i):
+    rng = np.random.default_rng(i)
+    return {"index": i, "x": rng.standard_normal(256).astype(np.float32), "label": f"s{i}"}
+
+
+def write_shard_dir(out, shards=6, per_shard=300):
+    records = []
+    for k in range(shards):
+        records.append(_manifest.write_shard(str(out), k, (sample(i) for i in range(k * per_shard, (k + 1) * per_shard))))
+    _manifest.write_manifest(str(out), records)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    write_shard_dir(root / "ds")
+    server = Nginx(str(root), str(tmp_path_factory.mktemp("nginx")))
+    yield server, str(root / "ds")
+    server.stop()
+
+
+def shard_sizes(path):
+    with open(os.path.join(path, "manifest.json")) as f:
+        return [s["size"] for s in json.load(f)["shards"]]
+
+
+def check_equal(batch_or_sample, indices):
+    xs = batch_or_sample["x"]
+    for j, i in enumerate(indices):
+        assert int(batch_or_sample["index"][j]) == i
+        assert torch.equal(xs[j], torch.from_numpy(sample(i)["x"])), f"sample {i}"
+
+
+def leftovers(cache_dir):
+    return glob.glob(os.path.join(cache_dir, "**", ".tmp-*"), recursive=True)
+
+
+# ---- manifest hashes ----------------------------------------------------------
+
+def test_written_manifest_records_each_shards_size_and_hash(tmp_path):
+    out = write_shard_dir(tmp_path / "ds", shards=2, per_shard=10)
+    with open(os.path.join(out, "manifest.json")) as f:
+        m = json.load(f)
+    for s in m["shards"]:
+        data = os.path.join(out, s["path"], "data.mdb")
+        assert s["size"] == os.path.getsize(data)
+        assert s["data_xxh3_64"] == _C.file_xxh3(data)
+    assert len(torch_lmdb.LMDBDataset(out)) == 20  # the reader accepts the new keys
+
+
+def test_manifest_hash_command_adds_them_and_refuses_a_changed_shard(tmp_path, capsys):
+    out = write_shard_dir(tmp_path / "ds", shards=2, per_shard=10)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    for s in m["shards"]:
+        del s["size"], s["data_xxh3_64"]
+    with open(path, "w") as f:
+        json.dump(m, f)
+    assert main(["manifest", "--hash", out]) == 0
+    assert "recorded for 2 shards" in capsys.readouterr().out
+    with open(path) as f:
+        hashed = json.load(f)
+    assert [s["data_xxh3_64"] for s in hashed["shards"]] == [
+        _C.file_xxh3(os.path.join(out, s["path"], "data.mdb")) for s in hashed["shards"]]
+    # A shard whose file changed after its hash was recorded is named.
+    hashed["shards"][1]["data_xxh3_64"] = "0123456789abcdef"
+    with open(path, "w") as f:
+        json.dump(hashed, f)
+    assert main(["manifest", "--hash", out]) == 1
+    err = capsys.readouterr().err
+    assert "shard 1" in err and "shard-00001.lmdb" in err and "0123456789abcdef" in err
+
+
+def test_cache_limit_sizes():
+    from torch_lmdb.remote import parse_cache_limit
+
+    assert parse_cache_limit("20GB") == 20 * 10**9
+    assert parse_cache_limit("512MiB") == 512 << 20
+    assert parse_cache_limit("1.5 G") == 1_500_000_000
+    assert parse_cache_limit(4096) == 4096
+    assert parse_cache_limit(None) is None
+    for bad in ("20 parsecs", "", "-1GB", "GB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_cache_limit(bad)
+    with pytest.raises(TypeError):
+        parse_cache_limit(True)
+
+
+# ---- a dataset that fits its cache: staged whole -------------------------------
+
+def test_http_dataset_staged_whole_reads_every_sample_and_fetches_each_shard_once(served, tmp_path):
+    server, local = served
+    url = server.url + "/ds"
+    cache = str(tmp_path / "cache")
+    before = len(server.requests("/data.mdb"))
+    ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit="1GB")
+    assert len(ds) == 1800
+    check_equal(ds.get_batch(list(range(0, 1800, 7))), list(range(0, 1800, 7)))
+    assert ds[1799]["label"] == "s1799"
+    fetched = server.requests("/data.mdb")[before:]
+    assert sorted(u for _, _, u in fetched) == sorted(f"/ds/shard-{k:05d}.lmdb/data.mdb" for k in range(6)), \
+        (fetched, ds._staged[1].stats(), server.requests())
+    assert sorted(u for _, _, u in fetched) == sorted(f"/ds/shard-{k:05d}.lmdb/data.mdb" for k in range(6))
+    # A second dataset (another process of the node would do the same) finds every shard cached.
+    ds2 = torch_lmdb.LMDBDataset(url, cache_dir=cache)
+    assert len(ds2) == 1800 and len(server.requests("/data.mdb")) == before + 6
+    # The staged copies open without a lock file.
+    assert not glob.glob(os.path.join(cache, "*", "*", "lock.mdb"))
+    assert leftovers(cache) == []
+
+
+def test_http_dataset_in_dataloader_workers(served, tmp_path):
+    server, _ = served
+    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"))
+    loader = torch_lmdb.make_loader(ds, batch_size=64, shuffle=True, seed=3, num_workers=2,
+                                    multiprocessing_context="spawn")
+    seen = []
+    for batch in loader:
+        check_equal(batch, batch["index"].tolist())
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(1800))
+
+
+def test_missing_url_and_missing_hashes_are_named(served, tmp_path):
+    server, local = served
+    with pytest.raises(torch_lmdb.NotFoundError, match="nope/manifest.json"):
+        torch_lmdb.LMDBDataset(server.url + "/nope", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="cache_dir"):
+        _C.ShardCache(server.url + "/ds", "")
+
+
+def test_shared_file_system_directory_is_staged_when_cache_dir_is_given(tmp_path):
+    src = write_shard_dir(tmp_path / "nfs", shards=3, per_shard=50)
+    cache = str(tmp_path / "cache")
+    ds = torch_lmdb.LMDBDataset(src, cache_dir=cache)
+    check_equal(ds.get_batch(list(range(150))), list(range(150)))
+    assert all(p.startswith(os.path.realpath(cache)) for p in _C.Reader(ds.paths).paths)
+    with pytest.raises(ValueError, match="lie inside one another"):
+        torch_lmdb.LMDBDataset(src, cache_dir=os.path.join(src, "inside"))
+
+
+# ---- faults ---------------------------------------------------------------------
+
+def test_faults_503_and_cut_bodies_are_retried_and_leave_nothing_behind(served, tmp_path):
+    server, _ = served
+    proxy = FaultProxy(server.port, p503=0.10, pcut=0.05, seed=5)
+    try:
+        cache = str(tmp_path / "cache")
+        caches = []
+        for attempt in range(4):  # several stagings: enough requests for faults of both kinds
+            c = _C.ShardCache(proxy.url + "/ds", os.path.join(cache, str(attempt)), manifest_ttl=0)
+            c.acquire_all()
+            caches.append(c)
+        ds = torch_lmdb.LMDBDataset(caches[-1].local_dir)
+        check_equal(ds.get_batch(list(range(1800))), list(range(1800)))
+        assert proxy.counts["503"] > 0 and proxy.counts["cut"] > 0, proxy.counts
+        assert sum(c.stats()["retries"] for c in caches) >= proxy.counts["503"]
+        assert leftovers(cache) == []
+    finally:
+        proxy.stop()
+
+
+def test_a_shard_whose_hash_fails_is_refetched_then_named(tmp_path):
+    src = write_shard_dir(tmp_path / "www" / "ds", shards=2, per_shard=20)
+    with open(os.path.join(src, "manifest.json")) as f:
+        m = json.load(f)
+    m["shards"][1]["data_xxh3_64"] = "00000000deadbeef"
+    with open(os.path.join(src, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    server = Nginx(str(tmp_path / "www"), str(tmp_path / "nginx"))
+    try:
+        cache = str(tmp_path / "cache")
+        c = _C.ShardCache(server.url + "/ds", cache, hash_retries=2)
+        assert c.acquire(0).endswith("shard-00000.lmdb")
+        with pytest.raises(torch_lmdb.CorruptedError) as e:
+            c.acquire(1)
+        assert "shard 1" in str(e.value) and server.url + "/ds/shard-00001.lmdb/data.mdb" in str(e.value)
+        assert "00000000deadbeef" in str(e.value)
+        assert len(server.requests("shard-00001.lmdb/data.mdb")) == 3  # the first try and 2 more
+        assert c.stats()["hash_failures"] == 3
+        assert leftovers(cache) == []
+    finally:
+        server.stop()
+
+
+def test_a_killed_download_leaves_nothing_that_breaks_the_next_start(tmp_path):
+    src = write_shard_dir(tmp_path / "www" / "ds", shards=2, per_shard=2000)
+    server = Nginx(str(tmp_path / "www"), str(tmp_path / "nginx"), limit_rate="200k")
+    cache = str(tmp_path / "cache")
+    try:
+        code = textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(torch_lmdb.__file__))!r})
+            from torch_lmdb import _C
+            _C.ShardCache({server.url + '/ds'!r}, {cache!r}).acquire(0)
+        """)
+        child = subprocess.Popen([sys.executable, "-c", code])
+        deadline = time.monotonic() + 30
+        while not leftovers(cache) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(cache), "the download did not start"
+        time.sleep(0.3)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert leftovers(cache)  # what the killed process left
+    finally:
+        server.stop()
+    fast = Nginx(str(tmp_path / "www"), str(tmp_path / "nginx2"))
+    try:
+        c = _C.ShardCache(fast.url + "/ds", cache, manifest_ttl=0)
+        c.acquire_all()
+        assert leftovers(cache) == []
+        ds = torch_lmdb.LMDBDataset(c.local_dir)
+        check_equal(ds.get_batch([0, 1999, 2000, 3999]), [0, 1999, 2000, 3999])
+    finally:
+        fast.stop()
+
+
+# ---- a dataset larger than its cache: shard windows ---------------------------
+
+def test_a_cache_limit_too_small_for_a_window_is_refused_with_the_minimum(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    with pytest.raises(ValueError, match=f"at least {sum(sorted(sizes)[-2:])} bytes"):
+        torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"), cache_limit=max(sizes) + 1,
+                               shard_window=1)
+    with pytest.raises(ValueError, match="smaller than the largest shard"):
+        _C.ShardCache(server.url + "/ds", str(tmp_path / "c2"), cache_limit=max(sizes) - 1)
+
+
+def test_shard_window_epoch_reads_every_sample_once_within_the_cache_limit(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    limit = sum(sorted(sizes)[-4:])  # two windows of 2 shards: the dataset has 6
+    cache = str(tmp_path / "cache")
+    before = len(server.requests("/data.mdb"))
+    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=limit, shard_window=2)
+    assert isinstance(ds, torch_lmdb.remote.ShardWindowDataset) and isinstance(ds, torch_lmdb.LMDBDataset)
+    assert len(ds) == 1800
+    peak = [0]
+    done = threading.Event()
+
+    def size(p):
+        try:
+            return os.path.getsize(p)
+        except FileNotFoundError:  # evicted or renamed since the listing
+            return 0
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], sum(size(p) for p in
+                                       glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
+                                       + leftovers(cache)))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    seen = []
+    try:
+        for batch in ds.iter_batches(100, shuffle=True, seed=1):
+            check_equal(batch, batch["index"].tolist())
+            seen.extend(batch["index"].tolist())
+    finally:
+        done.set()
+        watcher.join()
+    assert sorted(seen) == list(range(1800))
+    assert peak[0] <= limit, (peak[0], limit)
+    # Samples mix within a window of two shards only: each batch spans at most 2 windows' shards.
+    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+    assert len(fetched) == 6 and len(set(fetched)) == 6  # each shard fetched once (the open and the epoch)
+    assert ds.io_stats()["evictions"] >= 2
+
+
+def test_shard_window_resume_continues_exactly(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"),
+                                cache_limit=sum(sorted(sizes)[-4:]), shard_window=2)
+    it = ds.iter_batches(64, shuffle=True, seed=9)
+    first = [next(it)["index"].tolist() for _ in range(10)]
+    state = it.state_dict()
+    rest = [b["index"].tolist() for b in it]
+    again = ds.iter_batches(64, shuffle=True, seed=0)
+    again.load_state_dict(state)
+    assert [b["index"].tolist() for b in again] == rest
+    flat = [i for b in first + rest for i in b]
+    assert sorted(flat) == list(range(1800))
+
+
+def test_shard_window_make_loader_workers_fetch_each_shard_once(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    cache = str(tmp_path / "cache")
+    before = len(server.requests("/data.mdb"))
+    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=sum(sorted(sizes)[-4:]),
+                                shard_window=2)
+    loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2)
+    seen = []
+    for batch in loader:
+        check_equal(batch, batch["index"].tolist())
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(1800))
+    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+    assert sorted(fetched) == sorted(set(fetched)) and len(fetched) == 6
+    assert leftovers(cache) == []
