@@ -45,7 +45,7 @@ def _codec_text(field) -> str:
     return f"{codec:7} stored {_human(stored)} of {_human(raw)} raw ({ratio})"
 
 
-def _C_is_url(path: str) -> bool:
+def _is_url(path: str) -> bool:
     from torch_lmdb import _C
 
     return _C.is_url(path)
@@ -92,7 +92,7 @@ def _cmd_info(args) -> int:
     infos = []
     for p in args.paths:
         i = torch_lmdb.info(_staged(args, p))
-        if i.get("path") != p and (_C_is_url(p) or args.cache_dir):
+        if i.get("path") != p and (_is_url(p) or args.cache_dir):
             i["cached_at"], i["path"] = i.get("path"), p
         infos.append(i)
     if args.json:

@@ -487,8 +487,14 @@ class LMDBDataset(torch.utils.data.Dataset):
         (batches that requested their pages ahead), ``pages_requested``
         (pages they found uncached), and ``prefetches`` and
         ``pages_prefetched`` (``iter_batches`` requesting the coming batches'
-        uncached pages while it reads)."""
-        return dict(self._reader().io_stats())
+        uncached pages while it reads). A dataset staged from a URL or a
+        shared file system adds its cache's counters: ``bytes_fetched``,
+        ``shards_fetched``, ``fetch_seconds``, ``cache_hits``, ``evictions``,
+        ``retries``, ``hash_failures``."""
+        stats = dict(self._reader().io_stats())
+        if self._staged is not None and self._staged[1] is not None:
+            stats.update(self._staged[1].stats())
+        return stats
 
     def reader_count(self, file: int = 0) -> int:
         """LMDB reader-table slots in use (-1 when reading without a lock)."""

@@ -34,11 +34,13 @@ std::string write_shard_dir(const std::string& dir, int shards, int per) {
     m["schema"] = meta["schema"];
     struct stat st;
     ::stat((dir + "/" + name + "/data.mdb").c_str(), &st);
-    m["shards"].push_back({{"path", name},
-                           {"num_samples", per},
-                           {"meta_xxh3_64", metadata_checksum(r.metadata_json())},
-                           {"size", static_cast<uint64_t>(st.st_size)},
-                           {"data_xxh3_64", detail::file_xxh3(dir + "/" + name + "/data.mdb")}});
+    nlohmann::json entry;
+    entry["path"] = name;
+    entry["num_samples"] = per;
+    entry["meta_xxh3_64"] = metadata_checksum(r.metadata_json());
+    entry["size"] = static_cast<uint64_t>(st.st_size);
+    entry["data_xxh3_64"] = torch_lmdb::detail::file_xxh3(dir + "/" + name + "/data.mdb");
+    m["shards"].push_back(entry);
   }
   std::ofstream(dir + "/manifest.json") << m.dump();
   return dir;
@@ -61,12 +63,12 @@ int temporaries(const std::string& dir) {
 }  // namespace
 
 TEST(Stage, ParsesSizes) {
-  EXPECT_EQ(detail::parse_bytes("20GB"), uint64_t{20} * 1000 * 1000 * 1000);
-  EXPECT_EQ(detail::parse_bytes("512MiB"), uint64_t{512} << 20);
-  EXPECT_EQ(detail::parse_bytes(" 4096 "), 4096u);
-  EXPECT_THROW(detail::parse_bytes("many"), std::invalid_argument);
-  EXPECT_THROW(detail::parse_bytes("10 parsecs"), std::invalid_argument);
-  EXPECT_TRUE(detail::is_url("https://h/x") && detail::is_url("s3://b/p") && !detail::is_url("/data/x"));
+  EXPECT_EQ(torch_lmdb::detail::parse_bytes("20GB"), uint64_t{20} * 1000 * 1000 * 1000);
+  EXPECT_EQ(torch_lmdb::detail::parse_bytes("512MiB"), uint64_t{512} << 20);
+  EXPECT_EQ(torch_lmdb::detail::parse_bytes(" 4096 "), 4096u);
+  EXPECT_THROW(torch_lmdb::detail::parse_bytes("many"), std::invalid_argument);
+  EXPECT_THROW(torch_lmdb::detail::parse_bytes("10 parsecs"), std::invalid_argument);
+  EXPECT_TRUE(torch_lmdb::detail::is_url("https://h/x") && torch_lmdb::detail::is_url("s3://b/p") && !torch_lmdb::detail::is_url("/data/x"));
 }
 
 TEST(Stage, ReaderWithCacheDirReadsStagedCopies) {
@@ -77,11 +79,11 @@ TEST(Stage, ReaderWithCacheDirReadsStagedCopies) {
   Reader r(src, o);
   ASSERT_EQ(r.size(), 60u);
   for (const auto& p : r.paths()) EXPECT_EQ(p.rfind(tmp.sub("cache"), 0), 0u) << p;
-  for (size_t i = 0; i < 60; ++i) EXPECT_EQ(r.get(i).at("index").item<int64_t>(), static_cast<int64_t>(i));
+  for (size_t i = 0; i < 60; ++i) EXPECT_EQ(r.get(i)["index"].item<int64_t>(), static_cast<int64_t>(i));
   const auto batch = r.read_batch(std::vector<size_t>{59, 0, 21});
-  EXPECT_TRUE(batch.tensors.at("x").equal(torch::stack({torch_lmdb_test::make_sample(59).at("x"),
-                                                        torch_lmdb_test::make_sample(0).at("x"),
-                                                        torch_lmdb_test::make_sample(21).at("x")})));
+  EXPECT_TRUE(batch.tensors["x"].equal(torch::stack({torch_lmdb_test::make_sample(59)["x"],
+                                                        torch_lmdb_test::make_sample(0)["x"],
+                                                        torch_lmdb_test::make_sample(21)["x"]})));
   EXPECT_EQ(r.refreshed().size(), 60u);
   // No lock file beside the staged copies.
   struct stat st;

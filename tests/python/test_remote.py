@@ -126,6 +126,9 @@ def test_http_dataset_staged_whole_reads_every_sample_and_fetches_each_shard_onc
     assert len(ds) == 1800
     check_equal(ds.get_batch(list(range(0, 1800, 7))), list(range(0, 1800, 7)))
     assert ds[1799]["label"] == "s1799"
+    stats = ds.io_stats()
+    assert stats["shards_fetched"] == 6 and stats["bytes_fetched"] == sum(shard_sizes(local))
+    assert stats["fetch_seconds"] > 0 and stats["evictions"] == 0
     fetched = server.requests("/data.mdb")[before:]
     assert sorted(u for _, _, u in fetched) == sorted(f"/ds/shard-{k:05d}.lmdb/data.mdb" for k in range(6)), \
         (fetched, ds._staged[1].stats(), server.requests())
@@ -331,3 +334,117 @@ def test_shard_window_make_loader_workers_fetch_each_shard_once(served, tmp_path
     fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
     assert len(fetched) == len(set(fetched)) >= 5, fetched  # each shard at most once in the epoch, by one worker
     assert leftovers(cache) == []
+
+
+# ---- S3 (Debian 13: python3-moto's server; Debian 12 has no moto package) ------
+
+def test_s3_dataset_through_moto_server(tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server", reason="python3-moto (Debian 13) runs the S3 server")
+    boto3 = pytest.importorskip("boto3")
+    from _http import free_port
+
+    src = write_shard_dir(tmp_path / "ds", shards=2, per_shard=40)
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint)):
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="radio")
+        for root, _, files in os.walk(src):
+            for name in files:
+                if name in ("manifest.json", "data.mdb"):
+                    path = os.path.join(root, name)
+                    s3.upload_file(path, "radio", "train/" + os.path.relpath(path, src))
+        ds = torch_lmdb.LMDBDataset("s3://radio/train", cache_dir=str(tmp_path / "cache"))
+        check_equal(ds.get_batch(list(range(80))), list(range(80)))
+        with pytest.raises(torch_lmdb.NotFoundError, match="s3://radio/nope/manifest.json"):
+            torch_lmdb.LMDBDataset("s3://radio/nope", cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.stop()
+
+
+RANK_JOB = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import torch_lmdb
+url, cache, limit, rank, out, resume = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
+# The ranks step together, as DDP's gradient all-reduce makes them.
+dist.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"), rank=rank, world_size=2)
+ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit=limit, shard_window=2)
+loader = torch_lmdb.make_loader(ds, batch_size=40, shuffle=True, seed=7, rank=rank, world_size=2, num_workers=2)
+if resume != "-":
+    with open(resume) as f:
+        loader.load_state_dict(json.load(f))
+for k, batch in enumerate(loader):
+    with open(os.path.join(out, f"batch-{rank}-{k:04d}.json"), "w") as f:
+        json.dump(batch["index"].tolist(), f)
+    with open(os.path.join(out, f"state-{rank}-{k:04d}.json"), "w") as f:
+        json.dump(loader.state_dict(), f)
+    dist.barrier()
+print("done", flush=True)
+"""
+
+
+def run_ranks(args_of, timeout=240):
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_JOB] + args_of(r)) for r in range(2)]
+    return procs
+
+
+def test_two_ranks_two_workers_share_the_node_cache_and_resume_after_sigkill(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    limit = sum(sorted(sizes)[-4:])
+    root = os.path.dirname(os.path.dirname(torch_lmdb.__file__))
+    url, cache = server.url + "/ds", str(tmp_path / "cache")
+    # A whole epoch: 2 ranks x 2 workers, one cache: each shard fetched once on the node.
+    out = tmp_path / "full"
+    out.mkdir()
+    before = len(server.requests("/data.mdb"))
+    procs = run_ranks(lambda r: [root, url, cache, str(limit), str(r), str(out), "-"])
+    for p in procs:
+        assert p.wait(240) == 0
+    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+    assert len(fetched) == len(set(fetched)) == 6, fetched
+    seen = [i for f in sorted(glob.glob(str(out / "batch-*.json"))) for i in json.load(open(f))]
+    assert sorted(seen) == list(range(1800))
+    assert leftovers(cache) == []
+    # The same epoch killed (SIGKILL, the whole job) after some batches, then resumed from a saved state.
+    out = tmp_path / "killed"
+    out.mkdir()
+    procs = run_ranks(lambda r: [root, url, str(tmp_path / "cache2"), str(limit), str(r), str(out), "-"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and min(len(glob.glob(str(out / f"state-{r}-*.json"))) for r in (0, 1)) < 8:
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    k = min(len(glob.glob(str(out / f"state-{r}-*.json"))) for r in (0, 1))
+    assert 8 <= k < 23, k  # killed mid-epoch (23 batches per rank)
+    before_kill = [i for r in (0, 1) for j in range(k) for i in json.load(open(out / f"batch-{r}-{j:04d}.json"))]
+    state = str(out / f"state-0-{k - 1:04d}.json")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    procs = run_ranks(lambda r: [root, url, str(tmp_path / "cache2"), str(limit), str(r), str(resumed), state])
+    for p in procs:
+        assert p.wait(240) == 0
+    after = [i for f in sorted(glob.glob(str(resumed / "batch-*.json"))) for i in json.load(open(f))]
+    assert sorted(before_kill + after) == list(range(1800))
+    assert leftovers(str(tmp_path / "cache2")) == []
+
+
+def test_cli_info_and_verify_take_a_url(served, tmp_path, capsys):
+    server, _ = served
+    url = server.url + "/ds"
+    assert main(["info", url, "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
+    i = json.loads(capsys.readouterr().out)
+    assert i["path"] == url and i["num_samples"] == 1800 and i["cached_at"].startswith(str(tmp_path / "c"))
+    assert main(["verify", url, "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "size and xxh3 checked" in out and "every checksum verified" in out
+    assert main(["verify", server.url + "/nope", "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "nope/manifest.json" in capsys.readouterr().out
