@@ -21,9 +21,10 @@ command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=nonin
 
 # The packages of the root: what `make deps` installs, plus make, git and mount(8)
 # (the full-disk and read-only tests mount a tmpfs and a read-only bind mount), and
-# python3-moto, whose S3 server the staging tests run (Debian 13 only: Debian 12 has none).
+# python3-moto with Flask, whose S3 server the staging tests run (Debian 13 only: Debian 12
+# has no moto).
 PACKAGES=$(make -s --no-print-directory print-deb-packages) 
-PACKAGES="$PACKAGES make git ca-certificates mount python3-moto"
+PACKAGES="$PACKAGES make git ca-certificates mount python3-moto python3-flask python3-flask-cors"
 KEY=$(echo "trixie $PACKAGES" | tr ' ' '\n' | sort -u | sha256sum | cut -c1-12)
 ROOTS=${TORCH_LMDB_ROOTS:-/var/cache/torch_lmdb}
 ROOT=$ROOTS/debian13-$KEY

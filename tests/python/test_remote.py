@@ -192,6 +192,22 @@ def test_faults_503_and_cut_bodies_are_retried_and_leave_nothing_behind(served, 
         proxy.stop()
 
 
+def test_a_stalled_transfer_times_out_and_is_retried(served, tmp_path):
+    server, _ = served
+    proxy = FaultProxy(server.port, pstall=0.3, stall=4, seed=2)
+    try:
+        c = _C.ShardCache(proxy.url + "/ds", str(tmp_path / "cache"), stall_seconds=1, manifest_ttl=0)
+        t = time.monotonic()
+        c.acquire_all()
+        assert proxy.counts["stall"] > 0 and c.stats()["retries"] >= 1, (proxy.counts, c.stats())
+        ds = torch_lmdb.LMDBDataset(c.local_dir)
+        check_equal(ds.get_batch(list(range(0, 1800, 13))), list(range(0, 1800, 13)))
+        assert leftovers(str(tmp_path / "cache")) == []
+        assert time.monotonic() - t < 60
+    finally:
+        proxy.stop()
+
+
 def test_a_shard_whose_hash_fails_is_refetched_then_named(tmp_path):
     src = write_shard_dir(tmp_path / "www" / "ds", shards=2, per_shard=20)
     with open(os.path.join(src, "manifest.json")) as f:
