@@ -132,7 +132,7 @@ class LMDBDataset(torch.utils.data.Dataset):
             too small for one window is a ValueError naming the minimum.
         predownload, shard_window: for a dataset read in shard windows:
             shards fetched ahead, and shards whose samples an epoch shuffles
-            together (default: what the cache holds twice over).
+            together (default: the largest window the cache holds twice, with a shard to spare).
     """
 
     def __new__(cls, *args, **kwargs):

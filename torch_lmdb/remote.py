@@ -117,9 +117,9 @@ def choose_window(sizes: Sequence[int], limit: int, shard_window: Optional[int],
     must hold a window while the next window's first shard is fetched: the
     largest shard_window + 1 shards; ValueError naming that minimum."""
     n = len(sizes)
-    if shard_window is None:
+    if shard_window is None:  # the largest window the cache holds twice, with a shard to spare
         shard_window = 1
-        while shard_window < n and window_need(sizes, 2 * (shard_window + 1)) <= limit:
+        while shard_window < n and window_need(sizes, 2 * (shard_window + 1) + 1) <= limit:
             shard_window += 1
     if isinstance(shard_window, bool) or not isinstance(shard_window, int) or shard_window < 1:
         raise ValueError(f"shard_window must be a positive int, got {shard_window!r}")
@@ -194,7 +194,7 @@ class ShardWindowDataset(LMDBDataset):
             super().__init__(first, *args, **kwargs)  # checks every argument; the schema of shard 0
         finally:
             self._handle = None
-            cache.release(0)
+            cache.release(0, unread=True)  # kept for its window, as a shard fetched ahead
         self._sub_args = (args, {k: v for k, v in kwargs.items() if k not in ("transform", "selection")})
         self._sub_args[1]["lock"] = False
         self._len = self._offsets[-1]
@@ -350,7 +350,7 @@ class ShardWindowDataset(LMDBDataset):
         ahead = visit[(last + 1) * self._window:(last + 1) * self._window + self._predownload]
         key = (seed, epoch, shuffle, last)
         now = time.monotonic()
-        if ahead and (p.get("ahead") != key or now - p.get("ahead_at", 0) > 0.5):
+        if ahead and (p.get("ahead") != key or now - p.get("ahead_at", 0) > 0.05):
             p["cache"].prefetch(ahead)  # again now and then: one skipped for room fits once the window moves
             p["ahead"], p["ahead_at"] = key, now
         return self.get_batch(idx, pad, pad_value, _keep=current)

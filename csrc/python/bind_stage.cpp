@@ -53,7 +53,8 @@ void bind_stage(py::module_& m) {
            })
       .def("total_bytes", &ShardCache::total_bytes)
       .def("acquire", &ShardCache::acquire, py::arg("shard"), py::call_guard<py::gil_scoped_release>())
-      .def("release", &ShardCache::release, py::arg("shard"), py::call_guard<py::gil_scoped_release>())
+      .def("release", &ShardCache::release, py::arg("shard"), py::arg("unread") = false,
+           py::call_guard<py::gil_scoped_release>())
       .def("acquire_all", &ShardCache::acquire_all, py::call_guard<py::gil_scoped_release>())
       .def("prefetch", &ShardCache::prefetch, py::arg("shards"), py::call_guard<py::gil_scoped_release>())
       .def("cached_bytes", &ShardCache::cached_bytes, py::call_guard<py::gil_scoped_release>())

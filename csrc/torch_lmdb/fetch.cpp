@@ -101,6 +101,10 @@ size_t on_body(char* data, size_t size, size_t nmemb, void* user) {
     long code = 0;
     curl_easy_getinfo(static_cast<CURL*>(s.handle), CURLINFO_RESPONSE_CODE, &code);
     if (code >= 300) return n;  // an error page: not kept (the status decides)
+    if (s.range_sent && code == 200 && s.range_only) {  // a part, but the server sends the whole body
+      s.overflow = true;
+      return 0;
+    }
     if (s.range_sent && code == 200) {  // the server ignored Range: start again
       s.offset = 0;
       s.text.clear();
@@ -177,7 +181,7 @@ void fetch(const std::string& url, Sink& sink, const StageOptions& o, std::atomi
     CURL* h = thread_handle();
     sink.handle = h;
     sink.first_write = true;
-    sink.range_sent = sink.offset > 0;
+    sink.range_sent = sink.offset > 0 || sink.range_only;
     curl_easy_setopt(h, CURLOPT_URL, t.url.c_str());
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &sink);
@@ -187,7 +191,8 @@ void fetch(const std::string& url, Sink& sink, const StageOptions& o, std::atomi
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, std::max(1L, static_cast<long>(std::ceil(o.stall_seconds))));
     curl_easy_setopt(h, CURLOPT_USERAGENT, "torch_lmdb");
-    const std::string range = std::to_string(sink.offset) + "-";
+    const std::string range =
+        std::to_string(sink.offset) + "-" + (sink.range_only ? std::to_string(sink.expect - 1) : std::string());
     if (sink.range_sent) curl_easy_setopt(h, CURLOPT_RANGE, range.c_str());
     std::string sigv4, userpwd;
     curl_slist* headers = nullptr;

@@ -75,6 +75,9 @@ struct Sink {
   uint64_t expect = 0;  ///< the whole body's size (file sinks)
   std::function<void(const char*, size_t)> hash_update;  ///< the bytes kept, in order
   std::function<void()> hash_reset;  ///< the server restarted the body (it ignored Range)
+  /// A part of the body: bytes [offset, expect) by a Range request; a
+  /// server that answers with the whole body sets `overflow`.
+  bool range_only = false;
   bool range_sent = false;
   bool first_write = true;
   bool overflow = false;  ///< the body is longer than expected

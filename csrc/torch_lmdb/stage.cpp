@@ -32,6 +32,8 @@ namespace detail {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+// Shards of at least this many bytes per transfer are fetched in parts at once.
+constexpr uint64_t kMinPart = uint64_t{4} << 20;
 
 int open_lock_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -372,7 +374,7 @@ std::string ShardCache::acquire(size_t k) {
   return dir;
 }
 
-void ShardCache::release(size_t k) {
+void ShardCache::release(size_t k, bool unread) {
   int fd = -1;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -383,6 +385,7 @@ void ShardCache::release(size_t k) {
       leases_.erase(it);
     }
   }
+  if (fd >= 0 && unread) write_file_atomic(join(shard_dir(k), ".ahead"), "");  // as if fetched ahead
   if (fd >= 0) {
     touch(fd);  // the last use: what eviction orders by
     ::close(fd);
@@ -433,11 +436,23 @@ bool ShardCache::download(size_t k, int fd, const std::string& tmp, unsigned att
   sink.hash_update = [&hash](const char* p, size_t n) { XXH3_64bits_update(hash.get(), p, n); };
   sink.hash_reset = [&hash] { XXH3_64bits_reset(hash.get()); };
   std::atomic<uint64_t> retries{0};
-  if (is_url(source_))
-    fetch(url, sink, options_, retries);
-  else
-    copy_file(url, sink);
-  const std::string got = hex16(XXH3_64bits_digest(hash.get()));
+  std::string got;
+  const uint64_t size = shards_[k].size;
+  const unsigned parts = is_url(source_) ? static_cast<unsigned>(std::min<uint64_t>(
+                                               options_.transfers, size / kMinPart)) : 1;
+  if (parts > 1 && fetch_parts(url, fd, size, parts, retries)) {
+    sink.offset = size;  // every part arrived whole; the file is hashed in one pass (from the page cache)
+    got = file_xxh3(tmp);
+  } else {
+    sink.offset = 0;
+    XXH3_64bits_reset(hash.get());
+    Connection slot(*this);
+    if (is_url(source_))
+      fetch(url, sink, options_, retries);
+    else
+      copy_file(url, sink);
+    got = hex16(XXH3_64bits_digest(hash.get()));
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.retries += retries;
@@ -470,6 +485,48 @@ bool ShardCache::download(size_t k, int fd, const std::string& tmp, unsigned att
                              " bytes with xxh3 " + shards_[k].hash,
                          0, url);
   return false;
+}
+
+ShardCache::Connection::Connection(ShardCache& c) : cache(c) {
+  std::unique_lock<std::mutex> lock(cache.mutex_);
+  cache.connections_cv_.wait(lock, [this] { return cache.connections_ < cache.options_.transfers; });
+  ++cache.connections_;
+}
+
+ShardCache::Connection::~Connection() {
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex_);
+    --cache.connections_;
+  }
+  cache.connections_cv_.notify_one();
+}
+
+bool ShardCache::fetch_parts(const std::string& url, int fd, uint64_t size, unsigned parts,
+                             std::atomic<uint64_t>& retries) {
+  // A large shard is fetched as `parts` Range requests at once: a link that
+  // is limited per connection is then used whole even for one shard.
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(parts);
+  std::vector<char> whole(parts, 0);
+  for (unsigned p = 0; p < parts; ++p)
+    threads.emplace_back([&, p] {
+      try {
+        Sink part;
+        part.fd = fd;
+        part.range_only = true;
+        part.offset = size * p / parts;
+        part.expect = size * (p + 1) / parts;
+        Connection slot(*this);
+        fetch(url, part, options_, retries);
+        whole[p] = !part.overflow && part.offset == part.expect;
+      } catch (...) {
+        errors[p] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  return std::all_of(whole.begin(), whole.end(), [](char w) { return w != 0; });
 }
 
 int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {

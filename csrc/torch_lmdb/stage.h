@@ -20,6 +20,9 @@
 //   fetched again up to `hash_retries` times, then CorruptedError names the
 //   shard and the URL. A temporary whose flock is free (its process died) is
 //   removed by the next process that reserves space.
+// - A shard of 8 MiB or more at a URL is fetched as up to `transfers` Range
+//   requests at once (then hashed in one pass); a server that ignores Range
+//   gets one request for the whole body.
 // - Requests are retried with exponential backoff (at most `retries` times)
 //   on connection errors, timeouts (no byte for `stall_seconds`), HTTP 5xx,
 //   408 and 429, and bodies cut short (the retry asks for the rest with a
@@ -75,7 +78,7 @@ std::string file_xxh3(const std::string& path);
 struct StageOptions {
   std::string cache_dir;
   uint64_t cache_limit = 0;  ///< bytes; 0: no limit
-  unsigned transfers = 4;    ///< shards fetched at once by prefetch()/acquire_all()
+  unsigned transfers = 4;    ///< requests in flight at most (shards, or parts of one)
   unsigned retries = 6;      ///< retries of one request
   unsigned hash_retries = 2; ///< refetches of a shard whose hash differs
   double stall_seconds = 30; ///< a transfer that moves no byte this long is retried
@@ -109,7 +112,9 @@ class ShardCache {
   /// it (a lease) until release(k); returns its local database directory.
   /// Leases count: acquire twice, release twice.
   std::string acquire(size_t k);
-  void release(size_t k);
+  /// `unread`: the shard was only looked at (its schema), and is kept as a
+  /// shard fetched ahead of its reading is (see prefetch()).
+  void release(size_t k, bool unread = false);
   /// Stages and holds every shard, `transfers` at a time.
   void acquire_all();
   /// Fetches these shards in the background, in order, without holding them.
@@ -141,6 +146,13 @@ class ShardCache {
   void stage(size_t k, bool wait_for_space);
   bool download(size_t k, int fd, const std::string& tmp, unsigned attempt, bool ahead);
   int reserve(uint64_t bytes, const std::string& tmp, bool wait);
+  // One of the `transfers` connections of this cache, held for a request.
+  struct Connection {
+    explicit Connection(ShardCache& c);
+    ~Connection();
+    ShardCache& cache;
+  };
+  bool fetch_parts(const std::string& url, int fd, uint64_t size, unsigned parts, std::atomic<uint64_t>& retries);
   void prefetch_loop();
   void start_threads();
 
@@ -156,6 +168,8 @@ class ShardCache {
   std::condition_variable queue_cv_;
   std::vector<std::thread> threads_;
   int threads_pid_ = 0;
+  unsigned connections_ = 0;  // requests in flight (at most options_.transfers)
+  std::condition_variable connections_cv_;
   bool stopping_ = false;
   Stats stats_;
 };
