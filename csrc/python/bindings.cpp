@@ -306,20 +306,8 @@ void bind_compose(py::module_& m) {
      py::arg("drop_last"), py::arg("k"), "(first, count, position_after, pad_index) of batch k alone (stream.h)");
 }
 
-}  // namespace
-
-// bind_writer.cpp: torch_lmdb._C.Writer.
-void bind_writer(py::module_& m);
-// bind_stage.cpp: torch_lmdb._C.ShardCache and the staging helpers.
-void bind_stage(py::module_& m);
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "torch_lmdb C++ core (use the torch_lmdb package, not this module)";
-  m.attr("__version__") = TORCH_LMDB_VERSION;
-  m.attr("FORMAT_VERSION") = kFormatVersion;
-  m.attr("COMPACT_FORMAT_VERSION") = kCompactFormatVersion;
-  m.attr("MAX_SAMPLES_PER_VALUE") = kMaxSamplesPerValue;
-
+// The exception classes of torch_lmdb._C and the translation of C++ errors to them.
+void register_errors(py::module_& m) {
   static py::exception<Error> base(m, "Error", PyExc_RuntimeError);
   static py::exception<MapFullError> map_full(m, "MapFullError", base.ptr());
   static py::exception<ReadersFullError> readers_full(m, "ReadersFullError", base.ptr());
@@ -371,6 +359,9 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+}
+
+void bind_reader(py::module_& m) {
   py::class_<PyReader>(m, "Reader")
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
                     std::vector<std::string>, size_t, bool, std::string, unsigned>(),
@@ -406,9 +397,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("file") = 0)
       .def("take_warnings", [](PyReader& r) { return r.sink->take(); });
 
-  bind_writer(m);
-  bind_stage(m);
+}
 
+// BatchStream and the rules of an epoch's order (stream.h).
+void bind_stream(py::module_& m) {
   py::class_<BatchStream>(m, "BatchStream")
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
                        size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
@@ -477,8 +469,11 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"), py::arg("start"),
      py::arg("drop_last"), "(first, count, position_after, pad_index) of a rank's batches (stream.h)");
 
-  // Worker-batch transport (csrc/torch_lmdb/shm_slabs.h): a ticket crosses
-  // as (pid, slab, generation, fd or -1, nbytes, sizes, strides, offset, dtype).
+}
+
+// Worker-batch transport (csrc/torch_lmdb/shm_slabs.h): a ticket crosses
+// as (pid, slab, generation, fd or -1, nbytes, sizes, strides, offset, dtype).
+void bind_slabs(py::module_& m) {
   py::class_<SlabPool>(m, "SlabPool")
       .def(py::init<size_t>(), py::arg("max_slabs"))
       .def("send", [](SlabPool& p, const at::Tensor& t) -> py::object {
@@ -507,6 +502,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("slab_count", [] { return SlabReceiver::instance().size(); },
         "worker batch buffers mapped in this process (a diagnostic)");
+}
+
+// Checks of a database's files and metadata that need no Reader.
+void bind_checks(py::module_& m) {
   m.def("meta_pages_problem", [](const std::string& path) -> py::object {
           const std::string why = torch_lmdb::detail::meta_pages_problem(path + "/data.mdb");
           return why.empty() ? py::object(py::none()) : py::object(py::str(why));
@@ -514,5 +513,28 @@ PYBIND11_MODULE(_C, m) {
         "why a database's data.mdb cannot be mapped safely (its meta pages, read without a map), or None");
   m.def("metadata_checksum", &torch_lmdb::metadata_checksum, py::arg("meta_json"),
         "xxh3-64 (16 hex digits) of a metadata JSON text, as a shard manifest stores it");
+}
+
+}  // namespace
+
+// bind_writer.cpp: torch_lmdb._C.Writer.
+void bind_writer(py::module_& m);
+// bind_stage.cpp: torch_lmdb._C.ShardCache and the staging helpers.
+void bind_stage(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_lmdb C++ core (use the torch_lmdb package, not this module)";
+  m.attr("__version__") = TORCH_LMDB_VERSION;
+  m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("COMPACT_FORMAT_VERSION") = kCompactFormatVersion;
+  m.attr("MAX_SAMPLES_PER_VALUE") = kMaxSamplesPerValue;
+
+  register_errors(m);
+  bind_reader(m);
+  bind_writer(m);
+  bind_stage(m);
+  bind_stream(m);
+  bind_slabs(m);
+  bind_checks(m);
   bind_compose(m);
 }

@@ -1,13 +1,10 @@
 #include "torch_lmdb/env.h"
 #include "torch_lmdb/fault_guard.h"
 
-#include <xxhash.h>
-
 #include <c10/util/Exception.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
-#include <sys/mman.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -220,10 +217,17 @@ void Env::retire(const std::string& why) {
   gate_cv_.notify_all();
 }
 
-std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& options) {
-  Registry& reg = registry();
-  const auto warn = options.warn ? options.warn : default_warn;
+// ---- Env::open, step by step -----------------------------------------------
 
+namespace {
+
+using Key = std::pair<dev_t, ino_t>;
+using Mappings = std::vector<std::pair<uintptr_t, size_t>>;
+
+// `path` is a database directory (made first for a writer); returns
+// data.mdb's stat, zeroed when a writer's new database has none yet.
+struct stat check_directory(const std::string& path, const std::string& data_path, const EnvOptions& options,
+                            bool* exists) {
   if (!options.readonly) {
     TORCH_CHECK_VALUE(detail::make_dirs(path), "cannot create database directory '", path,
                       "': ", std::strerror(errno));
@@ -238,107 +242,86 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
                                    "(expected a directory holding data.mdb)",
                                0, path);
   }
-  const std::string data_path = path + "/data.mdb";
-  // The registry's key is data.mdb's inode. A writer's new database has no
-  // data.mdb yet: no env of it can be open, and the key is taken after
-  // mdb_env_open creates the file (under the registry's lock, so a
-  // concurrent open of the same path waits and then finds it).
   struct stat data {};
-  const bool exists = ::stat(data_path.c_str(), &data) == 0;
-  if (!exists && options.readonly) {
+  *exists = ::stat(data_path.c_str(), &data) == 0;
+  if (!*exists && options.readonly) {
     throw NotFoundError("no LMDB database at '" + path + "' (data.mdb is missing)", ENOENT, path);
   }
   if (options.readonly && data.st_size == 0) {
     throw InvalidDatabaseError("'" + path + "' holds an empty data.mdb (a writer that never committed?)", 0,
                                path);
   }
+  return data;
+}
 
-  std::shared_ptr<Env> existing;  // destroyed after the guard below is released
-  std::vector<std::shared_ptr<Env>> retired;  // (likewise)
-  std::unique_lock<std::mutex> guard(reg.mutex);
-  auto key = std::make_pair(data.st_dev, data.st_ino);
-  if (!exists && ::stat(data_path.c_str(), &data) == 0) key = std::make_pair(data.st_dev, data.st_ino);
+// The env of `key` this process has open, if any; waits while its last
+// holder closes it (then there is none).
+std::shared_ptr<Env> find_registered(Registry& reg, std::unique_lock<std::mutex>& guard, const Key& key) {
   for (;;) {
-    if (key.second == 0) break;  // a new database: nothing to find
+    if (key.second == 0) return nullptr;  // a new database: nothing to find
     auto it = reg.envs.find(key);
-    if (it == reg.envs.end()) break;
-    existing = it->second.lock();
-    if (existing) break;
+    if (it == reg.envs.end()) return nullptr;
+    std::shared_ptr<Env> existing = it->second.lock();
+    if (existing) return existing;
     reg.closed.wait(guard);  // its last holder is closing it: wait, then open anew
   }
-  // A poisoned map (fault_guard.h) is not reused: the file is opened anew.
-  if (existing && existing->faulted()) {
-    existing->retire("its map was poisoned by a fault");
-    reg.envs.erase(existing->key_);
-    retired.push_back(std::move(existing));
-    existing.reset();
-  }
-  struct stat lock_file {};
-  if (!existing && ::stat((path + "/lock.mdb").c_str(), &lock_file) == 0) {
-    // Another data.mdb now at this path (published by rename, as mv and rsync
-    // do): the old file's env shares the lock file, and a second env on one
-    // lock file in one process would reinitialise its reader table under the
-    // first (MDB_BAD_RSLOT): the old env is closed first.
-    const auto lock_key = std::make_pair(lock_file.st_dev, lock_file.st_ino);
-    for (auto it = reg.envs.begin(); it != reg.envs.end();) {
-      std::shared_ptr<Env> other = it->second.lock();
-      if (other && other->lock_key_ == lock_key && other->key_ != key && other->env_ != nullptr) {
-        other->retire("its data.mdb was replaced by another file");
-        it = reg.envs.erase(it);
-        retired.push_back(std::move(other));
-      } else {
-        ++it;
-      }
-    }
-  }
-  if (existing) {
-    if (!options.readonly && (existing->readonly() || existing->nolock())) {
-      throw InvalidDatabaseError(
-          "'" + path + "' is open " + (existing->nolock() ? "without locking" : "read-only (MDB_RDONLY)") +
-              " in this process (a dataset opened it that way); a Writer cannot share that environment: "
-              "close those datasets first, or open them with lock=None on writable storage",
-          0, path);
-    }
-    if (options.lock == 1 && existing->nolock()) {
-      throw LockError("'" + path +
-                          "' is already open without locking in this process; lock=True "
-                          "cannot be honoured until those readers are closed",
-                      EACCES, path);
-    }
-    if (!options.readonly) {
-      // A reader opened it: the writer's durability settings (see below).
-      detail::check_mdb(mdb_env_set_flags(existing->handle(), MDB_NOMETASYNC, 1), "mdb_env_set_flags", path);
-    }
-    if (options.readonly && options.readahead != existing->readahead()) {
-      // One environment per file and process (lmdb.h): its map keeps the
-      // readahead it was opened with.
-      warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
-           (existing->readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
-           " has no effect until those readers are closed");
-    }
-    return existing;
-  }
+}
 
-  const pid_t pid = ::getpid();
-  bool nolock = options.lock == 0;
-  // Readers open read-write where they may, so a Writer of this process can
-  // share the env; MDB_RDONLY on read-only files and filesystems.
-  bool rdonly = options.readonly && (::access(data_path.c_str(), W_OK) != 0 || detail::filesystem_readonly(path));
-  if (!nolock) {
-    const int rc = detail::preallocate_lock_file(path, options.max_readers);
-    if (rc != 0) {
-      if (options.readonly && options.lock == -1 && (rc == EACCES || rc == EROFS || rc == EPERM)) {
-        warn("torch_lmdb: cannot create or open the lock file of '" + path + "' (" + std::strerror(rc) +
-             "); opening without locking (lock=False). This is only safe if no "
-             "process writes to this database while it is read.");
-        nolock = true;
-        rdonly = true;
-      } else {
-        detail::throw_mdb(rc, "open(lock.mdb)", path, "");
-      }
-    }
+// An env already open in this process serves this open too, if its flags allow.
+void check_shared(Env& existing, const std::string& path, const EnvOptions& options,
+                  const std::function<void(const std::string&)>& warn) {
+  if (!options.readonly && (existing.readonly() || existing.nolock())) {
+    throw InvalidDatabaseError(
+        "'" + path + "' is open " + (existing.nolock() ? "without locking" : "read-only (MDB_RDONLY)") +
+            " in this process (a dataset opened it that way); a Writer cannot share that environment: "
+            "close those datasets first, or open them with lock=None on writable storage",
+        0, path);
   }
+  if (options.lock == 1 && existing.nolock()) {
+    throw LockError("'" + path +
+                        "' is already open without locking in this process; lock=True "
+                        "cannot be honoured until those readers are closed",
+                    EACCES, path);
+  }
+  if (!options.readonly) {
+    // A reader opened it: the writer's durability settings (see env_flags).
+    detail::check_mdb(mdb_env_set_flags(existing.handle(), MDB_NOMETASYNC, 1), "mdb_env_set_flags", path);
+  }
+  if (options.readonly && options.readahead != existing.readahead()) {
+    // One environment per file and process (lmdb.h): its map keeps the
+    // readahead it was opened with.
+    warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
+         (existing.readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
+         " has no effect until those readers are closed");
+  }
+}
 
+// Whether to open without locking and with MDB_RDONLY. Readers open
+// read-write where they may, so a Writer of this process can share the env;
+// MDB_RDONLY on read-only files and filesystems, and without a lock file.
+struct Locking {
+  bool nolock;
+  bool rdonly;
+};
+
+Locking choose_locking(const std::string& path, const std::string& data_path, const EnvOptions& options,
+                       const std::function<void(const std::string&)>& warn) {
+  Locking out{options.lock == 0,
+              options.readonly && (::access(data_path.c_str(), W_OK) != 0 || detail::filesystem_readonly(path))};
+  if (out.nolock) return out;
+  const int rc = detail::preallocate_lock_file(path, options.max_readers);
+  if (rc == 0) return out;
+  if (options.readonly && options.lock == -1 && (rc == EACCES || rc == EROFS || rc == EPERM)) {
+    warn("torch_lmdb: cannot create or open the lock file of '" + path + "' (" + std::strerror(rc) +
+         "); opening without locking (lock=False). This is only safe if no "
+         "process writes to this database while it is read.");
+    return Locking{true, true};
+  }
+  detail::throw_mdb(rc, "open(lock.mdb)", path, "");
+}
+
+// A new MDB_env with its reader table, named databases and map size set.
+detail::UniqueEnv create_handle(const std::string& path, const EnvOptions& options, size_t file_size, pid_t pid) {
   detail::UniqueEnv handle(nullptr, detail::EnvCloser{pid});
   {
     MDB_env* raw = nullptr;
@@ -352,18 +335,29 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     const size_t requested = options.map_size ? std::max(options.map_size, kMinMapSize) : kDefaultMapSize;
     detail::check_mdb(mdb_env_set_mapsize(raw, requested), "mdb_env_set_mapsize", path);
   } else {
-    const size_t file = static_cast<size_t>(data.st_size);
-    const size_t want = std::max(kMinReaderMap, (2 * file + (size_t{1} << 20) - 1) >> 20 << 20);
+    const size_t want = std::max(kMinReaderMap, (2 * file_size + (size_t{1} << 20) - 1) >> 20 << 20);
     detail::check_mdb(mdb_env_set_mapsize(raw, want), "mdb_env_set_mapsize", path);
   }
+  return handle;
+}
+
+unsigned env_flags(const EnvOptions& options, Locking locking) {
   unsigned flags = MDB_NOTLS;
-  if (rdonly) flags |= MDB_RDONLY;
+  if (locking.rdonly) flags |= MDB_RDONLY;
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
   if (!options.readahead) flags |= MDB_NORDAHEAD;
-  if (nolock) flags |= MDB_NOLOCK;
-  if (exists && data.st_size > 0) detail::check_meta_pages(data_path, path);
-  const auto maps_before = key.second != 0 ? detail::mappings_of(key) : decltype(detail::mappings_of(key)){};
-  int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
+  if (locking.nolock) flags |= MDB_NOLOCK;
+  return flags;
+}
+
+// mdb_env_open, after the meta-page check of an existing file; sets `key`
+// for a database it created, and returns this process's mappings of
+// data.mdb before and after (to find LMDB's map among them).
+std::pair<Mappings, Mappings> open_handle(MDB_env* raw, const std::string& path, unsigned flags,
+                                          const struct stat& data, bool exists, Key& key) {
+  if (exists && data.st_size > 0) detail::check_meta_pages(path + "/data.mdb", path);
+  Mappings before = key.second != 0 ? detail::mappings_of(key) : Mappings{};
+  const int rc = mdb_env_open(raw, path.c_str(), flags, 0644);
   if (rc != 0) detail::throw_mdb(rc, "mdb_env_open", path, "");
   if (key.second == 0) {
     int fd = -1;
@@ -372,65 +366,22 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
     if (::fstat(fd, &created) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
     key = std::make_pair(created.st_dev, created.st_ino);
   }
-  const auto maps_after = detail::mappings_of(key);
+  Mappings after = detail::mappings_of(key);
   mdb_env_set_assert(raw, detail::on_lmdb_assert);
+  return {std::move(before), std::move(after)};
+}
 
-  std::shared_ptr<Env> env(new Env());
-  env->path_ = path;
-  env->readonly_ = rdonly;
-  env->owner_ = pid;
-  env->nolock_ = nolock;
-  env->readahead_ = options.readahead;
-  env->key_ = key;
-  env->env_ = std::move(handle);
-  detail::check_mdb(mdb_env_get_fd(raw, &env->fd_), "mdb_env_get_fd", path);
-
-  // Damage: the data file must hold every page the meta page counts, or the
-  // first read of a missing page is a SIGBUS. (Read before any transaction:
-  // mdb_env_info reads the meta pages only.)
-  {
-    MDB_envinfo info{};
-    MDB_stat stat{};
-    detail::check_mdb(mdb_env_info(raw, &info), "mdb_env_info", path);
-    detail::check_mdb(mdb_env_stat(raw, &stat), "mdb_env_stat", path);
-    struct stat now {};
-    if (::fstat(env->fd_, &now) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
-    const size_t needed = (static_cast<size_t>(info.me_last_pgno) + 1) * stat.ms_psize;
-    if (static_cast<size_t>(now.st_size) < needed) {
-      throw CorruptedError("'" + path + "/data.mdb' is damaged: it has " + std::to_string(now.st_size) +
-                               " bytes but its meta page counts " + std::to_string(info.me_last_pgno + 1) +
-                               " pages of " + std::to_string(stat.ms_psize) + " bytes (" + std::to_string(needed) +
-                               "); the file was truncated or its meta page is corrupt: run `torch-lmdb verify` "
-                               "and rebuild it from the source data",
-                           MDB_CORRUPTED, path);
-    }
-    env->file_size_.store(static_cast<size_t>(now.st_size));
-    env->map_bytes_ = info.me_mapsize;
-    env->map_size_.store(info.me_mapsize, std::memory_order_release);
-    env->map_addr_ = detail::find_map(maps_before, maps_after, info.me_mapsize);
-    if (env->map_addr_ == nullptr) env->map_bytes_ = 0;  // not found: values go unchecked
-    detail::install_fault_handler();
-    if (env->map_bytes_ != 0) detail::register_map(env->map_addr_, env->map_bytes_, &env->faults_);
-  }
-  struct stat lock_stat {};
-  if (!nolock && ::stat((path + "/lock.mdb").c_str(), &lock_stat) == 0)
-    env->lock_key_ = std::make_pair(lock_stat.st_dev, lock_stat.st_ino);
-
-  if (!nolock) {
-    int dead = 0;  // reclaim reader slots of killed processes
-    detail::check_mdb(mdb_reader_check(raw, &dead), "mdb_reader_check", path);
-  }
-
-  // Named databases. lmdb.h: a handle opened in a txn is private to it until
-  // that txn commits, so commit even the read-only one.
+// The named databases. lmdb.h: a handle opened in a txn is private to it
+// until that txn commits, so commit even the read-only one.
+void open_tables(MDB_env* raw, const std::string& path, bool readonly, MDB_dbi* samples, MDB_dbi* meta) {
   MDB_txn* txn = nullptr;
-  rc = mdb_txn_begin(raw, nullptr, options.readonly ? MDB_RDONLY : 0, &txn);
+  int rc = mdb_txn_begin(raw, nullptr, readonly ? MDB_RDONLY : 0, &txn);
   if (rc == MDB_READERS_FULL) throw_readers_full(raw, path);
   detail::check_mdb(rc, "mdb_txn_begin", path);
-  const unsigned dbi_flags = options.readonly ? 0 : MDB_CREATE;
-  rc = mdb_dbi_open(txn, "samples", dbi_flags, &env->samples_);
-  if (rc == 0) rc = mdb_set_compare(txn, env->samples_, compare_sample_keys);
-  if (rc == 0) rc = mdb_dbi_open(txn, "meta", dbi_flags, &env->meta_);
+  const unsigned dbi_flags = readonly ? 0 : MDB_CREATE;
+  rc = mdb_dbi_open(txn, "samples", dbi_flags, samples);
+  if (rc == 0) rc = mdb_set_compare(txn, *samples, compare_sample_keys);
+  if (rc == 0) rc = mdb_dbi_open(txn, "meta", dbi_flags, meta);
   if (rc != 0) {
     mdb_txn_abort(txn);
     if (rc == MDB_NOTFOUND) {
@@ -444,6 +395,128 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   }
   rc = mdb_txn_commit(txn);
   if (rc != 0) detail::throw_mdb(rc, "mdb_txn_commit", path, "");
+}
+
+}  // namespace
+
+// The steps of Env::open that set or retire an Env's private members.
+struct Env::Opener {
+  // A poisoned map (fault_guard.h) is not reused: the file is opened anew.
+  static void retire_poisoned(Registry& reg, std::shared_ptr<Env>& existing,
+                              std::vector<std::shared_ptr<Env>>& retired) {
+    if (!existing || !existing->faulted()) return;
+    existing->retire("its map was poisoned by a fault");
+    reg.envs.erase(existing->key_);
+    retired.push_back(std::move(existing));
+    existing.reset();
+  }
+
+  // Another data.mdb now at this path (published by rename, as mv and rsync
+  // do): the old file's env shares the lock file, and a second env on one
+  // lock file in one process would reinitialise its reader table under the
+  // first (MDB_BAD_RSLOT): the old env is closed first.
+  static void retire_replaced(Registry& reg, const std::string& path, const Key& key,
+                              std::vector<std::shared_ptr<Env>>& retired) {
+    struct stat lock_file {};
+    if (::stat((path + "/lock.mdb").c_str(), &lock_file) != 0) return;
+    const auto lock_key = std::make_pair(lock_file.st_dev, lock_file.st_ino);
+    for (auto it = reg.envs.begin(); it != reg.envs.end();) {
+      std::shared_ptr<Env> other = it->second.lock();
+      if (other && other->lock_key_ == lock_key && other->key_ != key && other->env_ != nullptr) {
+        other->retire("its data.mdb was replaced by another file");
+        it = reg.envs.erase(it);
+        retired.push_back(std::move(other));
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  // Damage: the data file must hold every page the meta page counts, or the
+  // first read of a missing page is a SIGBUS. (Read before any transaction:
+  // mdb_env_info reads the meta pages only.) Then the map is registered with
+  // the fault guard.
+  static void check_pages_and_map(Env& env, const Mappings& before, const Mappings& after) {
+    MDB_env* raw = env.env_.get();
+    const std::string& path = env.path_;
+    MDB_envinfo info{};
+    MDB_stat stat{};
+    detail::check_mdb(mdb_env_info(raw, &info), "mdb_env_info", path);
+    detail::check_mdb(mdb_env_stat(raw, &stat), "mdb_env_stat", path);
+    struct stat now {};
+    if (::fstat(env.fd_, &now) != 0) detail::throw_mdb(errno, "fstat(data.mdb)", path, "");
+    const size_t needed = (static_cast<size_t>(info.me_last_pgno) + 1) * stat.ms_psize;
+    if (static_cast<size_t>(now.st_size) < needed) {
+      throw CorruptedError("'" + path + "/data.mdb' is damaged: it has " + std::to_string(now.st_size) +
+                               " bytes but its meta page counts " + std::to_string(info.me_last_pgno + 1) +
+                               " pages of " + std::to_string(stat.ms_psize) + " bytes (" + std::to_string(needed) +
+                               "); the file was truncated or its meta page is corrupt: run `torch-lmdb verify` "
+                               "and rebuild it from the source data",
+                           MDB_CORRUPTED, path);
+    }
+    env.file_size_.store(static_cast<size_t>(now.st_size));
+    env.map_bytes_ = info.me_mapsize;
+    env.map_size_.store(info.me_mapsize, std::memory_order_release);
+    env.map_addr_ = detail::find_map(before, after, info.me_mapsize);
+    if (env.map_addr_ == nullptr) env.map_bytes_ = 0;  // not found: values go unchecked
+    detail::install_fault_handler();
+    if (env.map_bytes_ != 0) detail::register_map(env.map_addr_, env.map_bytes_, &env.faults_);
+  }
+
+  // The lock file's key (to tell a replaced data.mdb), and reader slots of
+  // killed processes reclaimed.
+  static void adopt_lock_file(Env& env) {
+    if (env.nolock_) return;
+    struct stat lock_stat {};
+    if (::stat((env.path_ + "/lock.mdb").c_str(), &lock_stat) == 0)
+      env.lock_key_ = std::make_pair(lock_stat.st_dev, lock_stat.st_ino);
+    int dead = 0;
+    detail::check_mdb(mdb_reader_check(env.env_.get(), &dead), "mdb_reader_check", env.path_);
+  }
+};
+
+std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& options) {
+  Registry& reg = registry();
+  const auto warn = options.warn ? options.warn : default_warn;
+  const std::string data_path = path + "/data.mdb";
+  // The registry's key is data.mdb's inode. A writer's new database has no
+  // data.mdb yet: no env of it can be open, and the key is taken after
+  // mdb_env_open creates the file (under the registry's lock, so a
+  // concurrent open of the same path waits and then finds it).
+  bool exists = false;
+  struct stat data = check_directory(path, data_path, options, &exists);
+
+  std::shared_ptr<Env> existing;  // destroyed after the guard below is released
+  std::vector<std::shared_ptr<Env>> retired;  // (likewise)
+  std::unique_lock<std::mutex> guard(reg.mutex);
+  auto key = std::make_pair(data.st_dev, data.st_ino);
+  if (!exists && ::stat(data_path.c_str(), &data) == 0) key = std::make_pair(data.st_dev, data.st_ino);
+  existing = find_registered(reg, guard, key);
+  Opener::retire_poisoned(reg, existing, retired);
+  if (!existing) Opener::retire_replaced(reg, path, key, retired);
+  if (existing) {
+    check_shared(*existing, path, options, warn);
+    return existing;
+  }
+
+  const pid_t pid = ::getpid();
+  const Locking locking = choose_locking(path, data_path, options, warn);
+  detail::UniqueEnv handle = create_handle(path, options, static_cast<size_t>(data.st_size), pid);
+  MDB_env* raw = handle.get();
+  const auto maps = open_handle(raw, path, env_flags(options, locking), data, exists, key);
+
+  std::shared_ptr<Env> env(new Env());
+  env->path_ = path;
+  env->readonly_ = locking.rdonly;
+  env->owner_ = pid;
+  env->nolock_ = locking.nolock;
+  env->readahead_ = options.readahead;
+  env->key_ = key;
+  env->env_ = std::move(handle);
+  detail::check_mdb(mdb_env_get_fd(raw, &env->fd_), "mdb_env_get_fd", path);
+  Opener::check_pages_and_map(*env, maps.first, maps.second);
+  Opener::adopt_lock_file(*env);
+  open_tables(raw, path, options.readonly, &env->samples_, &env->meta_);
 
   reg.envs[key] = env;
   env->registered_ = true;
@@ -496,42 +569,6 @@ bool Env::holds_txn() const noexcept {
   for (const auto& e : t_held)
     if (e.first == this) return e.second > 0;
   return false;
-}
-
-ValueIndex::ValueIndex(uint64_t txnid, uint64_t file_version, size_t keys)
-    : txnid_(txnid),
-      file_version_(file_version),
-      keys_(keys),
-      slots_(static_cast<Slot*>(std::calloc(std::max<size_t>(keys, 1), sizeof(Slot)))) {
-  if (!slots_) keys_ = 0;  // out of memory: an index that holds nothing
-}
-
-std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) const {
-  if (max_keys == 0) return nullptr;
-  const uint64_t id = mdb_txn_id(txn);
-  // The file as it is now: a writer's commit changes its ctime too (a new
-  // index then, as for its new transaction id); a file copied over data.mdb
-  // changes it whatever its transaction id.
-  struct stat now {};
-  if (::fstat(fd_, &now) != 0) return nullptr;
-  const uint64_t words[4] = {static_cast<uint64_t>(now.st_ino), static_cast<uint64_t>(now.st_size),
-                             static_cast<uint64_t>(now.st_ctim.tv_sec), static_cast<uint64_t>(now.st_ctim.tv_nsec)};
-  const uint64_t version = XXH3_64bits(words, sizeof(words));
-  {
-    std::lock_guard<std::mutex> lock(index_mutex_);
-    if (index_ && index_->file_version() == version) {
-      if (index_->txnid() == id) return index_;
-      if (index_->txnid() > id) return nullptr;  // an older snapshot: keep the newer's index
-    }
-  }
-  MDB_stat st{};
-  if (detail::guarded_stat(txn, samples_, &st) != MDB_SUCCESS || st.ms_entries > max_keys) return nullptr;
-  auto made = std::make_shared<ValueIndex>(id, version, st.ms_entries);  // (outside the lock: a large table is an mmap)
-  std::lock_guard<std::mutex> lock(index_mutex_);
-  if (index_ && index_->file_version() == version && index_->txnid() >= id)
-    return index_->txnid() == id ? index_ : nullptr;
-  index_ = made;
-  return made;
 }
 
 void Env::remap(size_t bytes) const {
@@ -639,43 +676,6 @@ size_t Env::map_size() const {
 }
 
 void Env::set_map_size(size_t bytes) { remap(bytes); }
-
-bool Env::value_inside(const MDB_val& v) const noexcept {
-  const char* p = static_cast<const char*>(v.mv_data);
-  const char* base = map_addr_;
-  // Only memory of the map can lie past the file's end; a value outside the
-  // map is a write transaction's dirty page (heap memory).
-  if (p < base || static_cast<size_t>(p - base) >= map_bytes_) return true;
-  auto inside = [&](size_t file) {
-    return p >= base && static_cast<size_t>(p - base) <= file && v.mv_size <= file - static_cast<size_t>(p - base);
-  };
-  if (v.mv_size == 0 || inside(file_size_.load(std::memory_order_relaxed))) return true;
-  struct stat now {};  // the file may have grown since we last looked
-  if (::fstat(fd_, &now) == 0) {
-    file_size_.store(static_cast<size_t>(now.st_size), std::memory_order_relaxed);
-    if (inside(static_cast<size_t>(now.st_size))) return true;
-  }
-  return false;
-}
-
-void Env::check_value(const MDB_val& v, const std::string& what) const {
-  if (value_inside(v)) return;
-  throw CorruptedError("'" + path_ + "/data.mdb' is damaged: the value of " + what + " (" +
-                           std::to_string(v.mv_size) + " bytes) lies outside the file (" +
-                           std::to_string(file_size_.load()) + " bytes); run `torch-lmdb verify` and rebuild "
-                           "it from the source data",
-                       MDB_CORRUPTED, path_);
-}
-
-void Env::evict(const void* p, size_t n) const noexcept {
-  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) & ~(page - 1);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(map_addr_);
-  if (map_bytes_ == 0 || end <= begin || begin < base || end - base > map_bytes_) return;
-  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  ::posix_fadvise(fd_, static_cast<off_t>(begin - base), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
-}
 
 int Env::reader_count() const {
   if (nolock_ || env_ == nullptr) return -1;

@@ -280,6 +280,7 @@ class Env {
  private:
   friend class ReadTxn;
   friend class WriteTxn;
+  struct Opener;  // the steps of open() (env.cpp)
   Env() = default;
   void release(MDB_txn* txn) const noexcept;
   // The transaction gate (see the contract).

@@ -81,10 +81,8 @@ std::vector<std::string> shard_like_entries(const std::string& dir) {
   throw InvalidDatabaseError("shard manifest '" + manifest + "' is invalid: " + why, 0, manifest);
 }
 
-// Parses dir/manifest.json; appends its shards to `paths` and `expect`.
-void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
-                     std::vector<ShardExpectation>& expect) {
-  const std::string manifest = join(dir, kManifestName);
+// dir/manifest.json read and parsed (size and depth bounded first).
+detail::Json read_manifest(const std::string& manifest) {
   std::ifstream in(manifest, std::ios::binary);
   if (!in) throw NotFoundError("cannot read shard manifest '" + manifest + "'", ENOENT, manifest);
   in.seekg(0, std::ios::end);
@@ -101,6 +99,12 @@ void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
   detail::Json j = detail::Json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) bad_manifest(manifest, "not JSON");
   if (!j.is_object()) bad_manifest(manifest, "expected a JSON object, got " + std::string(j.type_name()));
+  return j;
+}
+
+// The manifest's format and version checked; returns its dataset id
+// (empty before version 2).
+std::string check_manifest_version(const detail::Json& j, const std::string& manifest) {
   if (j.value("format", std::string()) != kManifestFormat)
     bad_manifest(manifest, std::string("'format' is not \"") + kManifestFormat + "\"");
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
@@ -109,12 +113,57 @@ void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
   if (version < kMinManifestVersion || version > kManifestVersion)
     bad_manifest(manifest, "format version " + std::to_string(version) + " (this torch_lmdb reads versions " +
                                std::to_string(kMinManifestVersion) + " to " + std::to_string(kManifestVersion) + ")");
-  std::string dataset_id;
-  if (version >= 2) {
-    if (!j.contains("dataset_id") || !j["dataset_id"].is_string() || j["dataset_id"].get<std::string>().empty())
-      bad_manifest(manifest, "no 'dataset_id' (a version 2 manifest names its dataset)");
-    dataset_id = j["dataset_id"].get<std::string>();
+  if (version < 2) return std::string();
+  if (!j.contains("dataset_id") || !j["dataset_id"].is_string() || j["dataset_id"].get<std::string>().empty())
+    bad_manifest(manifest, "no 'dataset_id' (a version 2 manifest names its dataset)");
+  return j["dataset_id"].get<std::string>();
+}
+
+// Whether a shard's relative path leaves the manifest's directory: absolute,
+// empty, or with a ".." component.
+bool escapes_directory(const std::string& rel) {
+  bool escapes = rel.empty() || rel[0] == '/';
+  for (size_t pos = 0; !escapes && pos <= rel.size();) {
+    const size_t end = std::min(rel.find('/', pos), rel.size());
+    escapes = rel.compare(pos, end - pos, "..") == 0 && end - pos == 2;
+    pos = end + 1;
   }
+  return escapes;
+}
+
+// The path of shard entry `where` of the manifest, checked: its keys, a
+// relative path that stays inside the directory `root` (no "..", no
+// symlink out of it), a data.mdb, and listed once (`seen`: canonical paths).
+std::string shard_path(const detail::Json& shard, const std::string& where, const std::string& manifest,
+                       const std::string& dir, const std::string& root, std::set<std::string>& seen) {
+  if (!shard.is_object()) bad_manifest(manifest, where + " is not an object");
+  if (!shard.contains("path") || !shard["path"].is_string()) bad_manifest(manifest, where + " has no 'path'");
+  const std::string rel = shard["path"].get<std::string>();
+  if (escapes_directory(rel))
+    bad_manifest(manifest, where + " path '" + rel + "' is not a relative path inside the directory");
+  if (!shard.contains("num_samples") || !shard["num_samples"].is_number_unsigned())
+    bad_manifest(manifest, where + " ('" + rel + "') has no 'num_samples'");
+  if (!shard.contains("meta_xxh3_64") || !shard["meta_xxh3_64"].is_string())
+    bad_manifest(manifest, where + " ('" + rel + "') has no 'meta_xxh3_64'");
+  const std::string path = join(dir, rel);
+  if (!is_file(join(path, "data.mdb")))
+    throw NotFoundError("shard '" + path + "' listed in '" + manifest + "' is missing (no data.mdb)", ENOENT, path);
+  const std::string real = canonical_dir(path);
+  if (root.empty() || real.size() <= root.size() || real.compare(0, root.size(), root) != 0)
+    bad_manifest(manifest, where + " '" + rel + "' resolves to '" + real + "', outside the directory '" + root + "'");
+  const std::string data_real = canonical_dir(join(path, "data.mdb"));
+  if (data_real.compare(0, root.size(), root) != 0)
+    bad_manifest(manifest, where + " '" + rel + "' has a data.mdb outside the directory ('" + data_real + "')");
+  if (!seen.insert(real).second) bad_manifest(manifest, where + " '" + rel + "' is listed twice");
+  return path;
+}
+
+// Parses dir/manifest.json; appends its shards to `paths` and `expect`.
+void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
+                     std::vector<ShardExpectation>& expect) {
+  const std::string manifest = join(dir, kManifestName);
+  detail::Json j = read_manifest(manifest);
+  const std::string dataset_id = check_manifest_version(j, manifest);
   const std::string root = canonical_dir(dir);
   std::set<std::string> seen;  // shards' canonical paths
   size_t total = 0;
@@ -124,34 +173,7 @@ void expand_manifest(const std::string& dir, std::vector<std::string>& paths,
     bad_manifest(manifest, "'shards' is not a non-empty list");
   size_t k = 0;
   for (const auto& shard : j["shards"]) {
-    const std::string where = "shards[" + std::to_string(k) + "]";
-    if (!shard.is_object()) bad_manifest(manifest, where + " is not an object");
-    if (!shard.contains("path") || !shard["path"].is_string()) bad_manifest(manifest, where + " has no 'path'");
-    const std::string rel = shard["path"].get<std::string>();
-    // Paths stay inside the manifest's directory: relative, no "..".
-    bool escapes = rel.empty() || rel[0] == '/';
-    for (size_t pos = 0; !escapes && pos <= rel.size();) {
-      const size_t end = std::min(rel.find('/', pos), rel.size());
-      escapes = rel.compare(pos, end - pos, "..") == 0 && end - pos == 2;
-      pos = end + 1;
-    }
-    if (escapes) bad_manifest(manifest, where + " path '" + rel + "' is not a relative path inside the directory");
-    if (!shard.contains("num_samples") || !shard["num_samples"].is_number_unsigned())
-      bad_manifest(manifest, where + " ('" + rel + "') has no 'num_samples'");
-    if (!shard.contains("meta_xxh3_64") || !shard["meta_xxh3_64"].is_string())
-      bad_manifest(manifest, where + " ('" + rel + "') has no 'meta_xxh3_64'");
-    const std::string path = join(dir, rel);
-    if (!is_file(join(path, "data.mdb")))
-      throw NotFoundError("shard '" + path + "' listed in '" + manifest + "' is missing (no data.mdb)", ENOENT, path);
-    // Resolved, a shard stays inside the directory (no symlink out of it),
-    // and is listed once.
-    const std::string real = canonical_dir(path);
-    if (root.empty() || real.size() <= root.size() || real.compare(0, root.size(), root) != 0)
-      bad_manifest(manifest, where + " '" + rel + "' resolves to '" + real + "', outside the directory '" + root + "'");
-    const std::string data_real = canonical_dir(join(path, "data.mdb"));
-    if (data_real.compare(0, root.size(), root) != 0)
-      bad_manifest(manifest, where + " '" + rel + "' has a data.mdb outside the directory ('" + data_real + "')");
-    if (!seen.insert(real).second) bad_manifest(manifest, where + " '" + rel + "' is listed twice");
+    const std::string path = shard_path(shard, "shards[" + std::to_string(k) + "]", manifest, dir, root, seen);
     const size_t n = shard["num_samples"].get<size_t>();
     total += n;
     paths.push_back(path);

@@ -212,6 +212,89 @@ std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
 
 namespace {
 
+// A compressed payload for the decode helpers, and where it goes.
+struct Decode {
+  FieldView view;
+  char* dst;
+};
+
+// One output of read_batch_fixed: a tensor field's batch tensor (`dst`,
+// `slot` bytes a sample) or a str/bytes field's values (`blobs`).
+struct Out {
+  size_t field;
+  char* dst = nullptr;
+  size_t slot = 0;
+  Batch::Blobs* blobs = nullptr;
+};
+
+// The outputs of a batch of B samples, shaped from sample 0's views `v`.
+void allocate_outputs(const Reader::State& s, const std::vector<FieldView>& v, size_t B, Batch& batch,
+                      std::vector<at::Tensor>& tensors, std::vector<Out>& outs) {
+  for (size_t f = 0; f < s.stored.size(); ++f) {
+    if (!s.keep[f]) continue;
+    const FieldSchema& field = s.stored[f];
+    Out o{f};
+    if (field.kind != FieldKind::Tensor) {
+      batch.blobs.push_back(Batch::Blobs{field.name, field.kind, {}});
+      batch.blobs.back().values.reserve(B);
+      o.blobs = &batch.blobs.back();
+    } else {
+      std::vector<int64_t> shape{static_cast<int64_t>(B)};
+      shape.insert(shape.end(), v[f].sizes, v[f].sizes + v[f].ndim);
+      tensors.push_back(s.buffers->empty(shape, field.dtype, v[f].data));
+      o.dst = static_cast<char*>(tensors.back().data_ptr());
+      o.slot = v[f].nbytes;
+    }
+    outs.push_back(o);
+  }
+}
+
+// Helpers when the batch's compressed payloads, estimated from sample 0's
+// (`v`), come to kParallelBytes (fewer helpers for smaller batches); null:
+// this thread decodes them all. The helpers take the items of `decodes`
+// (reserved here, never reallocated while they read it) as they are published.
+std::unique_ptr<DecodePool::Job> start_decode_helpers(const std::vector<Out>& outs, const std::vector<FieldView>& v,
+                                                      size_t B, unsigned threads, std::vector<Decode>& decodes) {
+  constexpr size_t kParallelBytes = size_t{256} << 10;
+  size_t compressed = 0;
+  for (const Out& o : outs)
+    if (o.blobs == nullptr && o.slot && v[o.field].codec != Codec::None) compressed += v[o.field].stored;
+  const size_t estimate = compressed * B;
+  if (threads <= 1 || estimate < kParallelBytes) return nullptr;
+  decodes.reserve(B * outs.size());
+  const Decode* items = decodes.data();
+  return std::make_unique<DecodePool::Job>(
+      static_cast<unsigned>(std::min<size_t>(threads - 1, estimate / (kParallelBytes / 2))),
+      [items](size_t k) { decode_payload(items[k].view, items[k].dst); });
+}
+
+// Sample i's fields (views `v`) into their slots: copied or decoded here, or
+// handed to the helpers. False at the first tensor whose shape differs from
+// sample 0's (`first`).
+bool copy_sample(size_t i, const std::vector<FieldView>& v, const std::vector<FieldView>& first,
+                 std::vector<Out>& outs, DecodePool::Job* job, std::vector<Decode>& decodes, bool around_cache) {
+  constexpr size_t kPublishEvery = 4;  // items published at a time
+  for (Out& o : outs) {
+    const FieldView& fv = v[o.field];
+    if (o.blobs != nullptr) {
+      o.blobs->values.emplace_back(fv.data, fv.nbytes);
+      continue;
+    }
+    if (i > 0) {
+      const FieldView& f0 = first[o.field];
+      if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) return false;
+    }
+    if (o.slot == 0) continue;
+    if (job && fv.codec != Codec::None && decodes.size() < decodes.capacity()) {
+      decodes.push_back(Decode{fv, o.dst + i * o.slot});
+      if (decodes.size() % kPublishEvery == 0) job->publish(decodes.size());
+    } else {
+      decode_to_slot(fv, o.dst + i * o.slot, around_cache);  // a copy, or Blosc straight into the batch
+    }
+  }
+  return true;
+}
+
 // read_batch for batches whose tensor fields all keep the first sample's
 // shape (the common case): the outputs are allocated from sample 0, then each
 // sample is fetched and copied at once, so the views of one sample stay in
@@ -225,20 +308,9 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   // Compressed payloads decoded on `threads` threads: helpers take them as
   // soon as their records are parsed (their views stay valid: the txns are
   // open until the caller returns), this thread takes the rest at the end.
-  struct Decode {
-    FieldView view;
-    char* dst;
-  };
   thread_local std::vector<Decode> decodes;
   decodes.clear();
-  constexpr size_t kPublishEvery = 4;  // items published at a time
   thread_local std::vector<FieldView> first, cur;
-  struct Out {
-    size_t field;
-    char* dst = nullptr;
-    size_t slot = 0;
-    Batch::Blobs* blobs = nullptr;
-  };
   thread_local std::vector<Out> outs;
   outs.clear();
   std::vector<at::Tensor> tensors;
@@ -252,58 +324,12 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
     std::vector<FieldView>& v = i == 0 ? first : cur;
     samples.parse_next(i, v);
     if (i == 0) {
-      for (size_t f = 0; f < s.stored.size(); ++f) {
-        if (!s.keep[f]) continue;
-        const FieldSchema& field = s.stored[f];
-        Out o{f};
-        if (field.kind != FieldKind::Tensor) {
-          batch.blobs.push_back(Batch::Blobs{field.name, field.kind, {}});
-          batch.blobs.back().values.reserve(B);
-          o.blobs = &batch.blobs.back();
-        } else {
-          std::vector<int64_t> shape{static_cast<int64_t>(B)};
-          shape.insert(shape.end(), v[f].sizes, v[f].sizes + v[f].ndim);
-          tensors.push_back(s.buffers->empty(shape, field.dtype, v[f].data));
-          o.dst = static_cast<char*>(tensors.back().data_ptr());
-          o.slot = v[f].nbytes;
-        }
-        outs.push_back(o);
-      }
-      // Helpers when the batch's compressed payloads, estimated from this
-      // sample's, come to kParallelBytes (fewer helpers for smaller batches).
-      constexpr size_t kParallelBytes = size_t{256} << 10;
-      size_t compressed = 0;
-      for (const Out& o : outs)
-        if (o.blobs == nullptr && o.slot && v[o.field].codec != Codec::None) compressed += v[o.field].stored;
-      const size_t estimate = compressed * B;
-      if (threads > 1 && estimate >= kParallelBytes) {
-        decodes.reserve(B * outs.size());  // never reallocated while the helpers read it
-        const Decode* items = decodes.data();
-        job = std::make_unique<DecodePool::Job>(
-            static_cast<unsigned>(std::min<size_t>(threads - 1, estimate / (kParallelBytes / 2))),
-            [items](size_t k) { decode_payload(items[k].view, items[k].dst); });
-      }
+      allocate_outputs(s, v, B, batch, tensors, outs);
+      job = start_decode_helpers(outs, v, B, threads, decodes);
     }
-    for (Out& o : outs) {
-      const FieldView& fv = v[o.field];
-      if (o.blobs != nullptr) {
-        o.blobs->values.emplace_back(fv.data, fv.nbytes);
-        continue;
-      }
-      if (i > 0) {
-        const FieldView& f0 = first[o.field];
-        if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) {
-          batch = Batch();
-          return false;  // (the general path reads the batch again: nothing is evicted yet)
-        }
-      }
-      if (o.slot == 0) continue;
-      if (job && fv.codec != Codec::None && decodes.size() < decodes.capacity()) {
-        decodes.push_back(Decode{fv, o.dst + i * o.slot});
-        if (decodes.size() % kPublishEvery == 0) job->publish(decodes.size());
-      } else {
-        decode_to_slot(fv, o.dst + i * o.slot, around_cache);  // a copy, or Blosc straight into the batch
-      }
+    if (!copy_sample(i, v, first, outs, job.get(), decodes, around_cache)) {
+      batch = Batch();
+      return false;  // (the general path reads the batch again: nothing is evicted yet)
     }
   }
 #if defined(__SSE2__)
@@ -324,6 +350,109 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   return true;
 }
 
+using Views = std::vector<std::vector<FieldView>>;  // per sample, per stored field
+
+// The largest size of field f in each dimension over the batch (`shape`,
+// from sample 0's on entry); true when some sample's shape differs, `odd`
+// the first such.
+bool common_shape(const FieldSchema& field, size_t f, const Views& views, at::ArrayRef<size_t> indices,
+                  std::vector<int64_t>& shape, size_t* odd) {
+  const FieldView& first = views[0][f];
+  const int ndim = first.ndim;
+  bool varies = false;
+  for (size_t i = 1; i < indices.size(); ++i) {
+    const FieldView& v = views[i][f];
+    bool same = v.ndim == ndim;
+    for (int d = 0; same && d < ndim; ++d) same = v.sizes[d] == first.sizes[d];
+    if (!same) {
+      if (!varies) *odd = i;
+      varies = true;
+      TORCH_CHECK_VALUE(v.ndim == ndim, "field '", field.name, "' has ", v.ndim, " dims at index ",
+                        indices[i], " but ", ndim, " at index ", indices[0]);
+      for (int d = 0; d < ndim; ++d) shape[d] = std::max(shape[d], v.sizes[d]);
+    }
+  }
+  return varies;
+}
+
+// The batch tensor of a field, [B, shape...]: from the caller's allocator
+// (checked) or the buffer pool.
+at::Tensor allocate_output(const Reader::State& s, const FieldSchema& field, size_t B,
+                           const std::vector<int64_t>& shape, const BatchOptions& options, const void* first_data) {
+  std::vector<int64_t> out_shape{static_cast<int64_t>(B)};
+  out_shape.insert(out_shape.end(), shape.begin(), shape.end());
+  at::Tensor out = options.allocate ? options.allocate(out_shape, field.dtype)
+                                    : s.buffers->empty(out_shape, field.dtype, first_data);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == field.dtype &&
+                  out.sizes() == at::IntArrayRef(out_shape),
+              "the batch allocator returned a tensor of the wrong shape or dtype for field '",
+              field.name, "'");
+  return out;
+}
+
+// Each sample's field f padded into its slot of `out` (filled with the pad
+// value first); returns `<name>_lengths`, each sample's sizes.
+at::Tensor pad_into(at::Tensor& out, size_t f, const Views& views, size_t B, const std::vector<int64_t>& shape,
+                    size_t slot, double pad_value) {
+  const int ndim = static_cast<int>(shape.size());
+  const size_t itemsize = out.element_size();
+  char* dst = static_cast<char*>(out.data_ptr());
+  out.fill_(pad_value);
+  at::Tensor lengths = at::empty({static_cast<int64_t>(B), ndim}, at::kLong);
+  int64_t* len = lengths.data_ptr<int64_t>();
+  for (size_t i = 0; i < B; ++i) {
+    const FieldView& v = views[i][f];
+    std::copy(v.sizes, v.sizes + ndim, len + i * ndim);
+    if (v.nbytes == 0) continue;
+    const char* src = v.data;
+    if (v.codec != Codec::None) {  // decompressed beside, then padded into its slot
+      thread_local std::vector<char> decoded;
+      decoded.resize(v.nbytes);
+      decode_payload(v, decoded.data());
+      src = decoded.data();
+    }
+    copy_padded(dst + i * slot, shape.data(), src, v.sizes, ndim, itemsize);
+  }
+  return lengths;
+}
+
+// Field f of every sample into one batch tensor (padded on request, with
+// `<name>_lengths`), added to `batch`.
+void collate_field(const Reader::State& s, const FieldSchema& field, size_t f, const Views& views,
+                   at::ArrayRef<size_t> indices, const BatchOptions& options, Batch& batch) {
+  const size_t B = indices.size();
+  const FieldView& first = views[0][f];
+  std::vector<int64_t> shape(first.sizes, first.sizes + first.ndim);
+  size_t odd = 0;
+  const bool varies = common_shape(field, f, views, indices, shape, &odd);
+  const bool pad = options.pad || std::find(options.pad_fields.begin(), options.pad_fields.end(),
+                                            field.name) != options.pad_fields.end();
+  TORCH_CHECK_VALUE(!varies || pad, "field '", field.name, "' has shape ", views[odd][f].shape(),
+                    " at index ", indices[odd], " but ", first.shape(), " at index ", indices[0],
+                    "; set BatchOptions::pad (or name it in BatchOptions::pad_fields) to pad it");
+  at::Tensor out = allocate_output(s, field, B, shape, options, first.data);
+  size_t slot = c10::elementSize(field.dtype);
+  for (int64_t d : shape) slot *= static_cast<size_t>(d);
+  if (!varies) {
+    char* dst = static_cast<char*>(out.data_ptr());
+    for (size_t i = 0; i < B; ++i)
+      if (slot) decode_payload(views[i][f], dst + i * slot);
+    batch.tensors.insert(field.name, std::move(out));
+    return;
+  }
+  at::Tensor lengths = pad_into(out, f, views, B, shape, slot, options.pad_value);
+  batch.tensors.insert(field.name, std::move(out));
+  batch.tensors.insert(field.name + "_lengths", std::move(lengths));
+}
+
+// A str/bytes field's values, one a sample.
+Batch::Blobs collect_blobs(const FieldSchema& field, size_t f, const Views& views, size_t B) {
+  Batch::Blobs blobs{field.name, field.kind, {}};
+  blobs.values.reserve(B);
+  for (size_t i = 0; i < B; ++i) blobs.values.emplace_back(views[i][f].data, views[i][f].nbytes);
+  return blobs;
+}
+
 }  // namespace
 
 Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options) const {
@@ -342,7 +471,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   }
   // Views point into the map: every txn stays open until the copies are done.
   std::vector<ReadTxn> txns(envs.size());
-  thread_local std::vector<std::vector<FieldView>> views;
+  thread_local Views views;
   if (views.size() < B) views.resize(B);
   Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
@@ -354,71 +483,10 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
     const FieldSchema& field = s.stored[f];
     batch.order.push_back(field.name);
     if (field.kind != FieldKind::Tensor) {
-      Batch::Blobs blobs{field.name, field.kind, {}};
-      blobs.values.reserve(B);
-      for (size_t i = 0; i < B; ++i) blobs.values.emplace_back(views[i][f].data, views[i][f].nbytes);
-      batch.blobs.push_back(std::move(blobs));
-      continue;
-    }
-    const FieldView& first = views[0][f];
-    const int ndim = first.ndim;
-    std::vector<int64_t> shape(first.sizes, first.sizes + ndim);
-    bool varies = false;
-    size_t odd = 0;
-    for (size_t i = 1; i < B; ++i) {
-      const FieldView& v = views[i][f];
-      bool same = v.ndim == ndim;
-      for (int d = 0; same && d < ndim; ++d) same = v.sizes[d] == first.sizes[d];
-      if (!same) {
-        if (!varies) odd = i;
-        varies = true;
-        TORCH_CHECK_VALUE(v.ndim == ndim, "field '", field.name, "' has ", v.ndim, " dims at index ",
-                          indices[i], " but ", ndim, " at index ", indices[0]);
-        for (int d = 0; d < ndim; ++d) shape[d] = std::max(shape[d], v.sizes[d]);
-      }
-    }
-    const bool pad = options.pad || std::find(options.pad_fields.begin(), options.pad_fields.end(),
-                                              field.name) != options.pad_fields.end();
-    TORCH_CHECK_VALUE(!varies || pad, "field '", field.name, "' has shape ", views[odd][f].shape(),
-                      " at index ", indices[odd], " but ", first.shape(), " at index ", indices[0],
-                      "; set BatchOptions::pad (or name it in BatchOptions::pad_fields) to pad it");
-    std::vector<int64_t> out_shape{static_cast<int64_t>(B)};
-    out_shape.insert(out_shape.end(), shape.begin(), shape.end());
-    at::Tensor out = options.allocate ? options.allocate(out_shape, field.dtype)
-                                      : s.buffers->empty(out_shape, field.dtype, first.data);
-    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == field.dtype &&
-                    out.sizes() == at::IntArrayRef(out_shape),
-                "the batch allocator returned a tensor of the wrong shape or dtype for field '",
-                field.name, "'");
-    char* dst = static_cast<char*>(out.data_ptr());
-    const size_t itemsize = c10::elementSize(field.dtype);
-    size_t slot = itemsize;
-    for (int64_t d : shape) slot *= static_cast<size_t>(d);
-    if (!varies) {
-      for (size_t i = 0; i < B; ++i)
-        if (slot) decode_payload(views[i][f], dst + i * slot);
+      batch.blobs.push_back(collect_blobs(field, f, views, B));
     } else {
-      out.fill_(options.pad_value);
-      at::Tensor lengths = at::empty({static_cast<int64_t>(B), ndim}, at::kLong);
-      int64_t* len = lengths.data_ptr<int64_t>();
-      for (size_t i = 0; i < B; ++i) {
-        const FieldView& v = views[i][f];
-        std::copy(v.sizes, v.sizes + ndim, len + i * ndim);
-        if (v.nbytes == 0) continue;
-        const char* src = v.data;
-        if (v.codec != Codec::None) {  // decompressed beside, then padded into its slot
-          thread_local std::vector<char> decoded;
-          decoded.resize(v.nbytes);
-          decode_payload(v, decoded.data());
-          src = decoded.data();
-        }
-        copy_padded(dst + i * slot, shape.data(), src, v.sizes, ndim, itemsize);
-      }
-      batch.tensors.insert(field.name, std::move(out));
-      batch.tensors.insert(field.name + "_lengths", std::move(lengths));
-      continue;
+      collate_field(s, field, f, views, indices, options, batch);
     }
-    batch.tensors.insert(field.name, std::move(out));
   }
   samples.evict();
   cold.done(samples.missing(), s);

@@ -21,10 +21,14 @@ extern "C" unsigned long long XXH3_64bits_dispatch(const void* input, size_t len
 #include <ostream>
 #include <streambuf>
 
+#include "torch_lmdb/blosc_codec.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {
 namespace {
+
+using detail::blosc_problem;
+using detail::compress_payload;
 
 // A record's xxh3-64: inlined for short records (no call), the dispatching
 // library function for the rest. Both compute the same hash.
@@ -83,41 +87,6 @@ class ViewSource : public std::streambuf {
                        0, path);
 }
 
-// Blosc's compressor name and the name its header reports (blosc_cbuffer_complib).
-const char* blosc_compressor(Codec c) { return c == Codec::BloscZstd ? BLOSC_ZSTD_COMPNAME : BLOSC_LZ4_COMPNAME; }
-const char* blosc_lib(Codec c) { return c == Codec::BloscZstd ? BLOSC_ZSTD_LIBNAME : BLOSC_LZ4_LIBNAME; }
-
-// The element size Blosc shuffles by: a complex number's component (the real
-// parts' bytes then group with each other, as in numcodecs for complex arrays
-// stored as pairs of floats).
-size_t shuffle_typesize(at::ScalarType t) {
-  const size_t size = c10::elementSize(t);
-  return at::isComplexType(t) ? size / 2 : size;
-}
-
-// Checks a stored Blosc frame of `view` (its header: lengths, codec); returns
-// an empty string when it may be decompressed, else what is wrong.
-std::string blosc_problem(const FieldView& v) {
-  if (v.stored < BLOSC_MIN_HEADER_LENGTH)
-    return "compressed payload of " + std::to_string(v.stored) + " bytes is shorter than a Blosc header";
-  size_t nbytes = 0, cbytes = 0, blocksize = 0;
-  blosc_cbuffer_sizes(v.data, &nbytes, &cbytes, &blocksize);
-  if (cbytes != v.stored)
-    return "Blosc frame declares " + std::to_string(cbytes) + " bytes in a payload of " + std::to_string(v.stored);
-  if (nbytes != v.nbytes)
-    return "Blosc frame decompresses to " + std::to_string(nbytes) + " bytes, not the " + std::to_string(v.nbytes) +
-           " of its shape";
-  size_t checked = 0;
-  if (blosc_cbuffer_validate(v.data, static_cast<size_t>(v.stored), &checked) != 0 || checked != v.nbytes)
-    return "invalid Blosc header";
-  const char* lib = blosc_cbuffer_complib(v.data);
-  if (lib == nullptr || std::strcmp(lib, blosc_lib(v.codec)) != 0)
-    return std::string("Blosc frame compressed with ") + (lib ? lib : "an unknown compressor") + ", not " +
-           codec_name(v.codec);
-  return {};
-}
-
-
 // The checks every field of a record passes; returns its dtype code.
 uint8_t check_field(const Field& f) {
   TORCH_CHECK_VALUE(!f.name.empty(), "field names must not be empty");
@@ -143,24 +112,6 @@ uint8_t check_field(const Field& f) {
 // The values to store: resolve_conj/resolve_neg, since a conj() or neg()
 // view shares its base's memory with a lazy bit that contiguous() keeps.
 at::Tensor stored_tensor(const Field& f) { return f.tensor.resolve_conj().resolve_neg().contiguous(); }
-
-// Compresses the `nbytes` bytes of `t` into `scratch`; returns the frame's
-// size, or 0 to store the payload raw. A frame is kept only when it is
-// smaller than the raw bytes: Blosc gives up (returns 0) when the output
-// does not fit in `nbytes`.
-int compress_payload(const Field& f, const at::Tensor& t, const Compression& c, uint64_t nbytes,
-                     std::string& scratch) {
-  int csize = 0;
-  if (c.codec != Codec::None && nbytes >= kMinCompressBytes &&
-      nbytes <= static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)) {
-    if (scratch.size() < nbytes) scratch.resize(nbytes);
-    csize = blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t.scalar_type()),
-                               static_cast<size_t>(nbytes), t.data_ptr(), &scratch[0],
-                               static_cast<size_t>(nbytes), blosc_compressor(c.codec), 0, 1);
-    TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
-  }
-  return csize;
-}
 
 void put_varint(std::string& out, uint64_t v) {
   char buf[10];
@@ -344,6 +295,72 @@ bool get_varint(const char*& p, const char* end, uint64_t* value) noexcept {
   return false;
 }
 
+// A compact field's sizes (one varint a dimension of its schema) and its
+// decoded bytes. Every nonzero size's product must fit in an int64 (it
+// reaches at::empty), and a payload's element count is bounded by the value
+// (or Blosc's limit).
+void parse_compact_sizes(const char*& p, const char* stop, size_t size, uint64_t numel_limit,
+                         const std::string& name, FieldView& f, const RecordContext& ctx) {
+  uint64_t rest = 1;
+  bool has_zero = false;
+  for (int d = 0; d < f.ndim; ++d) {
+    uint64_t s = 0;
+    if (!get_varint(p, stop, &s))
+      corrupted(ctx, "field '" + name + "' has a truncated or invalid size in dimension " + std::to_string(d));
+    f.sizes[d] = static_cast<int64_t>(s);
+    if (s == 0) {
+      has_zero = true;
+      continue;
+    }
+    if (__builtin_mul_overflow(rest, s, &rest) || rest > static_cast<uint64_t>(INT64_MAX))
+      corrupted(ctx, "field '" + name + "' has sizes whose product overflows 64 bits");
+  }
+  if (!has_zero && rest > numel_limit)
+    corrupted(ctx, "field '" + name + "' has shape " + c10::str(f.shape()) + " that does not fit in a " +
+                       std::to_string(size) + "-byte value");
+  const uint64_t numel = has_zero ? 0 : rest;
+  f.nbytes = numel * c10::elementSize(f.dtype);
+}
+
+// One field of a compact record at `p` (advanced past it), described by its
+// schema field: codec byte, sizes, payload length when compressed, payload.
+void parse_compact_field(const char*& p, const char* stop, size_t size, uint64_t numel_limit,
+                         const FieldSchema& fs, FieldView& f, const RecordContext& ctx) {
+  f.name = fs.name.data();
+  f.name_size = fs.name.size();
+  f.kind = fs.kind;
+  f.dtype = fs.dtype;
+  f.ctx = ctx;
+  if (fs.shape.size() > static_cast<size_t>(kMaxDims))
+    corrupted(ctx, "schema field '" + fs.name + "' has " + std::to_string(fs.shape.size()) + " dimensions");
+  f.ndim = static_cast<int>(fs.shape.size());
+  if (p >= stop) corrupted(ctx, "field '" + fs.name + "' is cut off (no codec byte)");
+  const uint8_t codec = static_cast<uint8_t>(*p++);
+  if (codec > 2) corrupted(ctx, "field '" + fs.name + "' has unknown codec " + std::to_string(codec));
+  if (codec != 0 && fs.kind != FieldKind::Tensor)
+    corrupted(ctx, "field '" + fs.name + "' of kind " + kind_name(fs.kind) + " is compressed");
+  f.codec = static_cast<Codec>(codec);
+  parse_compact_sizes(p, stop, size, numel_limit, fs.name, f, ctx);
+  if (f.codec == Codec::None) {
+    f.stored = f.nbytes;
+  } else {
+    if (!get_varint(p, stop, &f.stored))
+      corrupted(ctx, "field '" + fs.name + "' has a truncated or invalid payload length");
+    if (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE))
+      corrupted(ctx, "field '" + fs.name + "' has a compressed payload for " + std::to_string(f.nbytes) +
+                         " bytes");
+  }
+  if (f.stored > static_cast<uint64_t>(stop - p))
+    corrupted(ctx, "field '" + fs.name + "' payload of " + std::to_string(f.stored) +
+                       " bytes runs past the end of the " + std::to_string(size) + "-byte value");
+  f.data = p;
+  if (f.codec != Codec::None) {
+    const std::string problem = blosc_problem(f);
+    if (!problem.empty()) corrupted(ctx, "field '" + fs.name + "': " + problem);
+  }
+  p += f.stored;
+}
+
 void parse_compact(const char* base, size_t size, bool verify_checksum, const RecordContext& ctx,
                    std::vector<FieldView>& out, const std::vector<FieldSchema>* schema) {
   if (schema == nullptr) {
@@ -366,79 +383,119 @@ void parse_compact(const char* base, size_t size, bool verify_checksum, const Re
   out.resize(schema->size());
   // A raw payload lies in the value; a compressed one decompresses to at most Blosc 1's limit.
   const uint64_t numel_limit = std::max<uint64_t>(size, BLOSC_MAX_BUFFERSIZE);
-  for (size_t i = 0; i < schema->size(); ++i) {
-    const FieldSchema& fs = (*schema)[i];
-    FieldView& f = out[i];
-    f.name = fs.name.data();
-    f.name_size = fs.name.size();
-    f.kind = fs.kind;
-    f.dtype = fs.dtype;
-    f.ctx = ctx;
-    if (fs.shape.size() > static_cast<size_t>(kMaxDims))
-      corrupted(ctx, "schema field '" + fs.name + "' has " + std::to_string(fs.shape.size()) + " dimensions");
-    f.ndim = static_cast<int>(fs.shape.size());
-    if (p >= stop) corrupted(ctx, "field '" + fs.name + "' is cut off (no codec byte)");
-    const uint8_t codec = static_cast<uint8_t>(*p++);
-    if (codec > 2) corrupted(ctx, "field '" + fs.name + "' has unknown codec " + std::to_string(codec));
-    if (codec != 0 && fs.kind != FieldKind::Tensor)
-      corrupted(ctx, "field '" + fs.name + "' of kind " + kind_name(fs.kind) + " is compressed");
-    f.codec = static_cast<Codec>(codec);
-    uint64_t numel = 1, rest = 1;
-    bool has_zero = false;
-    for (int d = 0; d < f.ndim; ++d) {
-      uint64_t s = 0;
-      if (!get_varint(p, stop, &s))
-        corrupted(ctx, "field '" + fs.name + "' has a truncated or invalid size in dimension " + std::to_string(d));
-      f.sizes[d] = static_cast<int64_t>(s);
-      if (s == 0) {
-        has_zero = true;
-        continue;
-      }
-      // Every nonzero size's product must fit in an int64 (it reaches at::empty).
-      if (__builtin_mul_overflow(rest, s, &rest) || rest > static_cast<uint64_t>(INT64_MAX))
-        corrupted(ctx, "field '" + fs.name + "' has sizes whose product overflows 64 bits");
-    }
-    // A payload's element count is bounded by the value (or Blosc's limit).
-    if (!has_zero && rest > numel_limit)
-      corrupted(ctx, "field '" + fs.name + "' has shape " + c10::str(f.shape()) + " that does not fit in a " +
-                         std::to_string(size) + "-byte value");
-    numel = has_zero ? 0 : rest;
-    f.nbytes = numel * c10::elementSize(f.dtype);
-    if (f.codec == Codec::None) {
-      f.stored = f.nbytes;
-    } else {
-      if (!get_varint(p, stop, &f.stored))
-        corrupted(ctx, "field '" + fs.name + "' has a truncated or invalid payload length");
-      if (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE))
-        corrupted(ctx, "field '" + fs.name + "' has a compressed payload for " + std::to_string(f.nbytes) +
-                           " bytes");
-    }
-    if (f.stored > static_cast<uint64_t>(stop - p))
-      corrupted(ctx, "field '" + fs.name + "' payload of " + std::to_string(f.stored) +
-                         " bytes runs past the end of the " + std::to_string(size) + "-byte value");
-    f.data = p;
-    if (f.codec != Codec::None) {
-      const std::string problem = blosc_problem(f);
-      if (!problem.empty()) corrupted(ctx, "field '" + fs.name + "': " + problem);
-    }
-    p += f.stored;
-  }
+  for (size_t i = 0; i < schema->size(); ++i) parse_compact_field(p, stop, size, numel_limit, (*schema)[i], out[i], ctx);
   if (p != stop) corrupted(ctx, std::to_string(stop - p) + " unexpected bytes after the last field");
 }
 
-}  // namespace
+// ---- records of versions 1 and 2 (cereal binary archives) ----
 
-void parse_record(const void* data, size_t size, bool verify_checksum,
-                  const RecordContext& ctx, std::vector<FieldView>& out,
-                  const std::vector<FieldSchema>* schema) {
-  const char* base = static_cast<const char*>(data);
-  if (size >= 9 && record_version(data, size) == kCompactFormatVersion) {
-    uint32_t magic = 0;
-    std::memcpy(&magic, base, 4);
-    if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
-    parse_compact(base, size, verify_checksum, ctx, out, schema);
-    return;
+// Bytes left before `end` (the checksummed body's end) at `src`'s position.
+size_t available(const ViewSource& src, size_t size, size_t end) {
+  const size_t pos = size - src.remaining();
+  return pos > end ? 0 : end - pos;
+}
+
+[[noreturn]] void unreadable_version(const RecordContext& ctx, uint16_t version) {
+  const std::string path = ctx.path ? *ctx.path : std::string();
+  throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
+                                 " has format version " + std::to_string(version) +
+                                 "; this torch_lmdb reads versions " +
+                                 std::to_string(kMinFormatVersion) + ", " + std::to_string(kFormatVersion) +
+                                 " and " + std::to_string(kCompactFormatVersion),
+                             0, path);
+}
+
+// A field's name, kind, dtype code and number of dimensions.
+void read_field_type(cereal::BinaryInputArchive& ar, ViewSource& src, uint32_t i, size_t avail, FieldView& f,
+                     const RecordContext& ctx) {
+  uint64_t name_len = 0;
+  ar(name_len);
+  if (name_len == 0 || name_len > avail)
+    corrupted(ctx, "field " + std::to_string(i) + " has a name length of " + std::to_string(name_len));
+  f.name = src.current();
+  f.name_size = static_cast<size_t>(name_len);
+  src.skip(f.name_size);
+  uint8_t kind = 0, code = 0, ndim = 0;
+  ar(kind, code, ndim);
+  if (kind > 2) corrupted(ctx, "field '" + f.printable_name() + "' has unknown kind " + std::to_string(kind));
+  f.kind = static_cast<FieldKind>(kind);
+  bool ok = false;
+  f.dtype = dtype_from_code(code, &ok);
+  if (!ok) corrupted(ctx, "field '" + f.printable_name() + "' has unknown dtype code " + std::to_string(code));
+  if (ndim > kMaxDims) corrupted(ctx, "field '" + f.printable_name() + "' has " + std::to_string(ndim) + " dimensions");
+  f.ndim = ndim;
+}
+
+// A field's sizes; returns its element count, bounded by `numel_limit`.
+uint64_t read_field_sizes(cereal::BinaryInputArchive& ar, size_t size, uint64_t numel_limit, FieldView& f,
+                          const RecordContext& ctx) {
+  const int ndim = f.ndim;
+  bool has_zero = false;
+  for (int d = 0; d < ndim; ++d) {
+    int64_t s = 0;
+    ar(s);
+    if (s < 0) corrupted(ctx, "field '" + f.printable_name() + "' has negative size " + std::to_string(s) + " in dimension " + std::to_string(d));
+    f.sizes[d] = s;
+    has_zero = has_zero || s == 0;
   }
+  uint64_t numel = 1;
+  if (has_zero) {
+    // No payload, but the other sizes still reach at::empty (and a
+    // batch's [B, ...]): their product must fit in an int64, as in any
+    // tensor LibTorch made (found by tests/fuzz/record_fuzz).
+    uint64_t rest = 1;
+    for (int d = 0; d < ndim; ++d)
+      if (f.sizes[d] != 0 && (__builtin_mul_overflow(rest, static_cast<uint64_t>(f.sizes[d]), &rest) ||
+                              rest > static_cast<uint64_t>(INT64_MAX)))
+        corrupted(ctx, "field '" + f.name_str() + "' has shape " + c10::str(f.shape()) +
+                           " whose sizes overflow 64 bits");
+    return 0;
+  }
+  for (int d = 0; d < ndim; ++d) {
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > numel_limit)
+      corrupted(ctx, "field '" + f.printable_name() + "' has shape " + c10::str(f.shape()) +
+                         " that does not fit in a " + std::to_string(size) + "-byte value");
+  }
+  return numel;
+}
+
+// A field's codec (version 2), stored length and payload, checked against
+// its `numel` elements and the bytes left before `end`.
+void read_field_payload(cereal::BinaryInputArchive& ar, ViewSource& src, uint16_t version, size_t size, size_t end,
+                        uint64_t numel, FieldView& f, const RecordContext& ctx) {
+  uint8_t codec = 0;
+  if (version != 1) {
+    ar(codec);
+    if (codec > 2)
+      corrupted(ctx, "field '" + f.printable_name() + "' has unknown codec " + std::to_string(codec));
+    if (codec != 0 && f.kind != FieldKind::Tensor)
+      corrupted(ctx, "field '" + f.printable_name() + "' of kind " + kind_name(f.kind) + " is compressed");
+  }
+  f.codec = static_cast<Codec>(codec);
+  f.ctx = ctx;
+  ar(f.stored);
+  const uint64_t itemsize = c10::elementSize(f.dtype);
+  f.nbytes = numel * itemsize;
+  if (f.codec == Codec::None && f.stored != f.nbytes)
+    corrupted(ctx, "field '" + f.printable_name() + "' declares " + std::to_string(f.stored) +
+                       " bytes for " + std::to_string(numel) + " elements of " + dtype_name(f.dtype));
+  if (f.codec != Codec::None && (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)))
+    corrupted(ctx, "field '" + f.printable_name() + "' has a compressed payload for " +
+                       std::to_string(f.nbytes) + " bytes");
+  if (f.stored > available(src, size, end))
+    corrupted(ctx, "field '" + f.printable_name() + "' payload of " + std::to_string(f.stored) +
+                       " bytes runs past the end of the " + std::to_string(size) + "-byte value");
+  f.data = src.current();
+  if (f.codec != Codec::None) {
+    const std::string problem = blosc_problem(f);
+    if (!problem.empty()) corrupted(ctx, "field '" + f.printable_name() + "': " + problem);
+  }
+  src.skip(static_cast<size_t>(f.stored));
+}
+
+// A record of version 1 or 2: header, then each field through the archive.
+void parse_cereal(const char* base, size_t size, bool verify_checksum, const RecordContext& ctx,
+                  std::vector<FieldView>& out) {
   constexpr size_t kHeader = 12;
   if (size < kHeader) corrupted(ctx, "value of " + std::to_string(size) + " bytes is shorter than the record header");
   ViewSource src(base, size);
@@ -464,15 +521,7 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
     corrupted(ctx, std::string("truncated header: ") + e.what());
   }
   if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
-  if (version != kFormatVersion && version != kMinFormatVersion) {
-    const std::string path = ctx.path ? *ctx.path : std::string();
-    throw InvalidDatabaseError("record at '" + path + "' index " + std::to_string(ctx.index) +
-                                   " has format version " + std::to_string(version) +
-                                   "; this torch_lmdb reads versions " +
-                                   std::to_string(kMinFormatVersion) + ", " + std::to_string(kFormatVersion) +
-                                   " and " + std::to_string(kCompactFormatVersion),
-                               0, path);
-  }
+  if (version != kFormatVersion && version != kMinFormatVersion) unreadable_version(ctx, version);
   if (flags & ~uint16_t{1}) corrupted(ctx, "unknown flags " + std::to_string(flags));
   const size_t end = body_end(base, size, (flags & 1) != 0, kHeader, verify_checksum, ctx);  // the checksummed body
   // Each field takes at least 8 + 1 + 3 + 8 bytes (+ 1 codec byte in
@@ -485,91 +534,34 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
     corrupted(ctx, "field count " + std::to_string(count) + " does not fit in " +
                        std::to_string(size) + " bytes");
   out.resize(count);
-  auto avail = [&]() -> size_t {
-    const size_t pos = size - src.remaining();
-    return pos > end ? 0 : end - pos;
-  };
   try {
     for (uint32_t i = 0; i < count; ++i) {
       FieldView& f = out[i];
-      uint64_t name_len = 0;
-      ar(name_len);
-      if (name_len == 0 || name_len > avail())
-        corrupted(ctx, "field " + std::to_string(i) + " has a name length of " +
-                           std::to_string(name_len));
-      f.name = src.current();
-      f.name_size = static_cast<size_t>(name_len);
-      src.skip(f.name_size);
-      uint8_t kind = 0, code = 0, ndim = 0;
-      ar(kind, code, ndim);
-      if (kind > 2) corrupted(ctx, "field '" + f.printable_name() + "' has unknown kind " + std::to_string(kind));
-      f.kind = static_cast<FieldKind>(kind);
-      bool ok = false;
-      f.dtype = dtype_from_code(code, &ok);
-      if (!ok) corrupted(ctx, "field '" + f.printable_name() + "' has unknown dtype code " + std::to_string(code));
-      if (ndim > kMaxDims) corrupted(ctx, "field '" + f.printable_name() + "' has " + std::to_string(ndim) + " dimensions");
-      f.ndim = ndim;
-      bool has_zero = false;
-      for (int d = 0; d < ndim; ++d) {
-        int64_t s = 0;
-        ar(s);
-        if (s < 0) corrupted(ctx, "field '" + f.printable_name() + "' has negative size " + std::to_string(s) + " in dimension " + std::to_string(d));
-        f.sizes[d] = s;
-        has_zero = has_zero || s == 0;
-      }
-      uint64_t numel = 1;
-      if (has_zero) {
-        // No payload, but the other sizes still reach at::empty (and a
-        // batch's [B, ...]): their product must fit in an int64, as in any
-        // tensor LibTorch made (found by tests/fuzz/record_fuzz).
-        uint64_t rest = 1;
-        for (int d = 0; d < ndim; ++d)
-          if (f.sizes[d] != 0 && (__builtin_mul_overflow(rest, static_cast<uint64_t>(f.sizes[d]), &rest) ||
-                                  rest > static_cast<uint64_t>(INT64_MAX)))
-            corrupted(ctx, "field '" + f.name_str() + "' has shape " + c10::str(f.shape()) +
-                               " whose sizes overflow 64 bits");
-        numel = 0;
-      } else {
-        for (int d = 0; d < ndim; ++d) {
-          if (__builtin_mul_overflow(numel, static_cast<uint64_t>(f.sizes[d]), &numel) || numel > numel_limit)
-            corrupted(ctx, "field '" + f.printable_name() + "' has shape " + c10::str(f.shape()) +
-                               " that does not fit in a " + std::to_string(size) + "-byte value");
-        }
-      }
-      uint8_t codec = 0;
-      if (version != 1) {
-        ar(codec);
-        if (codec > 2)
-          corrupted(ctx, "field '" + f.printable_name() + "' has unknown codec " + std::to_string(codec));
-        if (codec != 0 && kind != 0)
-          corrupted(ctx, "field '" + f.printable_name() + "' of kind " + kind_name(f.kind) + " is compressed");
-      }
-      f.codec = static_cast<Codec>(codec);
-      f.ctx = ctx;
-      ar(f.stored);
-      const uint64_t itemsize = c10::elementSize(f.dtype);
-      f.nbytes = numel * itemsize;
-      if (f.codec == Codec::None && f.stored != f.nbytes)
-        corrupted(ctx, "field '" + f.printable_name() + "' declares " + std::to_string(f.stored) +
-                           " bytes for " + std::to_string(numel) + " elements of " + dtype_name(f.dtype));
-      if (f.codec != Codec::None && (f.nbytes == 0 || f.nbytes > static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)))
-        corrupted(ctx, "field '" + f.printable_name() + "' has a compressed payload for " +
-                           std::to_string(f.nbytes) + " bytes");
-      if (f.stored > avail())
-        corrupted(ctx, "field '" + f.printable_name() + "' payload of " + std::to_string(f.stored) +
-                           " bytes runs past the end of the " + std::to_string(size) + "-byte value");
-      f.data = src.current();
-      if (f.codec != Codec::None) {
-        const std::string problem = blosc_problem(f);
-        if (!problem.empty()) corrupted(ctx, "field '" + f.printable_name() + "': " + problem);
-      }
-      src.skip(static_cast<size_t>(f.stored));
+      read_field_type(ar, src, i, available(src, size, end), f, ctx);
+      const uint64_t numel = read_field_sizes(ar, size, numel_limit, f, ctx);
+      read_field_payload(ar, src, version, size, end, numel, f, ctx);
     }
   } catch (const cereal::Exception& e) {
     corrupted(ctx, std::string("truncated field header: ") + e.what());
   }
   if (size - src.remaining() != end)
     corrupted(ctx, std::to_string(end - (size - src.remaining())) + " unexpected bytes after the last field");
+}
+
+}  // namespace
+
+void parse_record(const void* data, size_t size, bool verify_checksum,
+                  const RecordContext& ctx, std::vector<FieldView>& out,
+                  const std::vector<FieldSchema>* schema) {
+  const char* base = static_cast<const char*>(data);
+  if (size >= 9 && record_version(data, size) == kCompactFormatVersion) {
+    uint32_t magic = 0;
+    std::memcpy(&magic, base, 4);
+    if (magic != kRecordMagic) corrupted(ctx, "bad magic (not a torch_lmdb record)");
+    parse_compact(base, size, verify_checksum, ctx, out, schema);
+    return;
+  }
+  parse_cereal(base, size, verify_checksum, ctx, out);
 }
 
 void decode_compressed(const FieldView& view, void* dst) {

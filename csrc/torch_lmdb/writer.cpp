@@ -13,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "torch_lmdb/conform.h"
 #include "torch_lmdb/env_files.h"
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/meta.h"
@@ -384,63 +385,163 @@ struct Writer::Impl {
   // Orders `fields` like the schema (fixing the schema on the first sample).
   const std::vector<Field>& conform(const std::vector<Field>& fields, size_t index) {
     if (schema.empty()) {
-      TORCH_CHECK_VALUE(!fields.empty(), "sample ", index, " has no fields");
-      for (const Field& f : fields) {
-        for (const auto& s : schema)
-          TORCH_CHECK_VALUE(s.name != f.name, "sample ", index, " has field '", f.name, "' twice");
-        TORCH_CHECK_VALUE(f.tensor.defined(), "field '", f.name, "' of sample ", index,
-                          " holds an undefined tensor");
-        dtype_code(f.tensor.scalar_type());  // TypeError for unsupported dtypes
-        schema.push_back(FieldSchema{f.name, f.kind, f.tensor.scalar_type(), f.tensor.sizes().vec()});
-      }
+      schema = detail::schema_of_first(fields, index);
       resolve_codecs();  // ValueError for a codec naming no field
       meta_dirty = true;
       return fields;
     }
-    // Only built on the error paths (TORCH_CHECK evaluates its message lazily).
-    auto names = [&] {
-      std::string out;
-      for (const auto& s : schema) out += (out.empty() ? "" : ", ") + s.name;
-      return out;
-    };
-    TORCH_CHECK_VALUE(fields.size() == schema.size(), "sample ", index, " of '", path, "' has ",
-                      fields.size(), " fields but the database stores ", schema.size(), ": ", names());
-    ordered.clear();
-    for (size_t i = 0; i < schema.size(); ++i) {
-      FieldSchema& s = schema[i];
-      const Field* f = (fields[i].name == s.name) ? &fields[i] : nullptr;
-      if (f == nullptr) {
-        auto it = std::find_if(fields.begin(), fields.end(), [&](const Field& x) { return x.name == s.name; });
-        TORCH_CHECK_VALUE(it != fields.end(), "sample ", index, " of '", path, "' has no field '", s.name,
-                          "'; the database stores: ", names());
-        f = &*it;
-      }
-      TORCH_CHECK_VALUE(f->tensor.defined(), "field '", f->name, "' of sample ", index,
-                        " holds an undefined tensor");
-      TORCH_CHECK_TYPE(f->kind == s.kind, "field '", s.name, "' of sample ", index, " is a ",
-                       kind_name(f->kind), " but earlier samples stored a ", kind_name(s.kind));
-      TORCH_CHECK_TYPE(f->tensor.scalar_type() == s.dtype, "field '", s.name, "' of sample ", index,
-                       " has dtype ", dtype_name_or(f->tensor.scalar_type()), " but earlier samples stored ",
-                       dtype_name(s.dtype));
-      TORCH_CHECK_VALUE(f->tensor.dim() == static_cast<int64_t>(s.shape.size()), "field '", s.name,
-                        "' of sample ", index, " has ", f->tensor.dim(), " dims but earlier samples have ",
-                        s.shape.size());
-      for (size_t d = 0; d < s.shape.size(); ++d) {
-        if (s.shape[d] != -1 && s.shape[d] != f->tensor.size(static_cast<int64_t>(d))) {
-          s.shape[d] = -1;
-          meta_dirty = true;
-        }
-      }
-      ordered.push_back(*f);
-    }
+    detail::conform_fields(schema, fields, index, path, ordered, &meta_dirty);
     return ordered;
   }
+  // ---- the steps of Writer::Writer ----
 
-  static std::string dtype_name_or(at::ScalarType t) {
-    try {
-      return dtype_name(t);
-    } catch (const c10::Error&) {
-      return c10::toString(t);
+  // The options checked; the records' version chosen (format_version 0:
+  // the compact format when compressing or packing, else the default).
+  void choose_version() {
+    if (options.commit_every == 0) options.commit_every = kDefaultCommitEvery;
+    if (options.commit_bytes == 0) options.commit_bytes = kDefaultCommitBytes;
+    const int asked = options.format_version;
+    TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
+                      "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
+                      kMinFormatVersion, ", ", kFormatVersion, " or ", kCompactFormatVersion, " (0: automatic)");
+    default_codec = parse_compression(options.compression, "every field (WriterOptions::compression)");
+    compresses = default_codec.codec != Codec::None;
+    for (const auto& [name, spec] : options.field_compression)
+      compresses = parse_compression(spec, "field '" + name + "'").codec != Codec::None || compresses;
+    TORCH_CHECK_VALUE(!compresses || asked != kMinFormatVersion,
+                      "format version 1 records cannot be compressed; drop the compression or write version 2");
+    version = static_cast<uint16_t>(asked);
+    if (asked == 0) version = compresses || options.samples_per_value > 1 ? kCompactFormatVersion : kFormatVersion;
+    TORCH_CHECK_VALUE(options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
+                      options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
+    TORCH_CHECK_VALUE(options.samples_per_value <= 1 || asked != kMinFormatVersion,
+                      "a format version 1 database holds one sample per value; drop samples_per_value or write version 2");
+  }
+
+  // The database's env, opened for writing. One writer per database: in this
+  // process, a claim on the shared env; across processes, the lock on
+  // writer.lock (env_files.h).
+  void open_and_claim() {
+    EnvOptions eo;
+    eo.readonly = false;
+    eo.lock = 1;
+    eo.map_size = options.map_size;
+    env = Env::open(path, eo);
+    generation = fork_generation();
+    if (!env->claim_writer()) {
+      throw LockError("another Writer of this process has '" + path + "' open; one writer at a time", EAGAIN, path);
+    }
+    claimed = true;
+    lock_fd = detail::lock_writer_file(path);
+  }
+
+  // The database's metadata and how many LMDB values it holds.
+  std::pair<detail::Json, size_t> read_existing() {
+    WriteTxn txn(*env);
+    detail::Json meta = detail::read_meta(*env, txn.get());
+    MDB_stat st{};
+    detail::check_mdb(mdb_stat(txn.get(), env->samples_dbi(), &st), "mdb_stat", path);
+    return {std::move(meta), st.ms_entries};
+  }
+
+  // Appending: the records' version of the database (`meta`). A database
+  // keeps its records' version (a version 1 database stays readable by older
+  // torch_lmdb) unless this writer compresses into a version 1 database: it
+  // then becomes version 2.
+  void adopt_version(const detail::Json& meta) {
+    int64_t stored = meta.value("format_version", int64_t{0});
+    if (stored == kPackedFormatVersion) stored = kFormatVersion;  // its records
+    if (stored != kFormatVersion && stored != kMinFormatVersion && stored != kCompactFormatVersion)
+      throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(stored) +
+                                     ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
+                                     ", " + std::to_string(kFormatVersion) + " and " +
+                                     std::to_string(kCompactFormatVersion),
+                                 0, path);
+    version = compresses && stored == kMinFormatVersion ? kFormatVersion : static_cast<uint16_t>(stored);
+  }
+
+  // Appending: samples per value (an empty database takes this writer's
+  // choice; a database with samples keeps its own), checked against the
+  // values the database holds; a partly filled last value becomes the tail.
+  void adopt_packing(size_t counted, size_t samples_per_value, size_t existing_values) {
+    if (counted > 0 || samples_per_value > 1) {
+      TORCH_CHECK_VALUE(options.samples_per_value == 0 || options.samples_per_value == samples_per_value,
+                        "'", path, "' holds ", samples_per_value, " sample(s) per value; cannot append with "
+                        "samples_per_value ", options.samples_per_value, " (pass 0: keep the database's)");
+      per_value = static_cast<uint32_t>(samples_per_value);
+    }
+    const uint32_t per = std::max<uint32_t>(per_value, 1);
+    const size_t expected_values = counted / per + (counted % per != 0);
+    if (expected_values != existing_values)
+      throw CorruptedError("'" + path + "' counts " + std::to_string(counted) + " samples but holds " +
+                               std::to_string(existing_values) + (per > 1 ? " values of up to " +
+                               std::to_string(per) + " samples" : std::string(" samples")) +
+                               "; run `torch-lmdb verify`",
+                           0, path);
+    if (per > 1 && counted % per != 0) load_tail(counted);
+  }
+
+  // Appending: the per-field byte counts of metadata `compression` continued
+  // (absent in version 1: then unknown, unless the database is empty).
+  void adopt_byte_counts(const detail::Json& old, size_t counted) {
+    counts_known = counted == 0;
+    if (!old.is_object()) return;
+    bool all = true;
+    for (size_t f = 0; f < schema.size(); ++f) {
+      const auto it = old.find(schema[f].name);
+      if (it == old.end() || !it->is_object() || !it->value("stored_bytes", detail::Json()).is_number_unsigned() ||
+          !it->value("raw_bytes", detail::Json()).is_number_unsigned()) {
+        all = false;
+        break;
+      }
+      stored_bytes[f] = (*it)["stored_bytes"].get<uint64_t>();
+      raw_bytes[f] = (*it)["raw_bytes"].get<uint64_t>();
+    }
+    counts_known = all || counted == 0;
+  }
+
+  // Appending to the database of `meta` (an edited schema is not appended
+  // to): its version, packing, schema, user metadata, shard and codecs.
+  void continue_database(const detail::Json& meta, size_t existing_values) {
+    detail::check_layout(meta, path);
+    const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
+    adopt_version(meta);
+    const size_t counted = meta.value("num_samples", size_t{0});
+    adopt_packing(counted, info.samples_per_value, existing_values);
+    schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
+    user = meta.value("user", detail::Json::object());
+    shard = meta.value("shard", detail::Json());
+    committed = counted;
+    pending.first = counted;
+    if (schema.empty()) return;
+    const detail::Json old = meta.value("compression", detail::Json());
+    resolve_codecs();  // ValueError for a codec naming no field
+    adopt_codecs(old, counted);
+    adopt_byte_counts(old, counted);
+  }
+
+  // Marks the database incomplete before the first sample is written; a new
+  // database (or one rewritten) gets its fixed metadata.
+  void mark_incomplete(bool fresh, bool has_meta) {
+    for (;;) {
+      try {
+        WriteTxn txn(*env);
+        if (fresh) {
+          detail::put_meta(*env, txn.get(), "format", "torch_lmdb");
+          detail::put_meta(*env, txn.get(), "format_version", version);
+          detail::put_meta(*env, txn.get(), "checksum", options.checksum ? "xxh3_64" : "none");
+          detail::put_meta(*env, txn.get(), "byte_order", "little");
+          detail::put_meta(*env, txn.get(), "created_with",
+                           detail::Json{{"torch_lmdb", TORCH_LMDB_VERSION}, {"torch", kTorchVersion}});
+        }
+        if (has_meta && options.append) detail::put_meta(*env, txn.get(), "format_version", version);
+        put_common_meta(txn.get(), committed, detail::schema_to_json(schema), user, false, compression_json(), shard);
+        txn.commit();
+        return;
+      } catch (const MapFullError&) {
+        if (!options.auto_grow) throw;
+        grow(size_t{1} << 20);
+      }
     }
   }
 };
@@ -449,50 +550,9 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
   Impl& w = *impl_;
   w.path = path;
   w.options = std::move(options);
-  if (w.options.commit_every == 0) w.options.commit_every = kDefaultCommitEvery;
-  if (w.options.commit_bytes == 0) w.options.commit_bytes = kDefaultCommitBytes;
-  const int asked = w.options.format_version;
-  TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
-                    "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
-                    kMinFormatVersion, ", ", kFormatVersion, " or ", kCompactFormatVersion, " (0: automatic)");
-  w.default_codec = parse_compression(w.options.compression, "every field (WriterOptions::compression)");
-  bool compresses = w.default_codec.codec != Codec::None;
-  for (const auto& [name, spec] : w.options.field_compression)
-    compresses = parse_compression(spec, "field '" + name + "'").codec != Codec::None || compresses;
-  TORCH_CHECK_VALUE(!compresses || asked != kMinFormatVersion,
-                    "format version 1 records cannot be compressed; drop the compression or write version 2");
-  w.version = static_cast<uint16_t>(asked);
-  if (asked == 0)
-    w.version = compresses || w.options.samples_per_value > 1 ? kCompactFormatVersion : kFormatVersion;
-  w.compresses = compresses;
-  TORCH_CHECK_VALUE(w.options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
-                    w.options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
-  TORCH_CHECK_VALUE(w.options.samples_per_value <= 1 || asked != kMinFormatVersion,
-                    "a format version 1 database holds one sample per value; drop samples_per_value or write version 2");
-  EnvOptions eo;
-  eo.readonly = false;
-  eo.lock = 1;
-  eo.map_size = w.options.map_size;
-  w.env = Env::open(path, eo);
-  w.generation = fork_generation();
-
-  // One writer per database: in this process, a claim on the shared env; across
-  // processes, the lock on writer.lock (env_files.h).
-  if (!w.env->claim_writer()) {
-    throw LockError("another Writer of this process has '" + path + "' open; one writer at a time", EAGAIN, path);
-  }
-  w.claimed = true;
-  w.lock_fd = detail::lock_writer_file(path);
-
-  detail::Json meta;
-  size_t existing_values = 0;
-  {
-    WriteTxn txn(*w.env);
-    meta = detail::read_meta(*w.env, txn.get());
-    MDB_stat st{};
-    detail::check_mdb(mdb_stat(txn.get(), w.env->samples_dbi(), &st), "mdb_stat", path);
-    existing_values = st.ms_entries;
-  }
+  w.choose_version();
+  w.open_and_claim();
+  const auto [meta, existing_values] = w.read_existing();
   const bool has_meta = meta.contains("format");
   if (has_meta && meta["format"] != "torch_lmdb") {
     throw InvalidDatabaseError("'" + path + "' holds an LMDB database of another format", 0, path);
@@ -505,88 +565,10 @@ Writer::Writer(const std::string& path, WriterOptions options) : impl_(new Impl(
                                  0, path);
     }
   } else if (has_meta) {
-    detail::check_layout(meta, path);  // an edited schema is not appended to
-    const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
-    int64_t version = meta.value("format_version", int64_t{0});
-    if (version == kPackedFormatVersion) version = kFormatVersion;  // its records
-    if (version != kFormatVersion && version != kMinFormatVersion && version != kCompactFormatVersion)
-      throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(version) +
-                                     ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
-                                     ", " + std::to_string(kFormatVersion) + " and " +
-                                     std::to_string(kCompactFormatVersion),
-                                 0, path);
-    // A database keeps its records' version (a version 1 database stays
-    // readable by older torch_lmdb) unless this writer compresses into a
-    // version 1 database: it then becomes version 2.
-    w.version = compresses && version == kMinFormatVersion ? kFormatVersion : static_cast<uint16_t>(version);
-    const size_t counted = meta.value("num_samples", size_t{0});
-    // An empty database takes this writer's choice; a database with samples keeps its own.
-    if (counted > 0 || info.samples_per_value > 1) {
-      TORCH_CHECK_VALUE(w.options.samples_per_value == 0 || w.options.samples_per_value == info.samples_per_value,
-                        "'", path, "' holds ", info.samples_per_value, " sample(s) per value; cannot append with "
-                        "samples_per_value ", w.options.samples_per_value, " (pass 0: keep the database's)");
-      w.per_value = static_cast<uint32_t>(info.samples_per_value);
-    }
-    const uint32_t per_value = std::max<uint32_t>(w.per_value, 1);
-    const size_t expected_values = counted / per_value + (counted % per_value != 0);
-    if (expected_values != existing_values)
-      throw CorruptedError("'" + path + "' counts " + std::to_string(counted) + " samples but holds " +
-                               std::to_string(existing_values) + (per_value > 1 ? " values of up to " +
-                               std::to_string(per_value) + " samples" : std::string(" samples")) +
-                               "; run `torch-lmdb verify`",
-                           0, path);
-    if (per_value > 1 && counted % per_value != 0) w.load_tail(counted);
-    w.schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
-    w.user = meta.value("user", detail::Json::object());
-    w.shard = meta.value("shard", detail::Json());
-    w.committed = counted;
-    w.pending.first = counted;
-    if (!w.schema.empty()) {
-      const detail::Json old = meta.value("compression", detail::Json());
-      w.resolve_codecs();  // ValueError for a codec naming no field
-      w.adopt_codecs(old, counted);
-      // Continue the byte counts of the metadata (absent in version 1: then unknown).
-      w.counts_known = counted == 0;
-      if (old.is_object()) {
-        bool all = true;
-        for (size_t f = 0; f < w.schema.size(); ++f) {
-          const auto it = old.find(w.schema[f].name);
-          if (it == old.end() || !it->is_object() || !it->value("stored_bytes", detail::Json()).is_number_unsigned() ||
-              !it->value("raw_bytes", detail::Json()).is_number_unsigned()) {
-            all = false;
-            break;
-          }
-          w.stored_bytes[f] = (*it)["stored_bytes"].get<uint64_t>();
-          w.raw_bytes[f] = (*it)["raw_bytes"].get<uint64_t>();
-        }
-        w.counts_known = all || counted == 0;
-      }
-    }
+    w.continue_database(meta, existing_values);
   }
   if (!w.options.user_json.empty()) set_user_metadata(w.options.user_json);
-
-  // Mark the database incomplete before the first sample is written.
-  for (;;) {
-    try {
-      WriteTxn txn(*w.env);
-      if (!has_meta || !w.options.append) {
-        detail::put_meta(*w.env, txn.get(), "format", "torch_lmdb");
-        detail::put_meta(*w.env, txn.get(), "format_version", w.version);
-        detail::put_meta(*w.env, txn.get(), "checksum", w.options.checksum ? "xxh3_64" : "none");
-        detail::put_meta(*w.env, txn.get(), "byte_order", "little");
-        detail::put_meta(*w.env, txn.get(), "created_with",
-                         detail::Json{{"torch_lmdb", TORCH_LMDB_VERSION}, {"torch", kTorchVersion}});
-      }
-      if (has_meta && w.options.append) detail::put_meta(*w.env, txn.get(), "format_version", w.version);
-      w.put_common_meta(txn.get(), w.committed, detail::schema_to_json(w.schema), w.user, false,
-                        w.compression_json(), w.shard);
-      txn.commit();
-      break;
-    } catch (const MapFullError&) {
-      if (!w.options.auto_grow) throw;
-      w.grow(size_t{1} << 20);
-    }
-  }
+  w.mark_incomplete(!has_meta || !w.options.append, has_meta);
 }
 
 Writer::~Writer() {
