@@ -32,8 +32,10 @@ namespace detail {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-// Shards of at least this many bytes per transfer are fetched in parts at once.
-constexpr uint64_t kMinPart = uint64_t{4} << 20;
+// Shards are fetched in parts of at least this many bytes, at most kMaxParts,
+// `transfers` at a time: small parts keep every connection busy to the end.
+constexpr uint64_t kMinPart = uint64_t{2} << 20;
+constexpr uint64_t kMaxParts = 16;
 
 int open_lock_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -74,7 +76,8 @@ bool read_small_file(const std::string& path, std::string& out, size_t limit) {
 // Writes `text` to `path` through a temporary and a rename (readers never see
 // a partial file).
 void write_file_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + hex16(rng());  // unique per writer
   {
     Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (fd.fd < 0) throw Error("cannot write '" + tmp + "': " + std::strerror(errno), errno, tmp);
@@ -438,8 +441,7 @@ bool ShardCache::download(size_t k, int fd, const std::string& tmp, unsigned att
   std::atomic<uint64_t> retries{0};
   std::string got;
   const uint64_t size = shards_[k].size;
-  const unsigned parts = is_url(source_) ? static_cast<unsigned>(std::min<uint64_t>(
-                                               options_.transfers, size / kMinPart)) : 1;
+  const unsigned parts = is_url(source_) ? static_cast<unsigned>(std::min<uint64_t>(kMaxParts, size / kMinPart)) : 1;
   if (parts > 1 && fetch_parts(url, fd, size, parts, retries)) {
     sink.offset = size;  // every part arrived whole; the file is hashed in one pass (from the page cache)
     got = file_xxh3(tmp);

@@ -20,9 +20,10 @@
 //   fetched again up to `hash_retries` times, then CorruptedError names the
 //   shard and the URL. A temporary whose flock is free (its process died) is
 //   removed by the next process that reserves space.
-// - A shard of 8 MiB or more at a URL is fetched as up to `transfers` Range
-//   requests at once (then hashed in one pass); a server that ignores Range
-//   gets one request for the whole body.
+// - A shard of 4 MiB or more at a URL is fetched as Range requests of at
+//   least 2 MiB (at most 16 parts), then hashed in one pass; a server that
+//   ignores Range gets one request for the whole body. A cache has at most
+//   `transfers` requests in flight.
 // - Requests are retried with exponential backoff (at most `retries` times)
 //   on connection errors, timeouts (no byte for `stall_seconds`), HTTP 5xx,
 //   408 and 429, and bodies cut short (the retry asks for the rest with a

@@ -192,6 +192,25 @@ def test_faults_503_and_cut_bodies_are_retried_and_leave_nothing_behind(served, 
         proxy.stop()
 
 
+def test_a_large_shard_is_fetched_in_range_parts_even_through_faults(tmp_path):
+    src = write_shard_dir(tmp_path / "www" / "big", shards=1, per_shard=6000)  # about 7 MB
+    size = shard_sizes(src)[0]
+    assert size >= 6 << 20
+    server = Nginx(str(tmp_path / "www"), str(tmp_path / "nginx"))
+    proxy = FaultProxy(server.port, p503=0.2, pcut=0.1, seed=3)
+    try:
+        c = _C.ShardCache(proxy.url + "/big", str(tmp_path / "cache"), transfers=3)
+        ds = torch_lmdb.LMDBDataset(c.acquire(0))
+        check_equal(ds.get_batch(list(range(0, 6000, 11))), list(range(0, 6000, 11)))
+        parts = [(st, n) for st, n, _ in server.requests("shard-00000.lmdb/data.mdb")]
+        assert len([1 for st, _ in parts if st == 206]) >= 3, parts  # Range parts, not one body
+        assert c.stats()["bytes_fetched"] == size and c.stats()["shards_fetched"] == 1
+        assert leftovers(str(tmp_path / "cache")) == []
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 def test_a_stalled_transfer_times_out_and_is_retried(served, tmp_path):
     server, _ = served
     proxy = FaultProxy(server.port, pstall=0.3, stall=4, seed=2)
