@@ -22,12 +22,13 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.data
 
 from torch_lmdb import _C, _plan
 from torch_lmdb.dataset import LMDBDataset, _fork_generation_now
 from torch_lmdb.stream import _check_state, _draw_seed, _make_state, _rank_and_world
 
-__all__ = ["ShardWindowDataset", "default_cache_dir", "parse_cache_limit", "shard_window_order"]
+__all__ = ["ShardWindowDataset", "ShardWindowSampler", "default_cache_dir", "parse_cache_limit", "shard_window_order"]
 
 
 def default_cache_dir() -> str:
@@ -378,6 +379,12 @@ class ShardWindowDataset(LMDBDataset):
         return WindowBatchIterator(self, batch_size, shuffle, seed, drop_last, pad, pad_value, epoch, rank,
                                    world_size, start)
 
+    def window_sampler(self, shuffle: bool = True, seed: int = 0) -> "ShardWindowSampler":
+        """A sampler for the drop-in ``DataLoader(ds, sampler=ds.window_sampler())``:
+        the sample indices of each epoch in shard-window order (``set_epoch(e)``
+        as DistributedSampler's), so per-sample reads follow the windows too."""
+        return ShardWindowSampler(self, shuffle, seed)
+
     # -- what needs the whole dataset -----------------------------------------
     def _whole(self, what: str):
         raise ValueError(f"{what} needs the whole dataset in the cache: '{self._spec.source}' is read in shard "
@@ -468,3 +475,22 @@ class WindowBatchIterator:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._seed, self._epoch, position = _check_state(state, len(self._ds), self._order_name, "iter_batches")
         self._restart(position)
+
+
+class ShardWindowSampler(torch.utils.data.Sampler):
+    """Sample indices of a :class:`ShardWindowDataset`'s epoch in shard-window
+    order (see :meth:`ShardWindowDataset.window_sampler`)."""
+
+    def __init__(self, ds: ShardWindowDataset, shuffle: bool = True, seed: int = 0):
+        self._ds, self._shuffle, self._seed, self._epoch = ds, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __iter__(self):
+        order, _ = shard_window_order(self._ds._counts, self._ds._window, _C.epoch_seed(self._seed, self._epoch),
+                                      self._shuffle)
+        return iter(order.tolist())

@@ -337,6 +337,22 @@ def test_shard_window_epoch_reads_every_sample_once_within_the_cache_limit(serve
     assert ds.io_stats()["evictions"] >= 2
 
 
+def test_drop_in_dataloader_with_the_window_sampler(served, tmp_path):
+    server, local = served
+    sizes = shard_sizes(local)
+    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"),
+                                cache_limit=sum(sorted(sizes)[-4:]), shard_window=2)
+    sampler = ds.window_sampler(seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=30, sampler=sampler, num_workers=2, collate_fn=ds.collate)
+    seen = []
+    for batch in loader:
+        check_equal(batch, batch["index"].tolist())
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(1800))
+    # Consecutive windows: the epoch's first 600 samples come from 2 shards.
+    assert len({i // 300 for i in seen[:600]}) == 2
+
+
 def test_shard_window_resume_continues_exactly(served, tmp_path):
     server, local = served
     sizes = shard_sizes(local)
@@ -360,7 +376,8 @@ def test_shard_window_make_loader_workers_fetch_each_shard_once(served, tmp_path
     ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=sum(sorted(sizes)[-4:]),
                                 shard_window=2)
     before = len(server.requests("/data.mdb"))
-    loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2)
+    loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2,
+                                    multiprocessing_context="spawn")  # the dataset pickles its cache's spec
     seen = []
     for batch in loader:
         check_equal(batch, batch["index"].tolist())
