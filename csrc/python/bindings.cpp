@@ -115,25 +115,25 @@ struct PyReader {
   std::shared_ptr<WarningSink> sink = std::make_shared<WarningSink>();
   std::unique_ptr<Reader> reader;
 
-  PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool readahead,
-           unsigned max_readers, std::vector<std::string> fields, size_t lookahead_bytes, bool keep_cache,
-           const std::string& lookahead, unsigned decode_threads) {
+  PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool os_readahead,
+           unsigned max_readers, std::vector<std::string> fields, size_t page_request_bytes, bool keep_cache,
+           const std::string& page_requests, unsigned decode_threads) {
     ReaderOptions o;
     o.decode_threads = decode_threads;
-    if (lookahead == "auto") {
-      o.lookahead = LookaheadMode::Auto;
-    } else if (lookahead == "always") {
-      o.lookahead = LookaheadMode::Always;
-    } else if (lookahead == "never") {
-      o.lookahead = LookaheadMode::Never;
+    if (page_requests == "auto") {
+      o.page_requests = PageRequests::Auto;
+    } else if (page_requests == "always") {
+      o.page_requests = PageRequests::Always;
+    } else if (page_requests == "never") {
+      o.page_requests = PageRequests::Never;
     } else {
-      throw py::value_error("lookahead must be 'auto', 'always' or 'never', got '" + lookahead + "'");
+      throw py::value_error("page_requests must be 'auto', 'always' or 'never', got '" + page_requests + "'");
     }
-    o.lookahead_bytes = lookahead_bytes;
+    o.page_request_bytes = page_request_bytes;
     o.keep_cache = keep_cache;
     o.verify = verify;
     o.lock = lock.has_value() ? (*lock ? 1 : 0) : -1;
-    o.readahead = readahead;
+    o.os_readahead = os_readahead;
     o.max_readers = max_readers;
     o.fields = std::move(fields);
     auto s = sink;
@@ -366,18 +366,22 @@ void bind_reader(py::module_& m) {
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
                     std::vector<std::string>, size_t, bool, std::string, unsigned>(),
            py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
-           py::arg("readahead") = false, py::arg("max_readers") = 1024,
-           py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{128} << 20,
-           py::arg("keep_cache") = true, py::arg("lookahead") = "auto", py::arg("decode_threads") = 0)
+           py::arg("os_readahead") = false, py::arg("max_readers") = 1024,
+           py::arg("fields") = std::vector<std::string>(), py::arg("page_request_bytes") = size_t{128} << 20,
+           py::arg("keep_cache") = true, py::arg("page_requests") = "auto", py::arg("decode_threads") = 0)
       .def("io_stats",
            [](const PyReader& r) {
              const Reader::IoStats st = r.reader->io_stats();
              py::dict d;
              d["batches"] = st.batches;
-             d["lookahead_batches"] = st.lookahead_batches;
+             d["page_request_batches"] = st.page_request_batches;
              d["pages_requested"] = st.pages_requested;
-             d["pages_prefetched"] = st.pages_prefetched;
-             d["prefetches"] = st.prefetches;
+             d["pages_requested_ahead"] = st.pages_requested_ahead;
+             d["request_pages_calls"] = st.request_pages_calls;
+             // The old names of the three renamed counters, for a release.
+             d["lookahead_batches"] = st.page_request_batches;
+             d["pages_prefetched"] = st.pages_requested_ahead;
+             d["prefetches"] = st.request_pages_calls;
              return d;
            })
       .def("__len__", [](const PyReader& r) { return r.reader->size(); })
@@ -403,7 +407,7 @@ void bind_reader(py::module_& m) {
 void bind_stream(py::module_& m) {
   py::class_<BatchStream>(m, "BatchStream")
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
-                       size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
+                       size_t batches_ahead, size_t threads, size_t block_size, size_t window_blocks, bool pad,
                        std::vector<std::string> pad_fields, double pad_value, uint64_t epoch, size_t rank,
                        size_t world_size, size_t start, std::optional<Selection> selection,
                        std::optional<MixtureSource> mixture) {
@@ -412,7 +416,7 @@ void bind_stream(py::module_& m) {
              o.order = order_from_name(order);
              o.seed = seed;
              o.drop_last = drop_last;
-             o.prefetch = prefetch;
+             o.batches_ahead = batches_ahead;
              o.threads = threads;
              o.block_size = block_size;
              o.window_blocks = window_blocks;
@@ -430,7 +434,7 @@ void bind_stream(py::module_& m) {
              return std::make_unique<BatchStream>(reader, std::move(o));
            }),
            py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
-           py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
+           py::arg("batches_ahead"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
            py::arg("pad_fields"), py::arg("pad_value"), py::arg("epoch") = 0, py::arg("rank") = 0,
            py::arg("world_size") = 1, py::arg("start") = 0, py::arg("selection") = py::none(),
            py::arg("mixture") = py::none())

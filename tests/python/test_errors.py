@@ -77,13 +77,13 @@ def test_lmdb_conditions_raise_their_classes(tmp_path, make_db):
 
 
 def test_readahead_of_a_path_already_open_in_the_process_is_not_silently_ignored(make_db):
-    # One LMDB environment per file and process: it keeps the readahead it was opened with.
+    # One LMDB environment per file and process: it keeps the OS readahead it was opened with.
     path = make_db(3)
     ds = torch_lmdb.LMDBDataset(path)
     assert ds[0]["index"].item() == 0
     with pytest.warns(RuntimeWarning, match="already open in this process with readahead off; "
                                             "readahead=True has no effect"):
-        other = torch_lmdb.LMDBDataset(path, readahead=True)
+        other = torch_lmdb.LMDBDataset(path, os_readahead=True)
         assert other[1]["index"].item() == 1
 
 
