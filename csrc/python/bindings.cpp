@@ -306,48 +306,69 @@ void bind_compose(py::module_& m) {
      py::arg("drop_last"), py::arg("k"), "(first, count, position_after, pad_index) of batch k alone (stream.h)");
 }
 
-// The exception classes of torch_lmdb._C and the translation of C++ errors to them.
+// The Python classes of torch_lmdb's errors, one per row of errors.h's
+// TORCH_LMDB_ERROR_CLASSES, made by register_errors (kept for the process's
+// life, as the module holds them).
+struct PyErrorClasses {
+  PyObject* base = nullptr;  // torch_lmdb._C.Error
+#define TORCH_LMDB_PY_FIELD(Class, os_errno, summary) PyObject* Class = nullptr;
+  TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_FIELD)
+#undef TORCH_LMDB_PY_FIELD
+};
+PyErrorClasses py_errors;
+
+// The exception class torch_lmdb._C.<name>, a subclass of `base` (and of
+// OSError when `os_errno` is not 0), set on the module.
+PyObject* make_error_class(py::module_& m, const char* name, PyObject* base, int os_errno, const char* doc) {
+  const std::string qualified = m.attr("__name__").cast<std::string>() + "." + name;
+  PyObject* bases = os_errno != 0 ? PyTuple_Pack(2, base, PyExc_OSError) : PyTuple_Pack(1, base);
+  if (bases == nullptr) throw py::error_already_set();
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  Py_DECREF(bases);
+  if (type == nullptr) throw py::error_already_set();
+  m.attr(name) = py::reinterpret_borrow<py::object>(type);
+  return type;
+}
+
+// Raises `e` as the Python class `type`; an OSError one (os_errno not 0) gets
+// errno, strerror and filename (the database), as Python users catch OSErrors.
+void raise_as(PyObject* type, const Error& e, int os_errno) {
+  if (os_errno == 0) {
+    PyErr_SetString(type, e.what());
+    return;
+  }
+  py::object exc = py::reinterpret_borrow<py::object>(type)(py::str(e.what()));
+  exc.attr("errno") = os_errno;
+  exc.attr("strerror") = py::str(e.what());
+  exc.attr("filename") = py::str(e.path());
+  PyErr_SetObject(type, exc.ptr());
+}
+
+// The exception classes of torch_lmdb._C (read from the one table of
+// errors.h; their names in ERROR_CLASSES, for torch_lmdb/__init__.py) and
+// the translation of C++ errors to them and to Python's built-in classes.
 void register_errors(py::module_& m) {
-  static py::exception<Error> base(m, "Error", PyExc_RuntimeError);
-  static py::exception<MapFullError> map_full(m, "MapFullError", base.ptr());
-  static py::exception<ReadersFullError> readers_full(m, "ReadersFullError", base.ptr());
-  static py::exception<NotFoundError> not_found(m, "NotFoundError", base.ptr());
-  static py::exception<CorruptedError> corrupted(m, "CorruptedError", base.ptr());
-  static py::exception<InvalidDatabaseError> invalid(m, "InvalidDatabaseError", base.ptr());
-  static py::exception<LockError> lock(m, "LockError", base.ptr());
-  // DiskFullError is a torch_lmdb.Error and an OSError (errno ENOSPC, filename
-  // the database), as Python users catch a full disk.
-  static PyObject* disk_full = [&m] {
-    PyObject* bases = PyTuple_Pack(2, base.ptr(), PyExc_OSError);
-    PyObject* type = PyErr_NewException("torch_lmdb._C.DiskFullError", bases, nullptr);
-    Py_DECREF(bases);
-    if (type == nullptr) throw py::error_already_set();
-    m.attr("DiskFullError") = py::reinterpret_borrow<py::object>(type);
-    return type;
-  }();
+  py_errors.base = make_error_class(m, "Error", PyExc_RuntimeError, 0, nullptr);
+  py::list names;
+  names.append("Error");
+#define TORCH_LMDB_PY_CLASS(Class, os_errno, summary)                                   \
+  py_errors.Class = make_error_class(m, #Class, py_errors.base, os_errno, summary); \
+  names.append(#Class);
+  TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_CLASS)
+#undef TORCH_LMDB_PY_CLASS
+  m.attr("ERROR_CLASSES") = py::tuple(names);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
-    } catch (const DiskFullError& e) {
-      py::object exc = py::reinterpret_borrow<py::object>(disk_full)(py::str(e.what()));
-      exc.attr("errno") = ENOSPC;
-      exc.attr("strerror") = py::str(e.what());
-      exc.attr("filename") = py::str(e.path());
-      PyErr_SetObject(disk_full, exc.ptr());
-    } catch (const MapFullError& e) {
-      PyErr_SetString(map_full.ptr(), e.what());
-    } catch (const ReadersFullError& e) {
-      PyErr_SetString(readers_full.ptr(), e.what());
-    } catch (const NotFoundError& e) {
-      PyErr_SetString(not_found.ptr(), e.what());
-    } catch (const CorruptedError& e) {
-      PyErr_SetString(corrupted.ptr(), e.what());
-    } catch (const InvalidDatabaseError& e) {
-      PyErr_SetString(invalid.ptr(), e.what());
-    } catch (const LockError& e) {
-      PyErr_SetString(lock.ptr(), e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(base.ptr(), e.what());
+    }
+#define TORCH_LMDB_PY_CATCH(Class, os_errno, summary) \
+    catch (const Class& e) {                           \
+      raise_as(py_errors.Class, e, os_errno);          \
+    }
+    TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_CATCH)
+#undef TORCH_LMDB_PY_CATCH
+    catch (const Error& e) {
+      raise_as(py_errors.base, e, 0);
     } catch (const c10::IndexError& e) {
       PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
     } catch (const c10::ValueError& e) {
@@ -358,7 +379,6 @@ void register_errors(py::module_& m) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
-
 }
 
 void bind_reader(py::module_& m) {

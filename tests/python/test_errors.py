@@ -18,6 +18,19 @@ def test_error_hierarchy():
     assert issubclass(torch_lmdb.Error, RuntimeError)
 
 
+def test_the_error_classes_come_from_one_table_and_keep_their_names_and_bases():
+    # _C registers one class per row of csrc/torch_lmdb/errors.h's table; the package exports them.
+    names = ("Error", "MapFullError", "ReadersFullError", "NotFoundError", "CorruptedError",
+             "InvalidDatabaseError", "LockError", "DiskFullError")
+    assert torch_lmdb._C.ERROR_CLASSES == names
+    for name in names:
+        cls = getattr(torch_lmdb, name)
+        assert cls is getattr(torch_lmdb._C, name) and name in torch_lmdb.__all__
+        assert cls.__module__ == "torch_lmdb._C" and cls.__name__ == name
+        bases = {"Error": (RuntimeError,), "DiskFullError": (torch_lmdb.Error, OSError)}.get(name, (torch_lmdb.Error,))
+        assert cls.__bases__ == bases, (name, cls.__bases__)
+
+
 def test_index_errors(make_db):
     ds = torch_lmdb.LMDBDataset(make_db(3))
     with pytest.raises(IndexError, match="out of range for dataset of size 3"):
