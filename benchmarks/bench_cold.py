@@ -66,7 +66,7 @@ def systems(paths, n):
     def iter_batches(threads, block=None, **options):
         def gen():
             ds = torch_lmdb.LMDBDataset(db, **options)
-            for batch in ds.iter_batches(256, shuffle=True, seed=0, threads=threads, prefetch=4, block_size=block):
+            for batch in ds.iter_batches(256, shuffle=True, seed=0, threads=threads, batches_ahead=4, block_size=block):
                 nbytes, k = run.batch_bytes(batch)
                 yield k, nbytes
         return gen
@@ -83,16 +83,16 @@ def systems(paths, n):
                                                               batch_size=256, shuffle=True))
 
     return [
-        ("torch_lmdb get_batch in process, lookahead never", "shuffled", db, get_batch(lookahead="never")),
+        ("torch_lmdb get_batch in process, lookahead never", "shuffled", db, get_batch(page_requests="never")),
         ("torch_lmdb get_batch in process", "shuffled", db, get_batch()),
         ("torch_lmdb iter_batches, 2 C++ threads, lookahead never", "shuffled", db,
-         iter_batches(2, lookahead="never")),
+         iter_batches(2, page_requests="never")),
         ("torch_lmdb iter_batches, 1 C++ thread", "shuffled", db, iter_batches(1)),
         ("torch_lmdb iter_batches, 2 C++ threads", "shuffled", db, iter_batches(2)),
         ("torch_lmdb iter_batches, 2 C++ threads, keep_cache=False", "shuffled", db,
          iter_batches(2, keep_cache=False)),
         ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), readahead, 2 threads", "block", db,
-         iter_batches(2, block=1024, readahead=True)),
+         iter_batches(2, block=1024, os_readahead=True)),
         ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), 2 threads", "block", db,
          iter_batches(2, block=1024)),
         ("torch_lmdb make_loader, num_workers=2", "shuffled", db, loader(2)),

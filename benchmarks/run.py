@@ -168,9 +168,9 @@ def first_epoch(batches, n):
 
 def block_shuffled(path):
     """Cold reads in block-shuffled order: contiguous key ranges, OS readahead on."""
-    ds = torch_lmdb.LMDBDataset(path, readahead=True)
+    ds = torch_lmdb.LMDBDataset(path, os_readahead=True)
     for epoch in itertools.count():
-        for batch in ds.iter_batches(256, shuffle=True, seed=epoch, block_size=1024, threads=2, prefetch=4):
+        for batch in ds.iter_batches(256, shuffle=True, seed=epoch, block_size=1024, threads=2, batches_ahead=4):
             nbytes, k = batch_bytes(batch)
             yield k, nbytes
 

@@ -4,16 +4,11 @@ Write samples (dicts of tensors, numpy arrays, scalars, str, bytes) with
 :class:`LMDBWriter`, read them with :class:`LMDBDataset` in any DataLoader.
 """
 from torch_lmdb import _C
-from torch_lmdb._C import (
-    CorruptedError,
-    DiskFullError,
-    Error,
-    InvalidDatabaseError,
-    LockError,
-    MapFullError,
-    NotFoundError,
-    ReadersFullError,
-)
+
+# The error classes (Error, MapFullError, ..., DiskFullError): one per row of the core's table
+# (csrc/torch_lmdb/errors.h, TORCH_LMDB_ERROR_CLASSES), made and raised by _C.
+globals().update({_name: getattr(_C, _name) for _name in _C.ERROR_CLASSES})
+
 from torch_lmdb._info import info
 from torch_lmdb.dataset import LMDBDataset
 from torch_lmdb.loader import LMDBLoader, make_loader
@@ -32,14 +27,7 @@ __all__ = [
     "Mixture",
     "info",
     "make_loader",
-    "Error",
-    "MapFullError",
-    "ReadersFullError",
-    "NotFoundError",
-    "CorruptedError",
-    "InvalidDatabaseError",
-    "LockError",
-    "DiskFullError",
+    *_C.ERROR_CLASSES,
     "__version__",
     "FORMAT_VERSION",
 ]

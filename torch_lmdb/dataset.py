@@ -14,6 +14,7 @@ from torch_lmdb import _C
 from torch_lmdb import selection as _selection
 from torch_lmdb._collate import _equal_lengths, _stack, _with_lengths
 from torch_lmdb._info import PathLike, check_database_path, info, missing_database  # noqa: F401
+from torch_lmdb._renamed import renamed_keywords, spelled
 from torch_lmdb._slabs import _worker_get_batch
 from torch_lmdb.stream import (  # noqa: F401  (the state keys: importable from here too)
     BATCH_SIZE_KEY,
@@ -58,6 +59,9 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+# Reader options renamed (docs/ARCHITECTURE.md, glossary): old keyword -> new, accepted for a release.
+_RENAMED_OPTIONS = {"readahead": "os_readahead", "lookahead": "page_requests", "lookahead_bytes": "page_request_bytes"}
+
 
 def _fork_generation_now() -> int:
     """Changes in every forked child (see _after_fork_in_child)."""
@@ -84,21 +88,24 @@ class LMDBDataset(torch.utils.data.Dataset):
         verify: check each record's checksum while reading.
         lock: ``None`` locks but falls back to lock-free reads (with a warning)
             on read-only storage; ``False`` never locks; ``True`` always locks.
-        readahead: let the OS read ahead on page faults (helps sequential
-            scans of cold data; off: random access).
-        lookahead: cold batches (every batched path: ``get_batch``,
+        os_readahead: let the operating system read ahead on page faults
+            (helps sequential scans of cold data; off: random access).
+            Formerly ``readahead`` (still accepted, with a DeprecationWarning).
+        page_requests: cold batches (every batched path: ``get_batch``,
             ``ds[list]``, ``iter_batches``, ``make_loader``). A batch that
-            looks ahead looks all its samples up first and requests every
-            uncached page at once (a deep queue for the device), then copies.
-            ``"auto"``: a thread's batches look ahead once one of its batches
-            had to wait for the disk, until 4 in a row find everything
-            cached; ``"always"``; ``"never"``.
-        lookahead_bytes: at most this many bytes of a batch are requested
-            ahead (the bound of the reads in flight per reading thread).
+            requests its pages looks all its samples up first and requests
+            every uncached page at once (a deep queue for the device), then
+            copies. ``"auto"``: a thread's batches request their pages once
+            one of its batches had to wait for the disk, until 4 in a row
+            find everything cached; ``"always"``; ``"never"``. Formerly
+            ``lookahead``.
+        page_request_bytes: at most this many bytes of a batch are requested
+            at once (the bound of the reads in flight per reading thread).
             ``iter_batches`` also requests the coming batches' pages while
             it reads, a chunk at a time (a block-shuffle window when it fits
-            in ``lookahead_bytes``, else half of it), at most two chunks
-            ahead: at most ``2 * lookahead_bytes``.
+            in ``page_request_bytes``, else half of it), at most two chunks
+            ahead: at most ``2 * page_request_bytes``. Formerly
+            ``lookahead_bytes``.
         keep_cache: ``False`` drops each batch's pages from the page cache
             once copied, so an epoch over data larger than RAM does not
             evict the rest of the machine's cache (for every process: use it
@@ -147,6 +154,7 @@ class LMDBDataset(torch.utils.data.Dataset):
                     return super().__new__(remote.ShardWindowDataset)
         return super().__new__(cls)
 
+    @renamed_keywords(**_RENAMED_OPTIONS)
     def __init__(
         self,
         paths: Union[PathLike, Sequence[PathLike]],
@@ -154,10 +162,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         fields: Optional[Sequence[str]] = None,
         verify: bool = False,
         lock: Optional[bool] = None,
-        readahead: bool = False,
+        os_readahead: bool = False,
         max_readers: int = 1024,
-        lookahead: str = "auto",
-        lookahead_bytes: int = 128 << 20,
+        page_requests: str = "auto",
+        page_request_bytes: int = 128 << 20,
         keep_cache: bool = True,
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
@@ -190,15 +198,17 @@ class LMDBDataset(torch.utils.data.Dataset):
         if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= _MAX_READERS:
             raise ValueError(f"max_readers must be an int from 1 to {_MAX_READERS}, got {max_readers!r}")
         self._fields = [fields] if isinstance(fields, str) else list(fields) if fields is not None else []
-        if isinstance(lookahead_bytes, bool) or not isinstance(lookahead_bytes, int) or lookahead_bytes < 0:
-            raise ValueError(f"lookahead_bytes must be an int >= 0, got {lookahead_bytes!r}")
-        if lookahead not in ("auto", "always", "never"):
-            raise ValueError(f"lookahead must be 'auto', 'always' or 'never', got {lookahead!r}")
+        if isinstance(page_request_bytes, bool) or not isinstance(page_request_bytes, int) or page_request_bytes < 0:
+            raise ValueError(f"{spelled('page_request_bytes')} must be an int >= 0, got {page_request_bytes!r}")
+        if page_requests not in ("auto", "always", "never"):
+            raise ValueError(f"{spelled('page_requests')} must be 'auto', 'always' or 'never', "
+                             f"got {page_requests!r}")
         if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
                                            or not 1 <= decode_threads <= 64):
             raise ValueError(f"decode_threads must be an int from 1 to 64 (or None: automatic), got {decode_threads!r}")
-        self._options = dict(verify=verify, lock=lock, readahead=readahead, max_readers=max_readers,
-                             lookahead=lookahead, lookahead_bytes=lookahead_bytes, keep_cache=bool(keep_cache),
+        self._options = dict(verify=verify, lock=lock, os_readahead=os_readahead, max_readers=max_readers,
+                             page_requests=page_requests, page_request_bytes=page_request_bytes,
+                             keep_cache=bool(keep_cache),
                              decode_threads=decode_threads or 0)
         self._pad = pad
         self._pad_value = pad_value
@@ -247,6 +257,14 @@ class LMDBDataset(torch.utils.data.Dataset):
         if self._staged is not None:
             state["_staged"] = (self._staged[0], None)
         return state
+
+    def __setstate__(self, state):
+        # A dataset pickled before the renames names its reader options the old way.
+        options = state.get("_options", {})
+        for old, new in _RENAMED_OPTIONS.items():
+            if old in options:
+                options[new] = options.pop(old)
+        self.__dict__.update(state)
 
     def refresh(self) -> int:
         """Makes the samples appended since the dataset opened visible.
@@ -387,8 +405,9 @@ class LMDBDataset(torch.utils.data.Dataset):
                 out[name] = torch.utils.data.default_collate(values)
         return out
 
+    @renamed_keywords(prefetch="batches_ahead")
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: Optional[int] = None,
-                     drop_last: bool = False, prefetch: int = 2, threads: int = 1,
+                     drop_last: bool = False, batches_ahead: int = 2, threads: int = 1,
                      block_size: Optional[int] = None, window_blocks: int = 4,
                      pad: Union[None, bool, Sequence[str]] = None,
                      pad_value: Optional[float] = None, *, epoch: int = 0, rank: Optional[int] = None,
@@ -396,7 +415,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         """Yields the collated batches of one epoch, read ahead by C++ threads.
 
         The fast path in a single process (``num_workers=0``): ``threads``
-        C++ threads read up to ``prefetch`` batches ahead while your loop
+        C++ threads read up to ``batches_ahead`` batches ahead while your loop
         trains on the current one; no per-sample Python objects, no worker
         processes. Batches are what :meth:`get_batch` returns.
 
@@ -413,7 +432,9 @@ class LMDBDataset(torch.utils.data.Dataset):
                 with several ranks ``None`` means 0 (every rank must draw
                 the same order).
             drop_last: skip the last, partial global step.
-            prefetch: batches read ahead (bounds the memory in flight).
+            batches_ahead: finished batches queued ahead of the loop (bounds
+                the memory in flight). Formerly ``prefetch`` (still accepted,
+                with a DeprecationWarning).
             threads: reader threads.
             block_size: with ``shuffle``, shuffle blocks of this many
                 consecutive samples instead of single samples, mixing samples
@@ -426,7 +447,8 @@ class LMDBDataset(torch.utils.data.Dataset):
                 when initialised, else 0 and 1).
             start: global position (samples consumed by all ranks) to start at.
         """
-        for name, value, low in (("batch_size", batch_size, 1), ("prefetch", prefetch, 1), ("threads", threads, 1),
+        for name, value, low in (("batch_size", batch_size, 1), (spelled("batches_ahead"), batches_ahead, 1),
+                                 ("threads", threads, 1),
                                  ("window_blocks", window_blocks, 1), ("block_size", block_size or 1, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -435,9 +457,9 @@ class LMDBDataset(torch.utils.data.Dataset):
         order = ("block" if block_size else "shuffle") if shuffle else "sequential"
         pad_all, pad_fields = self._pad_args(self._pad if pad is None else pad)
         pad_value = self._pad_value if pad_value is None else pad_value
-        options = dict(batch_size=batch_size, order=order, seed=seed, drop_last=drop_last, prefetch=prefetch,
-                       threads=threads, block_size=block_size or 1024, window_blocks=window_blocks, pad=pad_all,
-                       pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
+        options = dict(batch_size=batch_size, order=order, seed=seed, drop_last=drop_last,
+                       batches_ahead=batches_ahead, threads=threads, block_size=block_size or 1024,
+                       window_blocks=window_blocks, pad=pad_all, pad_fields=pad_fields, pad_value=float(pad_value), epoch=epoch, rank=rank,
                        world_size=world_size, selection=_selection.c_selection(self))
         return BatchIterator(self._reader(), options, start, self._padded_fields(pad_all, pad_fields))
 
@@ -483,11 +505,13 @@ class LMDBDataset(torch.utils.data.Dataset):
         return self._metadata[file]
 
     def io_stats(self) -> Dict[str, int]:
-        """This process's read counters: ``batches``, ``lookahead_batches``
-        (batches that requested their pages ahead), ``pages_requested``
-        (pages they found uncached), and ``prefetches`` and
-        ``pages_prefetched`` (``iter_batches`` requesting the coming batches'
-        uncached pages while it reads). A dataset staged from a URL or a
+        """This process's read counters: ``batches``, ``page_request_batches``
+        (batches that requested their pages at once), ``pages_requested``
+        (pages they found uncached), and ``request_pages_calls`` and
+        ``pages_requested_ahead`` (``iter_batches`` requesting the coming
+        batches' uncached pages while it reads). The old names
+        ``lookahead_batches``, ``prefetches`` and ``pages_prefetched`` hold
+        the same counts for a release. A dataset staged from a URL or a
         shared file system adds its cache's counters: ``bytes_fetched``,
         ``shards_fetched``, ``fetch_seconds``, ``cache_hits``, ``evictions``,
         ``retries``, ``hash_failures``."""

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from torch_lmdb import _C, _plan
+from torch_lmdb._renamed import renamed_keywords, spelled
 from torch_lmdb import selection as _selection
 from torch_lmdb.dataset import LMDBDataset
 from torch_lmdb.stream import BatchIterator, _check_state, _draw_seed, _make_state, _rank_and_world
@@ -54,7 +55,7 @@ class Mixture:
             every field, and the sources must have the same fields.
         block_size: see ``stratified``.
         pad, pad_value: pad variable-shape fields (as ``LMDBDataset``); the
-            sources' options (verify, lookahead, ...) are the first source's.
+            sources' options (verify, page_requests, ...) are the first source's.
 
     Every batch has the sources' fields and ``source`` (int64: the index of
     the sample's source in ``names``). Works with :func:`make_loader`
@@ -256,15 +257,17 @@ class Mixture:
         return self._pad is True or (not isinstance(self._pad, bool) and name in
                                      ([self._pad] if isinstance(self._pad, str) else list(self._pad)))
 
+    @renamed_keywords(prefetch="batches_ahead")
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: Optional[int] = None,
-                     drop_last: bool = False, prefetch: int = 2, threads: int = 1, *, epoch: int = 0,
+                     drop_last: bool = False, batches_ahead: int = 2, threads: int = 1, *, epoch: int = 0,
                      rank: Optional[int] = None, world_size: Optional[int] = None,
                      start: int = 0) -> "MixtureBatchIterator":
         """The batches of one epoch of this rank, read ahead by ``threads``
         threads (``LMDBDataset.iter_batches``' arguments and state dicts).
         Sources that share a schema are read by the C++ BatchStream
         (StreamOptions::mixture); otherwise by a Python thread pool."""
-        for name, value in (("batch_size", batch_size), ("prefetch", prefetch), ("threads", threads)):
+        for name, value in (("batch_size", batch_size), (spelled("batches_ahead"), batches_ahead),
+                            ("threads", threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         rank, world_size = _rank_and_world(rank, world_size)
@@ -273,12 +276,13 @@ class Mixture:
             group = self._groups[0]
             pad_all, pad_fields = group._pad_args(self._pad)
             options = dict(batch_size=batch_size, order="shuffle" if shuffle else "sequential", seed=seed,
-                           drop_last=drop_last, prefetch=prefetch, threads=threads, block_size=1024, window_blocks=4,
+                           drop_last=drop_last, batches_ahead=batches_ahead, threads=threads, block_size=1024,
+                           window_blocks=4,
                            pad=pad_all, pad_fields=pad_fields, pad_value=self._pad_value, epoch=epoch, rank=rank,
                            world_size=world_size, mixture=self._c_source())
             return BatchIterator(group._reader(), options, start)
         options = dict(batch_size=batch_size, shuffle=bool(shuffle), seed=seed, drop_last=drop_last,
-                       prefetch=prefetch, threads=threads, epoch=epoch, rank=rank, world_size=world_size)
+                       batches_ahead=batches_ahead, threads=threads, epoch=epoch, rank=rank, world_size=world_size)
         return MixtureBatchIterator(self, options, start)
 
     def _c_source(self):
@@ -322,7 +326,7 @@ class MixtureBatchIterator:
 
     def _fill(self) -> None:
         o = self._options
-        while self._queued < len(self._plan[0]) and len(self._futures) < o["prefetch"]:
+        while self._queued < len(self._plan[0]) and len(self._futures) < o["batches_ahead"]:
             self._futures.append(self._pool.submit(self._mixture.read, self.batch_positions(self._queued), o["seed"],
                                                    o["epoch"], o["shuffle"]))
             self._queued += 1

@@ -25,6 +25,7 @@ import torch
 import torch.utils.data
 
 from torch_lmdb import _C, _plan
+from torch_lmdb._renamed import renamed_keywords
 from torch_lmdb.dataset import LMDBDataset, _fork_generation_now
 from torch_lmdb.stream import _check_state, _draw_seed, _make_state, _rank_and_world
 
@@ -363,8 +364,9 @@ class ShardWindowDataset(LMDBDataset):
                              "its block): call make_loader without block_size")
         return (positions, seed, epoch, order == "shuffle")
 
+    @renamed_keywords(prefetch="batches_ahead")
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: Optional[int] = None,
-                     drop_last: bool = False, prefetch: int = 2, threads: int = 1,
+                     drop_last: bool = False, batches_ahead: int = 2, threads: int = 1,
                      block_size: Optional[int] = None, window_blocks: int = 4, pad=None,
                      pad_value: Optional[float] = None, *, epoch: int = 0, rank: Optional[int] = None,
                      world_size: Optional[int] = None, start: int = 0) -> "WindowBatchIterator":

@@ -4,7 +4,8 @@
 //   torch_lmdb_bench_read --path DB --mode memcpy|raw|get_batch|get_stack|loader [--threads T]
 //                         [--batch B] [--order shuffled|sequential] [--seconds S] [--pad 1]
 //                         [--cold 1]  (loader: no warm-up, at most one epoch)
-//                         [--prefetch N]  (loader: batches read ahead; default LoaderOptions::prefetch)
+//                         [--batches-ahead N]  (loader: finished batches queued ahead; default
+//                         LoaderOptions::batches_ahead; --prefetch N is its old name)
 //
 //   memcpy     the ceiling: every sample's tensor bytes gathered in the same
 //              order from an in-memory copy into a reused buffer.
@@ -40,7 +41,7 @@ struct Args {
   std::string path, mode = "get_batch", order = "shuffled";
   size_t threads = 0, batch = 256;
   bool pad = false;
-  size_t prefetch = 0;  // loader mode: batches read ahead (0: the LoaderOptions default)
+  size_t batches_ahead = 0;  // loader mode: batches queued ahead (0: the LoaderOptions default)
   bool cold = false;  // loader mode: no warm-up epoch, one epoch at most (the file evicted by the caller)
   double seconds = 2.0;
 };
@@ -247,7 +248,7 @@ int main(int argc, char** argv) try {
     else if (k == "--seconds") a.seconds = std::stod(v);
     else if (k == "--pad") a.pad = v == "1";
     else if (k == "--cold") a.cold = v == "1";
-    else if (k == "--prefetch") a.prefetch = std::stoul(v);
+    else if (k == "--batches-ahead" || k == "--prefetch") a.batches_ahead = std::stoul(v);
     else throw std::invalid_argument("unknown option " + k);
   }
   if (a.path.empty()) throw std::invalid_argument("--path is required");
@@ -277,7 +278,7 @@ int main(int argc, char** argv) try {
       lo.batch_size = a.batch;
       lo.shuffle = shuffled;
       lo.threads = std::max<size_t>(a.threads, 1);
-      if (a.prefetch > 0) lo.prefetch = a.prefetch;
+      if (a.batches_ahead > 0) lo.batches_ahead = a.batches_ahead;
       lo.batch.pad = a.pad;
       auto loader = torch_lmdb::make_loader(a.path, lo);
       m = run_loader(loader, a, [](const torch_lmdb::Batch& b) { return tensor_bytes(b.tensors); });

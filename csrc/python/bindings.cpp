@@ -115,25 +115,25 @@ struct PyReader {
   std::shared_ptr<WarningSink> sink = std::make_shared<WarningSink>();
   std::unique_ptr<Reader> reader;
 
-  PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool readahead,
-           unsigned max_readers, std::vector<std::string> fields, size_t lookahead_bytes, bool keep_cache,
-           const std::string& lookahead, unsigned decode_threads) {
+  PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool os_readahead,
+           unsigned max_readers, std::vector<std::string> fields, size_t page_request_bytes, bool keep_cache,
+           const std::string& page_requests, unsigned decode_threads) {
     ReaderOptions o;
     o.decode_threads = decode_threads;
-    if (lookahead == "auto") {
-      o.lookahead = LookaheadMode::Auto;
-    } else if (lookahead == "always") {
-      o.lookahead = LookaheadMode::Always;
-    } else if (lookahead == "never") {
-      o.lookahead = LookaheadMode::Never;
+    if (page_requests == "auto") {
+      o.page_requests = PageRequests::Auto;
+    } else if (page_requests == "always") {
+      o.page_requests = PageRequests::Always;
+    } else if (page_requests == "never") {
+      o.page_requests = PageRequests::Never;
     } else {
-      throw py::value_error("lookahead must be 'auto', 'always' or 'never', got '" + lookahead + "'");
+      throw py::value_error("page_requests must be 'auto', 'always' or 'never', got '" + page_requests + "'");
     }
-    o.lookahead_bytes = lookahead_bytes;
+    o.page_request_bytes = page_request_bytes;
     o.keep_cache = keep_cache;
     o.verify = verify;
     o.lock = lock.has_value() ? (*lock ? 1 : 0) : -1;
-    o.readahead = readahead;
+    o.os_readahead = os_readahead;
     o.max_readers = max_readers;
     o.fields = std::move(fields);
     auto s = sink;
@@ -306,48 +306,69 @@ void bind_compose(py::module_& m) {
      py::arg("drop_last"), py::arg("k"), "(first, count, position_after, pad_index) of batch k alone (stream.h)");
 }
 
-// The exception classes of torch_lmdb._C and the translation of C++ errors to them.
+// The Python classes of torch_lmdb's errors, one per row of errors.h's
+// TORCH_LMDB_ERROR_CLASSES, made by register_errors (kept for the process's
+// life, as the module holds them).
+struct PyErrorClasses {
+  PyObject* base = nullptr;  // torch_lmdb._C.Error
+#define TORCH_LMDB_PY_FIELD(Class, os_errno, summary) PyObject* Class = nullptr;
+  TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_FIELD)
+#undef TORCH_LMDB_PY_FIELD
+};
+PyErrorClasses py_errors;
+
+// The exception class torch_lmdb._C.<name>, a subclass of `base` (and of
+// OSError when `os_errno` is not 0), set on the module.
+PyObject* make_error_class(py::module_& m, const char* name, PyObject* base, int os_errno, const char* doc) {
+  const std::string qualified = m.attr("__name__").cast<std::string>() + "." + name;
+  PyObject* bases = os_errno != 0 ? PyTuple_Pack(2, base, PyExc_OSError) : PyTuple_Pack(1, base);
+  if (bases == nullptr) throw py::error_already_set();
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  Py_DECREF(bases);
+  if (type == nullptr) throw py::error_already_set();
+  m.attr(name) = py::reinterpret_borrow<py::object>(type);
+  return type;
+}
+
+// Raises `e` as the Python class `type`; an OSError one (os_errno not 0) gets
+// errno, strerror and filename (the database), as Python users catch OSErrors.
+void raise_as(PyObject* type, const Error& e, int os_errno) {
+  if (os_errno == 0) {
+    PyErr_SetString(type, e.what());
+    return;
+  }
+  py::object exc = py::reinterpret_borrow<py::object>(type)(py::str(e.what()));
+  exc.attr("errno") = os_errno;
+  exc.attr("strerror") = py::str(e.what());
+  exc.attr("filename") = py::str(e.path());
+  PyErr_SetObject(type, exc.ptr());
+}
+
+// The exception classes of torch_lmdb._C (read from the one table of
+// errors.h; their names in ERROR_CLASSES, for torch_lmdb/__init__.py) and
+// the translation of C++ errors to them and to Python's built-in classes.
 void register_errors(py::module_& m) {
-  static py::exception<Error> base(m, "Error", PyExc_RuntimeError);
-  static py::exception<MapFullError> map_full(m, "MapFullError", base.ptr());
-  static py::exception<ReadersFullError> readers_full(m, "ReadersFullError", base.ptr());
-  static py::exception<NotFoundError> not_found(m, "NotFoundError", base.ptr());
-  static py::exception<CorruptedError> corrupted(m, "CorruptedError", base.ptr());
-  static py::exception<InvalidDatabaseError> invalid(m, "InvalidDatabaseError", base.ptr());
-  static py::exception<LockError> lock(m, "LockError", base.ptr());
-  // DiskFullError is a torch_lmdb.Error and an OSError (errno ENOSPC, filename
-  // the database), as Python users catch a full disk.
-  static PyObject* disk_full = [&m] {
-    PyObject* bases = PyTuple_Pack(2, base.ptr(), PyExc_OSError);
-    PyObject* type = PyErr_NewException("torch_lmdb._C.DiskFullError", bases, nullptr);
-    Py_DECREF(bases);
-    if (type == nullptr) throw py::error_already_set();
-    m.attr("DiskFullError") = py::reinterpret_borrow<py::object>(type);
-    return type;
-  }();
+  py_errors.base = make_error_class(m, "Error", PyExc_RuntimeError, 0, nullptr);
+  py::list names;
+  names.append("Error");
+#define TORCH_LMDB_PY_CLASS(Class, os_errno, summary)                                   \
+  py_errors.Class = make_error_class(m, #Class, py_errors.base, os_errno, summary); \
+  names.append(#Class);
+  TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_CLASS)
+#undef TORCH_LMDB_PY_CLASS
+  m.attr("ERROR_CLASSES") = py::tuple(names);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
-    } catch (const DiskFullError& e) {
-      py::object exc = py::reinterpret_borrow<py::object>(disk_full)(py::str(e.what()));
-      exc.attr("errno") = ENOSPC;
-      exc.attr("strerror") = py::str(e.what());
-      exc.attr("filename") = py::str(e.path());
-      PyErr_SetObject(disk_full, exc.ptr());
-    } catch (const MapFullError& e) {
-      PyErr_SetString(map_full.ptr(), e.what());
-    } catch (const ReadersFullError& e) {
-      PyErr_SetString(readers_full.ptr(), e.what());
-    } catch (const NotFoundError& e) {
-      PyErr_SetString(not_found.ptr(), e.what());
-    } catch (const CorruptedError& e) {
-      PyErr_SetString(corrupted.ptr(), e.what());
-    } catch (const InvalidDatabaseError& e) {
-      PyErr_SetString(invalid.ptr(), e.what());
-    } catch (const LockError& e) {
-      PyErr_SetString(lock.ptr(), e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(base.ptr(), e.what());
+    }
+#define TORCH_LMDB_PY_CATCH(Class, os_errno, summary) \
+    catch (const Class& e) {                           \
+      raise_as(py_errors.Class, e, os_errno);          \
+    }
+    TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_PY_CATCH)
+#undef TORCH_LMDB_PY_CATCH
+    catch (const Error& e) {
+      raise_as(py_errors.base, e, 0);
     } catch (const c10::IndexError& e) {
       PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
     } catch (const c10::ValueError& e) {
@@ -358,7 +379,6 @@ void register_errors(py::module_& m) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
-
 }
 
 void bind_reader(py::module_& m) {
@@ -366,18 +386,22 @@ void bind_reader(py::module_& m) {
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
                     std::vector<std::string>, size_t, bool, std::string, unsigned>(),
            py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
-           py::arg("readahead") = false, py::arg("max_readers") = 1024,
-           py::arg("fields") = std::vector<std::string>(), py::arg("lookahead_bytes") = size_t{128} << 20,
-           py::arg("keep_cache") = true, py::arg("lookahead") = "auto", py::arg("decode_threads") = 0)
+           py::arg("os_readahead") = false, py::arg("max_readers") = 1024,
+           py::arg("fields") = std::vector<std::string>(), py::arg("page_request_bytes") = size_t{128} << 20,
+           py::arg("keep_cache") = true, py::arg("page_requests") = "auto", py::arg("decode_threads") = 0)
       .def("io_stats",
            [](const PyReader& r) {
              const Reader::IoStats st = r.reader->io_stats();
              py::dict d;
              d["batches"] = st.batches;
-             d["lookahead_batches"] = st.lookahead_batches;
+             d["page_request_batches"] = st.page_request_batches;
              d["pages_requested"] = st.pages_requested;
-             d["pages_prefetched"] = st.pages_prefetched;
-             d["prefetches"] = st.prefetches;
+             d["pages_requested_ahead"] = st.pages_requested_ahead;
+             d["request_pages_calls"] = st.request_pages_calls;
+             // The old names of the three renamed counters, for a release.
+             d["lookahead_batches"] = st.page_request_batches;
+             d["pages_prefetched"] = st.pages_requested_ahead;
+             d["prefetches"] = st.request_pages_calls;
              return d;
            })
       .def("__len__", [](const PyReader& r) { return r.reader->size(); })
@@ -403,7 +427,7 @@ void bind_reader(py::module_& m) {
 void bind_stream(py::module_& m) {
   py::class_<BatchStream>(m, "BatchStream")
       .def(py::init([](const PyReader& r, size_t batch_size, const std::string& order, uint64_t seed, bool drop_last,
-                       size_t prefetch, size_t threads, size_t block_size, size_t window_blocks, bool pad,
+                       size_t batches_ahead, size_t threads, size_t block_size, size_t window_blocks, bool pad,
                        std::vector<std::string> pad_fields, double pad_value, uint64_t epoch, size_t rank,
                        size_t world_size, size_t start, std::optional<Selection> selection,
                        std::optional<MixtureSource> mixture) {
@@ -412,7 +436,7 @@ void bind_stream(py::module_& m) {
              o.order = order_from_name(order);
              o.seed = seed;
              o.drop_last = drop_last;
-             o.prefetch = prefetch;
+             o.batches_ahead = batches_ahead;
              o.threads = threads;
              o.block_size = block_size;
              o.window_blocks = window_blocks;
@@ -430,7 +454,7 @@ void bind_stream(py::module_& m) {
              return std::make_unique<BatchStream>(reader, std::move(o));
            }),
            py::arg("reader"), py::arg("batch_size"), py::arg("order"), py::arg("seed"), py::arg("drop_last"),
-           py::arg("prefetch"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
+           py::arg("batches_ahead"), py::arg("threads"), py::arg("block_size"), py::arg("window_blocks"), py::arg("pad"),
            py::arg("pad_fields"), py::arg("pad_value"), py::arg("epoch") = 0, py::arg("rank") = 0,
            py::arg("world_size") = 1, py::arg("start") = 0, py::arg("selection") = py::none(),
            py::arg("mixture") = py::none())

@@ -287,12 +287,13 @@ void check_shared(Env& existing, const std::string& path, const EnvOptions& opti
     // A reader opened it: the writer's durability settings (see env_flags).
     detail::check_mdb(mdb_env_set_flags(existing.handle(), MDB_NOMETASYNC, 1), "mdb_env_set_flags", path);
   }
-  if (options.readonly && options.readahead != existing.readahead()) {
+  if (options.readonly && options.os_readahead != existing.os_readahead()) {
     // One environment per file and process (lmdb.h): its map keeps the
-    // readahead it was opened with.
+    // OS readahead it was opened with. (The message keeps the words of
+    // releases before os_readahead, which tests match.)
     warn("torch_lmdb: '" + path + "' is already open in this process with readahead " +
-         (existing.readahead() ? "on" : "off") + "; readahead=" + (options.readahead ? "True" : "False") +
-         " has no effect until those readers are closed");
+         (existing.os_readahead() ? "on" : "off") + "; readahead=" + (options.os_readahead ? "True" : "False") +
+         " has no effect until those readers are closed (os_readahead, the OS readahead of the file)");
   }
 }
 
@@ -345,7 +346,7 @@ unsigned env_flags(const EnvOptions& options, Locking locking) {
   unsigned flags = MDB_NOTLS;
   if (locking.rdonly) flags |= MDB_RDONLY;
   if (!options.readonly) flags |= MDB_NOMETASYNC;  // a system crash may lose the last commit, never integrity
-  if (!options.readahead) flags |= MDB_NORDAHEAD;
+  if (!options.os_readahead) flags |= MDB_NORDAHEAD;
   if (locking.nolock) flags |= MDB_NOLOCK;
   return flags;
 }
@@ -510,7 +511,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
   env->readonly_ = locking.rdonly;
   env->owner_ = pid;
   env->nolock_ = locking.nolock;
-  env->readahead_ = options.readahead;
+  env->os_readahead_ = options.os_readahead;
   env->key_ = key;
   env->env_ = std::move(handle);
   detail::check_mdb(mdb_env_get_fd(raw, &env->fd_), "mdb_env_get_fd", path);

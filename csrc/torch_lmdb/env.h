@@ -77,7 +77,7 @@ struct EnvOptions {
   /// when the directory is read-only.
   int lock = -1;
   /// Readahead of the OS; off by default (random access, lmdb.h MDB_NORDAHEAD).
-  bool readahead = false;
+  bool os_readahead = false;
   /// Size of the reader table (MDB_READERS_FULL guard for many workers).
   unsigned max_readers = 1024;
   /// Initial map size in bytes for writers (0 = keep the file's own size or
@@ -218,7 +218,7 @@ class Env {
   bool readonly() const noexcept { return readonly_; }
   /// True when MDB_NOLOCK is in effect (forced or by fallback).
   bool nolock() const noexcept { return nolock_; }
-  bool readahead() const noexcept { return readahead_; }
+  bool os_readahead() const noexcept { return os_readahead_; }
   MDB_dbi samples_dbi() const noexcept { return samples_; }
   MDB_dbi meta_dbi() const noexcept { return meta_; }
   pid_t owner() const noexcept { return owner_; }
@@ -299,7 +299,7 @@ class Env {
   std::string path_;
   bool readonly_ = true;
   bool nolock_ = false;
-  bool readahead_ = false;
+  bool os_readahead_ = false;
   pid_t owner_ = 0;
   MDB_dbi samples_ = 0;
   MDB_dbi meta_ = 0;

@@ -1,4 +1,5 @@
-// torch_lmdb/errors.h -- the one table from LMDB return codes to exceptions.
+// torch_lmdb/errors.h -- the error classes, one table of them (Python reads it
+// too), and the checks of LMDB return codes (their table is in errors.cpp).
 //
 // Contract
 // - Every exception thrown by torch_lmdb for a storage problem derives from
@@ -11,6 +12,7 @@
 // - Thread safety: the functions here are pure; safe from any thread.
 #pragma once
 
+#include <cerrno>
 #include <stdexcept>
 #include <string>
 
@@ -30,25 +32,32 @@ class Error : public std::runtime_error {
   std::string path_;
 };
 
-/// MDB_MAP_FULL: the map is too small (the Writer grows it itself unless
-/// auto_grow is off).
-class MapFullError : public Error { using Error::Error; };
-/// MDB_READERS_FULL: more concurrent readers than max_readers.
-class ReadersFullError : public Error { using Error::Error; };
-/// MDB_NOTFOUND: a key or named database is missing.
-class NotFoundError : public Error { using Error::Error; };
-/// MDB_CORRUPTED / MDB_PAGE_NOTFOUND, or a record that fails validation
-/// (truncated, bad checksum, absurd sizes).
-class CorruptedError : public Error { using Error::Error; };
-/// The path is not a torch_lmdb database, or of an unsupported version, or
-/// the operation conflicts with its state (e.g. mode "w" on existing data).
-class InvalidDatabaseError : public Error { using Error::Error; };
-/// EACCES/EROFS/EAGAIN on open: permissions, read-only storage, lock files.
-class LockError : public Error { using Error::Error; };
+/// The error classes, one row each: X(Class, os_errno, summary). Every class
+/// derives from Error alone; Python registers one class of the same name per
+/// row (a subclass of torch_lmdb.Error, and of OSError too when `os_errno` is
+/// not 0: its errno, strerror and filename are then set). Which LMDB and errno
+/// codes raise which class, and their hints, is the table of errors.cpp.
+#define TORCH_LMDB_ERROR_CLASSES(X)                                                                        \
+  X(MapFullError, 0,                                                                                       \
+    "MDB_MAP_FULL: the map is too small (the Writer grows it itself unless auto_grow is off).")            \
+  X(ReadersFullError, 0, "MDB_READERS_FULL: more concurrent readers than max_readers.")                    \
+  X(NotFoundError, 0, "MDB_NOTFOUND, ENOENT: a key, named database or database is missing.")              \
+  X(CorruptedError, 0,                                                                                     \
+    "MDB_CORRUPTED, MDB_PAGE_NOTFOUND, MDB_PANIC, or a record that fails validation (truncated, bad "     \
+    "checksum, absurd sizes), or a file changed under its map.")                                           \
+  X(InvalidDatabaseError, 0,                                                                               \
+    "The path is not a torch_lmdb database, or of an unsupported version, or the operation conflicts "    \
+    "with its state (e.g. mode \"w\" on existing data).")                                                  \
+  X(LockError, 0, "EACCES, EROFS, EAGAIN on open: permissions, read-only storage, lock files.")            \
+  X(DiskFullError, ENOSPC,                                                                                 \
+    "The disk is full (ENOSPC), or a write failed while its filesystem had no room left.")
 
-/// The disk is full (ENOSPC), or a write failed while its filesystem had no
-/// room left. Python: torch_lmdb.DiskFullError, an OSError too.
-class DiskFullError : public Error { using Error::Error; };
+#define TORCH_LMDB_DECLARE_ERROR(Class, os_errno, summary) \
+  class Class : public Error {                              \
+    using Error::Error;                                     \
+  };
+TORCH_LMDB_ERROR_CLASSES(TORCH_LMDB_DECLARE_ERROR)
+#undef TORCH_LMDB_DECLARE_ERROR
 
 namespace detail {
 /// Throws the exception class for `rc` unless rc == MDB_SUCCESS.

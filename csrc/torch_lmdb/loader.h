@@ -11,7 +11,7 @@
 //
 // Contract
 // - Each epoch is one BatchStream (stream.h): the order is drawn from
-//   (seed, epoch), reader threads read `prefetch` batches ahead, the calling
+//   (seed, epoch), reader threads read `batches_ahead` batches ahead, the calling
 //   thread only takes them. All the stream's rules hold: the same batches for
 //   a seed and epoch on every platform and with any number of threads; ranks
 //   split each epoch's global order (every sample once per epoch over all
@@ -25,7 +25,7 @@
 // - State: state() is {seed, epoch, position, num_samples}: the global
 //   position after the batches the loop has received (batches read ahead by
 //   the threads but not yet returned are not counted). load_state() on a
-//   loader of the same data (any rank/world size, thread count, prefetch)
+//   loader of the same data (any rank/world size, thread count, batches_ahead)
 //   makes the next begin() continue there: the order is re-drawn and the
 //   stream starts at the position, nothing is read or replayed, so resuming
 //   costs the same at every position. With ranks that advance in step (DDP),
@@ -69,9 +69,9 @@ struct LoaderOptions {
   uint64_t seed = 0;
   /// Skip the last, partial global step of each epoch.
   bool drop_last = false;
-  /// Reader threads and batches read ahead (both >= 1).
+  /// Reader threads and finished batches queued ahead (both >= 1).
   size_t threads = 2;
-  size_t prefetch = 4;
+  size_t batches_ahead = 4;
   /// Padding of variable-shape fields (BatchOptions::pad, pad_fields, pad_value).
   BatchOptions batch;
   /// Fields to read (empty = all); used when the loader opens the paths.
@@ -198,7 +198,7 @@ class Loader {
     const LoaderOptions& o = options_;
     TORCH_CHECK_VALUE(o.batch_size > 0, "LoaderOptions::batch_size must be positive, got ", o.batch_size);
     TORCH_CHECK_VALUE(o.threads > 0, "LoaderOptions::threads must be at least 1, got ", o.threads);
-    TORCH_CHECK_VALUE(o.prefetch > 0, "LoaderOptions::prefetch must be at least 1, got ", o.prefetch);
+    TORCH_CHECK_VALUE(o.batches_ahead > 0, "LoaderOptions::batches_ahead must be at least 1, got ", o.batches_ahead);
     TORCH_CHECK_VALUE(o.window_blocks > 0, "LoaderOptions::window_blocks must be at least 1, got ",
                       o.window_blocks);
     TORCH_CHECK_VALUE(o.world_size > 0 && o.rank < o.world_size, "LoaderOptions::rank must be in [0, world_size = ",
@@ -209,7 +209,7 @@ class Loader {
                                                                      : SampleOrder::Shuffle;
     s.seed = o.seed;
     s.drop_last = o.drop_last;
-    s.prefetch = o.prefetch;
+    s.batches_ahead = o.batches_ahead;
     s.threads = o.threads;
     s.block_size = o.block_size > 0 ? o.block_size : 1024;
     s.window_blocks = o.window_blocks;

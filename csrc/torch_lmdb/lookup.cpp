@@ -56,7 +56,8 @@ MDB_val record_in(const Env& env, const MDB_val& v, uint64_t local, uint32_t per
   env.check_intact();  // the file changed under the map: say so
   if (rc == MDB_NOTFOUND) missing_sample(env, local);
   // MDB_BAD_TXN: an earlier lookup in this transaction met damage
-  // (lookahead skips its failures; LMDB then refuses the transaction).
+  // (a batch that requests its pages skips their failures; LMDB then
+  // refuses the transaction).
   detail::check_mdb(rc == MDB_BAD_TXN ? MDB_CORRUPTED : rc, what, env.path(), "index " + std::to_string(local));
   throw CorruptedError(std::string(what) + " failed at '" + env.path() + "'", rc, env.path());  // (unreached)
 }
@@ -109,7 +110,7 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
 }
 
-// ---- cold reads (ReaderOptions::lookahead_bytes, keep_cache) ----------------
+// ---- cold reads (ReaderOptions::page_request_bytes, keep_cache) -------------
 
 
 long major_faults() {
@@ -169,9 +170,9 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_
   return missing;
 }
 
-// ---- Lookahead ----------------------------------------------------------------
+// ---- BatchLookup ----------------------------------------------------------------
 
-Lookahead::Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
+BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
                      at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead, size_t probe)
     : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()), index_(envs.size()),
       keep_(s.options.keep_cache) {
@@ -208,7 +209,7 @@ Lookahead::Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<E
   missing_ += request_pages(values, ahead);
 }
 
-void Lookahead::parse_next(size_t i, std::vector<FieldView>& views) {
+void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views) {
   if (!found_.empty()) {
     const Found& cur = found_[i];
     if (!keep_) parsed_.push_back(cur);
@@ -222,7 +223,7 @@ void Lookahead::parse_next(size_t i, std::vector<FieldView>& views) {
   parse(*cur.env, cur.value, cur.local, s_, views);
 }
 
-void Lookahead::evict() {
+void BatchLookup::evict() {
   for (const Found& f : parsed_) {
     const auto [begin, end] = value_pages(f.value);
     const uintptr_t p = reinterpret_cast<uintptr_t>(f.value.mv_data);
@@ -236,7 +237,7 @@ void Lookahead::evict() {
   parsed_.clear();
 }
 
-Lookahead::Found Lookahead::find(size_t i, bool slice) {
+BatchLookup::Found BatchLookup::find(size_t i, bool slice) {
   const auto loc = s_.locate(indices_[i]);
   const Env& env = *envs_[loc.first];
   if (txns_[loc.first].get() == nullptr) {
@@ -251,7 +252,7 @@ Lookahead::Found Lookahead::find(size_t i, bool slice) {
   } else if (slice) {
     f.value = record_in(env, f.whole, f.local, f.per_value);
   } else {
-    return f;  // the header's pages are requested first (the lookahead)
+    return f;  // the header's pages are requested first (the page requests)
   }
   // Every cache line of the record's first kPrefetchBytes (all of a small
   // record), then the first line of each further page of a large record
@@ -274,7 +275,7 @@ Lookahead::Found Lookahead::find(size_t i, bool slice) {
   return f;
 }
 
-MDB_val Lookahead::seek(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
+MDB_val BatchLookup::seek(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
   Cursor& c = cursors_[file];
   const uint64_t key = local / per_value;
   if (c.positioned && key == c.at) return c.value;  // the next record of a packed value
@@ -291,7 +292,7 @@ MDB_val Lookahead::seek(const Env& env, size_t file, uint64_t local, uint32_t pe
   return v;
 }
 
-MDB_val Lookahead::search(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
+MDB_val BatchLookup::search(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run) {
   Cursor& c = cursors_[file];
   MDB_txn* txn = txns_[file].get();
   const uint64_t key = local / per_value;
@@ -327,7 +328,7 @@ MDB_val Lookahead::search(const Env& env, size_t file, uint64_t local, uint32_t 
   return lookup_value(env, txn, local, per_value);  // (on a failed search: throws the error of this index)
 }
 
-bool Lookahead::cached(const MDB_val& v) {
+bool BatchLookup::cached(const MDB_val& v) {
   const uintptr_t page = page_bytes();
   unsigned char in = 0;
   void* first = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1));

@@ -1,5 +1,5 @@
 // torch_lmdb/lookup.h -- internal: finding and parsing the records of a
-// batch (Reader::read_batch, get, prefetch). Not installed.
+// batch (Reader::read_batch, get, request_pages). Not installed.
 //
 // Contract
 // - lookup() returns the record of one sample, bounds-checked against the
@@ -8,11 +8,11 @@
 //   asks the environment whether its file changed under the map).
 // - parse() parses a record against the reader's schema (a record whose
 //   fields differ raises CorruptedError naming the file and the index).
-// - Lookahead finds a batch's records two ahead of their parse, or all of
+// - BatchLookup finds a batch's records two ahead of their parse, or all of
 //   them first on a cold thread (ColdBatch), requesting their missing pages
 //   with one madvise per merged range (request_pages).
 // - Thread safety: the functions may be called from any thread; a
-//   Lookahead and a ColdBatch belong to the thread that made them (the cold
+//   BatchLookup and a ColdBatch belong to the thread that made them (the cold
 //   state is per thread).
 #pragma once
 
@@ -66,24 +66,24 @@ struct ColdState {
 extern thread_local ColdState cold_state;  // (lookup.cpp)
 
 // One batch's decision and bookkeeping. Without lookups ahead, a major fault
-// since the thread's last batch makes the next batches look ahead; with
+// since the thread's last batch makes the next batches request their pages; with
 // them, 4 batches in a row whose pages were all cached end it (the faults
 // themselves do not tell: pages requested ahead fault as minor).
 class ColdBatch {
  public:
   explicit ColdBatch(const ReaderOptions& o)
-      : enabled_(o.lookahead == LookaheadMode::Auto && o.lookahead_bytes > 0), budget_(o.lookahead_bytes) {
-    if (o.lookahead == LookaheadMode::Always) ahead_ = o.lookahead_bytes;
+      : enabled_(o.page_requests == PageRequests::Auto && o.page_request_bytes > 0), budget_(o.page_request_bytes) {
+    if (o.page_requests == PageRequests::Always) ahead_ = o.page_request_bytes;
     if (!enabled_) return;
     if (cold_state.majflt < 0) cold_state.majflt = major_faults();
-    if (cold_state.cold) ahead_ = o.lookahead_bytes;
+    if (cold_state.cold) ahead_ = o.page_request_bytes;
   }
   /// Bytes of the batch to request ahead (0: plain reads).
   size_t ahead() const { return ahead_; }
-  /// Auto, not looking ahead: the bytes to request ahead should the batch's
-  /// first sample turn out not to be cached (see Lookahead).
+  /// Auto, not requesting pages: the bytes to request should the batch's
+  /// first sample turn out not to be cached (see BatchLookup).
   size_t probe() const { return enabled_ && ahead_ == 0 ? budget_ : 0; }
-  /// The probe found the first sample uncached: this batch looked ahead.
+  /// The probe found the first sample uncached: this batch requested its pages.
   void engaged() {
     ahead_ = budget_;
     cold_state.cold = true;
@@ -93,7 +93,7 @@ class ColdBatch {
   void done(size_t missing, const Reader::State& s) {
     s.io_batches.fetch_add(1, std::memory_order_relaxed);
     if (ahead_ > 0) {
-      s.io_lookahead.fetch_add(1, std::memory_order_relaxed);
+      s.io_page_request_batches.fetch_add(1, std::memory_order_relaxed);
       s.io_pages.fetch_add(missing, std::memory_order_relaxed);
     }
     if (!enabled_) return;
@@ -130,16 +130,16 @@ class ColdBatch {
 // tiny sequential reads 1.3-1.5x raw mdb_get). Other samples are searched
 // with mdb_get, and so is a next entry with another key (a gap), which then
 // gets lookup()'s error.
-class Lookahead {
+class BatchLookup {
  public:
   // `ahead` > 0 (a cold thread, see ColdBatch): every sample is looked up
   // first and the pages of up to `ahead` bytes of them are requested at once.
   // `probe` > 0: the same with `probe` bytes if the first sample's first
   // page is not in the page cache (one mincore; probed() tells).
-  Lookahead(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
+  BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
             at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0, size_t probe = 0);
 
-  // The batch looked ahead because its first sample was not cached.
+  // The batch requested its pages because its first sample was not cached.
   bool probed() const { return probed_; }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
@@ -192,7 +192,7 @@ class Lookahead {
   std::vector<std::shared_ptr<ValueIndex>> index_;  // per file: its snapshot's values (or none)
   Found next_, after_;  // samples i + 1 and i + 2 while sample i is parsed
   bool keep_;
-  std::vector<Found> found_;   // every sample, when looking ahead
+  std::vector<Found> found_;   // every sample, when requesting pages
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
   bool probed_ = false;

@@ -31,7 +31,7 @@ using detail::ColdBatch;
 using detail::DecodePool;
 using detail::decode_threads;
 using detail::decode_to_slot;
-using detail::Lookahead;
+using detail::BatchLookup;
 using detail::lookup;
 using detail::parse;
 using detail::request_pages;
@@ -197,7 +197,7 @@ std::vector<Sample> Reader::get_many(at::ArrayRef<size_t> indices) const {
   thread_local std::vector<FieldView> views;
   std::vector<Sample> out;
   out.reserve(indices.size());
-  Lookahead samples(s, envs, indices, txns);
+  BatchLookup samples(s, envs, indices, txns);
   for (size_t i = 0; i < indices.size(); ++i) {
     samples.parse_next(i, views);
     Sample sample;
@@ -318,7 +318,7 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   // destructor waits for the helpers before the tensors go.
   std::unique_ptr<DecodePool::Job> job;
   batch.blobs.reserve(s.stored.size());
-  Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
+  BatchLookup samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
   for (size_t i = 0; i < B; ++i) {
     std::vector<FieldView>& v = i == 0 ? first : cur;
@@ -464,7 +464,8 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   if (!options.allocate) {  // (a caller's allocator is only asked for the outputs it gets)
     std::vector<ReadTxn> txns(envs.size());
     Batch batch;
-    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options), options.read_ahead)) {
+    if (read_batch_fixed(s, envs, indices, txns, batch, cold, decode_threads(s.options, options),
+                         options.nontemporal_stores)) {
       check_intact(envs);
       return batch;
     }
@@ -473,7 +474,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   std::vector<ReadTxn> txns(envs.size());
   thread_local Views views;
   if (views.size() < B) views.resize(B);
-  Lookahead samples(s, envs, indices, txns, cold.ahead(), cold.probe());
+  BatchLookup samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
   for (size_t i = 0; i < B; ++i) samples.parse_next(i, views[i]);
 
@@ -527,22 +528,22 @@ bool Reader::complete() const { return state_->complete; }
 
 Reader::IoStats Reader::io_stats() const {
   const State& s = *state_;
-  return IoStats{s.io_batches.load(), s.io_lookahead.load(), s.io_pages.load(), s.io_prefetched.load(),
-                 s.io_prefetches.load()};
+  return IoStats{s.io_batches.load(), s.io_page_request_batches.load(), s.io_pages.load(), s.io_pages_ahead.load(),
+                 s.io_request_pages_calls.load()};
 }
 
 const ReaderOptions& Reader::options() const { return state_->options; }
 
-bool Reader::looking_ahead() const {
+bool Reader::requesting_pages() const {
   const ReaderOptions& o = state_->options;
-  if (o.lookahead_bytes == 0 || o.lookahead == LookaheadMode::Never) return false;
-  return o.lookahead == LookaheadMode::Always || cold_state.cold;
+  if (o.page_request_bytes == 0 || o.page_requests == PageRequests::Never) return false;
+  return o.page_requests == PageRequests::Always || cold_state.cold;
 }
 
-Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
+Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const {
   State& s = *state_;
-  const size_t budget = s.options.lookahead_bytes;
-  if (budget == 0 || s.options.lookahead == LookaheadMode::Never || indices.empty()) return {};
+  const size_t budget = s.options.page_request_bytes;
+  if (budget == 0 || s.options.page_requests == PageRequests::Never || indices.empty()) return {};
   const auto& envs = s.current_envs();
   const size_t n = s.offsets.back();
   std::vector<ReadTxn> txns(envs.size());
@@ -574,9 +575,9 @@ Reader::Prefetched Reader::prefetch(at::ArrayRef<size_t> indices) const {
   }
   // Samples at most 16 KiB apart (B-tree pages between runs of values): one
   // read for them and what lies between.
-  const size_t missing = request_pages(values, budget, uintptr_t{16} << 10);
-  s.io_prefetches.fetch_add(1, std::memory_order_relaxed);
-  s.io_prefetched.fetch_add(missing, std::memory_order_relaxed);
+  const size_t missing = detail::request_pages(values, budget, uintptr_t{16} << 10);
+  s.io_request_pages_calls.fetch_add(1, std::memory_order_relaxed);
+  s.io_pages_ahead.fetch_add(missing, std::memory_order_relaxed);
   // Uncached pages ahead: this thread still reads from the disk (its own
   // batches find the pages requested here cached, which alone would end it).
   if (missing > 0) cold_state.warm_batches = 0;

@@ -39,21 +39,26 @@
 
 namespace torch_lmdb {
 
-/// When read_batch looks a batch's samples up before copying them and
-/// requests their uncached pages at once (see ReaderOptions::lookahead_bytes).
-enum class LookaheadMode {
+/// When read_batch requests a batch's pages: it looks the batch's samples
+/// up before copying them and requests their uncached pages at once (see
+/// ReaderOptions::page_request_bytes).
+enum class PageRequests {
   Auto,    ///< once a batch of the thread had to wait for the disk
   Always,  ///< every batch (data known to be cold)
   Never,
 };
+/// The old name of PageRequests (ReaderOptions::lookahead became page_requests).
+using LookaheadMode [[deprecated("renamed PageRequests")]] = PageRequests;
 
 struct ReaderOptions {
   /// Check each record's xxh3 checksum on read.
   bool verify = false;
   /// 1 lock, 0 MDB_NOLOCK, -1 automatic fallback on read-only storage.
   int lock = -1;
-  /// OS readahead; off by default (random access).
-  bool readahead = false;
+  /// The operating system's readahead of the data file (MDB_NORDAHEAD when
+  /// false); off by default (random access). Not page_requests, which asks
+  /// for exactly the pages a batch needs.
+  bool os_readahead = false;
   unsigned max_readers = 1024;
   /// Subset of fields to return (empty = all), in the stored order.
   std::vector<std::string> fields;
@@ -63,24 +68,24 @@ struct ReaderOptions {
   /// read_batch: a recycled buffer is already paged in, a fresh one costs a
   /// page fault per 4 KiB. 0 disables the cache.
   size_t batch_cache_bytes = size_t{256} << 20;
-  /// Cold reads (read_batch, and so every batched path). With lookahead,
+  /// Cold reads (read_batch, and so every batched path). With page requests,
   /// a batch first looks every sample up, then asks the kernel for all
   /// their pages that are not in the page cache at once (mincore, then
   /// madvise MADV_WILLNEED: asynchronous reads, a deep queue for the
   /// device), then copies while the reads complete. Auto: a thread's
-  /// batches look ahead once one of its batches had a major page fault,
+  /// batches request their pages once one of its batches had a major page fault,
   /// and stop after 4 batches in a row found every page cached (warm reads
   /// pay one getrusage() a batch).
-  LookaheadMode lookahead = LookaheadMode::Auto;
-  /// Bytes of a batch whose pages are requested ahead, in batch order
-  /// (the bound of the reads in flight per reading thread; 0: no lookahead).
+  PageRequests page_requests = PageRequests::Auto;
+  /// Bytes of a batch whose pages are requested at once, in batch order
+  /// (the bound of the reads in flight per reading thread; 0: no page requests).
   /// BatchStream (and so iter_batches and the C++ make_loader) also
   /// requests the coming batches' pages while it reads, a chunk at a time:
   /// one shuffle window of a block shuffle when its pages fit in this many
   /// bytes (its samples then go out as a few long sequential reads), else
   /// half this many bytes. At most two chunks lie ahead of the batch being
-  /// read: at most 2 x lookahead_bytes (see prefetch()).
-  size_t lookahead_bytes = size_t{128} << 20;
+  /// read: at most 2 x page_request_bytes (see request_pages()).
+  size_t page_request_bytes = size_t{128} << 20;
   /// false: once a batch is copied, its samples' pages are dropped from the
   /// page cache (and from this process's map), so an epoch over data much
   /// larger than RAM does not evict the rest of the machine's cache. It
@@ -133,10 +138,10 @@ struct BatchOptions {
   std::function<at::Tensor(at::IntArrayRef, at::ScalarType)> allocate;
   /// Decoding threads of this batch (0: ReaderOptions::decode_threads).
   unsigned decode_threads = 0;
-  /// The batch is read ahead of its use (BatchStream sets it): raw payloads
-  /// of 4 KiB or more are copied into it with non-temporal stores (x86),
-  /// which do not first read its lines into the cache.
-  bool read_ahead = false;
+  /// Raw payloads of 4 KiB or more are copied into the batch with
+  /// non-temporal stores (x86), which do not first read its lines into the
+  /// cache: for a batch that waits before its use (BatchStream sets it).
+  bool nontemporal_stores = false;
 };
 
 /// A collated batch. Tensor fields are stacked to [B, ...]; a padded field
@@ -194,7 +199,7 @@ class Reader {
   Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options = {}) const;
 
   /// Requests the pages of these samples that are not in the page cache
-  /// (madvise MADV_WILLNEED: asynchronous reads), at most lookahead_bytes of
+  /// (madvise MADV_WILLNEED: asynchronous reads), at most page_request_bytes of
   /// them in the given order. Their page ranges are merged in address order
   /// (across gaps of up to 16 KiB), so samples that lie together (a
   /// block-shuffled window) go out as long sequential reads. For a caller
@@ -202,16 +207,20 @@ class Reader {
   /// batches while it reads. Only a hint: an index out of range or a record
   /// that cannot be found is skipped (its read raises the error). Returns
   /// the bytes of the samples' pages and how many of those pages were not
-  /// cached; nothing with LookaheadMode::Never or lookahead_bytes 0.
-  struct Prefetched {
+  /// cached; nothing with PageRequests::Never or page_request_bytes 0.
+  struct PagesRequested {
     size_t bytes = 0;
     size_t missing_pages = 0;
   };
-  Prefetched prefetch(at::ArrayRef<size_t> indices) const;
-  /// Whether this thread's batches look ahead now: Always, or Auto once one
-  /// of the thread's batches met the disk (until 4 batches in a row find
-  /// every page cached); never with LookaheadMode::Never.
-  bool looking_ahead() const;
+  PagesRequested request_pages(at::ArrayRef<size_t> indices) const;
+  [[deprecated("renamed request_pages")]] PagesRequested prefetch(at::ArrayRef<size_t> indices) const {
+    return request_pages(indices);
+  }
+  /// Whether this thread's batches request their pages now: Always, or Auto
+  /// once one of the thread's batches met the disk (until 4 batches in a row
+  /// find every page cached); never with PageRequests::Never.
+  bool requesting_pages() const;
+  [[deprecated("renamed requesting_pages")]] bool looking_ahead() const { return requesting_pages(); }
   const ReaderOptions& options() const;
 
   /// Stored fields (after the `fields` subset), with -1 for varying dims.
@@ -234,14 +243,15 @@ class Reader {
   Reader refreshed() const;
 
   /// Counters of this Reader and its copies (all threads), for tests and
-  /// benchmarks: batches read, batches that looked ahead, pages requested
-  /// by them, and pages and calls of prefetch() (uncached pages requested).
+  /// benchmarks: batches read, batches that requested their pages, the
+  /// uncached pages they requested, and the uncached pages and the calls of
+  /// request_pages() (a stream's requests for its coming batches).
   struct IoStats {
     uint64_t batches = 0;
-    uint64_t lookahead_batches = 0;
+    uint64_t page_request_batches = 0;
     uint64_t pages_requested = 0;
-    uint64_t pages_prefetched = 0;
-    uint64_t prefetches = 0;
+    uint64_t pages_requested_ahead = 0;
+    uint64_t request_pages_calls = 0;
   };
   IoStats io_stats() const;
 

@@ -49,13 +49,14 @@ struct Reader::State {
   std::vector<std::shared_ptr<detail::ShardCache>> staged;
   std::shared_ptr<detail::BufferPool> buffers;
   // Reader::io_stats().
-  mutable std::atomic<uint64_t> io_batches{0}, io_lookahead{0}, io_pages{0}, io_prefetched{0}, io_prefetches{0};
+  mutable std::atomic<uint64_t> io_batches{0}, io_page_request_batches{0}, io_pages{0}, io_pages_ahead{0},
+      io_request_pages_calls{0};
 
   EnvOptions env_options() const {
     EnvOptions o;
     o.readonly = true;
     o.lock = options.lock;
-    o.readahead = options.readahead;
+    o.os_readahead = options.os_readahead;
     o.max_readers = options.max_readers;
     o.warn = options.warn;
     return o;

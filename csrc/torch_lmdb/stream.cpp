@@ -160,14 +160,14 @@ struct BatchStream::State {
   std::condition_variable consumed;  // room to read ahead, or stop
   size_t next_to_claim = 0;          // the next batch a reader thread takes
   size_t next_to_deliver = 0;        // the next batch next() returns
-  // Cold reads: batches before `prefetched_to` had their pages requested
-  // ahead (Reader::prefetch), a chunk at a time (chunk_batches());
+  // Cold reads: batches before `requested_to` had their pages requested
+  // ahead (Reader::request_pages), a chunk at a time (chunk_batches());
   // `batch_bytes`: the bytes of a batch's pages, as the last chunk found.
-  size_t prefetched_to = 0;
+  size_t requested_to = 0;
   size_t batch_bytes = 0;
   // The last chunk requested found uncached pages: keep requesting chunks
   // (the batches themselves find their pages cached, which alone would make
-  // a reading thread stop looking ahead).
+  // a reading thread stop requesting pages).
   bool cold = false;
   size_t delivered = 0;              // batches next() returned (not counting an error)
   std::map<size_t, Batch> ready;     // read, not yet delivered
@@ -220,12 +220,12 @@ struct BatchStream::State {
   }
 
   // Batches whose pages are requested together: one shuffle window of a
-  // block shuffle when its pages fit in lookahead_bytes (requested at once,
-  // its samples are a few long runs of the file), else lookahead_bytes / 2
+  // block shuffle when its pages fit in page_request_bytes (requested at once,
+  // its samples are a few long runs of the file), else page_request_bytes / 2
   // worth. Under `mutex`.
   size_t chunk_batches() const {
     if (batch_bytes == 0) return 1;  // (until a first request measured a batch)
-    const size_t budget = reader.options().lookahead_bytes;
+    const size_t budget = reader.options().page_request_bytes;
     if (options.order == SampleOrder::BlockShuffle) {
       const size_t per_batch = options.batch_size * options.world_size;
       const size_t window = (options.block_size * options.window_blocks + per_batch - 1) / per_batch;
@@ -237,23 +237,23 @@ struct BatchStream::State {
   // The batches whose pages to request as batch `k` is claimed, [first,
   // last): the next chunk, once fewer than a chunk's batches beyond k are
   // requested (so at most two chunks lie ahead). Under `mutex`.
-  std::pair<size_t, size_t> claim_prefetch(size_t k) {
+  std::pair<size_t, size_t> claim_page_requests(size_t k) {
     const size_t chunk = chunk_batches();
-    const size_t first = std::max(prefetched_to, k + 1);
+    const size_t first = std::max(requested_to, k + 1);
     if (first >= num_batches || first - (k + 1) >= chunk) return {0, 0};
     // Chunk ends on multiples of the chunk: a block shuffle's windows.
-    prefetched_to = std::min(num_batches, (first / chunk + 1) * chunk);
-    return {first, prefetched_to};
+    requested_to = std::min(num_batches, (first / chunk + 1) * chunk);
+    return {first, requested_to};
   }
 
-  void prefetch(std::pair<size_t, size_t> range) {
+  void request_pages(std::pair<size_t, size_t> range) {
     std::vector<size_t> idx;
     for (size_t b = range.first; b < range.second; ++b) {
       if (batch_at(b).count == 0) continue;
       const std::vector<size_t> batch = indices(b);
       idx.insert(idx.end(), batch.begin(), batch.end());
     }
-    const Reader::Prefetched got = reader.prefetch(idx);
+    const Reader::PagesRequested got = reader.request_pages(idx);
     std::lock_guard<std::mutex> lock(mutex);
     cold = got.missing_pages > 0;
     if (got.bytes > 0) batch_bytes = std::max<size_t>(1, got.bytes / (range.second - range.first));
@@ -263,18 +263,18 @@ struct BatchStream::State {
     for (;;) {
       size_t k = 0;
       std::pair<size_t, size_t> ahead{0, 0};
-      const bool thread_cold = reader.looking_ahead();
+      const bool thread_cold = reader.requesting_pages();
       {
         std::unique_lock<std::mutex> lock(mutex);
         consumed.wait(lock, [&] {
-          return stop || next_to_claim >= num_batches || next_to_claim < next_to_deliver + options.prefetch;
+          return stop || next_to_claim >= num_batches || next_to_claim < next_to_deliver + options.batches_ahead;
         });
         if (stop || next_to_claim >= num_batches) return;
         k = next_to_claim++;
-        if (thread_cold || cold) ahead = claim_prefetch(k);
+        if (thread_cold || cold) ahead = claim_page_requests(k);
       }
       try {
-        if (ahead.second > ahead.first) prefetch(ahead);
+        if (ahead.second > ahead.first) request_pages(ahead);
         std::vector<int64_t> sources;
         Batch b = reader.read_batch(indices(k, &sources), options.batch);
         if (rule) add_sources(b, sources);
@@ -294,11 +294,11 @@ struct BatchStream::State {
 
 BatchStream::BatchStream(Reader reader, StreamOptions options) {
   TORCH_CHECK_VALUE(options.batch_size > 0, "batch_size must be positive, got ", options.batch_size);
-  TORCH_CHECK_VALUE(options.prefetch > 0, "prefetch must be at least 1, got ", options.prefetch);
+  TORCH_CHECK_VALUE(options.batches_ahead > 0, "batches_ahead must be at least 1, got ", options.batches_ahead);
   TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
   // The reading threads already decode side by side: each decodes its own batches.
   options.batch.decode_threads = 1;
-  options.batch.read_ahead = true;  // batches wait in the queue: written around the cache
+  options.batch.nontemporal_stores = true;  // batches wait in the queue: written around the cache
   state_ = std::make_shared<State>(std::move(reader), std::move(options));
   State& s = *state_;
   if (s.options.mixture) {

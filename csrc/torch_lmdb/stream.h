@@ -27,7 +27,7 @@
 //   exactly the samples not yet read. Creating a stream at any start costs
 //   the same (the order is drawn, nothing is read or replayed).
 // - Reader threads read batches ahead with Reader::read_batch (one read txn,
-//   one copy per sample into the batch); at most `prefetch` batches are read
+//   one copy per sample into the batch); at most `batches_ahead` batches are read
 //   but not yet taken by next(), which bounds the memory in flight. The
 //   caller's thread does no reading: its work (the training step) overlaps
 //   the reads.
@@ -59,7 +59,7 @@ enum class SampleOrder {
   /// Contiguous blocks of `block_size` samples in random order, samples
   /// shuffled within each window of `window_blocks` consecutive blocks:
   /// reads stay within a few key ranges at a time (cursor- and
-  /// readahead-friendly when the data is larger than RAM).
+  /// OS-readahead-friendly when the data is larger than RAM).
   BlockShuffle,
 };
 
@@ -69,8 +69,9 @@ struct StreamOptions {
   uint64_t seed = 0;
   /// Drop the last batch when it is smaller than batch_size.
   bool drop_last = false;
-  /// Batches read ahead of the consumer (>= 1).
-  size_t prefetch = 2;
+  /// Finished batches queued ahead of the consumer (>= 1; bounds the
+  /// memory in flight).
+  size_t batches_ahead = 2;
   /// Reader threads (>= 1).
   size_t threads = 1;
   /// BlockShuffle: samples per block and blocks per shuffle window.
@@ -136,7 +137,7 @@ std::vector<size_t> sample_order(size_t n, SampleOrder order, uint64_t seed, siz
 class BatchStream {
  public:
   /// Starts the reader threads. Throws ValueError for a zero batch_size,
-  /// prefetch, threads, block_size, window_blocks or world_size, a rank >=
+  /// batches_ahead, threads, block_size, window_blocks or world_size, a rank >=
   /// world_size, or a start past the number of samples; IndexError for a
   /// mixture source or selection reaching past the reader's samples.
   /// Creating a stream costs O(1) in the epoch's size with a mixture (the

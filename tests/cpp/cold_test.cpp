@@ -1,5 +1,5 @@
-// Cold reads: a batch's pages requested ahead (ReaderOptions::lookahead,
-// lookahead_bytes) and pages dropped after the copy (keep_cache = false).
+// Cold reads: a batch's pages requested at once (ReaderOptions::page_requests,
+// page_request_bytes) and pages dropped after the copy (keep_cache = false).
 #include <fcntl.h>
 #include <lmdb.h>
 #include <sys/mman.h>
@@ -73,23 +73,23 @@ std::vector<std::vector<size_t>> batches_of(const std::vector<size_t>& order, si
   return out;
 }
 
-ReaderOptions with_lookahead(LookaheadMode mode, size_t bytes = size_t{64} << 20) {
+ReaderOptions with_page_requests(PageRequests mode, size_t bytes = size_t{64} << 20) {
   ReaderOptions o;
-  o.lookahead = mode;
-  o.lookahead_bytes = bytes;
+  o.page_requests = mode;
+  o.page_request_bytes = bytes;
   return o;
 }
 
 }  // namespace
 
-TEST(ColdReads, LookaheadBatchesEqualPlainOnesAndCoverEveryIndexOnce) {
+TEST(ColdReads, PageRequestBatchesEqualPlainOnesAndCoverEveryIndexOnce) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   const int64_t n = 600;
   write_wide(path, n);
   evict_file(path);
-  Reader ahead(path, with_lookahead(LookaheadMode::Always));
-  Reader plain(path, with_lookahead(LookaheadMode::Never));
+  Reader ahead(path, with_page_requests(PageRequests::Always));
+  Reader plain(path, with_page_requests(PageRequests::Never));
   std::vector<int> seen(n, 0);
   const auto batches = batches_of(shuffled(n, 1), 64);
   for (const auto& idx : batches) {
@@ -104,61 +104,61 @@ TEST(ColdReads, LookaheadBatchesEqualPlainOnesAndCoverEveryIndexOnce) {
   }
   EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
   EXPECT_EQ(ahead.io_stats().batches, batches.size());
-  EXPECT_EQ(ahead.io_stats().lookahead_batches, batches.size());
-  EXPECT_EQ(plain.io_stats().lookahead_batches, 0u);
-  // The general path (padding requested) looks ahead too.
+  EXPECT_EQ(ahead.io_stats().page_request_batches, batches.size());
+  EXPECT_EQ(plain.io_stats().page_request_batches, 0u);
+  // The general path (padding requested) requests its pages too.
   BatchOptions pad;
   pad.pad = true;
   Batch p = ahead.read_batch(batches[0], pad);
   EXPECT_TRUE(torch::equal(p.tensors["x"], plain.read_batch(batches[0]).tensors["x"]));
-  EXPECT_EQ(ahead.io_stats().lookahead_batches, batches.size() + 1);
+  EXPECT_EQ(ahead.io_stats().page_request_batches, batches.size() + 1);
 }
 
-TEST(ColdReads, AutoLooksAheadOnceBatchesWaitForTheDiskAndStopsWhenWarm) {
+TEST(ColdReads, AutoRequestsPagesOnceBatchesWaitForTheDiskAndStopsWhenWarm) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   const int64_t n = 2000;  // 32 MiB
   write_wide(path, n);
   evict_file(path);
-  Reader r(path);  // LookaheadMode::Auto
+  Reader r(path);  // PageRequests::Auto
   for (const auto& idx : batches_of(shuffled(n, 2), 64)) r.read_batch(idx);
   const Reader::IoStats cold = r.io_stats();
-  EXPECT_GT(cold.lookahead_batches, 0u);
+  EXPECT_GT(cold.page_request_batches, 0u);
   EXPECT_GT(cold.pages_requested, 0u);
-  // Every page is cached now: at most 4 batches look ahead (finding
+  // Every page is cached now: at most 4 batches request their pages (finding
   // nothing to request) before the thread's reads go back to plain.
   for (const auto& idx : batches_of(shuffled(n, 3), 64)) r.read_batch(idx);
   const Reader::IoStats warm = r.io_stats();
-  EXPECT_LE(warm.lookahead_batches - cold.lookahead_batches, 4u);
+  EXPECT_LE(warm.page_request_batches - cold.page_request_batches, 4u);
   EXPECT_EQ(warm.pages_requested, cold.pages_requested);
 }
 
-TEST(ColdReads, AutoLooksAheadFromTheFirstBatchWhoseFirstSampleIsNotCached) {
+TEST(ColdReads, AutoRequestsPagesFromTheFirstBatchWhoseFirstSampleIsNotCached) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   write_wide(path, 600);
   evict_file(path);
-  Reader r(path);  // LookaheadMode::Auto
+  Reader r(path);  // PageRequests::Auto
   r.read_batch(batches_of(shuffled(600, 7), 64)[0]);
-  EXPECT_EQ(r.io_stats().lookahead_batches, 1u);
+  EXPECT_EQ(r.io_stats().page_request_batches, 1u);
   EXPECT_GT(r.io_stats().pages_requested, 0u);
-  // Cached now: the next thread's batches do not look ahead.
+  // Cached now: the next thread's batches do not request their pages.
   Reader warm(path);
   std::thread([&] { warm.read_batch(batches_of(shuffled(600, 7), 64)[0]); }).join();
-  EXPECT_EQ(warm.io_stats().lookahead_batches, 0u);
+  EXPECT_EQ(warm.io_stats().page_request_batches, 0u);
 }
 
-TEST(ColdReads, PagesRequestedAheadAreBoundedByLookaheadBytes) {
+TEST(ColdReads, PagesRequestedAheadAreBoundedByPageRequestBytes) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   write_wide(path, 256);
   evict_file(path);
   const size_t budget = 64 << 10;
-  Reader r(path, with_lookahead(LookaheadMode::Always, budget));
+  Reader r(path, with_page_requests(PageRequests::Always, budget));
   Batch b = r.read_batch(shuffled(256, 4));  // 4 MiB in one batch
   EXPECT_EQ(b.tensors["x"].size(0), 256);
   const Reader::IoStats st = r.io_stats();
-  EXPECT_EQ(st.lookahead_batches, 1u);
+  EXPECT_EQ(st.page_request_batches, 1u);
   EXPECT_GT(st.pages_requested, 0u);
   // Requests stop once `budget` bytes are covered: the last value's pages
   // (5 for 16 KiB after a page header) may cross it.
@@ -198,7 +198,7 @@ TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
   // a payload byte of record 150 flipped (a bad disk would)
   torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
   evict_file(path);
-  ReaderOptions o = with_lookahead(LookaheadMode::Always);
+  ReaderOptions o = with_page_requests(PageRequests::Always);
   o.verify = true;
   Reader r(path, o);
   std::vector<size_t> order(300);
@@ -246,12 +246,12 @@ TEST(ColdReads, StreamRequestsTheComingBatchesInBoundedChunks) {
   write_wide(path, n);
   evict_file(path);
   const size_t budget = size_t{8} << 20;
-  Reader r(path, with_lookahead(LookaheadMode::Always, budget));
+  Reader r(path, with_page_requests(PageRequests::Always, budget));
   StreamOptions o;
   o.batch_size = 64;
   o.order = SampleOrder::Shuffle;
   o.threads = 1;
-  o.prefetch = 1;
+  o.batches_ahead = 1;
   BatchStream stream(r, o);
   size_t peak_excess = 0;
   const auto seen = read_epoch(stream, n, [&](size_t delivered) {
@@ -264,8 +264,8 @@ TEST(ColdReads, StreamRequestsTheComingBatchesInBoundedChunks) {
   });
   EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
   const Reader::IoStats st = r.io_stats();
-  EXPECT_GT(st.prefetches, 1u);
-  EXPECT_GT(st.pages_prefetched, static_cast<uint64_t>(n) * 5 / 2);  // most pages came ahead of their batch
+  EXPECT_GT(st.request_pages_calls, 1u);
+  EXPECT_GT(st.pages_requested_ahead, static_cast<uint64_t>(n) * 5 / 2);  // most pages came ahead of their batch
   EXPECT_GT(peak_excess, 0u) << "nothing was requested ahead";
   EXPECT_LE(peak_excess, 2 * budget / 4096 + 64) << "pages cached beyond the batches read";
 }
@@ -276,9 +276,9 @@ TEST(ColdReads, StreamRequestsABlockShuffleWindowAtOnceAndNothingWhenWarm) {
   const int64_t n = 3072;
   write_wide(path, n);
   evict_file(path);
-  // Chunks of lookahead_bytes / 2 would be 6 batches (8 requests an epoch);
+  // Chunks of page_request_bytes / 2 would be 6 batches (8 requests an epoch);
   // a window is 4.
-  Reader r(path, with_lookahead(LookaheadMode::Auto, size_t{16} << 20));
+  Reader r(path, with_page_requests(PageRequests::Auto, size_t{16} << 20));
   StreamOptions o;
   o.batch_size = 64;
   o.order = SampleOrder::BlockShuffle;
@@ -293,14 +293,14 @@ TEST(ColdReads, StreamRequestsABlockShuffleWindowAtOnceAndNothingWhenWarm) {
   const Reader::IoStats cold = r.io_stats();
   // 12 windows: one request each (the first ones partly read already), and
   // a first request or two of a single batch, before a batch's size is known.
-  EXPECT_GE(cold.prefetches, 10u);
-  EXPECT_LE(cold.prefetches, 15u);
-  EXPECT_GT(cold.pages_prefetched, static_cast<uint64_t>(n) * 5 / 2);
+  EXPECT_GE(cold.request_pages_calls, 10u);
+  EXPECT_LE(cold.request_pages_calls, 15u);
+  EXPECT_GT(cold.pages_requested_ahead, static_cast<uint64_t>(n) * 5 / 2);
   {
     BatchStream warm(r, o);  // every page cached: nothing is requested
     read_epoch(warm, n);
   }
-  EXPECT_EQ(r.io_stats().prefetches, cold.prefetches);
+  EXPECT_EQ(r.io_stats().request_pages_calls, cold.request_pages_calls);
 }
 
 TEST(ColdReads, AStreamRaisesADamagedRecordAtItsBatchThoughItsPagesWereRequestedAhead) {
@@ -309,7 +309,7 @@ TEST(ColdReads, AStreamRaisesADamagedRecordAtItsBatchThoughItsPagesWereRequested
   write_wide(path, 640);
   torch_lmdb_test::mutate_record(path, 300, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
   evict_file(path);
-  ReaderOptions ro = with_lookahead(LookaheadMode::Always);
+  ReaderOptions ro = with_page_requests(PageRequests::Always);
   ro.verify = true;
   Reader r(path, ro);
   StreamOptions o;
@@ -324,5 +324,5 @@ TEST(ColdReads, AStreamRaisesADamagedRecordAtItsBatchThoughItsPagesWereRequested
   } catch (const CorruptedError& e) {
     EXPECT_NE(std::string(e.what()).find("index 300"), std::string::npos) << e.what();
   }
-  EXPECT_GT(r.io_stats().prefetches, 0u);
+  EXPECT_GT(r.io_stats().request_pages_calls, 0u);
 }

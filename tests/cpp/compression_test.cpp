@@ -368,10 +368,10 @@ size_t raw_values(const std::string& path) {
 
 // Every read path of `path` gives back sample i as written, for i < n.
 void expect_all_read_paths(const std::string& path, int64_t n) {
-  for (auto mode : {LookaheadMode::Never, LookaheadMode::Always}) {
+  for (auto mode : {PageRequests::Never, PageRequests::Always}) {
     for (bool keep : {true, false}) {
       ReaderOptions ro;
-      ro.lookahead = mode;
+      ro.page_requests = mode;
       ro.keep_cache = keep;
       ro.verify = true;
       Reader r(path, ro);
@@ -392,7 +392,7 @@ void expect_all_read_paths(const std::string& path, int64_t n) {
           EXPECT_TRUE(torch::equal(b.tensors["cir"][static_cast<int64_t>(j)], packed_sample(i)[0].tensor));
           EXPECT_EQ(b.blobs.at(0).values.at(j), std::string(static_cast<size_t>(i % 3 + 1), static_cast<char>('a' + i % 26)));
         }
-        if (mode == LookaheadMode::Always) EXPECT_GT(r.prefetch(*order).bytes, 0u);
+        if (mode == PageRequests::Always) EXPECT_GT(r.request_pages(*order).bytes, 0u);
       }
     }
   }
@@ -523,10 +523,10 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
     encode_key(2, key);  // samples 8..11: gone
     ASSERT_EQ(mdb_del(txn, dbi, &k, nullptr), 0);
   });
-  for (auto mode : {LookaheadMode::Never, LookaheadMode::Always}) {
+  for (auto mode : {PageRequests::Never, PageRequests::Always}) {
     ReaderOptions ro;
     ro.verify = true;
-    ro.lookahead = mode;
+    ro.page_requests = mode;
     Reader r(path, ro);
     expect_corrupted([&] { r.get_fields(6); }, {path, "index 6"});
     expect_corrupted([&] { r.get_fields(13); }, {path, "sample index 13", "samples 12 to 15", "damaged"});

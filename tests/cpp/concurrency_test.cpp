@@ -81,7 +81,7 @@ TEST(ConcurrentStream, SeveralReaderThreadsYieldEveryBatchInOrder) {
   o.order = SampleOrder::Shuffle;
   o.seed = 5;
   o.threads = 4;
-  o.prefetch = 3;
+  o.batches_ahead = 3;
   BatchStream stream(reader, o);
   ASSERT_EQ(stream.size(), 26u);
   size_t k = 0, mismatches = 0;

@@ -313,7 +313,7 @@ TEST(Env, SamePathSharesOneEnvPerProcess) {
   o.warn = [&](const std::string& m) { warnings.push_back(m); };
   EXPECT_EQ(Env::open(tmp.sub("a"), o).get(), e1.get());
   EXPECT_TRUE(warnings.empty());
-  o.readahead = true;
+  o.os_readahead = true;
   EXPECT_EQ(Env::open(tmp.sub("a"), o).get(), e1.get());
   ASSERT_EQ(warnings.size(), 1u);
   EXPECT_NE(warnings[0].find("already open in this process with readahead off"), std::string::npos) << warnings[0];
@@ -378,7 +378,7 @@ TEST(Stream, ReadsEveryBatchInOrderWithAnyThreadCount) {
       o.order = order;
       o.seed = 11;
       o.threads = threads;
-      o.prefetch = 2;
+      o.batches_ahead = 2;
       o.block_size = 20;
       BatchStream stream(reader, o);
       ASSERT_EQ(stream.size(), 10u);

@@ -1,6 +1,7 @@
 // One environment per file and process, shared by readers and the writer;
 // map resizes that never race a read; damaged files; the writer's lock.
 // Tests named *Concurrent* also run under ThreadSanitizer (make test-tsan).
+#include <lmdb.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -10,13 +11,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <fstream>
 #include <numeric>
 #include <random>
 #include <thread>
+#include <typeindex>
+#include <typeinfo>
 #include <vector>
 
 #include "test_util.h"
+#include "torch_lmdb/errors.h"
 
 using namespace torch_lmdb;
 using torch_lmdb_test::make_sample;
@@ -488,4 +493,57 @@ TEST(ValueIndexConcurrent, ThreadsFillAndReadOneIndex) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(bad.load(), 0u);
+}
+
+// errors.cpp's one table of codes: each code throws its class, named, with its hint.
+TEST(Errors, EachCodeThrowsItsClassWithItsNameAndHint) {
+  auto thrown = [](int rc) -> std::pair<std::type_index, std::string> {
+    try {
+      torch_lmdb::detail::check_mdb(rc, "mdb_put", "/data/db", "index 7");
+    } catch (const Error& e) {
+      return {std::type_index(typeid(e)), e.what()};
+    }
+    return {std::type_index(typeid(void)), "nothing"};
+  };
+  EXPECT_EQ(thrown(MDB_SUCCESS).second, "nothing");
+  struct Row {
+    int rc;
+    std::type_index cls;
+    const char* name;
+  };
+  const Row rows[] = {
+      {MDB_MAP_FULL, typeid(MapFullError), "MDB_MAP_FULL"},
+      {MDB_READERS_FULL, typeid(ReadersFullError), "MDB_READERS_FULL"},
+      {MDB_NOTFOUND, typeid(NotFoundError), "MDB_NOTFOUND"},
+      {ENOENT, typeid(NotFoundError), "ENOENT"},
+      {MDB_CORRUPTED, typeid(CorruptedError), "MDB_CORRUPTED"},
+      {MDB_PAGE_NOTFOUND, typeid(CorruptedError), "MDB_PAGE_NOTFOUND"},
+      {MDB_PANIC, typeid(CorruptedError), "MDB_PANIC"},
+      {MDB_INVALID, typeid(InvalidDatabaseError), "MDB_INVALID"},
+      {MDB_VERSION_MISMATCH, typeid(InvalidDatabaseError), "MDB_VERSION_MISMATCH"},
+      {MDB_INCOMPATIBLE, typeid(InvalidDatabaseError), "MDB_INCOMPATIBLE"},
+      {EACCES, typeid(LockError), "EACCES"},
+      {EROFS, typeid(LockError), "EROFS"},
+      {EAGAIN, typeid(LockError), "EAGAIN"},
+      {ENOSPC, typeid(DiskFullError), "ENOSPC"},
+      {MDB_BAD_TXN, typeid(Error), "MDB_BAD_TXN"},
+      {EIO, typeid(Error), "EIO"},
+      {12345, typeid(Error), "error"},
+  };
+  for (const Row& row : rows) {
+    const auto [cls, what] = thrown(row.rc);
+    EXPECT_TRUE(cls == row.cls) << row.name << ": " << what;
+    EXPECT_EQ(what.rfind(std::string("mdb_put failed: ") + row.name + " (", 0), 0u) << what;
+    EXPECT_NE(what.find("at '/data/db' (index 7)"), std::string::npos) << what;
+  }
+  EXPECT_NE(thrown(MDB_MAP_FULL).second.find("): the map is full; the Writer grows the map itself"), std::string::npos);
+  EXPECT_NE(thrown(MDB_READERS_FULL).second.find("raise max_readers (default 1024)"), std::string::npos);
+  EXPECT_NE(thrown(EROFS).second.find("readers fall back to lock=False on read-only storage"), std::string::npos);
+  EXPECT_EQ(thrown(MDB_BAD_TXN).second.find("): "), std::string::npos) << "no hint for a code without one";
+  try {
+    torch_lmdb::detail::check_mdb(ENOSPC, "mdb_txn_commit", "/data/db");
+  } catch (const DiskFullError& e) {
+    EXPECT_EQ(e.code(), ENOSPC);
+    EXPECT_EQ(e.path(), "/data/db");
+  }
 }

@@ -190,7 +190,7 @@ TEST(Loader, StateResumesTheIdenticalStreamInANewLoader) {
   o.batch_size = 16;
   o.seed = 11;
   o.threads = 3;
-  o.prefetch = 3;
+  o.batches_ahead = 3;
   auto whole = make_loader(tmp.sub("d"), o);
   whole->set_epoch(2);
   std::vector<std::vector<int64_t>> all;
@@ -250,7 +250,7 @@ TEST(ConcurrentLoader, StateWhileThreadsReadAheadCountsOnlyTakenBatches) {
   LoaderOptions o;
   o.batch_size = 7;
   o.threads = 4;
-  o.prefetch = 6;
+  o.batches_ahead = 6;
   auto loader = make_loader(tmp.sub("d"), o);
   size_t k = 0;
   for (auto& b : *loader) {
@@ -270,7 +270,7 @@ TEST(ConcurrentLoader, StateWhileThreadsReadAheadCountsOnlyTakenBatches) {
 }
 
 // Raw payloads of 4 KiB and more reach a stream's batches through non-temporal
-// stores (BatchOptions::read_ahead): every byte, for odd widths (a tail under
+// stores (BatchOptions::nontemporal_stores): every byte, for odd widths (a tail under
 // 64 bytes) and on two threads (under ThreadSanitizer too: make test-tsan).
 TEST(Stream, WidePayloadsReadAheadArriveExactlyOnTwoThreads) {
   TempDir tmp;
@@ -287,7 +287,7 @@ TEST(Stream, WidePayloadsReadAheadArriveExactlyOnTwoThreads) {
     StreamOptions o;
     o.batch_size = 16;
     o.threads = 2;
-    o.prefetch = 3;
+    o.batches_ahead = 3;
     BatchStream stream(Reader(path), o);
     std::set<int64_t> seen;
     while (auto b = stream.next()) {

@@ -305,7 +305,7 @@ def cmd_threaded_readers(a) -> int:
         try:
             while not stop.is_set():
                 seed += 1
-                it = ds.iter_batches(64, shuffle=True, seed=seed, threads=2, prefetch=4)
+                it = ds.iter_batches(64, shuffle=True, seed=seed, threads=2, batches_ahead=4)
                 for k, batch in enumerate(it):
                     check_batch(it.batch_indices(k), batch)
                     with lock:

@@ -1,4 +1,4 @@
-"""Cold reads: every batched path with lookahead (a batch's pages requested
+"""Cold reads: every batched path with page requests (a batch's pages requested
 ahead), the automatic switch, its bound and errors, damaged records raised at
 their batch."""
 import os
@@ -35,53 +35,53 @@ def _check(batch, seen):
     seen.extend(index.tolist())
 
 
-def test_every_batched_path_reads_every_index_once_with_lookahead(tmp_path):
+def test_every_batched_path_reads_every_index_once_with_page_requests(tmp_path):
     n = 500
     path = _write(str(tmp_path / "db"), n)
     _evict(path)
-    ds = torch_lmdb.LMDBDataset(path, lookahead="always")
+    ds = torch_lmdb.LMDBDataset(path, page_requests="always")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     seen = []
     for k in range(0, n, 64):
         _check(ds.get_batch(order[k:k + 64]), seen)
     assert sorted(seen) == list(range(n))
     calls = (n + 63) // 64
-    assert ds.io_stats()["lookahead_batches"] == calls
+    assert ds.io_stats()["page_request_batches"] == calls
     seen = []
     for batch in ds.iter_batches(64, shuffle=True, seed=1, threads=2):
         _check(batch, seen)
     assert sorted(seen) == list(range(n))
-    assert ds.io_stats()["lookahead_batches"] == 2 * calls
+    assert ds.io_stats()["page_request_batches"] == 2 * calls
     seen = []
     for batch in torch_lmdb.make_loader(ds, 64, shuffle=True, num_workers=2):
         _check(batch, seen)
     assert sorted(seen) == list(range(n))
     # Plain reads give the same batches.
-    plain = torch_lmdb.LMDBDataset(path, lookahead="never")
+    plain = torch_lmdb.LMDBDataset(path, page_requests="never")
     for k in range(0, n, 64):
         a, b = ds.get_batch(order[k:k + 64]), plain.get_batch(order[k:k + 64])
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
-    assert plain.io_stats()["lookahead_batches"] == 0
+    assert plain.io_stats()["page_request_batches"] == 0
 
 
-def test_auto_lookahead_engages_on_cold_data(tmp_path):
+def test_auto_page_requests_engage_on_cold_data(tmp_path):
     n = 1500
     path = _write(str(tmp_path / "db"), n)
     _evict(path)
-    ds = torch_lmdb.LMDBDataset(path)  # lookahead="auto"
+    ds = torch_lmdb.LMDBDataset(path)  # page_requests="auto"
     seen = []
     for batch in ds.iter_batches(64, shuffle=True, seed=2):
         _check(batch, seen)
     assert sorted(seen) == list(range(n))
     stats = ds.io_stats()
-    assert stats["lookahead_batches"] > 0 and stats["pages_requested"] > 0, stats
+    assert stats["page_request_batches"] > 0 and stats["pages_requested"] > 0, stats
 
 
-def test_a_damaged_record_is_raised_at_its_batch_with_lookahead(tmp_path):
+def test_a_damaged_record_is_raised_at_its_batch_with_page_requests(tmp_path):
     path = _write(str(tmp_path / "db"), 300)
     corrupt_record(path, 150)
     _evict(path)
-    ds = torch_lmdb.LMDBDataset(path, verify=True, lookahead="always")
+    ds = torch_lmdb.LMDBDataset(path, verify=True, page_requests="always")
     batches = ds.iter_batches(64, threads=2)  # sequential: 150 is in batch 2
     for k in range(2):
         assert next(batches)["index"][0].item() == 64 * k
@@ -92,12 +92,12 @@ def test_a_damaged_record_is_raised_at_its_batch_with_lookahead(tmp_path):
     assert ds.get_batch(list(range(192, 256)))["index"][0].item() == 192
 
 
-def test_lookahead_arguments_are_checked(tmp_path):
+def test_page_request_arguments_are_checked(tmp_path):
     path = _write(str(tmp_path / "db"), 4)
-    with pytest.raises(ValueError, match="lookahead must be 'auto', 'always' or 'never'"):
-        torch_lmdb.LMDBDataset(path, lookahead="sometimes")
-    with pytest.raises(ValueError, match="lookahead_bytes must be an int >= 0"):
-        torch_lmdb.LMDBDataset(path, lookahead_bytes=-1)
-    ds = torch_lmdb.LMDBDataset(path, lookahead="always", lookahead_bytes=0, keep_cache=False)
+    with pytest.raises(ValueError, match="page_requests must be 'auto', 'always' or 'never'"):
+        torch_lmdb.LMDBDataset(path, page_requests="sometimes")
+    with pytest.raises(ValueError, match="page_request_bytes must be an int >= 0"):
+        torch_lmdb.LMDBDataset(path, page_request_bytes=-1)
+    ds = torch_lmdb.LMDBDataset(path, page_requests="always", page_request_bytes=0, keep_cache=False)
     assert ds.get_batch([3, 1])["index"].tolist() == [3, 1]
-    assert ds.io_stats()["lookahead_batches"] == 0  # a bound of 0 bytes: no lookahead
+    assert ds.io_stats()["page_request_batches"] == 0  # a bound of 0 bytes: no page requests

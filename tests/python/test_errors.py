@@ -18,6 +18,19 @@ def test_error_hierarchy():
     assert issubclass(torch_lmdb.Error, RuntimeError)
 
 
+def test_the_error_classes_come_from_one_table_and_keep_their_names_and_bases():
+    # _C registers one class per row of csrc/torch_lmdb/errors.h's table; the package exports them.
+    names = ("Error", "MapFullError", "ReadersFullError", "NotFoundError", "CorruptedError",
+             "InvalidDatabaseError", "LockError", "DiskFullError")
+    assert torch_lmdb._C.ERROR_CLASSES == names
+    for name in names:
+        cls = getattr(torch_lmdb, name)
+        assert cls is getattr(torch_lmdb._C, name) and name in torch_lmdb.__all__
+        assert cls.__module__ == "torch_lmdb._C" and cls.__name__ == name
+        bases = {"Error": (RuntimeError,), "DiskFullError": (torch_lmdb.Error, OSError)}.get(name, (torch_lmdb.Error,))
+        assert cls.__bases__ == bases, (name, cls.__bases__)
+
+
 def test_index_errors(make_db):
     ds = torch_lmdb.LMDBDataset(make_db(3))
     with pytest.raises(IndexError, match="out of range for dataset of size 3"):
@@ -77,13 +90,13 @@ def test_lmdb_conditions_raise_their_classes(tmp_path, make_db):
 
 
 def test_readahead_of_a_path_already_open_in_the_process_is_not_silently_ignored(make_db):
-    # One LMDB environment per file and process: it keeps the readahead it was opened with.
+    # One LMDB environment per file and process: it keeps the OS readahead it was opened with.
     path = make_db(3)
     ds = torch_lmdb.LMDBDataset(path)
     assert ds[0]["index"].item() == 0
     with pytest.warns(RuntimeWarning, match="already open in this process with readahead off; "
                                             "readahead=True has no effect"):
-        other = torch_lmdb.LMDBDataset(path, readahead=True)
+        other = torch_lmdb.LMDBDataset(path, os_readahead=True)
         assert other[1]["index"].item() == 1
 
 

@@ -11,11 +11,11 @@ def indices_of(batches):
     return [i for b in batches for i in b["index"].tolist()]
 
 
-@pytest.mark.parametrize("threads, prefetch", [(1, 1), (2, 3), (3, 8)])
+@pytest.mark.parametrize("threads, batches_ahead", [(1, 1), (2, 3), (3, 8)])
 @pytest.mark.parametrize("shuffle, block_size", [(False, None), (True, None), (True, 16)])
-def test_every_index_once_with_the_content_of_get_batch(make_db, threads, prefetch, shuffle, block_size):
+def test_every_index_once_with_the_content_of_get_batch(make_db, threads, batches_ahead, shuffle, block_size):
     ds = torch_lmdb.LMDBDataset([make_db(70, "a"), make_db(53, "b", first=70)])
-    it = ds.iter_batches(32, shuffle=shuffle, seed=5, prefetch=prefetch, threads=threads, block_size=block_size)
+    it = ds.iter_batches(32, shuffle=shuffle, seed=5, batches_ahead=batches_ahead, threads=threads, block_size=block_size)
     assert len(it) == 4
     batches = list(it)
     assert [len(b["label"]) for b in batches] == [32, 32, 32, 27]
@@ -67,7 +67,7 @@ def test_a_corrupted_record_is_raised_at_its_batch_naming_path_and_index(make_db
     path = make_db(40)
     corrupt_record(path, 21)
     ds = torch_lmdb.LMDBDataset(path, verify=True)
-    it = ds.iter_batches(10, threads=2, prefetch=4)
+    it = ds.iter_batches(10, threads=2, batches_ahead=4)
     assert indices_of([next(it), next(it)]) == list(range(20))  # the batches before it arrive
     with pytest.raises(torch_lmdb.CorruptedError, match=r"index 21") as info:
         next(it)
@@ -78,13 +78,13 @@ def test_a_corrupted_record_is_raised_at_its_batch_naming_path_and_index(make_db
 def test_breaking_out_stops_the_threads(make_db):
     ds = torch_lmdb.LMDBDataset(make_db(400, width=1024))
     for _ in range(100):  # would hang or crash if a dropped stream left its threads blocked
-        for b in ds.iter_batches(8, shuffle=True, seed=0, prefetch=4, threads=2):
+        for b in ds.iter_batches(8, shuffle=True, seed=0, batches_ahead=4, threads=2):
             break
     assert ds.reader_count() <= 4
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=0), "batch_size"), (dict(batch_size=4, prefetch=0), "prefetch"),
+    (dict(batch_size=0), "batch_size"), (dict(batch_size=4, batches_ahead=0), "batches_ahead"),
     (dict(batch_size=4, threads=0), "threads"), (dict(batch_size=4, shuffle=True, block_size=-1), "block_size"),
 ])
 def test_bad_arguments_are_value_errors(make_db, kwargs, match):

@@ -193,7 +193,7 @@ def test_append_killed_before_its_first_commit_is_incomplete(tmp_path, make_db):
     assert [ds[i]["label"] for i in range(5)] == [f"item-{i}" for i in range(5)]
 
 
-# -- 13d: the lookahead's page requests reach the kernel -----------------------------
+# -- 13d: the page requests reach the kernel -----------------------------
 WIDE = 16384  # float32 values a sample: 64 KiB, on overflow pages of their own
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.mmap.restype = ctypes.c_void_p
@@ -238,9 +238,9 @@ def _inner_pages(data: bytes, i: int) -> list:
 
 
 def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
-    """iter_batches with lookahead="always" requests the pages of the next
-    batch (Reader::prefetch -> request_pages -> madvise(MADV_WILLNEED)) before
-    it reads the current one. With prefetch=1 the reading thread stops after
+    """iter_batches with page_requests="always" requests the pages of the next
+    batch (Reader::request_pages -> detail::request_pages -> madvise(MADV_WILLNEED)) before
+    it reads the current one. With batches_ahead=1 the reading thread stops after
     batch 0 until next() is called: batch 1 has been requested, not read. Its
     pages must arrive in the page cache; without the madvise call (the
     counters still count) nothing would read them. Pages of later batches,
@@ -262,9 +262,9 @@ def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
     look = Residency(data_file)
     try:
         assert look.resident(coming + later) == [], "could not drop the test file from the page cache"
-        ds = torch_lmdb.LMDBDataset(path, lookahead="always")
+        ds = torch_lmdb.LMDBDataset(path, page_requests="always")
         assert look.resident(coming) == [], "opening the dataset read the pages of batch 1"
-        it = ds.iter_batches(batch, prefetch=1, threads=1)
+        it = ds.iter_batches(batch, batches_ahead=1, threads=1)
         deadline = time.monotonic() + 10.0  # the reads are asynchronous: wait for them, boundedly
         while look.resident(coming) != coming and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -272,7 +272,7 @@ def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
         stats = ds.io_stats()
         assert got == coming, (f"{len(coming) - len(got)} of {len(coming)} pages of the coming batch 1 were "
                                f"not read in 10 s after iter_batches requested them (io_stats {stats})")
-        assert stats["prefetches"] >= 1 and stats["pages_prefetched"] > 0, stats
+        assert stats["request_pages_calls"] >= 1 and stats["pages_requested_ahead"] > 0, stats
         assert look.resident(later) == [], "pages nobody requested were read (kernel readahead?)"
         seen = [b["index"].tolist() for b in it]
         assert seen == [list(range(k, k + batch)) for k in range(0, n, batch)]
@@ -295,7 +295,7 @@ def attempt(name, indices):
     except Exception as e:
         out[name] = {"other": f"{type(e).__name__}: {e}"}
     print(json.dumps({name: out[name]}), flush=True)
-ds = torch_lmdb.LMDBDataset(db, lookahead="never")
+ds = torch_lmdb.LMDBDataset(db, page_requests="never")
 attempt("fill", [19, 18])  # the value index of this snapshot now holds 19 and 18
 with open(replacement, "rb") as f:
     smaller = f.read()
@@ -366,7 +366,7 @@ def _assert_stale_hit_refused(big: str, stale: dict, why: str = "") -> None:
 
 
 def test_value_index_hit_outside_the_file_is_corrupted_error(tmp_path):
-    """Env::check_sample_value on a ValueIndex hit (Lookahead::seek): the file
+    """Env::check_sample_value on a ValueIndex hit (BatchLookup::seek): the file
     was replaced in place by a smaller database of the same txnid, so the
     index of the snapshot is reused and its entry for sample 19 points past
     the end of the file. Reading sample 5 first (a damaged value past the

@@ -144,7 +144,7 @@ THREADS_SCRIPT = textwrap.dedent("""
         w.write_many({"x": np.full(256, i, np.float32), "name": str(i)} for i in range(300, 400))
     out["after_with"] = threads(settle=True)
     ds = torch_lmdb.LMDBDataset(path)
-    epoch = ds.iter_batches(8, threads=3, prefetch=4, shuffle=True, seed=1)
+    epoch = ds.iter_batches(8, threads=3, batches_ahead=4, shuffle=True, seed=1)
     seen = [next(epoch)]
     out["during_epoch"] = threads()
     seen += list(epoch)
