@@ -192,6 +192,7 @@ class ShardWindowDataset(LMDBDataset):
         for c in self._counts:
             self._offsets.append(self._offsets[-1] + c)
         first = cache.acquire(0)
+        kwargs = dict(kwargs, lock=False)  # staged copies open without a lock file, here as in _sub
         try:
             super().__init__(first, *args, **kwargs)  # checks every argument; the schema of shard 0
         finally:

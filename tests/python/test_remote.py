@@ -376,8 +376,7 @@ def test_shard_window_make_loader_workers_fetch_each_shard_once(served, tmp_path
     ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=sum(sorted(sizes)[-4:]),
                                 shard_window=2)
     before = len(server.requests("/data.mdb"))
-    loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2,
-                                    multiprocessing_context="spawn")  # the dataset pickles its cache's spec
+    loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2)
     seen = []
     for batch in loader:
         check_equal(batch, batch["index"].tolist())
