@@ -55,9 +55,30 @@ def _after_fork_in_child() -> None:
     # thread of the parent (Dask's profiler and event loop, which collect
     # garbage too) held at fork. Objects the child creates are collected as usual.
     gc.freeze()
+    if _gc_was_enabled:
+        gc.enable()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# The collector is off from just before a fork until the child has frozen what
+# it inherited: the at-fork handlers registered before this one (threading's,
+# random's, ...) run first in the child and allocate, and a collection there
+# would still finalize the parent's garbage.
+_gc_was_enabled = True
+
+
+def _before_fork() -> None:
+    global _gc_was_enabled
+    _gc_was_enabled = gc.isenabled()
+    gc.disable()
+
+
+def _after_fork_in_parent() -> None:
+    if _gc_was_enabled:
+        gc.enable()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 # Reader options renamed (docs/ARCHITECTURE.md, glossary): old keyword -> new, accepted for a release.
 _RENAMED_OPTIONS = {"readahead": "os_readahead", "lookahead": "page_requests", "lookahead_bytes": "page_request_bytes"}
