@@ -1,11 +1,11 @@
-#include "torch_lmdb/record.h"
+#include "torch_lmdb/detail/record_format.h"
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <cstring>
 
-// Packed values (record.h): up to kMaxSamplesPerValue records under one LMDB key.
+// Packed values (record_format.h): up to kMaxSamplesPerValue records under one LMDB key.
 
 namespace torch_lmdb {
 

@@ -1,5 +1,5 @@
 // Blosc 1 for record payloads (blosc_codec.h).
-#include "torch_lmdb/blosc_codec.h"
+#include "torch_lmdb/detail/blosc_codec.h"
 
 #include <blosc.h>
 #include <c10/util/Exception.h>

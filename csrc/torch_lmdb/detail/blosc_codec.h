@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string>
 
-#include "torch_lmdb/record.h"
+#include "torch_lmdb/detail/record_format.h"
 
 namespace torch_lmdb {
 namespace detail {

@@ -1,4 +1,4 @@
-// torch_lmdb/shm_slabs.h -- recycled shared-memory buffers ("slabs") that
+// torch_lmdb/detail/shm_slabs.h -- recycled shared-memory buffers ("slabs") that
 // carry batches from DataLoader worker processes to the process that receives
 // them, without a copy and without a new shared-memory object per batch.
 //

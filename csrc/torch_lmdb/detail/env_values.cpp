@@ -11,9 +11,9 @@
 #include <cstdlib>
 #include <string>
 
-#include "torch_lmdb/env.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/fault_guard.h"
 
 namespace torch_lmdb {
 

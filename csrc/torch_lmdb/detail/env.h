@@ -1,4 +1,4 @@
-// torch_lmdb/env.h -- RAII owners of LMDB handles and the process-wide env
+// torch_lmdb/detail/env.h -- RAII owners of LMDB handles and the process-wide env
 // registry.
 //
 // Contract

@@ -1,4 +1,4 @@
-#include "torch_lmdb/manifest.h"
+#include "torch_lmdb/detail/manifest.h"
 
 #include <dirent.h>
 #include <sys/stat.h>

@@ -1,5 +1,5 @@
-#include "torch_lmdb/env.h"
-#include "torch_lmdb/fault_guard.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/fault_guard.h"
 
 #include <c10/util/Exception.h>
 #include <fcntl.h>
@@ -17,9 +17,9 @@
 #include <map>
 #include <utility>
 
-#include "torch_lmdb/env_files.h"
+#include "torch_lmdb/detail/env_files.h"
+#include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
 namespace {

@@ -1,5 +1,6 @@
 // A sample's fields held against a database's schema (conform.h).
-#include "torch_lmdb/conform.h"
+#include "torch_lmdb/detail/conform.h"
+#include "torch_lmdb/detail/record_format.h"
 
 #include <c10/util/Exception.h>
 

@@ -1,4 +1,4 @@
-#include "torch_lmdb/stage.h"
+#include "torch_lmdb/detail/stage.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -22,8 +22,8 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "torch_lmdb/env_files.h"
-#include "torch_lmdb/fetch.h"
+#include "torch_lmdb/detail/env_files.h"
+#include "torch_lmdb/detail/fetch.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {

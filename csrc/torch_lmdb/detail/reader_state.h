@@ -1,4 +1,4 @@
-// torch_lmdb/reader_state.h -- internal: what a Reader holds (Reader::State),
+// torch_lmdb/detail/reader_state.h -- internal: what a Reader holds (Reader::State),
 // shared by reader.cpp and lookup.cpp. Not installed.
 //
 // Contract
@@ -19,8 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include "torch_lmdb/decode.h"
-#include "torch_lmdb/env.h"
+#include "torch_lmdb/detail/decode.h"
+#include "torch_lmdb/detail/env.h"
 #include "torch_lmdb/reader.h"
 
 namespace torch_lmdb {

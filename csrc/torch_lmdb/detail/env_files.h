@@ -1,4 +1,4 @@
-// torch_lmdb/env_files.h -- internal: an environment's files, read and
+// torch_lmdb/detail/env_files.h -- internal: an environment's files, read and
 // prepared without LMDB (Env::open, Env::remap, `torch-lmdb verify`). Not
 // installed.
 //

@@ -1,4 +1,4 @@
-#include "torch_lmdb/lookup.h"
+#include "torch_lmdb/detail/lookup.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -7,8 +7,8 @@
 #include <cstring>
 #include <string>
 
+#include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/fault_guard.h"
 
 namespace torch_lmdb {
 namespace detail {

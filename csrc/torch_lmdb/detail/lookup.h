@@ -1,4 +1,4 @@
-// torch_lmdb/lookup.h -- internal: finding and parsing the records of a
+// torch_lmdb/detail/lookup.h -- internal: finding and parsing the records of a
 // batch (Reader::read_batch, get, request_pages). Not installed.
 //
 // Contract
@@ -25,9 +25,9 @@
 #include <utility>
 #include <vector>
 
-#include "torch_lmdb/env.h"
-#include "torch_lmdb/reader_state.h"
-#include "torch_lmdb/record.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/reader_state.h"
+#include "torch_lmdb/detail/record_format.h"
 
 namespace torch_lmdb {
 namespace detail {

@@ -1,4 +1,5 @@
-#include "torch_lmdb/meta.h"
+#include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/record_format.h"
 
 #include <c10/util/Exception.h>
 

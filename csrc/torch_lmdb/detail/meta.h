@@ -1,4 +1,4 @@
-// torch_lmdb/meta.h -- internal: the `meta` table (one JSON value per key).
+// torch_lmdb/detail/meta.h -- internal: the `meta` table (one JSON value per key).
 // Not installed: it exposes nlohmann::json, which public headers avoid.
 //
 // Contract
@@ -20,9 +20,9 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/env.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/fault_guard.h"
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {

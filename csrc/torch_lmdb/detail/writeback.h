@@ -1,4 +1,4 @@
-// torch_lmdb/writeback.h -- internal: the writer's early writeback hint.
+// torch_lmdb/detail/writeback.h -- internal: the writer's early writeback hint.
 // Not installed.
 //
 // Contract

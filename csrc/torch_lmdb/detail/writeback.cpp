@@ -1,4 +1,4 @@
-#include "torch_lmdb/writeback.h"
+#include "torch_lmdb/detail/writeback.h"
 
 #include <fcntl.h>
 

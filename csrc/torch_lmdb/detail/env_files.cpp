@@ -1,4 +1,4 @@
-#include "torch_lmdb/env_files.h"
+#include "torch_lmdb/detail/env_files.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -10,8 +10,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
 namespace detail {

@@ -1,5 +1,5 @@
 // Recycled shared-memory batch buffers; the contract is in shm_slabs.h.
-#include "torch_lmdb/shm_slabs.h"
+#include "torch_lmdb/detail/shm_slabs.h"
 
 #include <pthread.h>
 #include <signal.h>

@@ -1,4 +1,4 @@
-#include "torch_lmdb/decode.h"
+#include "torch_lmdb/detail/decode.h"
 
 #include <c10/util/Exception.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-#include "torch_lmdb/fetch.h"
+#include "torch_lmdb/detail/fetch.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -1,4 +1,4 @@
-// torch_lmdb/conform.h -- internal: a sample's fields held against a
+// torch_lmdb/detail/conform.h -- internal: a sample's fields held against a
 // database's schema (the Writer's rule). Not installed.
 //
 // Contract

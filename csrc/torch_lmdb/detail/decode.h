@@ -1,4 +1,4 @@
-// torch_lmdb/decode.h -- internal: the memory batches are decoded into and the
+// torch_lmdb/detail/decode.h -- internal: the memory batches are decoded into and the
 // threads that decode them (Reader::read_batch). Not installed.
 //
 // Contract
@@ -37,8 +37,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/reader.h"
-#include "torch_lmdb/record.h"
 
 namespace torch_lmdb {
 namespace detail {

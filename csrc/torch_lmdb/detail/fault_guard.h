@@ -1,4 +1,4 @@
-// torch_lmdb/fault_guard.h -- faults on mapped database files become errors
+// torch_lmdb/detail/fault_guard.h -- faults on mapped database files become errors
 // (internal; not installed).
 //
 // Contract

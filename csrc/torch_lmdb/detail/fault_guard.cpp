@@ -1,4 +1,4 @@
-#include "torch_lmdb/fault_guard.h"
+#include "torch_lmdb/detail/fault_guard.h"
 
 #include <setjmp.h>
 #include <signal.h>

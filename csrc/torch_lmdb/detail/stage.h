@@ -1,4 +1,4 @@
-// torch_lmdb/stage.h -- internal: a shard directory that lives elsewhere (an
+// torch_lmdb/detail/stage.h -- internal: a shard directory that lives elsewhere (an
 // http:// or https:// URL, s3://bucket/prefix, or a directory on a shared
 // file system), staged shard by shard into a node-local cache directory.
 // Used by Reader (ReaderOptions::cache_dir) and by the Python package. Not

@@ -1,4 +1,4 @@
-// torch_lmdb/fetch.h -- internal: the transfers of staging (stage.h): GETs
+// torch_lmdb/detail/fetch.h -- internal: the transfers of staging (stage.h): GETs
 // over HTTP(S) and S3 through libcurl, and copies from a shared file system,
 // into a file (or a string) with their retries. Not installed.
 //
@@ -22,7 +22,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "torch_lmdb/stage.h"
+#include "torch_lmdb/detail/stage.h"
 
 namespace torch_lmdb {
 namespace detail {

@@ -1,4 +1,4 @@
-// torch_lmdb/manifest.h -- internal: a shard directory's manifest.json, and
+// torch_lmdb/detail/manifest.h -- internal: a shard directory's manifest.json, and
 // each shard checked against what its manifest says. Not installed.
 //
 // Contract
@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/meta.h"
+#include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {
