@@ -1,9 +1,9 @@
 // torch_lmdb/record.h -- samples, their fields and schema, the codecs of
 // compressed fields, and the format versions a database may have.
 //
-// How a sample is laid out on disk (the record format, packed values) is
-// internal to the library: torch_lmdb/detail/record_format.h, and
-// docs/FORMAT.md for readers written without this code.
+// How a sample is laid out on disk (records, packed values) is internal to
+// the library; docs/FORMAT.md describes it for readers written without this
+// code.
 //
 // Contract
 // - All functions are thread-safe (no shared state).
