@@ -22,7 +22,7 @@ def _alloc_shared(shape: List[int], dtype_name: str) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
-# Batch tensors travel through recycled slabs (csrc/torch_lmdb/shm_slabs.h),
+# Batch tensors travel through recycled slabs (csrc/torch_lmdb/detail/shm_slabs.h),
 # small ones too: a fresh shared-memory tensor costs page faults and an fd
 # passed over a socket per batch. Inside a worker, ds[list] returns ordinary
 # torch.Tensors whose storage is a slab, so collate_fns, wrapper datasets and

@@ -3,7 +3,7 @@
 node-local cache (README "Remote and shared storage").
 
 The staging itself (fetching, hashing, locks, eviction) is the C++
-``ShardCache`` (csrc/torch_lmdb/stage.h), shared with the C++ Reader. This
+``ShardCache`` (csrc/torch_lmdb/detail/stage.h), shared with the C++ Reader. This
 module decides how a dataset uses it:
 
 - When ``cache_limit`` holds the whole dataset (or is None), every shard is

@@ -1,4 +1,4 @@
-// torch_lmdb._C.ShardCache and the staging helpers (stage.h): a shard
+// torch_lmdb._C.ShardCache and the staging helpers (detail/stage.h): a shard
 // directory at a URL or on a shared file system, staged to a local cache.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/stage.h"
+#include "torch_lmdb/detail/stage.h"
 
 namespace py = pybind11;
 using torch_lmdb::detail::ShardCache;

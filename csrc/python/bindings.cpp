@@ -10,8 +10,8 @@
 #include <optional>
 #include <tuple>
 
-#include "torch_lmdb/meta.h"
-#include "torch_lmdb/shm_slabs.h"
+#include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/shm_slabs.h"
 #include "torch_lmdb/torch_lmdb.h"
 
 namespace py = pybind11;
@@ -495,7 +495,7 @@ void bind_stream(py::module_& m) {
 
 }
 
-// Worker-batch transport (csrc/torch_lmdb/shm_slabs.h): a ticket crosses
+// Worker-batch transport (csrc/torch_lmdb/detail/shm_slabs.h): a ticket crosses
 // as (pid, slab, generation, fd or -1, nbytes, sizes, strides, offset, dtype).
 void bind_slabs(py::module_& m) {
   py::class_<SlabPool>(m, "SlabPool")

@@ -1,4 +1,4 @@
-#include "torch_lmdb/record.h"
+#include "torch_lmdb/detail/record_format.h"
 
 #include <c10/util/Exception.h>
 #include <torch/version.h>  // TORCH_VERSION_MAJOR/MINOR: which ScalarTypes this torch has

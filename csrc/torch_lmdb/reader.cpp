@@ -13,14 +13,15 @@
 #include <string>
 #include <thread>
 
-#include "torch_lmdb/decode.h"
+#include "torch_lmdb/detail/decode.h"
+#include "torch_lmdb/detail/fault_guard.h"
+#include "torch_lmdb/detail/lookup.h"
+#include "torch_lmdb/detail/manifest.h"
+#include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/reader_state.h"
+#include "torch_lmdb/detail/record_format.h"
+#include "torch_lmdb/detail/stage.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/fault_guard.h"
-#include "torch_lmdb/lookup.h"
-#include "torch_lmdb/manifest.h"
-#include "torch_lmdb/meta.h"
-#include "torch_lmdb/reader_state.h"
-#include "torch_lmdb/stage.h"
 
 namespace torch_lmdb {
 
@@ -186,7 +187,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
-  env.check_intact();  // a fault contained while reading (fault_guard.h): nothing read is returned
+  env.check_intact();  // a fault contained while reading (detail/fault_guard.h): nothing read is returned
   return out;
 }
 

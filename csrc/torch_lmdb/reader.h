@@ -4,7 +4,7 @@
 // - A Reader is a cheap handle (one shared_ptr): copy it freely; all copies
 //   share the opened environments. Every member function is thread-safe.
 // - Fork safety: the Reader notices that it runs in a forked child
-//   (fork_generation()) and reopens its environments there lazily; the
+//   (a pthread_atfork handler marks it) and reopens its environments there lazily; the
 //   parent's handles are never used or closed by the child.
 // - Several paths form one dataset, concatenated in the order given. The
 //   sample count of each file is read once, at open (a consistent prefix even
@@ -15,7 +15,7 @@
 //   payload bytes were altered in place is returned as stored: the checksum
 //   is what detects that.
 // - Batched reads (read_batch, and so every batched path) keep the values
-//   they find in the file's ValueIndex (Env::value_index, see
+//   they find in the file's value index (one per file and process, see
 //   ReaderOptions::value_index_bytes): a sample read again in the same
 //   snapshot skips the B-tree search. A value is used only in the snapshot
 //   it was found in (any commit, of this process or another, starts a new
@@ -34,7 +34,6 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/env.h"
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {

@@ -1,4 +1,4 @@
-#include "torch_lmdb/record.h"
+#include "torch_lmdb/detail/record_format.h"
 
 #include <cereal/archives/binary.hpp>
 #include <c10/util/Exception.h>
@@ -21,7 +21,7 @@ extern "C" unsigned long long XXH3_64bits_dispatch(const void* input, size_t len
 #include <ostream>
 #include <streambuf>
 
-#include "torch_lmdb/blosc_codec.h"
+#include "torch_lmdb/detail/blosc_codec.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {

@@ -12,8 +12,8 @@
 #include <cstring>
 #include <fstream>
 
+#include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/meta.h"
 
 namespace torch_lmdb {
 

@@ -12,7 +12,7 @@
 #include <random>
 #include <thread>
 
-#include "torch_lmdb/env.h"
+#include "torch_lmdb/detail/env.h"
 
 namespace torch_lmdb {
 

@@ -1,8 +1,7 @@
-// torch_lmdb/torch_lmdb.h -- everything: #include <torch_lmdb/torch_lmdb.h>
+// torch_lmdb/torch_lmdb.h -- the whole public API: #include <torch_lmdb/torch_lmdb.h>
 #pragma once
 #include "torch_lmdb/collate.h"
 #include "torch_lmdb/dataset.h"
-#include "torch_lmdb/env.h"
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/loader.h"
 #include "torch_lmdb/mixture.h"

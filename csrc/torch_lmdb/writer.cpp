@@ -13,12 +13,13 @@
 #include <mutex>
 #include <thread>
 
-#include "torch_lmdb/conform.h"
-#include "torch_lmdb/env_files.h"
+#include "torch_lmdb/detail/conform.h"
+#include "torch_lmdb/detail/env_files.h"
+#include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/record_format.h"
+#include "torch_lmdb/detail/writeback.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/meta.h"
 #include "torch_lmdb/version.h"
-#include "torch_lmdb/writeback.h"
 
 namespace torch_lmdb {
 
@@ -420,7 +421,7 @@ struct Writer::Impl {
 
   // The database's env, opened for writing. One writer per database: in this
   // process, a claim on the shared env; across processes, the lock on
-  // writer.lock (env_files.h).
+  // writer.lock (detail/env_files.h).
   void open_and_claim() {
     EnvOptions eo;
     eo.readonly = false;

@@ -36,7 +36,6 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/env.h"
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {

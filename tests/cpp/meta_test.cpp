@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "test_util.h"
-#include "torch_lmdb/meta.h"
+#include "torch_lmdb/detail/meta.h"
 
 using namespace torch_lmdb;
 using torch_lmdb_test::TempDir;

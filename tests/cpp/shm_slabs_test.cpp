@@ -1,7 +1,7 @@
-// SlabPool / SlabReceiver: the ownership rules of shm_slabs.h, both sides in
+// SlabPool / SlabReceiver: the ownership rules of detail/shm_slabs.h, both sides in
 // one process (the receiver maps the memfd a second time, as another process
 // would), plus fork().
-#include "torch_lmdb/shm_slabs.h"
+#include "torch_lmdb/detail/shm_slabs.h"
 
 #include <gtest/gtest.h>
 #include <sys/wait.h>

@@ -1,4 +1,4 @@
-// Staging a shard directory to a local cache (stage.h, ReaderOptions::cache_dir),
+// Staging a shard directory to a local cache (detail/stage.h, ReaderOptions::cache_dir),
 // from a directory standing for a shared file system (HTTP is tested from Python
 // against nginx: tests/python/test_remote.py).
 #include <dirent.h>
@@ -11,7 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "test_util.h"
-#include "torch_lmdb/stage.h"
+#include "torch_lmdb/detail/stage.h"
 
 using namespace torch_lmdb;
 using torch_lmdb::detail::ShardCache;

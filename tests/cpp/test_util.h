@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/torch_lmdb.h"
 
 namespace torch_lmdb_test {

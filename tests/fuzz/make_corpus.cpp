@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/meta.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/torch_lmdb.h"
 
 using namespace torch_lmdb;

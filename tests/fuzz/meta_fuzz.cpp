@@ -1,4 +1,4 @@
-// libFuzzer target: a metadata value as read from a file (meta.h): the depth
+// libFuzzer target: a metadata value as read from a file (detail/meta.h): the depth
 // scan, the parse, validate_meta() and schema_from_json(). Only
 // CorruptedError (a value that is not JSON or nests too deep: damage, from
 // the parse) and InvalidDatabaseError (a value of the wrong kind, from the
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "torch_lmdb/meta.h"
+#include "torch_lmdb/detail/meta.h"
 
 using namespace torch_lmdb;
 

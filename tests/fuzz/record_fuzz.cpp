@@ -1,4 +1,4 @@
-// libFuzzer target: the record parser (record.h) on arbitrary LMDB values.
+// libFuzzer target: the record parser (detail/record_format.h) on arbitrary LMDB values.
 // A record either parses -- then every view lies inside the input and
 // to_tensor() copies it -- or raises a torch_lmdb::Error naming the path and
 // index (CorruptedError; InvalidDatabaseError for another record version);
@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/errors.h"
-#include "torch_lmdb/record.h"
 
 using namespace torch_lmdb;
 

@@ -1,0 +1,261 @@
+#include "torch_lmdb/detail/decode.h"
+
+#include <c10/util/Exception.h>
+#include <unistd.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+namespace torch_lmdb {
+namespace detail {
+
+// ---- BufferPool ---------------------------------------------------------------
+
+BufferPool::~BufferPool() {
+  for (auto& [bytes, list] : free_)
+    for (void* p : list) std::free(p);
+}
+
+at::Tensor BufferPool::empty(at::IntArrayRef shape, at::ScalarType dtype, const void* source) {
+  size_t bytes = c10::elementSize(dtype);
+  for (int64_t d : shape) bytes *= static_cast<size_t>(d);
+  const auto options = at::TensorOptions().dtype(dtype);
+  if (bytes < kMinBytes || capacity_ == 0) return at::empty(shape, options);
+  const size_t capacity = (bytes + kPage) / kPage * kPage + kPage;  // room for any offset < 4 KiB
+  void* p = take(capacity);
+  if (p == nullptr) p = std::aligned_alloc(kPage, capacity);
+  TORCH_CHECK(p != nullptr, "out of memory allocating a batch of ", bytes, " bytes");
+  const size_t offset = (reinterpret_cast<uintptr_t>(source) + kPage / 2) % kPage / 64 * 64;
+  auto self = shared_from_this();
+  return at::from_blob(
+      static_cast<char*>(p) + offset, shape,
+      [self, capacity, offset](void* q) { self->give(static_cast<char*>(q) - offset, capacity); }, options);
+}
+
+void* BufferPool::take(size_t capacity) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  auto it = free_.find(capacity);
+  if (it == free_.end() || it->second.empty()) return nullptr;
+  void* p = it->second.back();
+  it->second.pop_back();
+  cached_ -= capacity;
+  return p;
+}
+
+void BufferPool::give(void* p, size_t capacity) {
+  {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (cached_ + capacity <= capacity_) {
+      free_[capacity].push_back(p);
+      cached_ += capacity;
+      return;
+    }
+  }
+  std::free(p);
+}
+
+// ---- DecodePool ---------------------------------------------------------------
+
+struct DecodePool::Job::Task {
+  explicit Task(std::function<void(size_t)> f) : fn(std::move(f)) {}
+  const std::function<void(size_t)> fn;
+  std::atomic<size_t> next{0};       // the next item to claim
+  std::atomic<size_t> published{0};  // items 0 .. published - 1 may be claimed
+  std::mutex mutex;
+  std::condition_variable more;      // published grew, or closed
+  std::condition_variable finished;  // done reached published once closed
+  bool closed = false;               // no more items (under mutex)
+  size_t done = 0;                   // items finished or skipped (under mutex)
+  std::exception_ptr error;          // the first failure (under mutex)
+  std::atomic<bool> failed{false};
+
+  // Claims and runs published items; a helper (`wait`) also waits for
+  // more until the job is closed, the caller returns when none is left.
+  void help(bool wait) {
+    std::exception_ptr mine;
+    size_t ran = 0;
+    for (;;) {
+      size_t i = next.load(std::memory_order_relaxed);
+      if (i < published.load(std::memory_order_acquire)) {
+        if (!next.compare_exchange_weak(i, i + 1, std::memory_order_relaxed)) continue;
+        if (!failed.load(std::memory_order_relaxed)) {
+          try {
+            fn(i);
+          } catch (...) {
+            if (!mine) mine = std::current_exception();
+            failed.store(true, std::memory_order_relaxed);
+          }
+        }
+        ++ran;
+        continue;
+      }
+      std::unique_lock<std::mutex> lock(mutex);
+      if (ran > 0 || mine) {
+        if (mine && !error) error = mine;
+        mine = nullptr;
+        done += ran;
+        ran = 0;
+        if (closed && done == published.load(std::memory_order_relaxed)) finished.notify_all();
+      }
+      if (!wait) return;
+      more.wait(lock, [&] { return closed || next.load(std::memory_order_relaxed) <
+                                                   published.load(std::memory_order_relaxed); });
+      if (closed && next.load(std::memory_order_relaxed) >= published.load(std::memory_order_relaxed)) return;
+    }
+  }
+};
+
+DecodePool& DecodePool::get() {
+  static std::mutex made;
+  static DecodePool* pool = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> guard(made);
+  if (pool == nullptr || owner != ::getpid()) {
+    pool = new DecodePool();  // never freed: its threads live until the process ends
+    owner = ::getpid();
+  }
+  return *pool;
+}
+
+void DecodePool::work() {
+  for (;;) {
+    std::shared_ptr<Job::Task> task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return !queue_.empty(); });
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task->help(/*wait=*/true);
+  }
+}
+
+DecodePool::Job::Job(unsigned helpers, std::function<void(size_t)> fn) : task_(std::make_shared<Task>(std::move(fn))) {
+  DecodePool& pool = DecodePool::get();
+  helpers = std::min(helpers, kMaxHelpers);
+  {
+    std::lock_guard<std::mutex> guard(pool.mutex_);
+    while (pool.threads_ < helpers) {
+      std::thread([&pool] { pool.work(); }).detach();
+      ++pool.threads_;
+    }
+    for (unsigned h = 0; h < helpers; ++h) pool.queue_.push_back(task_);
+  }
+  pool.wake_.notify_all();
+}
+
+void DecodePool::Job::publish(size_t n) {
+  {
+    std::lock_guard<std::mutex> guard(task_->mutex);
+    task_->published.store(n, std::memory_order_release);
+  }
+  task_->more.notify_all();
+}
+
+void DecodePool::Job::finish() {
+  close_and_wait();
+  // Taken out of the task: a helper may drop the task's last reference, and
+  // the exception, thrown on a helper, is then the caller's alone to free
+  // (its reference count lives in uninstrumented libstdc++, which
+  // ThreadSanitizer cannot see order the free after the caller's handler).
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> guard(task_->mutex);
+    error = task_->error;
+    task_->error = nullptr;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+DecodePool::Job::~Job() {
+  if (!finished_) close_and_wait();
+}
+
+void DecodePool::Job::close_and_wait() {
+  finished_ = true;
+  {
+    std::lock_guard<std::mutex> guard(task_->mutex);
+    task_->closed = true;
+  }
+  task_->more.notify_all();
+  task_->help(/*wait=*/false);
+  std::unique_lock<std::mutex> lock(task_->mutex);
+  task_->finished.wait(lock, [&] { return task_->done == task_->published.load(std::memory_order_relaxed); });
+}
+
+// ---- decoding into a batch slot -----------------------------------------------
+
+namespace {
+
+#if defined(__SSE2__)
+// 64 bytes a step with 16-byte non-temporal stores (`dst` 16-byte aligned).
+void copy_around_cache_sse2(char* dst, const char* src, size_t n) {
+  for (; n >= 64; n -= 64, src += 64, dst += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+  }
+  if (n) std::memcpy(dst, src, n);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TORCH_LMDB_AVX2_COPY 1
+// 128 bytes a step with 32-byte loads and non-temporal stores (`dst` 32-byte
+// aligned), on CPUs with AVX2: twice as few instructions in flight per line
+// as the SSE2 loop (16 KiB samples, 2 threads: +10 % in paired runs).
+__attribute__((target("avx2"))) void copy_around_cache_avx2(char* dst, const char* src, size_t n) {
+  for (; n >= 128; n -= 128, src += 128, dst += 128) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64));
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 96));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), a);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 32), b);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 64), c);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 96), d);
+  }
+  if (n) std::memcpy(dst, src, n);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+#endif
+
+}  // namespace
+
+void decode_to_slot(const FieldView& v, char* dst, bool around_cache) {
+#if defined(__SSE2__)
+  if (around_cache && v.codec == Codec::None && v.nbytes >= 4096) {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(dst);
+#if defined(TORCH_LMDB_AVX2_COPY)
+    if ((at & 31) == 0 && cpu_has_avx2()) return copy_around_cache_avx2(dst, v.data, v.nbytes);
+#endif
+    if ((at & 15) == 0) return copy_around_cache_sse2(dst, v.data, v.nbytes);
+  }
+#endif
+  decode_payload(v, dst);
+}
+
+unsigned decode_threads(const ReaderOptions& r, const BatchOptions& b) {
+  unsigned n = b.decode_threads != 0 ? b.decode_threads : r.decode_threads;
+  static const unsigned cores = std::max(1u, std::thread::hardware_concurrency());  // (reads /sys)
+  if (n == 0) n = std::min(cores, DecodePool::kMaxHelpers + 1);
+  return std::min(n, DecodePool::kMaxHelpers + 1);
+}
+
+}  // namespace detail
+}  // namespace torch_lmdb

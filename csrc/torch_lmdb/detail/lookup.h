@@ -1,0 +1,204 @@
+// torch_lmdb/detail/lookup.h -- internal: finding and parsing the records of a
+// batch (Reader::read_batch, get, request_pages). Not installed.
+//
+// Contract
+// - lookup() returns the record of one sample, bounds-checked against the
+//   map; a missing sample, a damaged packed value or a failed LMDB call
+//   raises CorruptedError naming the file and the index (read_failed first
+//   asks the environment whether its file changed under the map).
+// - parse() parses a record against the reader's schema (a record whose
+//   fields differ raises CorruptedError naming the file and the index).
+// - BatchLookup finds a batch's records two ahead of their parse, or all of
+//   them first on a cold thread (ColdBatch), requesting their missing pages
+//   with one madvise per merged range (request_pages).
+// - Thread safety: the functions may be called from any thread; a
+//   BatchLookup and a ColdBatch belong to the thread that made them (the cold
+//   state is per thread).
+#pragma once
+
+#include <lmdb.h>
+#include <sys/resource.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/reader_state.h"
+#include "torch_lmdb/detail/record_format.h"
+
+namespace torch_lmdb {
+namespace detail {
+
+/// Throws CorruptedError when a fault was contained on one of `envs`' maps
+/// (fault_guard.h): what was read may hold its zeros.
+void check_intact(const std::vector<std::shared_ptr<Env>>& envs);
+
+/// The record of sample `local` of `env`, looked up inside `txn`.
+MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value);
+
+/// Parses the value `v` of sample `local` of `env` and checks its layout
+/// against the reader's schema.
+void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s, std::vector<FieldView>& views);
+
+/// The page range of the map holding a value; for a value on overflow pages
+/// (it starts right after the 16-byte page header) the whole run of pages.
+std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v);
+
+/// Requests the pages of `values` (at most `budget` bytes of them, in batch
+/// order) that are not in the page cache: the ranges are merged in address
+/// order (across gaps of up to `gap` bytes), mincore() tells which hold a
+/// missing page, and one madvise (MADV_WILLNEED: asynchronous reads) goes out
+/// per such range. Returns the number of missing pages.
+size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_t gap = 0);
+
+/// This thread's major page faults so far (-1 when unknown).
+long major_faults();
+
+// Whether this thread's reads miss the page cache, from batch to batch.
+struct ColdState {
+  bool cold = false;
+  int warm_batches = 0;  // batches in a row whose pages were all cached
+  long majflt = -1;      // the thread's major faults after its last batch
+};
+extern thread_local ColdState cold_state;  // (lookup.cpp)
+
+// One batch's decision and bookkeeping. Without lookups ahead, a major fault
+// since the thread's last batch makes the next batches request their pages; with
+// them, 4 batches in a row whose pages were all cached end it (the faults
+// themselves do not tell: pages requested ahead fault as minor).
+class ColdBatch {
+ public:
+  explicit ColdBatch(const ReaderOptions& o)
+      : enabled_(o.page_requests == PageRequests::Auto && o.page_request_bytes > 0), budget_(o.page_request_bytes) {
+    if (o.page_requests == PageRequests::Always) ahead_ = o.page_request_bytes;
+    if (!enabled_) return;
+    if (cold_state.majflt < 0) cold_state.majflt = major_faults();
+    if (cold_state.cold) ahead_ = o.page_request_bytes;
+  }
+  /// Bytes of the batch to request ahead (0: plain reads).
+  size_t ahead() const { return ahead_; }
+  /// Auto, not requesting pages: the bytes to request should the batch's
+  /// first sample turn out not to be cached (see BatchLookup).
+  size_t probe() const { return enabled_ && ahead_ == 0 ? budget_ : 0; }
+  /// The probe found the first sample uncached: this batch requested its pages.
+  void engaged() {
+    ahead_ = budget_;
+    cold_state.cold = true;
+    cold_state.warm_batches = 0;
+  }
+  /// After the copies; `missing`: pages that were requested (not cached).
+  void done(size_t missing, const Reader::State& s) {
+    s.io_batches.fetch_add(1, std::memory_order_relaxed);
+    if (ahead_ > 0) {
+      s.io_page_request_batches.fetch_add(1, std::memory_order_relaxed);
+      s.io_pages.fetch_add(missing, std::memory_order_relaxed);
+    }
+    if (!enabled_) return;
+    const long now = major_faults();
+    if (ahead_ == 0) {
+      if (now > cold_state.majflt) {
+        cold_state.cold = true;
+        cold_state.warm_batches = 0;
+      }
+    } else if (missing == 0) {
+      if (++cold_state.warm_batches >= 4) cold_state.cold = false;
+    } else {
+      cold_state.warm_batches = 0;
+    }
+    cold_state.majflt = now;
+  }
+
+ private:
+  bool enabled_;
+  size_t budget_;
+  size_t ahead_ = 0;
+};
+
+// The samples of a batch, looked up two ahead of their parse: the first
+// bytes of each value are prefetched as soon as it is found, so that their
+// cache misses overlap with the B-tree searches and copies of the samples
+// before it instead of stalling the parse (tiny random reads: a sixth of the
+// time went to the first touch of the record; 16 KiB samples on 2 threads:
+// two ahead read +2 % over one ahead in 14 paired rounds).
+//
+// Runs of consecutive indices (sequential batches) are walked with a cursor
+// per file: the first sample of a run is searched with MDB_SET_KEY, each
+// next one is the cursor's next entry (MDB_NEXT: no descent from the root;
+// tiny sequential reads 1.3-1.5x raw mdb_get). Other samples are searched
+// with mdb_get, and so is a next entry with another key (a gap), which then
+// gets lookup()'s error.
+class BatchLookup {
+ public:
+  // `ahead` > 0 (a cold thread, see ColdBatch): every sample is looked up
+  // first and the pages of up to `ahead` bytes of them are requested at once.
+  // `probe` > 0: the same with `probe` bytes if the first sample's first
+  // page is not in the page cache (one mincore; probed() tells).
+  BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
+            at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0, size_t probe = 0);
+
+  // The batch requested its pages because its first sample was not cached.
+  bool probed() const { return probed_; }
+
+  // Parses sample i (called for i = 0, 1, ... in order) into `views`.
+  void parse_next(size_t i, std::vector<FieldView>& views);
+
+  // Pages requested ahead that were not cached.
+  size_t missing() const { return missing_; }
+
+  // keep_cache = false: drops the pages of the parsed samples (call once
+  // their copies are done, while the transactions live).
+  void evict();
+
+ private:
+  struct Found {
+    const Env* env = nullptr;
+    uint64_t local = 0;
+    MDB_val value{0, nullptr};  // the record (null: a packed value's slot not yet found)
+    MDB_val whole{0, nullptr};  // the LMDB value holding it
+    uint32_t per_value = 1;
+  };
+  // Read-only cursors are closed explicitly, here before their txns end
+  // (the callers' txns outlive this object).
+  struct CursorCloser {
+    void operator()(MDB_cursor* c) const noexcept { mdb_cursor_close(c); }
+  };
+  struct Cursor {
+    std::unique_ptr<MDB_cursor, CursorCloser> cursor;
+    uint64_t at = 0;            // the key it points at
+    MDB_val value{0, nullptr};  // its value
+    bool positioned = false;
+  };
+
+  // Sample i's value; with `slice` (or one record per value) also its record.
+  Found find(size_t i, bool slice = true);
+
+  // The value holding `local` in `file` (key local / per_value); `run`: the
+  // next sample follows it.
+  MDB_val seek(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run);
+
+  // seek() in the B-tree.
+  MDB_val search(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run);
+
+  static constexpr size_t kPrefetchBytes = 256;
+  static constexpr size_t kPrefetchPages = 16;
+  const Reader::State& s_;
+  const std::vector<std::shared_ptr<Env>>& envs_;
+  at::ArrayRef<size_t> indices_;
+  std::vector<ReadTxn>& txns_;
+  std::vector<Cursor> cursors_;
+  std::vector<std::shared_ptr<ValueIndex>> index_;  // per file: its snapshot's values (or none)
+  Found next_, after_;  // samples i + 1 and i + 2 while sample i is parsed
+  bool keep_;
+  std::vector<Found> found_;   // every sample, when requesting pages
+  std::vector<Found> parsed_;  // keep_cache = false: what to evict
+  size_t missing_ = 0;
+  bool probed_ = false;
+
+  static bool cached(const MDB_val& v);
+};
+
+}  // namespace detail
+}  // namespace torch_lmdb
