@@ -79,7 +79,7 @@ example-cpp: install
 PYTEST_MARK ?=
 pytest: python-build cmake-build examples
 	TORCH_LMDB_ROUNDTRIP=$(CURDIR)/$(BUILD)/torch_lmdb_roundtrip TORCH_LMDB_EXAMPLES_BIN=$(CURDIR)/build/examples \
-	  $(PYTHON) -m pytest -q -rs -n $(JOBS) tests/python -p no:cacheprovider $(if $(PYTEST_MARK),-m "$(PYTEST_MARK)")
+	  $(PYTHON) -m pytest -q -rs --durations=15 -n $(JOBS) tests/python -p no:cacheprovider $(if $(PYTEST_MARK),-m "$(PYTEST_MARK)")
 
 clean:
 	rm -rf build torch_lmdb/_C*.so *.egg-info

@@ -6,6 +6,8 @@
 //                         [--cold 1]  (loader: no warm-up, at most one epoch)
 //                         [--batches-ahead N]  (loader: finished batches queued ahead; default
 //                         LoaderOptions::batches_ahead; --prefetch N is its old name)
+//                         [--verify 0|1]  (get_batch, get_stack, loader: ReaderOptions::verify;
+//                         default: the reader's default)
 //
 //   memcpy     the ceiling: every sample's tensor bytes gathered in the same
 //              order from an in-memory copy into a reused buffer.
@@ -44,7 +46,14 @@ struct Args {
   size_t batches_ahead = 0;  // loader mode: batches queued ahead (0: the LoaderOptions default)
   bool cold = false;  // loader mode: no warm-up epoch, one epoch at most (the file evicted by the caller)
   double seconds = 2.0;
+  int verify = -1;  // -1: ReaderOptions' default
 };
+
+torch_lmdb::ReaderOptions reader_options(const Args& a) {
+  torch_lmdb::ReaderOptions o;
+  if (a.verify >= 0) o.verify = a.verify == 1;
+  return o;
+}
 
 // CPU seconds and page faults of the process so far. Major faults in a warm
 // measurement mean pages of the file left the page cache during it.
@@ -249,6 +258,7 @@ int main(int argc, char** argv) try {
     else if (k == "--pad") a.pad = v == "1";
     else if (k == "--cold") a.cold = v == "1";
     else if (k == "--batches-ahead" || k == "--prefetch") a.batches_ahead = std::stoul(v);
+    else if (k == "--verify") a.verify = v == "1" ? 1 : 0;
     else throw std::invalid_argument("unknown option " + k);
   }
   if (a.path.empty()) throw std::invalid_argument("--path is required");
@@ -264,12 +274,12 @@ int main(int argc, char** argv) try {
     if (a.mode == "get_batch") {
       torch_lmdb::BatchOptions bo;
       bo.pad = a.pad;
-      torch_lmdb::StackedDataset ds(a.path, {}, bo);
+      torch_lmdb::StackedDataset ds(a.path, reader_options(a), bo);
       const size_t n = *ds.size();
       m = shuffled ? run_mode<samplers::RandomSampler>(std::move(ds), n, a)
                    : run_mode<samplers::SequentialSampler>(std::move(ds), n, a);
     } else if (a.mode == "get_stack") {
-      torch_lmdb::Dataset ds(a.path);
+      torch_lmdb::Dataset ds(a.path, reader_options(a));
       const size_t n = *ds.size();
       m = shuffled ? run_mode<samplers::RandomSampler>(ds.map(torch_lmdb::Stack(a.pad)), n, a)
                    : run_mode<samplers::SequentialSampler>(ds.map(torch_lmdb::Stack(a.pad)), n, a);
@@ -280,6 +290,7 @@ int main(int argc, char** argv) try {
       lo.threads = std::max<size_t>(a.threads, 1);
       if (a.batches_ahead > 0) lo.batches_ahead = a.batches_ahead;
       lo.batch.pad = a.pad;
+      lo.reader = reader_options(a);
       auto loader = torch_lmdb::make_loader(a.path, lo);
       m = run_loader(loader, a, [](const torch_lmdb::Batch& b) { return tensor_bytes(b.tensors); });
     } else {

@@ -183,7 +183,7 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   thread_local std::vector<FieldView> views;
   std::vector<Field> out;
   ReadTxn txn = env.read_txn();
-  parse(env, lookup(env, txn.get(), loc.second, s.per_value[loc.first]), loc.second, s, views);
+  parse(env, lookup(env, txn.get(), loc.second, s.per_value[loc.first]), loc.second, s, views, s.options.verify);
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});
@@ -269,11 +269,54 @@ std::unique_ptr<DecodePool::Job> start_decode_helpers(const std::vector<Out>& ou
       [items](size_t k) { decode_payload(items[k].view, items[k].dst); });
 }
 
+// Whether sample i's tensor fields (views `v`) keep sample 0's shapes (`first`).
+bool same_shapes(size_t i, const std::vector<FieldView>& v, const std::vector<FieldView>& first,
+                 const std::vector<Out>& outs) {
+  if (i == 0) return true;
+  for (const Out& o : outs) {
+    if (o.blobs != nullptr) continue;
+    const FieldView& fv = v[o.field];
+    const FieldView& f0 = first[o.field];
+    if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) return false;
+  }
+  return true;
+}
+
+// A reader with verify, on a CPU where hashing while copying takes one pass:
+// the record is hashed while its raw tensor payloads are copied into their
+// slots, and the hash is compared before anything else of the sample is used
+// (a Blosc payload is decoded only from a record that passed). Throws the
+// checksum's CorruptedError naming the file and index. Returns false (having
+// copied nothing) for a record that carries no checksum.
+bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldView>& v, const std::vector<Out>& outs) {
+  const MDB_val& record = samples.record();
+  const char* base = static_cast<const char*>(record.mv_data);
+  uint16_t flags = 0;
+  std::memcpy(&flags, base + 6, 2);  // (the record parsed: its header is there)
+  if ((flags & 1) == 0) return false;
+  const size_t body = record.mv_size - 8;
+  thread_local std::vector<detail::CopySpan> spans;
+  spans.clear();
+  for (const Out& o : outs) {
+    const FieldView& fv = v[o.field];
+    if (o.blobs == nullptr && o.slot != 0 && fv.codec == Codec::None && fv.nbytes != 0)
+      spans.push_back(detail::CopySpan{fv.data, fv.nbytes, o.dst + i * o.slot});
+  }
+  std::sort(spans.begin(), spans.end(),
+            [](const detail::CopySpan& a, const detail::CopySpan& b) { return a.src < b.src; });
+  uint64_t stored;
+  std::memcpy(&stored, base + body, 8);
+  if (detail::hash_and_copy(base, body, spans.data(), spans.size()) != stored)
+    throw_checksum_mismatch(samples.record_context());
+  return true;
+}
+
 // Sample i's fields (views `v`) into their slots: copied or decoded here, or
-// handed to the helpers. False at the first tensor whose shape differs from
-// sample 0's (`first`).
+// handed to the helpers (`copied`: the raw tensor payloads are in place).
+// False at the first tensor whose shape differs from sample 0's (`first`).
 bool copy_sample(size_t i, const std::vector<FieldView>& v, const std::vector<FieldView>& first,
-                 std::vector<Out>& outs, DecodePool::Job* job, std::vector<Decode>& decodes, bool around_cache) {
+                 std::vector<Out>& outs, DecodePool::Job* job, std::vector<Decode>& decodes, bool around_cache,
+                 bool copied) {
   constexpr size_t kPublishEvery = 4;  // items published at a time
   for (Out& o : outs) {
     const FieldView& fv = v[o.field];
@@ -281,11 +324,11 @@ bool copy_sample(size_t i, const std::vector<FieldView>& v, const std::vector<Fi
       o.blobs->values.emplace_back(fv.data, fv.nbytes);
       continue;
     }
-    if (i > 0) {
+    if (i > 0 && !copied) {
       const FieldView& f0 = first[o.field];
       if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) return false;
     }
-    if (o.slot == 0) continue;
+    if (o.slot == 0 || (copied && fv.codec == Codec::None)) continue;
     if (job && fv.codec != Codec::None && decodes.size() < decodes.capacity()) {
       decodes.push_back(Decode{fv, o.dst + i * o.slot});
       if (decodes.size() % kPublishEvery == 0) job->publish(decodes.size());
@@ -321,14 +364,24 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   batch.blobs.reserve(s.stored.size());
   BatchLookup samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
+  // verify: each record hashed while it is copied (copy_checked), one pass.
+  const bool one_pass = s.options.verify && !around_cache && detail::hash_and_copy_is_one_pass();
   for (size_t i = 0; i < B; ++i) {
     std::vector<FieldView>& v = i == 0 ? first : cur;
-    samples.parse_next(i, v);
+    samples.parse_next(i, v, one_pass);
     if (i == 0) {
       allocate_outputs(s, v, B, batch, tensors, outs);
       job = start_decode_helpers(outs, v, B, threads, decodes);
     }
-    if (!copy_sample(i, v, first, outs, job.get(), decodes, around_cache)) {
+    bool copied = false;
+    if (one_pass) {
+      if (!same_shapes(i, v, first, outs)) {
+        batch = Batch();
+        return false;
+      }
+      copied = copy_checked(i, samples, v, outs);
+    }
+    if (!copy_sample(i, v, first, outs, job.get(), decodes, around_cache, copied)) {
       batch = Batch();
       return false;  // (the general path reads the batch again: nothing is evicted yet)
     }

@@ -550,6 +550,8 @@ void parse_cereal(const char* base, size_t size, bool verify_checksum, const Rec
 
 }  // namespace
 
+void throw_checksum_mismatch(const RecordContext& ctx) { corrupted(ctx, "checksum mismatch"); }
+
 void parse_record(const void* data, size_t size, bool verify_checksum,
                   const RecordContext& ctx, std::vector<FieldView>& out,
                   const std::vector<FieldSchema>* schema) {

@@ -2,10 +2,15 @@
 #include <lmdb.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <random>
 
 #include "test_util.h"
+#include "torch_lmdb/detail/decode.h"
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 using namespace torch_lmdb;
 using torch_lmdb_test::mutate_record;
@@ -410,4 +415,79 @@ TEST(CompactRecord, ParserRejectsEveryTruncationAndFlipWithoutCrashing) {
   auto one = schema_of({fields[1]});
   std::string longer = rec.substr(0, 10) + std::string(9, '\x80') + '\x01' + rec.substr(10);
   EXPECT_THROW(parse_record(longer.data(), longer.size(), false, ctx, views, &one), CorruptedError);
+}
+
+// hash_and_copy (verified batches: the record hashed while its payloads are
+// copied) returns xxh3-64 of the body and copies every span, for bodies on
+// both sides of xxh3's long-input threshold (240 bytes) and of its blocks
+// (1 KiB), with spans that start and end inside stripes, touch each other,
+// end at the body's end, are empty, or are out of order (copied after).
+TEST(Checksum, HashAndCopyIsXxh3AndCopiesEverySpan) {
+  std::mt19937_64 rng(7);
+  for (size_t size : {1, 100, 240, 241, 255, 256, 1023, 1024, 1025, 4109, 16461, 70000}) {
+    std::string body(size, '\0');
+    for (char& c : body) c = static_cast<char>(rng());
+    const uint64_t want = XXH3_64bits(body.data(), size);
+    for (int trial = 0; trial < 40; ++trial) {
+      // Random cut points: spans are every other piece between them.
+      std::vector<size_t> cuts{0, size};
+      for (int c = 0; c < 6; ++c) cuts.push_back(rng() % (size + 1));
+      std::sort(cuts.begin(), cuts.end());
+      std::vector<std::string> dst;
+      std::vector<torch_lmdb::detail::CopySpan> spans;
+      for (size_t c = trial % 2; c + 1 < cuts.size(); c += 2) dst.emplace_back(cuts[c + 1] - cuts[c], '\0');
+      size_t d = 0;
+      for (size_t c = trial % 2; c + 1 < cuts.size(); c += 2, ++d)
+        spans.push_back(torch_lmdb::detail::CopySpan{body.data() + cuts[c], cuts[c + 1] - cuts[c], dst[d].data()});
+      if (trial % 5 == 4) std::reverse(spans.begin(), spans.end());  // not in order: copied after the hash
+      ASSERT_EQ(torch_lmdb::detail::hash_and_copy(body.data(), size, spans.data(), spans.size()), want) << size;
+      for (const torch_lmdb::detail::CopySpan& sp : spans)
+        ASSERT_EQ(std::memcmp(sp.dst, sp.src, sp.size), 0) << "size " << size << " span at " << (sp.src - body.data());
+    }
+  }
+}
+
+// A reader with verify catches a flipped byte anywhere in a record of several
+// fields (header, either payload, the checksum) in a batch, naming the file
+// and the index, and reads the same batches as without verify otherwise.
+TEST(Corruption, VerifiedBatchesCatchAFlipAnywhereInTheRecord) {
+  TempDir tmp;
+  const std::string path = tmp.sub("v.lmdb");
+  {
+    Writer w(path);
+    for (int64_t i = 0; i < 12; ++i) {
+      Sample s;
+      s.insert("a", torch::arange(1500, torch::kFloat) * static_cast<float>(i));
+      s.insert("b", torch::arange(700, torch::kInt) - static_cast<int>(i));
+      s.insert("label", torch::tensor(i));
+      w.write(s);
+    }
+    w.close();
+  }
+  std::vector<size_t> all(12);
+  std::iota(all.begin(), all.end(), 0);
+  {
+    Reader plain(path), checked(path, ReaderOptions{/*verify=*/true});
+    const Batch x = plain.read_batch(all), y = checked.read_batch(all);
+    for (const char* f : {"a", "b", "label"}) EXPECT_TRUE(x.tensors.find(f)->equal(*y.tensors.find(f))) << f;
+  }
+  // Flips at 10 bytes from the start (header), in a's and b's payloads, and
+  // in the last byte (the checksum).
+  const std::vector<std::pair<uint64_t, double>> flips{{2, 0.0}, {5, 0.3}, {8, 0.9}, {11, 1.0}};
+  for (const auto& [index, where] : flips) {
+    mutate_record(path, index, [where = where](std::string& v) {
+      const size_t at = where == 0.0 ? 10 : where == 1.0 ? v.size() - 1 : static_cast<size_t>(v.size() * where);
+      v[at] ^= 0x04;
+    });
+  }
+  Reader checked(path, ReaderOptions{/*verify=*/true});
+  for (const auto& [index, where] : flips) {
+    std::vector<size_t> batch{0, 1, static_cast<size_t>(index), 3};
+    expect_corrupted([&] { checked.read_batch(batch); }, path, index);
+  }
+  std::vector<size_t> good{0, 1, 3, 4, 6, 7, 9, 10};
+  const Batch b = checked.read_batch(good);
+  for (size_t k = 0; k < good.size(); ++k)
+    EXPECT_EQ(b.tensors.find("label")->select(0, static_cast<int64_t>(k)).item<int64_t>(), static_cast<int64_t>(good[k]));
+  EXPECT_TRUE(b.tensors.find("a")->select(0, 7).equal(torch::arange(1500, torch::kFloat) * 10.0f));
 }

@@ -12,6 +12,24 @@
 #include <cstring>
 #include <thread>
 
+// xxh3's accumulate and scramble steps for AVX2 and AVX-512, compiled for
+// those units whatever the build's baseline (hash_and_copy picks at run time).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TORCH_LMDB_FUSED_HASH 1
+#define XXH_INLINE_ALL
+#define XXH_X86DISPATCH 1  // accumulators aligned for AVX-512
+#define XXH_DISPATCH_AVX2 1
+#define XXH_DISPATCH_AVX512 1
+#define XXH_TARGET_AVX2 __attribute__((__target__("avx2")))
+#define XXH_TARGET_AVX512 __attribute__((__target__("avx512f")))
+#if defined(__GNUC__) && !defined(__clang__)
+// (GCC 12 reports its own AVX-512 intrinsics' undefined operands as uninitialized.)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
+#include <xxhash.h>
+
 namespace torch_lmdb {
 namespace detail {
 
@@ -235,6 +253,117 @@ bool cpu_has_avx2() {
 #endif
 #endif
 
+// ---- hash_and_copy ---------------------------------------------------------------
+
+#if defined(TORCH_LMDB_FUSED_HASH)
+// Places the spans of a body being hashed: xxh3's stripe loop hands it each
+// 64-byte stripe it has just loaded, in ascending order (the last stripe may
+// overlap the one before), and it stores the part of the stripe that lies in
+// a span into that span's destination, so the body is read from memory once
+// for both.
+class Placement {
+ public:
+  Placement(const CopySpan* spans, size_t n) : spans_(spans), n_(n) {}
+
+  // The destination of the whole stripe at `p`, or null when the stripe is
+  // not inside one span (then its parts, if any, are copied here).
+  char* operator()(const char* p) {
+    while (k_ < n_ && spans_[k_].src + spans_[k_].size <= p) ++k_;
+    if (k_ == n_) return nullptr;
+    const CopySpan& sp = spans_[k_];
+    if (sp.src <= p && p + 64 <= sp.src + sp.size) return sp.dst + (p - sp.src);
+    for (size_t j = k_; j < n_ && spans_[j].src < p + 64; ++j) {
+      const char* begin = std::max(p, spans_[j].src);
+      const char* end = std::min(p + 64, spans_[j].src + spans_[j].size);
+      if (begin < end) std::memcpy(spans_[j].dst + (begin - spans_[j].src), begin, static_cast<size_t>(end - begin));
+    }
+    return nullptr;
+  }
+
+ private:
+  const CopySpan* spans_;
+  size_t n_;
+  size_t k_ = 0;  // the first span that may still receive bytes
+};
+
+// XXH3_64bits of [input, input + len) for len > XXH3_MIDSIZE_MAX: xxh3's
+// long-input loop (XXH3_hashLong_64b_internal with the default secret and
+// seed 0), with each stripe handed to `place` after it is accumulated.
+XXH_FORCE_INLINE void placing_stripe(xxh_u64* acc, const char* in, const xxh_u8* key, Placement& place,
+                                     XXH3_f_accumulate_512 Accumulate, void (*Store)(char*, const char*)) {
+  Accumulate(acc, in, key);
+  if (char* dst = place(in)) Store(dst, in);
+}
+
+// (The steps are passed as arguments, as xxh3 passes them: inlined into a
+// caller compiled for their vector unit, the calls become the instructions.)
+using StoreStripe = void (*)(char*, const char*);
+XXH_FORCE_INLINE uint64_t hash_long_placing(const char* input, size_t len, Placement& place,
+                                            XXH3_f_accumulate_512 Accumulate, XXH3_f_scrambleAcc Scramble,
+                                            StoreStripe Store) {
+  XXH_ALIGN(XXH_ACC_ALIGN) xxh_u64 acc[XXH_ACC_NB] = XXH3_INIT_ACC;
+  const xxh_u8* const secret = XXH3_kSecret;
+  constexpr size_t kSecretSize = sizeof(XXH3_kSecret);
+  constexpr size_t kStripesPerBlock = (kSecretSize - XXH_STRIPE_LEN) / XXH_SECRET_CONSUME_RATE;
+  constexpr size_t kBlockLen = XXH_STRIPE_LEN * kStripesPerBlock;
+  const size_t blocks = (len - 1) / kBlockLen;
+  for (size_t b = 0; b < blocks; ++b) {
+    for (size_t n = 0; n < kStripesPerBlock; ++n) {
+      const char* in = input + b * kBlockLen + n * XXH_STRIPE_LEN;
+      XXH_PREFETCH(in + XXH_PREFETCH_DIST);
+      placing_stripe(acc, in, secret + n * XXH_SECRET_CONSUME_RATE, place, Accumulate, Store);
+    }
+    Scramble(acc, secret + kSecretSize - XXH_STRIPE_LEN);
+  }
+  const size_t stripes = ((len - 1) - kBlockLen * blocks) / XXH_STRIPE_LEN;
+  for (size_t n = 0; n < stripes; ++n) {
+    const char* in = input + blocks * kBlockLen + n * XXH_STRIPE_LEN;
+    XXH_PREFETCH(in + XXH_PREFETCH_DIST);
+    placing_stripe(acc, in, secret + n * XXH_SECRET_CONSUME_RATE, place, Accumulate, Store);
+  }
+  placing_stripe(acc, input + len - XXH_STRIPE_LEN, secret + kSecretSize - XXH_STRIPE_LEN - XXH_SECRET_LASTACC_START,
+                 place, Accumulate, Store);
+  return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START, static_cast<xxh_u64>(len) * XXH_PRIME64_1);
+}
+
+XXH_FORCE_INLINE XXH_TARGET_AVX512 void store_stripe_avx512(char* dst, const char* src) {
+  _mm512_storeu_si512(dst, _mm512_loadu_si512(src));  // (the line Accumulate loaded)
+}
+
+XXH_FORCE_INLINE XXH_TARGET_AVX2 void store_stripe_avx2(char* dst, const char* src) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32)));
+}
+
+XXH_TARGET_AVX512 uint64_t hash_long_placing_avx512(const char* body, size_t size, Placement& place) {
+  return hash_long_placing(body, size, place, XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512, store_stripe_avx512);
+}
+
+XXH_TARGET_AVX2 uint64_t hash_long_placing_avx2(const char* body, size_t size, Placement& place) {
+  return hash_long_placing(body, size, place, XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2, store_stripe_avx2);
+}
+
+enum class FusedUnit { None, Avx2, Avx512 };
+
+FusedUnit fused_unit() {
+  static const FusedUnit unit = __builtin_cpu_supports("avx512f") ? FusedUnit::Avx512
+                                : __builtin_cpu_supports("avx2")  ? FusedUnit::Avx2
+                                                                  : FusedUnit::None;
+  return unit;
+}
+#endif
+
+// Spans sorted by source, disjoint and inside [body, body + size).
+bool spans_in_order(const char* body, size_t size, const CopySpan* spans, size_t n) {
+  const char* at = body;
+  for (size_t j = 0; j < n; ++j) {
+    if (spans[j].src < at || spans[j].size > size || spans[j].src + spans[j].size > body + size) return false;
+    at = spans[j].src + spans[j].size;
+  }
+  return true;
+}
+
 }  // namespace
 
 void decode_to_slot(const FieldView& v, char* dst, bool around_cache) {
@@ -248,6 +377,29 @@ void decode_to_slot(const FieldView& v, char* dst, bool around_cache) {
   }
 #endif
   decode_payload(v, dst);
+}
+
+uint64_t hash_and_copy(const char* body, size_t size, const CopySpan* spans, size_t n) noexcept {
+#if defined(TORCH_LMDB_FUSED_HASH)
+  const FusedUnit unit = size > XXH3_MIDSIZE_MAX ? fused_unit() : FusedUnit::None;
+  if (unit != FusedUnit::None && spans_in_order(body, size, spans, n)) {
+    Placement place(spans, n);
+    return unit == FusedUnit::Avx512 ? hash_long_placing_avx512(body, size, place)
+                                     : hash_long_placing_avx2(body, size, place);
+  }
+#endif
+  const uint64_t h = XXH3_64bits(body, size);
+  for (size_t j = 0; j < n; ++j)
+    if (spans[j].size) std::memcpy(spans[j].dst, spans[j].src, spans[j].size);
+  return h;
+}
+
+bool hash_and_copy_is_one_pass() noexcept {
+#if defined(TORCH_LMDB_FUSED_HASH)
+  return fused_unit() != FusedUnit::None;
+#else
+  return false;
+#endif
 }
 
 unsigned decode_threads(const ReaderOptions& r, const BatchOptions& b) {

@@ -108,6 +108,23 @@ class DecodePool {
 /// records still to be read).
 void decode_to_slot(const FieldView& v, char* dst, bool around_cache);
 
+/// A payload of a record being copied, and where it goes.
+struct CopySpan {
+  const char* src;
+  size_t size;
+  char* dst;
+};
+
+/// XXH3_64bits of [body, body + size) (a record's checksummed body), copying
+/// each span to its `dst` on the way: with AVX2 or AVX-512 (picked at run
+/// time) in one pass that reads every byte of the body from memory once,
+/// otherwise hashing, then copying. Spans that are not sorted by `src`,
+/// disjoint and inside the body are copied after the hash. Every span is
+/// copied whatever the hash; the caller compares it before using them.
+uint64_t hash_and_copy(const char* body, size_t size, const CopySpan* spans, size_t n) noexcept;
+/// Whether hash_and_copy() takes one pass on this CPU.
+bool hash_and_copy_is_one_pass() noexcept;
+
 /// Decoding threads of a batch (see ReaderOptions::decode_threads).
 unsigned decode_threads(const ReaderOptions& r, const BatchOptions& b);
 

@@ -92,7 +92,7 @@ MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value)
 }
 
 void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s,
-           std::vector<FieldView>& views) {
+           std::vector<FieldView>& views, bool verify) {
   RecordContext ctx{&env.path(), local};
   // Records of a dataset usually share one layout: a record matching the
   // template needs neither parsing nor a schema check, once the template's
@@ -100,7 +100,7 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   thread_local RecordTemplate layout;
   thread_local uint64_t layout_checked_for = 0;  // Reader::State::id, 0 = none
   // (A compact record is parsed against the schema: never a template hit.)
-  const bool hit = parse_record_cached(v.mv_data, v.mv_size, s.options.verify, ctx, views, layout, &s.stored);
+  const bool hit = parse_record_cached(v.mv_data, v.mv_size, verify, ctx, views, layout, &s.stored);
   if (hit && layout_checked_for == s.id) return;
   // A compact record's views name the schema's own fields (their names
   // point into it): nothing to check, and the template is not this record's.
@@ -209,18 +209,26 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
   missing_ += request_pages(values, ahead);
 }
 
-void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views) {
+void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer_checksum) {
+  Found cur;
   if (!found_.empty()) {
-    const Found& cur = found_[i];
-    if (!keep_) parsed_.push_back(cur);
-    parse(*cur.env, cur.value, cur.local, s_, views);
-    return;
+    cur = found_[i];
+  } else {
+    cur = next_;
+    next_ = after_;
+    if (i + 2 < indices_.size()) after_ = find(i + 2);
   }
-  const Found cur = next_;
-  next_ = after_;
-  if (i + 2 < indices_.size()) after_ = find(i + 2);
   if (!keep_) parsed_.push_back(cur);
-  parse(*cur.env, cur.value, cur.local, s_, views);
+  record_ = cur.value;
+  record_env_ = cur.env;
+  record_local_ = cur.local;
+  if (!defer_checksum) return parse(*cur.env, cur.value, cur.local, s_, views, s_.options.verify);
+  try {
+    parse(*cur.env, cur.value, cur.local, s_, views, false);
+  } catch (...) {
+    parse(*cur.env, cur.value, cur.local, s_, views, true);  // a checksum mismatch comes first
+    throw;
+  }
 }
 
 void BatchLookup::evict() {

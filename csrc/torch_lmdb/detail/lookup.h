@@ -41,7 +41,8 @@ MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value)
 
 /// Parses the value `v` of sample `local` of `env` and checks its layout
 /// against the reader's schema.
-void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s, std::vector<FieldView>& views);
+void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s, std::vector<FieldView>& views,
+           bool verify);
 
 /// The page range of the map holding a value; for a value on overflow pages
 /// (it starts right after the 16-byte page header) the whole run of pages.
@@ -143,7 +144,14 @@ class BatchLookup {
   bool probed() const { return probed_; }
 
   // Parses sample i (called for i = 0, 1, ... in order) into `views`.
-  void parse_next(size_t i, std::vector<FieldView>& views);
+  // `defer_checksum` (a reader with verify): the record's checksum is left to
+  // the caller (check_copied); a record that does not parse is checked here
+  // first, so that a damaged record reports its checksum as with verify.
+  void parse_next(size_t i, std::vector<FieldView>& views, bool defer_checksum = false);
+
+  // The record parsed last, and its index in its file.
+  const MDB_val& record() const { return record_; }
+  RecordContext record_context() const { return RecordContext{&record_env_->path(), record_local_}; }
 
   // Pages requested ahead that were not cached.
   size_t missing() const { return missing_; }
@@ -196,6 +204,9 @@ class BatchLookup {
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
   bool probed_ = false;
+  MDB_val record_{0, nullptr};
+  const Env* record_env_ = nullptr;
+  uint64_t record_local_ = 0;
 
   static bool cached(const MDB_val& v);
 };

@@ -165,6 +165,10 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
                   const RecordContext& ctx, std::vector<FieldView>& out,
                   const std::vector<FieldSchema>* schema = nullptr);
 
+/// Throws the CorruptedError of a record whose checksum does not match, as
+/// parse_record() with `verify_checksum` does.
+[[noreturn]] void throw_checksum_mismatch(const RecordContext& ctx);
+
 /// The record version of the record at `data` (0 when it is too short to
 /// tell); nothing else is checked.
 inline uint16_t record_version(const void* data, size_t size) noexcept {
