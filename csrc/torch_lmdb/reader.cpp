@@ -284,11 +284,14 @@ bool same_shapes(size_t i, const std::vector<FieldView>& v, const std::vector<Fi
 
 // A reader with verify, on a CPU where hashing while copying takes one pass:
 // the record is hashed while its raw tensor payloads are copied into their
-// slots, and the hash is compared before anything else of the sample is used
-// (a Blosc payload is decoded only from a record that passed). Throws the
-// checksum's CorruptedError naming the file and index. Returns false (having
-// copied nothing) for a record that carries no checksum.
-bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldView>& v, const std::vector<Out>& outs) {
+// slots (`place`; otherwise hashed only, in the same prefetching pass, and
+// copied after by copy_sample), and the hash is compared before anything else
+// of the sample is used (a Blosc payload is decoded only from a record that
+// passed). Throws the checksum's CorruptedError naming the file and index.
+// Returns whether the raw payloads were copied (false for a record that
+// carries no checksum: nothing was checked either, as parse_record does).
+bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldView>& v, const std::vector<Out>& outs,
+                  bool place) {
   const MDB_val& record = samples.record();
   const char* base = static_cast<const char*>(record.mv_data);
   uint16_t flags = 0;
@@ -299,7 +302,7 @@ bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldV
   spans.clear();
   for (const Out& o : outs) {
     const FieldView& fv = v[o.field];
-    if (o.blobs == nullptr && o.slot != 0 && fv.codec == Codec::None && fv.nbytes != 0)
+    if (place && o.blobs == nullptr && o.slot != 0 && fv.codec == Codec::None && fv.nbytes != 0)
       spans.push_back(detail::CopySpan{fv.data, fv.nbytes, o.dst + i * o.slot});
   }
   std::sort(spans.begin(), spans.end(),
@@ -308,7 +311,7 @@ bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldV
   std::memcpy(&stored, base + body, 8);
   if (detail::hash_and_copy(base, body, spans.data(), spans.size()) != stored)
     throw_checksum_mismatch(samples.record_context());
-  return true;
+  return place;
 }
 
 // Sample i's fields (views `v`) into their slots: copied or decoded here, or
@@ -364,8 +367,10 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
   batch.blobs.reserve(s.stored.size());
   BatchLookup samples(s, envs, indices, txns, cold.ahead(), cold.probe());
   if (samples.probed()) cold.engaged();
-  // verify: each record hashed while it is copied (copy_checked), one pass.
-  const bool one_pass = s.options.verify && !around_cache && detail::hash_and_copy_is_one_pass();
+  // verify: each record hashed while it is copied (copy_checked), one pass;
+  // around the cache, hashed in that pass, then copied with non-temporal
+  // stores (which need aligned destinations).
+  const bool one_pass = s.options.verify && detail::hash_and_copy_is_one_pass();
   for (size_t i = 0; i < B; ++i) {
     std::vector<FieldView>& v = i == 0 ? first : cur;
     samples.parse_next(i, v, one_pass);
@@ -379,7 +384,7 @@ bool read_batch_fixed(const Reader::State& s, const std::vector<std::shared_ptr<
         batch = Batch();
         return false;
       }
-      copied = copy_checked(i, samples, v, outs);
+      copied = copy_checked(i, samples, v, outs, /*place=*/!around_cache);
     }
     if (!copy_sample(i, v, first, outs, job.get(), decodes, around_cache, copied)) {
       batch = Batch();

@@ -256,49 +256,65 @@ bool cpu_has_avx2() {
 // ---- hash_and_copy ---------------------------------------------------------------
 
 #if defined(TORCH_LMDB_FUSED_HASH)
-// Places the spans of a body being hashed: xxh3's stripe loop hands it each
+// Where the stripes of a body being hashed go: xxh3's stripe loop hands each
 // 64-byte stripe it has just loaded, in ascending order (the last stripe may
-// overlap the one before), and it stores the part of the stripe that lies in
-// a span into that span's destination, so the body is read from memory once
-// for both.
-class Placement {
- public:
-  Placement(const CopySpan* spans, size_t n) : spans_(spans), n_(n) {}
-
-  // The destination of the whole stripe at `p`, or null when the stripe is
-  // not inside one span (then its parts, if any, are copied here).
-  char* operator()(const char* p) {
-    while (k_ < n_ && spans_[k_].src + spans_[k_].size <= p) ++k_;
-    if (k_ == n_) return nullptr;
-    const CopySpan& sp = spans_[k_];
-    if (sp.src <= p && p + 64 <= sp.src + sp.size) return sp.dst + (p - sp.src);
-    for (size_t j = k_; j < n_ && spans_[j].src < p + 64; ++j) {
-      const char* begin = std::max(p, spans_[j].src);
-      const char* end = std::min(p + 64, spans_[j].src + spans_[j].size);
-      if (begin < end) std::memcpy(spans_[j].dst + (begin - spans_[j].src), begin, static_cast<size_t>(end - begin));
-    }
-    return nullptr;
-  }
-
- private:
-  const CopySpan* spans_;
-  size_t n_;
-  size_t k_ = 0;  // the first span that may still receive bytes
+// overlap the one before), to the span that holds it, so that the body is
+// read from memory once for both. A stripe inside span `k` ([begin, end))
+// is stored whole at its address + `delta`; any other stripe before `limit`
+// (the end of the last span) goes to place_stripe_parts(). Small enough to
+// live in registers through the loop.
+struct Cursor {
+  const char* begin;
+  const char* end;
+  ptrdiff_t delta;
+  size_t k;
+  const char* limit;
 };
+
+// The parts of the stripe at `p` that lie in spans, copied; returns the
+// cursor at the first span that may still receive bytes.
+__attribute__((noinline)) Cursor place_stripe_parts(const CopySpan* spans, size_t n, Cursor c, const char* p) {
+  while (c.k < n && spans[c.k].src + spans[c.k].size <= p) ++c.k;
+  for (size_t j = c.k; j < n && spans[j].src < p + 64; ++j) {
+    const char* begin = std::max(p, spans[j].src);
+    const char* end = std::min(p + 64, spans[j].src + spans[j].size);
+    if (begin < end) std::memcpy(spans[j].dst + (begin - spans[j].src), begin, static_cast<size_t>(end - begin));
+  }
+  if (c.k < n) {
+    c.begin = spans[c.k].src;
+    c.end = spans[c.k].src + spans[c.k].size;
+    c.delta = spans[c.k].dst - spans[c.k].src;
+  }
+  return c;
+}
+
+using StoreStripe = void (*)(char*, const char*);
+
+// How far ahead of the stripe being hashed its lines are requested (xxh3's
+// own distance, 384 bytes, is for data already in cache; a record's pages
+// come from memory).
+#ifndef TORCH_LMDB_PLACING_PREFETCH
+#define TORCH_LMDB_PLACING_PREFETCH 4096
+#endif
+constexpr size_t kPlacingPrefetch = TORCH_LMDB_PLACING_PREFETCH;
+
+XXH_FORCE_INLINE void placing_stripe(xxh_u64* acc, const char* in, const xxh_u8* key, Cursor& c,
+                                     const CopySpan* spans, size_t n, XXH3_f_accumulate_512 Accumulate,
+                                     StoreStripe Store) {
+  Accumulate(acc, in, key);
+  if (in >= c.begin && in + 64 <= c.end) {
+    Store(const_cast<char*>(in) + c.delta, in);  // (a destination span)
+  } else if (in < c.limit) {
+    c = place_stripe_parts(spans, n, c, in);
+  }
+}
 
 // XXH3_64bits of [input, input + len) for len > XXH3_MIDSIZE_MAX: xxh3's
 // long-input loop (XXH3_hashLong_64b_internal with the default secret and
-// seed 0), with each stripe handed to `place` after it is accumulated.
-XXH_FORCE_INLINE void placing_stripe(xxh_u64* acc, const char* in, const xxh_u8* key, Placement& place,
-                                     XXH3_f_accumulate_512 Accumulate, void (*Store)(char*, const char*)) {
-  Accumulate(acc, in, key);
-  if (char* dst = place(in)) Store(dst, in);
-}
-
-// (The steps are passed as arguments, as xxh3 passes them: inlined into a
-// caller compiled for their vector unit, the calls become the instructions.)
-using StoreStripe = void (*)(char*, const char*);
-XXH_FORCE_INLINE uint64_t hash_long_placing(const char* input, size_t len, Placement& place,
+// seed 0), each stripe placed after it is accumulated. (The steps are passed
+// as arguments, as xxh3 passes them: inlined into a caller compiled for their
+// vector unit, the calls become its instructions.)
+XXH_FORCE_INLINE uint64_t hash_long_placing(const char* input, size_t len, const CopySpan* spans, size_t n,
                                             XXH3_f_accumulate_512 Accumulate, XXH3_f_scrambleAcc Scramble,
                                             StoreStripe Store) {
   XXH_ALIGN(XXH_ACC_ALIGN) xxh_u64 acc[XXH_ACC_NB] = XXH3_INIT_ACC;
@@ -306,23 +322,24 @@ XXH_FORCE_INLINE uint64_t hash_long_placing(const char* input, size_t len, Place
   constexpr size_t kSecretSize = sizeof(XXH3_kSecret);
   constexpr size_t kStripesPerBlock = (kSecretSize - XXH_STRIPE_LEN) / XXH_SECRET_CONSUME_RATE;
   constexpr size_t kBlockLen = XXH_STRIPE_LEN * kStripesPerBlock;
+  Cursor c{nullptr, nullptr, 0, 0, n ? spans[n - 1].src + spans[n - 1].size : nullptr};
   const size_t blocks = (len - 1) / kBlockLen;
   for (size_t b = 0; b < blocks; ++b) {
-    for (size_t n = 0; n < kStripesPerBlock; ++n) {
-      const char* in = input + b * kBlockLen + n * XXH_STRIPE_LEN;
-      XXH_PREFETCH(in + XXH_PREFETCH_DIST);
-      placing_stripe(acc, in, secret + n * XXH_SECRET_CONSUME_RATE, place, Accumulate, Store);
+    for (size_t s = 0; s < kStripesPerBlock; ++s) {
+      const char* in = input + b * kBlockLen + s * XXH_STRIPE_LEN;
+      XXH_PREFETCH(in + kPlacingPrefetch);
+      placing_stripe(acc, in, secret + s * XXH_SECRET_CONSUME_RATE, c, spans, n, Accumulate, Store);
     }
     Scramble(acc, secret + kSecretSize - XXH_STRIPE_LEN);
   }
   const size_t stripes = ((len - 1) - kBlockLen * blocks) / XXH_STRIPE_LEN;
-  for (size_t n = 0; n < stripes; ++n) {
-    const char* in = input + blocks * kBlockLen + n * XXH_STRIPE_LEN;
-    XXH_PREFETCH(in + XXH_PREFETCH_DIST);
-    placing_stripe(acc, in, secret + n * XXH_SECRET_CONSUME_RATE, place, Accumulate, Store);
+  for (size_t s = 0; s < stripes; ++s) {
+    const char* in = input + blocks * kBlockLen + s * XXH_STRIPE_LEN;
+    XXH_PREFETCH(in + kPlacingPrefetch);
+    placing_stripe(acc, in, secret + s * XXH_SECRET_CONSUME_RATE, c, spans, n, Accumulate, Store);
   }
   placing_stripe(acc, input + len - XXH_STRIPE_LEN, secret + kSecretSize - XXH_STRIPE_LEN - XXH_SECRET_LASTACC_START,
-                 place, Accumulate, Store);
+                 c, spans, n, Accumulate, Store);
   return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START, static_cast<xxh_u64>(len) * XXH_PRIME64_1);
 }
 
@@ -336,12 +353,13 @@ XXH_FORCE_INLINE XXH_TARGET_AVX2 void store_stripe_avx2(char* dst, const char* s
                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32)));
 }
 
-XXH_TARGET_AVX512 uint64_t hash_long_placing_avx512(const char* body, size_t size, Placement& place) {
-  return hash_long_placing(body, size, place, XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512, store_stripe_avx512);
+XXH_TARGET_AVX512 uint64_t hash_long_placing_avx512(const char* body, size_t size, const CopySpan* spans, size_t n) {
+  return hash_long_placing(body, size, spans, n, XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512,
+                           store_stripe_avx512);
 }
 
-XXH_TARGET_AVX2 uint64_t hash_long_placing_avx2(const char* body, size_t size, Placement& place) {
-  return hash_long_placing(body, size, place, XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2, store_stripe_avx2);
+XXH_TARGET_AVX2 uint64_t hash_long_placing_avx2(const char* body, size_t size, const CopySpan* spans, size_t n) {
+  return hash_long_placing(body, size, spans, n, XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2, store_stripe_avx2);
 }
 
 enum class FusedUnit { None, Avx2, Avx512 };
@@ -383,9 +401,8 @@ uint64_t hash_and_copy(const char* body, size_t size, const CopySpan* spans, siz
 #if defined(TORCH_LMDB_FUSED_HASH)
   const FusedUnit unit = size > XXH3_MIDSIZE_MAX ? fused_unit() : FusedUnit::None;
   if (unit != FusedUnit::None && spans_in_order(body, size, spans, n)) {
-    Placement place(spans, n);
-    return unit == FusedUnit::Avx512 ? hash_long_placing_avx512(body, size, place)
-                                     : hash_long_placing_avx2(body, size, place);
+    return unit == FusedUnit::Avx512 ? hash_long_placing_avx512(body, size, spans, n)
+                                     : hash_long_placing_avx2(body, size, spans, n);
   }
 #endif
   const uint64_t h = XXH3_64bits(body, size);
