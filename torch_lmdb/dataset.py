@@ -106,7 +106,9 @@ class LMDBDataset(torch.utils.data.Dataset):
         transform: callable applied to each sample returned by ``ds[i]``.
         fields: subset of field names to read (KeyError for unknown names);
             a str is one field name.
-        verify: check each record's checksum while reading.
+        verify: check each record's checksum while reading (the default; a
+            batch hashes each record while copying it). ``False`` returns a
+            record whose bytes were altered in place as stored.
         lock: ``None`` locks but falls back to lock-free reads (with a warning)
             on read-only storage; ``False`` never locks; ``True`` always locks.
         os_readahead: let the operating system read ahead on page faults
@@ -181,7 +183,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         paths: Union[PathLike, Sequence[PathLike]],
         transform: Optional[Callable[[Dict[str, Any]], Any]] = None,
         fields: Optional[Sequence[str]] = None,
-        verify: bool = False,
+        verify: bool = True,
         lock: Optional[bool] = None,
         os_readahead: bool = False,
         max_readers: int = 1024,

@@ -385,7 +385,7 @@ void bind_reader(py::module_& m) {
   py::class_<PyReader>(m, "Reader")
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
                     std::vector<std::string>, size_t, bool, std::string, unsigned>(),
-           py::arg("paths"), py::arg("verify") = false, py::arg("lock") = py::none(),
+           py::arg("paths"), py::arg("verify") = true, py::arg("lock") = py::none(),
            py::arg("os_readahead") = false, py::arg("max_readers") = 1024,
            py::arg("fields") = std::vector<std::string>(), py::arg("page_request_bytes") = size_t{128} << 20,
            py::arg("keep_cache") = true, py::arg("page_requests") = "auto", py::arg("decode_threads") = 0)

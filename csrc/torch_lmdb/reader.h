@@ -11,9 +11,9 @@
 //   while a writer appends); refreshed() gives a Reader of the current counts.
 // - Damaged files: every value LMDB returns is checked to lie inside the data
 //   file (CorruptedError otherwise, never SIGBUS); a file shorter than its
-//   meta page claims is refused at open. Without `verify`, a record whose
-//   payload bytes were altered in place is returned as stored: the checksum
-//   is what detects that.
+//   meta page claims is refused at open. A record whose payload bytes were
+//   altered in place is caught by its checksum (`verify`, on by default);
+//   with verify off it is returned as stored.
 // - Batched reads (read_batch, and so every batched path) keep the values
 //   they find in the file's value index (one per file and process, see
 //   ReaderOptions::value_index_bytes): a sample read again in the same
@@ -50,8 +50,10 @@ enum class PageRequests {
 using LookaheadMode [[deprecated("renamed PageRequests")]] = PageRequests;
 
 struct ReaderOptions {
-  /// Check each record's xxh3 checksum on read.
-  bool verify = false;
+  /// Check each record's xxh3 checksum on read (batched reads hash a record
+  /// while copying it: docs/benchmarks/notes.md gives the cost). false
+  /// returns a record whose payload bytes were altered in place as stored.
+  bool verify = true;
   /// 1 lock, 0 MDB_NOLOCK, -1 automatic fallback on read-only storage.
   int lock = -1;
   /// The operating system's readahead of the data file (MDB_NORDAHEAD when

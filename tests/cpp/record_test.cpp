@@ -219,9 +219,17 @@ TEST(Corruption, TruncatedBitFlippedAndAbsurdRecordsNamePathAndIndex) {
   expect_corrupted([&] { r.read_batch(batch); }, path, 7);
   // The good records still read.
   EXPECT_EQ(r.get(4).find("index")->item<int64_t>(), 4);
-  // Without verification the flipped payload bit goes unnoticed (documented).
-  Reader fast(path);
+  // Verification is the default: a reader opened without options catches the flip.
+  Reader by_default(path);
+  expect_corrupted([&] { by_default.get(5); }, path, 5);
+  std::vector<size_t> with_five{4, 5};
+  expect_corrupted([&] { by_default.read_batch(with_five); }, path, 5);
+  // With verification off the flipped payload bit goes unnoticed (documented).
+  ReaderOptions unchecked;
+  unchecked.verify = false;
+  Reader fast(path, unchecked);
   EXPECT_NO_THROW(fast.get(5));
+  EXPECT_NO_THROW(fast.read_batch(with_five));
   expect_corrupted([&] { fast.get(3); }, path, 3);
 }
 
@@ -467,7 +475,9 @@ TEST(Corruption, VerifiedBatchesCatchAFlipAnywhereInTheRecord) {
   std::vector<size_t> all(12);
   std::iota(all.begin(), all.end(), 0);
   {
-    Reader plain(path), checked(path, ReaderOptions{/*verify=*/true});
+    ReaderOptions unchecked;
+    unchecked.verify = false;
+    Reader plain(path, unchecked), checked(path, ReaderOptions{/*verify=*/true});
     const Batch x = plain.read_batch(all), y = checked.read_batch(all);
     for (const char* f : {"a", "b", "label"}) EXPECT_TRUE(x.tensors.find(f)->equal(*y.tensors.find(f))) << f;
   }

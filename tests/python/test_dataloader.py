@@ -224,6 +224,26 @@ def test_corrupted_record_names_path_and_index_in_worker_too(make_db):
             pass
 
 
+def test_checksums_are_verified_by_default_in_every_read_path(make_db):
+    # 2 KiB records: a batch hashes each record while it copies it; the flip
+    # lies in x's payload.
+    path = make_db(40, width=512)
+    corrupt_record(path, 13)
+    ds = torch_lmdb.LMDBDataset(path)
+    for read in (lambda: ds[13], lambda: ds.get_batch([12, 13, 14]),
+                 lambda: list(torch_lmdb.make_loader(ds, batch_size=8)),
+                 lambda: list(ds.iter_batches(8))):
+        with pytest.raises(torch_lmdb.CorruptedError, match=r"index 13.*checksum mismatch") as info:
+            read()
+        assert path in str(info.value)
+    assert sorted(ds.get_batch([12, 14, 30])["index"].tolist()) == [12, 14, 30]
+    # verify=False returns the altered bytes as stored.
+    unchecked = torch_lmdb.LMDBDataset(path, verify=False)
+    x = unchecked.get_batch([12, 13])["x"]
+    assert torch.equal(x[0], torch.from_numpy(sample(12, 512)["x"]))
+    assert not torch.equal(x[1], torch.from_numpy(sample(13, 512)["x"]))
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_large_worker_batches_recycle_buffers_never_overwriting_held_ones(make_db, method):
     # 16 KiB samples, batches of 8: 128 KiB tensors travel through recycled slabs.
