@@ -309,8 +309,10 @@ bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldV
             [](const detail::CopySpan& a, const detail::CopySpan& b) { return a.src < b.src; });
   uint64_t stored;
   std::memcpy(&stored, base + body, 8);
-  if (detail::hash_and_copy(base, body, spans.data(), spans.size()) != stored)
+  if (detail::hash_and_copy(base, body, spans.data(), spans.size()) != stored) {
+    samples.check_record_file();
     throw_checksum_mismatch(samples.record_context());
+  }
   return place;
 }
 

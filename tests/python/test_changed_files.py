@@ -86,6 +86,37 @@ def test_truncated_under_an_open_reader_raises_and_the_process_lives(tmp_path):
         assert errors > 0  # the lost samples are refused, not read as zeros
 
 
+TRUNCATE_NAMES_CHILD = """
+    import os, sys
+    import numpy as np
+    import torch_lmdb
+    path = sys.argv[1]
+    data = os.path.join(path, "data.mdb")
+    ds = torch_lmdb.LMDBDataset(path)  # checksums verified (the default)
+    order = np.random.default_rng(0).permutation(len(ds)).tolist()
+    ds.get_batch(order[:64])
+    os.truncate(data, os.path.getsize(data) // 2 // 4096 * 4096)
+    messages = []
+    for start in range(0, len(order), 64):
+        try:
+            ds.get_batch(order[start:start + 64])
+        except torch_lmdb.CorruptedError as e:
+            messages.append(str(e))
+    print(len(messages), sum("changed while it was mapped" in m for m in messages), flush=True)
+    print(messages[0] if messages else "", flush=True)
+"""
+
+
+def test_a_file_truncated_under_a_verifying_reader_is_reported_as_changed_not_as_damage(tmp_path):
+    # Its lost pages read as zeros: their records fail their checksums, but
+    # the error names the cause (the file changed under the map, refresh()).
+    path = write_db(str(tmp_path / "db"), 600)
+    proc = run_child(TRUNCATE_NAMES_CHILD, path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed, named = map(int, proc.stdout.splitlines()[0].split())
+    assert failed > 0 and named == failed, proc.stdout
+
+
 def test_sixty_four_truncations_never_kill_the_reader(tmp_path):
     # One process: every trial after the first reopens an env its fault poisoned.
     path = write_db(str(tmp_path / "db"), 300)

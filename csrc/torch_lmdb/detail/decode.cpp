@@ -24,6 +24,7 @@
 #define XXH_TARGET_AVX512 __attribute__((__target__("avx512f")))
 #if defined(__GNUC__) && !defined(__clang__)
 // (GCC 12 reports its own AVX-512 intrinsics' undefined operands as uninitialized.)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
@@ -288,6 +289,10 @@ __attribute__((noinline)) Cursor place_stripe_parts(const CopySpan* spans, size_
   return c;
 }
 
+// xxh3's steps (XXH3_accumulate_512_<unit>, XXH3_scrambleAcc_<unit>) and
+// the store of a stripe, as the loop below takes them.
+using AccumulateStripe = void (*)(void*, const void*, const void*);
+using ScrambleAccumulators = void (*)(void*, const void*);
 using StoreStripe = void (*)(char*, const char*);
 
 // How far ahead of the stripe being hashed its lines are requested (xxh3's
@@ -299,12 +304,12 @@ using StoreStripe = void (*)(char*, const char*);
 constexpr size_t kPlacingPrefetch = TORCH_LMDB_PLACING_PREFETCH;
 
 XXH_FORCE_INLINE void placing_stripe(xxh_u64* acc, const char* in, const xxh_u8* key, Cursor& c,
-                                     const CopySpan* spans, size_t n, XXH3_f_accumulate_512 Accumulate,
+                                     const CopySpan* spans, size_t n, AccumulateStripe Accumulate,
                                      StoreStripe Store) {
   Accumulate(acc, in, key);
   if (in >= c.begin && in + 64 <= c.end) {
     Store(const_cast<char*>(in) + c.delta, in);  // (a destination span)
-  } else if (in < c.limit) {
+  } else if (in < c.limit && !(in + 64 <= c.begin)) {  // (a stripe before span k: nothing to place)
     c = place_stripe_parts(spans, n, c, in);
   }
 }
@@ -315,7 +320,7 @@ XXH_FORCE_INLINE void placing_stripe(xxh_u64* acc, const char* in, const xxh_u8*
 // as arguments, as xxh3 passes them: inlined into a caller compiled for their
 // vector unit, the calls become its instructions.)
 XXH_FORCE_INLINE uint64_t hash_long_placing(const char* input, size_t len, const CopySpan* spans, size_t n,
-                                            XXH3_f_accumulate_512 Accumulate, XXH3_f_scrambleAcc Scramble,
+                                            AccumulateStripe Accumulate, ScrambleAccumulators Scramble,
                                             StoreStripe Store) {
   XXH_ALIGN(XXH_ACC_ALIGN) xxh_u64 acc[XXH_ACC_NB] = XXH3_INIT_ACC;
   const xxh_u8* const secret = XXH3_kSecret;
@@ -370,7 +375,6 @@ FusedUnit fused_unit() {
                                                                   : FusedUnit::None;
   return unit;
 }
-#endif
 
 // Spans sorted by source, disjoint and inside [body, body + size).
 bool spans_in_order(const char* body, size_t size, const CopySpan* spans, size_t n) {
@@ -381,6 +385,10 @@ bool spans_in_order(const char* body, size_t size, const CopySpan* spans, size_t
   }
   return true;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
 
 }  // namespace
 

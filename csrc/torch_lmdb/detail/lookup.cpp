@@ -100,7 +100,13 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   thread_local RecordTemplate layout;
   thread_local uint64_t layout_checked_for = 0;  // Reader::State::id, 0 = none
   // (A compact record is parsed against the schema: never a template hit.)
-  const bool hit = parse_record_cached(v.mv_data, v.mv_size, verify, ctx, views, layout, &s.stored);
+  bool hit;
+  try {
+    hit = parse_record_cached(v.mv_data, v.mv_size, verify, ctx, views, layout, &s.stored);
+  } catch (const CorruptedError&) {
+    env.check_intact();  // the file changed under the map (its lost pages read as zeros): say so
+    throw;
+  }
   if (hit && layout_checked_for == s.id) return;
   // A compact record's views name the schema's own fields (their names
   // point into it): nothing to check, and the template is not this record's.

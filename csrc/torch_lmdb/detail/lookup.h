@@ -152,6 +152,9 @@ class BatchLookup {
   // The record parsed last, and its index in its file.
   const MDB_val& record() const { return record_; }
   RecordContext record_context() const { return RecordContext{&record_env_->path(), record_local_}; }
+  // Throws the file's own error when the record's file changed under its map
+  // (its faulted pages read as zeros: a checksum would report them as damage).
+  void check_record_file() const { record_env_->check_intact(); }
 
   // Pages requested ahead that were not cached.
   size_t missing() const { return missing_; }
