@@ -43,7 +43,7 @@ _refresh_lock = threading.Lock()  # LMDBDataset.refresh, one at a time per proce
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation, _refresh_lock
+    global _fork_generation, _refresh_lock, _forks_in_flight, _fork_gc_lock
     _refresh_lock = threading.Lock()  # (another thread may have held it at fork)
     _fork_generation += 1
     # Every object the child inherited goes to the collector's permanent
@@ -55,6 +55,7 @@ def _after_fork_in_child() -> None:
     # thread of the parent (Dask's profiler and event loop, which collect
     # garbage too) held at fork. Objects the child creates are collected as usual.
     gc.freeze()
+    _forks_in_flight, _fork_gc_lock = 0, threading.Lock()  # (only the forking thread lives on)
     if _gc_was_enabled:
         gc.enable()
 
@@ -62,19 +63,28 @@ def _after_fork_in_child() -> None:
 # The collector is off from just before a fork until the child has frozen what
 # it inherited: the at-fork handlers registered before this one (threading's,
 # random's, ...) run first in the child and allocate, and a collection there
-# would still finalize the parent's garbage.
+# would still finalize the parent's garbage. Threads may fork at once: the
+# first fork in flight turns the collector off, the last one out restores it.
 _gc_was_enabled = True
+_forks_in_flight = 0
+_fork_gc_lock = threading.Lock()
 
 
 def _before_fork() -> None:
-    global _gc_was_enabled
-    _gc_was_enabled = gc.isenabled()
-    gc.disable()
+    global _gc_was_enabled, _forks_in_flight
+    with _fork_gc_lock:
+        if _forks_in_flight == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _forks_in_flight += 1
 
 
 def _after_fork_in_parent() -> None:
-    if _gc_was_enabled:
-        gc.enable()
+    global _forks_in_flight
+    with _fork_gc_lock:
+        _forks_in_flight -= 1
+        if _forks_in_flight == 0 and _gc_was_enabled:
+            gc.enable()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,

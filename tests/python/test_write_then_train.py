@@ -1,8 +1,11 @@
 """Write with Dask, then train with worker processes, in one process (a
 notebook's order): README "Shard directories and Dask"."""
+import gc
 import os
 import subprocess
 import sys
+
+from torch_lmdb import dataset as _dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,3 +57,31 @@ def test_write_shards_then_train_with_workers_in_one_process(tmp_path):
     # No worker ran a finalizer of its parent's objects (it shut down the parent's workers).
     assert "can only test a child process" not in proc.stderr, proc.stderr[-4000:]
     assert "Exception ignored" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_forks_in_flight_on_two_threads_leave_the_collector_as_it_was():
+    # The collector is off while any fork is in flight (see dataset.py); two
+    # threads' forks interleaving their at-fork handlers restore it once both
+    # are out, and a collector the program turned off stays off.
+    assert gc.isenabled()
+    _dataset._before_fork()
+    _dataset._before_fork()
+    assert not gc.isenabled()
+    _dataset._after_fork_in_parent()
+    assert not gc.isenabled()  # (the other fork is still in flight)
+    _dataset._after_fork_in_parent()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _dataset._before_fork()
+        _dataset._after_fork_in_parent()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # A real fork: the child collects as usual, the parent too.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if gc.isenabled() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert gc.isenabled()
