@@ -410,7 +410,10 @@ void read_field_type(cereal::BinaryInputArchive& ar, ViewSource& src, uint32_t i
                      const RecordContext& ctx) {
   uint64_t name_len = 0;
   ar(name_len);
-  if (name_len == 0 || name_len > avail)
+  // `avail` counted the 8 bytes of the length itself (a name past the body's
+  // end would move the stream past its buffer: found by tests/fuzz/record_fuzz).
+  const size_t after_len = avail >= 8 ? avail - 8 : 0;
+  if (name_len == 0 || name_len > after_len || name_len > src.remaining())
     corrupted(ctx, "field " + std::to_string(i) + " has a name length of " + std::to_string(name_len));
   f.name = src.current();
   f.name_size = static_cast<size_t>(name_len);

@@ -117,3 +117,27 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
   }
   EXPECT_EQ(Reader(original).size(), 5u);
 }
+
+// record_fuzz: a name length up to the bytes left before the length field
+// was read moved the record's stream past its end (a negative-size read
+// under ASan). Every length that runs past the body is corrupted.
+TEST(FuzzFindings, NameLengthPastTheEndOfTheRecordIsCorrupted) {
+  const std::string path = "db";
+  const RecordContext ctx{&path, 4};
+  std::vector<FieldView> views;
+  std::string good;
+  encode_record({Field{"x", FieldKind::Tensor, torch::ones({3})}}, /*checksum=*/false, good);
+  const size_t at = 12;  // magic, version, flags, count; then field 0's name length
+  const size_t left = good.size() - at;  // the bytes from the length field to the end
+  for (uint64_t name_len : {uint64_t{left - 8} + 1, uint64_t{left - 4}, uint64_t{left}, uint64_t{left} + 3}) {
+    std::string bad = good;
+    std::memcpy(&bad[at], &name_len, 8);
+    try {
+      parse_record(bad.data(), bad.size(), false, ctx, views);
+      FAIL() << "name length " << name_len << " parsed";
+    } catch (const CorruptedError& e) {
+      EXPECT_NE(std::string(e.what()).find("index 4"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(parse_record(good.data(), good.size(), false, ctx, views));
+}
