@@ -323,15 +323,12 @@ bool copy_sample(size_t i, const std::vector<FieldView>& v, const std::vector<Fi
                  std::vector<Out>& outs, DecodePool::Job* job, std::vector<Decode>& decodes, bool around_cache,
                  bool copied) {
   constexpr size_t kPublishEvery = 4;  // items published at a time
+  if (!copied && !same_shapes(i, v, first, outs)) return false;
   for (Out& o : outs) {
     const FieldView& fv = v[o.field];
     if (o.blobs != nullptr) {
       o.blobs->values.emplace_back(fv.data, fv.nbytes);
       continue;
-    }
-    if (i > 0 && !copied) {
-      const FieldView& f0 = first[o.field];
-      if (fv.ndim != f0.ndim || !std::equal(fv.sizes, fv.sizes + fv.ndim, f0.sizes)) return false;
     }
     if (o.slot == 0 || (copied && fv.codec == Codec::None)) continue;
     if (job && fv.codec != Codec::None && decodes.size() < decodes.capacity()) {
