@@ -63,6 +63,23 @@ def leftovers(cache_dir):
     return glob.glob(os.path.join(cache_dir, "**", ".tmp-*"), recursive=True)
 
 
+def own_url(served, name):
+    """The served dataset under a path of the calling test's own (a symlink to
+    it), so that the access log's lines under that path are the test's alone:
+    a proxy thread of an earlier test (a stalled request) can still be
+    fetching through `/ds` while the next test runs."""
+    server, local = served
+    link = os.path.join(os.path.dirname(local), name)
+    if not os.path.islink(link):
+        os.symlink(os.path.basename(local), link)
+    return server.url + "/" + name
+
+
+def fetched_under(server, name, suffix="/data.mdb"):
+    """The uris of the logged requests under /<name>/ that end with `suffix`."""
+    return [u for _, _, u in server.requests(suffix) if u.startswith(f"/{name}/")]
+
+
 # ---- manifest hashes ----------------------------------------------------------
 
 def test_written_manifest_records_each_shards_size_and_hash(tmp_path):
@@ -119,9 +136,8 @@ def test_cache_limit_sizes():
 
 def test_http_dataset_staged_whole_reads_every_sample_and_fetches_each_shard_once(served, tmp_path):
     server, local = served
-    url = server.url + "/ds"
+    url = own_url(served, "ds-whole")
     cache = str(tmp_path / "cache")
-    before = len(server.requests("/data.mdb"))
     ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit="1GB")
     assert len(ds) == 1800
     check_equal(ds.get_batch(list(range(0, 1800, 7))), list(range(0, 1800, 7)))
@@ -129,13 +145,12 @@ def test_http_dataset_staged_whole_reads_every_sample_and_fetches_each_shard_onc
     stats = ds.io_stats()
     assert stats["shards_fetched"] == 6 and stats["bytes_fetched"] == sum(shard_sizes(local))
     assert stats["fetch_seconds"] > 0 and stats["evictions"] == 0
-    fetched = server.requests("/data.mdb")[before:]
-    assert sorted(u for _, _, u in fetched) == sorted(f"/ds/shard-{k:05d}.lmdb/data.mdb" for k in range(6)), \
-        (fetched, ds._staged[1].stats(), server.requests())
-    assert sorted(u for _, _, u in fetched) == sorted(f"/ds/shard-{k:05d}.lmdb/data.mdb" for k in range(6))
+    fetched = fetched_under(server, "ds-whole")
+    assert sorted(fetched) == sorted(f"/ds-whole/shard-{k:05d}.lmdb/data.mdb" for k in range(6)), \
+        (fetched, ds._staged[1].stats())
     # A second dataset (another process of the node would do the same) finds every shard cached.
     ds2 = torch_lmdb.LMDBDataset(url, cache_dir=cache)
-    assert len(ds2) == 1800 and len(server.requests("/data.mdb")) == before + 6
+    assert len(ds2) == 1800 and len(fetched_under(server, "ds-whole")) == 6
     # The staged copies open without a lock file.
     assert not glob.glob(os.path.join(cache, "*", "*", "lock.mdb"))
     assert leftovers(cache) == []
@@ -299,10 +314,10 @@ def test_shard_window_epoch_reads_every_sample_once_within_the_cache_limit(serve
     sizes = shard_sizes(local)
     limit = sum(sorted(sizes)[-4:])  # two windows of 2 shards: the dataset has 6
     cache = str(tmp_path / "cache")
-    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=limit, shard_window=2)
+    ds = torch_lmdb.LMDBDataset(own_url(served, "ds-window"), cache_dir=cache, cache_limit=limit, shard_window=2)
     assert isinstance(ds, torch_lmdb.remote.ShardWindowDataset) and isinstance(ds, torch_lmdb.LMDBDataset)
     assert len(ds) == 1800
-    before = len(server.requests("/data.mdb"))  # the open reads the schema from one shard
+    before = len(fetched_under(server, "ds-window"))  # the open reads the schema from one shard
     peak = [0]
     done = threading.Event()
 
@@ -332,8 +347,8 @@ def test_shard_window_epoch_reads_every_sample_once_within_the_cache_limit(serve
     assert sorted(seen) == list(range(1800))
     assert peak[0] <= limit, (peak[0], limit)
     # Samples mix within a window of two shards only: each batch spans at most 2 windows' shards.
-    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
-    assert len(fetched) == len(set(fetched)) >= 5  # no shard fetched twice in the epoch (one may be cached)
+    fetched = fetched_under(server, "ds-window")[before:]
+    assert len(fetched) == len(set(fetched)) >= 5, fetched  # no shard fetched twice in the epoch (one may be cached)
     assert ds.io_stats()["evictions"] >= 2
 
 
@@ -373,16 +388,16 @@ def test_shard_window_make_loader_workers_fetch_each_shard_once(served, tmp_path
     server, local = served
     sizes = shard_sizes(local)
     cache = str(tmp_path / "cache")
-    ds = torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=cache, cache_limit=sum(sorted(sizes)[-4:]),
+    ds = torch_lmdb.LMDBDataset(own_url(served, "ds-workers"), cache_dir=cache, cache_limit=sum(sorted(sizes)[-4:]),
                                 shard_window=2)
-    before = len(server.requests("/data.mdb"))
+    before = len(fetched_under(server, "ds-workers"))
     loader = torch_lmdb.make_loader(ds, batch_size=50, shuffle=True, seed=4, num_workers=2)
     seen = []
     for batch in loader:
         check_equal(batch, batch["index"].tolist())
         seen.extend(batch["index"].tolist())
     assert sorted(seen) == list(range(1800))
-    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+    fetched = fetched_under(server, "ds-workers")[before:]
     assert len(fetched) == len(set(fetched)) >= 5, fetched  # each shard at most once in the epoch, by one worker
     assert leftovers(cache) == []
 
@@ -451,15 +466,14 @@ def test_two_ranks_two_workers_share_the_node_cache_and_resume_after_sigkill(ser
     sizes = shard_sizes(local)
     limit = sum(sorted(sizes)[-4:])
     root = os.path.dirname(os.path.dirname(torch_lmdb.__file__))
-    url, cache = server.url + "/ds", str(tmp_path / "cache")
+    url, cache = own_url(served, "ds-ranks"), str(tmp_path / "cache")
     # A whole epoch: 2 ranks x 2 workers, one cache: each shard fetched once on the node.
     out = tmp_path / "full"
     out.mkdir()
-    before = len(server.requests("/data.mdb"))
     procs = run_ranks(lambda r: [root, url, cache, str(limit), str(r), str(out), "-"])
     for p in procs:
         assert p.wait(240) == 0
-    fetched = [u for _, _, u in server.requests("/data.mdb")[before:]]
+    fetched = fetched_under(server, "ds-ranks")
     assert len(fetched) == len(set(fetched)) == 6, fetched
     seen = [i for f in sorted(glob.glob(str(out / "batch-*.json"))) for i in json.load(open(f))]
     assert sorted(seen) == list(range(1800))
