@@ -84,27 +84,29 @@ def save(path, model, opt, loader, steps):
     os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
 
 
-# The tensors of the last gather(), referenced until the process ends: see shutdown().
-_LAST_GATHER = []
+# Every tensor handed to a collective, referenced until the process ends (see shutdown()).
+_COLLECTIVE_TENSORS = []
 
 
 def gather(*values):
     """Every rank's `values` (numbers), as one list per rank in rank order."""
     mine = torch.tensor(values, dtype=torch.float64)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    _COLLECTIVE_TENSORS.extend([mine, *out])
     dist.all_gather(out, mine)
-    _LAST_GATHER[:] = [mine, *out]
     return [o.tolist() for o in out]
 
 
 def shutdown():
-    """Ends the process group. torch's gloo threads drop a finished
-    collective's tensors after its wait() has returned; dropping the last
-    reference to a tensor Python has let go of needs the GIL, and a process
-    group destroyed at that moment (its destructor joins those threads while
-    holding the GIL) never returns. So the last collectives' tensors stay
-    referenced (_LAST_GATHER), and a barrier (tensors of its own, no Python
-    objects) ends every rank's use of the group first."""
+    """Ends the process group. torch 1.13's gloo worker thread drops a
+    collective's tensors after marking it complete, so after its wait() (or a
+    barrier) has returned, and dropping the last reference to a tensor Python
+    has let go of needs the GIL. A process group destroyed at that moment (its
+    destructor joins those threads while holding the GIL) never returns; a
+    loaded machine makes the moment long. So no tensor of ours is ever the
+    last reference a gloo thread holds: every tensor handed to a collective
+    stays in _COLLECTIVE_TENSORS (a few per epoch), and a barrier (tensors of
+    its own, no Python objects) ends every rank's use of the group first."""
     dist.barrier()
     dist.destroy_process_group()
 
@@ -211,6 +213,7 @@ def main(rank=None, args=None, store_file=None):
             if args.stop_after and steps >= args.stop_after:
                 stopped = True
                 break
+        _COLLECTIVE_TENSORS.append(total)
         dist.all_reduce(total)  # the epoch's loss over all ranks
         counts = [int(c) for (c,) in gather(count)]
         if total[1] > 0:
