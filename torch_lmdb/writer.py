@@ -138,6 +138,11 @@ class LMDBWriter:
             compressed samples stored alone waste up to half the file).
             Every sample is still read and decoded alone. Appending keeps
             the database's packing.
+        compress_threads: threads that compress each batch of samples when
+            some field has a codec, while the previous batch is committed.
+            ``None`` (default): the machine's cores, at most 8; ``1``: each
+            sample is compressed in ``write()``. The stored records are the
+            same either way.
 
     Used as a context manager, a clean exit marks the database complete; an
     exception keeps every sample written so far but leaves it marked incomplete.
@@ -156,6 +161,7 @@ class LMDBWriter:
         compression: "None | str | tuple | Mapping[str, Any]" = None,
         format_version: Optional[int] = None,
         samples_per_value: Optional[int] = None,
+        compress_threads: Optional[int] = None,
     ):
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
@@ -168,6 +174,11 @@ class LMDBWriter:
                                               or not 1 <= samples_per_value <= _C.MAX_SAMPLES_PER_VALUE):
             raise ValueError(f"samples_per_value must be an int from 1 to {_C.MAX_SAMPLES_PER_VALUE} "
                              f"(or None: automatic), got {samples_per_value!r}")
+        if compress_threads is not None and (isinstance(compress_threads, bool)
+                                             or not isinstance(compress_threads, int)
+                                             or not 1 <= compress_threads <= 256):
+            raise ValueError(f"compress_threads must be an int from 1 to 256 (or None: automatic), "
+                             f"got {compress_threads!r}")
         if map_size is not None:
             map_size = max(map_size, MIN_MAP_SIZE)  # a tiny map is only an initial size: it grows
         self.path = os.fspath(path)
@@ -186,6 +197,7 @@ class LMDBWriter:
             field_compression=field_codecs,
             format_version=format_version or 0,
             samples_per_value=samples_per_value or 0,
+            compress_threads=compress_threads or 0,
         )
 
     def write(self, sample: Mapping[str, Any]) -> int:

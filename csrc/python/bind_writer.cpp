@@ -230,9 +230,10 @@ struct PyWriter {
   PyWriter(const std::string& path, bool append, size_t map_size, size_t commit_every, size_t commit_bytes,
            bool checksum, bool auto_grow, const std::string& user_json, const std::string& compression,
            const std::map<std::string, std::string>& field_compression, int format_version,
-           size_t samples_per_value) {
+           size_t samples_per_value, size_t compress_threads) {
     WriterOptions o;
     o.samples_per_value = samples_per_value;
+    o.compress_threads = compress_threads;
     o.compression = compression;
     o.field_compression = field_compression;
     o.format_version = format_version;
@@ -283,12 +284,12 @@ struct PyWriter {
 void bind_writer(py::module_& m) {
   py::class_<PyWriter>(m, "Writer")
       .def(py::init<const std::string&, bool, size_t, size_t, size_t, bool, bool, const std::string&,
-                    const std::string&, const std::map<std::string, std::string>&, int, size_t>(),
+                    const std::string&, const std::map<std::string, std::string>&, int, size_t, size_t>(),
            py::arg("path"), py::arg("append") = false, py::arg("map_size") = 0, py::arg("commit_every") = 0,
            py::arg("commit_bytes") = 0, py::arg("checksum") = true, py::arg("auto_grow") = true,
            py::arg("user_json") = "", py::arg("compression") = "",
            py::arg("field_compression") = std::map<std::string, std::string>(),
-           py::arg("format_version") = 0, py::arg("samples_per_value") = 0)
+           py::arg("format_version") = 0, py::arg("samples_per_value") = 0, py::arg("compress_threads") = 0)
       .def("write", &PyWriter::write, py::arg("sample"), py::arg("convert"))
       .def("write_many", &PyWriter::write_many, py::arg("samples"), py::arg("convert"))
       .def("flush", [](PyWriter& w) { Writer& x = w.get(); py::gil_scoped_release nogil; x.flush(); })

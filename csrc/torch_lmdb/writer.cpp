@@ -35,6 +35,9 @@ constexpr size_t kDefaultCommitEvery = 4096;
 constexpr size_t kDefaultCommitBytes = size_t{16} << 20;
 // The batch buffer is reserved up front up to this size (then grows).
 constexpr size_t kMaxReserve = size_t{256} << 20;
+// WriterOptions::compress_threads: the most automatic chooses, the most allowed.
+constexpr size_t kAutoCompressThreads = 8;
+constexpr size_t kMaxCompressThreads = 256;
 
 #define TORCH_LMDB_STR_(x) #x
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
@@ -101,6 +104,19 @@ struct Writer::Impl {
   uint32_t per_value = 0;
   std::string tail;
   std::vector<size_t> tail_ends;
+  // Compression on several threads (writer.h): `pending` holds raw records
+  // (`pending_raw`) until compress_pending() re-encodes them with the codecs,
+  // each thread a run of records into its own part.
+  size_t compress_threads = 1;
+  bool pending_raw = false;
+  struct Part {
+    std::string bytes;
+    std::vector<size_t> ends;
+    std::vector<uint64_t> stored;  // per schema field
+    std::exception_ptr error;
+  };
+  std::vector<Part> parts;
+  bool defers_compression() const noexcept { return compresses && compress_threads > 1; }
 
   // Codecs per schema field, once the schema is known; checks that every
   // field named in options.field_compression exists.
@@ -359,9 +375,100 @@ struct Writer::Impl {
     if (failure) std::rethrow_exception(failure);
   }
 
+  // Records [begin, end) of `pending` (raw) encoded with the codecs into `p`.
+  void compress_range(size_t begin, size_t end, Part& p) const {
+    p.bytes.clear();
+    p.ends.clear();
+    p.stored.assign(schema.size(), 0);
+    p.error = nullptr;
+    try {
+      std::vector<FieldView> views;
+      std::vector<Field> fields(schema.size());
+      for (size_t f = 0; f < schema.size(); ++f) {
+        fields[f].name = schema[f].name;
+        fields[f].kind = schema[f].kind;
+      }
+      EncodeOptions eo;
+      eo.checksum = options.checksum;
+      eo.version = version;
+      eo.compression = &codecs;
+      eo.stored_bytes = &p.stored;
+      for (size_t i = begin; i < end; ++i) {
+        const size_t start = i == 0 ? 0 : pending.ends[i - 1];
+        const RecordContext ctx{&path, pending.first + i};
+        parse_record(pending.bytes.data() + start, pending.ends[i] - start, /*verify_checksum=*/false, ctx, views,
+                     &schema);
+        TORCH_CHECK(views.size() == fields.size(), "record ", pending.first + i, " has ", views.size(),
+                    " fields, the schema ", fields.size());
+        for (size_t f = 0; f < views.size(); ++f)
+          fields[f].tensor = at::from_blob(const_cast<char*>(views[f].data), views[f].shape(),
+                                           at::TensorOptions().dtype(views[f].dtype));
+        append_record(fields, eo, p.bytes);
+        p.ends.push_back(p.bytes.size());
+      }
+    } catch (...) {
+      p.error = std::current_exception();
+    }
+  }
+
+  // The raw records of `pending` compressed on `compress_threads` threads
+  // (this one among them), each a run of records of about equal bytes; then
+  // joined in order. Runs on the caller's thread while the committer writes
+  // the previous batch. On an error `pending` stays raw and it is rethrown.
+  void compress_pending() {
+    const size_t n = pending.size();
+    if (!pending_raw || n == 0) return;
+    const size_t threads = std::min(compress_threads, n);
+    parts.resize(threads);
+    std::vector<size_t> bounds(threads + 1, n);
+    bounds[0] = 0;
+    const size_t total = pending.bytes.size();
+    for (size_t t = 1, i = 0; t < threads; ++t) {
+      const size_t target = total / threads * t;
+      while (i < n && pending.ends[i] <= target) ++i;
+      bounds[t] = std::max(i, bounds[t - 1]);
+    }
+    std::vector<std::thread> helpers;
+    helpers.reserve(threads - 1);
+    try {
+      for (size_t t = 1; t < threads; ++t)
+        helpers.emplace_back([this, &bounds, t] { compress_range(bounds[t], bounds[t + 1], parts[t]); });
+    } catch (...) {
+      for (auto& h : helpers) h.join();
+      throw;
+    }
+    compress_range(bounds[0], bounds[1], parts[0]);
+    for (auto& h : helpers) h.join();
+    for (size_t t = 0; t < threads; ++t)
+      if (parts[t].error) std::rethrow_exception(parts[t].error);
+    // Joined in the batch buffer itself (the raw records are no longer
+    // needed): swapping buffers instead would leave the next batch a smaller
+    // one to grow, and fresh pages cost more than this copy.
+    pending.bytes.clear();
+    size_t k = 0;
+    for (size_t t = 0; t < threads; ++t) {
+      const size_t offset = pending.bytes.size();
+      pending.bytes.append(parts[t].bytes);
+      for (const size_t e : parts[t].ends) pending.ends[k++] = offset + e;
+      for (size_t f = 0; f < schema.size(); ++f) stored_bytes[f] += parts[t].stored[f];
+    }
+    pending_raw = false;
+    if (per_value == 0) choose_per_value(pending.ends[0]);
+  }
+
+  // A new database: its first (encoded) record decides how many share an LMDB value.
+  void choose_per_value(size_t record) {
+    size_t chosen = options.samples_per_value;
+    if (chosen == 0)
+      chosen = compresses ? std::clamp<size_t>(kPackedValueBytes / std::max<size_t>(record, 1), 1, kMaxSamplesPerValue)
+                          : 1;
+    per_value = static_cast<uint32_t>(chosen);
+  }
+
   // Hands the pending samples (and the metadata) to a committer thread;
   // with `sync`, waits for the commit.
   void commit(bool complete, bool sync) {
+    compress_pending();  // while the batch in flight is written
     wait();
     pending.complete = complete;
     pending.schema = detail::schema_to_json(schema);
@@ -401,6 +508,11 @@ struct Writer::Impl {
   void choose_version() {
     if (options.commit_every == 0) options.commit_every = kDefaultCommitEvery;
     if (options.commit_bytes == 0) options.commit_bytes = kDefaultCommitBytes;
+    TORCH_CHECK_VALUE(options.compress_threads <= kMaxCompressThreads, "WriterOptions::compress_threads is ",
+                      options.compress_threads, "; at most ", kMaxCompressThreads, " (0: automatic)");
+    compress_threads = options.compress_threads != 0
+                           ? options.compress_threads
+                           : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kAutoCompressThreads);
     const int asked = options.format_version;
     TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
                       "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
@@ -599,10 +711,15 @@ size_t Writer::write(const std::vector<Field>& fields) {
     const std::vector<Field>& ordered = w.conform(fields, index);
     if (b.bytes.capacity() == 0) b.bytes.reserve(std::min(w.options.commit_bytes, kMaxReserve) + 4096);
     EncodeOptions eo;
-    eo.checksum = w.options.checksum;
     eo.version = w.version;
-    eo.compression = &w.codecs;
-    eo.stored_bytes = &w.stored_bytes;
+    if (w.defers_compression()) {
+      eo.checksum = false;  // raw until compress_pending() encodes it for good
+      w.pending_raw = true;
+    } else {
+      eo.checksum = w.options.checksum;
+      eo.compression = &w.codecs;
+      eo.stored_bytes = &w.stored_bytes;
+    }
     append_record(ordered, eo, b.bytes);
     for (size_t f = 0; f < ordered.size(); ++f)
       w.raw_bytes[f] += static_cast<uint64_t>(ordered[f].tensor.numel()) * ordered[f].tensor.element_size();
@@ -615,16 +732,7 @@ size_t Writer::write(const std::vector<Field>& fields) {
     throw;
   }
   b.ends.push_back(b.bytes.size());
-  if (w.per_value == 0) {
-    // A new database: its first record decides how many share an LMDB value.
-    const size_t record = b.bytes.size() - (b.size() > 1 ? b.ends[b.size() - 2] : 0);
-    size_t per_value = w.options.samples_per_value;
-    if (per_value == 0)
-      per_value = w.compresses ? std::clamp<size_t>(kPackedValueBytes / std::max<size_t>(record, 1), 1,
-                                                    kMaxSamplesPerValue)
-                               : 1;
-    w.per_value = static_cast<uint32_t>(per_value);
-  }
+  if (w.per_value == 0 && !w.pending_raw) w.choose_per_value(b.bytes.size() - (b.size() > 1 ? b.ends[b.size() - 2] : 0));
   if (b.size() >= w.options.commit_every || b.bytes.size() >= w.options.commit_bytes)
     w.commit(false, /*sync=*/false);
   return index;

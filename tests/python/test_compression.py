@@ -334,3 +334,45 @@ def test_get_batch_decodes_on_several_threads_with_the_same_result(tmp_path):
     for bad in (0, -1, True, 2.0, 65):
         with pytest.raises(ValueError, match="decode_threads must be an int from 1 to 64"):
             torch_lmdb.LMDBDataset(path, decode_threads=bad)
+
+
+def _samples_values(path):
+    import lmdb
+
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=8)
+    try:
+        db = env.open_db(b"samples", create=False)
+        with env.begin() as txn:
+            return [bytes(v) for _, v in txn.cursor(db=db)]
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd:3"])
+def test_compress_threads_write_the_records_one_thread_writes(tmp_path, codec):
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.standard_normal(int(rng.integers(0, 2000))).astype(np.float32),
+                "small": np.arange(i % 7, dtype=np.int64), "scene": f"scene {i}", "blob": bytes(i % 300),
+                "y": np.int64(i)} for i in range(900)]
+    values, infos = [], []
+    for threads in (1, 2, 5):
+        path = str(tmp_path / f"t{threads}.lmdb")
+        with torch_lmdb.LMDBWriter(path, compression=codec, compress_threads=threads, commit_every=97) as w:
+            w.write_many(samples[:600])
+        with torch_lmdb.LMDBWriter(path, mode="a", compress_threads=threads, commit_every=97) as w:
+            w.write_many(samples[600:])  # appending keeps the codec, on the same threads
+        values.append(_samples_values(path))
+        infos.append(torch_lmdb.info(path)["fields"])  # codecs, stored and raw bytes per field
+        ds = torch_lmdb.LMDBDataset(path)
+        for i in (0, 96, 97, 599, 600, 899):
+            s = ds[i]
+            assert torch.equal(s["x"], torch.from_numpy(samples[i]["x"])) and s["scene"] == f"scene {i}", i
+            assert s["blob"] == samples[i]["blob"]
+    assert values[0] and values[1] == values[0] and values[2] == values[0]
+    assert infos[1] == infos[0] == infos[2]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 257, 1.5, True, "2"])
+def test_compress_threads_out_of_range_is_refused_naming_it(tmp_path, bad):
+    with pytest.raises(ValueError, match="compress_threads"):
+        torch_lmdb.LMDBWriter(str(tmp_path / "x.lmdb"), compression="lz4", compress_threads=bad)
