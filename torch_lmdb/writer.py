@@ -140,7 +140,8 @@ class LMDBWriter:
             the database's packing.
         compress_threads: threads that compress each batch of samples when
             some field has a codec, while the previous batch is committed.
-            ``None`` (default): the machine's cores, at most 8; ``1``: each
+            ``None`` (default): the machine's cores, at most 8 (1 when LZ4 is
+            the only codec on a machine of 2 cores or fewer); ``1``: each
             sample is compressed in ``write()``. The stored records are the
             same either way.
 

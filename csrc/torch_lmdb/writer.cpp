@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <exception>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -39,6 +41,19 @@ constexpr size_t kMaxReserve = size_t{256} << 20;
 constexpr size_t kAutoCompressThreads = 8;
 constexpr size_t kMaxCompressThreads = 256;
 
+// WriterOptions::compress_threads 0: the cores (at most 8), except for LZ4
+// alone on a machine of 2 cores or fewer. Compressing a batch on threads
+// costs a pass more over the samples (stored raw, then read back), and LZ4
+// compresses at about the speed of that pass: on 2 cores, where the caller
+// and the committer already take a core each, it wrote 0.66-0.8x the
+// samples/s of compression in write() (benchmarks/bench_writer.py, tmpfs),
+// while Zstd wrote 1.5-1.7x.
+size_t automatic_compress_threads(const std::vector<Compression>& codecs) {
+  const size_t cores = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kAutoCompressThreads);
+  const bool zstd = std::any_of(codecs.begin(), codecs.end(), [](const Compression& c) { return c.codec == Codec::BloscZstd; });
+  return cores > 2 || zstd ? cores : 1;
+}
+
 #define TORCH_LMDB_STR_(x) #x
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
 constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TORCH_LMDB_STR(
@@ -50,17 +65,42 @@ constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TO
 // is the reader's collated batch (reader.h), and two definitions of one name
 // made the linker give the writer the reader's inline move constructor
 // (make test-odr fails the link on that).
+// One thread's share of a batch compressed on several threads.
+struct BatchPart {
+  std::string bytes;
+  std::vector<size_t> ends;
+  std::vector<uint64_t> stored;  // per schema field
+  std::exception_ptr error;
+};
+
 struct Batch {
   std::string bytes;
   std::vector<size_t> ends;
   size_t first = 0;           // index of the first record
   bool complete = false;      // mark the database complete in this commit
   detail::Json schema, user, compression, shard;  // metadata committed with these samples
+  // Compression on several threads (writer.h): `raw` records are encoded
+  // with the codecs by their committer thread, which reads what the caller's
+  // thread goes on changing as it was at the hand-over: the schema, and the
+  // decoded bytes per field so far (for metadata `compression`).
+  bool raw = false;
+  std::vector<FieldSchema> fields;
+  std::vector<uint64_t> raw_bytes, stored;  // per field; `stored`: this batch's compressed payloads
+  std::vector<BatchPart> parts;
   size_t size() const noexcept { return ends.size(); }
   void clear() noexcept {
     bytes.clear();
     ends.clear();
+    raw = false;
   }
+};
+
+// A batch handed to its committer thread; `done` is ready when the thread
+// has committed it (or given up).
+struct Flight {
+  std::unique_ptr<Batch> batch;
+  std::thread thread;
+  std::shared_future<void> done;
 };
 }  // namespace
 
@@ -73,15 +113,19 @@ struct Writer::Impl {
   bool claimed = false;  // env->claim_writer() succeeded
   std::atomic<size_t> committed{0};
   // Double buffering: the caller's thread encodes into `pending` while a
-  // committer thread writes `inflight` (mdb_put copies, write(2) and the
-  // fdatasync of the commit overlap the encoding of the next batch). The
-  // committer is a thread per batch, joined before the next one starts: a
-  // transaction is begun and committed on one thread (lmdb.h: a write txn
-  // belongs to its thread) and no thread outlives its batch.
-  Batch pending, inflight;
-  std::unique_ptr<std::thread> committer;
-  std::exception_ptr failure;       // a failed commit: sticky (see writer.h)
-  std::atomic<bool> failed{false};  // set by the committer after `failure`
+  // committer thread writes the batch in flight (mdb_put copies, write(2)
+  // and the fdatasync of the commit overlap the encoding of the next batch).
+  // A committer is a thread per batch: a transaction is begun and committed
+  // on one thread (lmdb.h: a write txn belongs to its thread) and no thread
+  // outlives its batch. Raw batches (compression on several threads) have
+  // up to two in flight: a thread compresses its batch while the one before
+  // commits, then waits for it (`done`), so commits keep the batches' order.
+  Batch pending;
+  std::deque<Flight> flights;                   // oldest first
+  std::vector<std::unique_ptr<Batch>> spares;   // batch buffers kept for their capacity
+  std::mutex failure_mutex;
+  std::exception_ptr failure;       // a failed commit: sticky (see writer.h); the first one
+  std::atomic<bool> failed{false};  // set by a committer after `failure`
   std::vector<FieldSchema> schema;
   detail::Json user = detail::Json::object();
   detail::Json shard;  // metadata `shard` (null: none)
@@ -105,17 +149,10 @@ struct Writer::Impl {
   std::string tail;
   std::vector<size_t> tail_ends;
   // Compression on several threads (writer.h): `pending` holds raw records
-  // (`pending_raw`) until compress_pending() re-encodes them with the codecs,
-  // each thread a run of records into its own part.
+  // (`pending_raw`), which its committer re-encodes with the codecs on
+  // `compress_threads` threads (compress_batch).
   size_t compress_threads = 1;
   bool pending_raw = false;
-  struct Part {
-    std::string bytes;
-    std::vector<size_t> ends;
-    std::vector<uint64_t> stored;  // per schema field
-    std::exception_ptr error;
-  };
-  std::vector<Part> parts;
   bool defers_compression() const noexcept { return compresses && compress_threads > 1; }
 
   // Codecs per schema field, once the schema is known; checks that every
@@ -138,6 +175,7 @@ struct Writer::Impl {
       if (schema[f].kind != FieldKind::Tensor) codecs[f] = Compression{};
     stored_bytes.resize(schema.size(), 0);
     raw_bytes.resize(schema.size(), 0);
+    if (options.compress_threads == 0) compress_threads = automatic_compress_threads(codecs);
   }
 
   // Appending: without a codec given (WriterOptions::compression "" and no
@@ -176,10 +214,12 @@ struct Writer::Impl {
       }
     }
     for (const auto& c : codecs) compresses = compresses || c.codec != Codec::None;
+    if (options.compress_threads == 0) compress_threads = automatic_compress_threads(codecs);
   }
 
   // Metadata `compression`: per field its codec and the stored vs decoded payload bytes.
-  detail::Json compression_json() const {
+  detail::Json compression_json() const { return compression_json(schema, raw_bytes); }
+  detail::Json compression_json(const std::vector<FieldSchema>& schema, const std::vector<uint64_t>& raw_bytes) const {
     detail::Json out = detail::Json::object();
     for (size_t f = 0; f < schema.size() && f < codecs.size(); ++f) {
       detail::Json entry{{"codec", codec_name(codecs[f].codec)}};
@@ -201,14 +241,12 @@ struct Writer::Impl {
   }
 
   ~Impl() {
-    if (committer) {
-      // In a forked child the handle names a thread of the parent: never
-      // join or destroy it there.
-      if (fork_generation() == generation) {
-        committer->join();
-      } else {
-        (void)committer.release();
-      }
+    if (fork_generation() == generation) {
+      for (auto& f : flights) f.thread.join();
+    } else if (!flights.empty()) {
+      // In a forked child the handles name threads of the parent: never
+      // join or destroy them there.
+      (void)new std::deque<Flight>(std::move(flights));
     }
     release_files();
   }
@@ -365,28 +403,39 @@ struct Writer::Impl {
     committed.store(b.first + b.size(), std::memory_order_release);
   }
 
-  // Waits for the batch in flight; rethrows its failure (and keeps
+  // Waits for the batches in flight; rethrows a failure (and keeps
   // rethrowing it: the writer is unusable after a failed commit).
   void wait() {
-    if (committer) {
-      committer->join();
-      committer.reset();
-    }
+    while (!flights.empty()) retire_oldest();
     if (failure) std::rethrow_exception(failure);
   }
 
-  // Records [begin, end) of `pending` (raw) encoded with the codecs into `p`.
-  void compress_range(size_t begin, size_t end, Part& p) const {
+  void retire_oldest() {
+    Flight& f = flights.front();
+    f.thread.join();
+    f.batch->clear();
+    spares.push_back(std::move(f.batch));
+    flights.pop_front();
+  }
+
+  void record_failure(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(failure_mutex);
+    if (!failure) failure = std::move(e);
+    failed.store(true, std::memory_order_release);
+  }
+
+  // Records [begin, end) of raw batch `b` encoded with the codecs into `p`.
+  void compress_range(const Batch& b, size_t begin, size_t end, BatchPart& p) const {
     p.bytes.clear();
     p.ends.clear();
-    p.stored.assign(schema.size(), 0);
+    p.stored.assign(b.fields.size(), 0);
     p.error = nullptr;
     try {
       std::vector<FieldView> views;
-      std::vector<Field> fields(schema.size());
-      for (size_t f = 0; f < schema.size(); ++f) {
-        fields[f].name = schema[f].name;
-        fields[f].kind = schema[f].kind;
+      std::vector<Field> fields(b.fields.size());
+      for (size_t f = 0; f < b.fields.size(); ++f) {
+        fields[f].name = b.fields[f].name;
+        fields[f].kind = b.fields[f].kind;
       }
       EncodeOptions eo;
       eo.checksum = options.checksum;
@@ -394,11 +443,10 @@ struct Writer::Impl {
       eo.compression = &codecs;
       eo.stored_bytes = &p.stored;
       for (size_t i = begin; i < end; ++i) {
-        const size_t start = i == 0 ? 0 : pending.ends[i - 1];
-        const RecordContext ctx{&path, pending.first + i};
-        parse_record(pending.bytes.data() + start, pending.ends[i] - start, /*verify_checksum=*/false, ctx, views,
-                     &schema);
-        TORCH_CHECK(views.size() == fields.size(), "record ", pending.first + i, " has ", views.size(),
+        const size_t start = i == 0 ? 0 : b.ends[i - 1];
+        const RecordContext ctx{&path, b.first + i};
+        parse_record(b.bytes.data() + start, b.ends[i] - start, /*verify_checksum=*/false, ctx, views, &b.fields);
+        TORCH_CHECK(views.size() == fields.size(), "record ", b.first + i, " has ", views.size(),
                     " fields, the schema ", fields.size());
         for (size_t f = 0; f < views.size(); ++f)
           fields[f].tensor = at::from_blob(const_cast<char*>(views[f].data), views[f].shape(),
@@ -411,49 +459,56 @@ struct Writer::Impl {
     }
   }
 
-  // The raw records of `pending` compressed on `compress_threads` threads
-  // (this one among them), each a run of records of about equal bytes; then
-  // joined in order. Runs on the caller's thread while the committer writes
-  // the previous batch. On an error `pending` stays raw and it is rethrown.
-  void compress_pending() {
-    const size_t n = pending.size();
-    if (!pending_raw || n == 0) return;
+  // The records of raw batch `b` compressed on `compress_threads` threads
+  // (this one among them), each a run of records of about equal bytes, then
+  // joined in order in the batch's own buffer (the raw records are no longer
+  // needed: a buffer swapped in instead would leave the next batch a smaller
+  // one to grow, and fresh pages cost more than this copy). Runs on the
+  // batch's committer thread, alongside the previous batch's commit.
+  void compress_batch(Batch& b) const {
+    const size_t n = b.size();
+    if (n == 0) return;
     const size_t threads = std::min(compress_threads, n);
-    parts.resize(threads);
+    b.parts.resize(threads);
     std::vector<size_t> bounds(threads + 1, n);
     bounds[0] = 0;
-    const size_t total = pending.bytes.size();
+    const size_t total = b.bytes.size();
     for (size_t t = 1, i = 0; t < threads; ++t) {
       const size_t target = total / threads * t;
-      while (i < n && pending.ends[i] <= target) ++i;
+      while (i < n && b.ends[i] <= target) ++i;
       bounds[t] = std::max(i, bounds[t - 1]);
     }
     std::vector<std::thread> helpers;
     helpers.reserve(threads - 1);
     try {
       for (size_t t = 1; t < threads; ++t)
-        helpers.emplace_back([this, &bounds, t] { compress_range(bounds[t], bounds[t + 1], parts[t]); });
+        helpers.emplace_back([this, &b, &bounds, t] { compress_range(b, bounds[t], bounds[t + 1], b.parts[t]); });
     } catch (...) {
       for (auto& h : helpers) h.join();
       throw;
     }
-    compress_range(bounds[0], bounds[1], parts[0]);
+    compress_range(b, bounds[0], bounds[1], b.parts[0]);
     for (auto& h : helpers) h.join();
     for (size_t t = 0; t < threads; ++t)
-      if (parts[t].error) std::rethrow_exception(parts[t].error);
-    // Joined in the batch buffer itself (the raw records are no longer
-    // needed): swapping buffers instead would leave the next batch a smaller
-    // one to grow, and fresh pages cost more than this copy.
-    pending.bytes.clear();
+      if (b.parts[t].error) std::rethrow_exception(b.parts[t].error);
+    b.bytes.clear();
+    b.stored.assign(b.fields.size(), 0);
     size_t k = 0;
     for (size_t t = 0; t < threads; ++t) {
-      const size_t offset = pending.bytes.size();
-      pending.bytes.append(parts[t].bytes);
-      for (const size_t e : parts[t].ends) pending.ends[k++] = offset + e;
-      for (size_t f = 0; f < schema.size(); ++f) stored_bytes[f] += parts[t].stored[f];
+      const size_t offset = b.bytes.size();
+      b.bytes.append(b.parts[t].bytes);
+      for (const size_t e : b.parts[t].ends) b.ends[k++] = offset + e;
+      for (size_t f = 0; f < b.fields.size(); ++f) b.stored[f] += b.parts[t].stored[f];
     }
-    pending_raw = false;
-    if (per_value == 0) choose_per_value(pending.ends[0]);
+  }
+
+  // A compressed raw batch whose turn to commit has come (the batches before
+  // it are committed): the totals and the metadata that depend on them.
+  void account_compressed(Batch& b) {
+    for (size_t f = 0; f < b.stored.size() && f < stored_bytes.size(); ++f) stored_bytes[f] += b.stored[f];
+    b.compression = compression_json(b.fields, b.raw_bytes);
+    if (per_value == 0 && b.size() > 0) choose_per_value(b.ends[0]);
+    b.raw = false;
   }
 
   // A new database: its first (encoded) record decides how many share an LMDB value.
@@ -466,28 +521,61 @@ struct Writer::Impl {
   }
 
   // Hands the pending samples (and the metadata) to a committer thread;
-  // with `sync`, waits for the commit.
+  // with `sync`, waits for the commit. Raw batches may leave one batch
+  // before them in flight, others none.
   void commit(bool complete, bool sync) {
-    compress_pending();  // while the batch in flight is written
-    wait();
+    const bool raw = pending_raw;
+    while (flights.size() > (raw ? 1u : 0u)) retire_oldest();
+    if (failed.load(std::memory_order_acquire)) wait();  // rethrows
     pending.complete = complete;
     pending.schema = detail::schema_to_json(schema);
     pending.user = user;
     pending.shard = shard;
-    pending.compression = compression_json();
-    std::swap(pending, inflight);
+    pending.raw = raw;
+    if (raw) {
+      pending.fields = schema;
+      pending.raw_bytes = raw_bytes;
+    } else {
+      pending.compression = compression_json();
+    }
+    std::unique_ptr<Batch> batch;
+    if (spares.empty()) {
+      batch = std::make_unique<Batch>();
+    } else {
+      batch = std::move(spares.back());
+      spares.pop_back();
+    }
+    std::swap(*batch, pending);
     pending.clear();
-    pending.first = inflight.first + inflight.size();
+    pending.first = batch->first + batch->size();
+    pending_raw = false;
     meta_dirty = false;
-    committer = std::make_unique<std::thread>([this] {
-      try {
-        write_batch(inflight);
-      } catch (...) {
-        failure = std::current_exception();
-        failed.store(true, std::memory_order_release);
-      }
-    });
+    launch(std::move(batch));
     if (sync) wait();
+  }
+
+  // Starts the committer thread of `batch`: it compresses a raw batch, waits
+  // for the batch before it to be committed, then commits its own.
+  void launch(std::unique_ptr<Batch> batch) {
+    std::shared_future<void> previous;
+    if (!flights.empty()) previous = flights.back().done;
+    std::promise<void> promise;
+    std::shared_future<void> done = promise.get_future().share();
+    Batch* b = batch.get();
+    std::thread thread([this, b, previous, promise = std::move(promise)]() mutable {
+      try {
+        if (b->raw) compress_batch(*b);
+        if (previous.valid()) previous.wait();
+        if (!failed.load(std::memory_order_acquire)) {
+          if (b->raw) account_compressed(*b);
+          write_batch(*b);
+        }
+      } catch (...) {
+        record_failure(std::current_exception());
+      }
+      promise.set_value();
+    });
+    flights.push_back(Flight{std::move(batch), std::move(thread), std::move(done)});
   }
 
   // Orders `fields` like the schema (fixing the schema on the first sample).
@@ -510,9 +598,7 @@ struct Writer::Impl {
     if (options.commit_bytes == 0) options.commit_bytes = kDefaultCommitBytes;
     TORCH_CHECK_VALUE(options.compress_threads <= kMaxCompressThreads, "WriterOptions::compress_threads is ",
                       options.compress_threads, "; at most ", kMaxCompressThreads, " (0: automatic)");
-    compress_threads = options.compress_threads != 0
-                           ? options.compress_threads
-                           : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kAutoCompressThreads);
+    compress_threads = options.compress_threads != 0 ? options.compress_threads : 1;  // automatic: resolve_codecs
     const int asked = options.format_version;
     TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
                       "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
@@ -713,7 +799,7 @@ size_t Writer::write(const std::vector<Field>& fields) {
     EncodeOptions eo;
     eo.version = w.version;
     if (w.defers_compression()) {
-      eo.checksum = false;  // raw until compress_pending() encodes it for good
+      eo.checksum = false;  // raw until its committer encodes it for good (compress_batch)
       w.pending_raw = true;
     } else {
       eo.checksum = w.options.checksum;
@@ -732,7 +818,8 @@ size_t Writer::write(const std::vector<Field>& fields) {
     throw;
   }
   b.ends.push_back(b.bytes.size());
-  if (w.per_value == 0 && !w.pending_raw) w.choose_per_value(b.bytes.size() - (b.size() > 1 ? b.ends[b.size() - 2] : 0));
+  // (Raw records: their committer chooses, account_compressed.)
+  if (!w.defers_compression() && w.per_value == 0) w.choose_per_value(b.bytes.size() - (b.size() > 1 ? b.ends[b.size() - 2] : 0));
   if (b.size() >= w.options.commit_every || b.bytes.size() >= w.options.commit_bytes)
     w.commit(false, /*sync=*/false);
   return index;

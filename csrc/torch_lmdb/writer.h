@@ -24,11 +24,13 @@
 //   `commit_bytes` each, kept for the Writer's lifetime.
 // - Compression on several threads (`compress_threads` above 1, the default
 //   on a machine with several cores, when some field has a codec): write()
-//   stores each sample raw in the batch buffer, and the full batch is
-//   compressed on `compress_threads` threads (the calling thread among
-//   them) while the committer writes the previous batch. The records are
-//   byte for byte those that compress_threads = 1 writes; memory holds, in
-//   addition to the two batch buffers, the compressed copy of one batch.
+//   stores each sample raw in the batch buffer; a full batch's committer
+//   thread compresses it on `compress_threads` threads (itself among them)
+//   while the previous batch is committed and write() goes on encoding the
+//   next one, then commits it after the previous one. Two batches may be in
+//   flight: memory holds three batch buffers and the compressed copy of the
+//   batches being compressed. The records are byte for byte those that
+//   compress_threads = 1 writes.
 // - Errors of a commit (MapFullError without auto_grow, a full disk, ...)
 //   surface at the next write(), flush() or close(), and every later call
 //   raises them again: the samples committed before stay readable; reopen in
@@ -98,7 +100,8 @@ struct WriterOptions {
   /// value raises c10::ValueError). Reads decode one record either way.
   size_t samples_per_value = 0;
   /// Threads that compress a batch when some field has a codec (see the
-  /// Contract): 0 = automatic (the machine's cores, at most 8); 1 = each
+  /// Contract): 0 = automatic (the machine's cores, at most 8; 1 when LZ4
+  /// is the only codec and the machine has 2 cores or fewer); 1 = each
   /// sample is compressed on the calling thread in write(). Without a codec
   /// nothing is compressed and no thread is started.
   size_t compress_threads = 0;

@@ -126,12 +126,18 @@ def test_flush_waits_for_the_commit(tmp_path):
         assert w._w.committed == 10
 
 
-def test_a_failed_commit_stays_failed_and_keeps_the_committed_prefix(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"compression": "lz4", "compress_threads": 3, "samples_per_value": 1}],
+                         ids=["raw", "compressed-on-threads"])
+def test_a_failed_commit_stays_failed_and_keeps_the_committed_prefix(tmp_path, options):
+    # With compression on threads, two batches are in flight when a commit fails.
     path = str(tmp_path / "full")
-    w = torch_lmdb.LMDBWriter(path, map_size=256 << 10, auto_grow=False, commit_every=4)
+    w = torch_lmdb.LMDBWriter(path, map_size=256 << 10, auto_grow=False, commit_every=4, **options)
+    gen = torch.Generator().manual_seed(0)
     with pytest.raises(torch_lmdb.MapFullError, match="auto_grow"):
         for i in range(1000):
-            w.write({"x": torch.full((4096,), float(i))})
+            x = torch.rand(4096, generator=gen)  # incompressible: the map fills either way
+            x[0] = float(i)
+            w.write({"x": x})
     for again in (lambda: w.write({"x": torch.zeros(4096)}), w.flush, w.close):
         with pytest.raises(torch_lmdb.MapFullError):
             again()
