@@ -13,6 +13,7 @@
 #include <exception>
 #include <future>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "torch_lmdb/detail/conform.h"
@@ -92,6 +93,8 @@ struct Batch {
     bytes.clear();
     ends.clear();
     raw = false;
+    stored.clear();
+    raw_bytes.clear();
   }
 };
 
@@ -242,7 +245,8 @@ struct Writer::Impl {
 
   ~Impl() {
     if (fork_generation() == generation) {
-      for (auto& f : flights) f.thread.join();
+      for (auto& f : flights)
+        if (f.thread.joinable()) f.thread.join();
     } else if (!flights.empty()) {
       // In a forked child the handles name threads of the parent: never
       // join or destroy them there.
@@ -412,7 +416,7 @@ struct Writer::Impl {
 
   void retire_oldest() {
     Flight& f = flights.front();
-    f.thread.join();
+    if (f.thread.joinable()) f.thread.join();
     f.batch->clear();
     spares.push_back(std::move(f.batch));
     flights.pop_front();
@@ -467,6 +471,7 @@ struct Writer::Impl {
   // batch's committer thread, alongside the previous batch's commit.
   void compress_batch(Batch& b) const {
     const size_t n = b.size();
+    b.stored.assign(b.fields.size(), 0);
     if (n == 0) return;
     const size_t threads = std::min(compress_threads, n);
     b.parts.resize(threads);
@@ -483,16 +488,15 @@ struct Writer::Impl {
     try {
       for (size_t t = 1; t < threads; ++t)
         helpers.emplace_back([this, &b, &bounds, t] { compress_range(b, bounds[t], bounds[t + 1], b.parts[t]); });
-    } catch (...) {
-      for (auto& h : helpers) h.join();
-      throw;
+    } catch (const std::system_error&) {
+      // No more threads (a process limit): this one compresses the ranges left.
     }
     compress_range(b, bounds[0], bounds[1], b.parts[0]);
+    for (size_t t = helpers.size() + 1; t < threads; ++t) compress_range(b, bounds[t], bounds[t + 1], b.parts[t]);
     for (auto& h : helpers) h.join();
     for (size_t t = 0; t < threads; ++t)
       if (b.parts[t].error) std::rethrow_exception(b.parts[t].error);
     b.bytes.clear();
-    b.stored.assign(b.fields.size(), 0);
     size_t k = 0;
     for (size_t t = 0; t < threads; ++t) {
       const size_t offset = b.bytes.size();
@@ -550,32 +554,53 @@ struct Writer::Impl {
     pending.first = batch->first + batch->size();
     pending_raw = false;
     meta_dirty = false;
-    launch(std::move(batch));
+    try {
+      launch(std::move(batch));
+    } catch (...) {
+      record_failure(std::current_exception());  // the batch is lost: nothing after it may commit
+      throw;
+    }
     if (sync) wait();
   }
 
   // Starts the committer thread of `batch`: it compresses a raw batch, waits
   // for the batch before it to be committed, then commits its own.
+  // A failure is recorded in the batches' order (a batch's own after the
+  // previous batch is done): a later batch's failure never keeps an earlier
+  // one from committing. Without a thread, the batch is lost and the writer
+  // fails (sticky, like a failed commit).
   void launch(std::unique_ptr<Batch> batch) {
     std::shared_future<void> previous;
     if (!flights.empty()) previous = flights.back().done;
-    std::promise<void> promise;
-    std::shared_future<void> done = promise.get_future().share();
-    Batch* b = batch.get();
-    std::thread thread([this, b, previous, promise = std::move(promise)]() mutable {
-      try {
-        if (b->raw) compress_batch(*b);
-        if (previous.valid()) previous.wait();
-        if (!failed.load(std::memory_order_acquire)) {
-          if (b->raw) account_compressed(*b);
-          write_batch(*b);
+    auto promise = std::make_shared<std::promise<void>>();
+    flights.push_back(Flight{std::move(batch), std::thread(), promise->get_future().share()});
+    Batch* b = flights.back().batch.get();
+    try {
+      flights.back().thread = std::thread([this, b, previous, promise] {
+        std::exception_ptr error;
+        try {
+          if (b->raw) compress_batch(*b);  // alongside the previous batch's commit
+        } catch (...) {
+          error = std::current_exception();
         }
-      } catch (...) {
-        record_failure(std::current_exception());
-      }
-      promise.set_value();
-    });
-    flights.push_back(Flight{std::move(batch), std::move(thread), std::move(done)});
+        if (previous.valid()) previous.wait();
+        try {
+          if (error) std::rethrow_exception(error);
+          if (!failed.load(std::memory_order_acquire)) {
+            if (b->raw) account_compressed(*b);
+            write_batch(*b);
+          }
+        } catch (...) {
+          record_failure(std::current_exception());
+        }
+        promise->set_value();
+      });
+    } catch (...) {
+      if (previous.valid()) previous.wait();
+      record_failure(std::current_exception());
+      promise->set_value();
+      throw;
+    }
   }
 
   // Orders `fields` like the schema (fixing the schema on the first sample).
@@ -800,13 +825,13 @@ size_t Writer::write(const std::vector<Field>& fields) {
     eo.version = w.version;
     if (w.defers_compression()) {
       eo.checksum = false;  // raw until its committer encodes it for good (compress_batch)
-      w.pending_raw = true;
     } else {
       eo.checksum = w.options.checksum;
       eo.compression = &w.codecs;
       eo.stored_bytes = &w.stored_bytes;
     }
     append_record(ordered, eo, b.bytes);
+    if (w.defers_compression()) w.pending_raw = true;
     for (size_t f = 0; f < ordered.size(); ++f)
       w.raw_bytes[f] += static_cast<uint64_t>(ordered[f].tensor.numel()) * ordered[f].tensor.element_size();
   } catch (c10::Error& e) {
@@ -846,8 +871,10 @@ void Writer::close() {
     w.commit(true, /*sync=*/true);
     w.env->sync();
   } catch (...) {
-    // Closed either way: the files are released, the committed prefix stays.
+    // Closed either way: the files are released (once no committer uses
+    // them), the committed prefix stays.
     w.closed = true;
+    while (!w.flights.empty()) w.retire_oldest();
     w.release_files();
     throw;
   }

@@ -19,18 +19,22 @@
 //   every value, so the caller may reuse its buffers at once) into a batch
 //   buffer; a full batch goes to a committer thread (mdb_put, write(2),
 //   fdatasync, with the disk's writeback started while write(2) still runs)
-//   while write() goes on encoding the next one. At most one batch
-//   is in flight, so memory stays bounded by two batch buffers of about
-//   `commit_bytes` each, kept for the Writer's lifetime.
-// - Compression on several threads (`compress_threads` above 1, the default
-//   on a machine with several cores, when some field has a codec): write()
+//   while write() goes on encoding the next one. Without compression on
+//   threads (below), at most one batch is in flight, so memory stays
+//   bounded by two batch buffers of about `commit_bytes` each, kept for the
+//   Writer's lifetime.
+// - Compression on several threads (`compress_threads` above 1 when some
+//   field has a codec; by default for Zstd, and on more than 2 cores): write()
 //   stores each sample raw in the batch buffer; a full batch's committer
 //   thread compresses it on `compress_threads` threads (itself among them)
 //   while the previous batch is committed and write() goes on encoding the
 //   next one, then commits it after the previous one. Two batches may be in
-//   flight: memory holds three batch buffers and the compressed copy of the
-//   batches being compressed. The records are byte for byte those that
-//   compress_threads = 1 writes.
+//   flight: memory holds three batch buffers of about `commit_bytes` (raw
+//   bytes, in this mode) and up to three compressed copies, kept for the
+//   Writer's lifetime. The records are byte for byte those that
+//   compress_threads = 1 writes. An error compressing a batch (out of
+//   memory) is then an error of its commit (below); a batch's error never
+//   keeps the batch before it from committing.
 // - Errors of a commit (MapFullError without auto_grow, a full disk, ...)
 //   surface at the next write(), flush() or close(), and every later call
 //   raises them again: the samples committed before stay readable; reopen in
@@ -57,7 +61,8 @@ struct WriterOptions {
   size_t map_size = 0;
   /// Commit after this many samples (0: default 4096) ...
   size_t commit_every = 0;
-  /// ... or this many encoded bytes (0: default 16 MiB), whichever comes first.
+  /// ... or this many encoded bytes (0: default 16 MiB; raw bytes when
+  /// compression runs on threads), whichever comes first.
   size_t commit_bytes = 0;
   /// Append an xxh3-64 checksum to every record.
   bool checksum = true;

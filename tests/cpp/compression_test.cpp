@@ -811,3 +811,29 @@ TEST(CompressionThreads, BatchesCompressedOnThreadsHoldTheRecordsOneThreadWrites
   bad.compress_threads = 1000;
   EXPECT_THROW(Writer(tmp.sub("bad"), bad), c10::ValueError);
 }
+
+// A sample refused after a commit (a sparse tensor passes the schema's
+// dtype and dimensions, then fails its encoding) leaves no raw batch behind:
+// close() commits no empty batch that would count an earlier batch's stored
+// bytes again, so metadata `compression` matches compression in write().
+TEST(CompressionThreads, ARefusedSampleAfterACommitLeavesTheByteCountsRight) {
+  TempDir tmp;
+  std::vector<nlohmann::json> counts;
+  for (const size_t threads : {size_t{1}, size_t{3}}) {
+    const std::string path = tmp.sub("t" + std::to_string(threads));
+    WriterOptions o;
+    o.compression = "lz4";
+    o.compress_threads = threads;
+    o.commit_every = 23;
+    Writer w(path, o);
+    for (int64_t i = 0; i < 50; ++i) w.write(sample_of(at::kFloat, i));
+    w.flush();
+    auto bad = sample_of(at::kFloat, 50);
+    bad[0].tensor = bad[0].tensor.to_sparse();
+    EXPECT_THROW(w.write(bad), c10::Error);
+    w.close();
+    counts.push_back(raw_meta(path)["compression"]);
+    EXPECT_EQ(Reader(path).size(), 50u);
+  }
+  EXPECT_EQ(counts[1], counts[0]);
+}
