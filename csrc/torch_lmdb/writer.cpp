@@ -18,8 +18,10 @@
 
 #include "torch_lmdb/detail/conform.h"
 #include "torch_lmdb/detail/env_files.h"
+#include "torch_lmdb/detail/field_codecs.h"
 #include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/detail/record_format.h"
+#include "torch_lmdb/detail/write_batch.h"
 #include "torch_lmdb/detail/writeback.h"
 #include "torch_lmdb/errors.h"
 #include "torch_lmdb/version.h"
@@ -38,65 +40,12 @@ constexpr size_t kDefaultCommitEvery = 4096;
 constexpr size_t kDefaultCommitBytes = size_t{16} << 20;
 // The batch buffer is reserved up front up to this size (then grows).
 constexpr size_t kMaxReserve = size_t{256} << 20;
-// WriterOptions::compress_threads: the most automatic chooses, the most allowed.
-constexpr size_t kAutoCompressThreads = 8;
-constexpr size_t kMaxCompressThreads = 256;
-
-// WriterOptions::compress_threads 0: the cores (at most 8), except for LZ4
-// alone on a machine of 2 cores or fewer. Compressing a batch on threads
-// costs a pass more over the samples (stored raw, then read back), and LZ4
-// compresses at about the speed of that pass: on 2 cores, where the caller
-// and the committer already take a core each, it wrote 0.66-0.8x the
-// samples/s of compression in write() (benchmarks/bench_writer.py, tmpfs),
-// while Zstd wrote 1.5-1.7x.
-size_t automatic_compress_threads(const std::vector<Compression>& codecs) {
-  const size_t cores = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kAutoCompressThreads);
-  const bool zstd = std::any_of(codecs.begin(), codecs.end(), [](const Compression& c) { return c.codec == Codec::BloscZstd; });
-  return cores > 2 || zstd ? cores : 1;
-}
-
 #define TORCH_LMDB_STR_(x) #x
 #define TORCH_LMDB_STR(x) TORCH_LMDB_STR_(x)
 constexpr const char* kTorchVersion = TORCH_LMDB_STR(TORCH_VERSION_MAJOR) "." TORCH_LMDB_STR(
     TORCH_VERSION_MINOR) "." TORCH_LMDB_STR(TORCH_VERSION_PATCH);
 
-// Encoded records waiting for their transaction: one buffer (capacity kept
-// from batch to batch, so steady-state writes touch no fresh pages) and the
-// end offset of each record. In this anonymous namespace: torch_lmdb::Batch
-// is the reader's collated batch (reader.h), and two definitions of one name
-// made the linker give the writer the reader's inline move constructor
-// (make test-odr fails the link on that).
-// One thread's share of a batch compressed on several threads.
-struct BatchPart {
-  std::string bytes;
-  std::vector<size_t> ends;
-  std::vector<uint64_t> stored;  // per schema field
-  std::exception_ptr error;
-};
-
-struct Batch {
-  std::string bytes;
-  std::vector<size_t> ends;
-  size_t first = 0;           // index of the first record
-  bool complete = false;      // mark the database complete in this commit
-  detail::Json schema, user, compression, shard;  // metadata committed with these samples
-  // Compression on several threads (writer.h): `raw` records are encoded
-  // with the codecs by their committer thread, which reads what the caller's
-  // thread goes on changing as it was at the hand-over: the schema, and the
-  // decoded bytes per field so far (for metadata `compression`).
-  bool raw = false;
-  std::vector<FieldSchema> fields;
-  std::vector<uint64_t> raw_bytes, stored;  // per field; `stored`: this batch's compressed payloads
-  std::vector<BatchPart> parts;
-  size_t size() const noexcept { return ends.size(); }
-  void clear() noexcept {
-    bytes.clear();
-    ends.clear();
-    raw = false;
-    stored.clear();
-    raw_bytes.clear();
-  }
-};
+using Batch = detail::WriteBatch;
 
 // A batch handed to its committer thread; `done` is ready when the thread
 // has committed it (or given up).
@@ -136,12 +85,7 @@ struct Writer::Impl {
   bool closed = false;
   std::vector<Field> ordered;
   uint16_t version = kFormatVersion;      // of the records written
-  std::vector<Compression> codecs;         // per schema field
-  // Per schema field: the codec specs ("zstd:5", ...) of the records already
-  // in the database when other than this writer's (metadata `codecs`).
-  std::vector<std::vector<std::string>> earlier_codecs;
-  std::vector<uint64_t> stored_bytes, raw_bytes;  // per schema field, over the whole database
-  bool counts_known = true;                // false: appended to a database without counts
+  detail::FieldCodecs coding;              // each field's codec and payload byte counts
   Compression default_codec;
   bool compresses = false;                 // some field has a codec
   // Records per LMDB value (metadata samples_per_value): 0 until the first
@@ -161,24 +105,8 @@ struct Writer::Impl {
   // Codecs per schema field, once the schema is known; checks that every
   // field named in options.field_compression exists.
   void resolve_codecs() {
-    codecs.assign(schema.size(), default_codec);
-    for (const auto& entry : options.field_compression) {
-      const std::string& name = entry.first;  // (a structured binding cannot be captured in C++17)
-      const auto& spec = entry.second;
-      auto it = std::find_if(schema.begin(), schema.end(), [&](const FieldSchema& f) { return f.name == name; });
-      if (it == schema.end()) {
-        std::string names;
-        for (const auto& f : schema) names += (names.empty() ? "" : ", ") + f.name;
-        TORCH_CHECK_VALUE(false, "compression names field '", name, "', which the samples of '", path,
-                          "' do not have; fields: ", names);
-      }
-      codecs[static_cast<size_t>(it - schema.begin())] = parse_compression(spec, "field '" + name + "'");
-    }
-    for (size_t f = 0; f < schema.size(); ++f)
-      if (schema[f].kind != FieldKind::Tensor) codecs[f] = Compression{};
-    stored_bytes.resize(schema.size(), 0);
-    raw_bytes.resize(schema.size(), 0);
-    if (options.compress_threads == 0) compress_threads = automatic_compress_threads(codecs);
+    coding.resolve(schema, default_codec, options.field_compression, path);
+    if (options.compress_threads == 0) compress_threads = detail::automatic_compress_threads(coding.codecs);
   }
 
   // Appending: without a codec given (WriterOptions::compression "" and no
@@ -186,62 +114,13 @@ struct Writer::Impl {
   // names; the codecs of the records already written are remembered when
   // this writer's differ (metadata `codecs`, so info() reports them all).
   void adopt_codecs(const detail::Json& old, size_t counted) {
-    if (!old.is_object()) return;
-    const bool keep = options.compression.empty() && options.field_compression.empty();
-    earlier_codecs.assign(schema.size(), {});
-    for (size_t f = 0; f < schema.size(); ++f) {
-      const auto it = old.find(schema[f].name);
-      if (it == old.end() || !it->is_object() || schema[f].kind != FieldKind::Tensor) continue;
-      Compression stored;
-      const detail::Json codec = it->value("codec", detail::Json("none"));
-      const detail::Json level = it->value("level", detail::Json(5));
-      if (codec.is_string() && level.is_number_integer()) {
-        const std::string spec = codec.get<std::string>() == "none"
-                                     ? "none"
-                                     : codec.get<std::string>() + ":" + std::to_string(level.get<int64_t>());
-        try {
-          stored = parse_compression(spec, "field '" + schema[f].name + "' of '" + path + "'");
-        } catch (const c10::ValueError&) {
-          throw CorruptedError("'" + path + "' metadata 'compression' names codec '" + spec + "' for field '" +
-                                   schema[f].name + "', which this torch_lmdb does not know",
-                               0, path);
-        }
-      }
-      if (keep) codecs[f] = stored;
-      const detail::Json listed = it->value("codecs", detail::Json());
-      if (listed.is_array()) {
-        for (const auto& c : listed)
-          if (c.is_string()) earlier_codecs[f].push_back(c.get<std::string>());
-      } else if (counted > 0) {
-        earlier_codecs[f].push_back(compression_spec(stored));
-      }
-    }
-    for (const auto& c : codecs) compresses = compresses || c.codec != Codec::None;
-    if (options.compress_threads == 0) compress_threads = automatic_compress_threads(codecs);
+    coding.adopt(old, counted, schema, options.compression.empty() && options.field_compression.empty(), path);
+    compresses = compresses || coding.any();
+    if (options.compress_threads == 0) compress_threads = detail::automatic_compress_threads(coding.codecs);
   }
 
   // Metadata `compression`: per field its codec and the stored vs decoded payload bytes.
-  detail::Json compression_json() const { return compression_json(schema, raw_bytes); }
-  detail::Json compression_json(const std::vector<FieldSchema>& schema, const std::vector<uint64_t>& raw_bytes) const {
-    detail::Json out = detail::Json::object();
-    for (size_t f = 0; f < schema.size() && f < codecs.size(); ++f) {
-      detail::Json entry{{"codec", codec_name(codecs[f].codec)}};
-      if (codecs[f].codec != Codec::None) entry["level"] = codecs[f].level;
-      if (f < earlier_codecs.size() && !earlier_codecs[f].empty()) {
-        // The database holds records of several codecs: every spec, oldest first.
-        std::vector<std::string> all = earlier_codecs[f];
-        const std::string now = compression_spec(codecs[f]);
-        if (std::find(all.begin(), all.end(), now) == all.end()) all.push_back(now);
-        if (all.size() > 1) entry["codecs"] = all;
-      }
-      if (counts_known) {
-        entry["stored_bytes"] = stored_bytes[f];
-        entry["raw_bytes"] = raw_bytes[f];
-      }
-      out[schema[f].name] = std::move(entry);
-    }
-    return out;
-  }
+  detail::Json compression_json() const { return coding.json(schema, coding.raw_bytes); }
 
   ~Impl() {
     if (fork_generation() == generation) {
@@ -428,89 +307,21 @@ struct Writer::Impl {
     failed.store(true, std::memory_order_release);
   }
 
-  // Records [begin, end) of raw batch `b` encoded with the codecs into `p`.
-  void compress_range(const Batch& b, size_t begin, size_t end, BatchPart& p) const {
-    p.bytes.clear();
-    p.ends.clear();
-    p.stored.assign(b.fields.size(), 0);
-    p.error = nullptr;
-    try {
-      std::vector<FieldView> views;
-      std::vector<Field> fields(b.fields.size());
-      for (size_t f = 0; f < b.fields.size(); ++f) {
-        fields[f].name = b.fields[f].name;
-        fields[f].kind = b.fields[f].kind;
-      }
-      EncodeOptions eo;
-      eo.checksum = options.checksum;
-      eo.version = version;
-      eo.compression = &codecs;
-      eo.stored_bytes = &p.stored;
-      for (size_t i = begin; i < end; ++i) {
-        const size_t start = i == 0 ? 0 : b.ends[i - 1];
-        const RecordContext ctx{&path, b.first + i};
-        parse_record(b.bytes.data() + start, b.ends[i] - start, /*verify_checksum=*/false, ctx, views, &b.fields);
-        TORCH_CHECK(views.size() == fields.size(), "record ", b.first + i, " has ", views.size(),
-                    " fields, the schema ", fields.size());
-        for (size_t f = 0; f < views.size(); ++f)
-          fields[f].tensor = at::from_blob(const_cast<char*>(views[f].data), views[f].shape(),
-                                           at::TensorOptions().dtype(views[f].dtype));
-        append_record(fields, eo, p.bytes);
-        p.ends.push_back(p.bytes.size());
-      }
-    } catch (...) {
-      p.error = std::current_exception();
-    }
-  }
-
-  // The records of raw batch `b` compressed on `compress_threads` threads
-  // (this one among them), each a run of records of about equal bytes, then
-  // joined in order in the batch's own buffer (the raw records are no longer
-  // needed: a buffer swapped in instead would leave the next batch a smaller
-  // one to grow, and fresh pages cost more than this copy). Runs on the
-  // batch's committer thread, alongside the previous batch's commit.
-  void compress_batch(Batch& b) const {
-    const size_t n = b.size();
-    b.stored.assign(b.fields.size(), 0);
-    if (n == 0) return;
-    const size_t threads = std::min(compress_threads, n);
-    b.parts.resize(threads);
-    std::vector<size_t> bounds(threads + 1, n);
-    bounds[0] = 0;
-    const size_t total = b.bytes.size();
-    for (size_t t = 1, i = 0; t < threads; ++t) {
-      const size_t target = total / threads * t;
-      while (i < n && b.ends[i] <= target) ++i;
-      bounds[t] = std::max(i, bounds[t - 1]);
-    }
-    std::vector<std::thread> helpers;
-    helpers.reserve(threads - 1);
-    try {
-      for (size_t t = 1; t < threads; ++t)
-        helpers.emplace_back([this, &b, &bounds, t] { compress_range(b, bounds[t], bounds[t + 1], b.parts[t]); });
-    } catch (const std::system_error&) {
-      // No more threads (a process limit): this one compresses the ranges left.
-    }
-    compress_range(b, bounds[0], bounds[1], b.parts[0]);
-    for (size_t t = helpers.size() + 1; t < threads; ++t) compress_range(b, bounds[t], bounds[t + 1], b.parts[t]);
-    for (auto& h : helpers) h.join();
-    for (size_t t = 0; t < threads; ++t)
-      if (b.parts[t].error) std::rethrow_exception(b.parts[t].error);
-    b.bytes.clear();
-    size_t k = 0;
-    for (size_t t = 0; t < threads; ++t) {
-      const size_t offset = b.bytes.size();
-      b.bytes.append(b.parts[t].bytes);
-      for (const size_t e : b.parts[t].ends) b.ends[k++] = offset + e;
-      for (size_t f = 0; f < b.fields.size(); ++f) b.stored[f] += b.parts[t].stored[f];
-    }
+  detail::BatchEncoding batch_encoding() const {
+    detail::BatchEncoding e;
+    e.path = &path;
+    e.version = version;
+    e.checksum = options.checksum;
+    e.codecs = &coding.codecs;
+    e.threads = compress_threads;
+    return e;
   }
 
   // A compressed raw batch whose turn to commit has come (the batches before
   // it are committed): the totals and the metadata that depend on them.
   void account_compressed(Batch& b) {
-    for (size_t f = 0; f < b.stored.size() && f < stored_bytes.size(); ++f) stored_bytes[f] += b.stored[f];
-    b.compression = compression_json(b.fields, b.raw_bytes);
+    for (size_t f = 0; f < b.stored.size() && f < coding.stored_bytes.size(); ++f) coding.stored_bytes[f] += b.stored[f];
+    b.compression = coding.json(b.fields, b.raw_bytes);
     if (per_value == 0 && b.size() > 0) choose_per_value(b.ends[0]);
     b.raw = false;
   }
@@ -538,7 +349,7 @@ struct Writer::Impl {
     pending.raw = raw;
     if (raw) {
       pending.fields = schema;
-      pending.raw_bytes = raw_bytes;
+      pending.raw_bytes = coding.raw_bytes;
     } else {
       pending.compression = compression_json();
     }
@@ -579,7 +390,7 @@ struct Writer::Impl {
       flights.back().thread = std::thread([this, b, previous, promise] {
         std::exception_ptr error;
         try {
-          if (b->raw) compress_batch(*b);  // alongside the previous batch's commit
+          if (b->raw) detail::compress_batch(*b, batch_encoding());  // alongside the previous batch's commit
         } catch (...) {
           error = std::current_exception();
         }
@@ -621,8 +432,8 @@ struct Writer::Impl {
   void choose_version() {
     if (options.commit_every == 0) options.commit_every = kDefaultCommitEvery;
     if (options.commit_bytes == 0) options.commit_bytes = kDefaultCommitBytes;
-    TORCH_CHECK_VALUE(options.compress_threads <= kMaxCompressThreads, "WriterOptions::compress_threads is ",
-                      options.compress_threads, "; at most ", kMaxCompressThreads, " (0: automatic)");
+    TORCH_CHECK_VALUE(options.compress_threads <= detail::kMaxCompressThreads, "WriterOptions::compress_threads is ",
+                      options.compress_threads, "; at most ", detail::kMaxCompressThreads, " (0: automatic)");
     compress_threads = options.compress_threads != 0 ? options.compress_threads : 1;  // automatic: resolve_codecs
     const int asked = options.format_version;
     TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
@@ -705,24 +516,7 @@ struct Writer::Impl {
     if (per > 1 && counted % per != 0) load_tail(counted);
   }
 
-  // Appending: the per-field byte counts of metadata `compression` continued
-  // (absent in version 1: then unknown, unless the database is empty).
-  void adopt_byte_counts(const detail::Json& old, size_t counted) {
-    counts_known = counted == 0;
-    if (!old.is_object()) return;
-    bool all = true;
-    for (size_t f = 0; f < schema.size(); ++f) {
-      const auto it = old.find(schema[f].name);
-      if (it == old.end() || !it->is_object() || !it->value("stored_bytes", detail::Json()).is_number_unsigned() ||
-          !it->value("raw_bytes", detail::Json()).is_number_unsigned()) {
-        all = false;
-        break;
-      }
-      stored_bytes[f] = (*it)["stored_bytes"].get<uint64_t>();
-      raw_bytes[f] = (*it)["raw_bytes"].get<uint64_t>();
-    }
-    counts_known = all || counted == 0;
-  }
+
 
   // Appending to the database of `meta` (an edited schema is not appended
   // to): its version, packing, schema, user metadata, shard and codecs.
@@ -741,7 +535,7 @@ struct Writer::Impl {
     const detail::Json old = meta.value("compression", detail::Json());
     resolve_codecs();  // ValueError for a codec naming no field
     adopt_codecs(old, counted);
-    adopt_byte_counts(old, counted);
+    coding.adopt_byte_counts(old, counted, schema);
   }
 
   // Marks the database incomplete before the first sample is written; a new
@@ -827,13 +621,13 @@ size_t Writer::write(const std::vector<Field>& fields) {
       eo.checksum = false;  // raw until its committer encodes it for good (compress_batch)
     } else {
       eo.checksum = w.options.checksum;
-      eo.compression = &w.codecs;
-      eo.stored_bytes = &w.stored_bytes;
+      eo.compression = &w.coding.codecs;
+      eo.stored_bytes = &w.coding.stored_bytes;
     }
     append_record(ordered, eo, b.bytes);
     if (w.defers_compression()) w.pending_raw = true;
     for (size_t f = 0; f < ordered.size(); ++f)
-      w.raw_bytes[f] += static_cast<uint64_t>(ordered[f].tensor.numel()) * ordered[f].tensor.element_size();
+      w.coding.raw_bytes[f] += static_cast<uint64_t>(ordered[f].tensor.numel()) * ordered[f].tensor.element_size();
   } catch (c10::Error& e) {
     if (first) w.schema.clear();  // a rejected first sample defines no schema
     e.add_context("while writing sample " + std::to_string(index) + " to '" + w.path + "'");
