@@ -177,9 +177,9 @@ class LMDBWriter:
                              f"(or None: automatic), got {samples_per_value!r}")
         if compress_threads is not None and (isinstance(compress_threads, bool)
                                              or not isinstance(compress_threads, int)
-                                             or not 1 <= compress_threads <= 256):
-            raise ValueError(f"compress_threads must be an int from 1 to 256 (or None: automatic), "
-                             f"got {compress_threads!r}")
+                                             or not 1 <= compress_threads <= _C.MAX_COMPRESS_THREADS):
+            raise ValueError(f"compress_threads must be an int from 1 to {_C.MAX_COMPRESS_THREADS} "
+                             f"(or None: automatic), got {compress_threads!r}")
         if map_size is not None:
             map_size = max(map_size, MIN_MAP_SIZE)  # a tiny map is only an initial size: it grows
         self.path = os.fspath(path)

@@ -552,6 +552,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("COMPACT_FORMAT_VERSION") = kCompactFormatVersion;
   m.attr("MAX_SAMPLES_PER_VALUE") = kMaxSamplesPerValue;
+  m.attr("MAX_COMPRESS_THREADS") = kMaxCompressThreads;
 
   register_errors(m);
   bind_reader(m);

@@ -432,8 +432,8 @@ struct Writer::Impl {
   void choose_version() {
     if (options.commit_every == 0) options.commit_every = kDefaultCommitEvery;
     if (options.commit_bytes == 0) options.commit_bytes = kDefaultCommitBytes;
-    TORCH_CHECK_VALUE(options.compress_threads <= detail::kMaxCompressThreads, "WriterOptions::compress_threads is ",
-                      options.compress_threads, "; at most ", detail::kMaxCompressThreads, " (0: automatic)");
+    TORCH_CHECK_VALUE(options.compress_threads <= kMaxCompressThreads, "WriterOptions::compress_threads is ",
+                      options.compress_threads, "; at most ", kMaxCompressThreads, " (0: automatic)");
     compress_threads = options.compress_threads != 0 ? options.compress_threads : 1;  // automatic: resolve_codecs
     const int asked = options.format_version;
     TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,

@@ -114,6 +114,8 @@ struct WriterOptions {
 
 /// The value size automatic packing aims at (WriterOptions::samples_per_value).
 constexpr size_t kPackedValueBytes = size_t{128} << 10;
+/// The most WriterOptions::compress_threads allows (more raises c10::ValueError).
+constexpr size_t kMaxCompressThreads = 256;
 
 class Writer {
  public:

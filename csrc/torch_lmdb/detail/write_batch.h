@@ -25,9 +25,9 @@
 
 namespace torch_lmdb::detail {
 
-/// WriterOptions::compress_threads: the most the automatic choice takes, the most allowed.
+/// WriterOptions::compress_threads: the most the automatic choice takes
+/// (the most allowed: kMaxCompressThreads, writer.h).
 constexpr size_t kAutoCompressThreads = 8;
-constexpr size_t kMaxCompressThreads = 256;
 
 /// One thread's share of a batch compressed on several threads.
 struct WriteBatchPart {
