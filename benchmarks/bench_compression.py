@@ -66,6 +66,40 @@ def radio_store(path: str, n: int, block: int = 256) -> None:
                        form=_zarr.ragged_forms(_zarr.writable_formats()[-1])[-1])
 
 
+def fields_store(path: str, n: int, chunk: int = 500) -> None:
+    """A simulator's store of many small per-sample fields beside a complex64 CIR (a few
+    decaying taps, zero after the last path), as the radio team's stores hold them:
+    rssi, position, receiver id, line of sight, path count, ragged path delays
+    (values + offsets) and a scene name."""
+    rng = np.random.default_rng(2)
+    fmt = _zarr.writable_formats()[-1]
+    root = _zarr.open_group(path, mode="w", zarr_format=fmt)
+    cir = _zarr.create_array(root, "cir", (n, 4, 64), "c8", chunks=(chunk, 4, 64))
+    rssi = _zarr.create_array(root, "rssi", (n, 4), "f4", chunks=(chunk, 4))
+    tx = _zarr.create_array(root, "tx_position", (n, 3), "f8", chunks=(chunk, 3))
+    rx = _zarr.create_array(root, "rx_id", (n,), "i4", chunks=(chunk,))
+    los = _zarr.create_array(root, "los", (n, 4), bool, chunks=(chunk, 4))
+    count = _zarr.create_array(root, "num_paths", (n,), "i4", chunks=(chunk,))
+    delays = []
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        k = rng.integers(1, 12, m)
+        taps = np.zeros((m, 4, 64), dtype=np.complex64)
+        for i in range(m):
+            at = np.sort(rng.integers(0, 24, k[i]))
+            gain = (rng.standard_normal((4, k[i])) + 1j * rng.standard_normal((4, k[i]))) * np.exp(-at / 8.0)
+            taps[i][:, at] = np.round(gain, 3).astype(np.complex64)
+            delays.append(np.round(at * 2.5 + rng.uniform(0, 2.5, k[i]), 2).astype(np.float32))
+        cir[s:s + m] = taps
+        rssi[s:s + m] = np.round(rng.normal(-70, 10, (m, 4)), 1).astype(np.float32)
+        tx[s:s + m] = np.round(rng.uniform(0, 100, (m, 3)), 2)
+        rx[s:s + m] = np.arange(s, s + m, dtype=np.int32) % 64
+        los[s:s + m] = rng.random((m, 4)) < 0.3
+        count[s:s + m] = k
+    _zarr.write_ragged(root, "path_delays", delays, chunks=chunk, form=_zarr.ragged_forms(fmt)[-1])
+    _zarr.write_strings(root, "scene", [f"scene-{i % 97:03d}" for i in range(n)], chunks=(chunk,))
+
+
 def f32_store(path: str, n: int, width: int = 4096, chunk: int = 256) -> None:
     rng = np.random.default_rng(0)
     root = _zarr.open_group(path, mode="w", zarr_format=_zarr.writable_formats()[-1])

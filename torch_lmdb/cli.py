@@ -110,7 +110,8 @@ def _cmd_info(args) -> int:
                                       "a conversion)"))
         print(f"  format version: {i['format_version']}"
               + (f" ({i['samples_per_value']} samples per LMDB value)" if i.get("samples_per_value", 1) > 1 else "")
-              + (", compact records (fields by schema position)" if i["format_version"] == 4 else ""))
+              + (", compact records (fields by schema position)" if i["format_version"] >= 4 else "")
+              + (", small fields in columns" if i["format_version"] == 5 else ""))
         print(f"  file size:      {_human(i['file_size'])}   map size: {_human(i['map_size'])}")
         print("  fields:")
         for f in i["fields"]:

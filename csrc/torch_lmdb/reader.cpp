@@ -183,7 +183,9 @@ std::vector<Field> Reader::get_fields(size_t index) const {
   thread_local std::vector<FieldView> views;
   std::vector<Field> out;
   ReadTxn txn = env.read_txn();
-  parse(env, lookup(env, txn.get(), loc.second, s.per_value[loc.first]), loc.second, s, views, s.options.verify);
+  MDB_val whole{0, nullptr};
+  const MDB_val record = lookup(env, txn.get(), loc.second, s.per_value[loc.first], &whole);
+  parse(env, record, loc.second, s, views, s.options.verify, whole, s.per_value[loc.first]);
   out.reserve(s.schema.size());
   for (size_t f = 0; f < views.size(); ++f)
     if (s.keep[f]) out.push_back(Field{views[f].name_str(), views[f].kind, to_tensor(views[f])});

@@ -22,6 +22,7 @@ extern "C" unsigned long long XXH3_64bits_dispatch(const void* input, size_t len
 #include <streambuf>
 
 #include "torch_lmdb/detail/blosc_codec.h"
+#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {
@@ -30,12 +31,16 @@ namespace {
 using detail::blosc_problem;
 using detail::compress_payload;
 
+}  // namespace
+
 // A record's xxh3-64: inlined for short records (no call), the dispatching
 // library function for the rest. Both compute the same hash.
-inline uint64_t record_checksum(const void* p, size_t n) noexcept {
+uint64_t record_checksum(const void* p, size_t n) noexcept {
   if (n < 1024 || XXH3_64bits_dispatch == nullptr) return XXH3_64bits(p, n);
   return static_cast<uint64_t>(XXH3_64bits_dispatch(p, n));
 }
+
+namespace {
 
 static_assert(sizeof(void*) == 8, "torch_lmdb needs a 64-bit platform");
 
@@ -79,13 +84,19 @@ class ViewSource : public std::streambuf {
   void skip(size_t n) { setg(eback(), gptr() + n, egptr()); }
 };
 
-[[noreturn]] void corrupted(const RecordContext& ctx, const std::string& what) {
+}  // namespace
+
+[[noreturn]] void throw_corrupted_record(const RecordContext& ctx, const std::string& what) {
   const std::string path = ctx.path ? *ctx.path : std::string("<memory>");
   throw CorruptedError("corrupted record at '" + path + "' index " +
                            std::to_string(ctx.index) + ": " + what +
                            "; run `torch-lmdb verify` on this database",
                        0, path);
 }
+
+namespace {
+
+[[noreturn]] void corrupted(const RecordContext& ctx, const std::string& what) { throw_corrupted_record(ctx, what); }
 
 // The checks every field of a record passes; returns its dtype code.
 uint8_t check_field(const Field& f) {
@@ -113,6 +124,8 @@ uint8_t check_field(const Field& f) {
 // view shares its base's memory with a lazy bit that contiguous() keeps.
 at::Tensor stored_tensor(const Field& f) { return f.tensor.resolve_conj().resolve_neg().contiguous(); }
 
+}  // namespace
+
 void put_varint(std::string& out, uint64_t v) {
   char buf[10];
   size_t n = 0;
@@ -122,6 +135,8 @@ void put_varint(std::string& out, uint64_t v) {
   } while (v != 0);
   out.append(buf, n);
 }
+
+namespace {
 
 // A version 1 or 2 record of `fields` (cereal's binary archive), appended to
 // `out` without its checksum; `stored` gets each field's stored bytes.
@@ -334,8 +349,18 @@ void parse_compact_field(const char*& p, const char* stop, size_t size, uint64_t
   if (fs.shape.size() > static_cast<size_t>(kMaxDims))
     corrupted(ctx, "schema field '" + fs.name + "' has " + std::to_string(fs.shape.size()) + " dimensions");
   f.ndim = static_cast<int>(fs.shape.size());
+  f.in_column = false;
+  f.column_bytes = 0;
   if (p >= stop) corrupted(ctx, "field '" + fs.name + "' is cut off (no codec byte)");
   const uint8_t codec = static_cast<uint8_t>(*p++);
+  if (codec == kColumnCodecByte && fs.kind == FieldKind::Tensor) {  // its bytes are in the value's column
+    f.codec = Codec::None;
+    parse_compact_sizes(p, stop, size, std::max<uint64_t>(numel_limit, kMaxColumnBytes), fs.name, f, ctx);
+    f.in_column = true;
+    f.data = nullptr;
+    f.stored = 0;
+    return;
+  }
   if (codec > 2) corrupted(ctx, "field '" + fs.name + "' has unknown codec " + std::to_string(codec));
   if (codec != 0 && fs.kind != FieldKind::Tensor)
     corrupted(ctx, "field '" + fs.name + "' of kind " + kind_name(fs.kind) + " is compressed");
@@ -417,6 +442,8 @@ void read_field_type(cereal::BinaryInputArchive& ar, ViewSource& src, uint32_t i
     corrupted(ctx, "field " + std::to_string(i) + " has a name length of " + std::to_string(name_len));
   f.name = src.current();
   f.name_size = static_cast<size_t>(name_len);
+  f.in_column = false;
+  f.column_bytes = 0;
   src.skip(f.name_size);
   uint8_t kind = 0, code = 0, ndim = 0;
   ar(kind, code, ndim);
@@ -570,6 +597,10 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
 }
 
 void decode_compressed(const FieldView& view, void* dst) {
+  if (view.in_column) {
+    if (view.data == nullptr) corrupted(view.ctx, "field '" + view.printable_name() + "' is in a column its value does not hold");
+    return detail::decode_column(view, dst);
+  }
   std::string problem = blosc_problem(view);
   if (problem.empty()) {
     const int n = blosc_decompress_ctx(view.data, dst, static_cast<size_t>(view.nbytes), 1);

@@ -33,8 +33,12 @@ constexpr uint16_t kPackedFormatVersion = 3;
 /// Compact records (fields by schema position) and the metadata
 /// `format_version` of a database that holds them (packed or not).
 constexpr uint16_t kCompactFormatVersion = 4;
+/// Metadata `format_version` of a packed database of compact records whose
+/// values may hold small fields in columns (docs/FORMAT.md "Columnar packed
+/// value"): what a new compressed, packed database is.
+constexpr uint16_t kColumnarFormatVersion = 5;
 /// The newest metadata format version this library reads and writes.
-constexpr uint16_t kMaxFormatVersion = kCompactFormatVersion;
+constexpr uint16_t kMaxFormatVersion = kColumnarFormatVersion;
 /// The oldest record/metadata format version this library reads (and may write).
 constexpr uint16_t kMinFormatVersion = 1;
 constexpr int kMaxDims = 16;
@@ -66,6 +70,12 @@ std::string compression_spec(const Compression& c);
 /// field's codec; so is any payload whose Blosc frame is not smaller than the
 /// raw bytes, or larger than Blosc 1's 2^31 - 1 - 16 byte limit.
 constexpr size_t kMinCompressBytes = 128;
+/// In a packed database of format version 5, a field whose payloads are stored
+/// raw (smaller than kMinCompressBytes) is compressed across consecutive samples
+/// of one LMDB value, in columns of about kColumnGroupBytes (at most
+/// kMaxColumnBytes): reading one sample decodes one column per such field.
+constexpr size_t kColumnGroupBytes = 2048;
+constexpr size_t kMaxColumnBytes = 8192;
 
 /// A field with its kind (what Python needs to give back str/bytes).
 struct Field {

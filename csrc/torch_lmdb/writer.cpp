@@ -21,6 +21,7 @@
 #include "torch_lmdb/detail/field_codecs.h"
 #include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/detail/record_format.h"
+#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/write_batch.h"
 #include "torch_lmdb/detail/writeback.h"
 #include "torch_lmdb/errors.h"
@@ -95,6 +96,13 @@ struct Writer::Impl {
   uint32_t per_value = 0;
   std::string tail;
   std::vector<size_t> tail_ends;
+  // A format version 5 database: packed values may hold columns
+  // (detail/columns.h). Their stored bytes differ from the records' by
+  // `column_delta` per field (this writer's values so far), of which
+  // `tail_delta` is the tail's value (rewritten by the next commit); the
+  // committer thread alone uses them, as `tail`.
+  bool columns = false;
+  std::vector<int64_t> column_delta, tail_delta, pending_column_delta, pending_tail_delta;
   // Compression on several threads (writer.h): `pending` holds raw records
   // (`pending_raw`), which its committer re-encodes with the codecs on
   // `compress_threads` threads (compress_batch).
@@ -159,7 +167,9 @@ struct Writer::Impl {
     if (version != kMinFormatVersion) detail::put_meta(*env, txn, "compression", compression);
     if (per_value > 1) {
       detail::put_meta(*env, txn, "format_version",
-                       version == kCompactFormatVersion ? kCompactFormatVersion : kPackedFormatVersion);
+                       version != kCompactFormatVersion ? kPackedFormatVersion
+                       : columns                        ? kColumnarFormatVersion
+                                                        : kCompactFormatVersion);
       detail::put_meta(*env, txn, "samples_per_value", per_value);
     }
     detail::put_meta(*env, txn, "num_samples", num_samples);
@@ -184,12 +194,26 @@ struct Writer::Impl {
   void put_packed(MDB_txn* txn, const Batch& b) {
     packing = tail;
     packing_ends = tail_ends;
+    pending_column_delta = column_delta;
+    pending_tail_delta = tail_delta;
     uint64_t first = b.first - packing_ends.size();  // index of packing's first record
     bool exists = !packing_ends.empty();            // its value is in the database already
     unsigned char kbuf[8];
     auto put_value = [&] {
       value.clear();
-      append_packed(packing.data(), packing_ends, value);
+      if (columns && !b.fields.empty()) {
+        thread_local std::vector<int64_t> delta;
+        detail::append_columnar(packing.data(), packing_ends, b.fields, b.codecs, path, first, value, delta);
+        pending_column_delta.resize(delta.size(), 0);
+        pending_tail_delta.resize(delta.size(), 0);
+        for (size_t f = 0; f < delta.size(); ++f) {
+          if (exists) pending_column_delta[f] -= pending_tail_delta[f];  // the value it replaces
+          pending_column_delta[f] += delta[f];
+          pending_tail_delta[f] = packing_ends.size() < per_value ? delta[f] : 0;
+        }
+      } else {
+        append_packed(packing.data(), packing_ends, value);
+      }
       encode_key(first / per_value, kbuf);
       MDB_val k{8, kbuf};
       MDB_val v{value.size(), value.data()};
@@ -233,18 +257,28 @@ struct Writer::Impl {
     env->check_value(v, "the value of samples from index " + std::to_string(key * per_value));
     tail.clear();
     tail_ends.clear();
-    for (size_t slot = 0; slot < n; ++slot) {
-      const char* record = nullptr;
-      size_t size = 0;
-      if (!packed_record(v.mv_data, v.mv_size, slot, per_value, &record, &size))
-        damaged("is damaged or holds fewer than " + std::to_string(n) + " records");
-      tail.append(record, size);
-      tail_ends.push_back(tail.size());
-    }
+    const RecordContext ctx{&path, key * per_value};
+    if (!detail::expand_records(static_cast<const char*>(v.mv_data), v.mv_size, n, per_value, schema, ctx, tail,
+                                tail_ends, tail_delta))
+      damaged("is damaged or holds fewer than " + std::to_string(n) + " records");
     const char* extra = nullptr;
     size_t extra_size = 0;
     if (packed_record(v.mv_data, v.mv_size, n, per_value, &extra, &extra_size))
       damaged("holds more than the " + std::to_string(n) + " records the metadata counts");
+  }
+
+  // Metadata `compression` of batch `b` with its stored bytes counted as the
+  // columns store them (put_packed's pending_column_delta).
+  detail::Json with_columns(const Batch& b) const {
+    if (!columns || per_value <= 1 || !b.compression.is_object()) return b.compression;
+    detail::Json out = b.compression;
+    for (size_t f = 0; f < b.fields.size() && f < pending_column_delta.size(); ++f) {
+      auto it = out.find(b.fields[f].name);
+      if (pending_column_delta[f] == 0 || it == out.end() || !it->contains("stored_bytes")) continue;
+      const int64_t stored = (*it)["stored_bytes"].get<int64_t>() + pending_column_delta[f];
+      (*it)["stored_bytes"] = static_cast<uint64_t>(std::max<int64_t>(stored, 0));
+    }
+    return out;
   }
 
   std::string packing, value;  // put_packed's buffers (the committer thread's)
@@ -270,12 +304,14 @@ struct Writer::Impl {
           start = b.ends[i];
           }
         }
-        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, b.compression, b.shard);
+        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, with_columns(b), b.shard);
         detail::EarlyWriteback writeback(env->handle());
         txn.commit();
         if (per_value > 1) {
           tail.swap(packing);
           tail_ends.swap(packing_ends);
+          column_delta.swap(pending_column_delta);
+          tail_delta.swap(pending_tail_delta);
         }
         break;
       } catch (const MapFullError&) {
@@ -352,7 +388,9 @@ struct Writer::Impl {
       pending.raw_bytes = coding.raw_bytes;
     } else {
       pending.compression = compression_json();
+      if (columns) pending.fields = schema;
     }
+    if (columns) pending.codecs = coding.codecs;
     std::unique_ptr<Batch> batch;
     if (spares.empty()) {
       batch = std::make_unique<Batch>();
@@ -436,17 +474,20 @@ struct Writer::Impl {
                       options.compress_threads, "; at most ", kMaxCompressThreads, " (0: automatic)");
     compress_threads = options.compress_threads != 0 ? options.compress_threads : 1;  // automatic: resolve_codecs
     const int asked = options.format_version;
-    TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion || asked == kCompactFormatVersion,
+    TORCH_CHECK_VALUE(asked == 0 || asked == kFormatVersion || asked == kMinFormatVersion ||
+                          asked == kCompactFormatVersion || asked == kColumnarFormatVersion,
                       "WriterOptions::format_version ", asked, " cannot be written; this torch_lmdb writes ",
-                      kMinFormatVersion, ", ", kFormatVersion, " or ", kCompactFormatVersion, " (0: automatic)");
+                      kMinFormatVersion, ", ", kFormatVersion, ", ", kCompactFormatVersion, " or ",
+                      kColumnarFormatVersion, " (0: automatic)");
     default_codec = parse_compression(options.compression, "every field (WriterOptions::compression)");
     compresses = default_codec.codec != Codec::None;
     for (const auto& [name, spec] : options.field_compression)
       compresses = parse_compression(spec, "field '" + name + "'").codec != Codec::None || compresses;
     TORCH_CHECK_VALUE(!compresses || asked != kMinFormatVersion,
                       "format version 1 records cannot be compressed; drop the compression or write version 2");
-    version = static_cast<uint16_t>(asked);
+    version = static_cast<uint16_t>(asked == kColumnarFormatVersion ? kCompactFormatVersion : asked);
     if (asked == 0) version = compresses || options.samples_per_value > 1 ? kCompactFormatVersion : kFormatVersion;
+    columns = asked == kColumnarFormatVersion || (asked == 0 && compresses);
     TORCH_CHECK_VALUE(options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
                       options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
     TORCH_CHECK_VALUE(options.samples_per_value <= 1 || asked != kMinFormatVersion,
@@ -486,6 +527,8 @@ struct Writer::Impl {
   void adopt_version(const detail::Json& meta) {
     int64_t stored = meta.value("format_version", int64_t{0});
     if (stored == kPackedFormatVersion) stored = kFormatVersion;  // its records
+    columns = stored == kColumnarFormatVersion;
+    if (columns) stored = kCompactFormatVersion;
     if (stored != kFormatVersion && stored != kMinFormatVersion && stored != kCompactFormatVersion)
       throw InvalidDatabaseError("cannot append to '" + path + "': format version " + std::to_string(stored) +
                                      ", this torch_lmdb writes versions " + std::to_string(kMinFormatVersion) +
@@ -525,8 +568,8 @@ struct Writer::Impl {
     const auto info = detail::validate_meta(meta, path);  // each key and its JSON type, naming the path
     adopt_version(meta);
     const size_t counted = meta.value("num_samples", size_t{0});
+    schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);  // (the tail is parsed with it)
     adopt_packing(counted, info.samples_per_value, existing_values);
-    schema = detail::schema_from_json(meta.value("schema", detail::Json::array()), path);
     user = meta.value("user", detail::Json::object());
     shard = meta.value("shard", detail::Json());
     committed = counted;

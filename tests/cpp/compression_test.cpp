@@ -184,7 +184,7 @@ TEST(Compression, IncompressiblePayloadsAreStoredRawAndMetadataCountsBytes) {
   EXPECT_EQ(views[1].codec, Codec::BloscLZ4);
   Reader r(path);
   const auto meta = nlohmann::json::parse(r.metadata_json());
-  EXPECT_EQ(meta["format_version"], kCompactFormatVersion);  // compressed: compact records, several per value
+  EXPECT_EQ(meta["format_version"], kColumnarFormatVersion);  // compressed: compact records, several per value
   EXPECT_EQ(meta["compression"]["noise"]["codec"], "lz4");
   EXPECT_EQ(meta["compression"]["noise"]["stored_bytes"], 4096);
   EXPECT_EQ(meta["compression"]["zeros"]["raw_bytes"], 4096 * 4);
@@ -420,7 +420,7 @@ TEST(Packing, CompressedDatabasesPackSamplesAndEveryReadPathReadsThem) {
     w.close();
   }
   const auto meta = raw_meta(tmp.sub("a"));
-  EXPECT_EQ(meta["format_version"], kCompactFormatVersion);  // packed, compact records
+  EXPECT_EQ(meta["format_version"], kColumnarFormatVersion);  // packed, compact records, columns
   const uint64_t per_value = meta["samples_per_value"].get<uint64_t>();
   EXPECT_GT(per_value, 20u);  // ~128 KiB of ~2.3 KiB records
   EXPECT_EQ(raw_values(tmp.sub("a")), (n + per_value - 1) / per_value);
@@ -514,6 +514,7 @@ TEST(Packing, DamagedPackedValuesRaiseCorruptedErrorNamingTheIndex) {
   WriterOptions o;
   o.compression = "lz4";
   o.samples_per_value = 4;
+  o.format_version = kCompactFormatVersion;  // "TLMP" values (Columns.* damage columnar ones)
   write_packed(path, 16, o);
   // A record inside a value: its checksum names the sample.
   mutate_record(path, 6, [](std::string& v) { v[v.size() / 2] ^= 0x5a; });
@@ -579,6 +580,208 @@ std::pair<uint16_t, size_t> record_info(const std::string& path, uint64_t index)
 
 }  // namespace
 
+// ---- columnar packed values (format version 5, detail/columns.h) -----------
+namespace {
+
+uint32_t u32_at(const std::string& v, size_t at) {
+  uint32_t x;
+  std::memcpy(&x, v.data() + at, 4);
+  return x;
+}
+
+// Offset of a columnar value's column section (after its u32 size).
+size_t section_at(const std::string& v) { return 8 + 4 * size_t{u32_at(v, 4)} + 4; }
+
+// Rewrites value `key` of `path` with `edit`.
+void edit_value(const std::string& path, uint64_t key, const std::function<void(std::string&)>& edit) {
+  torch_lmdb_test::edit_samples(path, [&](MDB_txn* txn, MDB_dbi dbi) {
+    unsigned char k8[8];
+    encode_key(key, k8);
+    MDB_val k{8, k8}, v;
+    ASSERT_EQ(mdb_get(txn, dbi, &k, &v), 0);
+    std::string value(static_cast<char*>(v.mv_data), v.mv_size);
+    edit(value);
+    MDB_val nv{value.size(), value.data()};
+    ASSERT_EQ(mdb_put(txn, dbi, &k, &nv, 0), 0);
+  });
+}
+
+size_t total_bytes(const std::vector<std::string>& values) {
+  size_t n = 0;
+  for (const auto& v : values) n += v.size();
+  return n;
+}
+
+}  // namespace
+
+TEST(Columns, SmallFieldsAreCompressedAcrossTheSamplesOfAValue) {
+  TempDir tmp;
+  const int64_t n = 192;  // 12 full values
+  WriterOptions o;
+  o.compression = "lz4";
+  o.samples_per_value = 16;
+  o.commit_every = 7;  // commits end inside values: each rewrites the last one
+  write_packed(tmp.sub("columnar"), n, o);
+  o.format_version = kCompactFormatVersion;
+  write_packed(tmp.sub("compact"), n, o);
+  const auto columnar = all_values(tmp.sub("columnar")), compact = all_values(tmp.sub("compact"));
+  ASSERT_EQ(columnar.size(), compact.size());
+  for (const auto& v : columnar) EXPECT_EQ(u32_at(v, 0), kColumnPackMagic);
+  for (const auto& v : compact) EXPECT_EQ(u32_at(v, 0), kPackMagic);
+  // "id" (8 bytes: 128 a value, 56 as a column) and "paths" (0-64 bytes) go to columns.
+  EXPECT_LT(total_bytes(columnar) + 15 * n, total_bytes(compact));
+  expect_all_read_paths(tmp.sub("columnar"), n);
+  // The metadata counts what the columns store; the compact database what its records do.
+  const auto meta = raw_meta(tmp.sub("columnar"))["compression"], plain = raw_meta(tmp.sub("compact"))["compression"];
+  EXPECT_EQ(raw_meta(tmp.sub("columnar"))["format_version"], kColumnarFormatVersion);
+  EXPECT_EQ(plain["id"]["stored_bytes"], 8 * n);
+  EXPECT_LT(meta["id"]["stored_bytes"].get<int64_t>(), 8 * n / 2);
+  EXPECT_EQ(meta["id"]["raw_bytes"], 8 * n);
+  EXPECT_EQ(meta["cir"]["stored_bytes"], plain["cir"]["stored_bytes"]);
+  // The column section's count equals each column's stored bytes summed over the values.
+  int64_t id_stored = 0;
+  for (const auto& v : columnar) {
+    const size_t at = section_at(v);
+    ASSERT_GE(u32_at(v, at), 1u);
+    ASSERT_EQ(u32_at(v, at + 4), 1u);      // the first column is field 1, "id",
+    ASSERT_EQ(u32_at(v, at + 4 + 8), 16u);  // of the value's 16 samples (128 bytes)
+    id_stored += u32_at(v, at + 4 + 18);
+  }
+  EXPECT_EQ(meta["id"]["stored_bytes"].get<int64_t>(), id_stored);
+}
+
+TEST(Columns, ColumnsAreGroupsOfConsecutiveSamplesOfBoundedSize) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  WriterOptions o;
+  o.compression = "zstd";
+  o.samples_per_value = 64;
+  const int64_t n = 200;
+  auto sample = [](int64_t i) {
+    return std::vector<Field>{Field{"big", FieldKind::Tensor, signal_of({32, 32}, at::kFloat, i)},
+                              Field{"small", FieldKind::Tensor, torch::arange(25, torch::kFloat) * (i % 7)}};
+  };
+  {
+    Writer w(path, o);
+    for (int64_t i = 0; i < n; ++i) w.write(sample(i));
+  }
+  size_t groups = 0;
+  for (const auto& v : all_values(path)) {
+    ASSERT_EQ(u32_at(v, 0), kColumnPackMagic);
+    const uint32_t records = u32_at(v, 4);
+    size_t at = section_at(v);
+    const uint32_t count = u32_at(v, at);
+    at += 4;
+    uint32_t next_slot = 0;
+    for (uint32_t c = 0; c < count; ++c) {  // field, first, count, codec, flags, raw, stored, frame
+      EXPECT_EQ(u32_at(v, at), 1u);          // "small" (100 bytes) only
+      EXPECT_EQ(u32_at(v, at + 4), next_slot);
+      next_slot += u32_at(v, at + 8);
+      EXPECT_LE(u32_at(v, at + 14), kColumnGroupBytes);
+      EXPECT_EQ(u32_at(v, at + 14), 100u * u32_at(v, at + 8));
+      at += 22 + u32_at(v, at + 18);
+      ++groups;
+    }
+    EXPECT_EQ(next_slot, records);  // every slot of the value, in order
+  }
+  EXPECT_GE(groups, 4u * (n / 64));  // 64 x 100 bytes: at least 4 groups of <= 2 KiB a full value
+  Reader r(path);
+  std::vector<size_t> order;
+  for (int64_t i = 0; i < n; ++i) order.push_back(static_cast<size_t>((i * 71 + 5) % n));
+  const Batch b = r.read_batch(order);
+  for (size_t j = 0; j < order.size(); ++j) {
+    const auto want = sample(static_cast<int64_t>(order[j]));
+    EXPECT_TRUE(torch::equal(b.tensors["small"][static_cast<int64_t>(j)], want[1].tensor)) << order[j];
+    EXPECT_TRUE(torch::equal(b.tensors["big"][static_cast<int64_t>(j)], want[0].tensor)) << order[j];
+  }
+}
+
+TEST(Columns, AppendingContinuesTheColumnarTailAndCountsAsOneWriterWould) {
+  TempDir tmp;
+  WriterOptions o;
+  o.compression = "zstd";
+  o.samples_per_value = 8;
+  o.commit_every = 3;
+  write_packed(tmp.sub("once"), 45, o);
+  {
+    Writer w(tmp.sub("twice"), o);
+    for (int64_t i = 0; i < 21; ++i) w.write(packed_sample(i));  // ends inside value 2
+    w.close();
+  }
+  WriterOptions a;
+  a.append = true;
+  a.commit_every = 5;
+  {
+    Writer w(tmp.sub("twice"), a);
+    for (int64_t i = 21; i < 45; ++i) w.write(packed_sample(i));
+    w.close();
+  }
+  expect_all_read_paths(tmp.sub("twice"), 45);
+  EXPECT_EQ(all_values(tmp.sub("twice")), all_values(tmp.sub("once")));  // the same bytes
+  EXPECT_EQ(raw_meta(tmp.sub("twice"))["compression"], raw_meta(tmp.sub("once"))["compression"]);
+  EXPECT_EQ(raw_meta(tmp.sub("twice"))["format_version"], kColumnarFormatVersion);
+}
+
+TEST(Columns, DamagedColumnsRaiseCorruptedErrorNamingPathAndIndex) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  WriterOptions o;
+  o.compression = "lz4";
+  o.samples_per_value = 16;
+  write_packed(path, 96, o);
+  auto flip_first_frame = [](std::string& v) {
+    ASSERT_EQ(u32_at(v, 0), kColumnPackMagic);
+    v[section_at(v) + 4 + 22 + 20] ^= 0x5a;
+  };
+  edit_value(path, 1, flip_first_frame);  // samples 16-31
+  edit_value(path, 2, [](std::string& v) {  // samples 32-47: 99 columns
+    const uint32_t count = 99;
+    std::memcpy(&v[section_at(v)], &count, 4);
+  });
+  edit_value(path, 3, [](std::string& v) {  // samples 48-63: a column larger than the bound
+    const uint32_t raw = kMaxColumnBytes + 1;
+    std::memcpy(&v[section_at(v) + 4 + 14], &raw, 4);
+  });
+  edit_value(path, 4, [](std::string& v) {  // samples 64-79: a "TLMP" value of the records, no section
+    const size_t at = section_at(v);
+    v = std::string(reinterpret_cast<const char*>(&kPackMagic), 4) + v.substr(4, at - 8) + v.substr(at + u32_at(v, at - 4));
+  });
+  ReaderOptions ro;
+  ro.verify = true;
+  Reader r(path, ro);
+  ReaderOptions fast;
+  fast.verify = false;
+  Reader unverified(path, fast);
+  for (const Reader* reader : {&r, &unverified}) {
+    const std::string damage = reader == &r ? "checksum" : "";  // (the section's checksum is checked first)
+    expect_corrupted([&] { reader->get_fields(40); }, {path, "index 40", damage.empty() ? "99 columns" : damage});
+    expect_corrupted([&] { reader->read_batch(std::vector<size_t>{50}); }, {path, "index 50", damage.empty() ? "8193 bytes" : damage});
+    expect_corrupted([&] { reader->get_fields(70); }, {path, "index 70", "holds no columns"});
+    expect_corrupted([&] { reader->read_batch(std::vector<size_t>{64, 71}); }, {path, "index 64", "holds no columns"});
+    for (int64_t i : {0, 3, 15, 85, 95}) expect_packed_sample(reader->get_fields(static_cast<size_t>(i)), i);
+  }
+  expect_corrupted([&] { r.get_fields(20); }, {path, "index 20", "checksum"});
+  expect_corrupted([&] { r.read_batch(std::vector<size_t>{0, 21}); }, {path, "index 21", "checksum"});
+  // Unverified, a flipped byte of a frame is found by Blosc or changes that field's bytes only.
+  for (int64_t i = 16; i < 32; ++i) {
+    try {
+      const auto got = unverified.get_fields(static_cast<size_t>(i));
+      EXPECT_TRUE(torch::equal(got[0].tensor, packed_sample(i)[0].tensor));
+    } catch (const CorruptedError& e) {
+      EXPECT_NE(std::string(e.what()).find("index " + std::to_string(i)), std::string::npos) << e.what();
+    }
+  }
+  // Appending to a database whose partly filled last value is damaged is refused.
+  {
+    Writer w(tmp.sub("part"), o);
+    for (int64_t i = 0; i < 30; ++i) w.write(packed_sample(i));
+  }
+  edit_value(tmp.sub("part"), 1, flip_first_frame);
+  WriterOptions a;
+  a.append = true;
+  expect_corrupted([&] { Writer w(tmp.sub("part"), a); }, {tmp.sub("part"), "index 16", "checksum"});
+}
+
 TEST(Compact, CompressedAndPackedDatabasesHoldCompactRecordsOthersKeepTheirVersion) {
   TempDir tmp;
   const int64_t n = 40;
@@ -589,7 +792,7 @@ TEST(Compact, CompressedAndPackedDatabasesHoldCompactRecordsOthersKeepTheirVersi
   WriterOptions lz4;
   lz4.compression = "lz4";
   const std::string compact = write("compact", lz4);
-  EXPECT_EQ(raw_meta(compact)["format_version"], kCompactFormatVersion);
+  EXPECT_EQ(raw_meta(compact)["format_version"], kColumnarFormatVersion);
   EXPECT_EQ(record_info(compact, 3).first, kCompactFormatVersion);
   expect_all_read_paths(compact, n);
 
@@ -642,6 +845,7 @@ TEST(Compact, DamagedCompactRecordsRaiseCorruptedErrorNamingPathAndIndex) {
   o.compression = "lz4";
   o.samples_per_value = 4;
   o.checksum = false;  // the structure's own checks
+  o.format_version = kCompactFormatVersion;  // records as written, no columns
   write_packed(path, 12, o);
   mutate_record(path, 1, [](std::string& v) { v[8] = 9; });             // field count 9 of 4
   mutate_record(path, 2, [](std::string& v) { v[9] = 7; });             // codec 7

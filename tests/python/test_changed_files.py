@@ -334,7 +334,7 @@ def test_an_edited_schema_of_a_compact_database_is_refused(tmp_path, edit):
     with torch_lmdb.LMDBWriter(path, compression="lz4") as w:  # compact records: fields named by position
         for i in range(20):
             w.write({"a": np.full(64, i, dtype=np.float32), "b": np.full(64, -i, dtype=np.float32)})
-    assert torch_lmdb.LMDBDataset(path).metadata["format_version"] == 4
+    assert torch_lmdb.LMDBDataset(path).metadata["format_version"] == 5
     edit_meta(path, b"schema", edit)
     with pytest.raises(torch_lmdb.CorruptedError, match="layout checksum"):
         torch_lmdb.LMDBDataset(path, verify=True)

@@ -1,6 +1,7 @@
 """Per-field Blosc compression: LMDBWriter(compression=...), info, convert --compression."""
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -42,12 +43,36 @@ def samples_per_value(txn, env):
 
 
 def record_span(value, slot):
-    """[begin, end) of record `slot` inside a packed value (docs/FORMAT.md "Packed values")."""
-    assert value[:4] == b"TLMP"
+    """[begin, end) of record `slot` inside a packed value (docs/FORMAT.md "Packed value",
+    "Columnar packed value")."""
+    assert value[:4] in (b"TLMP", b"TLMC")
     n = int.from_bytes(value[4:8], "little")
     ends = [int.from_bytes(value[8 + 4 * i:12 + 4 * i], "little") for i in range(n)]
     header = 8 + 4 * n
+    if value[:4] == b"TLMC":  # u32 section size, the column section, then the records
+        header += 4 + int.from_bytes(value[header:header + 4], "little")
     return header + (ends[slot - 1] if slot else 0), header + ends[slot]
+
+
+def value_columns(value):
+    """[(field, first slot, slots, codec, flags, decoded column)] of a columnar packed value
+    ("TLMC", docs/FORMAT.md "Columnar packed value"), decoded with numcodecs' Blosc."""
+    from numcodecs import Blosc
+    assert value[:4] == b"TLMC"
+    n = int.from_bytes(value[4:8], "little")
+    at = 8 + 4 * n
+    section = value[at + 4:at + 4 + int.from_bytes(value[at:at + 4], "little")]
+    count, = struct.unpack_from("<I", section, 0)
+    pos, out = 4, []
+    for _ in range(count):
+        field, first, slots, codec, flags, raw, stored = struct.unpack_from("<IIIBBII", section, pos)
+        pos += 22
+        column = Blosc().decode(section[pos:pos + stored])
+        assert len(column) == raw
+        out.append((field, first, slots, codec, flags, bytes(column)))
+        pos += stored
+    assert pos == len(section) - 8  # then the section's xxh3-64
+    return out
 
 
 def varint(data, pos):
@@ -76,6 +101,9 @@ def parse_fields(record, schema):
             for _ in field["shape"]:
                 size, pos = varint(record, pos)
                 numel *= size
+            if codec == 3:  # in the value's column (value_columns): sizes only
+                out[field["name"]] = (codec, None, numel * torch.empty(0, dtype=getattr(torch, field["dtype"])).element_size())
+                continue
             if codec:
                 length, pos = varint(record, pos)
             else:
@@ -133,12 +161,14 @@ def record_codecs(path, index=0):
 def test_writer_compression_forms_round_trip(tmp_path, compression, expected):
     path = write(str(tmp_path / "db"), compression=compression)
     version, codecs = record_codecs(path, 5)
-    # Compressed samples share LMDB values in compact records (format version 4).
+    # Compressed samples share LMDB values in compact records (format version 5: with columns).
     assert version == (2 if compression is None else 4)
-    assert torch_lmdb.info(path)["format_version"] == (2 if compression is None else 4)
+    assert torch_lmdb.info(path)["format_version"] == (2 if compression is None else 5)
     assert (torch_lmdb.info(path)["samples_per_value"] > 1) == (compression is not None)
     assert codecs["cir"] == expected["cir"]
-    assert codecs["scene"] == 0 and codecs["raw"] == 0 and codecs["rssi"] == 0  # str/bytes/tiny: raw
+    # str/bytes: raw; rssi (4 bytes): raw, as 12 samples' 48 bytes are too few for a column
+    # (test_columnar_values_read_by_hand_give_the_samples_and_fewer_bytes has 200).
+    assert codecs["scene"] == 0 and codecs["raw"] == 0 and codecs["rssi"] == 0
     ds = torch_lmdb.LMDBDataset(path, verify=True)
     for i in (0, 5, 11):
         got, want = ds[i], radio_sample(i)
@@ -291,8 +321,56 @@ def test_samples_per_value_packs_records_and_info_and_cli_show_it(tmp_path):
             torch_lmdb.LMDBWriter(str(tmp_path / "bad"), samples_per_value=bad)
 
 
+def test_columnar_values_read_by_hand_give_the_samples_and_fewer_bytes(tmp_path):
+    """docs/FORMAT.md "Columnar packed value", read with py-lmdb and numcodecs alone."""
+    columnar = write(str(tmp_path / "columnar"), n=200, compression="lz4")
+    compact = write(str(tmp_path / "compact"), n=200, compression="lz4", format_version=4)
+    assert torch_lmdb.info(columnar)["format_version"] == 5
+    env = lmdb.open(columnar, max_dbs=4, readonly=True, lock=False)
+    with env.begin() as txn:
+        k = samples_per_value(txn, env)
+        schema = json.loads(txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))
+        names = [f["name"] for f in schema]
+        samples = env.open_db(b"samples", txn=txn, create=False)
+        seen = set()
+        for i in range(200):
+            value = txn.get((i // k).to_bytes(8, "big"), db=samples)
+            assert value[:4] == b"TLMC"
+            begin, end = record_span(value, i % k)
+            version, fields = parse_fields(value[begin:end], schema)
+            want = radio_sample(i)
+            for name, (codec, at, length) in fields.items():
+                if codec != 3:
+                    continue
+                seen.add(name)
+                field = names.index(name)
+                slot = i % k
+                (first, slots, flags, column), = [(f, n, fl, c) for f_, f, n, _, fl, c in value_columns(value)
+                                                  if f_ == field and f <= slot < f + n]
+                if flags & 1:  # u32 ends[slots], then the bytes
+                    ends = struct.unpack_from(f"<{slots}I", column, 0)
+                    lo = 4 * slots + (ends[slot - first - 1] if slot > first else 0)
+                    got = column[lo:4 * slots + ends[slot - first]]
+                else:
+                    got = column[(slot - first) * length:(slot - first + 1) * length]
+                assert len(got) == length
+                assert got == np.ascontiguousarray(want[name]).tobytes(), (i, name)
+    env.close()
+    assert seen == {"rssi", "pos"}  # the fields under 128 bytes with a codec (str/bytes stay raw)
+    assert os.path.getsize(os.path.join(columnar, "data.mdb")) <= os.path.getsize(os.path.join(compact, "data.mdb"))
+    ds, plain = torch_lmdb.LMDBDataset(columnar, verify=True), torch_lmdb.LMDBDataset(compact, verify=True)
+    order = [199, 0, 57, 58, 13, 100]
+    a, b = ds.get_batch(order), plain.get_batch(order)
+    assert all(torch.equal(a[f], b[f]) for f in ("cir", "rssi", "pos")) and a["scene"] == b["scene"]
+    assert info_stored(columnar, "rssi") < info_stored(compact, "rssi") == 200 * 4
+
+
+def info_stored(path, name):
+    return {f["name"]: f["stored_bytes"] for f in torch_lmdb.info(path)["fields"]}[name]
+
+
 def test_compact_records_read_by_hand_hold_the_same_payloads_in_fewer_bytes(tmp_path):
-    compact = write(str(tmp_path / "compact"), n=40, compression="lz4")
+    compact = write(str(tmp_path / "compact"), n=40, compression="lz4", format_version=4)  # no columns
     named = write(str(tmp_path / "named"), n=40, compression="lz4", format_version=2)
     assert torch_lmdb.info(compact)["format_version"] == 4
     assert torch_lmdb.info(named)["format_version"] == 3  # packed, records named field by field

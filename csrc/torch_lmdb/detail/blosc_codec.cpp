@@ -32,11 +32,12 @@ std::string blosc_problem(const FieldView& v) {
   blosc_cbuffer_sizes(v.data, &nbytes, &cbytes, &blocksize);
   if (cbytes != v.stored)
     return "Blosc frame declares " + std::to_string(cbytes) + " bytes in a payload of " + std::to_string(v.stored);
-  if (nbytes != v.nbytes)
-    return "Blosc frame decompresses to " + std::to_string(nbytes) + " bytes, not the " + std::to_string(v.nbytes) +
-           " of its shape";
+  const uint64_t expected = v.column_bytes != 0 ? v.column_bytes : v.nbytes;
+  if (nbytes != expected)
+    return "Blosc frame decompresses to " + std::to_string(nbytes) + " bytes, not the " + std::to_string(expected) +
+           (v.column_bytes != 0 ? " of its column" : " of its shape");
   size_t checked = 0;
-  if (blosc_cbuffer_validate(v.data, static_cast<size_t>(v.stored), &checked) != 0 || checked != v.nbytes)
+  if (blosc_cbuffer_validate(v.data, static_cast<size_t>(v.stored), &checked) != 0 || checked != expected)
     return "invalid Blosc header";
   const char* lib = blosc_cbuffer_complib(v.data);
   if (lib == nullptr || std::strcmp(lib, blosc_lib(v.codec)) != 0)
@@ -51,16 +52,17 @@ std::string blosc_problem(const FieldView& v) {
 // does not fit in `nbytes`.
 int compress_payload(const Field& f, const at::Tensor& t, const Compression& c, uint64_t nbytes,
                      std::string& scratch) {
-  int csize = 0;
-  if (c.codec != Codec::None && nbytes >= kMinCompressBytes &&
-      nbytes <= static_cast<uint64_t>(BLOSC_MAX_BUFFERSIZE)) {
-    if (scratch.size() < nbytes) scratch.resize(nbytes);
-    csize = blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t.scalar_type()),
-                               static_cast<size_t>(nbytes), t.data_ptr(), &scratch[0],
-                               static_cast<size_t>(nbytes), blosc_compressor(c.codec), 0, 1);
-    TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
-  }
+  if (nbytes < kMinCompressBytes) return 0;
+  const int csize = compress_block(t.data_ptr(), static_cast<size_t>(nbytes), t.scalar_type(), c, scratch);
+  TORCH_CHECK(csize >= 0, "field '", f.name, "': Blosc (", codec_name(c.codec), ") failed with code ", csize);
   return csize;
+}
+
+int compress_block(const void* data, size_t nbytes, at::ScalarType t, const Compression& c, std::string& scratch) {
+  if (c.codec == Codec::None || nbytes == 0 || nbytes > static_cast<size_t>(BLOSC_MAX_BUFFERSIZE)) return 0;
+  if (scratch.size() < nbytes) scratch.resize(nbytes);
+  return blosc_compress_ctx(c.level, BLOSC_SHUFFLE, shuffle_typesize(t), nbytes, data, &scratch[0], nbytes,
+                            blosc_compressor(c.codec), 0, 1);
 }
 
 }  // namespace detail

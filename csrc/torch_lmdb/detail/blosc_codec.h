@@ -4,7 +4,8 @@
 //   before anything is decompressed: lengths, and the codec the record names.
 // - compress_payload() compresses one field's payload with its codec, or
 //   leaves it raw when Blosc does not make it smaller.
-// Both are thread-safe (Blosc is called through its *_ctx functions).
+// - compress_block() compresses a column of a columnar packed value.
+// All are thread-safe (Blosc is called through its *_ctx functions).
 #include <cstdint>
 #include <string>
 
@@ -24,6 +25,10 @@ std::string blosc_problem(const FieldView& v);
 /// when Blosc fails.
 int compress_payload(const Field& f, const at::Tensor& t, const Compression& c, uint64_t nbytes,
                      std::string& scratch);
+
+/// The same for `nbytes` bytes at `data` whose elements are of dtype `t`
+/// (uint8 for str/bytes), whatever their size (a column: detail/columns.h).
+int compress_block(const void* data, size_t nbytes, at::ScalarType t, const Compression& c, std::string& scratch);
 
 }  // namespace detail
 }  // namespace torch_lmdb

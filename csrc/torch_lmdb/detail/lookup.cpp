@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 
+#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
 
@@ -87,12 +88,35 @@ void check_intact(const std::vector<std::shared_ptr<Env>>& envs) {
   for (const auto& env : envs) env->check_intact();
 }
 
-MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value) {
-  return record_in(env, lookup_value(env, txn, local, per_value), local, per_value);
+MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value, MDB_val* whole) {
+  const MDB_val value = lookup_value(env, txn, local, per_value);
+  if (whole != nullptr) *whole = value;
+  return record_in(env, value, local, per_value);
 }
 
+namespace {
+
+// A compact record's fields in its value's columns (detail/columns.h).
+void resolve(const Env& env, const MDB_val& whole, uint64_t local, uint32_t per_value, std::vector<FieldView>& views,
+             bool verify) {
+  RecordContext ctx{&env.path(), local};
+  PackedColumns columns;
+  const char* record = nullptr;
+  size_t size = 0;
+  if (per_value > 1)
+    packed_record(whole.mv_data, whole.mv_size, local % per_value, per_value, &record, &size, &columns);
+  try {
+    resolve_columns(columns, views, verify, ctx);
+  } catch (const CorruptedError&) {
+    env.check_intact();
+    throw;
+  }
+}
+
+}  // namespace
+
 void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s,
-           std::vector<FieldView>& views, bool verify) {
+           std::vector<FieldView>& views, bool verify, const MDB_val& whole, uint32_t per_value) {
   RecordContext ctx{&env.path(), local};
   // Records of a dataset usually share one layout: a record matching the
   // template needs neither parsing nor a schema check, once the template's
@@ -110,10 +134,14 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
   if (hit && layout_checked_for == s.id) return;
   // A compact record's views name the schema's own fields (their names
   // point into it): nothing to check, and the template is not this record's.
-  if (!views.empty() && !s.stored.empty() && views[0].name == s.stored[0].name.data()) return;
+  if (!views.empty() && !s.stored.empty() && views[0].name == s.stored[0].name.data()) {
+    if (any_in_column(views)) resolve(env, whole, local, per_value, views, s.options.verify);
+    return;
+  }
   layout_checked_for = 0;
   check_layout(views, s.stored, env.path(), local);
   if (layout.size != 0) layout_checked_for = s.id;  // the template now holds this record's layout
+  if (any_in_column(views)) resolve(env, whole, local, per_value, views, s.options.verify);
 }
 
 // ---- cold reads (ReaderOptions::page_request_bytes, keep_cache) -------------
@@ -228,11 +256,12 @@ void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer
   record_ = cur.value;
   record_env_ = cur.env;
   record_local_ = cur.local;
-  if (!defer_checksum) return parse(*cur.env, cur.value, cur.local, s_, views, s_.options.verify);
+  if (!defer_checksum)
+    return parse(*cur.env, cur.value, cur.local, s_, views, s_.options.verify, cur.whole, cur.per_value);
   try {
-    parse(*cur.env, cur.value, cur.local, s_, views, false);
+    parse(*cur.env, cur.value, cur.local, s_, views, false, cur.whole, cur.per_value);
   } catch (...) {
-    parse(*cur.env, cur.value, cur.local, s_, views, true);  // a checksum mismatch comes first
+    parse(*cur.env, cur.value, cur.local, s_, views, true, cur.whole, cur.per_value);  // a checksum mismatch comes first
     throw;
   }
 }

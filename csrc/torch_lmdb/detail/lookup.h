@@ -36,13 +36,16 @@ namespace detail {
 /// (fault_guard.h): what was read may hold its zeros.
 void check_intact(const std::vector<std::shared_ptr<Env>>& envs);
 
-/// The record of sample `local` of `env`, looked up inside `txn`.
-MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value);
+/// The record of sample `local` of `env`, looked up inside `txn` (`whole`, when
+/// given, gets the LMDB value holding it).
+MDB_val lookup(const Env& env, MDB_txn* txn, uint64_t local, uint32_t per_value, MDB_val* whole = nullptr);
 
-/// Parses the value `v` of sample `local` of `env` and checks its layout
-/// against the reader's schema.
+/// Parses the record `v` of sample `local` of `env` and checks its layout
+/// against the reader's schema; fields in a column of `whole` (the value
+/// holding the record, `per_value` records a value) are resolved
+/// (detail/columns.h), their section's checksum checked when the reader verifies.
 void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State& s, std::vector<FieldView>& views,
-           bool verify);
+           bool verify, const MDB_val& whole, uint32_t per_value);
 
 /// The page range of the map holding a value; for a value on overflow pages
 /// (it starts right after the 16-byte page header) the whole run of pages.

@@ -10,21 +10,34 @@
 namespace torch_lmdb {
 
 bool packed_record(const void* data, size_t size, size_t slot, size_t max_records, const char** record,
-                   size_t* record_size) noexcept {
+                   size_t* record_size, PackedColumns* columns) noexcept {
   const char* p = static_cast<const char*>(data);
   if (size < packed_header_bytes(0)) return false;
   uint32_t magic = 0, n = 0;
   std::memcpy(&magic, p, 4);
   std::memcpy(&n, p + 4, 4);
-  if (magic != kPackMagic || n == 0 || n > max_records || slot >= n) return false;
-  const size_t header = packed_header_bytes(n);
+  if ((magic != kPackMagic && magic != kColumnPackMagic) || n == 0 || n > max_records || slot >= n) return false;
+  size_t header = packed_header_bytes(n);
   if (size < header) return false;
+  const char* section = nullptr;
+  uint32_t section_size = 0;
+  if (magic == kColumnPackMagic) {  // u32 section size, the column section, then the records
+    if (size - header < 4) return false;
+    std::memcpy(&section_size, p + header, 4);
+    if (section_size > size - header - 4) return false;
+    section = p + header + 4;
+    header += 4 + static_cast<size_t>(section_size);
+  }
   uint32_t begin = 0, end = 0;
   if (slot > 0) std::memcpy(&begin, p + 8 + 4 * (slot - 1), 4);
   std::memcpy(&end, p + 8 + 4 * slot, 4);
   if (end < begin || end > size - header) return false;
   *record = p + header + begin;
   *record_size = end - begin;
+  if (columns != nullptr) {
+    *columns = PackedColumns{};
+    if (section != nullptr) *columns = PackedColumns{section, section_size, n, static_cast<uint32_t>(slot)};
+  }
   return true;
 }
 

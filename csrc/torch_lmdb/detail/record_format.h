@@ -111,8 +111,17 @@ struct FieldView {
   const char* data = nullptr;  ///< the stored payload (`stored` bytes)
   uint64_t nbytes = 0;         ///< the decoded payload: prod(sizes) * itemsize
   uint64_t stored = 0;         ///< bytes at `data` (== nbytes for codec none)
-  Codec codec = Codec::None;   ///< str/bytes fields are always Codec::None
+  Codec codec = Codec::None;   ///< str/bytes fields are always Codec::None (but in a column)
   RecordContext ctx;           ///< the record's path and index (for decode errors)
+  /// A field of a compact record stored in its value's column (codec byte 3):
+  /// `in_column` until resolve_columns() points `data`/`stored` at the
+  /// column's frame, which decompresses to `column_bytes` bytes holding this
+  /// sample's bytes in slot `column_slot` of `column_n` (detail/columns.h).
+  bool in_column = false;
+  bool column_ends = false;  ///< the column starts with u32 ends[column_n]
+  uint32_t column_bytes = 0;
+  uint32_t column_slot = 0;
+  uint32_t column_n = 0;
 
   std::string name_str() const { return std::string(name, name_size); }
   /// The name for error messages: bytes outside printable ASCII as \xNN (a
@@ -168,6 +177,12 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
 /// Throws the CorruptedError of a record whose checksum does not match, as
 /// parse_record() with `verify_checksum` does.
 [[noreturn]] void throw_checksum_mismatch(const RecordContext& ctx);
+/// Throws CorruptedError("corrupted record at '<path>' index <i>: <what>; run ...").
+[[noreturn]] void throw_corrupted_record(const RecordContext& ctx, const std::string& what);
+/// The xxh3-64 (seed 0) of a record's bytes, as its checksum stores it.
+uint64_t record_checksum(const void* p, size_t n) noexcept;
+/// Appends `v` as an unsigned LEB128 varint (compact records).
+void put_varint(std::string& out, uint64_t v);
 
 /// The record version of the record at `data` (0 when it is too short to
 /// tell); nothing else is checked.
@@ -204,7 +219,7 @@ bool parse_record_cached(const void* data, size_t size, bool verify_checksum, co
 /// naming view.ctx's path and index and the field when it fails).
 void decode_compressed(const FieldView& view, void* dst);
 inline void decode_payload(const FieldView& view, void* dst) {
-  if (view.codec == Codec::None) {
+  if (view.codec == Codec::None && !view.in_column) {
     if (view.nbytes) std::memcpy(dst, view.data, view.nbytes);
   } else {
     decode_compressed(view, dst);
@@ -226,8 +241,20 @@ constexpr size_t packed_header_bytes(size_t n) { return 8 + 4 * n; }
 /// value is not a packed value of at most `max_records` records, an end lies
 /// outside the value or before the previous one, or the value holds no
 /// record `slot`. Reads only [data, data + size).
+/// A columnar packed value (kColumnPackMagic, format version 5) is read too:
+/// `columns` (when given) gets its column section and the slot, else is left
+/// empty (data == nullptr).
+struct PackedColumns {
+  const char* data = nullptr;  ///< the column section (detail/columns.h), or null
+  size_t size = 0;
+  uint32_t n = 0;              ///< records in the value
+  uint32_t slot = 0;           ///< the record's slot
+};
+constexpr uint32_t kColumnPackMagic = 0x434D4C54u;  // bytes "TLMC" on disk
+/// The codec byte of a compact record's field whose bytes are in its value's column.
+constexpr uint8_t kColumnCodecByte = 3;
 bool packed_record(const void* data, size_t size, size_t slot, size_t max_records, const char** record,
-                   size_t* record_size) noexcept;
+                   size_t* record_size, PackedColumns* columns = nullptr) noexcept;
 /// Appends to `out` the packed value of the records [records, records + ends.back())
 /// whose ends (from `records`) are `ends` (at most kMaxSamplesPerValue).
 void append_packed(const char* records, const std::vector<size_t>& ends, std::string& out);

@@ -54,7 +54,8 @@ struct WriteBatch {
   // goes on changing as it was at the hand-over: the schema, and the decoded
   // bytes per field so far (for metadata `compression`).
   bool raw = false;
-  std::vector<FieldSchema> fields;
+  std::vector<FieldSchema> fields;  // also set (with `codecs`) when values get columns (detail/columns.h)
+  std::vector<Compression> codecs;
   std::vector<uint64_t> raw_bytes, stored;  // per field; `stored`: this batch's compressed payloads
   std::vector<WriteBatchPart> parts;
   size_t size() const noexcept { return ends.size(); }
