@@ -63,6 +63,10 @@ for m in proc sys dev dev/shm; do
   MOUNTS+=("$ROOT/$m")
 done
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+# Debian 13's ccache masquerade has gcc/g++ but no cc/c++, the names setup.py's
+# compiler (torch's BuildExtension) and CMake use: without them nothing is cached
+# and the pip-install test compiles the extension a second time (minutes).
+for c in cc c++; do [ -e "$ROOT/usr/lib/ccache/$c" ] || ln -s ../../bin/ccache "$ROOT/usr/lib/ccache/$c"; done
 
 # A fresh copy of the tree; ccache (in the root) persists across runs. TORCH_LMDB_KEEP_BUILD=1
 # keeps the previous run's build/ (an incremental build, for iterating on a change).
