@@ -271,7 +271,7 @@ def _cmd_convert(args) -> int:
                    verify=args.verify, skip_mismatched=args.skip_mismatched, progress=args.progress,
                    commit_every=args.commit_every, allow_pickle=args.allow_pickle,
                    compression=args.compression, allow_external=args.allow_external,
-                   allow_missing_chunks=args.allow_missing_chunks)
+                   allow_missing_chunks=args.allow_missing_chunks, columns=not args.no_columns)
     splits, _ = convert.store_splits(kind, source, args.allow_pickle, args.allow_external)
     groups = args.group or []
     try:
@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Blosc codec of the tensor fields (default lz4, the fastest to read; source: each "
                         "array's own compressor's nearest, none for an uncompressed array); each field's "
                         "codec is printed on stderr")
+    p.add_argument("--no-columns", action="store_true",
+                   help="keep every sample's small fields in its own record (format version 4): faster "
+                        "shuffled reads of compressed fields under 128 bytes, a slightly larger file")
     p.add_argument("--allow-missing-chunks", action="store_true",
                    help="convert an array even when more than half of the chunks its samples need are missing "
                         "(written as fill values); refused by default")

@@ -201,9 +201,11 @@ def _convert_range(job: Dict[str, Any], counter=None) -> Dict[str, Any]:
             counter.value += done
     written, writer, created = 0, None, not os.path.exists(out)
     try:
+        compressed = any(c not in (None, "none") for c in (job.get("compression") or {}).values())
         writer = torch_lmdb.LMDBWriter(out, map_size=job["map_size"], mode="a" if done else "w",
                                        user_metadata=user, commit_every=job["commit_every"],
-                                       compression=job.get("compression"))
+                                       compression=job.get("compression"),
+                                       format_version=None if job.get("columns", True) or not compressed else 4)
         if done:
             writer.set_user_metadata(user)
         for position, end in _blocks(source, start + done, stop):
@@ -267,12 +269,13 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
             resume: bool = False, verify: bool = False, skip_mismatched: bool = False,
             progress: bool = False, commit_every: Optional[int] = None, allow_pickle: bool = False,
             group: Optional[str] = None, log=print, compression: str = "lz4",
-            allow_external: bool = False, allow_missing_chunks: bool = False) -> List[str]:
+            allow_external: bool = False, allow_missing_chunks: bool = False, columns: bool = True) -> List[str]:
     """Converts one source (or one split ``group`` of it) to ``shards`` torch_lmdb databases;
     returns their paths. ``fields`` are relative to ``group``. ``allow_pickle``,
     ``allow_external``: see :func:`open_source`; ``allow_missing_chunks``: see
     :func:`_check_feasible`; ``compression``: see
-    :func:`source_compression`. A store with splits needs ``group`` (or :func:`convert_splits`)."""
+    :func:`source_compression`; ``columns=False``: no columns (format version 4: every sample's
+    small fields in its record, faster shuffled reads of compressed small fields, a larger file). A store with splits needs ``group`` (or :func:`convert_splits`)."""
     source = open_source(kind, source_path, skip_mismatched, allow_pickle, group, allow_external)
     label = f"'{source_path}'" + (f" group '{group}'" if group is not None else "")
     names = list(source.fields)
@@ -298,7 +301,7 @@ def convert(kind: str, source_path: str, output: str, *, fields: Optional[Sequen
                  allow_external=allow_external,
                  start=a, stop=b, output=p, group=source.group,
                  fields=names, map_size=map_size, resume=resume, commit_every=commit_every, converted_at=stamp,
-                 compression=codecs)
+                 compression=codecs, columns=columns)
             for p, (a, b) in zip(paths, ranges)]
     desc = os.path.basename(source_path.rstrip("/")) + (f"/{group}" if group is not None else "")
     bar = _bar(progress, n, f"converting {desc}")

@@ -126,10 +126,12 @@ class LMDBWriter:
             shrink are stored raw (each record names its fields' codecs, so
             every record decodes alone). An unknown codec, or a field the
             samples do not have, raises ValueError naming the field.
-        format_version: record format of a new database. ``None``
-            (default): 4 (compact records, which name each field by its
-            position in the schema: about 20 bytes less per field) when
-            compressing or packing, else 2; or 4, 2, or 1 (readable by
+        format_version: format of a new database. ``None`` (default): 5
+            when compressing (compact records, and tensor payloads under 128
+            bytes compressed across about 2 KiB of consecutive samples of a
+            value: columns), 4 when only packing (compact records, which name
+            each field by its position in the schema: about 20 bytes less per
+            field), else 2; or 5, 4 (no columns), 2, or 1 (readable by
             torch_lmdb versions without compression; no codec).
         samples_per_value: how many samples share one LMDB value in a new
             database. ``None`` (default): one without compression; with

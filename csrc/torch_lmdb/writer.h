@@ -87,13 +87,15 @@ struct WriterOptions {
   /// c10::ValueError naming it (at the first sample, or in the constructor
   /// when appending).
   std::map<std::string, std::string> field_compression;
-  /// Record format version of a new database: 0 = automatic (compact
-  /// records, kCompactFormatVersion = 4, when a codec is set or
-  /// samples_per_value > 1, else kFormatVersion = 2), 4 (compact records:
-  /// fields named by their schema position, about 20 bytes of header per
-  /// field less), 2, or 1 (readable by torch_lmdb before compression; no
-  /// codec may be set). Appending keeps the database's version, unless a
-  /// codec is set on a version 1 database: it then becomes version 2.
+  /// Format version of a new database: 0 = automatic (kColumnarFormatVersion
+  /// = 5 when a codec is set, kCompactFormatVersion = 4 when only
+  /// samples_per_value > 1, else kFormatVersion = 2), 5 (compact records in
+  /// packed values whose small fields may be in columns: kColumnGroupBytes),
+  /// 4 (compact records: fields named by their schema position, about 20
+  /// bytes of header per field less; no columns), 2, or 1 (readable by
+  /// torch_lmdb before compression; no codec may be set). Appending keeps the
+  /// database's version, unless a codec is set on a version 1 database: it
+  /// then becomes version 2.
   int format_version = 0;
   /// Samples per LMDB value of a new database (docs/FORMAT.md "Packed
   /// values"): 1 = one record per value; K > 1 = values of K records

@@ -252,6 +252,34 @@ def _zarr_array(group, name, data, codec):
     return array
 
 
+def test_convert_puts_small_fields_in_columns_unless_no_columns(tmp_path):
+    src = str(tmp_path / "src.zarr")
+    group = _zarr.open_group(src, mode="w", zarr_format=_zarr.writable_formats()[-1])
+    n = 600
+    rng = np.random.default_rng(3)
+    data = {"cir": np.stack([radio_sample(i)["cir"] for i in range(n)]),
+            "rssi": np.round(rng.normal(-70, 10, (n, 4)), 1).astype(np.float32),
+            "rx_id": (np.arange(n) % 64).astype(np.int32)}
+    for name, array in data.items():
+        _zarr.write_array(group, name, array, chunks=(100,) + array.shape[1:])
+    out = {}
+    for flag in ([], ["--no-columns"]):
+        out[bool(flag)] = str(tmp_path / ("plain.lmdb" if flag else "columns.lmdb"))
+        r = cli("convert", "--zarr-path", src, "--output", out[bool(flag)], *flag)
+        assert r.returncode == 0, r.stderr
+    columns, plain = out[False], out[True]
+    assert torch_lmdb.info(columns)["format_version"] == 5 and torch_lmdb.info(plain)["format_version"] == 4
+    assert "small fields in columns" in cli("info", columns).stdout
+    stored = {path: {f["name"]: f["stored_bytes"] for f in torch_lmdb.info(path)["fields"]} for path in out.values()}
+    assert stored[plain]["rssi"] == n * 16 and stored[plain]["rx_id"] == n * 4
+    assert stored[columns]["rssi"] < n * 16 // 2 and stored[columns]["rx_id"] < n * 4 // 2
+    a, b = torch_lmdb.LMDBDataset(columns, verify=True), torch_lmdb.LMDBDataset(plain, verify=True)
+    order = list(rng.permutation(n)[:100])
+    got, want = a.get_batch(order), b.get_batch(order)
+    for name, array in data.items():
+        assert torch.equal(got[name], want[name]) and np.array_equal(got[name].numpy(), array[order]), name
+
+
 def test_convert_auto_follows_the_zarr_compressor(tmp_path):
     import numcodecs
 

@@ -1,19 +1,21 @@
 #pragma once
 // Internal (not installed): columnar packed values (format version 5; docs/FORMAT.md
 // "Columnar packed value"). In a packed value, the bytes of a small tensor field (its
-// payloads stored raw: under kMinCompressBytes) of every record are compressed together
-// as one column, as Zarr compresses a chunk; each record keeps the field's sizes with
-// codec byte 3 and no payload.
+// payloads stored raw: under kMinCompressBytes) of consecutive records are compressed
+// together as one column, as Zarr compresses a chunk; each record keeps the field's
+// sizes with codec byte 3 and no payload.
 //
 //   u32 magic "TLMC", u32 n, u32 ends[n] (as in "TLMP"), u32 section bytes,
 //   the column section, then the records (their ends count from here).
-//   Column section: u32 count, then per column (fields in increasing order):
-//     u32 field (schema position), u8 codec (1 lz4, 2 zstd), u8 flags (bit 0:
-//     the column starts with u32 ends[n], for a field whose shape varies),
-//     u32 raw bytes (at most kMaxColumnBytes), u32 stored bytes, one Blosc frame
-//     that decompresses to the column: [ends[n]] then the n records' bytes of
-//     the field, back to back;
+//   Column section: u32 count, then per column (ordered by field, then slot):
+//     u32 field (schema position), u32 first slot, u32 slots, u8 codec (1 lz4,
+//     2 zstd), u8 flags (bit 0: the column starts with u32 ends[slots], for a
+//     field whose shape varies), u32 raw bytes (at most kMaxColumnBytes), u32
+//     stored bytes, one Blosc frame that decompresses to the column: [ends] then
+//     the bytes of the field of records first .. first + slots - 1, back to back;
 //   then u64 xxh3-64 of the section's preceding bytes.
+// The writer makes columns of about kColumnGroupBytes and keeps a column only
+// when Blosc makes it (with its 22-byte entry) smaller than the records' bytes.
 //
 // Contract
 // - resolve_columns() validates the section (every count and length against
@@ -22,7 +24,9 @@
 //   throws CorruptedError naming the path and index. It reads only the section.
 // - A resolved view decodes through decode_payload(): its column is
 //   decompressed (at most kMaxColumnBytes bytes) and the sample's bytes, checked
-//   to lie in the column, copied (decode_column).
+//   to lie in the column, copied (decode_column). Each thread keeps its last 8
+//   decoded columns and reuses one only for a frame at the same address with
+//   the same bytes (compared in full).
 // - append_columnar() writes a value that reads back the same records as
 //   append_packed() of the same records would; it uses columns only where they
 //   make the value smaller.
