@@ -2,18 +2,22 @@
 
 Two sources, each a Blosc-compressed Zarr store (Zarr's default compressor,
 LZ4 level 5 with byte shuffle) converted with ``torch-lmdb convert``
-(``--compression auto``: the store's own codec, and also zstd and none):
+(``--compression auto``: the store's own codec, with and without ``--no-columns``, and
+also zstd and none):
 
 - ``radio``: the radio-localization demo's samples (examples/radio_localization,
   the generator's simulator: cir float32 [8, 64], rssi, position, los, ragged paths);
+- ``small-fields``: a complex64 CIR [4, 64] beside seven fields of a few bytes per sample
+  (fields_store), chunks of 500 samples;
 - ``f32-16k``: float32 [4096] samples (16 KiB: a few sinusoids plus noise, kept
   to 1e-3, as sensor data), chunks of 256 samples.
 
 Rows: the database's size on disk against the Zarr store's (allocated blocks of
 every file; the bar is <= 1.1x), and ``get_batch`` of shuffled batches of 64
 from the 16 KiB databases, LZ4 and Zstd against the uncompressed database
-(the bar for LZ4 is >= 0.5x), all measured in this run, interleaved, best of
-the rounds.
+(the bar for LZ4 is >= 0.5x), and from the small-fields databases (shuffled and
+sequential) with columns against ``--no-columns``, all measured in this run,
+interleaved, best of the rounds.
 
     /usr/bin/python3 benchmarks/bench_compression.py [--quick] [--json out.json]
 """
@@ -115,12 +119,14 @@ def f32_store(path: str, n: int, width: int = 4096, chunk: int = 256) -> None:
 
 
 def convert(src: str, out: str, compression: str) -> str:
-    tl_convert.convert("zarr", src, out, compression=compression, log=lambda *a, **k: None)
+    """``convert --compression <codec> [--no-columns]``."""
+    codec, _, flag = compression.partition(" ")
+    tl_convert.convert("zarr", src, out, compression=codec, columns=flag != "--no-columns", log=lambda *a, **k: None)
     return out
 
 
-def read_rate(path: str, batches) -> float:
-    ds = torch_lmdb.LMDBDataset(path)
+def read_rate(path: str, batches, pad: bool = False) -> float:
+    ds = torch_lmdb.LMDBDataset(path, pad=pad)
     ds.get_batch(batches[0])  # open, warm the page cache path
     t0 = time.perf_counter()
     n = 0
@@ -136,16 +142,21 @@ def run(quick: bool, log=print) -> list:
     try:
         # ---- sizes: radio demo data and the 16 KiB float32 store ----------------
         n_radio = 4096 if quick else 24576
+        n_fields = 10000 if quick else 50000
         n_f32 = 3000 if quick else 12000
         radio = os.path.join(tmp, "radio.zarr")
         radio_store(radio, n_radio)
+        fields = os.path.join(tmp, "fields.zarr")
+        fields_store(fields, n_fields)
         f32 = os.path.join(tmp, "f32.zarr")
         f32_store(f32, n_f32)
         dbs = {}
-        for profile, src, n in (("radio", radio, n_radio), ("f32-16k", f32, n_f32)):
+        for profile, src, n in (("radio", radio, n_radio), ("small-fields", fields, n_fields), ("f32-16k", f32, n_f32)):
             zarr_size = disk_bytes(src)
-            for compression in ("auto", "zstd", "none"):
-                out = convert(src, os.path.join(tmp, f"{profile}-{compression}.lmdb"), compression)
+            for compression in ("auto", "auto --no-columns", "zstd", "none"):
+                if profile == "f32-16k" and compression == "auto --no-columns":
+                    continue  # no field under 128 bytes a sample but the label, too few per value to compress
+                out = convert(src, os.path.join(tmp, f"{profile}-{compression.replace(' ', '')}.lmdb"), compression)
                 dbs[(profile, compression)] = out
                 size = db_bytes(out)
                 codecs = sorted({f["codec"] for f in torch_lmdb.info(out)["fields"] if f["kind"] == "tensor"})
@@ -171,6 +182,18 @@ def run(quick: bool, log=print) -> list:
         rows.append({"profile": "f32-16k get_batch, shuffled, batch 64", "system": "torch_lmdb uncompressed",
                      "samples_per_s": best["none"], "ratio": 1.0, "vs": "torch_lmdb uncompressed", "bar": None})
         log("get_batch samples/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in best.items()))
+        # ---- the small fields' columns: what reading them costs ----------------
+        for label, order in (("shuffled", rng.permutation(n_fields)), ("sequential", np.arange(n_fields))):
+            batches = [order[i:i + batch].tolist() for i in range(0, n_fields - batch + 1, batch)]
+            systems = {"columns": dbs[("small-fields", "auto")], "no columns": dbs[("small-fields", "auto --no-columns")]}
+            best = {k: 0.0 for k in systems}
+            for _ in range(3 if quick else 5):
+                for name, path in systems.items():
+                    best[name] = max(best[name], read_rate(path, batches, pad=True))
+            rows.append({"profile": f"small-fields get_batch, {label}, batch 64", "system": "lz4, columns",
+                         "samples_per_s": best["columns"], "ratio": best["columns"] / best["no columns"],
+                         "vs": "lz4, --no-columns", "bar": None})
+            log(f"small-fields {label} get_batch samples/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in best.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows

@@ -261,7 +261,8 @@ std::unique_ptr<DecodePool::Job> start_decode_helpers(const std::vector<Out>& ou
   constexpr size_t kParallelBytes = size_t{256} << 10;
   size_t compressed = 0;
   for (const Out& o : outs)
-    if (o.blobs == nullptr && o.slot && v[o.field].codec != Codec::None) compressed += v[o.field].stored;
+    if (o.blobs == nullptr && o.slot && v[o.field].codec != Codec::None)  // a column: about its share of the frame
+      compressed += v[o.field].column_bytes != 0 ? v[o.field].nbytes : v[o.field].stored;
   const size_t estimate = compressed * B;
   if (threads <= 1 || estimate < kParallelBytes) return nullptr;
   decodes.reserve(B * outs.size());
@@ -304,7 +305,7 @@ bool copy_checked(size_t i, const BatchLookup& samples, const std::vector<FieldV
   spans.clear();
   for (const Out& o : outs) {
     const FieldView& fv = v[o.field];
-    if (place && o.blobs == nullptr && o.slot != 0 && fv.codec == Codec::None && fv.nbytes != 0)
+    if (place && o.blobs == nullptr && o.slot != 0 && fv.codec == Codec::None && !fv.in_column && fv.nbytes != 0)
       spans.push_back(detail::CopySpan{fv.data, fv.nbytes, o.dst + i * o.slot});
   }
   std::sort(spans.begin(), spans.end(),

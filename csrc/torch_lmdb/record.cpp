@@ -355,7 +355,10 @@ void parse_compact_field(const char*& p, const char* stop, size_t size, uint64_t
   const uint8_t codec = static_cast<uint8_t>(*p++);
   if (codec == kColumnCodecByte && fs.kind == FieldKind::Tensor) {  // its bytes are in the value's column
     f.codec = Codec::None;
-    parse_compact_sizes(p, stop, size, std::max<uint64_t>(numel_limit, kMaxColumnBytes), fs.name, f, ctx);
+    parse_compact_sizes(p, stop, size, kMaxColumnBytes, fs.name, f, ctx);
+    if (f.nbytes > kMaxColumnBytes)
+      corrupted(ctx, "field '" + fs.name + "' in a column has " + std::to_string(f.nbytes) + " bytes (at most " +
+                         std::to_string(kMaxColumnBytes) + ")");
     f.in_column = true;
     f.data = nullptr;
     f.stored = 0;

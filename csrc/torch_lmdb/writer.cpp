@@ -488,6 +488,9 @@ struct Writer::Impl {
     version = static_cast<uint16_t>(asked == kColumnarFormatVersion ? kCompactFormatVersion : asked);
     if (asked == 0) version = compresses || options.samples_per_value > 1 ? kCompactFormatVersion : kFormatVersion;
     columns = asked == kColumnarFormatVersion || (asked == 0 && compresses);
+    TORCH_CHECK_VALUE(asked != kColumnarFormatVersion || options.samples_per_value != 1,
+                      "format version 5 keeps small fields in columns of packed values; samples_per_value 1 "
+                      "packs none (write version 4, or samples_per_value 0 or above 1)");
     TORCH_CHECK_VALUE(options.samples_per_value <= kMaxSamplesPerValue, "WriterOptions::samples_per_value is ",
                       options.samples_per_value, "; at most ", kMaxSamplesPerValue, " (0: automatic)");
     TORCH_CHECK_VALUE(options.samples_per_value <= 1 || asked != kMinFormatVersion,

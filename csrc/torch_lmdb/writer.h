@@ -90,7 +90,9 @@ struct WriterOptions {
   /// Format version of a new database: 0 = automatic (kColumnarFormatVersion
   /// = 5 when a codec is set, kCompactFormatVersion = 4 when only
   /// samples_per_value > 1, else kFormatVersion = 2), 5 (compact records in
-  /// packed values whose small fields may be in columns: kColumnGroupBytes),
+  /// packed values whose small fields may be in columns: kColumnGroupBytes;
+  /// not with samples_per_value 1, and a database whose first sample fills a
+  /// value alone is version 4),
   /// 4 (compact records: fields named by their schema position, about 20
   /// bytes of header per field less; no columns), 2, or 1 (readable by
   /// torch_lmdb before compression; no codec may be set). Appending keeps the

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "test_util.h"
+#include "torch_lmdb/detail/columns.h"
 
 using namespace torch_lmdb;
 using torch_lmdb_test::mutate_record;
@@ -771,6 +772,23 @@ TEST(Columns, DamagedColumnsRaiseCorruptedErrorNamingPathAndIndex) {
       EXPECT_NE(std::string(e.what()).find("index " + std::to_string(i)), std::string::npos) << e.what();
     }
   }
+  // A record whose column field claims more bytes than a column holds: refused as it is parsed.
+  const std::string where = "hand";
+  const std::vector<FieldSchema> schema{{"x", FieldKind::Tensor, at::kFloat, {-1, -1}}};
+  FieldView huge;
+  huge.ndim = 2;
+  huge.sizes[0] = huge.sizes[1] = int64_t{1} << 15;  // 4 GiB of float32
+  std::string rec;
+  torch_lmdb::detail::append_compact_views({huge}, {true}, true, rec);
+  std::vector<FieldView> parsed;
+  expect_corrupted([&] { parse_record(rec.data(), rec.size(), true, RecordContext{&where, 3}, parsed, &schema); },
+                   {"'hand' index 3", "field 'x' has shape [32768, 32768]"});
+  huge.sizes[0] = 3000;  // 3000 elements, 12000 bytes: more than a column holds
+  huge.sizes[1] = 1;
+  rec.clear();
+  torch_lmdb::detail::append_compact_views({huge}, {true}, true, rec);
+  expect_corrupted([&] { parse_record(rec.data(), rec.size(), true, RecordContext{&where, 3}, parsed, &schema); },
+                   {"'hand' index 3", "field 'x' in a column has 12000 bytes"});
   // Appending to a database whose partly filled last value is damaged is refused.
   {
     Writer w(tmp.sub("part"), o);

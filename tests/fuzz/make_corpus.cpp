@@ -15,6 +15,7 @@
 
 #include "torch_lmdb/detail/env.h"
 #include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/torch_lmdb.h"
 
@@ -119,6 +120,34 @@ int main(int argc, char** argv) {
     rec.clear();
     append_packed(records.data(), ends, rec);
     put(root + "/record/packed", rec);
+  }
+  {  // a columnar packed value (format version 5) of 16 compact records (the fuzz target's schema)
+    const std::vector<FieldSchema> schema{{"cir", FieldKind::Tensor, at::kComplexFloat, {-1}},
+                                          {"small", FieldKind::Tensor, at::kLong, {-1}},
+                                          {"s", FieldKind::Str, at::kByte, {-1}},
+                                          {"m", FieldKind::Tensor, at::kFloat, {-1, 3}}};
+    const std::vector<Compression> codecs(4, parse_compression("lz4", "fuzz"));
+    EncodeOptions eo;
+    eo.version = kCompactFormatVersion;
+    eo.compression = &codecs;
+    std::string records;
+    std::vector<size_t> ends;
+    for (int64_t i = 0; i < 16; ++i) {
+      append_record({Field{"cir", FieldKind::Tensor, torch::zeros({4}, torch::kComplexFloat)},
+                     Field{"small", FieldKind::Tensor, torch::arange(i % 4 + 2)},
+                     Field{"s", FieldKind::Str, torch::full({3}, 'a', torch::kByte)},
+                     Field{"m", FieldKind::Tensor, torch::full({2, 3}, static_cast<float>(i % 3))}},
+                    eo, records);
+      ends.push_back(records.size());
+    }
+    rec.clear();
+    std::vector<int64_t> delta;
+    const std::string path = "corpus";
+    detail::append_columnar(records.data(), ends, schema, codecs, path, 0, rec, delta);
+    uint32_t magic = 0;
+    std::memcpy(&magic, rec.data(), 4);
+    if (magic != kColumnPackMagic) throw std::runtime_error("the columnar seed has no columns");
+    put(root + "/record/columnar", rec);
   }
 
   // meta: a whole table as Reader::metadata_json gives it, and single values.

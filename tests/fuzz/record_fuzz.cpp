@@ -8,13 +8,15 @@
 // input, with a template left over from the inputs before. The input is also
 // read as a packed value (packed_record): what it finds lies inside it, and
 // against a fixed schema (a compact record, format version 4): its views lie
-// inside the input and decode within their payloads.
+// inside the input and decode within their payloads; as a columnar packed
+// value (format version 5), its records' column fields resolve inside it.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/errors.h"
 
@@ -146,6 +148,33 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     try {
       parse_record(record, record_size, true, ctx, views);
     } catch (const Error&) {
+    }
+    // A columnar value (format version 5): its records against the schema,
+    // their column fields resolved (the section checked) and decoded, or an
+    // error naming the path and index; a view never points outside the value.
+    PackedColumns columns;
+    packed_record(value.data(), value.size(), slot, 16, &record, &record_size, &columns);
+    if (columns.data != nullptr &&
+        (columns.data < value.data() || columns.size > size_t(value.data() + value.size() - columns.data))) {
+      std::fprintf(stderr, "packed_record returned a column section outside the value\n");
+      std::abort();
+    }
+    for (bool verify : {false, true}) {
+      try {
+        parse_record(record, record_size, verify, ctx, views, &schema);
+        if (detail::any_in_column(views)) detail::resolve_columns(columns, views, verify, ctx);
+        for (const FieldView& v : views) {
+          if (v.data < value.data() || v.stored > size_t(value.data() + value.size() - v.data)) {
+            std::fprintf(stderr, "a column view points outside the value\n");
+            std::abort();
+          }
+          if (v.codec != Codec::None && v.nbytes > (uint64_t{256} << 20)) continue;
+          const at::Tensor t = to_tensor(v);
+          if (static_cast<uint64_t>(t.nbytes()) != v.nbytes) std::abort();
+        }
+      } catch (const Error& e) {
+        expect_named(e);
+      }
     }
   }
   return 0;

@@ -13,6 +13,7 @@ namespace detail {
 namespace {
 
 constexpr size_t kEntryHeader = 22;  // u32 field, u32 first, u32 count, u8 codec, u8 flags, u32 raw, u32 stored
+constexpr size_t kSectionOverhead = 16;  // u32 section size, u32 count, u64 xxh3
 
 struct Column {
   uint32_t field = 0;
@@ -85,6 +86,9 @@ void resolve_columns(const PackedColumns& columns, std::vector<FieldView>& views
     if (next == cols.size() || cols[next].field != f || cols[next].first > columns.slot)
       throw_corrupted_record(ctx, "field '" + v.printable_name() + "' is in a column its value does not hold");
     const Column& c = cols[next];
+    if (v.nbytes > c.raw)
+      throw_corrupted_record(ctx, "field '" + v.printable_name() + "' has " + std::to_string(v.nbytes) +
+                                      " bytes, more than its column's " + std::to_string(c.raw));
     v.codec = static_cast<Codec>(c.codec);
     v.data = c.frame;
     v.stored = c.stored;
@@ -107,7 +111,7 @@ struct DecodedColumn {
   std::string frame;
   std::vector<char> bytes;
 };
-constexpr size_t kDecodedColumns = 8;
+constexpr size_t kDecodedColumns = 64;  // more than the column fields of a sample, as a rule
 
 const std::vector<char>* decoded_column(const FieldView& view, std::string& problem) {
   thread_local DecodedColumn cache[kDecodedColumns];
@@ -267,7 +271,9 @@ void append_columnar(const char* records, const std::vector<size_t>& ends, const
   uint32_t count = 0;
   for (size_t f = 0; compact && f < schema.size(); ++f)
     count += write_columns(views, n, f, schema[f], codecs[f], kColumnGroupBytes, section, moved, delta[f]);
-  if (count == 0) {
+  int64_t saved = -static_cast<int64_t>(kSectionOverhead);  // the bytes the columns save, with the section's own
+  for (int64_t d : delta) saved -= d;
+  if (count == 0 || saved - static_cast<int64_t>(kEntryHeader * count) <= 0) {
     delta.assign(schema.size(), 0);
     return append_packed(records, ends, out);
   }

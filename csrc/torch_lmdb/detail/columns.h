@@ -19,17 +19,20 @@
 //
 // Contract
 // - resolve_columns() validates the section (every count and length against
-//   its size, the fields' order, codecs, the raw bound, each frame's Blosc
-//   header) before a view points into it, and with `verify` its checksum; it
-//   throws CorruptedError naming the path and index. It reads only the section.
+//   its size, the columns' order and slots, codecs, the raw bound) and the
+//   Blosc header of each frame it points a view at (whose bytes must fit in
+//   its column), before a view points into it, and with `verify` the
+//   section's checksum; it throws CorruptedError naming the path and index. It
+//   reads only the section. parse_record() bounds a column field's bytes by
+//   kMaxColumnBytes.
 // - A resolved view decodes through decode_payload(): its column is
 //   decompressed (at most kMaxColumnBytes bytes) and the sample's bytes, checked
-//   to lie in the column, copied (decode_column). Each thread keeps its last 8
+//   to lie in the column, copied (decode_column). Each thread keeps its last 64
 //   decoded columns and reuses one only for a frame at the same address with
 //   the same bytes (compared in full).
 // - append_columnar() writes a value that reads back the same records as
 //   append_packed() of the same records would; it uses columns only where they
-//   make the value smaller.
+//   make the value smaller (each with its entry, and the section's own 16 bytes).
 // - All functions are thread-safe (thread-local scratch only).
 #include <cstdint>
 #include <string>

@@ -394,7 +394,7 @@ bool spans_in_order(const char* body, size_t size, const CopySpan* spans, size_t
 
 void decode_to_slot(const FieldView& v, char* dst, bool around_cache) {
 #if defined(__SSE2__)
-  if (around_cache && v.codec == Codec::None && v.nbytes >= 4096) {
+  if (around_cache && v.codec == Codec::None && !v.in_column && v.nbytes >= 4096) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(dst);
 #if defined(TORCH_LMDB_AVX2_COPY)
     if ((at & 31) == 0 && cpu_has_avx2()) return copy_around_cache_avx2(dst, v.data, v.nbytes);
