@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
     rec.clear();
     std::vector<int64_t> delta;
     const std::string path = "corpus";
-    detail::append_columnar(records.data(), ends, schema, codecs, path, 0, rec, delta);
+    torch_lmdb::detail::append_columnar(records.data(), ends, schema, codecs, path, 0, rec, delta);
     uint32_t magic = 0;
     std::memcpy(&magic, rec.data(), 4);
     if (magic != kColumnPackMagic) throw std::runtime_error("the columnar seed has no columns");

@@ -162,7 +162,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (bool verify : {false, true}) {
       try {
         parse_record(record, record_size, verify, ctx, views, &schema);
-        if (detail::any_in_column(views)) detail::resolve_columns(columns, views, verify, ctx);
+        if (torch_lmdb::detail::any_in_column(views)) torch_lmdb::detail::resolve_columns(columns, views, verify, ctx);
         for (const FieldView& v : views) {
           if (v.data < value.data() || v.stored > size_t(value.data() + value.size() - v.data)) {
             std::fprintf(stderr, "a column view points outside the value\n");
