@@ -86,19 +86,21 @@ def shard_record(path: str) -> Dict[str, Any]:
 
 def write_shard(out_dir: str, k: int, samples: Iterable[Mapping[str, Any]], *,
                 map_size: Optional[int] = None, commit_every: Optional[int] = None,
-                user_metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                user_metadata: Optional[Mapping[str, Any]] = None, compression=None,
+                format_version: Optional[int] = None) -> Dict[str, Any]:
     """Writes ``samples`` as shard ``k`` of ``out_dir``: to a temporary name,
     then renamed to ``shard-<k>.lmdb``, replacing what an earlier attempt of
     the same shard left (a task re-run after a worker died starts clean).
-    Returns :func:`shard_record` of the shard (without its full metadata)."""
+    Returns :func:`shard_record` of the shard (without its full metadata).
+    ``compression``, ``format_version``: as :class:`LMDBWriter`'s."""
     from torch_lmdb.writer import LMDBWriter
 
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, shard_name(k))
     tmp = os.path.join(out_dir, f".{shard_name(k)}.tmp-{uuid.uuid4().hex}")
     try:
-        with LMDBWriter(tmp, map_size=map_size, commit_every=commit_every,
-                        user_metadata=dict(user_metadata or {})) as writer:
+        with LMDBWriter(tmp, map_size=map_size, commit_every=commit_every, compression=compression,
+                        format_version=format_version, user_metadata=dict(user_metadata or {})) as writer:
             for sample in samples:
                 writer.write(sample)
         if os.path.exists(final):

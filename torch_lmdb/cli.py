@@ -317,7 +317,8 @@ def _cmd_convert_dask(args, kind: str, source: str) -> int:
     tl_dask.convert_to_shards(kind, source, out_dir, shards=args.shards, fields=fields, limit=args.limit,
                               scheduler=scheduler, map_size=args.map_size, commit_every=args.commit_every,
                               skip_mismatched=args.skip_mismatched, allow_pickle=args.allow_pickle,
-                              verify=args.verify, overwrite=args.overwrite)
+                              verify=args.verify, overwrite=args.overwrite, compression=args.compression,
+                              columns=not args.no_columns)
     print(out_dir)
     return 0
 

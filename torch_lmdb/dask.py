@@ -199,9 +199,11 @@ def convert_to_shards(kind: str, source_path: str, out_dir: str, *, shards: int,
                       limit: Optional[int] = None, scheduler: Optional[str] = None, client=None, retries: int = 3,
                       map_size: Optional[int] = None, commit_every: Optional[int] = None,
                       skip_mismatched: bool = False, allow_pickle: bool = False, verify: bool = False,
-                      overwrite: bool = False, log=print) -> Dict[str, Any]:
+                      overwrite: bool = False, log=print, compression: str = "lz4",
+                      columns: bool = True) -> Dict[str, Any]:
     """Converts a source to a shard directory with Dask: ``shards`` chunk-aligned
-    tasks, each writing one shard; the manifest is written last. Returns it."""
+    tasks, each writing one shard; the manifest is written last. Returns it.
+    ``compression``, ``columns``: as :func:`torch_lmdb.convert.convert`'s."""
     import dask
 
     from torch_lmdb import convert
@@ -221,7 +223,12 @@ def convert_to_shards(kind: str, source_path: str, out_dir: str, *, shards: int,
     _manifest.prepare_output(out_dir, overwrite)
     ranges = aligned_ranges(n, shards, _alignment(source))
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    options = {"map_size": map_size, "commit_every": commit_every}
+    codecs = convert.source_compression(source, names, compression)
+    for name in names:
+        log(f"'{source_path}': field {name!r}: {codecs[name]}", file=sys.stderr)
+    compressed = any(c not in (None, "none") for c in codecs.values())
+    options = {"map_size": map_size, "commit_every": commit_every, "compression": codecs,
+               "format_version": None if columns or not compressed else 4}
     jobs = [dict(kind=kind, source=source_path, source_abs=os.path.abspath(source_path),
                  skip_mismatched=skip_mismatched, allow_pickle=allow_pickle, start=a, stop=b, fields=names,
                  converted_at=stamp, out_dir=os.path.abspath(out_dir), k=k, options=options)

@@ -168,6 +168,16 @@ def test_convert_cli_with_dask(client, tmp_path, capsys):
     assert len(ds) == ZARR_N
     for i in range(ZARR_N):
         check_zarr_sample(ds[i], i)
+    # --compression (default lz4) reaches the shards' writers, as without --dask
+    def codecs(shard_dir):
+        return {f["codec"] for s in torch_lmdb.info(shard_dir)["shards"]
+                for f in torch_lmdb.info(s["path"])["fields"] if f["kind"] == "tensor"}
+
+    assert codecs(out) == {"lz4"} and "lz4" in printed.err
+    none = str(tmp_path / "none")
+    assert main(["convert", "--zarr-path", src, "--output", none, "--shards", "2", "--dask", client.scheduler.address,
+                 "--compression", "none", "--no-progress"]) == 0
+    assert codecs(none) == {"none"}
 
 
 def test_aligned_ranges():
