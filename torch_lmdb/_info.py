@@ -67,6 +67,21 @@ def info(path: PathLike) -> Dict[str, Any]:
     }
 
 
+def _shards_codec(field: Dict[str, Any], metas) -> Dict[str, Any]:
+    """:func:`_with_codec` over the shards (metadata ``metas``): the codec and
+    level when every shard has the same (else ``codec`` "mixed" and each shard's
+    in ``codecs``), the byte counts summed (None when a shard's are unknown)."""
+    per_shard = [_with_codec(field, meta) for meta in metas]
+    out = dict(per_shard[0])
+    specs = [(f["codec"], f["level"]) for f in per_shard]
+    if len(set(specs)) > 1:
+        out.update(codec="mixed", level=None, codecs=[c if c == "none" else f"{c}:{lv}" for c, lv in specs])
+    for key in ("stored_bytes", "raw_bytes"):
+        values = [f[key] for f in per_shard]
+        out[key] = None if any(v is None for v in values) else sum(values)
+    return out
+
+
 def _shard_dir_info(path: str, reader) -> Dict[str, Any]:
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
@@ -79,7 +94,7 @@ def _shard_dir_info(path: str, reader) -> Dict[str, Any]:
         "complete": all(bool(m.get("complete", False)) for m in metas),
         "format_version": metas[0].get("format_version"),
         "samples_per_value": metas[0].get("samples_per_value", 1),
-        "fields": reader.schema(),
+        "fields": [_shards_codec(f, metas) for f in reader.schema()],
         "file_size": sum(s["file_size"] for s in shards),
         "map_size": sum(reader.map_size(i) for i in range(len(shards))),
         "metadata": metas[0],

@@ -23,8 +23,9 @@ def _print_shard_dir(i: dict) -> None:
     print(f"  file size:      {_human(i['file_size'])}")
     print("  fields:")
     for f in i["fields"]:
-        codec = i["manifest"].get("codecs", {}).get(f["name"], "none")
-        print(f"    {f['name']:24} {f['kind']:6} {f['dtype']:10} {f['shape']}  codec {codec}")
+        print(f"    {f['name']:24} {f['kind']:6} {f['dtype']:10} {f['shape']}  {_codec_text(f)}")
+        if f.get("codecs"):
+            print(f"    {'':24} per shard: {', '.join(f['codecs'])}")
     source = i["manifest"].get("source") or {}
     if source:
         print(f"  source:         {json.dumps(source)[:2000]}")

@@ -174,6 +174,14 @@ def test_convert_cli_with_dask(client, tmp_path, capsys):
                 for f in torch_lmdb.info(s["path"])["fields"] if f["kind"] == "tensor"}
 
     assert codecs(out) == {"lz4"} and "lz4" in printed.err
+    # info() of the shard directory: each field's codec and its bytes summed over the shards
+    whole = {f["name"]: f for f in torch_lmdb.info(out)["fields"]}
+    for name, field in whole.items():
+        shards = [{f["name"]: f for f in torch_lmdb.info(s["path"])["fields"]}[name]
+                  for s in torch_lmdb.info(out)["shards"]]
+        assert field["codec"] == shards[0]["codec"] and field["level"] == shards[0]["level"], name
+        assert field["stored_bytes"] == sum(f["stored_bytes"] for f in shards), name
+        assert field["raw_bytes"] == sum(f["raw_bytes"] for f in shards), name
     none = str(tmp_path / "none")
     assert main(["convert", "--zarr-path", src, "--output", none, "--shards", "2", "--dask", client.scheduler.address,
                  "--compression", "none", "--no-progress"]) == 0

@@ -184,6 +184,21 @@ def test_shard_replaced_by_another_database_fails_its_checksum(tmp_path):
     assert "shard-00000.lmdb" in str(e.value)
 
 
+def test_info_of_a_shard_directory_gives_each_fields_codec_over_the_shards(tmp_path, cli):
+    out = str(tmp_path / "mixed")
+    sample = lambda i: {"x": np.full(256, i, dtype=np.float32), "k": np.int64(i)}
+    records = [_manifest.write_shard(out, k, [sample(i) for i in range(20)], compression=codec)
+               for k, codec in enumerate(["lz4", "lz4", "none"])]
+    _manifest.write_manifest(out, records, source={})
+    fields = {f["name"]: f for f in torch_lmdb.info(out)["fields"]}
+    shards = [{f["name"]: f for f in torch_lmdb.info(s["path"])["fields"]} for s in torch_lmdb.info(out)["shards"]]
+    assert fields["x"]["codec"] == "mixed" and fields["x"]["codecs"] == ["lz4:5", "lz4:5", "none"]
+    assert fields["x"]["stored_bytes"] == sum(s["x"]["stored_bytes"] for s in shards) < 3 * 20 * 1024
+    assert fields["x"]["raw_bytes"] == 3 * 20 * 1024
+    text = cli("info", out).stdout
+    assert "per shard: lz4:5, lz4:5, none" in text and "of 60.0 KiB raw" in text
+
+
 def test_info_and_verify_take_a_manifest_dir(tmp_path, cli):
     path = write_dir(tmp_path / "out")
     info = torch_lmdb.info(path)
