@@ -20,8 +20,8 @@
 #include "torch_lmdb/detail/env_files.h"
 #include "torch_lmdb/detail/field_codecs.h"
 #include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/packer.h"
 #include "torch_lmdb/detail/record_format.h"
-#include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/write_batch.h"
 #include "torch_lmdb/detail/writeback.h"
 #include "torch_lmdb/errors.h"
@@ -89,20 +89,13 @@ struct Writer::Impl {
   detail::FieldCodecs coding;              // each field's codec and payload byte counts
   Compression default_codec;
   bool compresses = false;                 // some field has a codec
-  // Records per LMDB value (metadata samples_per_value): 0 until the first
-  // sample of a new database chooses it. Above 1, the value of the last key
-  // may be partly filled: `tail` holds its records as committed (their ends
-  // in `tail_ends`); the committer thread alone uses them.
-  uint32_t per_value = 0;
-  std::string tail;
-  std::vector<size_t> tail_ends;
-  // A format version 5 database: packed values may hold columns
-  // (detail/columns.h). Their stored bytes differ from the records' by
-  // `column_delta` per field (this writer's values so far), of which
-  // `tail_delta` is the tail's value (rewritten by the next commit); the
-  // committer thread alone uses them, as `tail`.
-  bool columns = false;
-  std::vector<int64_t> column_delta, tail_delta, pending_column_delta, pending_tail_delta;
+  // Packed values (samples_per_value > 1; detail/packer.h): `per_value`
+  // records a value, 0 until the first sample of a new database chooses it;
+  // `columns` in a format version 5 database. The committer thread alone
+  // uses the packer's tail.
+  detail::Packer packer{path};
+  uint32_t& per_value = packer.per_value;
+  bool& columns = packer.columns;
   // Compression on several threads (writer.h): `pending` holds raw records
   // (`pending_raw`), which its committer re-encodes with the codecs on
   // `compress_threads` threads (compress_batch).
@@ -186,103 +179,24 @@ struct Writer::Impl {
     env->set_map_size(target);
   }
 
-  // Packed values (per_value > 1): the batch's records joined to `tail`
-  // (the records of the last, partly filled value, which is rewritten), cut
-  // at every multiple of per_value. The new tail is left in `packing` /
-  // `packing_ends`, adopted once the transaction commits (a replay after
-  // MDB_MAP_FULL starts again from the old one).
-  void put_packed(MDB_txn* txn, const Batch& b) {
-    packing = tail;
-    packing_ends = tail_ends;
-    pending_column_delta = column_delta;
-    pending_tail_delta = tail_delta;
-    uint64_t first = b.first - packing_ends.size();  // index of packing's first record
-    bool exists = !packing_ends.empty();            // its value is in the database already
-    unsigned char kbuf[8];
-    auto put_value = [&] {
-      value.clear();
-      if (columns && !b.fields.empty()) {
-        thread_local std::vector<int64_t> delta;
-        detail::append_columnar(packing.data(), packing_ends, b.fields, b.codecs, path, first, value, delta);
-        pending_column_delta.resize(delta.size(), 0);
-        pending_tail_delta.resize(delta.size(), 0);
-        for (size_t f = 0; f < delta.size(); ++f) {
-          if (exists) pending_column_delta[f] -= pending_tail_delta[f];  // the value it replaces
-          pending_column_delta[f] += delta[f];
-          pending_tail_delta[f] = packing_ends.size() < per_value ? delta[f] : 0;
-        }
-      } else {
-        append_packed(packing.data(), packing_ends, value);
-      }
-      encode_key(first / per_value, kbuf);
-      MDB_val k{8, kbuf};
-      MDB_val v{value.size(), value.data()};
-      detail::check_mdb(mdb_put(txn, env->samples_dbi(), &k, &v, exists ? 0 : MDB_APPEND), "mdb_put", path,
-                        "index " + std::to_string(first) + " (a value of " + std::to_string(packing_ends.size()) +
-                            " samples)");
-      exists = false;
-    };
-    size_t start = 0;
-    for (size_t i = 0; i < b.size(); ++i) {
-      packing.append(b.bytes.data() + start, b.ends[i] - start);
-      packing_ends.push_back(packing.size());
-      start = b.ends[i];
-      if (packing_ends.size() == per_value) {
-        put_value();
-        first += per_value;
-        packing.clear();
-        packing_ends.clear();
-      }
-    }
-    if (!packing_ends.empty()) put_value();
-  }
   // Appending to a packed database whose last value holds fewer than
-  // per_value records: they become the tail (checked, so that a damaged
-  // value is not carried on).
+  // per_value records: they become the packer's tail (checked, so that a
+  // damaged value is not carried on).
   void load_tail(size_t counted) {
     WriteTxn txn(*env);
-    const uint64_t key = (counted - 1) / per_value;
+    const uint64_t first = (counted - 1) / per_value * per_value;
     unsigned char kbuf[8];
-    encode_key(key, kbuf);
+    encode_key(first / per_value, kbuf);
     MDB_val k{8, kbuf}, v{0, nullptr};
     const int rc = mdb_get(txn.get(), env->samples_dbi(), &k, &v);
-    const size_t n = counted - key * per_value;
-    auto damaged = [&](const std::string& why) {
-      throw CorruptedError("cannot append to '" + path + "': the value of samples " + std::to_string(key * per_value) +
-                               " to " + std::to_string(counted - 1) + " " + why + "; run `torch-lmdb verify`",
+    if (rc == MDB_NOTFOUND)
+      throw CorruptedError("cannot append to '" + path + "': the value of samples " + std::to_string(first) + " to " +
+                               std::to_string(counted - 1) + " is missing; run `torch-lmdb verify`",
                            0, path);
-    };
-    if (rc == MDB_NOTFOUND) damaged("is missing");
-    detail::check_mdb(rc, "mdb_get", path, "index " + std::to_string(key * per_value));
-    env->check_value(v, "the value of samples from index " + std::to_string(key * per_value));
-    tail.clear();
-    tail_ends.clear();
-    const RecordContext ctx{&path, key * per_value};
-    if (!detail::expand_records(static_cast<const char*>(v.mv_data), v.mv_size, n, per_value, schema, ctx, tail,
-                                tail_ends, tail_delta))
-      damaged("is damaged or holds fewer than " + std::to_string(n) + " records");
-    const char* extra = nullptr;
-    size_t extra_size = 0;
-    if (packed_record(v.mv_data, v.mv_size, n, per_value, &extra, &extra_size))
-      damaged("holds more than the " + std::to_string(n) + " records the metadata counts");
+    detail::check_mdb(rc, "mdb_get", path, "index " + std::to_string(first));
+    env->check_value(v, "the value of samples from index " + std::to_string(first));
+    packer.load_tail(v, counted, schema);
   }
-
-  // Metadata `compression` of batch `b` with its stored bytes counted as the
-  // columns store them (put_packed's pending_column_delta).
-  detail::Json with_columns(const Batch& b) const {
-    if (!columns || per_value <= 1 || !b.compression.is_object()) return b.compression;
-    detail::Json out = b.compression;
-    for (size_t f = 0; f < b.fields.size() && f < pending_column_delta.size(); ++f) {
-      auto it = out.find(b.fields[f].name);
-      if (pending_column_delta[f] == 0 || it == out.end() || !it->contains("stored_bytes")) continue;
-      const int64_t stored = (*it)["stored_bytes"].get<int64_t>() + pending_column_delta[f];
-      (*it)["stored_bytes"] = static_cast<uint64_t>(std::max<int64_t>(stored, 0));
-    }
-    return out;
-  }
-
-  std::string packing, value;  // put_packed's buffers (the committer thread's)
-  std::vector<size_t> packing_ends;
 
   // Writes a batch (and its metadata) in one transaction; on MDB_MAP_FULL
   // grows the map and replays the whole batch. Runs on the committer thread.
@@ -293,7 +207,7 @@ struct Writer::Impl {
         unsigned char kbuf[8];
         size_t start = 0;
         if (per_value > 1) {
-          put_packed(txn.get(), b);
+          packer.put(*env, txn.get(), b);
         } else {
           for (size_t i = 0; i < b.size(); ++i) {
           encode_key(b.first + i, kbuf);
@@ -304,15 +218,10 @@ struct Writer::Impl {
           start = b.ends[i];
           }
         }
-        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, with_columns(b), b.shard);
+        put_common_meta(txn.get(), b.first + b.size(), b.schema, b.user, b.complete, packer.with_columns(b), b.shard);
         detail::EarlyWriteback writeback(env->handle());
         txn.commit();
-        if (per_value > 1) {
-          tail.swap(packing);
-          tail_ends.swap(packing_ends);
-          column_delta.swap(pending_column_delta);
-          tail_delta.swap(pending_tail_delta);
-        }
+        if (per_value > 1) packer.commit();
         break;
       } catch (const MapFullError&) {
         if (!options.auto_grow) throw;
