@@ -126,6 +126,16 @@ at::Tensor stored_tensor(const Field& f) { return f.tensor.resolve_conj().resolv
 
 }  // namespace
 
+void put_compact_header(std::string& out, size_t fields, bool checksum) {
+  const uint32_t magic = kRecordMagic;
+  const uint16_t version = kCompactFormatVersion;
+  const uint16_t flags = checksum ? 1 : 0;
+  out.append(reinterpret_cast<const char*>(&magic), 4);
+  out.append(reinterpret_cast<const char*>(&version), 2);
+  out.append(reinterpret_cast<const char*>(&flags), 2);
+  put_varint(out, fields);
+}
+
 void put_varint(std::string& out, uint64_t v) {
   char buf[10];
   size_t n = 0;
@@ -203,13 +213,7 @@ void append_cereal(const std::vector<Field>& fields, const EncodeOptions& option
 // to `out` without its checksum; `stored` gets each field's stored bytes.
 void append_compact(const std::vector<Field>& fields, const EncodeOptions& options, std::string& out,
                     std::vector<uint64_t>& stored, std::string& scratch) {
-  const uint32_t magic = kRecordMagic;
-  const uint16_t version = kCompactFormatVersion;
-  const uint16_t flags = options.checksum ? 1 : 0;
-  out.append(reinterpret_cast<const char*>(&magic), 4);
-  out.append(reinterpret_cast<const char*>(&version), 2);
-  out.append(reinterpret_cast<const char*>(&flags), 2);
-  put_varint(out, fields.size());
+  put_compact_header(out, fields.size(), options.checksum);
   for (size_t fi = 0; fi < fields.size(); ++fi) {
     const Field& f = fields[fi];
     check_field(f);

@@ -171,13 +171,7 @@ void decode_column(const FieldView& view, void* dst) {
 size_t append_compact_views(const std::vector<FieldView>& views, const std::vector<bool>& to_column, bool checksum,
                             std::string& out) {
   const size_t start = out.size();
-  const uint32_t magic = kRecordMagic;
-  const uint16_t version = kCompactFormatVersion;
-  const uint16_t flags = checksum ? 1 : 0;
-  store(out, magic);
-  store(out, version);
-  store(out, flags);
-  put_varint(out, views.size());
+  put_compact_header(out, views.size(), checksum);
   thread_local std::string decoded;
   for (size_t f = 0; f < views.size(); ++f) {
     const FieldView& v = views[f];

@@ -183,6 +183,9 @@ void parse_record(const void* data, size_t size, bool verify_checksum,
 uint64_t record_checksum(const void* p, size_t n) noexcept;
 /// Appends `v` as an unsigned LEB128 varint (compact records).
 void put_varint(std::string& out, uint64_t v);
+/// Appends a compact record's header: magic, version 4, flags (bit 0:
+/// `checksum`), the varint field count.
+void put_compact_header(std::string& out, size_t fields, bool checksum);
 
 /// The record version of the record at `data` (0 when it is too short to
 /// tell); nothing else is checked.
