@@ -149,6 +149,13 @@ int main(int argc, char** argv) {
     if (magic != kColumnPackMagic) throw std::runtime_error("the columnar seed has no columns");
     put(root + "/record/columnar", rec);
   }
+  {  // a compact record whose fields say "in a column", outside any columnar value
+    // (an input libFuzzer found: such views have no bytes until resolved)
+    static const unsigned char bytes[] = {0x54, 0x4c, 0x4d, 0x44, 0x04, 0x00, 0x01, 0x00, 0x04, 0x03,
+                                          0x04, 0x03, 0x03, 0x00, 0x03, 0x61, 0x61, 0x50, 0x00, 0x18,
+                                          0x00, 0x5e, 0x88, 0xbb, 0x45, 0x29, 0x14, 0xba, 0xc5};
+    put(root + "/record/compact-unresolved-column", std::string(reinterpret_cast<const char*>(bytes), sizeof bytes));
+  }
 
   // meta: a whole table as Reader::metadata_json gives it, and single values.
   const std::string db = root + "/tmp/db";
