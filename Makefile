@@ -127,14 +127,15 @@ test-tsan: sanitizer-deps
 	cd build/tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/sanitizers/tsan.supp \
 	  ctest --output-on-failure -j $(JOBS) --no-tests=error -R 'Concurrent|Threads|ColdReads.*Stream'
 
-# gcc LTO link of the library and every gtest, which fails on ODR violations (-Werror=odr).
-# gcc compares the types of all translation units at that link whatever the optimisation
-# level: -O0 keeps the check and makes its compile and link quick. (The gtests run in the
-# other builds.)
+# gcc LTO link of the library, which fails on ODR violations (-Werror=odr) between its
+# translation units. gcc compares the types of all of them at that link whatever the
+# optimisation level: -O0 keeps the check and makes its compile and link quick. (The gtests
+# link the shared library, so their own link could only compare the test files among
+# themselves; they run in the other builds.)
 test-odr: deps
 	$(CHECK_CMAKE) -S . -B build/odr -DCMAKE_CXX_COMPILER=g++ -DTORCH_LMDB_ODR_CHECK=ON \
 	  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O0
-	cmake --build build/odr -j $(JOBS) --target torch_lmdb_tests
+	cmake --build build/odr -j $(JOBS) --target torch_lmdb
 
 # libFuzzer targets (tests/fuzz), each run FUZZ_SECONDS on a copy of its seed corpus.
 FUZZ_TARGETS := record meta open
