@@ -108,36 +108,20 @@ def stage_whole(paths, cache_dir, cache_limit) -> Tuple[Optional[_Spec], Any, Op
     return spec, cache, cache.local_dir
 
 
-def window_need(sizes: Sequence[int], shards: int) -> int:
-    """Bytes of the `shards` largest shards."""
-    return sum(sorted(sizes, reverse=True)[:shards])
-
-
 def choose_window(sizes: Sequence[int], limit: int, shard_window: Optional[int], predownload: Optional[int],
                   source: str) -> Tuple[int, int]:
     """(shard_window, predownload) for a cache of `limit` bytes. The cache
     must hold a window while the next window's first shard is fetched: the
-    largest shard_window + 1 shards; ValueError naming that minimum."""
-    n = len(sizes)
-    if shard_window is None:  # the largest window the cache holds twice, with a shard to spare
-        shard_window = 1
-        while shard_window < n and window_need(sizes, 2 * (shard_window + 1) + 1) <= limit:
-            shard_window += 1
-    if isinstance(shard_window, bool) or not isinstance(shard_window, int) or shard_window < 1:
+    largest shard_window + 1 shards; ValueError naming that minimum. The rule
+    is the C++ loader's (csrc/torch_lmdb/detail/windows.h)."""
+    if shard_window is not None and (isinstance(shard_window, bool) or not isinstance(shard_window, int)
+                                     or shard_window < 1):
         raise ValueError(f"shard_window must be a positive int, got {shard_window!r}")
-    shard_window = min(shard_window, n)
-    if predownload is None:
-        predownload = max(1, min(shard_window, n - shard_window))
-    if isinstance(predownload, bool) or not isinstance(predownload, int) or predownload < 0:
+    if predownload is not None and (isinstance(predownload, bool) or not isinstance(predownload, int)
+                                    or predownload < 0):
         raise ValueError(f"predownload must be an int >= 0, got {predownload!r}")
-    need = window_need(sizes, min(n, shard_window + 1))
-    if limit < need:
-        raise ValueError(f"cache_limit {limit} bytes is too small for '{source}' with shard_window={shard_window}: "
-                         f"reading a window of {shard_window} shards while the next one is fetched needs at least "
-                         f"{need} bytes (its {min(n, shard_window + 1)} largest shards); "
-                         f"{window_need(sizes, min(n, 2 * shard_window))} bytes also fetch the next window ahead. "
-                         f"Raise cache_limit or lower shard_window")
-    return shard_window, predownload
+    return tuple(_C.choose_shard_window([int(s) for s in sizes], int(limit), shard_window or 0,
+                                        -1 if predownload is None else predownload, source))
 
 
 def shard_window_order(counts: Sequence[int], window: int, seed: int, shuffle: bool = True
@@ -146,20 +130,10 @@ def shard_window_order(counts: Sequence[int], window: int, seed: int, shuffle: b
     shard visiting order). With ``shuffle``, the shards are visited in a
     random order, ``window`` at a time, each window's samples shuffled
     together; else every sample in order. Deterministic in ``seed`` (torch's
-    CPU generator), the same on every rank."""
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    if not shuffle:
-        return torch.arange(offsets[-1], dtype=torch.int64), list(range(len(counts)))
-    g = torch.Generator()
-    g.manual_seed(seed & (2**63 - 1))
-    visit = torch.randperm(len(counts), generator=g).tolist()
-    pieces = []
-    for w in range(0, len(visit), window):
-        idx = torch.cat([torch.arange(offsets[k], offsets[k + 1], dtype=torch.int64) for k in visit[w:w + window]])
-        pieces.append(idx[torch.randperm(len(idx), generator=g)])
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64), visit
+    CPU generator), the same on every rank and in the C++ loader."""
+    order, visit = _C.shard_window_order([int(c) for c in counts], int(window), int(seed) & (2**64 - 1),
+                                         bool(shuffle))
+    return order, list(visit)
 
 
 class ShardWindowDataset(LMDBDataset):

@@ -12,6 +12,7 @@
 
 #include "torch_lmdb/detail/meta.h"
 #include "torch_lmdb/detail/shm_slabs.h"
+#include "torch_lmdb/detail/windows.h"
 #include "torch_lmdb/torch_lmdb.h"
 
 namespace py = pybind11;
@@ -492,7 +493,24 @@ void bind_stream(py::module_& m) {
     return py::make_tuple(p.first, p.count, p.position_after, p.pad_index);
   }, py::arg("n"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"), py::arg("start"),
      py::arg("drop_last"), "(first, count, position_after, pad_index) of a rank's batches (stream.h)");
-
+  m.def("shard_window_order", [](const std::vector<uint64_t>& counts, size_t window, uint64_t seed, bool shuffle) {
+    std::vector<int64_t> visit;
+    std::vector<int64_t> order;
+    {
+      py::gil_scoped_release nogil;
+      order = torch_lmdb::detail::shard_window_order(counts, window, seed, shuffle, &visit);
+    }
+    at::Tensor t = at::empty({static_cast<int64_t>(order.size())}, at::kLong);
+    std::copy(order.begin(), order.end(), t.data_ptr<int64_t>());
+    return py::make_tuple(t, visit);
+  }, py::arg("counts"), py::arg("window"), py::arg("seed"), py::arg("shuffle") = true,
+     "(sample order as an int64 tensor, shards in visiting order) of an epoch in shard windows (detail/windows.h)");
+  m.def("choose_shard_window", [](const std::vector<uint64_t>& sizes, uint64_t limit, size_t window,
+                                  int64_t predownload, const std::string& source) {
+    const torch_lmdb::detail::WindowChoice c = torch_lmdb::detail::choose_shard_window(sizes, limit, window, predownload, source);
+    return py::make_tuple(c.window, c.predownload);
+  }, py::arg("sizes"), py::arg("limit"), py::arg("window"), py::arg("predownload"), py::arg("source"),
+     "(shard_window, predownload) a cache of `limit` bytes allows (window 0, predownload -1: the defaults)");
 }
 
 // Worker-batch transport (csrc/torch_lmdb/detail/shm_slabs.h): a ticket crosses

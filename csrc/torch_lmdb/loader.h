@@ -57,6 +57,10 @@
 
 namespace torch_lmdb {
 
+namespace detail {
+size_t windows_size(const ShardWindows& windows);  // its samples (detail/windows.cpp)
+}  // namespace detail
+
 struct LoaderOptions {
   size_t batch_size = 256;
   /// A new random order every epoch (else sequential).
@@ -87,6 +91,17 @@ struct LoaderOptions {
   /// Read a mixture through the reader (StreamOptions::mixture; the reader
   /// opens every source's files in order). num_samples is then its epoch size.
   std::optional<MixtureSource> mixture;
+  /// A staged dataset (reader.cache_dir set, one URL or shard directory)
+  /// larger than reader.cache_limit is read a window of shards at a time:
+  /// the shards visited in a random order, `shard_window` at a time, each
+  /// window's samples shuffled together (the same order as Python's
+  /// make_loader for a seed). 0: the largest window the cache holds twice
+  /// with a shard to spare. A cache below the window's largest shards plus
+  /// one is a ValueError naming that minimum.
+  size_t shard_window = 0;
+  /// Shards of the next window fetched ahead (-1: min(shard_window, the
+  /// shards after the first window), at least 1).
+  int64_t predownload = -1;
 };
 
 /// Where a loader is in its epochs: what load_state() needs to continue.
@@ -104,6 +119,16 @@ class Loader {
   /// Throws ValueError for invalid options (checked here, not at begin()).
   Loader(Reader reader, LoaderOptions options) : reader_(std::move(reader)), options_(std::move(options)) {
     stream_options();  // validates the options
+    (void)rank_batches(samples(), options_.batch_size, options_.rank, options_.world_size, 0, options_.drop_last);
+  }
+  /// A loader of a staged dataset read in shard windows (make_loader makes it).
+  Loader(std::shared_ptr<detail::ShardWindows> windows, LoaderOptions options)
+      : windows_(std::move(windows)), options_(std::move(options)) {
+    stream_options();
+    TORCH_CHECK_VALUE(options_.block_size == 0, "block_size does not apply to a dataset read in shard windows (a "
+                      "window of shards is its block): call make_loader without it");
+    TORCH_CHECK_VALUE(!options_.selection && !options_.mixture, "a selection or a mixture needs the whole dataset "
+                      "in the cache: give a cache_limit of at least its size");
     (void)rank_batches(samples(), options_.batch_size, options_.rank, options_.world_size, 0, options_.drop_last);
   }
 
@@ -185,13 +210,21 @@ class Loader {
   }
 
   const LoaderOptions& options() const noexcept { return options_; }
-  const Reader& reader() const noexcept { return reader_; }
+  /// The loader's Reader; c10::Error for a loader in shard windows (it
+  /// opens each shard's Reader as its window comes).
+  const Reader& reader() const {
+    TORCH_CHECK(reader_.has_value(), "this loader reads its dataset in shard windows: it has no single Reader");
+    return *reader_;
+  }
+  /// Whether the loader reads a staged dataset a window of shards at a time.
+  bool shard_windows() const noexcept { return windows_ != nullptr; }
 
  private:
   // Positions of an epoch: the mixture's, the selection's or the reader's samples.
   size_t samples() const {
     if (options_.mixture) return MixtureOrder(options_.mixture->rule, 0, 0).size();
-    return options_.selection ? options_.selection->size() : reader_.size();
+    if (!reader_) return detail::windows_size(*windows_);
+    return options_.selection ? options_.selection->size() : reader_->size();
   }
 
   StreamOptions stream_options() const {
@@ -225,7 +258,8 @@ class Loader {
 
   void start_epoch() {
     stream_.reset();  // joins an abandoned epoch's threads first
-    stream_ = std::make_unique<BatchStream>(reader_, stream_options());
+    stream_ = reader_ ? std::make_unique<BatchStream>(*reader_, stream_options())
+                      : std::make_unique<BatchStream>(windows_, stream_options());
   }
 
   std::optional<Batch> next() {
@@ -246,7 +280,8 @@ class Loader {
     return b;
   }
 
-  Reader reader_;
+  std::optional<Reader> reader_;                  // or:
+  std::shared_ptr<detail::ShardWindows> windows_;  // a staged dataset read in shard windows
   LoaderOptions options_;
   uint64_t epoch_ = 0;
   size_t start_ = 0;
@@ -262,13 +297,9 @@ std::unique_ptr<Loader> make_loader(R&& reader, LoaderOptions options = {}) {
 }
 
 /// A loader over these databases (concatenated in order), opened with
-/// options.reader and options.fields.
-inline std::unique_ptr<Loader> make_loader(const std::vector<std::string>& paths, LoaderOptions options = {}) {
-  ReaderOptions ro = options.reader;
-  if (!options.fields.empty()) ro.fields = options.fields;
-  Reader reader(paths, std::move(ro));
-  return std::make_unique<Loader>(std::move(reader), std::move(options));
-}
+/// options.reader and options.fields; a staged dataset larger than
+/// reader.cache_limit is read in shard windows (LoaderOptions::shard_window).
+std::unique_ptr<Loader> make_loader(const std::vector<std::string>& paths, LoaderOptions options = {});
 
 /// A loader over one database ("a.lmdb", a std::string, ...).
 template <class S, std::enable_if_t<std::is_convertible_v<const S&, std::string> &&

@@ -121,8 +121,8 @@ struct ReaderOptions {
   std::string cache_dir;
   /// Bytes the cache directory may hold (0: no limit). A Reader stages the
   /// whole dataset, so a limit below the dataset's size is a ValueError
-  /// naming both (Python's LMDBDataset reads such a dataset through a
-  /// shard window instead).
+  /// naming both (make_loader, and Python's LMDBDataset, read such a dataset
+  /// in shard windows instead: LoaderOptions::shard_window).
   uint64_t cache_limit = 0;
 };
 

@@ -1,5 +1,7 @@
 #include "torch_lmdb/stream.h"
 
+#include "torch_lmdb/detail/windows.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -147,7 +149,8 @@ void check_mixture(const MixtureSource& m, const StreamOptions& o, size_t reader
 }  // namespace
 
 struct BatchStream::State {
-  Reader reader;
+  std::optional<Reader> reader;                  // or:
+  std::shared_ptr<detail::ShardWindows> windows;  // a dataset read in shard windows
   StreamOptions options;
   std::vector<size_t> order;         // empty with a mixture
   std::optional<MixtureOrder> rule;  // the mixture's, for (seed, epoch)
@@ -177,6 +180,7 @@ struct BatchStream::State {
   std::vector<std::thread> threads;
 
   State(Reader r, StreamOptions o) : reader(std::move(r)), options(std::move(o)) {}
+  State(std::shared_ptr<detail::ShardWindows> w, StreamOptions o) : windows(std::move(w)), options(std::move(o)) {}
 
   // Stops and joins the reader threads (idempotent; not under `mutex`). Called when the
   // epoch ends, so that no thread outlives it (a fork() in the loop's next step, e.g. a
@@ -225,7 +229,7 @@ struct BatchStream::State {
   // worth. Under `mutex`.
   size_t chunk_batches() const {
     if (batch_bytes == 0) return 1;  // (until a first request measured a batch)
-    const size_t budget = reader.options().page_request_bytes;
+    const size_t budget = reader->options().page_request_bytes;
     if (options.order == SampleOrder::BlockShuffle) {
       const size_t per_batch = options.batch_size * options.world_size;
       const size_t window = (options.block_size * options.window_blocks + per_batch - 1) / per_batch;
@@ -253,7 +257,7 @@ struct BatchStream::State {
       const std::vector<size_t> batch = indices(b);
       idx.insert(idx.end(), batch.begin(), batch.end());
     }
-    const Reader::PagesRequested got = reader.request_pages(idx);
+    const Reader::PagesRequested got = reader->request_pages(idx);
     std::lock_guard<std::mutex> lock(mutex);
     cold = got.missing_pages > 0;
     if (got.bytes > 0) batch_bytes = std::max<size_t>(1, got.bytes / (range.second - range.first));
@@ -263,7 +267,7 @@ struct BatchStream::State {
     for (;;) {
       size_t k = 0;
       std::pair<size_t, size_t> ahead{0, 0};
-      const bool thread_cold = reader.requesting_pages();
+      const bool thread_cold = reader && reader->requesting_pages();
       {
         std::unique_lock<std::mutex> lock(mutex);
         consumed.wait(lock, [&] {
@@ -276,7 +280,8 @@ struct BatchStream::State {
       try {
         if (ahead.second > ahead.first) request_pages(ahead);
         std::vector<int64_t> sources;
-        Batch b = reader.read_batch(indices(k, &sources), options.batch);
+        Batch b = windows ? windows->read(indices(k), options.batch)
+                          : reader->read_batch(indices(k, &sources), options.batch);
         if (rule) add_sources(b, sources);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));
@@ -292,38 +297,79 @@ struct BatchStream::State {
   }
 };
 
-BatchStream::BatchStream(Reader reader, StreamOptions options) {
+namespace {
+
+void check_stream_options(const StreamOptions& options) {
   TORCH_CHECK_VALUE(options.batch_size > 0, "batch_size must be positive, got ", options.batch_size);
   TORCH_CHECK_VALUE(options.batches_ahead > 0, "batches_ahead must be at least 1, got ", options.batches_ahead);
   TORCH_CHECK_VALUE(options.threads > 0, "threads must be at least 1, got ", options.threads);
-  // The reading threads already decode side by side: each decodes its own batches.
+  TORCH_CHECK_VALUE(options.block_size > 0 && options.window_blocks > 0,
+                    "block_size and window_blocks must be positive, got ", options.block_size, " and ",
+                    options.window_blocks);
+}
+
+// The reading threads already decode side by side: each decodes its own
+// batches; batches wait in the queue: written around the cache.
+StreamOptions reading_options(StreamOptions options) {
   options.batch.decode_threads = 1;
-  options.batch.nontemporal_stores = true;  // batches wait in the queue: written around the cache
-  state_ = std::make_shared<State>(std::move(reader), std::move(options));
+  options.batch.nontemporal_stores = true;
+  return options;
+}
+
+}  // namespace
+
+void BatchStream::start_threads() {
   State& s = *state_;
+  s.num_batches = rank_batches(s.n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                               s.options.drop_last);
+  s.generation = fork_generation();
+  const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
+  for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
+}
+
+BatchStream::BatchStream(Reader reader, StreamOptions options) {
+  check_stream_options(options);
+  state_ = std::make_shared<State>(std::move(reader), reading_options(std::move(options)));
+  State& s = *state_;
+  const Reader& r = *s.reader;
   if (s.options.mixture) {
-    check_mixture(*s.options.mixture, s.options, s.reader.size());
+    check_mixture(*s.options.mixture, s.options, r.size());
     MixtureOptions rule = s.options.mixture->rule;
     rule.shuffle = s.options.order == SampleOrder::Shuffle;
     s.rule.emplace(std::move(rule), s.options.seed, s.options.epoch);
   }
-  const size_t n = s.rule ? s.rule->size() : s.options.selection ? s.options.selection->size() : s.reader.size();
+  const size_t n = s.rule ? s.rule->size() : s.options.selection ? s.options.selection->size() : r.size();
   if (s.options.selection)
     for (size_t p = 0; p < n; ++p)
-      TORCH_CHECK_INDEX(s.options.selection->at(p) < s.reader.size(), "selection position ", p, ": index ",
-                        s.options.selection->at(p), " out of range for dataset of size ", s.reader.size());
+      TORCH_CHECK_INDEX(s.options.selection->at(p) < r.size(), "selection position ", p, ": index ",
+                        s.options.selection->at(p), " out of range for dataset of size ", r.size());
   s.n = n;
-  s.num_batches = rank_batches(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
-                               s.options.drop_last);
-  TORCH_CHECK_VALUE(s.options.block_size > 0 && s.options.window_blocks > 0,
-                    "block_size and window_blocks must be positive, got ", s.options.block_size, " and ",
-                    s.options.window_blocks);
+  (void)rank_batches(n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                     s.options.drop_last);  // checks the rank, world size and start before the order is drawn
   if (!s.rule)
     s.order = sample_order(n, s.options.order, epoch_seed(s.options.seed, s.options.epoch), s.options.block_size,
                            s.options.window_blocks);
-  s.generation = fork_generation();
-  const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
-  for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
+  start_threads();
+}
+
+BatchStream::BatchStream(std::shared_ptr<detail::ShardWindows> windows, StreamOptions options) {
+  check_stream_options(options);
+  TORCH_CHECK_VALUE(windows != nullptr, "BatchStream: no shard windows");
+  TORCH_CHECK_VALUE(options.order != SampleOrder::BlockShuffle,
+                    "block shuffle does not apply to a dataset read in shard windows (a window of shards is its "
+                    "block): shuffle without block_size");
+  TORCH_CHECK_VALUE(!options.selection && !options.mixture,
+                    "a selection or a mixture needs the whole dataset in the cache: give a cache_limit of at least "
+                    "its size");
+  state_ = std::make_shared<State>(std::move(windows), reading_options(std::move(options)));
+  State& s = *state_;
+  s.n = s.windows->size();
+  (void)rank_batches(s.n, s.options.batch_size, s.options.rank, s.options.world_size, s.options.start,
+                     s.options.drop_last);
+  const std::vector<int64_t> order = s.windows->start_epoch(epoch_seed(s.options.seed, s.options.epoch),
+                                                            s.options.order != SampleOrder::Sequential);
+  s.order.assign(order.begin(), order.end());
+  start_threads();
 }
 
 BatchStream::~BatchStream() {

@@ -53,6 +53,10 @@
 
 namespace torch_lmdb {
 
+namespace detail {
+class ShardWindows;  // a staged dataset read in shard windows (internal)
+}  // namespace detail
+
 enum class SampleOrder {
   Sequential,  ///< 0, 1, ..., n-1
   Shuffle,     ///< a uniformly random permutation
@@ -144,6 +148,10 @@ class BatchStream {
   /// rank's batches are computed as they are read), O(n) otherwise (the
   /// order is drawn).
   BatchStream(Reader reader, StreamOptions options);
+  /// A staged dataset read in shard windows (make_loader makes these): the
+  /// order is the windows' (Sequential or Shuffle; BlockShuffle, a selection
+  /// and a mixture are ValueErrors); everything else as above.
+  BatchStream(std::shared_ptr<detail::ShardWindows> windows, StreamOptions options);
   ~BatchStream();
   BatchStream(const BatchStream&) = delete;
   BatchStream& operator=(const BatchStream&) = delete;
@@ -167,6 +175,7 @@ class BatchStream {
   struct State;
 
  private:
+  void start_threads();
   std::shared_ptr<State> state_;
 };
 

@@ -12,6 +12,7 @@
 
 #include "test_util.h"
 #include "torch_lmdb/detail/stage.h"
+#include "torch_lmdb/detail/windows.h"
 
 using namespace torch_lmdb;
 using torch_lmdb::detail::ShardCache;
@@ -166,4 +167,152 @@ TEST(StageConcurrent, ThreadsAcquiringOneShardFetchItOnce) {
   EXPECT_EQ(ok.load(), 80);
   EXPECT_EQ(c.stats().shards_fetched, 2u);
   EXPECT_EQ(temporaries(tmp.sub("cache")), 0);
+}
+
+// ---- a staged dataset larger than its cache, read in shard windows (detail/windows.h) ----
+
+namespace {
+
+LoaderOptions window_options(const std::string& cache, uint64_t limit) {
+  LoaderOptions o;
+  o.batch_size = 16;
+  o.threads = 1;
+  o.seed = 7;
+  o.reader.cache_dir = cache;
+  o.reader.cache_limit = limit;
+  return o;
+}
+
+uint64_t largest_shard(const ShardCache& c) {
+  uint64_t largest = 0;
+  for (const auto& s : c.shards()) largest = std::max(largest, s.size);
+  return largest;
+}
+
+// Every batch of one epoch: the indices in delivery order; checks each
+// sample's x against its index and the cache against `limit` after each batch.
+std::vector<int64_t> read_epoch(Loader& loader, const ShardCache& probe, uint64_t limit, size_t max_batches = SIZE_MAX) {
+  std::vector<int64_t> seen;
+  size_t batches = 0;
+  for (auto& b : loader) {
+    const at::Tensor idx = b.tensors["index"];
+    for (int64_t j = 0; j < idx.size(0); ++j) {
+      const int64_t i = idx[j].item<int64_t>();
+      EXPECT_TRUE(b.tensors["x"][j].equal(torch_lmdb_test::make_sample(i)["x"])) << "sample " << i;
+      seen.push_back(i);
+    }
+    EXPECT_LE(probe.cached_bytes(), limit);
+    if (++batches == max_batches) break;
+  }
+  return seen;
+}
+
+}  // namespace
+
+TEST(StageWindows, LoaderReadsAWindowOfShardsAtATimeInTheOrderPythonDraws) {
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 6, 40);
+  StageOptions so;
+  so.cache_dir = tmp.sub("cache");
+  ShardCache probe(src, so);
+  const uint64_t largest = largest_shard(probe);
+  const uint64_t limit = 3 * largest + largest / 2;  // a window of 1 (the default for this cache)
+  auto loader = make_loader(src, window_options(so.cache_dir, limit));
+  ASSERT_TRUE(loader->shard_windows());
+  EXPECT_THROW(loader->reader(), c10::Error);
+  EXPECT_EQ(loader->size(), 15u);  // 240 samples, 16 a batch
+  for (uint64_t epoch = 0; epoch < 2; ++epoch) {
+    const std::vector<int64_t> seen = read_epoch(*loader, probe, limit);
+    std::vector<int64_t> expect = torch_lmdb::detail::shard_window_order(std::vector<uint64_t>(6, 40), 1,
+                                                                         epoch_seed(7, epoch), true);
+    // make_sample(i)'s "index" is the global index: shard k holds [40k, 40k + 40).
+    EXPECT_EQ(seen, expect) << "epoch " << epoch;
+    std::vector<int64_t> sorted = seen;
+    std::sort(sorted.begin(), sorted.end());
+    for (int64_t i = 0; i < 240; ++i) ASSERT_EQ(sorted[static_cast<size_t>(i)], i);
+  }
+  EXPECT_LE(probe.cached_bytes(), limit);
+}
+
+TEST(StageWindows, RanksAndResumptionCoverEverySampleOnce) {
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 5, 30);
+  StageOptions so;
+  so.cache_dir = tmp.sub("cache");
+  ShardCache probe(src, so);
+  const uint64_t largest = largest_shard(probe);
+  const uint64_t limit = 4 * largest;
+  // Two ranks: together every sample once.
+  std::vector<int64_t> all;
+  for (size_t rank = 0; rank < 2; ++rank) {
+    LoaderOptions o = window_options(so.cache_dir, limit);
+    o.shard_window = 2;
+    o.rank = rank;
+    o.world_size = 2;
+    auto loader = make_loader(src, o);
+    const auto part = read_epoch(*loader, probe, limit);
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  std::sort(all.begin(), all.end());
+  ASSERT_EQ(all.size(), 150u);
+  for (int64_t i = 0; i < 150; ++i) ASSERT_EQ(all[static_cast<size_t>(i)], i);
+  // Stopped after 4 batches: a new loader continues with exactly the rest.
+  LoaderOptions o = window_options(so.cache_dir, limit);
+  o.shard_window = 2;
+  auto first = make_loader(src, o);
+  std::vector<int64_t> seen = read_epoch(*first, probe, limit, 4);
+  const LoaderState state = first->state();
+  EXPECT_EQ(state.position, 64u);
+  first.reset();
+  auto second = make_loader(src, o);
+  second->load_state(state);
+  const auto rest = read_epoch(*second, probe, limit);
+  seen.insert(seen.end(), rest.begin(), rest.end());
+  EXPECT_EQ(seen, torch_lmdb::detail::shard_window_order(std::vector<uint64_t>(5, 30), 2, epoch_seed(7, 0), true));
+}
+
+TEST(StageWindows, ACacheTooSmallForAWindowIsRefusedWithItsMinimum) {
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 4, 30);
+  StageOptions so;
+  so.cache_dir = tmp.sub("cache");
+  ShardCache probe(src, so);
+  const uint64_t largest = largest_shard(probe);
+  LoaderOptions o = window_options(so.cache_dir, largest + largest / 2);
+  try {
+    make_loader(src, o);
+    FAIL() << "a cache of 1.5 shards was accepted for a window of 1 (it needs 2)";
+  } catch (const c10::ValueError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("needs at least"), std::string::npos) << what;
+    EXPECT_NE(what.find(src), std::string::npos) << what;
+  }
+  o.reader.cache_limit = 3 * largest;
+  o.block_size = 64;
+  EXPECT_THROW(make_loader(src, o), c10::ValueError);  // a window of shards is its block
+  o.block_size = 0;
+  o.fields = {"no_such_field"};
+  EXPECT_THROW(make_loader(src, o), c10::ValueError);  // checked against shard 0 at once
+  EXPECT_EQ(temporaries(so.cache_dir), 0);
+}
+
+TEST(StageConcurrent, ShardWindowThreadsReadEverySampleOnceAcrossWindows) {
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 6, 25);
+  StageOptions so;
+  so.cache_dir = tmp.sub("cache");
+  ShardCache probe(src, so);
+  const uint64_t largest = largest_shard(probe);
+  LoaderOptions o = window_options(so.cache_dir, 4 * largest);
+  o.shard_window = 1;
+  o.threads = 2;
+  o.batches_ahead = 4;
+  o.batch_size = 7;  // batches straddle the windows
+  auto loader = make_loader(src, o);
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    std::vector<int64_t> seen = read_epoch(*loader, probe, 4 * largest);
+    EXPECT_EQ(seen, torch_lmdb::detail::shard_window_order(std::vector<uint64_t>(6, 25), 1,
+                                                           epoch_seed(7, static_cast<uint64_t>(epoch)), true));
+  }
+  EXPECT_EQ(temporaries(so.cache_dir), 0);
 }

@@ -299,6 +299,29 @@ def test_a_killed_download_leaves_nothing_that_breaks_the_next_start(tmp_path):
 
 # ---- a dataset larger than its cache: shard windows ---------------------------
 
+def _reference_shard_window_order(counts, window, seed):
+    # The order as first published (torch's CPU generator): a resumed run depends on it.
+    offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    g = torch.Generator()
+    g.manual_seed(seed & (2**63 - 1))
+    visit = torch.randperm(len(counts), generator=g).tolist()
+    pieces = []
+    for w in range(0, len(visit), window):
+        idx = torch.cat([torch.arange(offsets[k], offsets[k + 1], dtype=torch.int64) for k in visit[w:w + window]])
+        pieces.append(idx[torch.randperm(len(idx), generator=g)])
+    return torch.cat(pieces), visit
+
+
+@pytest.mark.parametrize("counts,window,seed", [([5, 7, 3, 9], 2, 0), ([10] * 9, 4, 2**64 - 5), ([1], 1, 12)])
+def test_shard_window_order_is_stable_and_shared_with_the_cpp_loader(counts, window, seed):
+    from torch_lmdb.remote import shard_window_order
+    order, visit = shard_window_order(counts, window, seed)
+    ref_order, ref_visit = _reference_shard_window_order(counts, window, seed)
+    assert visit == ref_visit and torch.equal(order, ref_order)
+    plain, _ = shard_window_order(counts, window, seed, shuffle=False)
+    assert plain.tolist() == list(range(sum(counts)))
+
+
 def test_a_cache_limit_too_small_for_a_window_is_refused_with_the_minimum(served, tmp_path):
     server, local = served
     sizes = shard_sizes(local)
