@@ -16,6 +16,9 @@ Rows:
   the link's rate (bar >= 0.8x); the cache's bytes on disk sampled every
   5 ms (bar: never above cache_limit); nginx's access log (bar: each shard
   served once: the bytes served per shard, Range parts added up, equal its size).
+- C++ cold window epoch: the same epoch through the native loader
+  (torch_lmdb::make_loader, 2 reader threads; build/cmake/torch_lmdb_bench_read
+  --mode loader --cold 1 with --cache-dir and --cache-limit), same bars.
 - faults: the same epoch through a proxy answering 10 % of requests with
   503 and cutting 5 % of bodies short: completes, every sample equal to the
   source, no temporary file left.
@@ -71,36 +74,58 @@ def cache_bytes(cache):
                + glob.glob(os.path.join(cache, "**", ".tmp-*"), recursive=True))
 
 
-def window_epoch(url, cache, limit, check=False):
-    """(seconds, peak cache bytes, samples, mismatches) of one cold shard-window epoch."""
-    ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit=limit)
-    peak, done = [0], threading.Event()
+class CachePeak:
+    """The largest size of the cache directory on disk, sampled every 5 ms while in a `with`."""
 
-    def watch():
-        while not done.is_set():
+    def __init__(self, cache):
+        self.cache, self.peak, self._done = cache, 0, threading.Event()
+
+    def _watch(self):
+        while not self._done.is_set():
             try:
-                peak[0] = max(peak[0], cache_bytes(cache))
+                self.peak = max(self.peak, cache_bytes(self.cache))
             except FileNotFoundError:
                 pass
             time.sleep(0.005)
 
-    w = threading.Thread(target=watch)
-    w.start()
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._watch)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def window_epoch(url, cache, limit, check=False):
+    """(seconds, peak cache bytes, samples, mismatches) of one cold shard-window epoch."""
+    ds = torch_lmdb.LMDBDataset(url, cache_dir=cache, cache_limit=limit)
     n, bad = 0, 0
     block = np.random.default_rng(0).standard_normal(4096 * 64).astype(np.float32)
-    t = time.perf_counter()
-    try:
+    with CachePeak(cache) as watch:
+        t = time.perf_counter()
         for batch in ds.iter_batches(BATCH, shuffle=True, seed=1):
             n += len(batch["i"])
             if check:
                 for j, i in enumerate(batch["i"].tolist()):
                     if not np.array_equal(batch["x"][j].numpy(), block[(i % 63) * 4096:(i % 63) * 4096 + 4096]):
                         bad += 1
-    finally:
         seconds = time.perf_counter() - t
-        done.set()
-        w.join()
-    return seconds, peak[0], n, bad, ds
+    return seconds, watch.peak, n, bad, ds
+
+
+def cpp_window_epoch(binary, url, cache, limit):
+    """(peak cache bytes, the binary's JSON) of one cold shard-window epoch of the native loader."""
+    import subprocess
+
+    with CachePeak(cache) as watch:
+        proc = subprocess.run([binary, "--path", url, "--mode", "loader", "--threads", "2", "--batch", str(BATCH),
+                               "--order", "shuffled", "--cold", "1", "--seconds", "1e9", "--cache-dir", cache,
+                               "--cache-limit", str(limit)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{binary}: {proc.stderr.strip()}")
+    return watch.peak, json.loads(proc.stdout)
 
 
 CONNECTIONS = 4  # the staging's `transfers`: requests in flight at most
@@ -200,6 +225,25 @@ def main():
                                         shards_fetched=len(fetched), each_once=once, shards=shards,
                                         served_bytes=sum(served.values()), shard_window=ds.shard_window)
             del ds
+            binary = os.path.join(ROOT, "build", "cmake", "torch_lmdb_bench_read")
+            if os.path.exists(binary):
+                before = len(server.requests("/data.mdb"))
+                peak, r = cpp_window_epoch(binary, url, os.path.join(work, "cpp-cache"), limit)
+                served = fetched_bytes(server, before)
+                n = shards * per_shard  # one epoch (--cold 1)
+                seconds = n / r["samples_per_s"]
+                rate = total / seconds
+                once = all(served.get(u, 0) in (0, size) for u, size in sizes.items())
+                fetched = [u for u in sizes if served.get(u)]
+                print(f"C++ cold shard-window epoch (make_loader, 2 threads): {n} samples in {seconds:.2f} s, "
+                      f"{rate / 1e6:.1f} MB/s = {rate / link:.2f}x the link (bar 0.8x); peak cache {peak / 1e6:.1f} MB "
+                      f"(limit {limit / 1e6:.0f}); each shard fetched once: {once} ({len(fetched)} of {shards} "
+                      f"shards fetched, {sum(served.values()) / 1e6:.1f} MB served); "
+                      f"{r['cpu_us_per_sample']:.1f} CPU us a sample")
+                rows["cpp_window_epoch"] = dict(seconds=seconds, MBps=rate / 1e6, ratio=rate / link, peak=peak,
+                                                limit=limit, shards_fetched=len(fetched), each_once=once)
+            else:
+                print(f"C++ cold shard-window epoch: skipped ({binary} is missing: make build)")
             # faults
             proxy = FaultProxy(server.port, p503=0.10, pcut=0.05, seed=1)
             try:

@@ -8,6 +8,8 @@
 //                         LoaderOptions::batches_ahead; --prefetch N is its old name)
 //                         [--verify 0|1]  (get_batch, get_stack, loader: ReaderOptions::verify;
 //                         default: the reader's default)
+//                         [--cache-dir DIR --cache-limit BYTES]  (ReaderOptions: --path may be
+//                         a URL; loader mode reads a dataset larger than the limit in shard windows)
 //
 //   memcpy     the ceiling: every sample's tensor bytes gathered in the same
 //              order from an in-memory copy into a reused buffer.
@@ -47,11 +49,15 @@ struct Args {
   bool cold = false;  // loader mode: no warm-up epoch, one epoch at most (the file evicted by the caller)
   double seconds = 2.0;
   int verify = -1;  // -1: ReaderOptions' default
+  std::string cache_dir;
+  uint64_t cache_limit = 0;
 };
 
 torch_lmdb::ReaderOptions reader_options(const Args& a) {
   torch_lmdb::ReaderOptions o;
   if (a.verify >= 0) o.verify = a.verify == 1;
+  o.cache_dir = a.cache_dir;
+  o.cache_limit = a.cache_limit;
   return o;
 }
 
@@ -257,6 +263,8 @@ int main(int argc, char** argv) try {
     else if (k == "--seconds") a.seconds = std::stod(v);
     else if (k == "--pad") a.pad = v == "1";
     else if (k == "--cold") a.cold = v == "1";
+    else if (k == "--cache-dir") a.cache_dir = v;
+    else if (k == "--cache-limit") a.cache_limit = std::stoull(v);
     else if (k == "--batches-ahead" || k == "--prefetch") a.batches_ahead = std::stoul(v);
     else if (k == "--verify") a.verify = v == "1" ? 1 : 0;
     else throw std::invalid_argument("unknown option " + k);
