@@ -14,7 +14,7 @@ DEB_PACKAGES := build-essential cmake ninja-build ccache pkg-config libtorch-dev
   liblmdb-dev libcereal-dev nlohmann-json3-dev pybind11-dev libxxhash-dev libgtest-dev libbenchmark-dev \
   python3-dev python3-numpy python3-lmdb python3-zarr python3-h5py python3-pytest python3-pytest-xdist python3-tqdm python3-yaml \
   python3-matplotlib python3-venv python3-setuptools lmdb-utils dataset-fashion-mnist \
-  libblosc-dev python3-dask python3-distributed libcurl4-openssl-dev nginx-light
+  libblosc-dev python3-dask python3-distributed libcurl4-openssl-dev nginx-light liburing-dev
 
 # Compilers and runtimes of the checking builds (test-sanitize, test-tsan, test-odr, fuzz).
 # Not in DEB_PACKAGES: that list keys the cached Debian 13 root.

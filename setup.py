@@ -33,7 +33,7 @@ setup(
             "torch_lmdb._C",
             SOURCES + ["csrc/python/bindings.cpp", "csrc/python/bind_writer.cpp", "csrc/python/bind_stage.cpp"],
             include_dirs=[str(ROOT / "csrc")],
-            libraries=["lmdb", "xxhash", "blosc", "curl"],
+            libraries=["lmdb", "xxhash", "blosc", "curl", "uring"],
             extra_compile_args=FLAGS,
         )
     ],

@@ -542,7 +542,8 @@ class LMDBDataset(torch.utils.data.Dataset):
         (batches that requested their pages at once), ``pages_requested``
         (pages they found uncached), and ``request_pages_calls`` and
         ``pages_requested_ahead`` (``iter_batches`` requesting the coming
-        batches' uncached pages while it reads). The old names
+        batches' uncached pages while it reads), and ``direct_records``
+        (records a ``keep_cache=False`` reader read with O_DIRECT). The old names
         ``lookahead_batches``, ``prefetches`` and ``pages_prefetched`` hold
         the same counts for a release. A dataset staged from a URL or a
         shared file system adds its cache's counters: ``bytes_fetched``,

@@ -8,6 +8,8 @@
 //                         LoaderOptions::batches_ahead; --prefetch N is its old name)
 //                         [--verify 0|1]  (get_batch, get_stack, loader: ReaderOptions::verify;
 //                         default: the reader's default)
+//                         [--keep-cache 0|1 --direct-reads 0|1]  (ReaderOptions::keep_cache,
+//                         direct_reads)
 //                         [--cache-dir DIR --cache-limit BYTES]  (ReaderOptions: --path may be
 //                         a URL; loader mode reads a dataset larger than the limit in shard windows)
 //
@@ -51,11 +53,14 @@ struct Args {
   int verify = -1;  // -1: ReaderOptions' default
   std::string cache_dir;
   uint64_t cache_limit = 0;
+  int keep_cache = -1, direct_reads = -1;  // -1: ReaderOptions' defaults
 };
 
 torch_lmdb::ReaderOptions reader_options(const Args& a) {
   torch_lmdb::ReaderOptions o;
   if (a.verify >= 0) o.verify = a.verify == 1;
+  if (a.keep_cache >= 0) o.keep_cache = a.keep_cache == 1;
+  if (a.direct_reads >= 0) o.direct_reads = a.direct_reads == 1;
   o.cache_dir = a.cache_dir;
   o.cache_limit = a.cache_limit;
   return o;
@@ -264,6 +269,8 @@ int main(int argc, char** argv) try {
     else if (k == "--pad") a.pad = v == "1";
     else if (k == "--cold") a.cold = v == "1";
     else if (k == "--cache-dir") a.cache_dir = v;
+    else if (k == "--keep-cache") a.keep_cache = v == "1" ? 1 : 0;
+    else if (k == "--direct-reads") a.direct_reads = v == "1" ? 1 : 0;
     else if (k == "--cache-limit") a.cache_limit = std::stoull(v);
     else if (k == "--batches-ahead" || k == "--prefetch") a.batches_ahead = std::stoul(v);
     else if (k == "--verify") a.verify = v == "1" ? 1 : 0;

@@ -590,7 +590,7 @@ bool Reader::complete() const { return state_->complete; }
 Reader::IoStats Reader::io_stats() const {
   const State& s = *state_;
   return IoStats{s.io_batches.load(), s.io_page_request_batches.load(), s.io_pages.load(), s.io_pages_ahead.load(),
-                 s.io_request_pages_calls.load()};
+                 s.io_request_pages_calls.load(), s.io_direct_records.load()};
 }
 
 const ReaderOptions& Reader::options() const { return state_->options; }
@@ -613,6 +613,10 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
   size_t bytes = 0;
   uint64_t last_key = 0;
   size_t last_file = 0;
+  // keep_cache = false: a record on pages of its own is read by its batch
+  // with O_DIRECT (BatchLookup): pages requested here would only fill the
+  // page cache it then bypasses.
+  const bool direct = !s.options.keep_cache && s.options.direct_reads;
   for (const size_t index : indices) {
     if (bytes >= budget) break;
     if (index >= n) continue;
@@ -628,10 +632,12 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
     if (!values.empty() && per_value > 1 && local / per_value == last_key && file == last_file) continue;
     if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
     if (!env.value_inside(v)) continue;  // the read of this sample raises it
+    const auto [begin, end] = value_pages(v);
+    if (direct && per_value <= 1 && reinterpret_cast<uintptr_t>(v.mv_data) - begin == 16 && env.direct_fd() >= 0)
+      continue;
     last_key = local / per_value;
     last_file = file;
     values.push_back(v);
-    const auto [begin, end] = value_pages(v);
     bytes += end - begin;
   }
   // Samples at most 16 KiB apart (B-tree pages between runs of values): one

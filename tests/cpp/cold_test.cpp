@@ -191,16 +191,8 @@ TEST(ColdReads, KeepCacheFalseDropsEachBatchsPagesFromThePageCache) {
   }
 }
 
-TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
-  TempDir tmp;
-  const std::string path = tmp.sub("db");
-  write_wide(path, 300);
-  // a payload byte of record 150 flipped (a bad disk would)
-  torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
-  evict_file(path);
-  ReaderOptions o = with_page_requests(PageRequests::Always);
-  o.verify = true;
-  Reader r(path, o);
+// Reads the 300 samples of `r` in order, 64 a batch: record 150 (batch 2) is damaged.
+void expect_only_batch_2_raises_index_150(const Reader& r) {
   std::vector<size_t> order(300);
   std::iota(order.begin(), order.end(), 0);
   const auto batches = batches_of(order, 64);  // 150 is in batch 2
@@ -216,6 +208,19 @@ TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
       EXPECT_NE(std::string(e.what()).find("index 150"), std::string::npos) << e.what();
     }
   }
+}
+
+TEST(ColdReads, ADamagedRecordIsRaisedAtItsBatch) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 300);
+  // a payload byte of record 150 flipped (a bad disk would)
+  torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
+  evict_file(path);
+  ReaderOptions o = with_page_requests(PageRequests::Always);
+  o.verify = true;
+  Reader r(path, o);
+  expect_only_batch_2_raises_index_150(r);
 }
 
 namespace {
@@ -325,4 +330,112 @@ TEST(ColdReads, AStreamRaisesADamagedRecordAtItsBatchThoughItsPagesWereRequested
     EXPECT_NE(std::string(e.what()).find("index 300"), std::string::npos) << e.what();
   }
   EXPECT_GT(r.io_stats().request_pages_calls, 0u);
+}
+
+// ---- keep_cache = false: uncached records read with O_DIRECT (detail/direct_io.h) ----
+
+namespace {
+
+// Whether the file system of `dir` takes O_DIRECT (tmpfs does not): where it
+// does not, the reader reads through the map and counts no direct record.
+bool takes_o_direct(const std::string& dir) {
+  const int fd = ::open((dir + "/data.mdb").c_str(), O_RDONLY | O_DIRECT);
+  if (fd >= 0) ::close(fd);
+  return fd >= 0;
+}
+
+ReaderOptions direct_options(bool direct) {
+  ReaderOptions o;
+  o.keep_cache = false;
+  o.direct_reads = direct;
+  return o;
+}
+
+}  // namespace
+
+TEST(ColdReads, KeepCacheFalseReadsUncachedRecordsWithODirectAndTheSameBytes) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 1000;  // 16 MiB
+  write_wide(path, n);
+  for (bool direct : {true, false}) {
+    evict_file(path);
+    Reader r(path, direct_options(direct));
+    for (const auto& idx : batches_of(shuffled(n, 5), 64)) {
+      Batch b = r.read_batch(idx);
+      for (size_t j = 0; j < idx.size(); ++j)
+        ASSERT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(idx[j], kWidth)["x"]))
+            << "index " << idx[j] << (direct ? " (direct)" : " (map)");
+      const auto many = r.get_many(std::vector<size_t>{idx[0]});
+      ASSERT_TRUE(torch::equal(many[0]["x"], make_sample(idx[0], kWidth)["x"]));
+    }
+    const auto [in, pages] = resident_pages(path);
+    EXPECT_LT(in, pages / 10) << in << " of " << pages << " pages stayed cached";
+    if (direct && takes_o_direct(path)) {
+      EXPECT_GT(r.io_stats().direct_records, uint64_t(n / 2)) << "most cold records are read with O_DIRECT";
+    } else {
+      EXPECT_EQ(r.io_stats().direct_records, 0u);
+    }
+  }
+  // keep_cache = true is unchanged: read through the page cache.
+  evict_file(path);
+  ReaderOptions keep;
+  Reader r(path, keep);
+  for (const auto& idx : batches_of(shuffled(n, 6), 64)) r.read_batch(idx);
+  EXPECT_EQ(r.io_stats().direct_records, 0u);
+  EXPECT_GT(resident_pages(path).first, resident_pages(path).second / 2);
+}
+
+TEST(ColdReads, ADamagedRecordReadWithODirectIsRaisedAtItsBatch) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 300);
+  torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
+  evict_file(path);
+  ReaderOptions o = direct_options(true);
+  o.page_requests = PageRequests::Always;
+  o.verify = true;
+  Reader r(path, o);
+  expect_only_batch_2_raises_index_150(r);
+  if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, 0u);
+}
+
+TEST(ColdReads, AFileCutShortUnderDirectReadsRaisesItsNamedError) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 600);
+  ReaderOptions o = direct_options(true);
+  o.page_requests = PageRequests::Always;
+  Reader r(path, o);
+  ASSERT_EQ(r.read_batch(std::vector<size_t>{0}).tensors["x"].size(0), 1);
+  struct stat st {};
+  ASSERT_EQ(::stat((path + "/data.mdb").c_str(), &st), 0);
+  ASSERT_EQ(::truncate((path + "/data.mdb").c_str(), st.st_size / 2), 0);
+  evict_file(path);
+  std::vector<size_t> tail(100);
+  std::iota(tail.begin(), tail.end(), 500);  // records past the cut
+  try {
+    r.read_batch(tail);
+    FAIL() << "records past the end of the file were returned";
+  } catch (const CorruptedError& e) {
+    EXPECT_NE(std::string(e.what()).find(path + "/data.mdb"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ColdReads, StreamOnTwoThreadsReadsDirectlyEverySampleOnce) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 640;
+  write_wide(path, n);
+  evict_file(path);
+  Reader r(path, direct_options(true));
+  StreamOptions o;
+  o.batch_size = 64;
+  o.threads = 2;
+  o.batches_ahead = 4;
+  BatchStream stream(r, o);
+  const std::vector<int> seen = read_epoch(stream, n);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
+  // The stream requests no page ahead for them (the page cache would hold them).
+  if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, uint64_t(n / 2));
 }

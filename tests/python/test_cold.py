@@ -101,3 +101,31 @@ def test_page_request_arguments_are_checked(tmp_path):
     ds = torch_lmdb.LMDBDataset(path, page_requests="always", page_request_bytes=0, keep_cache=False)
     assert ds.get_batch([3, 1])["index"].tolist() == [3, 1]
     assert ds.io_stats()["page_request_batches"] == 0  # a bound of 0 bytes: no page requests
+
+
+def _takes_o_direct(path):
+    try:
+        os.close(os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_keep_cache_false_reads_cold_records_with_o_direct_in_the_process_and_its_workers(tmp_path, context):
+    n = 600
+    path = _write(str(tmp_path / "db"), n)
+    _evict(path)
+    ds = torch_lmdb.LMDBDataset(path, keep_cache=False, page_requests="always")
+    seen = []
+    for batch in ds.iter_batches(64, shuffle=True, seed=3, threads=2):
+        _check(batch, seen)
+    assert sorted(seen) == list(range(n))
+    direct = _takes_o_direct(path)
+    # The parent read with its own rings; workers forked after it make theirs.
+    assert (ds.io_stats()["direct_records"] > n // 2) == direct
+    _evict(path)
+    seen = []
+    for batch in torch_lmdb.make_loader(ds, 64, shuffle=True, num_workers=2, multiprocessing_context=context):
+        _check(batch, seen)
+    assert sorted(seen) == list(range(n))

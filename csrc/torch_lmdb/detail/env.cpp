@@ -525,6 +525,7 @@ std::shared_ptr<Env> Env::open(const std::string& path, const EnvOptions& option
 }
 
 Env::~Env() {
+  if (direct_fd_ >= 0) ::close(direct_fd_);
   if (::getpid() != owner_) {
     // Forked child: the parent's handles are not ours; leak them (lmdb.h).
     (void)env_.release();

@@ -257,6 +257,15 @@ class Env {
   /// for memory of the map, with a read transaction of this env held by the
   /// caller (the map cannot move meanwhile). Best effort: errors are ignored.
   void evict(const void* p, size_t n) const noexcept;
+  /// data.mdb opened again with O_DIRECT (once, on first use; closed with the
+  /// env), and the file offset of a pointer into the map: what cold reads of
+  /// keep_cache=false readers read past the page cache with
+  /// (detail/direct_io.h). -1 where the file system refuses O_DIRECT or the
+  /// map was not found.
+  int direct_fd() const;
+  uint64_t file_offset(const void* p) const noexcept {
+    return static_cast<uint64_t>(static_cast<const char*>(p) - map_addr_);
+  }
   /// Number of reader-table slots in use (mdb_reader_list), -1 without lock.
   int reader_count() const;
   /// Flushes to disk (mdb_env_sync force).
@@ -316,6 +325,8 @@ class Env {
   mutable std::atomic<size_t> map_size_{0};
   mutable std::atomic<size_t> file_size_{0};
   int fd_ = -1;
+  mutable std::once_flag direct_once_;
+  mutable int direct_fd_ = -1;
   std::pair<dev_t, ino_t> key_{};
   std::pair<dev_t, ino_t> lock_key_{};  // lock.mdb's (0, 0 without lock)
   mutable std::atomic<uint64_t> faults_{0};  // contained faults on the map (fault_guard.h)

@@ -80,6 +80,16 @@ void Env::check_value(const MDB_val& v, const std::string& what) const {
                        MDB_CORRUPTED, path_);
 }
 
+int Env::direct_fd() const {
+  std::call_once(direct_once_, [this] {
+    if (map_bytes_ == 0 || fd_ < 0) return;
+    // The inode the map reads (a file renamed over the path later is not it).
+    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+    direct_fd_ = ::open(self.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  });
+  return direct_fd_;
+}
+
 void Env::evict(const void* p, size_t n) const noexcept {
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "torch_lmdb/detail/columns.h"
+#include "torch_lmdb/detail/direct_io.h"
 #include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
 
@@ -236,11 +237,56 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
   // Headers of packed values first (their reads overlap), then the records.
   if (packed) missing_ += request_pages(values, ahead);
   values.clear();
-  for (Found& f : found_) {
+  for (Found& f : found_)
     if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
-    values.push_back(f.value);
-  }
+  if (!keep_ && s.options.direct_reads) missing_ += read_direct_records();
+  for (const Found& f : found_)
+    if (!f.direct) values.push_back(f.value);
   missing_ += request_pages(values, ahead);
+}
+
+size_t BatchLookup::read_direct_records() {
+  thread_local std::vector<DirectRead> reads;
+  thread_local std::vector<size_t> which;
+  reads.clear();
+  which.clear();
+  size_t bytes = 0;
+  for (size_t i = 0; i < found_.size(); ++i) {
+    const Found& f = found_[i];
+    if (f.per_value > 1) continue;
+    const auto [begin, end] = value_pages(f.value);
+    // Only a value on overflow pages (16 bytes past its run's start) owns its pages.
+    if (reinterpret_cast<uintptr_t>(f.value.mv_data) - begin != 16 || end - begin > (uint32_t{1} << 30)) continue;
+    const int fd = f.env->direct_fd();
+    if (fd < 0 || cached(f.value)) continue;
+    DirectRead d;
+    d.fd = fd;
+    d.offset = f.env->file_offset(reinterpret_cast<const void*>(begin));
+    d.length = static_cast<uint32_t>(end - begin);
+    reads.push_back(d);
+    which.push_back(i);
+    bytes += d.length;
+  }
+  if (reads.empty()) return 0;
+  char* buffer = direct_buffer(bytes);
+  for (DirectRead& d : reads) {
+    d.dst = buffer;
+    buffer += d.length;
+  }
+  if (!detail::read_direct(reads)) return 0;
+  size_t pages = 0, records = 0;
+  for (size_t j = 0; j < reads.size(); ++j) {
+    const DirectRead& d = reads[j];
+    if (d.result != static_cast<int64_t>(d.length)) continue;  // read through the map (its errors there)
+    Found& f = found_[which[j]];
+    f.value.mv_data = d.dst + 16;
+    f.whole = f.value;
+    f.direct = true;
+    pages += d.length / page_bytes();
+    ++records;
+  }
+  s_.io_direct_records.fetch_add(records, std::memory_order_relaxed);
+  return pages;
 }
 
 void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer_checksum) {
@@ -268,6 +314,7 @@ void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer
 
 void BatchLookup::evict() {
   for (const Found& f : parsed_) {
+    if (f.direct) continue;  // its pages never entered the page cache
     const auto [begin, end] = value_pages(f.value);
     const uintptr_t p = reinterpret_cast<uintptr_t>(f.value.mv_data);
     // A value on overflow pages owns its whole run; another shares its page.
