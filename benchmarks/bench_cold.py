@@ -139,23 +139,32 @@ def run_cold(paths, n, sample_bytes, budget, log):
         log(f"  cold {order:8} {name:75} {r['samples_per_s']:>9,.0f} samples/s {r['mb_per_s']:6.0f} MB/s "
             f"{ratio:>10}  page cache +{growth:,.0f} MiB")
     binary = os.path.join(os.path.dirname(HERE), "build", "cmake", "torch_lmdb_bench_read")
-    if os.path.exists(binary) and run.drop_cache([db_file]):
-        name = "C++ torch_lmdb::make_loader, 2 threads"
+    # The native loader: cold records read through io_uring (direct_reads, the default) or faulted
+    # into the map; with keep_cache=False, through O_DIRECT.
+    for name, flags in (("C++ torch_lmdb::make_loader, 2 threads", []),
+                        ("C++ torch_lmdb::make_loader, 2 threads, direct_reads=false", ["--direct-reads", "0"]),
+                        ("C++ torch_lmdb::make_loader, 2 threads, keep_cache=false", ["--keep-cache", "0"]),
+                        ("C++ torch_lmdb::make_loader, 2 threads, keep_cache=false, direct_reads=false",
+                         ["--keep-cache", "0", "--direct-reads", "0"])):
+        if not (os.path.exists(binary) and run.drop_cache([db_file])):
+            break
         cached0 = page_cache_mib()
         out = subprocess.run([binary, "--path", paths["torch_lmdb"], "--mode", "loader", "--threads", "2",
-                              "--batch", "256", "--order", "shuffled", "--seconds", str(budget), "--cold", "1"],
+                              "--batch", "256", "--order", "shuffled", "--seconds", str(budget), "--cold", "1"] + flags,
                              capture_output=True, text=True)
-        if out.returncode == 0:
-            r = json.loads(out.stdout)
-            mbps = r["bytes_per_s"] / MB
-            ref = disk.get("random")
-            rows.append(dict(profile="medium", order="shuffled", cache="cold", system=name,
-                             samples_per_s=r["samples_per_s"], mb_per_s=mbps, cpu_us_per_sample=r["cpu_us_per_sample"],
-                             page_cache_growth_mib=page_cache_mib() - cached0, vs_disk=mbps / ref if ref else None))
-            log(f"  cold shuffled {name:75} {r['samples_per_s']:>9,.0f} samples/s {mbps:6.0f} MB/s "
-                f"{(mbps / ref if ref else float('nan')):.2f}x disk")
-        else:
+        if out.returncode != 0:
             log(f"  {name}: {out.stderr.strip()}")
+            continue
+        r = json.loads(out.stdout)
+        mbps = r["bytes_per_s"] / MB
+        ref = disk.get("random")
+        growth = page_cache_mib() - cached0
+        rows.append(dict(profile="medium", order="shuffled", cache="cold", system=name,
+                         samples_per_s=r["samples_per_s"], mb_per_s=mbps, cpu_us_per_sample=r["cpu_us_per_sample"],
+                         page_cache_growth_mib=growth, vs_disk=mbps / ref if ref else None))
+        log(f"  cold shuffled {name:75} {r['samples_per_s']:>9,.0f} samples/s {mbps:6.0f} MB/s "
+            f"{(mbps / ref if ref else float('nan')):.2f}x disk  {r['cpu_us_per_sample']:.1f} CPU us/sample  "
+            f"page cache +{growth:,.0f} MiB")
     pk = next((r for r in rows if r["system"].startswith("py-lmdb")), None)
     for r in rows:
         r["vs_pickle_cold"] = r["samples_per_s"] / pk["samples_per_s"] if pk and r["order"] != "disk" else None

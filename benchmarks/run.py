@@ -532,12 +532,13 @@ def report(rows, out, command, machine, method):
     cold = [r for r in rows if r.get("cache") == "cold"]
     if cold:
         lines += ["", "### cold (medium: the file evicted before each run; disk measured by fio in the same run)", "",
-                  "| order | system | samples/s | MB/s | vs disk | vs pickle cold | page cache growth MiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| order | system | samples/s | MB/s | vs disk | vs pickle cold | CPU µs/sample | "
+                  "page cache growth MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in cold:
             lines.append(f"| {r['order']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:,.0f} | "
                          f"{_ratio(r.get('vs_disk'))} | {_ratio(r.get('vs_pickle_cold'))} | "
-                         f"{_num(r.get('page_cache_growth_mib'))} |")
+                         f"{_num1(r.get('cpu_us_per_sample'))} | {_num(r.get('page_cache_growth_mib'))} |")
     comp = [r for r in rows if r.get("cache") == "compression"]
     if comp:
         lines += ["", "### Compression (Zarr sources converted with `--compression auto` (LZ4) and `zstd`; "

@@ -543,7 +543,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         (pages they found uncached), and ``request_pages_calls`` and
         ``pages_requested_ahead`` (``iter_batches`` requesting the coming
         batches' uncached pages while it reads), and ``direct_records``
-        (records a ``keep_cache=False`` reader read with O_DIRECT). The old names
+        (cold records read through io_uring: with O_DIRECT when ``keep_cache=False``). The old names
         ``lookahead_batches``, ``prefetches`` and ``pages_prefetched`` hold
         the same counts for a release. A dataset staged from a URL or a
         shared file system adds its cache's counters: ``bytes_fetched``,

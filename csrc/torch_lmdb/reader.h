@@ -92,12 +92,14 @@ struct ReaderOptions {
   /// larger than RAM does not evict the rest of the machine's cache. It
   /// drops them for every process: use it for data nobody else reads hot.
   bool keep_cache = true;
-  /// With keep_cache = false: a cold batch reads its records that are not in
-  /// the page cache with O_DIRECT (many reads in flight through io_uring)
-  /// straight into this thread's buffer: no page faults, no page-cache
-  /// insertion, nothing to drop afterwards (IoStats::direct_records counts
-  /// them). Records that share a page with others (small or packed values)
-  /// and file systems without O_DIRECT are read through the map as before.
+  /// A cold batch (one that requests its pages) reads its records that are
+  /// not in the page cache through io_uring, many reads in flight, into this
+  /// thread's buffer instead of faulting them into the map: with keep_cache
+  /// = false with O_DIRECT (no page-cache insertion, nothing to drop
+  /// afterwards), with keep_cache = true buffered (the pages stay cached for
+  /// the next epoch). IoStats::direct_records counts them. Records that
+  /// share a page with others (small or packed values), cached records and
+  /// file systems without O_DIRECT are read through the map as before.
   bool direct_reads = true;
   /// Threads that decode a batch's compressed payloads (read_batch, and so
   /// get_batch): the calling thread and up to decode_threads - 1 helpers of
@@ -216,8 +218,8 @@ class Reader {
   /// that cannot be found is skipped (its read raises the error). Returns
   /// the bytes of the samples' pages and how many of those pages were not
   /// cached; nothing with PageRequests::Never or page_request_bytes 0. With
-  /// keep_cache = false and direct_reads, records on pages of their own are
-  /// left out: their batches read them with O_DIRECT.
+  /// direct_reads, records on pages of their own are left out: their batches
+  /// read them through io_uring.
   struct PagesRequested {
     size_t bytes = 0;
     size_t missing_pages = 0;

@@ -377,12 +377,14 @@ size_t raw_values(const std::string& path) { return all_values(path).size(); }
 
 // Every read path of `path` gives back sample i as written, for i < n.
 void expect_all_read_paths(const std::string& path, int64_t n) {
-  for (auto mode : {PageRequests::Never, PageRequests::Always}) {
+  for (auto mode : {PageRequests::Never, PageRequests::Always, PageRequests::Auto}) {
     for (bool keep : {true, false}) {
       ReaderOptions ro;
       ro.page_requests = mode;
       ro.keep_cache = keep;
       ro.verify = true;
+      // Always: the page requests alone; Auto: cold batches read through io_uring.
+      ro.direct_reads = mode == PageRequests::Auto;
       Reader r(path, ro);
       ASSERT_EQ(r.size(), static_cast<size_t>(n));
       for (int64_t i = 0; i < n; i += 3) expect_packed_sample(r.get_fields(static_cast<size_t>(i)), i);

@@ -1,8 +1,8 @@
 // torch_lmdb/detail/direct_io.h -- internal: reads of page-aligned ranges of
-// files opened with O_DIRECT, many in flight at once through a per-thread
-// io_uring (liburing). What cold batches of keep_cache=false readers read
-// their records with: no page fault, no page-cache insertion, no eviction
-// afterwards. Not installed.
+// files (opened with O_DIRECT, or buffered), many in flight at once through a
+// per-thread io_uring (liburing). What cold batches read their records with:
+// no page faults; with O_DIRECT (keep_cache=false) no page-cache insertion
+// and no eviction afterwards. Not installed.
 //
 // Contract
 // - read_direct() submits every request, waits for all of them and sets each

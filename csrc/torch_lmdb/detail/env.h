@@ -263,6 +263,10 @@ class Env {
   /// (detail/direct_io.h). -1 where the file system refuses O_DIRECT or the
   /// map was not found.
   int direct_fd() const;
+  /// The descriptor cold reads of keep_cache=true readers read with
+  /// (buffered: the pages they read stay in the page cache); -1 when the map
+  /// was not found.
+  int buffered_fd() const noexcept { return map_bytes_ != 0 ? fd_ : -1; }
   uint64_t file_offset(const void* p) const noexcept {
     return static_cast<uint64_t>(static_cast<const char*>(p) - map_addr_);
   }

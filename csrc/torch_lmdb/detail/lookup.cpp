@@ -239,7 +239,7 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
   values.clear();
   for (Found& f : found_)
     if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
-  if (!keep_ && s.options.direct_reads) missing_ += read_direct_records();
+  if (s.options.direct_reads) missing_ += read_direct_records();
   for (const Found& f : found_)
     if (!f.direct) values.push_back(f.value);
   missing_ += request_pages(values, ahead);
@@ -257,7 +257,7 @@ size_t BatchLookup::read_direct_records() {
     const auto [begin, end] = value_pages(f.value);
     // Only a value on overflow pages (16 bytes past its run's start) owns its pages.
     if (reinterpret_cast<uintptr_t>(f.value.mv_data) - begin != 16 || end - begin > (uint32_t{1} << 30)) continue;
-    const int fd = f.env->direct_fd();
+    const int fd = keep_ ? f.env->buffered_fd() : f.env->direct_fd();
     if (fd < 0 || cached(f.value)) continue;
     DirectRead d;
     d.fd = fd;

@@ -10,9 +10,9 @@
 //   fields differ raises CorruptedError naming the file and the index).
 // - BatchLookup finds a batch's records two ahead of their parse, or all of
 //   them first on a cold thread (ColdBatch), requesting their missing pages
-//   with one madvise per merged range (request_pages); with keep_cache =
-//   false, the uncached records on pages of their own are read with O_DIRECT
-//   instead (detail/direct_io.h), checked as any record is.
+//   with one madvise per merged range (request_pages); the uncached records
+//   on pages of their own are read through io_uring instead (O_DIRECT with
+//   keep_cache = false; detail/direct_io.h), checked as any record is.
 // - Thread safety: the functions may be called from any thread; a
 //   BatchLookup and a ColdBatch belong to the thread that made them (the cold
 //   state is per thread).
@@ -192,9 +192,10 @@ class BatchLookup {
   // Sample i's value; with `slice` (or one record per value) also its record.
   Found find(size_t i, bool slice = true);
 
-  // keep_cache = false, cold: the records of found_ that own their pages and
-  // are not cached, read with O_DIRECT (ReaderOptions::direct_reads); they
-  // then point into this thread's direct buffer. Returns their pages.
+  // Cold: the records of found_ that own their pages and are not cached,
+  // read through io_uring (ReaderOptions::direct_reads; O_DIRECT with
+  // keep_cache = false); they then point into this thread's buffer.
+  // Returns their pages.
   size_t read_direct_records();
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
