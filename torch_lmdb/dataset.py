@@ -139,10 +139,14 @@ class LMDBDataset(torch.utils.data.Dataset):
             in ``page_request_bytes``, else half of it), at most two chunks
             ahead: at most ``2 * page_request_bytes``. Formerly
             ``lookahead_bytes``.
-        keep_cache: ``False`` drops each batch's pages from the page cache
-            once copied, so an epoch over data larger than RAM does not
-            evict the rest of the machine's cache (for every process: use it
-            for data nobody reads hot).
+        keep_cache: ``False`` reads cold records past the page cache
+            (``O_DIRECT``) and drops the pages of the others once copied, so
+            an epoch over data larger than RAM does not evict the rest of the
+            machine's cache (for every process: use it for data nobody reads
+            hot).
+        direct_reads: a cold batch reads its uncached records of 4 KiB or
+            more through io_uring (``O_DIRECT`` with ``keep_cache=False``)
+            instead of faulting them in; ``False``: page requests alone.
         max_readers: LMDB reader-table size (1 to 2**20).
         decode_threads: threads that decompress a ``get_batch``'s compressed
             payloads (the calling thread and helpers; batches whose
@@ -200,6 +204,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         page_requests: str = "auto",
         page_request_bytes: int = 128 << 20,
         keep_cache: bool = True,
+        direct_reads: bool = True,
         pad: Union[bool, Sequence[str]] = False,
         pad_value: float = 0,
         decode_threads: Optional[int] = None,
@@ -241,7 +246,7 @@ class LMDBDataset(torch.utils.data.Dataset):
             raise ValueError(f"decode_threads must be an int from 1 to 64 (or None: automatic), got {decode_threads!r}")
         self._options = dict(verify=verify, lock=lock, os_readahead=os_readahead, max_readers=max_readers,
                              page_requests=page_requests, page_request_bytes=page_request_bytes,
-                             keep_cache=bool(keep_cache),
+                             keep_cache=bool(keep_cache), direct_reads=bool(direct_reads),
                              decode_threads=decode_threads or 0)
         self._pad = pad
         self._pad_value = pad_value

@@ -118,7 +118,7 @@ struct PyReader {
 
   PyReader(std::vector<std::string> paths, bool verify, std::optional<bool> lock, bool os_readahead,
            unsigned max_readers, std::vector<std::string> fields, size_t page_request_bytes, bool keep_cache,
-           const std::string& page_requests, unsigned decode_threads) {
+           const std::string& page_requests, unsigned decode_threads, bool direct_reads) {
     ReaderOptions o;
     o.decode_threads = decode_threads;
     if (page_requests == "auto") {
@@ -132,6 +132,7 @@ struct PyReader {
     }
     o.page_request_bytes = page_request_bytes;
     o.keep_cache = keep_cache;
+    o.direct_reads = direct_reads;
     o.verify = verify;
     o.lock = lock.has_value() ? (*lock ? 1 : 0) : -1;
     o.os_readahead = os_readahead;
@@ -385,11 +386,12 @@ void register_errors(py::module_& m) {
 void bind_reader(py::module_& m) {
   py::class_<PyReader>(m, "Reader")
       .def(py::init<std::vector<std::string>, bool, std::optional<bool>, bool, unsigned,
-                    std::vector<std::string>, size_t, bool, std::string, unsigned>(),
+                    std::vector<std::string>, size_t, bool, std::string, unsigned, bool>(),
            py::arg("paths"), py::arg("verify") = true, py::arg("lock") = py::none(),
            py::arg("os_readahead") = false, py::arg("max_readers") = 1024,
            py::arg("fields") = std::vector<std::string>(), py::arg("page_request_bytes") = size_t{128} << 20,
-           py::arg("keep_cache") = true, py::arg("page_requests") = "auto", py::arg("decode_threads") = 0)
+           py::arg("keep_cache") = true, py::arg("page_requests") = "auto", py::arg("decode_threads") = 0,
+           py::arg("direct_reads") = true)
       .def("io_stats",
            [](const PyReader& r) {
              const Reader::IoStats st = r.reader->io_stats();

@@ -262,7 +262,8 @@ def test_iter_batches_requests_the_pages_of_the_coming_batch(tmp_path):
     look = Residency(data_file)
     try:
         assert look.resident(coming + later) == [], "could not drop the test file from the page cache"
-        ds = torch_lmdb.LMDBDataset(path, page_requests="always")
+        # direct_reads off: its batches would read these records through io_uring, unrequested.
+        ds = torch_lmdb.LMDBDataset(path, page_requests="always", direct_reads=False)
         assert look.resident(coming) == [], "opening the dataset read the pages of batch 1"
         it = ds.iter_batches(batch, batches_ahead=1, threads=1)
         deadline = time.monotonic() + 10.0  # the reads are asynchronous: wait for them, boundedly
