@@ -174,6 +174,13 @@ def fetched_bytes(server, before):
     return out
 
 
+def shard_fetches(server, before, sizes):
+    """(bytes served, each shard served once or not at all, the shards served) since request `before`."""
+    served = fetched_bytes(server, before)
+    once = all(served.get(u, 0) in (0, size) for u, size in sizes.items())
+    return sum(served.values()), once, [u for u in sizes if served.get(u)]
+
+
 def read_rate(ds, n, repeats=3):
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(n, generator=g).tolist()
@@ -211,34 +218,30 @@ def main():
             print(f"link (plain parallel download of every shard, {CONNECTIONS} connections): {link / 1e6:.1f} MB/s")
             before = len(server.requests("/data.mdb"))
             seconds, peak, n, _, ds = window_epoch(url, os.path.join(work, "cache"), limit)
-            served = fetched_bytes(server, before)
             sizes = {f"/ds/{s['path']}/data.mdb": s["size"] for s in manifest["shards"]}
+            served, once, fetched = shard_fetches(server, before, sizes)
             rate = total / seconds
-            once = all(served.get(u, 0) in (0, size) for u, size in sizes.items())
-            fetched = [u for u in sizes if served.get(u)]
             print(f"cold shard-window epoch (cache_limit {limit / 1e6:.0f} MB, shard_window {ds.shard_window}): "
                   f"{n} samples in {seconds:.2f} s, {rate / 1e6:.1f} MB/s = {rate / link:.2f}x the link (bar 0.8x); "
                   f"peak cache {peak / 1e6:.1f} MB (limit {limit / 1e6:.0f}); each shard fetched once: {once} "
-                  f"({len(fetched)} of {shards} shards fetched in the epoch, {sum(served.values()) / 1e6:.1f} MB served)")
+                  f"({len(fetched)} of {shards} shards fetched in the epoch, {served / 1e6:.1f} MB served)")
             rows["link_MBps"] = link / 1e6
             rows["window_epoch"] = dict(seconds=seconds, MBps=rate / 1e6, ratio=rate / link, peak=peak, limit=limit,
                                         shards_fetched=len(fetched), each_once=once, shards=shards,
-                                        served_bytes=sum(served.values()), shard_window=ds.shard_window)
+                                        served_bytes=served, shard_window=ds.shard_window)
             del ds
             binary = os.path.join(ROOT, "build", "cmake", "torch_lmdb_bench_read")
             if os.path.exists(binary):
                 before = len(server.requests("/data.mdb"))
                 peak, r = cpp_window_epoch(binary, url, os.path.join(work, "cpp-cache"), limit)
-                served = fetched_bytes(server, before)
+                served, once, fetched = shard_fetches(server, before, sizes)
                 n = shards * per_shard  # one epoch (--cold 1)
                 seconds = n / r["samples_per_s"]
                 rate = total / seconds
-                once = all(served.get(u, 0) in (0, size) for u, size in sizes.items())
-                fetched = [u for u in sizes if served.get(u)]
                 print(f"C++ cold shard-window epoch (make_loader, 2 threads): {n} samples in {seconds:.2f} s, "
                       f"{rate / 1e6:.1f} MB/s = {rate / link:.2f}x the link (bar 0.8x); peak cache {peak / 1e6:.1f} MB "
                       f"(limit {limit / 1e6:.0f}); each shard fetched once: {once} ({len(fetched)} of {shards} "
-                      f"shards fetched, {sum(served.values()) / 1e6:.1f} MB served); "
+                      f"shards fetched, {served / 1e6:.1f} MB served); "
                       f"{r['cpu_us_per_sample']:.1f} CPU us a sample")
                 rows["cpp_window_epoch"] = dict(seconds=seconds, MBps=rate / 1e6, ratio=rate / link, peak=peak,
                                                 limit=limit, shards_fetched=len(fetched), each_once=once)
