@@ -97,7 +97,8 @@ struct ReaderOptions {
   /// thread's buffer instead of faulting them into the map: with keep_cache
   /// = false with O_DIRECT (no page-cache insertion, nothing to drop
   /// afterwards), with keep_cache = true buffered (the pages stay cached for
-  /// the next epoch). IoStats::direct_records counts them. Records that
+  /// the next epoch), at most page_request_bytes of them a batch (the rest
+  /// go through the map). IoStats::direct_records counts them. Records that
   /// share a page with others (small or packed values), cached records and
   /// file systems without O_DIRECT are read through the map as before.
   bool direct_reads = true;

@@ -395,6 +395,24 @@ TEST(ColdReads, UncachedRecordsAreReadThroughIoUringWithTheSameBytesAndKeepCache
   EXPECT_EQ(r.io_stats().direct_records, direct) << "a warm epoch reads through the map";
 }
 
+TEST(ColdReads, DirectReadsOfABatchAreBoundedByPageRequestBytes) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 256);
+  evict_file(path);
+  ReaderOptions o = direct_options(false);
+  o.direct_reads = true;
+  o.page_requests = PageRequests::Always;
+  o.page_request_bytes = 64 << 10;  // three 16 KiB records (5 pages each) a batch
+  Reader r(path, o);
+  const auto order = shuffled(256, 8);
+  const Batch b = r.read_batch(order);
+  for (size_t j = 0; j < order.size(); ++j)
+    ASSERT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(order[j], kWidth)["x"]));
+  EXPECT_LE(r.io_stats().direct_records, 3u);
+  if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, 0u);
+}
+
 TEST(ColdReads, ADamagedRecordReadWithODirectIsRaisedAtItsBatch) {
   TempDir tmp;
   const std::string path = tmp.sub("db");

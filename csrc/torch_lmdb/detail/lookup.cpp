@@ -239,13 +239,13 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
   values.clear();
   for (Found& f : found_)
     if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
-  if (s.options.direct_reads) missing_ += read_direct_records();
+  if (s.options.direct_reads) missing_ += read_direct_records(ahead);
   for (const Found& f : found_)
     if (!f.direct) values.push_back(f.value);
   missing_ += request_pages(values, ahead);
 }
 
-size_t BatchLookup::read_direct_records() {
+size_t BatchLookup::read_direct_records(size_t budget) {
   thread_local std::vector<DirectRead> reads;
   thread_local std::vector<size_t> which;
   reads.clear();
@@ -259,6 +259,7 @@ size_t BatchLookup::read_direct_records() {
     if (reinterpret_cast<uintptr_t>(f.value.mv_data) - begin != 16 || end - begin > (uint32_t{1} << 30)) continue;
     const int fd = keep_ ? f.env->buffered_fd() : f.env->direct_fd();
     if (fd < 0 || cached(f.value)) continue;
+    if (bytes + (end - begin) > budget) break;  // the rest through the map (page requests)
     DirectRead d;
     d.fd = fd;
     d.offset = f.env->file_offset(reinterpret_cast<const void*>(begin));

@@ -194,9 +194,10 @@ class BatchLookup {
 
   // Cold: the records of found_ that own their pages and are not cached,
   // read through io_uring (ReaderOptions::direct_reads; O_DIRECT with
-  // keep_cache = false); they then point into this thread's buffer.
-  // Returns their pages.
-  size_t read_direct_records();
+  // keep_cache = false), at most `budget` bytes of them (page_request_bytes:
+  // this thread's buffer never grows past it); they then point into the
+  // buffer. Returns their pages.
+  size_t read_direct_records(size_t budget);
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
   // next sample follows it.
