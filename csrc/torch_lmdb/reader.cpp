@@ -633,7 +633,7 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
     if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
     if (!env.value_inside(v)) continue;  // the read of this sample raises it
     const auto [begin, end] = value_pages(v);
-    if (direct && per_value <= 1 && reinterpret_cast<uintptr_t>(v.mv_data) - begin == 16 &&
+    if (direct && per_value <= 1 && detail::owns_its_pages(v) &&
         (s.options.keep_cache ? env.buffered_fd() : env.direct_fd()) >= 0)
       continue;
     last_key = local / per_value;

@@ -255,8 +255,7 @@ size_t BatchLookup::read_direct_records(size_t budget) {
     const Found& f = found_[i];
     if (f.per_value > 1) continue;
     const auto [begin, end] = value_pages(f.value);
-    // Only a value on overflow pages (16 bytes past its run's start) owns its pages.
-    if (reinterpret_cast<uintptr_t>(f.value.mv_data) - begin != 16 || end - begin > (uint32_t{1} << 30)) continue;
+    if (!owns_its_pages(f.value) || end - begin > (uint32_t{1} << 30)) continue;
     const int fd = keep_ ? f.env->buffered_fd() : f.env->direct_fd();
     if (fd < 0 || cached(f.value)) continue;
     if (bytes + (end - begin) > budget) break;  // the rest through the map (page requests)
@@ -317,9 +316,8 @@ void BatchLookup::evict() {
   for (const Found& f : parsed_) {
     if (f.direct) continue;  // its pages never entered the page cache
     const auto [begin, end] = value_pages(f.value);
-    const uintptr_t p = reinterpret_cast<uintptr_t>(f.value.mv_data);
     // A value on overflow pages owns its whole run; another shares its page.
-    if (p - begin == 16) {
+    if (owns_its_pages(f.value)) {
       f.env->evict(reinterpret_cast<const void*>(begin), end - begin);
     } else {
       f.env->evict(f.value.mv_data, f.value.mv_size);

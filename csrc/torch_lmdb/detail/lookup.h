@@ -53,6 +53,12 @@ void parse(const Env& env, const MDB_val& v, uint64_t local, const Reader::State
 /// (it starts right after the 16-byte page header) the whole run of pages.
 std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v);
 
+/// Whether `v` lies on overflow pages of its own (16 bytes past the start of
+/// value_pages(v)): its pages hold nothing else (evicted, or read directly, whole).
+inline bool owns_its_pages(const MDB_val& v) {
+  return reinterpret_cast<uintptr_t>(v.mv_data) - value_pages(v).first == 16;
+}
+
 /// Requests the pages of `values` (at most `budget` bytes of them, in batch
 /// order) that are not in the page cache: the ranges are merged in address
 /// order (across gaps of up to `gap` bytes), mincore() tells which hold a
