@@ -8,12 +8,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <numeric>
 #include <functional>
 #include <random>
 #include <thread>
 
 #include "test_util.h"
+#include "torch_lmdb/detail/direct_io.h"
 #include "torch_lmdb/record.h"
 #include "torch_lmdb/stream.h"
 
@@ -465,4 +468,67 @@ TEST(ColdReads, StreamOnTwoThreadsReadsDirectlyEverySampleOnce) {
   for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
   // The stream requests no page ahead for them (the page cache would hold them).
   if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, uint64_t(n / 2));
+}
+
+// detail/direct_io.h: more requests than the ring holds, waited for in any
+// order; the rest cancelled by finish_direct_reads(); the device's alignment.
+TEST(ColdReads, DirectIoReadsRequestsBeyondItsRingInAnyOrderAndFinishesTheRest) {
+  TempDir tmp;
+  const std::string file = tmp.sub("bytes");
+  const size_t n = 300, block = 4096;
+  std::string bytes(n * block, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>((i * 131 + i / block) & 0xff);
+  {
+    const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    ::fsync(fd);
+    ::close(fd);
+  }
+  int fd = ::open(file.c_str(), O_RDONLY | O_DIRECT);
+  if (fd < 0) fd = ::open(file.c_str(), O_RDONLY);  // (a file system without O_DIRECT: buffered)
+  ASSERT_GE(fd, 0);
+  const uint32_t align = torch_lmdb::detail::direct_alignment(fd);
+  EXPECT_TRUE(align >= 1 && align <= 4096 && (align & (align - 1)) == 0) << align;
+  // Request j: block (j * 7) % n, at an offset of `align` into it (the
+  // device's alignment is all O_DIRECT needs), one block long.
+  const auto requests = [&](size_t count, char* buffer) {
+    std::vector<torch_lmdb::detail::DirectRead> reads(count);
+    for (size_t j = 0; j < count; ++j) {
+      reads[j].fd = fd;
+      reads[j].offset = ((j * 7) % n) * block + (((j * 7) % n) + 1 < n ? align : 0);
+      reads[j].length = block;
+      reads[j].dst = buffer + j * block;
+    }
+    return reads;
+  };
+  char* buffer = torch_lmdb::detail::direct_buffer(n * block);
+  std::vector<torch_lmdb::detail::DirectRead> reads = requests(n, buffer);
+  ASSERT_TRUE(torch_lmdb::detail::start_direct_reads(reads));
+  for (size_t j = n; j-- > 0;) {  // the last request first: every one before it is read meanwhile
+    ASSERT_EQ(torch_lmdb::detail::wait_direct_read(j), static_cast<int64_t>(block)) << "request " << j;
+    ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0) << "request " << j;
+  }
+  torch_lmdb::detail::finish_direct_reads();
+  // Started, one waited for, then finished: nothing is left in flight, and
+  // each request either read its bytes or was cancelled before it began.
+  reads = requests(n, buffer);
+  ASSERT_TRUE(torch_lmdb::detail::start_direct_reads(reads));
+  ASSERT_EQ(torch_lmdb::detail::wait_direct_read(0), static_cast<int64_t>(block));
+  torch_lmdb::detail::finish_direct_reads();
+  size_t cancelled = 0;
+  for (size_t j = 0; j < n; ++j) {
+    if (reads[j].result == -ECANCELED) {
+      ++cancelled;
+      continue;
+    }
+    ASSERT_EQ(reads[j].result, static_cast<int64_t>(block)) << "request " << j;
+    ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0) << "request " << j;
+  }
+  EXPECT_GT(cancelled, 0u) << "requests beyond the ring are submitted only as earlier ones complete";
+  // read_direct: all of them.
+  reads = requests(n, buffer);
+  ASSERT_TRUE(torch_lmdb::detail::read_direct(reads));
+  for (size_t j = 0; j < n; ++j) ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0);
+  ::close(fd);
 }

@@ -1,19 +1,29 @@
-// torch_lmdb/detail/direct_io.h -- internal: reads of page-aligned ranges of
-// files (opened with O_DIRECT, or buffered), many in flight at once through a
-// per-thread io_uring (liburing). What cold batches read their records with:
-// no page faults; with O_DIRECT (keep_cache=false) no page-cache insertion
-// and no eviction afterwards. Not installed.
+// torch_lmdb/detail/direct_io.h -- internal: reads of ranges of files (opened
+// with O_DIRECT, or buffered), many in flight at once through a per-thread
+// io_uring (liburing). What cold batches read their records with: no page
+// faults; with O_DIRECT (keep_cache=false) no page-cache insertion and no
+// eviction afterwards. Not installed.
 //
 // Contract
-// - read_direct() submits every request, waits for all of them and sets each
-//   request's `result` (bytes read, or -errno). A request whose result is not
-//   its length is the caller's to read another way (the map: a file cut
-//   short then raises its named error there). Returns false, having read
-//   nothing, when this thread has no ring (io_uring refused by the kernel).
+// - start_direct_reads() submits the requests (as many as the ring holds, the
+//   rest as earlier ones complete) and returns at once; wait_direct_read(j)
+//   returns request j's result (bytes read, or -errno) once it is done, so
+//   that the caller works on the first requests while later ones are read.
+//   A request whose result is not its length is the caller's to read another
+//   way (the map: a file cut short then raises its named error there).
+//   start_direct_reads() returns false, having read nothing, when this thread
+//   has no ring (io_uring refused by the kernel).
+// - finish_direct_reads() waits for every request still in flight; it is
+//   called by start_direct_reads() and direct_buffer() first, and must be
+//   called before the requests' vector or buffers go (BatchLookup's
+//   destructor): no read ever lands in memory that was given back.
+// - read_direct() is start_direct_reads() then finish_direct_reads().
 // - direct_buffer(bytes) is this thread's arena, 4096-byte aligned, valid
 //   until the thread's next direct_buffer() call.
-// - Thread safety: each thread has its own ring and arena. After fork(), the
-//   child makes its own ring (the parent's is never touched there).
+// - direct_alignment(fd): the file offset and length alignment O_DIRECT reads
+//   of `fd` need (statx's STATX_DIOALIGN; 4096 where the kernel does not say).
+// - Thread safety: each thread has its own ring, requests and arena. After
+//   fork(), the child makes its own ring (the parent's is never touched there).
 #pragma once
 
 #include <cstddef>
@@ -27,15 +37,21 @@ constexpr size_t kDirectAlign = 4096;
 
 struct DirectRead {
   int fd = -1;
-  uint64_t offset = 0;  // multiple of kDirectAlign
-  uint32_t length = 0;  // multiple of kDirectAlign
+  uint64_t offset = 0;  // O_DIRECT: a multiple of direct_alignment(fd)
+  uint32_t length = 0;  // O_DIRECT: a multiple of direct_alignment(fd)
   char* dst = nullptr;  // kDirectAlign-aligned
   int64_t result = 0;
 };
 
+bool start_direct_reads(std::vector<DirectRead>& reads);
+int64_t wait_direct_read(size_t j);
+void finish_direct_reads() noexcept;
+
 bool read_direct(std::vector<DirectRead>& reads);
 
 char* direct_buffer(size_t bytes);
+
+uint32_t direct_alignment(int fd) noexcept;
 
 }  // namespace detail
 }  // namespace torch_lmdb

@@ -263,6 +263,9 @@ class Env {
   /// (detail/direct_io.h). -1 where the file system refuses O_DIRECT or the
   /// map was not found.
   int direct_fd() const;
+  /// The file offset and length alignment reads of direct_fd() need
+  /// (detail::direct_alignment; valid once direct_fd() returned one).
+  uint32_t direct_align() const noexcept { return direct_align_; }
   /// The descriptor cold reads of keep_cache=true readers read with
   /// (buffered: the pages they read stay in the page cache); -1 when the map
   /// was not found.
@@ -331,6 +334,7 @@ class Env {
   int fd_ = -1;
   mutable std::once_flag direct_once_;
   mutable int direct_fd_ = -1;
+  mutable uint32_t direct_align_ = 4096;
   std::pair<dev_t, ino_t> key_{};
   std::pair<dev_t, ino_t> lock_key_{};  // lock.mdb's (0, 0 without lock)
   mutable std::atomic<uint64_t> faults_{0};  // contained faults on the map (fault_guard.h)

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "torch_lmdb/detail/direct_io.h"
 #include "torch_lmdb/detail/env.h"
 #include "torch_lmdb/detail/fault_guard.h"
 #include "torch_lmdb/errors.h"
@@ -86,6 +87,7 @@ int Env::direct_fd() const {
     // The inode the map reads (a file renamed over the path later is not it).
     const std::string self = "/proc/self/fd/" + std::to_string(fd_);
     direct_fd_ = ::open(self.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (direct_fd_ >= 0) direct_align_ = detail::direct_alignment(direct_fd_);
   });
   return direct_fd_;
 }

@@ -155,6 +155,11 @@ long major_faults() {
 
 thread_local ColdState cold_state;
 
+namespace {
+// This thread's io_uring requests of its batch (BatchLookup::read_direct_records).
+thread_local std::vector<DirectRead> direct_reads;
+}  // namespace
+
 
 std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v) {
   const uintptr_t page = page_bytes();
@@ -241,57 +246,71 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
     if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
   if (s.options.direct_reads) missing_ += read_direct_records(ahead);
   for (const Found& f : found_)
-    if (!f.direct) values.push_back(f.value);
+    if (f.read < 0) values.push_back(f.value);
   missing_ += request_pages(values, ahead);
 }
 
+BatchLookup::~BatchLookup() {
+  if (reading_) detail::finish_direct_reads();  // (no read lands in the buffer once it is reused)
+  if (direct_records_ > 0) s_.io_direct_records.fetch_add(direct_records_, std::memory_order_relaxed);
+}
+
 size_t BatchLookup::read_direct_records(size_t budget) {
-  thread_local std::vector<DirectRead> reads;
+  std::vector<DirectRead>& reads = direct_reads;
   thread_local std::vector<size_t> which;
+  detail::finish_direct_reads();  // (the thread's requests of a batch before: none should be left)
   reads.clear();
   which.clear();
-  size_t bytes = 0;
+  size_t bytes = 0, room = 0;
   for (size_t i = 0; i < found_.size(); ++i) {
     const Found& f = found_[i];
     if (f.per_value > 1) continue;
-    const auto [begin, end] = value_pages(f.value);
-    if (!owns_its_pages(f.value) || end - begin > (uint32_t{1} << 30)) continue;
+    if (!owns_its_pages(f.value) || f.value.mv_size > (size_t{1} << 30)) continue;
     const int fd = keep_ ? f.env->buffered_fd() : f.env->direct_fd();
     if (fd < 0 || cached(f.value)) continue;
-    if (bytes + (end - begin) > budget) break;  // the rest through the map (page requests)
+    // O_DIRECT reads whole blocks of the device (512 bytes, often): only the
+    // blocks the record lies on. A buffered read is read as it is asked.
+    const uint64_t align = keep_ ? 1 : f.env->direct_align();
+    const uint64_t at = f.env->file_offset(f.value.mv_data);
     DirectRead d;
     d.fd = fd;
-    d.offset = f.env->file_offset(reinterpret_cast<const void*>(begin));
-    d.length = static_cast<uint32_t>(end - begin);
+    d.offset = at / align * align;
+    d.length = static_cast<uint32_t>((at + f.value.mv_size + align - 1) / align * align - d.offset);
+    if (bytes + d.length > budget) break;  // the rest through the map (page requests)
     reads.push_back(d);
     which.push_back(i);
     bytes += d.length;
+    // In the buffer at the same place in its page as in the file (and so as
+    // aligned as the device needs).
+    room += (d.offset % kDirectAlign + d.length + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
   }
   if (reads.empty()) return 0;
-  char* buffer = direct_buffer(bytes);
+  char* buffer = direct_buffer(room);
   for (DirectRead& d : reads) {
-    d.dst = buffer;
-    buffer += d.length;
+    d.dst = buffer + d.offset % kDirectAlign;
+    buffer += (d.offset % kDirectAlign + d.length + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
   }
-  if (!detail::read_direct(reads)) return 0;
-  size_t pages = 0, records = 0;
-  for (size_t j = 0; j < reads.size(); ++j) {
-    const DirectRead& d = reads[j];
-    if (d.result != static_cast<int64_t>(d.length)) continue;  // read through the map (its errors there)
-    Found& f = found_[which[j]];
-    f.value.mv_data = d.dst + 16;
-    f.whole = f.value;
-    f.direct = true;
-    pages += d.length / page_bytes();
-    ++records;
-  }
-  s_.io_direct_records.fetch_add(records, std::memory_order_relaxed);
-  return pages;
+  if (!detail::start_direct_reads(reads)) return 0;
+  reading_ = true;
+  for (size_t j = 0; j < reads.size(); ++j) found_[which[j]].read = static_cast<int32_t>(j);
+  return (bytes + page_bytes() - 1) / page_bytes();
+}
+
+void BatchLookup::settle(Found& f) {
+  const int64_t got = detail::wait_direct_read(static_cast<size_t>(f.read));
+  const DirectRead& d = direct_reads[static_cast<size_t>(f.read)];
+  f.read = -1;
+  if (got != static_cast<int64_t>(d.length)) return;  // read through the map (its errors there)
+  f.value.mv_data = d.dst + (f.env->file_offset(f.value.mv_data) - d.offset);
+  f.whole = f.value;
+  f.direct = true;
+  ++direct_records_;
 }
 
 void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer_checksum) {
   Found cur;
   if (!found_.empty()) {
+    if (found_[i].read >= 0) settle(found_[i]);
     cur = found_[i];
   } else {
     cur = next_;

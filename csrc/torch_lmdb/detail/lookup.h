@@ -150,6 +150,10 @@ class BatchLookup {
   // page is not in the page cache (one mincore; probed() tells).
   BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
             at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead = 0, size_t probe = 0);
+  // Waits for its reads still in flight (read_direct_records).
+  ~BatchLookup();
+  BatchLookup(const BatchLookup&) = delete;
+  BatchLookup& operator=(const BatchLookup&) = delete;
 
   // The batch requested its pages because its first sample was not cached.
   bool probed() const { return probed_; }
@@ -181,7 +185,8 @@ class BatchLookup {
     MDB_val value{0, nullptr};  // the record (null: a packed value's slot not yet found)
     MDB_val whole{0, nullptr};  // the LMDB value holding it
     uint32_t per_value = 1;
-    bool direct = false;  // read with O_DIRECT into this thread's buffer (read_direct())
+    bool direct = false;  // read through io_uring into this thread's buffer (read_direct_records())
+    int32_t read = -1;    // its read still to wait for (an index of this thread's requests), or -1
   };
   // Read-only cursors are closed explicitly, here before their txns end
   // (the callers' txns outlive this object).
@@ -201,9 +206,15 @@ class BatchLookup {
   // Cold: the records of found_ that own their pages and are not cached,
   // read through io_uring (ReaderOptions::direct_reads; O_DIRECT with
   // keep_cache = false), at most `budget` bytes of them (page_request_bytes:
-  // this thread's buffer never grows past it); they then point into the
-  // buffer. Returns their pages.
+  // this thread's buffer never grows past it). The reads are submitted and
+  // left in flight: parse_next() waits for each record's own (settle()), so
+  // the first samples are copied while the later ones are read. Returns
+  // their pages.
   size_t read_direct_records(size_t budget);
+
+  // f's read done: it then points into the buffer (or, its read short or
+  // failed, into the map, which reads it or raises the file's error).
+  void settle(Found& f);
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
   // next sample follows it.
@@ -225,6 +236,8 @@ class BatchLookup {
   std::vector<Found> found_;   // every sample, when requesting pages
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
+  size_t direct_records_ = 0;  // settled through io_uring (io_stats' direct_records)
+  bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
   MDB_val record_{0, nullptr};
   const Env* record_env_ = nullptr;
