@@ -111,8 +111,8 @@ def stage_whole(paths, cache_dir, cache_limit) -> Tuple[Optional[_Spec], Any, Op
 def choose_window(sizes: Sequence[int], limit: int, shard_window: Optional[int], predownload: Optional[int],
                   source: str) -> Tuple[int, int]:
     """(shard_window, predownload) for a cache of `limit` bytes. The cache
-    must hold a window while the next window's first shard is fetched: the
-    largest shard_window + 1 shards; ValueError naming that minimum. The rule
+    must hold two windows (a batch that straddles them holds both): the
+    largest 2 * shard_window shards; ValueError naming that minimum. The rule
     is the C++ loader's (csrc/torch_lmdb/detail/windows.h)."""
     if shard_window is not None and (isinstance(shard_window, bool) or not isinstance(shard_window, int)
                                      or shard_window < 1):

@@ -69,6 +69,7 @@ void bind_stage(py::module_& m) {
         d["retries"] = s.retries;
         d["hash_failures"] = s.hash_failures;
         d["prefetch_skipped"] = s.prefetch_skipped;
+        d["cache_scans"] = s.cache_scans;
         return d;
       });
 }

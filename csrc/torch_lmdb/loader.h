@@ -96,8 +96,9 @@ struct LoaderOptions {
   /// the shards visited in a random order, `shard_window` at a time, each
   /// window's samples shuffled together (the same order as Python's
   /// make_loader for a seed). 0: the largest window the cache holds twice
-  /// with a shard to spare. A cache below the window's largest shards plus
-  /// one is a ValueError naming that minimum.
+  /// with a shard to spare. A cache below the 2 * shard_window largest
+  /// shards (a batch that straddles two windows holds both) is a ValueError
+  /// naming that minimum.
   size_t shard_window = 0;
   /// Shards of the next window fetched ahead (-1: min(shard_window, the
   /// shards after the first window), at least 1).

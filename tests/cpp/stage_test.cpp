@@ -146,6 +146,44 @@ TEST(Stage, EvictsTheLeastRecentlyUsedShardNobodyReads) {
   EXPECT_LE(c.cached_bytes(), o.cache_limit);
 }
 
+// The node's running count of the cache's bytes (.space.lock): a fetch with
+// room by the count walks no directory; a fetch the count has no room for
+// walks it, evicts, and the count follows the directory.
+TEST(Stage, FetchesWithRoomByTheRunningCountWalkNoDirectory) {
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 7, 100);
+  StageOptions o;
+  o.cache_dir = tmp.sub("cache");
+  uint64_t three = 0;
+  {
+    ShardCache c(src, o);  // no limit
+    for (size_t k = 0; k < 6; ++k) {
+      c.acquire(k);
+      c.release(k);
+      three = std::max(three, c.shards()[k].size);
+    }
+    three *= 3;
+    EXPECT_EQ(c.stats().shards_fetched, 6u);
+    EXPECT_EQ(c.stats().cache_scans, 1u) << "only a cache's first fetch walks the directory";
+    // A count that is not one (damaged, or from elsewhere) is walked past.
+    std::ofstream(o.cache_dir + "/.space.lock", std::ios::trunc) << "garbage 1 2\n";
+    c.acquire(6);
+    EXPECT_EQ(c.stats().cache_scans, 2u);
+  }
+  TempDir tmp2;
+  o.cache_dir = tmp2.sub("cache");
+  o.cache_limit = three;
+  ShardCache c(src, o);
+  for (size_t k = 0; k < 6; ++k) {
+    c.acquire(k);
+    c.release(k);
+    EXPECT_LE(c.cached_bytes(), o.cache_limit) << "after shard " << k;
+  }
+  EXPECT_EQ(c.stats().evictions, 3u);
+  EXPECT_GE(c.stats().cache_scans, 2u) << "a fetch past the limit by the count walks the directory";
+  EXPECT_LE(c.stats().cache_scans, 4u) << "one walk for the first fetch, one per eviction at most";
+}
+
 TEST(StageConcurrent, ThreadsAcquiringOneShardFetchItOnce) {
   TempDir tmp;
   const std::string src = write_shard_dir(tmp.sub("nfs"), 2, 500);
@@ -287,6 +325,20 @@ TEST(StageWindows, ACacheTooSmallForAWindowIsRefusedWithItsMinimum) {
     EXPECT_NE(what.find("needs at least"), std::string::npos) << what;
     EXPECT_NE(what.find(src), std::string::npos) << what;
   }
+  // shard_window=2: a batch that straddles two windows holds 4 shards, so
+  // 3 (a window and one more) are refused, 4 accepted.
+  o.shard_window = 2;
+  o.reader.cache_limit = 3 * largest;
+  try {
+    make_loader(src, o);
+    FAIL() << "a cache of 3 shards was accepted for windows of 2 (a straddling batch holds 4)";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("needs at least"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("its 4 largest shards"), std::string::npos) << e.what();
+  }
+  o.reader.cache_limit = 4 * largest;
+  EXPECT_NO_THROW(make_loader(src, o));  // (the whole dataset: staged whole)
+  o.shard_window = 0;
   o.reader.cache_limit = 3 * largest;
   o.block_size = 64;
   EXPECT_THROW(make_loader(src, o), c10::ValueError);  // a window of shards is its block

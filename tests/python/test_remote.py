@@ -328,6 +328,10 @@ def test_a_cache_limit_too_small_for_a_window_is_refused_with_the_minimum(served
     with pytest.raises(ValueError, match=f"at least {sum(sorted(sizes)[-2:])} bytes"):
         torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"), cache_limit=max(sizes) + 1,
                                shard_window=1)
+    # A batch that straddles two windows holds both: windows of 2 need the 4 largest shards.
+    with pytest.raises(ValueError, match=f"at least {sum(sorted(sizes)[-4:])} bytes"):
+        torch_lmdb.LMDBDataset(server.url + "/ds", cache_dir=str(tmp_path / "c"), cache_limit=sum(sorted(sizes)[-3:]),
+                               shard_window=2)
     with pytest.raises(ValueError, match="smaller than the largest shard"):
         _C.ShardCache(server.url + "/ds", str(tmp_path / "c2"), cache_limit=max(sizes) - 1)
 

@@ -531,6 +531,50 @@ bool ShardCache::fetch_parts(const std::string& url, int fd, uint64_t size, unsi
   return std::all_of(whole.begin(), whole.end(), [](char w) { return w != 0; });
 }
 
+namespace {
+
+// The node's running count of the cache's bytes, kept in .space.lock (read
+// and written under its lock): the bytes the last walk of the directory
+// found plus every reservation since, and when that walk was. Every byte a
+// process stages is reserved first, and evictions happen under the same
+// lock after a walk, so the count never falls short of the directory but
+// for files put there by hand, which the next walk (at most
+// kRescanSeconds later) counts; what it counts too many (a download that
+// failed, a temporary left by a dead process) also goes with that walk, or
+// with the first reservation of a ShardCache, which always walks.
+constexpr double kRescanSeconds = 30;
+
+struct SpaceCount {
+  uint64_t used = 0;
+  double walked_at = 0;  // seconds since the epoch; 0: no count
+};
+
+double wall_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+SpaceCount read_count(int fd) {
+  char buf[64] = {};
+  const ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+  SpaceCount c;
+  unsigned long long used = 0;
+  double at = 0;
+  if (n > 0 && std::sscanf(buf, "torch_lmdb space %llu %lf", &used, &at) == 2 && at > 0) {
+    c.used = used;
+    c.walked_at = at;
+  }
+  return c;
+}
+
+void write_count(int fd, const SpaceCount& c) {
+  char buf[64];
+  const int n = std::snprintf(buf, sizeof(buf), "torch_lmdb space %llu %.3f\n",
+                              static_cast<unsigned long long>(c.used), c.walked_at);
+  if (n > 0 && ::pwrite(fd, buf, static_cast<size_t>(n), 0) == n) (void)::ftruncate(fd, n);
+}
+
+}  // namespace
+
 int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
   const auto deadline = Clock::now() + std::chrono::duration<double>(std::max(1.0, options_.stall_seconds * 10));
   const std::string lock_path = join(options_.cache_dir, ".space.lock");
@@ -540,7 +584,20 @@ int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
       flock_or_throw(lock.fd, LOCK_EX, lock_path);
       uint64_t used = 0;
       std::vector<Evictable> staged;
-      scan(options_.cache_dir, 0, used, staged, /*clean=*/true);
+      SpaceCount count = read_count(lock.fd);
+      const double now = wall_seconds();
+      // (A cache's first reservation walks: temporaries of dead processes go.)
+      const bool counted = walked_.exchange(true) && count.walked_at > 0 && now - count.walked_at < kRescanSeconds &&
+                           now + 1 >= count.walked_at &&
+                           (options_.cache_limit == 0 || count.used + bytes <= options_.cache_limit);
+      if (counted) {
+        used = count.used;  // room by the running count: no walk
+      } else {
+        scan(options_.cache_dir, 0, used, staged, /*clean=*/true);
+        count.walked_at = now;
+        std::lock_guard<std::mutex> g(mutex_);
+        ++stats_.cache_scans;
+      }
       if (options_.cache_limit != 0 && used + bytes > options_.cache_limit) {
         const uint64_t evicted = evict(used, bytes, options_.cache_limit, staged, /*for_prefetch=*/!wait);
         std::lock_guard<std::mutex> g(mutex_);
@@ -553,6 +610,7 @@ int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
         flock_or_throw(fd.fd, LOCK_EX, tmp);  // a live download: scan() leaves it
         int rc = ::posix_fallocate(fd.fd, 0, static_cast<off_t>(bytes));
         if (rc == EOPNOTSUPP || rc == EINVAL) rc = ::ftruncate(fd.fd, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+        if (rc == 0) write_count(lock.fd, SpaceCount{used + bytes, count.walked_at});
         if (rc != 0) {
           ::unlink(tmp.c_str());
           if (rc == ENOSPC)

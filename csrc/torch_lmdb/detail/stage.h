@@ -132,6 +132,9 @@ class ShardCache {
     uint64_t retries = 0;
     uint64_t hash_failures = 0;
     uint64_t prefetch_skipped = 0;
+    // Walks of cache_dir to count its bytes: at most one per kRescanSeconds
+    // while the node's running count (in .space.lock) shows room.
+    uint64_t cache_scans = 0;
   };
   Stats stats() const;
 
@@ -173,6 +176,7 @@ class ShardCache {
   std::condition_variable connections_cv_;
   bool stopping_ = false;
   Stats stats_;
+  std::atomic<bool> walked_{false};  // this object walked cache_dir once (reserve(): its temporaries of dead processes go)
 };
 
 }  // namespace detail

@@ -36,13 +36,16 @@ WindowChoice choose_shard_window(const std::vector<uint64_t>& sizes, uint64_t li
   WindowChoice c;
   c.window = window;
   c.predownload = predownload < 0 ? std::max<size_t>(1, std::min(window, n - window)) : static_cast<size_t>(predownload);
-  const size_t shards = std::min(n, window + 1);
+  // A batch that straddles two windows holds the shards of both (as do
+  // reader threads, or DataLoader workers, that are in two windows at once).
+  const size_t shards = std::min(n, 2 * window);
   const uint64_t need = largest(sizes, shards);
   TORCH_CHECK_VALUE(limit >= need, "cache_limit ", limit, " bytes is too small for '", source,
-                    "' with shard_window=", window, ": reading a window of ", window,
-                    " shards while the next one is fetched needs at least ", need, " bytes (its ", shards,
-                    " largest shards); ", largest(sizes, std::min(n, 2 * window)),
-                    " bytes also fetch the next window ahead. Raise cache_limit or lower shard_window");
+                    "' with shard_window=", window, ": a batch that straddles two windows of ", window,
+                    " shards holds both, which needs at least ", need, " bytes (its ", shards,
+                    " largest shards); ", largest(sizes, std::min(n, 2 * window + c.predownload)),
+                    " bytes also fetch the next ", c.predownload,
+                    " shards ahead. Raise cache_limit or lower shard_window");
   return c;
 }
 

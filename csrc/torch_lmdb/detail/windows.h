@@ -41,8 +41,9 @@ struct WindowChoice {
 /// The window and the shards fetched ahead for a cache of `limit` bytes over
 /// shards of `sizes` bytes. window 0: the largest window the cache holds
 /// twice with a shard to spare; predownload < 0: min(window, shards left
-/// after one window), at least 1. The cache must hold the window's largest
-/// shards plus one: c10::ValueError naming that minimum and `source` otherwise.
+/// after one window), at least 1. The cache must hold the 2 * window largest
+/// shards (a batch that straddles two windows holds both): c10::ValueError
+/// naming that minimum and `source` otherwise.
 WindowChoice choose_shard_window(const std::vector<uint64_t>& sizes, uint64_t limit, size_t window,
                                  int64_t predownload, const std::string& source);
 
