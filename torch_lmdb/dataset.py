@@ -553,7 +553,8 @@ class LMDBDataset(torch.utils.data.Dataset):
         the same counts for a release. A dataset staged from a URL or a
         shared file system adds its cache's counters: ``bytes_fetched``,
         ``shards_fetched``, ``fetch_seconds``, ``cache_hits``, ``evictions``,
-        ``retries``, ``hash_failures``."""
+        ``retries``, ``hash_failures``, ``prefetch_skipped``, ``cache_scans``
+        (walks of the cache directory to count its bytes)."""
         stats = dict(self._reader().io_stats())
         if self._staged is not None and self._staged[1] is not None:
             stats.update(self._staged[1].stats())

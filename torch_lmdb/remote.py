@@ -379,7 +379,8 @@ class ShardWindowDataset(LMDBDataset):
 
     def io_stats(self) -> Dict[str, Any]:
         """This process's staging counters (bytes_fetched, shards_fetched,
-        fetch_seconds, cache_hits, evictions, retries, hash_failures) and
+        fetch_seconds, cache_hits, evictions, retries, hash_failures,
+        prefetch_skipped, cache_scans) and
         ``cached_bytes`` (the cache directory's staged bytes now)."""
         p = self._proc_state()
         stats = dict(p["cache"].stats())
