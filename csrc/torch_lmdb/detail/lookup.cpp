@@ -276,13 +276,14 @@ size_t BatchLookup::read_direct_records(size_t budget) {
     d.fd = fd;
     d.offset = at / align * align;
     d.length = static_cast<uint32_t>((at + f.value.mv_size + align - 1) / align * align - d.offset);
-    if (bytes + d.length > budget) break;  // the rest through the map (page requests)
+    // In the buffer at the same place in its page as in the file (and so as
+    // aligned as the device needs): the buffer holds whole pages.
+    const size_t pages = (d.offset % kDirectAlign + d.length + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    if (room + pages > budget) break;  // the rest through the map (page requests)
     reads.push_back(d);
     which.push_back(i);
     bytes += d.length;
-    // In the buffer at the same place in its page as in the file (and so as
-    // aligned as the device needs).
-    room += (d.offset % kDirectAlign + d.length + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    room += pages;
   }
   if (reads.empty()) return 0;
   char* buffer = direct_buffer(room);
