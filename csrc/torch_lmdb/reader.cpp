@@ -613,10 +613,9 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
   size_t bytes = 0;
   uint64_t last_key = 0;
   size_t last_file = 0;
-  // direct_reads: a record on pages of its own is read by its batch through
-  // io_uring (BatchLookup): requested here, its pages would be read twice
-  // (keep_cache = false: into the page cache the batch then bypasses).
-  const bool direct = s.options.direct_reads;
+  // A record its batch reads through io_uring (detail::direct_read_fd) is
+  // not requested here: its pages would be read twice (keep_cache = false:
+  // into the page cache the batch then bypasses).
   for (const size_t index : indices) {
     if (bytes >= budget) break;
     if (index >= n) continue;
@@ -633,9 +632,7 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
     if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
     if (!env.value_inside(v)) continue;  // the read of this sample raises it
     const auto [begin, end] = value_pages(v);
-    if (direct && per_value <= 1 && detail::owns_its_pages(v) &&
-        (s.options.keep_cache ? env.buffered_fd() : env.direct_fd()) >= 0)
-      continue;
+    if (detail::direct_read_fd(env, v, per_value, s.options) >= 0) continue;
     last_key = local / per_value;
     last_file = file;
     values.push_back(v);

@@ -526,9 +526,11 @@ TEST(ColdReads, DirectIoReadsRequestsBeyondItsRingInAnyOrderAndFinishesTheRest) 
     ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0) << "request " << j;
   }
   EXPECT_GT(cancelled, 0u) << "requests beyond the ring are submitted only as earlier ones complete";
-  // read_direct: all of them.
+  // Waited for in order: all of them.
   reads = requests(n, buffer);
-  ASSERT_TRUE(torch_lmdb::detail::read_direct(reads));
+  ASSERT_TRUE(torch_lmdb::detail::start_direct_reads(reads));
+  for (size_t j = 0; j < n; ++j) ASSERT_EQ(torch_lmdb::detail::wait_direct_read(j), static_cast<int64_t>(block));
+  torch_lmdb::detail::finish_direct_reads();
   for (size_t j = 0; j < n; ++j) ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0);
   ::close(fd);
 }

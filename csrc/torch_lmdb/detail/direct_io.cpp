@@ -160,13 +160,6 @@ void finish_direct_reads() noexcept {
   flight = InFlight();
 }
 
-bool read_direct(std::vector<DirectRead>& reads) {
-  if (!start_direct_reads(reads)) return false;
-  for (size_t j = 0; j < reads.size(); ++j) (void)wait_direct_read(j);
-  finish_direct_reads();
-  return true;
-}
-
 char* direct_buffer(size_t bytes) {
   finish_direct_reads();
   if (bytes > arena_bytes) {

@@ -17,7 +17,6 @@
 //   called by start_direct_reads() and direct_buffer() first, and must be
 //   called before the requests' vector or buffers go (BatchLookup's
 //   destructor): no read ever lands in memory that was given back.
-// - read_direct() is start_direct_reads() then finish_direct_reads().
 // - direct_buffer(bytes) is this thread's arena, 4096-byte aligned, valid
 //   until the thread's next direct_buffer() call.
 // - direct_alignment(fd): the file offset and length alignment O_DIRECT reads
@@ -46,8 +45,6 @@ struct DirectRead {
 bool start_direct_reads(std::vector<DirectRead>& reads);
 int64_t wait_direct_read(size_t j);
 void finish_direct_reads() noexcept;
-
-bool read_direct(std::vector<DirectRead>& reads);
 
 char* direct_buffer(size_t bytes);
 

@@ -167,6 +167,11 @@ std::pair<uintptr_t, uintptr_t> value_pages(const MDB_val& v) {
   return {p & ~(page - 1), (p + v.mv_size + page - 1) & ~(page - 1)};
 }
 
+int direct_read_fd(const Env& env, const MDB_val& v, uint32_t per_value, const ReaderOptions& o) {
+  if (!o.direct_reads || per_value > 1 || !owns_its_pages(v) || v.mv_size > (size_t{1} << 30)) return -1;
+  return o.keep_cache ? env.buffered_fd() : env.direct_fd();
+}
+
 size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_t gap) {
   thread_local std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   thread_local std::vector<unsigned char> resident;
@@ -264,9 +269,8 @@ size_t BatchLookup::read_direct_records(size_t budget) {
   size_t bytes = 0, room = 0;
   for (size_t i = 0; i < found_.size(); ++i) {
     const Found& f = found_[i];
-    if (f.per_value > 1) continue;
-    if (!owns_its_pages(f.value) || f.value.mv_size > (size_t{1} << 30)) continue;
-    const int fd = keep_ ? f.env->buffered_fd() : f.env->direct_fd();
+    if (f.per_value > 1) continue;  // (its record is not found yet: its value's header first)
+    const int fd = direct_read_fd(*f.env, f.value, f.per_value, s_.options);
     if (fd < 0 || cached(f.value)) continue;
     // O_DIRECT reads whole blocks of the device (512 bytes, often): only the
     // blocks the record lies on. A buffered read is read as it is asked.

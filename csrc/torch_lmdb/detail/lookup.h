@@ -59,6 +59,14 @@ inline bool owns_its_pages(const MDB_val& v) {
   return reinterpret_cast<uintptr_t>(v.mv_data) - value_pages(v).first == 16;
 }
 
+/// The descriptor a cold read of record `v` of `env` (`per_value` records a
+/// value) goes through io_uring with (ReaderOptions::direct_reads: O_DIRECT
+/// with keep_cache = false, buffered otherwise), or -1 when it is read
+/// through the map (direct reads off, a packed value, a record sharing its
+/// pages, one over 1 GiB, a file without the descriptor). The one rule of
+/// BatchLookup's direct reads and of the page requests that leave them out.
+int direct_read_fd(const Env& env, const MDB_val& v, uint32_t per_value, const ReaderOptions& o);
+
 /// Requests the pages of `values` (at most `budget` bytes of them, in batch
 /// order) that are not in the page cache: the ranges are merged in address
 /// order (across gaps of up to `gap` bytes), mincore() tells which hold a
@@ -203,10 +211,9 @@ class BatchLookup {
   // Sample i's value; with `slice` (or one record per value) also its record.
   Found find(size_t i, bool slice = true);
 
-  // Cold: the records of found_ that own their pages and are not cached,
-  // read through io_uring (ReaderOptions::direct_reads; O_DIRECT with
-  // keep_cache = false), at most `budget` bytes of them (page_request_bytes:
-  // this thread's buffer never grows past it). The reads are submitted and
+  // Cold: the records of found_ that direct_read_fd() takes and are not
+  // cached, read through io_uring, as many as this thread's buffer holds in
+  // `budget` bytes (page_request_bytes: the buffer never grows past it). The reads are submitted and
   // left in flight: parse_next() waits for each record's own (settle()), so
   // the first samples are copied while the later ones are read. Returns
   // their pages.
