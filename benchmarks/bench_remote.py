@@ -27,6 +27,7 @@ Rows:
   interleaved, best of 3 (bar >= 0.95x).
 """
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -70,8 +71,15 @@ def drop_page_cache(path):
 
 
 def cache_bytes(cache):
-    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
-               + glob.glob(os.path.join(cache, "**", ".tmp-*"), recursive=True))
+    """The cache's bytes at one moment: walked under its space lock (shared), under which every
+    download, rename and eviction happens, so the walk never adds an evicted shard to the next download."""
+    fd = os.open(os.path.join(cache, ".space.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return sum(os.path.getsize(p) for p in glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
+                   + glob.glob(os.path.join(cache, "**", ".tmp-*"), recursive=True))
+    finally:
+        os.close(fd)
 
 
 class CachePeak:

@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <fstream>
+#include <memory>
+#include <random>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -205,6 +207,54 @@ TEST(StageConcurrent, ThreadsAcquiringOneShardFetchItOnce) {
   EXPECT_EQ(ok.load(), 80);
   EXPECT_EQ(c.stats().shards_fetched, 2u);
   EXPECT_EQ(temporaries(tmp.sub("cache")), 0);
+}
+
+TEST(StageConcurrent, TheCacheNeverHoldsMoreThanItsLimitWhileThreadsFetchAndEvict) {
+  // Threads fetch, read and give back shards of a dataset three times its
+  // cache, with prefetches between; a probe walks the cache all along. Every
+  // change to what the cache holds (a download's reservation, its rename, an
+  // eviction) is made under the space lock and the probe walks under it, so
+  // it sees moments, never an evicted shard together with the next download.
+  TempDir tmp;
+  const std::string src = write_shard_dir(tmp.sub("nfs"), 9, 20);
+  StageOptions o;
+  o.cache_dir = tmp.sub("cache");
+  ShardCache probe(src, o);
+  uint64_t largest = 0;
+  for (const auto& s : probe.shards()) largest = std::max(largest, s.size);
+  o.cache_limit = 3 * largest;
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> peak{0}, walks{0};
+  std::thread watcher([&] {
+    while (!done) {
+      const uint64_t now = probe.cached_bytes();
+      uint64_t p = peak.load();
+      while (now > p && !peak.compare_exchange_weak(p, now)) {
+      }
+      ++walks;
+    }
+  });
+  std::vector<std::thread> threads;
+  std::vector<std::unique_ptr<ShardCache>> caches;
+  for (int t = 0; t < 2; ++t) caches.push_back(std::make_unique<ShardCache>(src, o));
+  for (int t = 0; t < 2; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(t));
+      for (int rep = 0; rep < 60; ++rep) {
+        const size_t k = rng() % 9;
+        EXPECT_FALSE(caches[t]->acquire(k).empty());
+        caches[t]->prefetch({(k + 1) % 9});
+        caches[t]->release(k);
+      }
+    });
+  for (auto& t : threads) t.join();
+  caches.clear();  // joins the prefetches
+  done = true;
+  watcher.join();
+  EXPECT_GT(walks.load(), 10u);
+  EXPECT_LE(peak.load(), o.cache_limit) << "largest shard " << largest;
+  EXPECT_LE(probe.cached_bytes(), o.cache_limit);
+  EXPECT_EQ(temporaries(o.cache_dir), 0);
 }
 
 // ---- a staged dataset larger than its cache, read in shard windows (detail/windows.h) ----

@@ -1,6 +1,7 @@
 """Datasets staged from HTTP and from a shared file system to a node-local
 cache (README "Remote and shared storage"): nginx serves a shard directory,
 a proxy injects faults."""
+import fcntl
 import glob
 import json
 import os
@@ -355,11 +356,19 @@ def test_shard_window_epoch_reads_every_sample_once_within_the_cache_limit(serve
             return 0
 
     def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], sum(size(p) for p in
-                                       glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
-                                       + leftovers(cache)))
-            time.sleep(0.005)
+        # Walked under the cache's space lock (shared), under which staging downloads, renames and
+        # evicts: a walk without it can count an evicted shard and the next download together.
+        lock = os.open(os.path.join(cache, ".space.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not done.is_set():
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                peak[0] = max(peak[0], sum(size(p) for p in
+                                           glob.glob(os.path.join(cache, "**", "data.mdb"), recursive=True)
+                                           + leftovers(cache)))
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                time.sleep(0.005)
+        finally:
+            os.close(lock)
 
     watcher = threading.Thread(target=watch)
     watcher.start()

@@ -462,8 +462,14 @@ bool ShardCache::download(size_t k, int fd, const std::string& tmp, unsigned att
     stats_.fetch_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   }
   if (!sink.overflow && sink.offset == shards_[k].size && got == shards_[k].hash) {
-    if (::rename(tmp.c_str(), join(dir, "data.mdb").c_str()) != 0)
-      throw Error("cannot rename '" + tmp + "': " + std::strerror(errno), errno, tmp);
+    {  // Under the space lock: a walk never lists the directory between the
+       // two names and misses the shard (the count would then fall short).
+      const std::string lock_path = join(options_.cache_dir, ".space.lock");
+      Fd space(open_lock_file(lock_path));
+      flock_or_throw(space.fd, LOCK_EX, lock_path);
+      if (::rename(tmp.c_str(), join(dir, "data.mdb").c_str()) != 0)
+        throw Error("cannot rename '" + tmp + "': " + std::strerror(errno), errno, tmp);
+    }
     if (ahead) write_file_atomic(join(dir, ".ahead"), "");
     write_file_atomic(join(dir, ".staged"), shards_[k].hash);
     {  // staged counts as used now: what was fetched ahead is not the first to go
@@ -631,6 +637,12 @@ int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
 }
 
 uint64_t ShardCache::cached_bytes() const {
+  // Under the space lock (shared): every change to what the cache holds is
+  // made under it, so the walk sees one state, not an eviction's before and
+  // the next download's after.
+  const std::string lock_path = join(options_.cache_dir, ".space.lock");
+  Fd lock(open_lock_file(lock_path));
+  flock_or_throw(lock.fd, LOCK_SH, lock_path);
   uint64_t used = 0;
   std::vector<Evictable> staged;
   scan(options_.cache_dir, 0, used, staged, /*clean=*/false);

@@ -38,7 +38,9 @@
 // - cache_limit (0: none) bounds the bytes of staged and downloading shards
 //   of every dataset in cache_dir: space is reserved (the temporary file is
 //   allocated at its full size) under cache_dir/.space.lock, evicting the
-//   least recently used shards that no process reads. A shard larger than
+//   least recently used shards that no process reads; its rename into place
+//   happens under the same lock, so a walk of the cache under it never misses
+//   a shard nor counts an evicted one with the download that replaced it. A shard larger than
 //   cache_limit is refused at construction (ValueError naming both sizes);
 //   an acquire() that finds no evictable space waits for a reader to
 //   release one, and raises Error naming the limit after `stall_seconds`
@@ -120,7 +122,9 @@ class ShardCache {
   void acquire_all();
   /// Fetches these shards in the background, in order, without holding them.
   void prefetch(const std::vector<size_t>& shards);
-  /// Bytes of staged and downloading shards in cache_dir (every dataset).
+  /// Bytes of staged and downloading shards in cache_dir (every dataset), at
+  /// one moment: walked under the space lock, under which every download's
+  /// reservation, its rename into place and every eviction happen.
   uint64_t cached_bytes() const;
 
   struct Stats {
