@@ -95,6 +95,8 @@ def systems(paths, n):
          iter_batches(2, block=1024, os_readahead=True)),
         ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), 2 threads", "block", db,
          iter_batches(2, block=1024)),
+        ("torch_lmdb iter_batches, block shuffle (1024-sample blocks), 2 threads, keep_cache=False", "block", db,
+         iter_batches(2, block=1024, keep_cache=False)),
         ("torch_lmdb make_loader, num_workers=2", "shuffled", db, loader(2)),
         ("py-lmdb + pickle DataLoader, num_workers=0", "shuffled", paths["pickle_lmdb"], pickle_dl),
     ]

@@ -548,7 +548,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         (pages they found uncached), and ``request_pages_calls`` and
         ``pages_requested_ahead`` (``iter_batches`` requesting the coming
         batches' uncached pages while it reads), and ``direct_records``
-        (cold records read through io_uring: with O_DIRECT when ``keep_cache=False``). The old names
+        (cold records read through io_uring: with O_DIRECT when ``keep_cache=False``),
+        ``read_ahead_records`` and ``read_ahead_bytes`` (a block shuffle's cold
+        windows read ahead with a few long reads, and the records batches took
+        from them). The old names
         ``lookahead_batches``, ``prefetches`` and ``pages_prefetched`` hold
         the same counts for a release. A dataset staged from a URL or a
         shared file system adds its cache's counters: ``bytes_fetched``,

@@ -556,6 +556,56 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
   return batch;
 }
 
+Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options,
+                         const detail::ReadAhead* ahead) const {
+  detail::ReadAheadScope scope(ahead);
+  return read_batch(indices, options);
+}
+
+std::shared_ptr<const detail::ReadAhead> Reader::read_ahead(at::ArrayRef<size_t> indices,
+                                                            std::shared_ptr<const detail::ReadAhead> reuse) const {
+  State& s = *state_;
+  const ReaderOptions& o = s.options;
+  if (!o.direct_reads || o.page_request_bytes == 0 || o.page_requests == PageRequests::Never || indices.empty())
+    return nullptr;
+  const auto& envs = s.current_envs();
+  const size_t n = s.offsets.back();
+  // Open until the reads are done: the records' pages stay theirs.
+  std::vector<ReadTxn> txns(envs.size());
+  std::vector<uint64_t> ids(envs.size(), 0);
+  std::vector<detail::ReadAheadWant> want;
+  uint64_t bytes = 0;
+  size_t looked = 0;
+  for (const size_t index : indices) {
+    if (bytes >= o.page_request_bytes) break;
+    if (index >= n) continue;
+    const auto [file, local] = s.locate(index);
+    const uint32_t per_value = s.per_value[file];
+    if (per_value > 1) continue;
+    const Env& env = *envs[file];
+    if (txns[file].get() == nullptr) {
+      txns[file] = env.read_txn();
+      ids[file] = mdb_txn_id(txns[file].get());
+    }
+    unsigned char kbuf[8];
+    encode_key(local, kbuf);
+    MDB_val k{8, kbuf}, v{0, nullptr};
+    if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
+    if (!env.value_inside(v) || detail::direct_read_fd(env, v, per_value, o) < 0) continue;
+    if (detail::record_cached(v)) {
+      if (++looked >= 32 && want.empty()) return nullptr;  // a window in the page cache already
+      continue;
+    }
+    ++looked;
+    const uint64_t at = env.file_offset(v.mv_data);
+    want.push_back({file, at, at + v.mv_size});
+    bytes += v.mv_size;
+  }
+  auto out = detail::read_ahead(envs, ids, want, o.keep_cache, std::move(reuse));
+  if (out) s.io_read_ahead_bytes.fetch_add(out->bytes, std::memory_order_relaxed);
+  return out;
+}
+
 const std::vector<FieldSchema>& Reader::schema() const { return state_->schema; }
 
 std::string Reader::metadata_json(size_t file) const {
@@ -590,7 +640,8 @@ bool Reader::complete() const { return state_->complete; }
 Reader::IoStats Reader::io_stats() const {
   const State& s = *state_;
   return IoStats{s.io_batches.load(), s.io_page_request_batches.load(), s.io_pages.load(), s.io_pages_ahead.load(),
-                 s.io_request_pages_calls.load(), s.io_direct_records.load()};
+                 s.io_request_pages_calls.load(), s.io_direct_records.load(), s.io_read_ahead_records.load(),
+                 s.io_read_ahead_bytes.load()};
 }
 
 const ReaderOptions& Reader::options() const { return state_->options; }

@@ -37,6 +37,9 @@
 #include "torch_lmdb/record.h"
 
 namespace torch_lmdb {
+namespace detail {
+struct ReadAhead;  // detail/lookup.h
+}  // namespace detail
 
 /// When read_batch requests a batch's pages: it looks the batch's samples
 /// up before copying them and requests their uncached pages at once (see
@@ -208,6 +211,25 @@ class Reader {
   /// Reads and collates a batch: one read txn, one allocation per field, one
   /// copy per sample and field straight into the batch tensor.
   Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options = {}) const;
+  /// The same, taking the records `ahead` holds (read_ahead()) from its buffer.
+  Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options, const detail::ReadAhead* ahead) const;
+
+  /// Reads the records of these samples that are not in the page cache and
+  /// that a batch would read through io_uring (direct_reads: records on pages
+  /// of their own) into one buffer, at most page_request_bytes of them in the
+  /// given order: their file ranges are merged (across gaps of up to 64 KiB)
+  /// and read in requests of up to 1 MiB, so a block-shuffled window goes out
+  /// as a few long sequential reads (O_DIRECT with keep_cache = false). For a
+  /// caller that knows which samples come next: BatchStream reads each window
+  /// of a block shuffle ahead this way when its first records are not cached.
+  /// A batch read with the result takes those records from the buffer
+  /// (checked as any record) as long as no writer committed since; a read
+  /// that failed or fell short leaves its records to the batch. Null when
+  /// nothing is to be read (direct_reads off, PageRequests::Never,
+  /// page_request_bytes 0, or the first 32 such records cached). `reuse`: a
+  /// result no one else holds lends its buffer.
+  std::shared_ptr<const detail::ReadAhead> read_ahead(at::ArrayRef<size_t> indices,
+                                                      std::shared_ptr<const detail::ReadAhead> reuse = nullptr) const;
 
   /// Requests the pages of these samples that are not in the page cache
   /// (madvise MADV_WILLNEED: asynchronous reads), at most page_request_bytes of
@@ -266,6 +288,8 @@ class Reader {
     uint64_t pages_requested_ahead = 0;
     uint64_t request_pages_calls = 0;
     uint64_t direct_records = 0;  ///< records read with O_DIRECT (direct_reads)
+    uint64_t read_ahead_records = 0;  ///< records batches took from read_ahead()'s buffers
+    uint64_t read_ahead_bytes = 0;    ///< bytes read_ahead() read
   };
   IoStats io_stats() const;
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <deque>
 #include <exception>
 #include <limits>
 #include <map>
@@ -15,6 +16,7 @@
 #include <thread>
 
 #include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/lookup.h"
 
 namespace torch_lmdb {
 
@@ -178,6 +180,20 @@ struct BatchStream::State {
   size_t error_at = std::numeric_limits<size_t>::max();
   bool stop = false;
   std::vector<std::thread> threads;
+  // A block shuffle whose windows are not cached: a thread of their own
+  // reads each window's records ahead in a few long reads (Reader::read_ahead),
+  // while the reading threads copy the window before; a batch whose window
+  // is being read waits for it. `window_batches` (0: no read-ahead) batches
+  // a window; windows are read at most one ahead of the batches claimed.
+  struct Ahead {
+    size_t first = 0, last = 0;  // its batches
+    bool ready = false;
+    std::shared_ptr<const detail::ReadAhead> data;  // null: nothing read (cached, or failed)
+  };
+  size_t window_batches = 0;
+  std::deque<Ahead> aheads;  // under `mutex`
+  std::vector<std::shared_ptr<const detail::ReadAhead>> spares;  // delivered windows' buffers, to reuse
+  std::condition_variable ahead_ready;
 
   State(Reader r, StreamOptions o) : reader(std::move(r)), options(std::move(o)) {}
   State(std::shared_ptr<detail::ShardWindows> w, StreamOptions o) : windows(std::move(w)), options(std::move(o)) {}
@@ -191,6 +207,7 @@ struct BatchStream::State {
       stop = true;
     }
     consumed.notify_all();
+    ahead_ready.notify_all();
     for (std::thread& t : threads) t.join();
     threads.clear();
   }
@@ -263,10 +280,84 @@ struct BatchStream::State {
     if (got.bytes > 0) batch_bytes = std::max<size_t>(1, got.bytes / (range.second - range.first));
   }
 
+  // The read-ahead thread (window_batches > 0): window c once the batches
+  // claimed reach window c - 1 (at most the window being read, the next and
+  // a previous one's last batches hold buffers), its indices in batch order.
+  void read_ahead_loop() {
+    try {
+      read_windows_ahead();
+    } catch (...) {  // (no memory for the window list): the batches read without
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        for (Ahead& a : aheads) a.ready = true;
+      }
+      ahead_ready.notify_all();
+    }
+  }
+
+  void read_windows_ahead() {
+    const size_t W = window_batches;
+    for (size_t first = 0; first < num_batches; first += W) {
+      std::shared_ptr<const detail::ReadAhead> reuse;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        if (first > 0) {
+          consumed.wait(lock, [&] { return stop || next_to_claim + W >= first; });
+          if (stop) return;
+          if (next_to_claim > first) continue;  // the reading threads are in it already
+          aheads.push_back(Ahead{first, std::min(num_batches, first + W), false, nullptr});
+        }
+        while (!aheads.empty() && aheads.front().last <= next_to_deliver) {
+          if (aheads.front().data) spares.push_back(std::move(aheads.front().data));
+          aheads.pop_front();
+        }
+        for (auto it = spares.begin(); it != spares.end(); ++it)
+          if (it->use_count() == 1) {
+            reuse = std::move(*it);
+            spares.erase(it);
+            break;
+          }
+        if (spares.size() > 2) spares.erase(spares.begin());
+      }
+      std::shared_ptr<const detail::ReadAhead> data;
+      try {
+        std::vector<size_t> idx;
+        for (size_t b = first; b < std::min(num_batches, first + W); ++b) {
+          if (batch_at(b).count == 0) continue;
+          const std::vector<size_t> batch = indices(b);
+          idx.insert(idx.end(), batch.begin(), batch.end());
+        }
+        data = reader->read_ahead(idx, std::move(reuse));
+      } catch (...) {
+        // Only a hint: each batch reads its records itself and raises their errors.
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        for (Ahead& a : aheads)
+          if (a.first == first) {
+            a.ready = true;
+            a.data = std::move(data);
+          }
+      }
+      ahead_ready.notify_all();
+    }
+  }
+
+  // The read-ahead of batch k's window (waiting while it is read), or null. Under `mutex`.
+  std::shared_ptr<const detail::ReadAhead> window_read_ahead(std::unique_lock<std::mutex>& lock, size_t k) {
+    for (;;) {
+      auto it = std::find_if(aheads.begin(), aheads.end(), [k](const Ahead& a) { return a.first <= k && k < a.last; });
+      if (it == aheads.end() || stop) return nullptr;
+      if (it->ready) return it->data;
+      ahead_ready.wait(lock);
+    }
+  }
+
   void work() {
     for (;;) {
       size_t k = 0;
       std::pair<size_t, size_t> ahead{0, 0};
+      std::shared_ptr<const detail::ReadAhead> window;
       const bool thread_cold = reader && reader->requesting_pages();
       {
         std::unique_lock<std::mutex> lock(mutex);
@@ -275,13 +366,18 @@ struct BatchStream::State {
         });
         if (stop || next_to_claim >= num_batches) return;
         k = next_to_claim++;
-        if (thread_cold || cold) ahead = claim_page_requests(k);
+        if (window_batches > 0) {
+          consumed.notify_all();  // (the read-ahead thread waits for the claims to reach a window)
+          window = window_read_ahead(lock, k);
+        }
+        // (a window read ahead: its records are not requested again)
+        if ((thread_cold || cold) && !window) ahead = claim_page_requests(k);
       }
       try {
         if (ahead.second > ahead.first) request_pages(ahead);
         std::vector<int64_t> sources;
         Batch b = windows ? windows->read(indices(k), options.batch)
-                          : reader->read_batch(indices(k, &sources), options.batch);
+                          : reader->read_batch(indices(k, &sources), options.batch, window.get());
         if (rule) add_sources(b, sources);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));
@@ -324,6 +420,16 @@ void BatchStream::start_threads() {
                                s.options.drop_last);
   s.generation = fork_generation();
   const size_t threads = std::min(s.options.threads, std::max<size_t>(s.num_batches, 1));
+  if (s.reader && s.options.order == SampleOrder::BlockShuffle && !s.rule && s.num_batches > 0) {
+    const ReaderOptions& ro = s.reader->options();
+    if (ro.direct_reads && ro.page_requests != PageRequests::Never && ro.page_request_bytes > 0) {
+      const size_t per_batch = s.options.batch_size * s.options.world_size;
+      s.window_batches = std::max<size_t>(1, (s.options.block_size * s.options.window_blocks + per_batch - 1) / per_batch);
+      // The first window is read before any batch of it.
+      s.aheads.push_back(State::Ahead{0, std::min(s.num_batches, s.window_batches), false, nullptr});
+      s.threads.emplace_back([&s] { s.read_ahead_loop(); });
+    }
+  }
   for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });
 }
 

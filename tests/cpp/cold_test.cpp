@@ -17,6 +17,8 @@
 
 #include "test_util.h"
 #include "torch_lmdb/detail/direct_io.h"
+#include "torch_lmdb/detail/env.h"
+#include "torch_lmdb/detail/lookup.h"
 #include "torch_lmdb/record.h"
 #include "torch_lmdb/stream.h"
 
@@ -468,6 +470,124 @@ TEST(ColdReads, StreamOnTwoThreadsReadsDirectlyEverySampleOnce) {
   for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
   // The stream requests no page ahead for them (the page cache would hold them).
   if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, uint64_t(n / 2));
+}
+
+// ---- a block shuffle's cold windows read ahead (Reader::read_ahead) ----
+
+TEST(ColdReads, BlockShuffleStreamReadsColdWindowsAheadInLongReadsEverySampleOnce) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 2048;  // ~34 MiB
+  write_wide(path, n);
+  for (bool keep : {false, true}) {
+    evict_file(path);
+    ReaderOptions ro;
+    ro.keep_cache = keep;
+    Reader r(path, ro);
+    StreamOptions o;
+    o.batch_size = 64;
+    o.order = SampleOrder::BlockShuffle;
+    o.block_size = 128;
+    o.window_blocks = 2;  // windows of 256 samples: 4 batches, 8 windows
+    o.threads = 2;
+    {
+      BatchStream stream(r, o);
+      const auto seen = read_epoch(stream, n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
+    }
+    const Reader::IoStats cold = r.io_stats();
+    if (keep || takes_o_direct(path)) {
+      EXPECT_GT(cold.read_ahead_records, uint64_t(n * 3 / 4)) << (keep ? "keep_cache" : "O_DIRECT") << ": " << cold.direct_records << " direct, " << cold.batches << " batches";
+      EXPECT_GE(cold.read_ahead_bytes, uint64_t(n) * kWidth * 4) << "every record's bytes";
+      EXPECT_LT(cold.direct_records, uint64_t(n / 10)) << "records read one by one";
+      EXPECT_EQ(cold.request_pages_calls, 0u) << "a window read ahead is not requested again";
+    }
+    if (!keep) {
+      const auto [in, pages] = resident_pages(path);
+      EXPECT_LT(in, pages / 10) << in << " of " << pages << " pages entered the page cache";
+      continue;
+    }
+    // keep_cache: the windows' pages stay cached and the next epoch reads
+    // them through the map; nothing is read ahead (its first records are cached).
+    EXPECT_GT(resident_pages(path).first, resident_pages(path).second * 9 / 10);
+    {
+      o.epoch = 1;
+      BatchStream warm(r, o);
+      const auto seen = read_epoch(warm, n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
+    }
+    EXPECT_EQ(r.io_stats().read_ahead_bytes, cold.read_ahead_bytes);
+    EXPECT_EQ(r.io_stats().read_ahead_records, cold.read_ahead_records);
+  }
+}
+
+TEST(ColdReads, ReadAheadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndWholeReads) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  write_wide(path, 400);
+  torch_lmdb_test::mutate_record(path, 150, [](std::string& value) { value[value.size() / 2] ^= 0x5A; });
+  evict_file(path);
+  const bool direct = takes_o_direct(path);
+  ReaderOptions ro;
+  ro.keep_cache = !direct;  // O_DIRECT where the file system takes it, buffered reads otherwise
+  ro.verify = true;
+  Reader r(path, ro);
+  std::vector<size_t> window(256);
+  std::iota(window.begin(), window.end(), 0);
+  std::shuffle(window.begin(), window.end(), std::mt19937_64(3));
+  const auto ahead = r.read_ahead(window);
+  ASSERT_NE(ahead, nullptr);
+  EXPECT_GT(ahead->records, 240u) << "the uncached records (a few share the pages the lookups read)";
+  EXPECT_GE(r.io_stats().read_ahead_bytes, uint64_t(256) * kWidth * 4);
+  // A damaged record read ahead is raised with its index, as any record.
+  try {
+    r.read_batch(std::vector<size_t>{7, 150, 8}, {}, ahead.get());
+    FAIL() << "the damaged record 150 was returned";
+  } catch (const CorruptedError& e) {
+    EXPECT_NE(std::string(e.what()).find("index 150"), std::string::npos) << e.what();
+  }
+  const uint64_t before = r.io_stats().read_ahead_records;
+  EXPECT_GE(before, 1u);
+  const std::vector<size_t> first(window.begin(), window.begin() + 64);
+  const Batch b = r.read_batch(first, {}, ahead.get());
+  for (size_t j = 0; j < first.size(); ++j)
+    ASSERT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(first[j], kWidth)["x"]));
+  EXPECT_EQ(r.io_stats().read_ahead_records, before + first.size());
+  EXPECT_EQ(r.io_stats().direct_records, 0u) << "every record came from the read-ahead";
+  // Without it, the same batch reads its records one by one.
+  evict_file(path);
+  r.read_batch(first);
+  EXPECT_EQ(r.io_stats().read_ahead_records, before + first.size());
+  if (direct) EXPECT_GT(r.io_stats().direct_records, 0u);
+
+  // detail::read_ahead: ranges merged into runs; a run read short (past the
+  // end of the file) and another snapshot give nothing.
+  struct stat st {};
+  ASSERT_EQ(::stat((path + "/data.mdb").c_str(), &st), 0);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  auto env = torch_lmdb::Env::open(path, torch_lmdb::EnvOptions{});
+  if (direct) ASSERT_GE(env->direct_fd(), 0);
+  std::vector<torch_lmdb::detail::ReadAheadWant> want{{0, 8192, 12288}, {0, 4096, 6000}, {0, size - 4096, size + 8192}};
+  const auto got = torch_lmdb::detail::read_ahead({env}, {42}, want, /*keep_cache=*/!direct, nullptr);
+  ASSERT_NE(got, nullptr);
+  ASSERT_EQ(got->files.size(), 1u);
+  EXPECT_EQ(got->files[0].runs.size(), 2u) << "4096-6000 and 8192-12288 are one run";
+  std::string expect(8192, '\0');
+  const int fd = ::open((path + "/data.mdb").c_str(), O_RDONLY);
+  ASSERT_EQ(::pread(fd, &expect[0], 8192, 4096), 8192);
+  ::close(fd);
+  const char* p = got->find(env.get(), 42, 4096, 8192);
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(std::memcmp(p, expect.data(), 8192), 0) << "the bytes of the file";
+  EXPECT_EQ(got->find(env.get(), 43, 4096, 8192), nullptr) << "another snapshot";
+  EXPECT_EQ(got->find(env.get(), 42, size - 4096, 4096), nullptr) << "a run read short";
+  EXPECT_EQ(got->find(env.get(), 42, 4096, 16384), nullptr) << "past its run";
+  EXPECT_EQ(got->find(env.get(), 42, 20000, 16), nullptr) << "not read";
+  // Nothing is read ahead without direct reads.
+  ReaderOptions plain = ro;
+  plain.direct_reads = false;
+  evict_file(path);
+  EXPECT_EQ(Reader(path, plain).read_ahead(window), nullptr);
 }
 
 // detail/direct_io.h: more requests than the ring holds, waited for in any

@@ -129,3 +129,25 @@ def test_keep_cache_false_reads_cold_records_with_o_direct_in_the_process_and_it
     for batch in torch_lmdb.make_loader(ds, 64, shuffle=True, num_workers=2, multiprocessing_context=context):
         _check(batch, seen)
     assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("keep_cache", [False, True])
+def test_a_cold_block_shuffle_reads_its_windows_ahead_in_long_reads(tmp_path, keep_cache):
+    n = 1024
+    path = _write(str(tmp_path / "db"), n)
+    _evict(path)
+    ds = torch_lmdb.LMDBDataset(path, keep_cache=keep_cache)
+    seen = []
+    for batch in ds.iter_batches(64, shuffle=True, seed=2, threads=2, block_size=128):
+        _check(batch, seen)
+    assert sorted(seen) == list(range(n))
+    stats = ds.io_stats()
+    if keep_cache or _takes_o_direct(path):
+        assert stats["read_ahead_records"] > n * 9 // 10, stats
+        assert stats["read_ahead_bytes"] >= n * WIDTH * 4, stats
+        assert stats["direct_records"] < n // 10, stats
+    # A warm epoch (keep_cache) reads nothing ahead.
+    if keep_cache:
+        for batch in ds.iter_batches(64, shuffle=True, seed=3, threads=2, block_size=128):
+            _check(batch, [])
+        assert ds.io_stats()["read_ahead_bytes"] == stats["read_ahead_bytes"]

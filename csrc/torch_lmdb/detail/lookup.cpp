@@ -215,12 +215,130 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_
   return missing;
 }
 
+// ---- ReadAhead ----------------------------------------------------------------
+
+namespace {
+thread_local const ReadAhead* current_read_ahead = nullptr;
+constexpr size_t kHugePage = size_t{2} << 20;
+}  // namespace
+
+bool record_cached(const MDB_val& v) {
+  const uintptr_t page = page_bytes();
+  unsigned char in = 0;
+  void* first = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1));
+  return v.mv_size == 0 || ::mincore(first, page, &in) != 0 || (in & 1) != 0;
+}
+
+ReadAheadScope::ReadAheadScope(const ReadAhead* ahead) : previous_(current_read_ahead) { current_read_ahead = ahead; }
+ReadAheadScope::~ReadAheadScope() { current_read_ahead = previous_; }
+
+ReadAhead::~ReadAhead() { std::free(buffer); }
+
+const char* ReadAhead::find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const {
+  for (const File& f : files) {
+    if (f.env != env) continue;
+    if (f.txn_id != txn_id) return nullptr;
+    auto it = std::upper_bound(f.runs.begin(), f.runs.end(), at,
+                               [](uint64_t x, const Run& r) { return x < r.offset; });
+    if (it == f.runs.begin()) return nullptr;
+    --it;
+    if (it->data == nullptr || at + size > it->offset + it->length) return nullptr;
+    return it->data + (at - it->offset);
+  }
+  return nullptr;
+}
+
+std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<Env>>& envs,
+                                            const std::vector<uint64_t>& txn_ids, std::vector<ReadAheadWant>& want,
+                                            bool keep_cache, std::shared_ptr<const ReadAhead> reuse) {
+  if (want.empty()) return nullptr;
+  std::sort(want.begin(), want.end(), [](const ReadAheadWant& a, const ReadAheadWant& b) {
+    return a.file != b.file ? a.file < b.file : a.begin < b.begin;
+  });
+  // The runs, aligned as O_DIRECT needs (buffered: as they are).
+  std::vector<ReadAheadWant> runs;
+  for (const ReadAheadWant& w : want) {
+    const uint64_t align = keep_cache ? 1 : envs[w.file]->direct_align();
+    const uint64_t b = w.begin / align * align, e = (w.end + align - 1) / align * align;
+    if (!runs.empty() && runs.back().file == w.file && b <= runs.back().end + ReadAhead::kReadAheadGap) {
+      runs.back().end = std::max(runs.back().end, e);
+    } else {
+      runs.push_back({w.file, b, e});
+    }
+  }
+  // Each run in the buffer at the same place in its page as in its file (as
+  // aligned as the device needs).
+  size_t total = 0;
+  for (const ReadAheadWant& r : runs)
+    total += (r.begin % kDirectAlign + (r.end - r.begin) + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  auto out = std::make_shared<ReadAhead>();
+  if (reuse && reuse.use_count() == 1 && reuse->capacity >= total) {
+    // Nobody else holds it: its buffer (pages already faulted in) is lent.
+    ReadAhead& old = const_cast<ReadAhead&>(*reuse);
+    out->buffer = old.buffer;
+    out->capacity = old.capacity;
+    old.buffer = nullptr;
+    old.capacity = 0;
+  } else {
+    void* p = nullptr;
+    const size_t size = (total + kHugePage - 1) / kHugePage * kHugePage;
+    if (::posix_memalign(&p, kHugePage, size) != 0) throw std::bad_alloc();
+    ::madvise(p, size, MADV_HUGEPAGE);  // (a 4 KiB page fault for every 4 KiB the device writes, otherwise)
+    out->buffer = static_cast<char*>(p);
+    out->capacity = size;
+  }
+  reuse.reset();
+  out->envs = envs;
+  thread_local std::vector<DirectRead> reads;
+  thread_local std::vector<size_t> run_of;
+  reads.clear();
+  run_of.clear();
+  std::vector<ReadAhead::Run> placed(runs.size());
+  char* at = out->buffer;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const ReadAheadWant& run = runs[r];
+    char* dst = at + run.begin % kDirectAlign;
+    at += (run.begin % kDirectAlign + (run.end - run.begin) + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    placed[r] = ReadAhead::Run{run.begin, run.end - run.begin, dst};
+    const Env& env = *envs[run.file];
+    const int fd = keep_cache ? env.buffered_fd() : env.direct_fd();
+    if (fd < 0) {
+      placed[r].data = nullptr;
+      continue;
+    }
+    for (uint64_t off = run.begin; off < run.end; off += ReadAhead::kReadAheadRequest) {
+      DirectRead d;
+      d.fd = fd;
+      d.offset = off;
+      d.length = static_cast<uint32_t>(std::min<uint64_t>(ReadAhead::kReadAheadRequest, run.end - off));
+      d.dst = dst + (off - run.begin);
+      reads.push_back(d);
+      run_of.push_back(r);
+    }
+  }
+  if (!start_direct_reads(reads)) return nullptr;
+  for (size_t j = 0; j < reads.size(); ++j) {
+    const int64_t got = wait_direct_read(j);
+    if (got != static_cast<int64_t>(reads[j].length)) placed[run_of[j]].data = nullptr;  // (its records: the map)
+    else out->bytes += reads[j].length;
+  }
+  finish_direct_reads();
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const size_t file = runs[r].file;
+    if (out->files.empty() || out->files.back().env != envs[file].get())
+      out->files.push_back(ReadAhead::File{envs[file].get(), txn_ids[file], {}});
+    out->files.back().runs.push_back(placed[r]);
+  }
+  out->records = want.size();
+  return out;
+}
+
 // ---- BatchLookup ----------------------------------------------------------------
 
 BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
                      at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead, size_t probe)
     : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()), index_(envs.size()),
-      keep_(s.options.keep_cache) {
+      keep_(s.options.keep_cache), ahead_(current_read_ahead) {
   if (indices.empty()) return;
   if (ahead == 0) {
     next_ = find(0);
@@ -251,13 +369,14 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
     if (f.value.mv_data == nullptr) f.value = record_in(*f.env, f.whole, f.local, f.per_value);
   if (s.options.direct_reads) missing_ += read_direct_records(ahead);
   for (const Found& f : found_)
-    if (f.read < 0) values.push_back(f.value);
+    if (f.read < 0 && !f.direct) values.push_back(f.value);
   missing_ += request_pages(values, ahead);
 }
 
 BatchLookup::~BatchLookup() {
   if (reading_) detail::finish_direct_reads();  // (no read lands in the buffer once it is reused)
   if (direct_records_ > 0) s_.io_direct_records.fetch_add(direct_records_, std::memory_order_relaxed);
+  if (ahead_records_ > 0) s_.io_read_ahead_records.fetch_add(ahead_records_, std::memory_order_relaxed);
 }
 
 size_t BatchLookup::read_direct_records(size_t budget) {
@@ -269,7 +388,7 @@ size_t BatchLookup::read_direct_records(size_t budget) {
   size_t bytes = 0, room = 0;
   for (size_t i = 0; i < found_.size(); ++i) {
     const Found& f = found_[i];
-    if (f.per_value > 1) continue;  // (its record is not found yet: its value's header first)
+    if (f.per_value > 1 || f.direct) continue;  // (a packed value: its header first; read ahead: in memory)
     const int fd = direct_read_fd(*f.env, f.value, f.per_value, s_.options);
     if (fd < 0 || cached(f.value)) continue;
     // O_DIRECT reads whole blocks of the device (512 bytes, often): only the
@@ -362,6 +481,10 @@ BatchLookup::Found BatchLookup::find(size_t i, bool slice) {
   f.whole = seek(env, loc.first, loc.second, f.per_value, run);
   if (f.per_value <= 1) {
     f.value = f.whole;
+    if (ahead_ != nullptr) {
+      take_read_ahead(f, loc.first);
+      if (f.direct) return f;
+    }
   } else if (slice) {
     f.value = record_in(env, f.whole, f.local, f.per_value);
   } else {
@@ -441,11 +564,15 @@ MDB_val BatchLookup::search(const Env& env, size_t file, uint64_t local, uint32_
   return lookup_value(env, txn, local, per_value);  // (on a failed search: throws the error of this index)
 }
 
-bool BatchLookup::cached(const MDB_val& v) {
-  const uintptr_t page = page_bytes();
-  unsigned char in = 0;
-  void* first = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1));
-  return v.mv_size == 0 || ::mincore(first, page, &in) != 0 || (in & 1) != 0;
+void BatchLookup::take_read_ahead(Found& f, size_t file) {
+  if (!owns_its_pages(f.value)) return;  // (read_ahead() reads only what direct_read_fd() takes)
+  const char* p = ahead_->find(f.env, mdb_txn_id(txns_[file].get()), f.env->file_offset(f.value.mv_data),
+                               f.value.mv_size);
+  if (p == nullptr) return;
+  f.value.mv_data = const_cast<char*>(p);
+  f.whole = f.value;
+  f.direct = true;
+  ++ahead_records_;
 }
 
 }  // namespace detail

@@ -13,9 +13,15 @@
 //   with one madvise per merged range (request_pages); the uncached records
 //   on pages of their own are read through io_uring instead (O_DIRECT with
 //   keep_cache = false; detail/direct_io.h), checked as any record is.
+// - read_ahead() reads the uncached records of a stream's coming window (a
+//   block shuffle's) into one buffer with a few long reads; BatchLookups made
+//   while a ReadAheadScope of it lives take those records from the buffer
+//   (checked as any record) when their transaction sees the snapshot the
+//   read-ahead looked them up in, and read every other record as before.
 // - Thread safety: the functions may be called from any thread; a
 //   BatchLookup and a ColdBatch belong to the thread that made them (the cold
-//   state is per thread).
+//   state is per thread). A ReadAhead is read-only once made: any number of
+//   threads take records from it.
 #pragma once
 
 #include <lmdb.h>
@@ -73,6 +79,66 @@ int direct_read_fd(const Env& env, const MDB_val& v, uint32_t per_value, const R
 /// missing page, and one madvise (MADV_WILLNEED: asynchronous reads) goes out
 /// per such range. Returns the number of missing pages.
 size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_t gap = 0);
+
+/// Records read ahead of the batches that need them: runs of their files
+/// (records at most kReadAheadGap apart merged, with what lies between) read
+/// into one buffer in requests of up to kReadAheadRequest bytes.
+struct ReadAhead {
+  static constexpr uint64_t kReadAheadGap = uint64_t{64} << 10;
+  static constexpr uint32_t kReadAheadRequest = uint32_t{1} << 20;
+  struct Run {
+    uint64_t offset = 0;  // in the file
+    uint64_t length = 0;
+    const char* data = nullptr;  // null: a read of it failed or fell short
+  };
+  struct File {
+    const Env* env = nullptr;
+    uint64_t txn_id = 0;    // the snapshot its records were looked up in
+    std::vector<Run> runs;  // by offset
+  };
+  std::vector<std::shared_ptr<Env>> envs;  // (open while the buffer is used)
+  std::vector<File> files;
+  char* buffer = nullptr;  // 2 MiB-aligned (transparent huge pages)
+  size_t capacity = 0;
+  size_t records = 0;  // records read ahead
+  uint64_t bytes = 0;  // bytes read
+
+  ReadAhead() = default;
+  ReadAhead(const ReadAhead&) = delete;
+  ReadAhead& operator=(const ReadAhead&) = delete;
+  ~ReadAhead();
+  /// The bytes [at, at + size) of env's file as read ahead in snapshot
+  /// `txn_id`, or null (not read ahead, another snapshot, a failed read).
+  const char* find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const;
+};
+
+/// Reads `want` (per file of `envs`: its snapshot's txn id and the records'
+/// [begin, end) file ranges) through io_uring with `fd_of` a file's
+/// descriptor and `align_of` its O_DIRECT alignment (1: buffered); `reuse`,
+/// when no one else holds it, lends its buffer. Null when nothing is wanted
+/// or this thread has no ring.
+struct ReadAheadWant {
+  size_t file = 0;
+  uint64_t begin = 0, end = 0;
+};
+std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<Env>>& envs,
+                                            const std::vector<uint64_t>& txn_ids, std::vector<ReadAheadWant>& want,
+                                            bool keep_cache, std::shared_ptr<const ReadAhead> reuse);
+
+/// While it lives, BatchLookups made on this thread take records from `ahead`.
+class ReadAheadScope {
+ public:
+  explicit ReadAheadScope(const ReadAhead* ahead);
+  ~ReadAheadScope();
+  ReadAheadScope(const ReadAheadScope&) = delete;
+  ReadAheadScope& operator=(const ReadAheadScope&) = delete;
+
+ private:
+  const ReadAhead* previous_;
+};
+
+/// Whether the record `v`'s first page is in the page cache (mincore).
+bool record_cached(const MDB_val& v);
 
 /// This thread's major page faults so far (-1 when unknown).
 long major_faults();
@@ -193,7 +259,7 @@ class BatchLookup {
     MDB_val value{0, nullptr};  // the record (null: a packed value's slot not yet found)
     MDB_val whole{0, nullptr};  // the LMDB value holding it
     uint32_t per_value = 1;
-    bool direct = false;  // read through io_uring into this thread's buffer (read_direct_records())
+    bool direct = false;  // read through io_uring into this thread's buffer (read_direct_records()) or read ahead
     int32_t read = -1;    // its read still to wait for (an index of this thread's requests), or -1
   };
   // Read-only cursors are closed explicitly, here before their txns end
@@ -210,6 +276,9 @@ class BatchLookup {
 
   // Sample i's value; with `slice` (or one record per value) also its record.
   Found find(size_t i, bool slice = true);
+
+  // f's record taken from the read-ahead when it holds it.
+  void take_read_ahead(Found& f, size_t file);
 
   // Cold: the records of found_ that direct_read_fd() takes and are not
   // cached, read through io_uring, as many as this thread's buffer holds in
@@ -244,13 +313,15 @@ class BatchLookup {
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
   size_t direct_records_ = 0;  // settled through io_uring (io_stats' direct_records)
+  size_t ahead_records_ = 0;   // taken from the read-ahead (io_stats' read_ahead_records)
+  const ReadAhead* ahead_;     // this thread's ReadAheadScope's, or null
   bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
   MDB_val record_{0, nullptr};
   const Env* record_env_ = nullptr;
   uint64_t record_local_ = 0;
 
-  static bool cached(const MDB_val& v);
+  static bool cached(const MDB_val& v) { return record_cached(v); }
 };
 
 }  // namespace detail
