@@ -549,7 +549,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         ``pages_requested_ahead`` (``iter_batches`` requesting the coming
         batches' uncached pages while it reads), and ``direct_records``
         (cold records read through io_uring: with O_DIRECT when ``keep_cache=False``),
-        ``read_ahead_records`` and ``read_ahead_bytes`` (a block shuffle's cold
+        ``window_records`` and ``window_bytes`` (a block shuffle's cold
         windows read ahead with a few long reads, and the records batches took
         from them). The old names
         ``lookahead_batches``, ``prefetches`` and ``pages_prefetched`` hold

@@ -402,8 +402,8 @@ void bind_reader(py::module_& m) {
              d["pages_requested_ahead"] = st.pages_requested_ahead;
              d["request_pages_calls"] = st.request_pages_calls;
              d["direct_records"] = st.direct_records;
-             d["read_ahead_records"] = st.read_ahead_records;
-             d["read_ahead_bytes"] = st.read_ahead_bytes;
+             d["window_records"] = st.window_records;
+             d["window_bytes"] = st.window_bytes;
              // The old names of the three renamed counters, for a release.
              d["lookahead_batches"] = st.page_request_batches;
              d["pages_prefetched"] = st.pages_requested_ahead;

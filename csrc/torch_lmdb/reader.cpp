@@ -557,13 +557,13 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
 }
 
 Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options,
-                         const detail::ReadAhead* ahead) const {
-  detail::ReadAheadScope scope(ahead);
+                         const detail::WindowRead* window) const {
+  detail::WindowReadScope scope(window);
   return read_batch(indices, options);
 }
 
-std::shared_ptr<const detail::ReadAhead> Reader::read_ahead(at::ArrayRef<size_t> indices,
-                                                            std::shared_ptr<const detail::ReadAhead> reuse) const {
+std::shared_ptr<const detail::WindowRead> Reader::read_window(at::ArrayRef<size_t> indices,
+                                                            std::shared_ptr<const detail::WindowRead> reuse) const {
   State& s = *state_;
   const ReaderOptions& o = s.options;
   if (!o.direct_reads || o.page_request_bytes == 0 || o.page_requests == PageRequests::Never || indices.empty())
@@ -573,7 +573,7 @@ std::shared_ptr<const detail::ReadAhead> Reader::read_ahead(at::ArrayRef<size_t>
   // Open until the reads are done: the records' pages stay theirs.
   std::vector<ReadTxn> txns(envs.size());
   std::vector<uint64_t> ids(envs.size(), 0);
-  std::vector<detail::ReadAheadWant> want;
+  std::vector<detail::WindowRange> want;
   uint64_t bytes = 0;
   size_t looked = 0;
   for (const size_t index : indices) {
@@ -601,8 +601,8 @@ std::shared_ptr<const detail::ReadAhead> Reader::read_ahead(at::ArrayRef<size_t>
     want.push_back({file, at, at + v.mv_size});
     bytes += v.mv_size;
   }
-  auto out = detail::read_ahead(envs, ids, want, o.keep_cache, std::move(reuse));
-  if (out) s.io_read_ahead_bytes.fetch_add(out->bytes, std::memory_order_relaxed);
+  auto out = detail::read_window(envs, ids, want, o.keep_cache, std::move(reuse));
+  if (out) s.io_window_bytes.fetch_add(out->bytes, std::memory_order_relaxed);
   return out;
 }
 
@@ -640,8 +640,8 @@ bool Reader::complete() const { return state_->complete; }
 Reader::IoStats Reader::io_stats() const {
   const State& s = *state_;
   return IoStats{s.io_batches.load(), s.io_page_request_batches.load(), s.io_pages.load(), s.io_pages_ahead.load(),
-                 s.io_request_pages_calls.load(), s.io_direct_records.load(), s.io_read_ahead_records.load(),
-                 s.io_read_ahead_bytes.load()};
+                 s.io_request_pages_calls.load(), s.io_direct_records.load(), s.io_window_records.load(),
+                 s.io_window_bytes.load()};
 }
 
 const ReaderOptions& Reader::options() const { return state_->options; }

@@ -38,7 +38,7 @@
 
 namespace torch_lmdb {
 namespace detail {
-struct ReadAhead;  // detail/lookup.h
+struct WindowRead;  // detail/lookup.h
 }  // namespace detail
 
 /// When read_batch requests a batch's pages: it looks the batch's samples
@@ -211,8 +211,8 @@ class Reader {
   /// Reads and collates a batch: one read txn, one allocation per field, one
   /// copy per sample and field straight into the batch tensor.
   Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options = {}) const;
-  /// The same, taking the records `ahead` holds (read_ahead()) from its buffer.
-  Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options, const detail::ReadAhead* ahead) const;
+  /// The same, taking the records `window` holds (read_window()) from its buffer.
+  Batch read_batch(at::ArrayRef<size_t> indices, const BatchOptions& options, const detail::WindowRead* window) const;
 
   /// Reads the records of these samples that are not in the page cache and
   /// that a batch would read through io_uring (direct_reads: records on pages
@@ -228,8 +228,8 @@ class Reader {
   /// nothing is to be read (direct_reads off, PageRequests::Never,
   /// page_request_bytes 0, or the first 32 such records cached). `reuse`: a
   /// result no one else holds lends its buffer.
-  std::shared_ptr<const detail::ReadAhead> read_ahead(at::ArrayRef<size_t> indices,
-                                                      std::shared_ptr<const detail::ReadAhead> reuse = nullptr) const;
+  std::shared_ptr<const detail::WindowRead> read_window(at::ArrayRef<size_t> indices,
+                                                      std::shared_ptr<const detail::WindowRead> reuse = nullptr) const;
 
   /// Requests the pages of these samples that are not in the page cache
   /// (madvise MADV_WILLNEED: asynchronous reads), at most page_request_bytes of
@@ -288,8 +288,8 @@ class Reader {
     uint64_t pages_requested_ahead = 0;
     uint64_t request_pages_calls = 0;
     uint64_t direct_records = 0;  ///< records read with O_DIRECT (direct_reads)
-    uint64_t read_ahead_records = 0;  ///< records batches took from read_ahead()'s buffers
-    uint64_t read_ahead_bytes = 0;    ///< bytes read_ahead() read
+    uint64_t window_records = 0;  ///< records batches took from read_window()'s buffers
+    uint64_t window_bytes = 0;    ///< bytes read_window() read
   };
   IoStats io_stats() const;
 

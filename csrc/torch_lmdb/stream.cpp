@@ -181,18 +181,18 @@ struct BatchStream::State {
   bool stop = false;
   std::vector<std::thread> threads;
   // A block shuffle whose windows are not cached: a thread of their own
-  // reads each window's records ahead in a few long reads (Reader::read_ahead),
+  // reads each window's records ahead in a few long reads (Reader::read_window),
   // while the reading threads copy the window before; a batch whose window
-  // is being read waits for it. `window_batches` (0: no read-ahead) batches
+  // is being read waits for it. `window_batches` (0: no window read) batches
   // a window; windows are read at most one ahead of the batches claimed.
   struct Ahead {
     size_t first = 0, last = 0;  // its batches
     bool ready = false;
-    std::shared_ptr<const detail::ReadAhead> data;  // null: nothing read (cached, or failed)
+    std::shared_ptr<const detail::WindowRead> data;  // null: nothing read (cached, or failed)
   };
   size_t window_batches = 0;
   std::deque<Ahead> aheads;  // under `mutex`
-  std::vector<std::shared_ptr<const detail::ReadAhead>> spares;  // delivered windows' buffers, to reuse
+  std::vector<std::shared_ptr<const detail::WindowRead>> spares;  // delivered windows' buffers, to reuse
   std::condition_variable ahead_ready;
 
   State(Reader r, StreamOptions o) : reader(std::move(r)), options(std::move(o)) {}
@@ -280,12 +280,12 @@ struct BatchStream::State {
     if (got.bytes > 0) batch_bytes = std::max<size_t>(1, got.bytes / (range.second - range.first));
   }
 
-  // The read-ahead thread (window_batches > 0): window c once the batches
+  // The window read thread (window_batches > 0): window c once the batches
   // claimed reach window c - 1 (at most the window being read, the next and
   // a previous one's last batches hold buffers), its indices in batch order.
-  void read_ahead_loop() {
+  void read_windows_loop() {
     try {
-      read_windows_ahead();
+      read_windows();
     } catch (...) {  // (no memory for the window list): the batches read without
       {
         std::lock_guard<std::mutex> lock(mutex);
@@ -295,10 +295,10 @@ struct BatchStream::State {
     }
   }
 
-  void read_windows_ahead() {
+  void read_windows() {
     const size_t W = window_batches;
     for (size_t first = 0; first < num_batches; first += W) {
-      std::shared_ptr<const detail::ReadAhead> reuse;
+      std::shared_ptr<const detail::WindowRead> reuse;
       {
         std::unique_lock<std::mutex> lock(mutex);
         if (first > 0) {
@@ -319,7 +319,7 @@ struct BatchStream::State {
           }
         if (spares.size() > 2) spares.erase(spares.begin());
       }
-      std::shared_ptr<const detail::ReadAhead> data;
+      std::shared_ptr<const detail::WindowRead> data;
       try {
         std::vector<size_t> idx;
         for (size_t b = first; b < std::min(num_batches, first + W); ++b) {
@@ -327,7 +327,7 @@ struct BatchStream::State {
           const std::vector<size_t> batch = indices(b);
           idx.insert(idx.end(), batch.begin(), batch.end());
         }
-        data = reader->read_ahead(idx, std::move(reuse));
+        data = reader->read_window(idx, std::move(reuse));
       } catch (...) {
         // Only a hint: each batch reads its records itself and raises their errors.
       }
@@ -343,8 +343,8 @@ struct BatchStream::State {
     }
   }
 
-  // The read-ahead of batch k's window (waiting while it is read), or null. Under `mutex`.
-  std::shared_ptr<const detail::ReadAhead> window_read_ahead(std::unique_lock<std::mutex>& lock, size_t k) {
+  // The window read of batch k's window (waiting while it is read), or null. Under `mutex`.
+  std::shared_ptr<const detail::WindowRead> window_read(std::unique_lock<std::mutex>& lock, size_t k) {
     for (;;) {
       auto it = std::find_if(aheads.begin(), aheads.end(), [k](const Ahead& a) { return a.first <= k && k < a.last; });
       if (it == aheads.end() || stop) return nullptr;
@@ -357,7 +357,7 @@ struct BatchStream::State {
     for (;;) {
       size_t k = 0;
       std::pair<size_t, size_t> ahead{0, 0};
-      std::shared_ptr<const detail::ReadAhead> window;
+      std::shared_ptr<const detail::WindowRead> window;
       const bool thread_cold = reader && reader->requesting_pages();
       {
         std::unique_lock<std::mutex> lock(mutex);
@@ -367,8 +367,8 @@ struct BatchStream::State {
         if (stop || next_to_claim >= num_batches) return;
         k = next_to_claim++;
         if (window_batches > 0) {
-          consumed.notify_all();  // (the read-ahead thread waits for the claims to reach a window)
-          window = window_read_ahead(lock, k);
+          consumed.notify_all();  // (the window read thread waits for the claims to reach a window)
+          window = window_read(lock, k);
         }
         // (a window read ahead: its records are not requested again)
         if ((thread_cold || cold) && !window) ahead = claim_page_requests(k);
@@ -427,7 +427,7 @@ void BatchStream::start_threads() {
       s.window_batches = std::max<size_t>(1, (s.options.block_size * s.options.window_blocks + per_batch - 1) / per_batch);
       // The first window is read before any batch of it.
       s.aheads.push_back(State::Ahead{0, std::min(s.num_batches, s.window_batches), false, nullptr});
-      s.threads.emplace_back([&s] { s.read_ahead_loop(); });
+      s.threads.emplace_back([&s] { s.read_windows_loop(); });
     }
   }
   for (size_t t = 0; t < threads; ++t) s.threads.emplace_back([&s] { s.work(); });

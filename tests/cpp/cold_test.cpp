@@ -472,7 +472,7 @@ TEST(ColdReads, StreamOnTwoThreadsReadsDirectlyEverySampleOnce) {
   if (takes_o_direct(path)) EXPECT_GT(r.io_stats().direct_records, uint64_t(n / 2));
 }
 
-// ---- a block shuffle's cold windows read ahead (Reader::read_ahead) ----
+// ---- a block shuffle's cold windows read whole ahead of their batches (Reader::read_window) ----
 
 TEST(ColdReads, BlockShuffleStreamReadsColdWindowsAheadInLongReadsEverySampleOnce) {
   TempDir tmp;
@@ -497,8 +497,8 @@ TEST(ColdReads, BlockShuffleStreamReadsColdWindowsAheadInLongReadsEverySampleOnc
     }
     const Reader::IoStats cold = r.io_stats();
     if (keep || takes_o_direct(path)) {
-      EXPECT_GT(cold.read_ahead_records, uint64_t(n * 3 / 4)) << (keep ? "keep_cache" : "O_DIRECT") << ": " << cold.direct_records << " direct, " << cold.batches << " batches";
-      EXPECT_GE(cold.read_ahead_bytes, uint64_t(n) * kWidth * 4) << "every record's bytes";
+      EXPECT_GT(cold.window_records, uint64_t(n * 3 / 4)) << (keep ? "keep_cache" : "O_DIRECT") << ": " << cold.direct_records << " direct, " << cold.batches << " batches";
+      EXPECT_GE(cold.window_bytes, uint64_t(n) * kWidth * 4) << "every record's bytes";
       EXPECT_LT(cold.direct_records, uint64_t(n / 10)) << "records read one by one";
       EXPECT_EQ(cold.request_pages_calls, 0u) << "a window read ahead is not requested again";
     }
@@ -516,12 +516,12 @@ TEST(ColdReads, BlockShuffleStreamReadsColdWindowsAheadInLongReadsEverySampleOnc
       const auto seen = read_epoch(warm, n);
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)], 1) << "index " << i;
     }
-    EXPECT_EQ(r.io_stats().read_ahead_bytes, cold.read_ahead_bytes);
-    EXPECT_EQ(r.io_stats().read_ahead_records, cold.read_ahead_records);
+    EXPECT_EQ(r.io_stats().window_bytes, cold.window_bytes);
+    EXPECT_EQ(r.io_stats().window_records, cold.window_records);
   }
 }
 
-TEST(ColdReads, ReadAheadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndWholeReads) {
+TEST(ColdReads, WindowReadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndWholeReads) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
   write_wide(path, 400);
@@ -535,10 +535,10 @@ TEST(ColdReads, ReadAheadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndW
   std::vector<size_t> window(256);
   std::iota(window.begin(), window.end(), 0);
   std::shuffle(window.begin(), window.end(), std::mt19937_64(3));
-  const auto ahead = r.read_ahead(window);
+  const auto ahead = r.read_window(window);
   ASSERT_NE(ahead, nullptr);
   EXPECT_GT(ahead->records, 240u) << "the uncached records (a few share the pages the lookups read)";
-  EXPECT_GE(r.io_stats().read_ahead_bytes, uint64_t(256) * kWidth * 4);
+  EXPECT_GE(r.io_stats().window_bytes, uint64_t(256) * kWidth * 4);
   // A damaged record read ahead is raised with its index, as any record.
   try {
     r.read_batch(std::vector<size_t>{7, 150, 8}, {}, ahead.get());
@@ -546,29 +546,29 @@ TEST(ColdReads, ReadAheadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndW
   } catch (const CorruptedError& e) {
     EXPECT_NE(std::string(e.what()).find("index 150"), std::string::npos) << e.what();
   }
-  const uint64_t before = r.io_stats().read_ahead_records;
+  const uint64_t before = r.io_stats().window_records;
   EXPECT_GE(before, 1u);
   const std::vector<size_t> first(window.begin(), window.begin() + 64);
   const Batch b = r.read_batch(first, {}, ahead.get());
   for (size_t j = 0; j < first.size(); ++j)
     ASSERT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(first[j], kWidth)["x"]));
-  EXPECT_EQ(r.io_stats().read_ahead_records, before + first.size());
-  EXPECT_EQ(r.io_stats().direct_records, 0u) << "every record came from the read-ahead";
+  EXPECT_EQ(r.io_stats().window_records, before + first.size());
+  EXPECT_EQ(r.io_stats().direct_records, 0u) << "every record came from the window read";
   // Without it, the same batch reads its records one by one.
   evict_file(path);
   r.read_batch(first);
-  EXPECT_EQ(r.io_stats().read_ahead_records, before + first.size());
+  EXPECT_EQ(r.io_stats().window_records, before + first.size());
   if (direct) EXPECT_GT(r.io_stats().direct_records, 0u);
 
-  // detail::read_ahead: ranges merged into runs; a run read short (past the
+  // detail::read_window: ranges merged into runs; a run read short (past the
   // end of the file) and another snapshot give nothing.
   struct stat st {};
   ASSERT_EQ(::stat((path + "/data.mdb").c_str(), &st), 0);
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   auto env = torch_lmdb::Env::open(path, torch_lmdb::EnvOptions{});
   if (direct) ASSERT_GE(env->direct_fd(), 0);
-  std::vector<torch_lmdb::detail::ReadAheadWant> want{{0, 8192, 12288}, {0, 4096, 6000}, {0, size - 4096, size + 8192}};
-  const auto got = torch_lmdb::detail::read_ahead({env}, {42}, want, /*keep_cache=*/!direct, nullptr);
+  std::vector<torch_lmdb::detail::WindowRange> want{{0, 8192, 12288}, {0, 4096, 6000}, {0, size - 4096, size + 8192}};
+  const auto got = torch_lmdb::detail::read_window({env}, {42}, want, /*keep_cache=*/!direct, nullptr);
   ASSERT_NE(got, nullptr);
   ASSERT_EQ(got->files.size(), 1u);
   EXPECT_EQ(got->files[0].runs.size(), 2u) << "4096-6000 and 8192-12288 are one run";
@@ -587,7 +587,7 @@ TEST(ColdReads, ReadAheadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAndW
   ReaderOptions plain = ro;
   plain.direct_reads = false;
   evict_file(path);
-  EXPECT_EQ(Reader(path, plain).read_ahead(window), nullptr);
+  EXPECT_EQ(Reader(path, plain).read_window(window), nullptr);
 }
 
 // detail/direct_io.h: more requests than the ring holds, waited for in any

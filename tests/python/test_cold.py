@@ -143,11 +143,11 @@ def test_a_cold_block_shuffle_reads_its_windows_ahead_in_long_reads(tmp_path, ke
     assert sorted(seen) == list(range(n))
     stats = ds.io_stats()
     if keep_cache or _takes_o_direct(path):
-        assert stats["read_ahead_records"] > n * 9 // 10, stats
-        assert stats["read_ahead_bytes"] >= n * WIDTH * 4, stats
+        assert stats["window_records"] > n * 9 // 10, stats
+        assert stats["window_bytes"] >= n * WIDTH * 4, stats
         assert stats["direct_records"] < n // 10, stats
     # A warm epoch (keep_cache) reads nothing ahead.
     if keep_cache:
         for batch in ds.iter_batches(64, shuffle=True, seed=3, threads=2, block_size=128):
             _check(batch, [])
-        assert ds.io_stats()["read_ahead_bytes"] == stats["read_ahead_bytes"]
+        assert ds.io_stats()["window_bytes"] == stats["window_bytes"]

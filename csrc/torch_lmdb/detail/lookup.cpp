@@ -203,7 +203,7 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_
       absent = static_cast<size_t>(std::count_if(resident.begin(), resident.end(),
                                                   [](unsigned char r) { return (r & 1) == 0; }));
     if (absent == 0) continue;
-    // The kernel reads at most max(read-ahead window, largest request) of one
+    // The kernel reads at most max(window read window, largest request) of one
     // MADV_WILLNEED call and drops the rest (a 16 MiB call read 2-4 MiB):
     // pieces of 128 KiB (the default window), which the block layer merges
     // back into large requests.
@@ -215,10 +215,10 @@ size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_
   return missing;
 }
 
-// ---- ReadAhead ----------------------------------------------------------------
+// ---- WindowRead ----------------------------------------------------------------
 
 namespace {
-thread_local const ReadAhead* current_read_ahead = nullptr;
+thread_local const WindowRead* current_window = nullptr;
 constexpr size_t kHugePage = size_t{2} << 20;
 }  // namespace
 
@@ -229,12 +229,12 @@ bool record_cached(const MDB_val& v) {
   return v.mv_size == 0 || ::mincore(first, page, &in) != 0 || (in & 1) != 0;
 }
 
-ReadAheadScope::ReadAheadScope(const ReadAhead* ahead) : previous_(current_read_ahead) { current_read_ahead = ahead; }
-ReadAheadScope::~ReadAheadScope() { current_read_ahead = previous_; }
+WindowReadScope::WindowReadScope(const WindowRead* window) : previous_(current_window) { current_window = window; }
+WindowReadScope::~WindowReadScope() { current_window = previous_; }
 
-ReadAhead::~ReadAhead() { std::free(buffer); }
+WindowRead::~WindowRead() { std::free(buffer); }
 
-const char* ReadAhead::find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const {
+const char* WindowRead::find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const {
   for (const File& f : files) {
     if (f.env != env) continue;
     if (f.txn_id != txn_id) return nullptr;
@@ -248,19 +248,19 @@ const char* ReadAhead::find(const Env* env, uint64_t txn_id, uint64_t at, uint64
   return nullptr;
 }
 
-std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<Env>>& envs,
-                                            const std::vector<uint64_t>& txn_ids, std::vector<ReadAheadWant>& want,
-                                            bool keep_cache, std::shared_ptr<const ReadAhead> reuse) {
+std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<Env>>& envs,
+                                            const std::vector<uint64_t>& txn_ids, std::vector<WindowRange>& want,
+                                            bool keep_cache, std::shared_ptr<const WindowRead> reuse) {
   if (want.empty()) return nullptr;
-  std::sort(want.begin(), want.end(), [](const ReadAheadWant& a, const ReadAheadWant& b) {
+  std::sort(want.begin(), want.end(), [](const WindowRange& a, const WindowRange& b) {
     return a.file != b.file ? a.file < b.file : a.begin < b.begin;
   });
   // The runs, aligned as O_DIRECT needs (buffered: as they are).
-  std::vector<ReadAheadWant> runs;
-  for (const ReadAheadWant& w : want) {
+  std::vector<WindowRange> runs;
+  for (const WindowRange& w : want) {
     const uint64_t align = keep_cache ? 1 : envs[w.file]->direct_align();
     const uint64_t b = w.begin / align * align, e = (w.end + align - 1) / align * align;
-    if (!runs.empty() && runs.back().file == w.file && b <= runs.back().end + ReadAhead::kReadAheadGap) {
+    if (!runs.empty() && runs.back().file == w.file && b <= runs.back().end + WindowRead::kGap) {
       runs.back().end = std::max(runs.back().end, e);
     } else {
       runs.push_back({w.file, b, e});
@@ -269,12 +269,12 @@ std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<En
   // Each run in the buffer at the same place in its page as in its file (as
   // aligned as the device needs).
   size_t total = 0;
-  for (const ReadAheadWant& r : runs)
+  for (const WindowRange& r : runs)
     total += (r.begin % kDirectAlign + (r.end - r.begin) + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-  auto out = std::make_shared<ReadAhead>();
+  auto out = std::make_shared<WindowRead>();
   if (reuse && reuse.use_count() == 1 && reuse->capacity >= total) {
     // Nobody else holds it: its buffer (pages already faulted in) is lent.
-    ReadAhead& old = const_cast<ReadAhead&>(*reuse);
+    WindowRead& old = const_cast<WindowRead&>(*reuse);
     out->buffer = old.buffer;
     out->capacity = old.capacity;
     old.buffer = nullptr;
@@ -293,24 +293,24 @@ std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<En
   thread_local std::vector<size_t> run_of;
   reads.clear();
   run_of.clear();
-  std::vector<ReadAhead::Run> placed(runs.size());
+  std::vector<WindowRead::Run> placed(runs.size());
   char* at = out->buffer;
   for (size_t r = 0; r < runs.size(); ++r) {
-    const ReadAheadWant& run = runs[r];
+    const WindowRange& run = runs[r];
     char* dst = at + run.begin % kDirectAlign;
     at += (run.begin % kDirectAlign + (run.end - run.begin) + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-    placed[r] = ReadAhead::Run{run.begin, run.end - run.begin, dst};
+    placed[r] = WindowRead::Run{run.begin, run.end - run.begin, dst};
     const Env& env = *envs[run.file];
     const int fd = keep_cache ? env.buffered_fd() : env.direct_fd();
     if (fd < 0) {
       placed[r].data = nullptr;
       continue;
     }
-    for (uint64_t off = run.begin; off < run.end; off += ReadAhead::kReadAheadRequest) {
+    for (uint64_t off = run.begin; off < run.end; off += WindowRead::kRequest) {
       DirectRead d;
       d.fd = fd;
       d.offset = off;
-      d.length = static_cast<uint32_t>(std::min<uint64_t>(ReadAhead::kReadAheadRequest, run.end - off));
+      d.length = static_cast<uint32_t>(std::min<uint64_t>(WindowRead::kRequest, run.end - off));
       d.dst = dst + (off - run.begin);
       reads.push_back(d);
       run_of.push_back(r);
@@ -326,7 +326,7 @@ std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<En
   for (size_t r = 0; r < runs.size(); ++r) {
     const size_t file = runs[r].file;
     if (out->files.empty() || out->files.back().env != envs[file].get())
-      out->files.push_back(ReadAhead::File{envs[file].get(), txn_ids[file], {}});
+      out->files.push_back(WindowRead::File{envs[file].get(), txn_ids[file], {}});
     out->files.back().runs.push_back(placed[r]);
   }
   out->records = want.size();
@@ -338,7 +338,7 @@ std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<En
 BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_ptr<Env>>& envs,
                      at::ArrayRef<size_t> indices, std::vector<ReadTxn>& txns, size_t ahead, size_t probe)
     : s_(s), envs_(envs), indices_(indices), txns_(txns), cursors_(envs.size()), index_(envs.size()),
-      keep_(s.options.keep_cache), ahead_(current_read_ahead) {
+      keep_(s.options.keep_cache), window_(current_window) {
   if (indices.empty()) return;
   if (ahead == 0) {
     next_ = find(0);
@@ -376,7 +376,7 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
 BatchLookup::~BatchLookup() {
   if (reading_) detail::finish_direct_reads();  // (no read lands in the buffer once it is reused)
   if (direct_records_ > 0) s_.io_direct_records.fetch_add(direct_records_, std::memory_order_relaxed);
-  if (ahead_records_ > 0) s_.io_read_ahead_records.fetch_add(ahead_records_, std::memory_order_relaxed);
+  if (window_records_ > 0) s_.io_window_records.fetch_add(window_records_, std::memory_order_relaxed);
 }
 
 size_t BatchLookup::read_direct_records(size_t budget) {
@@ -481,8 +481,8 @@ BatchLookup::Found BatchLookup::find(size_t i, bool slice) {
   f.whole = seek(env, loc.first, loc.second, f.per_value, run);
   if (f.per_value <= 1) {
     f.value = f.whole;
-    if (ahead_ != nullptr) {
-      take_read_ahead(f, loc.first);
+    if (window_ != nullptr) {
+      take_from_window(f, loc.first);
       if (f.direct) return f;
     }
   } else if (slice) {
@@ -564,15 +564,15 @@ MDB_val BatchLookup::search(const Env& env, size_t file, uint64_t local, uint32_
   return lookup_value(env, txn, local, per_value);  // (on a failed search: throws the error of this index)
 }
 
-void BatchLookup::take_read_ahead(Found& f, size_t file) {
-  if (!owns_its_pages(f.value)) return;  // (read_ahead() reads only what direct_read_fd() takes)
-  const char* p = ahead_->find(f.env, mdb_txn_id(txns_[file].get()), f.env->file_offset(f.value.mv_data),
+void BatchLookup::take_from_window(Found& f, size_t file) {
+  if (!owns_its_pages(f.value)) return;  // (read_window() reads only what direct_read_fd() takes)
+  const char* p = window_->find(f.env, mdb_txn_id(txns_[file].get()), f.env->file_offset(f.value.mv_data),
                                f.value.mv_size);
   if (p == nullptr) return;
   f.value.mv_data = const_cast<char*>(p);
   f.whole = f.value;
   f.direct = true;
-  ++ahead_records_;
+  ++window_records_;
 }
 
 }  // namespace detail

@@ -13,14 +13,14 @@
 //   with one madvise per merged range (request_pages); the uncached records
 //   on pages of their own are read through io_uring instead (O_DIRECT with
 //   keep_cache = false; detail/direct_io.h), checked as any record is.
-// - read_ahead() reads the uncached records of a stream's coming window (a
+// - read_window() reads the uncached records of a stream's coming window (a
 //   block shuffle's) into one buffer with a few long reads; BatchLookups made
-//   while a ReadAheadScope of it lives take those records from the buffer
+//   while a WindowReadScope of it lives take those records from the buffer
 //   (checked as any record) when their transaction sees the snapshot the
-//   read-ahead looked them up in, and read every other record as before.
+//   window read looked them up in, and read every other record as before.
 // - Thread safety: the functions may be called from any thread; a
 //   BatchLookup and a ColdBatch belong to the thread that made them (the cold
-//   state is per thread). A ReadAhead is read-only once made: any number of
+//   state is per thread). A WindowRead is read-only once made: any number of
 //   threads take records from it.
 #pragma once
 
@@ -80,12 +80,12 @@ int direct_read_fd(const Env& env, const MDB_val& v, uint32_t per_value, const R
 /// per such range. Returns the number of missing pages.
 size_t request_pages(const std::vector<MDB_val>& values, size_t budget, uintptr_t gap = 0);
 
-/// Records read ahead of the batches that need them: runs of their files
-/// (records at most kReadAheadGap apart merged, with what lies between) read
-/// into one buffer in requests of up to kReadAheadRequest bytes.
-struct ReadAhead {
-  static constexpr uint64_t kReadAheadGap = uint64_t{64} << 10;
-  static constexpr uint32_t kReadAheadRequest = uint32_t{1} << 20;
+/// A window's records read whole ahead of the batches that need them: runs of their files
+/// (records at most kGap apart merged, with what lies between) read
+/// into one buffer in requests of up to kRequest bytes.
+struct WindowRead {
+  static constexpr uint64_t kGap = uint64_t{64} << 10;
+  static constexpr uint32_t kRequest = uint32_t{1} << 20;
   struct Run {
     uint64_t offset = 0;  // in the file
     uint64_t length = 0;
@@ -103,38 +103,38 @@ struct ReadAhead {
   size_t records = 0;  // records read ahead
   uint64_t bytes = 0;  // bytes read
 
-  ReadAhead() = default;
-  ReadAhead(const ReadAhead&) = delete;
-  ReadAhead& operator=(const ReadAhead&) = delete;
-  ~ReadAhead();
+  WindowRead() = default;
+  WindowRead(const WindowRead&) = delete;
+  WindowRead& operator=(const WindowRead&) = delete;
+  ~WindowRead();
   /// The bytes [at, at + size) of env's file as read ahead in snapshot
   /// `txn_id`, or null (not read ahead, another snapshot, a failed read).
   const char* find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const;
 };
 
-/// Reads `want` (per file of `envs`: its snapshot's txn id and the records'
-/// [begin, end) file ranges) through io_uring with `fd_of` a file's
-/// descriptor and `align_of` its O_DIRECT alignment (1: buffered); `reuse`,
+/// Reads `want` (records' [begin, end) ranges in file `file` of `envs`,
+/// looked up in the snapshots `txn_ids`) through this thread's io_uring:
+/// O_DIRECT at the file's alignment, or buffered with `keep_cache`. `reuse`,
 /// when no one else holds it, lends its buffer. Null when nothing is wanted
 /// or this thread has no ring.
-struct ReadAheadWant {
+struct WindowRange {
   size_t file = 0;
   uint64_t begin = 0, end = 0;
 };
-std::shared_ptr<const ReadAhead> read_ahead(const std::vector<std::shared_ptr<Env>>& envs,
-                                            const std::vector<uint64_t>& txn_ids, std::vector<ReadAheadWant>& want,
-                                            bool keep_cache, std::shared_ptr<const ReadAhead> reuse);
+std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<Env>>& envs,
+                                            const std::vector<uint64_t>& txn_ids, std::vector<WindowRange>& want,
+                                            bool keep_cache, std::shared_ptr<const WindowRead> reuse);
 
-/// While it lives, BatchLookups made on this thread take records from `ahead`.
-class ReadAheadScope {
+/// While it lives, BatchLookups made on this thread take records from `window`.
+class WindowReadScope {
  public:
-  explicit ReadAheadScope(const ReadAhead* ahead);
-  ~ReadAheadScope();
-  ReadAheadScope(const ReadAheadScope&) = delete;
-  ReadAheadScope& operator=(const ReadAheadScope&) = delete;
+  explicit WindowReadScope(const WindowRead* window);
+  ~WindowReadScope();
+  WindowReadScope(const WindowReadScope&) = delete;
+  WindowReadScope& operator=(const WindowReadScope&) = delete;
 
  private:
-  const ReadAhead* previous_;
+  const WindowRead* previous_;
 };
 
 /// Whether the record `v`'s first page is in the page cache (mincore).
@@ -277,8 +277,8 @@ class BatchLookup {
   // Sample i's value; with `slice` (or one record per value) also its record.
   Found find(size_t i, bool slice = true);
 
-  // f's record taken from the read-ahead when it holds it.
-  void take_read_ahead(Found& f, size_t file);
+  // f's record taken from the window read when it holds it.
+  void take_from_window(Found& f, size_t file);
 
   // Cold: the records of found_ that direct_read_fd() takes and are not
   // cached, read through io_uring, as many as this thread's buffer holds in
@@ -313,8 +313,8 @@ class BatchLookup {
   std::vector<Found> parsed_;  // keep_cache = false: what to evict
   size_t missing_ = 0;
   size_t direct_records_ = 0;  // settled through io_uring (io_stats' direct_records)
-  size_t ahead_records_ = 0;   // taken from the read-ahead (io_stats' read_ahead_records)
-  const ReadAhead* ahead_;     // this thread's ReadAheadScope's, or null
+  size_t window_records_ = 0;   // taken from the window read (io_stats' window_records)
+  const WindowRead* window_;     // this thread's WindowReadScope's, or null
   bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
   MDB_val record_{0, nullptr};

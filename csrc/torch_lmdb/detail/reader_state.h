@@ -51,7 +51,7 @@ struct Reader::State {
   // Reader::io_stats().
   mutable std::atomic<uint64_t> io_batches{0}, io_page_request_batches{0}, io_pages{0}, io_pages_ahead{0},
       io_request_pages_calls{0}, io_direct_records{0},
-      io_read_ahead_records{0}, io_read_ahead_bytes{0};
+      io_window_records{0}, io_window_bytes{0};
 
   EnvOptions env_options() const {
     EnvOptions o;
