@@ -192,6 +192,7 @@ struct BatchStream::State {
   };
   size_t window_batches = 0;
   std::deque<Ahead> aheads;  // under `mutex`
+  bool window_reads_failed = false;  // the read-ahead thread gave up: the batches read without
   std::vector<std::shared_ptr<const detail::WindowRead>> spares;  // delivered windows' buffers, to reuse
   std::condition_variable ahead_ready;
 
@@ -289,7 +290,7 @@ struct BatchStream::State {
     } catch (...) {  // (no memory for the window list): the batches read without
       {
         std::lock_guard<std::mutex> lock(mutex);
-        for (Ahead& a : aheads) a.ready = true;
+        window_reads_failed = true;
       }
       ahead_ready.notify_all();
     }
@@ -304,7 +305,6 @@ struct BatchStream::State {
         if (first > 0) {
           consumed.wait(lock, [&] { return stop || next_to_claim + W >= first; });
           if (stop) return;
-          if (next_to_claim > first) continue;  // the reading threads are in it already
           aheads.push_back(Ahead{first, std::min(num_batches, first + W), false, nullptr});
         }
         while (!aheads.empty() && aheads.front().last <= next_to_deliver) {
@@ -337,18 +337,21 @@ struct BatchStream::State {
           if (a.first == first) {
             a.ready = true;
             a.data = std::move(data);
+            break;
           }
       }
       ahead_ready.notify_all();
     }
   }
 
-  // The window read of batch k's window (waiting while it is read), or null. Under `mutex`.
+  // The window read of batch k's window, or null; waits while it is being
+  // read or not yet begun (a batch never reads its window's records one by
+  // one because the window's read came late). Under `mutex`.
   std::shared_ptr<const detail::WindowRead> window_read(std::unique_lock<std::mutex>& lock, size_t k) {
     for (;;) {
+      if (stop || window_reads_failed) return nullptr;
       auto it = std::find_if(aheads.begin(), aheads.end(), [k](const Ahead& a) { return a.first <= k && k < a.last; });
-      if (it == aheads.end() || stop) return nullptr;
-      if (it->ready) return it->data;
+      if (it != aheads.end() && it->ready) return it->data;
       ahead_ready.wait(lock);
     }
   }
