@@ -317,7 +317,7 @@ struct BatchStream::State {
             spares.erase(it);
             break;
           }
-        if (spares.size() > 2) spares.erase(spares.begin());
+        if (spares.size() > 1) spares.erase(spares.begin());  // (one kept to lend)
       }
       std::shared_ptr<const detail::WindowRead> data;
       try {
