@@ -572,7 +572,7 @@ std::shared_ptr<const detail::WindowRead> Reader::read_window(at::ArrayRef<size_
   const size_t n = s.offsets.back();
   // Open until the reads are done: the records' pages stay theirs.
   std::vector<ReadTxn> txns(envs.size());
-  std::vector<uint64_t> ids(envs.size(), 0);
+  std::vector<uint64_t> ids(envs.size(), 0), versions(envs.size(), 0);
   std::vector<detail::WindowRange> want;
   uint64_t bytes = 0;
   size_t looked = 0;
@@ -586,6 +586,7 @@ std::shared_ptr<const detail::WindowRead> Reader::read_window(at::ArrayRef<size_
     if (txns[file].get() == nullptr) {
       txns[file] = env.read_txn();
       ids[file] = mdb_txn_id(txns[file].get());
+      versions[file] = env.file_version();
     }
     unsigned char kbuf[8];
     encode_key(local, kbuf);
@@ -601,7 +602,7 @@ std::shared_ptr<const detail::WindowRead> Reader::read_window(at::ArrayRef<size_
     want.push_back({file, at, at + v.mv_size});
     bytes += v.mv_size;
   }
-  auto out = detail::read_window(envs, ids, want, o.keep_cache, std::move(reuse));
+  auto out = detail::read_window(envs, ids, versions, want, o.keep_cache, o.page_request_bytes, std::move(reuse));
   if (out) s.io_window_bytes.fetch_add(out->bytes, std::memory_order_relaxed);
   return out;
 }

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -211,6 +212,9 @@ struct BatchStream::State {
     ahead_ready.notify_all();
     for (std::thread& t : threads) t.join();
     threads.clear();
+    std::lock_guard<std::mutex> lock(mutex);
+    aheads.clear();  // (the windows' buffers go with the epoch)
+    spares.clear();
   }
 
   // Batch k of this rank (stream.h's rank plan, computed when asked).
@@ -313,6 +317,7 @@ struct BatchStream::State {
         }
         for (auto it = spares.begin(); it != spares.end(); ++it)
           if (it->use_count() == 1) {
+            std::atomic_thread_fence(std::memory_order_acquire);  // (the last reader's reads before the new ones)
             reuse = std::move(*it);
             spares.erase(it);
             break;
@@ -372,8 +377,9 @@ struct BatchStream::State {
         if (window_batches > 0) {
           consumed.notify_all();  // (the window read thread waits for the claims to reach a window)
           window = window_read(lock, k);
+          if (stop) return;
         }
-        // (a window read ahead: its records are not requested again)
+        // (a window read: its records are not requested again, nor what lies past page_request_bytes)
         if ((thread_cold || cold) && !window) ahead = claim_page_requests(k);
       }
       try {

@@ -567,22 +567,44 @@ TEST(ColdReads, WindowReadRecordsAreCheckedAsAnyAndTakenOnlyFromTheirSnapshotAnd
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   auto env = torch_lmdb::Env::open(path, torch_lmdb::EnvOptions{});
   if (direct) ASSERT_GE(env->direct_fd(), 0);
-  std::vector<torch_lmdb::detail::WindowRange> want{{0, 8192, 12288}, {0, 4096, 6000}, {0, size - 4096, size + 8192}};
-  const auto got = torch_lmdb::detail::read_window({env}, {42}, want, /*keep_cache=*/!direct, nullptr);
+  const uint64_t version = env->file_version();
+  ASSERT_NE(version, 0u);
+  // 4096-6000 and 8192-12288 share a run (the 2 KiB between is less than
+  // either); a 1 KiB record 28 KiB further has a run of its own; the last
+  // range lies past the end of the file.
+  const std::vector<torch_lmdb::detail::WindowRange> want{
+      {0, 8192, 12288}, {0, 4096, 6000}, {0, 40960, 41984}, {0, size - 4096, size + 8192}};
+  auto ranges = want;
+  const auto got = torch_lmdb::detail::read_window({env}, {42}, {version}, ranges, /*keep_cache=*/!direct,
+                                                   size_t{1} << 30, nullptr);
   ASSERT_NE(got, nullptr);
   ASSERT_EQ(got->files.size(), 1u);
-  EXPECT_EQ(got->files[0].runs.size(), 2u) << "4096-6000 and 8192-12288 are one run";
+  EXPECT_EQ(got->files[0].runs.size(), 3u);
   std::string expect(8192, '\0');
   const int fd = ::open((path + "/data.mdb").c_str(), O_RDONLY);
   ASSERT_EQ(::pread(fd, &expect[0], 8192, 4096), 8192);
+  std::string apart(1024, '\0');
+  ASSERT_EQ(::pread(fd, &apart[0], 1024, 40960), 1024);
   ::close(fd);
-  const char* p = got->find(env.get(), 42, 4096, 8192);
+  const char* p = got->find(env.get(), 42, version, 4096, 8192);
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(std::memcmp(p, expect.data(), 8192), 0) << "the bytes of the file";
-  EXPECT_EQ(got->find(env.get(), 43, 4096, 8192), nullptr) << "another snapshot";
-  EXPECT_EQ(got->find(env.get(), 42, size - 4096, 4096), nullptr) << "a run read short";
-  EXPECT_EQ(got->find(env.get(), 42, 4096, 16384), nullptr) << "past its run";
-  EXPECT_EQ(got->find(env.get(), 42, 20000, 16), nullptr) << "not read";
+  const char* q = got->find(env.get(), 42, version, 40960, 1024);
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(std::memcmp(q, apart.data(), 1024), 0);
+  EXPECT_EQ(got->find(env.get(), 42, version, 20000, 16), nullptr) << "between runs: not read";
+  EXPECT_EQ(got->find(env.get(), 43, version, 4096, 8192), nullptr) << "another snapshot";
+  EXPECT_EQ(got->find(env.get(), 42, version + 1, 4096, 8192), nullptr) << "the file changed (copied over in place)";
+  EXPECT_EQ(got->find(env.get(), 42, version, size - 4096, 4096), nullptr) << "a run read short";
+  EXPECT_EQ(got->find(env.get(), 42, version, 4096, 16384), nullptr) << "past its run";
+  // The runs stay within the budget: 8 KiB holds the first run only.
+  ranges = want;
+  const auto small = torch_lmdb::detail::read_window({env}, {42}, {version}, ranges, !direct, 8192, nullptr);
+  ASSERT_NE(small, nullptr);
+  EXPECT_EQ(small->files[0].runs.size(), 1u);
+  EXPECT_EQ(small->records, 2u);
+  EXPECT_NE(small->find(env.get(), 42, version, 4096, 8192), nullptr);
+  EXPECT_EQ(small->find(env.get(), 42, version, 40960, 1024), nullptr) << "past the budget";
   // Nothing is read ahead without direct reads.
   ReaderOptions plain = ro;
   plain.direct_reads = false;

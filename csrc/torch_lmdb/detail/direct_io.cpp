@@ -172,6 +172,8 @@ char* direct_buffer(size_t bytes) {
   return arena.get();
 }
 
+bool direct_ring_failed() noexcept { return ring.pid == ::getpid() && ring.failed; }
+
 uint32_t direct_alignment(int fd) noexcept {
   uint32_t align = kDirectAlign;
 #ifdef STATX_DIOALIGN

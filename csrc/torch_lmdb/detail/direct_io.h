@@ -48,6 +48,11 @@ void finish_direct_reads() noexcept;
 
 char* direct_buffer(size_t bytes);
 
+/// Whether this thread's ring failed (a submit or a wait the kernel refused):
+/// reads it had in flight may still land in their buffers, which must then
+/// never be freed nor reused.
+bool direct_ring_failed() noexcept;
+
 uint32_t direct_alignment(int fd) noexcept;
 
 }  // namespace detail

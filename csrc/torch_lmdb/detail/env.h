@@ -252,6 +252,10 @@ class Env {
   /// `max_keys` entries (no index then: reads search the B-tree). A resize
   /// of the map drops it (its pointers would be stale).
   std::shared_ptr<ValueIndex> value_index(MDB_txn* txn, size_t max_keys) const;
+  /// data.mdb as it is now: a hash of its inode, size and ctime (0 when fstat
+  /// fails). A writer's commit changes it, and so does a file copied over
+  /// data.mdb in place, whatever transaction id that file repeats.
+  uint64_t file_version() const noexcept;
   /// Drops the pages of the map wholly inside [p, p + n) from this process's
   /// map and from the page cache (madvise + posix_fadvise DONTNEED). Only
   /// for memory of the map, with a read transaction of this env held by the

@@ -32,11 +32,8 @@ std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) cons
   // The file as it is now: a writer's commit changes its ctime too (a new
   // index then, as for its new transaction id); a file copied over data.mdb
   // changes it whatever its transaction id.
-  struct stat now {};
-  if (::fstat(fd_, &now) != 0) return nullptr;
-  const uint64_t words[4] = {static_cast<uint64_t>(now.st_ino), static_cast<uint64_t>(now.st_size),
-                             static_cast<uint64_t>(now.st_ctim.tv_sec), static_cast<uint64_t>(now.st_ctim.tv_nsec)};
-  const uint64_t version = XXH3_64bits(words, sizeof(words));
+  const uint64_t version = file_version();
+  if (version == 0) return nullptr;
   {
     std::lock_guard<std::mutex> lock(index_mutex_);
     if (index_ && index_->file_version() == version) {
@@ -52,6 +49,14 @@ std::shared_ptr<ValueIndex> Env::value_index(MDB_txn* txn, size_t max_keys) cons
     return index_->txnid() == id ? index_ : nullptr;
   index_ = made;
   return made;
+}
+
+uint64_t Env::file_version() const noexcept {
+  struct stat now {};
+  if (::fstat(fd_, &now) != 0) return 0;
+  const uint64_t words[4] = {static_cast<uint64_t>(now.st_ino), static_cast<uint64_t>(now.st_size),
+                             static_cast<uint64_t>(now.st_ctim.tv_sec), static_cast<uint64_t>(now.st_ctim.tv_nsec)};
+  return XXH3_64bits(words, sizeof(words));
 }
 
 bool Env::value_inside(const MDB_val& v) const noexcept {

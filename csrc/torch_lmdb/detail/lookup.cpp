@@ -234,10 +234,10 @@ WindowReadScope::~WindowReadScope() { current_window = previous_; }
 
 WindowRead::~WindowRead() { std::free(buffer); }
 
-const char* WindowRead::find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const {
+const char* WindowRead::find(const Env* env, uint64_t txn_id, uint64_t version, uint64_t at, uint64_t size) const {
   for (const File& f : files) {
     if (f.env != env) continue;
-    if (f.txn_id != txn_id) return nullptr;
+    if (f.txn_id != txn_id || f.version != version || version == 0) return nullptr;
     auto it = std::upper_bound(f.runs.begin(), f.runs.end(), at,
                                [](uint64_t x, const Run& r) { return x < r.offset; });
     if (it == f.runs.begin()) return nullptr;
@@ -249,23 +249,36 @@ const char* WindowRead::find(const Env* env, uint64_t txn_id, uint64_t at, uint6
 }
 
 std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<Env>>& envs,
-                                            const std::vector<uint64_t>& txn_ids, std::vector<WindowRange>& want,
-                                            bool keep_cache, std::shared_ptr<const WindowRead> reuse) {
+                                              const std::vector<uint64_t>& txn_ids,
+                                              const std::vector<uint64_t>& versions, std::vector<WindowRange>& want,
+                                              bool keep_cache, size_t budget,
+                                              std::shared_ptr<const WindowRead> reuse) {
   if (want.empty()) return nullptr;
   std::sort(want.begin(), want.end(), [](const WindowRange& a, const WindowRange& b) {
     return a.file != b.file ? a.file < b.file : a.begin < b.begin;
   });
   // The runs, aligned as O_DIRECT needs (buffered: as they are).
   std::vector<WindowRange> runs;
+  uint64_t run_bytes = 0;
+  size_t records = 0;
   for (const WindowRange& w : want) {
     const uint64_t align = keep_cache ? 1 : envs[w.file]->direct_align();
     const uint64_t b = w.begin / align * align, e = (w.end + align - 1) / align * align;
-    if (!runs.empty() && runs.back().file == w.file && b <= runs.back().end + WindowRead::kGap) {
+    // Merged across a gap no longer than kGap nor than the record itself:
+    // what is read between records never exceeds the records.
+    const bool merge = !runs.empty() && runs.back().file == w.file &&
+                       b <= runs.back().end + std::min<uint64_t>(WindowRead::kGap, e - b);
+    const uint64_t grows = merge ? std::max(runs.back().end, e) - runs.back().end : e - b;
+    if (run_bytes + grows > budget) break;  // (sorted by offset: the rest of the window is read by its batches)
+    run_bytes += grows;
+    ++records;
+    if (merge) {
       runs.back().end = std::max(runs.back().end, e);
     } else {
       runs.push_back({w.file, b, e});
     }
   }
+  if (runs.empty()) return nullptr;
   // Each run in the buffer at the same place in its page as in its file (as
   // aligned as the device needs).
   size_t total = 0;
@@ -316,20 +329,26 @@ std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<
       run_of.push_back(r);
     }
   }
-  if (!start_direct_reads(reads)) return nullptr;
+  if (!start_direct_reads(reads)) return nullptr;  // (nothing submitted)
   for (size_t j = 0; j < reads.size(); ++j) {
     const int64_t got = wait_direct_read(j);
     if (got != static_cast<int64_t>(reads[j].length)) placed[run_of[j]].data = nullptr;  // (its records: the map)
     else out->bytes += reads[j].length;
   }
   finish_direct_reads();
+  if (direct_ring_failed()) {
+    // Reads may still land in the buffer: it is leaked, never freed nor lent.
+    out->buffer = nullptr;
+    out->capacity = 0;
+    return nullptr;
+  }
   for (size_t r = 0; r < runs.size(); ++r) {
     const size_t file = runs[r].file;
     if (out->files.empty() || out->files.back().env != envs[file].get())
-      out->files.push_back(WindowRead::File{envs[file].get(), txn_ids[file], {}});
+      out->files.push_back(WindowRead::File{envs[file].get(), txn_ids[file], versions[file], {}});
     out->files.back().runs.push_back(placed[r]);
   }
-  out->records = want.size();
+  out->records = records;
   return out;
 }
 
@@ -566,8 +585,10 @@ MDB_val BatchLookup::search(const Env& env, size_t file, uint64_t local, uint32_
 
 void BatchLookup::take_from_window(Found& f, size_t file) {
   if (!owns_its_pages(f.value)) return;  // (read_window() reads only what direct_read_fd() takes)
-  const char* p = window_->find(f.env, mdb_txn_id(txns_[file].get()), f.env->file_offset(f.value.mv_data),
-                               f.value.mv_size);
+  if (versions_.empty()) versions_.assign(envs_.size(), kUnknownVersion);
+  if (versions_[file] == kUnknownVersion) versions_[file] = f.env->file_version();
+  const char* p = window_->find(f.env, mdb_txn_id(txns_[file].get()), versions_[file],
+                                f.env->file_offset(f.value.mv_data), f.value.mv_size);
   if (p == nullptr) return;
   f.value.mv_data = const_cast<char*>(p);
   f.whole = f.value;

@@ -94,6 +94,7 @@ struct WindowRead {
   struct File {
     const Env* env = nullptr;
     uint64_t txn_id = 0;    // the snapshot its records were looked up in
+    uint64_t version = 0;   // the file then (Env::file_version)
     std::vector<Run> runs;  // by offset
   };
   std::vector<std::shared_ptr<Env>> envs;  // (open while the buffer is used)
@@ -107,23 +108,29 @@ struct WindowRead {
   WindowRead(const WindowRead&) = delete;
   WindowRead& operator=(const WindowRead&) = delete;
   ~WindowRead();
-  /// The bytes [at, at + size) of env's file as read ahead in snapshot
-  /// `txn_id`, or null (not read ahead, another snapshot, a failed read).
-  const char* find(const Env* env, uint64_t txn_id, uint64_t at, uint64_t size) const;
+  /// The bytes [at, at + size) of env's file as read in snapshot `txn_id`
+  /// of the file at `version`, or null (not read, another snapshot or file,
+  /// a failed read).
+  const char* find(const Env* env, uint64_t txn_id, uint64_t version, uint64_t at, uint64_t size) const;
 };
 
 /// Reads `want` (records' [begin, end) ranges in file `file` of `envs`,
-/// looked up in the snapshots `txn_ids`) through this thread's io_uring:
-/// O_DIRECT at the file's alignment, or buffered with `keep_cache`. `reuse`,
-/// when no one else holds it, lends its buffer. Null when nothing is wanted
-/// or this thread has no ring.
+/// looked up in the snapshots `txn_ids` of the files at `versions`) through
+/// this thread's io_uring: O_DIRECT at the file's alignment, or buffered with
+/// `keep_cache`. Records less than kGap apart, and less than their own size,
+/// share a run (what lies between is read too: at most as much as the
+/// records); the runs' bytes stay within `budget` (the records past it are
+/// left out). `reuse`, when no one else holds it, lends its buffer. Null
+/// when nothing is wanted or this thread has no ring.
 struct WindowRange {
   size_t file = 0;
   uint64_t begin = 0, end = 0;
 };
 std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<Env>>& envs,
-                                            const std::vector<uint64_t>& txn_ids, std::vector<WindowRange>& want,
-                                            bool keep_cache, std::shared_ptr<const WindowRead> reuse);
+                                              const std::vector<uint64_t>& txn_ids,
+                                              const std::vector<uint64_t>& versions, std::vector<WindowRange>& want,
+                                              bool keep_cache, size_t budget,
+                                              std::shared_ptr<const WindowRead> reuse);
 
 /// While it lives, BatchLookups made on this thread take records from `window`.
 class WindowReadScope {
@@ -299,6 +306,7 @@ class BatchLookup {
   // seek() in the B-tree.
   MDB_val search(const Env& env, size_t file, uint64_t local, uint32_t per_value, bool run);
 
+  static constexpr uint64_t kUnknownVersion = ~uint64_t{0};
   static constexpr size_t kPrefetchBytes = 256;
   static constexpr size_t kPrefetchPages = 16;
   const Reader::State& s_;
@@ -315,6 +323,7 @@ class BatchLookup {
   size_t direct_records_ = 0;  // settled through io_uring (io_stats' direct_records)
   size_t window_records_ = 0;   // taken from the window read (io_stats' window_records)
   const WindowRead* window_;     // this thread's WindowReadScope's, or null
+  std::vector<uint64_t> versions_;  // per file: Env::file_version() once asked (take_from_window)
   bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
   MDB_val record_{0, nullptr};
