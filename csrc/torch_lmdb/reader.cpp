@@ -564,47 +564,7 @@ Batch Reader::read_batch(at::ArrayRef<size_t> indices, const BatchOptions& optio
 
 std::shared_ptr<const detail::WindowRead> Reader::read_window(at::ArrayRef<size_t> indices,
                                                             std::shared_ptr<const detail::WindowRead> reuse) const {
-  State& s = *state_;
-  const ReaderOptions& o = s.options;
-  if (!o.direct_reads || o.page_request_bytes == 0 || o.page_requests == PageRequests::Never || indices.empty())
-    return nullptr;
-  const auto& envs = s.current_envs();
-  const size_t n = s.offsets.back();
-  // Open until the reads are done: the records' pages stay theirs.
-  std::vector<ReadTxn> txns(envs.size());
-  std::vector<uint64_t> ids(envs.size(), 0), versions(envs.size(), 0);
-  std::vector<detail::WindowRange> want;
-  uint64_t bytes = 0;
-  size_t looked = 0;
-  for (const size_t index : indices) {
-    if (bytes >= o.page_request_bytes) break;
-    if (index >= n) continue;
-    const auto [file, local] = s.locate(index);
-    const uint32_t per_value = s.per_value[file];
-    if (per_value > 1) continue;
-    const Env& env = *envs[file];
-    if (txns[file].get() == nullptr) {
-      txns[file] = env.read_txn();
-      ids[file] = mdb_txn_id(txns[file].get());
-      versions[file] = env.file_version();
-    }
-    unsigned char kbuf[8];
-    encode_key(local, kbuf);
-    MDB_val k{8, kbuf}, v{0, nullptr};
-    if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
-    if (!env.value_inside(v) || detail::direct_read_fd(env, v, per_value, o) < 0) continue;
-    if (detail::record_cached(v)) {
-      if (++looked >= 32 && want.empty()) return nullptr;  // a window in the page cache already
-      continue;
-    }
-    ++looked;
-    const uint64_t at = env.file_offset(v.mv_data);
-    want.push_back({file, at, at + v.mv_size});
-    bytes += v.mv_size;
-  }
-  auto out = detail::read_window(envs, ids, versions, want, o.keep_cache, o.page_request_bytes, std::move(reuse));
-  if (out) s.io_window_bytes.fetch_add(out->bytes, std::memory_order_relaxed);
-  return out;
+  return detail::read_window(*state_, indices, std::move(reuse));
 }
 
 const std::vector<FieldSchema>& Reader::schema() const { return state_->schema; }

@@ -132,6 +132,11 @@ std::shared_ptr<const WindowRead> read_window(const std::vector<std::shared_ptr<
                                               bool keep_cache, size_t budget,
                                               std::shared_ptr<const WindowRead> reuse);
 
+/// Reader::read_window: the uncached records of `indices` that direct_read_fd()
+/// takes, looked up and read by the function above.
+std::shared_ptr<const WindowRead> read_window(Reader::State& s, at::ArrayRef<size_t> indices,
+                                              std::shared_ptr<const WindowRead> reuse);
+
 /// While it lives, BatchLookups made on this thread take records from `window`.
 class WindowReadScope {
  public:

@@ -7,10 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -49,6 +47,15 @@ void flock_or_throw(int fd, int op, const std::string& path) {
     if (errno == EINTR) continue;
     throw LockError("cannot lock '" + path + "': " + std::strerror(errno), errno, path);
   }
+}
+
+// cache_dir/.space.lock, locked (`op`). Every change to what the cache holds (a reservation, its rename
+// into place, an eviction) is made under it: a walk under it sees one moment of the cache.
+int lock_space(const std::string& cache_dir, int op) {
+  const std::string path = join(cache_dir, ".space.lock");
+  Fd lock(open_lock_file(path));
+  flock_or_throw(lock.fd, op, path);
+  return lock.release();
 }
 
 bool file_size(const std::string& path, uint64_t& size) {
@@ -462,11 +469,8 @@ bool ShardCache::download(size_t k, int fd, const std::string& tmp, unsigned att
     stats_.fetch_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   }
   if (!sink.overflow && sink.offset == shards_[k].size && got == shards_[k].hash) {
-    {  // Under the space lock: a walk never lists the directory between the
-       // two names and misses the shard (the count would then fall short).
-      const std::string lock_path = join(options_.cache_dir, ".space.lock");
-      Fd space(open_lock_file(lock_path));
-      flock_or_throw(space.fd, LOCK_EX, lock_path);
+    {
+      Fd space(lock_space(options_.cache_dir, LOCK_EX));
       if (::rename(tmp.c_str(), join(dir, "data.mdb").c_str()) != 0)
         throw Error("cannot rename '" + tmp + "': " + std::strerror(errno), errno, tmp);
     }
@@ -539,15 +543,12 @@ bool ShardCache::fetch_parts(const std::string& url, int fd, uint64_t size, unsi
 
 namespace {
 
-// The node's running count of the cache's bytes, kept in .space.lock (read
-// and written under its lock): the bytes the last walk of the directory
-// found plus every reservation since, and when that walk was. Every byte a
-// process stages is reserved first, and evictions happen under the same
-// lock after a walk, so the count never falls short of the directory but
-// for files put there by hand, which the next walk (at most
-// kRescanSeconds later) counts; what it counts too many (a download that
-// failed, a temporary left by a dead process) also goes with that walk, or
-// with the first reservation of a ShardCache, which always walks.
+// The node's running count of the cache's bytes, kept in .space.lock (under its lock): the bytes the
+// last walk found plus every reservation since, and when that walk was. Every staged byte is reserved
+// first and evictions follow a walk under the same lock, so the count never falls short of the
+// directory but for files put there by hand, which the next walk (at most kRescanSeconds later)
+// counts; what it counts too many (a failed download, a dead process's temporary) goes with that
+// walk, or with a ShardCache's first reservation, which always walks.
 constexpr double kRescanSeconds = 30;
 
 struct SpaceCount {
@@ -583,11 +584,9 @@ void write_count(int fd, const SpaceCount& c) {
 
 int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
   const auto deadline = Clock::now() + std::chrono::duration<double>(std::max(1.0, options_.stall_seconds * 10));
-  const std::string lock_path = join(options_.cache_dir, ".space.lock");
   for (;;) {
     {
-      Fd lock(open_lock_file(lock_path));
-      flock_or_throw(lock.fd, LOCK_EX, lock_path);
+      Fd lock(lock_space(options_.cache_dir, LOCK_EX));
       uint64_t used = 0;
       std::vector<Evictable> staged;
       SpaceCount count = read_count(lock.fd);
@@ -637,12 +636,7 @@ int ShardCache::reserve(uint64_t bytes, const std::string& tmp, bool wait) {
 }
 
 uint64_t ShardCache::cached_bytes() const {
-  // Under the space lock (shared): every change to what the cache holds is
-  // made under it, so the walk sees one state, not an eviction's before and
-  // the next download's after.
-  const std::string lock_path = join(options_.cache_dir, ".space.lock");
-  Fd lock(open_lock_file(lock_path));
-  flock_or_throw(lock.fd, LOCK_SH, lock_path);
+  Fd lock(lock_space(options_.cache_dir, LOCK_SH));  // (one moment: see lock_space)
   uint64_t used = 0;
   std::vector<Evictable> staged;
   scan(options_.cache_dir, 0, used, staged, /*clean=*/false);
