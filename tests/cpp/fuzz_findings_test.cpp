@@ -115,6 +115,26 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
       }
     }
   }
+  // open_fuzz again: a file of just one meta page's 152 bytes (all LMDB reads
+  // of it) with page size 0, so LMDB read its second meta page at offset 0 too.
+  for (size_t length : {size_t{152}, size_t{159}}) {
+    const std::string path = tmp.sub("short" + std::to_string(length));
+    std::string damaged = bytes.substr(0, length);
+    const uint32_t zero = 0;
+    std::memcpy(&damaged[40], &zero, 4);
+    ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+    std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+    ReaderOptions o;
+    o.lock = 0;
+    try {
+      Reader r(path, o);
+      ADD_FAILURE() << "a " << length << "-byte file with page size 0 was accepted";
+    } catch (const CorruptedError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(path + "/data.mdb"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("page size of 0"), std::string::npos) << msg;
+    }
+  }
   EXPECT_EQ(Reader(original).size(), 5u);
 }
 

@@ -202,6 +202,12 @@ int main(int argc, char** argv) {
     w.close();
     put(root + "/open/db" + std::to_string(k), slurp(path + "/data.mdb"));
   }
+  {  // just the 152 bytes LMDB reads of a meta page, page size 0 (an input libFuzzer found:
+     // LMDB read its second meta page at offset 0 as well, then divided by the page size)
+    std::string meta = slurp(root + "/open/db0").substr(0, 152);
+    std::memset(&meta[40], 0, 4);
+    put(root + "/open/meta-page-size-0-152-bytes", meta);
+  }
   std::system(("rm -rf '" + root + "/tmp'").c_str());
   return 0;
 }

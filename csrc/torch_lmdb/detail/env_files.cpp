@@ -151,13 +151,14 @@ std::vector<MetaPage> read_meta_pages(const std::string& data_path) {
   // header (flags u16 at 10), then magic u32, version u32, address u64, map
   // size u64, two MDB_db of 48 bytes (the first one's leading u32 holds the
   // page size), last_pg u64, txnid u64. The second meta page starts at the
-  // first one's page size.
+  // first one's page size. LMDB reads 152 bytes of each (the page header and
+  // MDB_meta), so a file of 152 bytes is all it needs to accept one.
   std::vector<MetaPage> out;
   const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return out;
   size_t offset = 0;
   for (int meta = 0; meta < 2; ++meta) {
-    unsigned char page[160] = {};
+    unsigned char page[152] = {};
     if (::pread(fd, page, sizeof page, static_cast<off_t>(offset)) < static_cast<ssize_t>(sizeof page)) break;
     MetaPage m;
     uint16_t flags;
