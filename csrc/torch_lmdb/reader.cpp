@@ -620,6 +620,7 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
   const auto& envs = s.current_envs();
   const size_t n = s.offsets.back();
   std::vector<ReadTxn> txns(envs.size());
+  std::vector<std::shared_ptr<ValueIndex>> index(envs.size());
   thread_local std::vector<MDB_val> values;
   values.clear();
   size_t bytes = 0;
@@ -627,25 +628,36 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
   size_t last_file = 0;
   // A record its batch reads through io_uring (detail::direct_read_fd) is
   // not requested here: its pages would be read twice (keep_cache = false:
-  // into the page cache the batch then bypasses).
-  for (const size_t index : indices) {
+  // into the page cache the batch then bypasses). Its lookup is kept in the
+  // value index, so the batch finds its value there without a search.
+  for (const size_t index_at : indices) {
     if (bytes >= budget) break;
-    if (index >= n) continue;
-    const auto [file, local] = s.locate(index);
+    if (index_at >= n) continue;
+    const auto [file, local] = s.locate(index_at);
     const Env& env = *envs[file];
-    if (txns[file].get() == nullptr) txns[file] = env.read_txn();
+    if (txns[file].get() == nullptr) {
+      txns[file] = env.read_txn();
+      index[file] = env.value_index(txns[file].get(), s.options.value_index_bytes / ValueIndex::kSlotBytes);
+    }
     // A packed value is requested whole (a stream's chunk of samples is
     // mostly runs of the file: the value's other samples come next).
     const uint32_t per_value = s.per_value[file];
-    unsigned char kbuf[8];
-    encode_key(local / per_value, kbuf);
-    MDB_val k{8, kbuf}, v{0, nullptr};
-    if (!values.empty() && per_value > 1 && local / per_value == last_key && file == last_file) continue;
-    if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
-    if (!env.value_inside(v)) continue;  // the read of this sample raises it
+    const uint64_t key = local / per_value;
+    if (!values.empty() && per_value > 1 && key == last_key && file == last_file) continue;
+    MDB_val v = index[file] ? index[file]->find(key) : MDB_val{0, nullptr};
+    if (v.mv_data == nullptr) {
+      unsigned char kbuf[8];
+      encode_key(key, kbuf);
+      MDB_val k{8, kbuf};
+      if (detail::guarded_get(txns[file].get(), env.samples_dbi(), &k, &v) != MDB_SUCCESS) continue;
+      if (!env.value_inside(v)) continue;  // the read of this sample raises it
+      if (index[file]) index[file]->store(key, v);  // (checked again where a batch takes it)
+    } else if (!env.value_inside(v)) {
+      continue;
+    }
     const auto [begin, end] = value_pages(v);
     if (detail::direct_read_fd(env, v, per_value, s.options) >= 0) continue;
-    last_key = local / per_value;
+    last_key = key;
     last_file = file;
     values.push_back(v);
     bytes += end - begin;

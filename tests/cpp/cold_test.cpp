@@ -400,6 +400,42 @@ TEST(ColdReads, UncachedRecordsAreReadThroughIoUringWithTheSameBytesAndKeepCache
   EXPECT_EQ(r.io_stats().direct_records, direct) << "a warm epoch reads through the map";
 }
 
+// A stream's page requests look up the records of the batches ahead; those its
+// batches read through io_uring are not requested, and their lookups are kept
+// in the value index, where the batch finds them without a second search.
+TEST(ColdReads, PageRequestsKeepTheirLookupsInTheValueIndexForTheBatch) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 400;
+  write_wide(path, n);
+  evict_file(path);
+  ReaderOptions ro = direct_options(true);
+  ro.page_requests = PageRequests::Always;
+  Reader r(path, ro);
+  const std::vector<size_t> ahead{5, 100, 300, 301, 399};
+  (void)r.request_pages(ahead);
+  auto env = Env::open(path, EnvOptions{});
+  ReadTxn txn = env->read_txn();
+  const auto index = env->value_index(txn.get(), size_t{1} << 20);
+  ASSERT_NE(index, nullptr);
+  for (uint64_t key = 0; key < static_cast<uint64_t>(n); ++key) {
+    const bool asked = std::find(ahead.begin(), ahead.end(), key) != ahead.end();
+    const MDB_val known = index->find(key);
+    EXPECT_EQ(known.mv_data != nullptr, asked) << "key " << key;
+    if (!asked || known.mv_data == nullptr) continue;
+    unsigned char kbuf[8];
+    encode_key(key, kbuf);
+    MDB_val k{8, kbuf}, v{0, nullptr};
+    ASSERT_EQ(mdb_get(txn.get(), env->samples_dbi(), &k, &v), MDB_SUCCESS);
+    EXPECT_EQ(known.mv_data, v.mv_data) << "key " << key;
+    EXPECT_EQ(known.mv_size, v.mv_size) << "key " << key;
+  }
+  const Batch b = r.read_batch(ahead);
+  for (size_t j = 0; j < ahead.size(); ++j)
+    EXPECT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(ahead[j], kWidth)["x"]))
+        << "index " << ahead[j];
+}
+
 TEST(ColdReads, DirectReadsOfABatchAreBoundedByPageRequestBytes) {
   TempDir tmp;
   const std::string path = tmp.sub("db");
