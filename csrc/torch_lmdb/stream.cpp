@@ -383,10 +383,15 @@ struct BatchStream::State {
         if ((thread_cold || cold) && !window) ahead = claim_page_requests(k);
       }
       try {
-        if (ahead.second > ahead.first) request_pages(ahead);
+        // The batches ahead are looked up (and their pages requested) while this
+        // batch's own reads are on their way, not before they start.
+        detail::WhileReadingScope lookahead(ahead.second > ahead.first
+                                                ? std::function<void()>([this, ahead] { request_pages(ahead); })
+                                                : std::function<void()>());
         std::vector<int64_t> sources;
         Batch b = windows ? windows->read(indices(k), options.batch)
                           : reader->read_batch(indices(k, &sources), options.batch, window.get());
+        detail::WhileReadingScope::run();  // (a batch that made no lookup: now)
         if (rule) add_sources(b, sources);
         std::lock_guard<std::mutex> lock(mutex);
         ready.emplace(k, std::move(b));

@@ -436,6 +436,44 @@ TEST(ColdReads, PageRequestsKeepTheirLookupsInTheValueIndexForTheBatch) {
         << "index " << ahead[j];
 }
 
+// A stream's lookups of the batches ahead run while its batch's reads are in
+// flight (torch_lmdb::detail::WhileReadingScope): once, by the batch's first copy, after
+// the batch submitted its io_uring reads; run() does what no batch ran.
+TEST(ColdReads, WorkWhileReadingRunsOnceWithTheBatchsReadsInFlight) {
+  TempDir tmp;
+  const std::string path = tmp.sub("db");
+  const int64_t n = 256;
+  write_wide(path, n);
+  const bool direct = takes_o_direct(path);  // (tmpfs: no reads to be in flight)
+  evict_file(path);
+  Reader r(path, direct_options(true));
+  const std::vector<size_t> idx = batches_of(shuffled(n, 3), 64)[0];
+  int runs = 0;
+  size_t pending = 0;
+  {
+    torch_lmdb::detail::WhileReadingScope scope([&] {
+      ++runs;
+      pending = torch_lmdb::detail::direct_reads_pending();
+    });
+    const Batch b = r.read_batch(idx);
+    EXPECT_EQ(runs, 1);
+    if (direct) EXPECT_GT(pending, 0u) << "the work ran before the batch's reads were submitted, or after they completed";
+    torch_lmdb::detail::WhileReadingScope::run();
+    EXPECT_EQ(runs, 1) << "run() after the batch ran the work again";
+    for (size_t j = 0; j < idx.size(); ++j)
+      ASSERT_TRUE(torch::equal(b.tensors["x"][static_cast<int64_t>(j)], make_sample(idx[j], kWidth)["x"]));
+  }
+  EXPECT_EQ(torch_lmdb::detail::direct_reads_pending(), 0u);
+  {
+    torch_lmdb::detail::WhileReadingScope scope([&] { ++runs; });
+    torch_lmdb::detail::WhileReadingScope::run();  // no batch: run() does it
+    torch_lmdb::detail::WhileReadingScope::run();
+  }
+  EXPECT_EQ(runs, 2);
+  torch_lmdb::detail::WhileReadingScope::run();  // no scope: nothing
+  EXPECT_EQ(runs, 2);
+}
+
 TEST(ColdReads, DirectReadsOfABatchAreBoundedByPageRequestBytes) {
   TempDir tmp;
   const std::string path = tmp.sub("db");

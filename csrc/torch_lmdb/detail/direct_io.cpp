@@ -174,6 +174,10 @@ char* direct_buffer(size_t bytes) {
 
 bool direct_ring_failed() noexcept { return ring.pid == ::getpid() && ring.failed; }
 
+size_t direct_reads_pending() noexcept {
+  return flight.reads == nullptr ? 0 : flight.pending + (flight.reads->size() - flight.next);
+}
+
 uint32_t direct_alignment(int fd) noexcept {
   uint32_t align = kDirectAlign;
 #ifdef STATX_DIOALIGN

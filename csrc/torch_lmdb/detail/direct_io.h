@@ -53,6 +53,10 @@ char* direct_buffer(size_t bytes);
 /// never be freed nor reused.
 bool direct_ring_failed() noexcept;
 
+/// This thread's requests started and not yet completed (in the ring or
+/// waiting for room in it).
+size_t direct_reads_pending() noexcept;
+
 uint32_t direct_alignment(int fd) noexcept;
 
 }  // namespace detail

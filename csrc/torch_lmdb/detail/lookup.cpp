@@ -232,6 +232,24 @@ bool record_cached(const MDB_val& v) {
 WindowReadScope::WindowReadScope(const WindowRead* window) : previous_(current_window) { current_window = window; }
 WindowReadScope::~WindowReadScope() { current_window = previous_; }
 
+namespace {
+thread_local WhileReadingScope* current_while_reading = nullptr;
+}  // namespace
+
+WhileReadingScope::WhileReadingScope(std::function<void()> work)
+    : work_(std::move(work)), previous_(current_while_reading) {
+  current_while_reading = this;
+}
+WhileReadingScope::~WhileReadingScope() { current_while_reading = previous_; }
+
+void WhileReadingScope::run() {
+  WhileReadingScope* scope = current_while_reading;
+  if (scope == nullptr || !scope->work_) return;
+  const std::function<void()> work = std::move(scope->work_);
+  scope->work_ = nullptr;
+  work();
+}
+
 WindowRead::~WindowRead() { std::free(buffer); }
 
 const char* WindowRead::find(const Env* env, uint64_t txn_id, uint64_t version, uint64_t at, uint64_t size) const {
@@ -495,6 +513,7 @@ void BatchLookup::settle(Found& f) {
 }
 
 void BatchLookup::parse_next(size_t i, std::vector<FieldView>& views, bool defer_checksum) {
+  if (i == 0) WhileReadingScope::run();  // (the batch's reads were submitted by the constructor)
   Found cur;
   if (!found_.empty()) {
     if (found_[i].read >= 0) settle(found_[i]);

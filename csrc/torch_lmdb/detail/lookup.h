@@ -29,6 +29,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -147,6 +148,24 @@ class WindowReadScope {
 
  private:
   const WindowRead* previous_;
+};
+
+/// Work a stream gives its batch for the time the batch's reads are on their
+/// way (BatchStream: the lookups of the batches ahead). While the scope lives,
+/// the first copy of a BatchLookup made on this thread runs it, once, after
+/// the batch's io_uring reads are submitted; run() runs it if nothing did.
+class WhileReadingScope {
+ public:
+  explicit WhileReadingScope(std::function<void()> work);
+  ~WhileReadingScope();
+  WhileReadingScope(const WhileReadingScope&) = delete;
+  WhileReadingScope& operator=(const WhileReadingScope&) = delete;
+  /// The work of this thread's innermost scope, unless it ran already.
+  static void run();
+
+ private:
+  std::function<void()> work_;
+  WhileReadingScope* previous_;
 };
 
 /// Whether the record `v`'s first page is in the page cache (mincore).
