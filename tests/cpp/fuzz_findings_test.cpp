@@ -4,11 +4,13 @@
 
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <string>
 #include <vector>
 
 #include "test_util.h"
+#include "torch_lmdb/detail/meta.h"
 
 using namespace torch_lmdb;
 
@@ -135,6 +137,64 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
       EXPECT_NE(msg.find("page size of 0"), std::string::npos) << msg;
     }
   }
+  EXPECT_EQ(Reader(original).size(), 5u);
+}
+
+// open_fuzz: a damaged root page of LMDB's table of tables (where
+// mdb_dbi_open looks for "samples" and "meta") made that search loop forever.
+// A root whose header is not its own, or past the commit's last page, is
+// refused at open with CorruptedError naming the file, and by verify's check.
+TEST(FuzzFindings, ADamagedRootOfTheTableOfTablesIsCorruptedNotAHang) {
+  torch_lmdb_test::TempDir tmp;
+  const std::string original = tmp.sub("ok");
+  torch_lmdb_test::write_dataset(original, 5);
+  std::string bytes;
+  {
+    std::ifstream in(original + "/data.mdb", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  uint64_t txn[2], roots[2], last[2];
+  for (int m = 0; m < 2; ++m) {
+    std::memcpy(&txn[m], &bytes[m * 4096 + 144], 8);
+    std::memcpy(&roots[m], &bytes[m * 4096 + 128], 8);
+    std::memcpy(&last[m], &bytes[m * 4096 + 136], 8);
+  }
+  const int newest = txn[1] > txn[0] ? 1 : 0;
+  const uint64_t root = roots[newest];
+  ASSERT_LE(root, last[newest]);
+  uint64_t pgno = 0;
+  std::memcpy(&pgno, &bytes[root * 4096], 8);
+  ASSERT_EQ(pgno, root);  // (the layout this test edits)
+  const std::vector<std::pair<std::string, std::function<void(std::string&)>>> damage{
+      {"page number", [&](std::string& b) { b[root * 4096] ^= 0x40; }},
+      {"flags", [&](std::string& b) { b[root * 4096 + 10] = 0x65; b[root * 4096 + 11] = 0x22; }},
+      {"lower bound", [&](std::string& b) { b[root * 4096 + 12] = 6; b[root * 4096 + 13] = 0; }},
+      {"upper bound", [&](std::string& b) { b[root * 4096 + 14] = 0; b[root * 4096 + 15] = 0x20; }},
+      {"past the last page", [&](std::string& b) {
+         const uint64_t far = last[newest] + 5;
+         std::memcpy(&b[newest * 4096 + 128], &far, 8);
+       }}};
+  int n = 0;
+  for (const auto& [what, edit] : damage) {
+    const std::string path = tmp.sub("root" + std::to_string(n++));
+    std::string damaged = bytes;
+    edit(damaged);
+    ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+    std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+    const std::string problem = torch_lmdb::detail::meta_pages_problem(path + "/data.mdb");
+    EXPECT_NE(problem.find("table of tables"), std::string::npos) << what << ": " << problem;
+    ReaderOptions o;
+    o.lock = 0;
+    try {
+      Reader r(path, o);
+      ADD_FAILURE() << "a root of the table of tables with a damaged " << what << " was accepted";
+    } catch (const CorruptedError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(path + "/data.mdb"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("table of tables"), std::string::npos) << msg;
+    }
+  }
+  EXPECT_EQ(torch_lmdb::detail::meta_pages_problem(original + "/data.mdb"), "");
   EXPECT_EQ(Reader(original).size(), 5u);
 }
 

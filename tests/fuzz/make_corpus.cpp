@@ -208,6 +208,18 @@ int main(int argc, char** argv) {
     std::memset(&meta[40], 0, 4);
     put(root + "/open/meta-page-size-0-152-bytes", meta);
   }
+  {  // the newest commit's root of the table of tables overwritten (an input class libFuzzer
+     // found: LMDB's mdb_dbi_open then searched it forever)
+    std::string db = slurp(root + "/open/db0");
+    uint64_t txn0 = 0, txn1 = 0, main_root = 0;
+    std::memcpy(&txn0, &db[144], 8);
+    std::memcpy(&txn1, &db[4096 + 144], 8);
+    std::memcpy(&main_root, &db[(txn1 > txn0 ? 4096 : 0) + 128], 8);
+    static const unsigned char header[16] = {0x72, 0x65, 0x64, 0x20, 0x74, 0x65, 0x78, 0x74,
+                                             0x00, 0x00, 0x65, 0x22, 0x06, 0x00, 0x00, 0x00};
+    std::memcpy(&db[main_root * 4096], header, sizeof header);
+    put(root + "/open/main-root-not-a-page", db);
+  }
   std::system(("rm -rf '" + root + "/tmp'").c_str());
   return 0;
 }

@@ -31,6 +31,17 @@ void check_meta_pages(const std::string& data_path, const std::string& path) {
                            MDB_CORRUPTED, path);
     ++meta;
   }
+  // A damaged root of the table of tables can make mdb_dbi_open search it
+  // forever (found by fuzz_open). A commit between the reads of the meta page
+  // and of its root may have reused that page: read both again then.
+  std::string problem;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    problem = main_root_problem(data_path);
+    if (problem.empty()) return;
+  }
+  throw CorruptedError("'" + data_path + "' is damaged: " + problem +
+                           "; run `torch-lmdb verify` and rebuild it from the source data",
+                       MDB_CORRUPTED, path);
 }
 
 
@@ -169,6 +180,7 @@ std::vector<MetaPage> read_meta_pages(const std::string& data_path) {
     std::memcpy(&m.page_size, page + 40, 4);
     std::memcpy(&m.last_page, page + 136, 8);
     std::memcpy(&m.txnid, page + 144, 8);
+    std::memcpy(&m.main_root, page + 128, 8);  // the second MDB_db's md_root
     m.lmdb_accepts = (flags & 0x08) && magic == 0xBEEFC0DE && version == 1;
     out.push_back(m);
     if (meta == 0) {
@@ -196,6 +208,37 @@ std::string meta_pages_problem(const std::string& data_path) {
     return data_path + " is truncated: " + std::to_string(st.st_size) + " bytes, its last commit uses " +
            std::to_string(needed) + " (" + std::to_string(best->last_page + 1) + " pages of " +
            std::to_string(best->page_size) + ")";
+  const std::string root = main_root_problem(data_path);
+  return root.empty() ? root : data_path + " is damaged: " + root;
+}
+
+std::string main_root_problem(const std::string& data_path) {
+  const auto metas = read_meta_pages(data_path);
+  const MetaPage* best = nullptr;
+  for (const MetaPage& m : metas)
+    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
+  if (best == nullptr || best->main_root == ~uint64_t{0}) return std::string();
+  const std::string root = "the root page " + std::to_string(best->main_root) + " of its table of tables";
+  if (best->main_root > best->last_page)
+    return root + " lies past its last page " + std::to_string(best->last_page);
+  const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::string();
+  unsigned char header[16] = {};  // MDB_page: pgno u64, pad u16, flags u16, lower u16, upper u16
+  const ssize_t got = ::pread(fd, header, sizeof header, static_cast<off_t>(best->main_root * best->page_size));
+  ::close(fd);
+  if (got < static_cast<ssize_t>(sizeof header)) return std::string();  // (a short file: its own error)
+  uint64_t pgno;
+  uint16_t flags, lower, upper;
+  std::memcpy(&pgno, header, 8);
+  std::memcpy(&flags, header + 10, 2);
+  std::memcpy(&lower, header + 12, 2);
+  std::memcpy(&upper, header + 14, 2);
+  constexpr uint16_t kBranch = 0x01, kLeaf = 0x02, kKinds = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40;
+  const uint16_t kind = flags & kKinds;
+  if (pgno != best->main_root || (kind != kBranch && kind != kLeaf) || lower < sizeof header || lower > upper ||
+      upper > best->page_size)
+    return root + " is not a B-tree page (page number " + std::to_string(pgno) + ", flags " + std::to_string(flags) +
+           ", bounds " + std::to_string(lower) + ".." + std::to_string(upper) + ")";
   return std::string();
 }
 

@@ -81,6 +81,7 @@ struct MetaPage {
   uint32_t page_size = 0;
   uint64_t last_page = 0;     // the last page its commit uses
   uint64_t txnid = 0;
+  uint64_t main_root = ~uint64_t{0};  // the root page of LMDB's table of tables (~0: none)
   /// A power of two from 512 to 64 KiB (LMDB divides by it).
   bool page_size_ok() const noexcept {
     return page_size >= 512 && page_size <= 65536 && (page_size & (page_size - 1)) == 0;
@@ -91,9 +92,16 @@ struct MetaPage {
 /// at open (Env::open) and `torch-lmdb verify` (meta_pages_problem).
 std::vector<MetaPage> read_meta_pages(const std::string& data_path);
 /// Why `data_path` cannot be mapped safely: no meta page LMDB would accept
-/// with a valid page size, or a file shorter than the newest one's commit;
-/// "" when neither.
+/// with a valid page size, a file shorter than the newest one's commit, or
+/// a root page of its table of tables that is no B-tree page (main_root_problem);
+/// "" when none.
 std::string meta_pages_problem(const std::string& data_path);
+/// Why the newest meta page's root of the table of tables (where
+/// mdb_dbi_open searches for the named tables) is not a page LMDB can
+/// search: past the commit's last page, or a header that is not its own
+/// (page number, branch or leaf flags, bounds). Read with plain file reads;
+/// "" when it is, or when there is no such root or meta page to read.
+std::string main_root_problem(const std::string& data_path);
 
 /// Metadata keys that decide how a record's bytes are read; the layout
 /// checksum covers them (docs/FORMAT.md, "Layout checksum").
