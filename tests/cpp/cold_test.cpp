@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <functional>
@@ -742,6 +743,19 @@ TEST(ColdReads, DirectIoReadsRequestsBeyondItsRingInAnyOrderAndFinishesTheRest) 
     ASSERT_EQ(std::memcmp(reads[j].dst, bytes.data() + reads[j].offset, block), 0) << "request " << j;
   }
   EXPECT_GT(cancelled, 0u) << "requests beyond the ring are submitted only as earlier ones complete";
+  // A wait for a request already done still takes the completions that came
+  // meanwhile and tops the ring up: the device's queue does not run dry while
+  // the thread copies what it has.
+  reads = requests(n, buffer);
+  ASSERT_TRUE(torch_lmdb::detail::start_direct_reads(reads));
+  ASSERT_EQ(torch_lmdb::detail::wait_direct_read(0), static_cast<int64_t>(block));
+  for (int tries = 0; tries < 3; ++tries) {
+    const size_t before = torch_lmdb::detail::direct_reads_pending();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // (the ring's reads complete)
+    ASSERT_EQ(torch_lmdb::detail::wait_direct_read(0), static_cast<int64_t>(block));
+    EXPECT_LT(torch_lmdb::detail::direct_reads_pending(), before) << "wait " << tries;
+  }
+  torch_lmdb::detail::finish_direct_reads();
   // Waited for in order: all of them.
   reads = requests(n, buffer);
   ASSERT_TRUE(torch_lmdb::detail::start_direct_reads(reads));

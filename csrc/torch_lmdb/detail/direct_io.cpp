@@ -97,6 +97,22 @@ bool submit_more(io_uring* r) noexcept {
   return true;
 }
 
+// Takes the completions from `cqe` on (null: those already there, without
+// waiting), and tops the ring up. false: the ring failed.
+bool take(io_uring* r, io_uring_cqe* cqe) noexcept {
+  std::vector<DirectRead>& reads = *flight.reads;
+  if (cqe == nullptr && io_uring_peek_cqe(r, &cqe) != 0) cqe = nullptr;
+  while (cqe != nullptr) {
+    reads[static_cast<size_t>(io_uring_cqe_get_data64(cqe))].result = cqe->res;
+    io_uring_cqe_seen(r, cqe);
+    --flight.pending;
+    cqe = nullptr;
+    if (io_uring_peek_cqe(r, &cqe) != 0) cqe = nullptr;
+  }
+  if (flight.next < reads.size() && flight.pending + kRefill <= kRingEntries) return submit_more(r);
+  return true;
+}
+
 // Waits for one completion, then takes every one already there, and tops the
 // ring up. false: the ring failed.
 bool reap(io_uring* r) noexcept {
@@ -109,16 +125,7 @@ bool reap(io_uring* r) noexcept {
     abandon();
     return false;
   }
-  std::vector<DirectRead>& reads = *flight.reads;
-  while (cqe != nullptr) {
-    reads[static_cast<size_t>(io_uring_cqe_get_data64(cqe))].result = cqe->res;
-    io_uring_cqe_seen(r, cqe);
-    --flight.pending;
-    cqe = nullptr;
-    if (io_uring_peek_cqe(r, &cqe) != 0) cqe = nullptr;
-  }
-  if (flight.next < reads.size() && flight.pending + kRefill <= kRingEntries) return submit_more(r);
-  return true;
+  return take(r, cqe);
 }
 
 }  // namespace
@@ -139,6 +146,10 @@ int64_t wait_direct_read(size_t j) {
   if (flight.reads == nullptr || j >= flight.reads->size()) return -EINVAL;
   std::vector<DirectRead>& reads = *flight.reads;
   io_uring* r = &ring.ring;
+  // The reads completed while this thread copied: taken without waiting, so
+  // the ring is topped up though request j is done already (the device's
+  // queue does not run dry while the copies catch up).
+  if (flight.pending > 0 && flight.next < reads.size()) (void)take(r, nullptr);
   while (reads[j].result == -EINPROGRESS && flight.reads != nullptr) {
     if (flight.pending == 0) {
       if (!submit_more(r) || flight.pending == 0) break;
