@@ -29,6 +29,18 @@ std::string record_with_sizes(const std::vector<int64_t>& sizes) {
   return bytes;
 }
 
+// A database directory's data.mdb, whole.
+std::string data_file(const std::string& dir) {
+  std::ifstream in(dir + "/data.mdb", std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A new database directory holding `bytes` as its data.mdb.
+void write_data_file(const std::string& dir, const std::string& bytes) {
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  std::ofstream(dir + "/data.mdb", std::ios::binary) << bytes;
+}
+
 }  // namespace
 
 // record_fuzz: a zero-size field whose other sizes multiply past 2^63 parsed,
@@ -91,11 +103,7 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
   torch_lmdb_test::TempDir tmp;
   const std::string original = tmp.sub("ok");
   torch_lmdb_test::write_dataset(original, 5);
-  std::string bytes;
-  {
-    std::ifstream in(original + "/data.mdb", std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  const std::string bytes = data_file(original);
   uint32_t psize = 0;
   std::memcpy(&psize, &bytes[40], 4);
   ASSERT_EQ(psize, 4096u);
@@ -105,8 +113,7 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
       const std::string path = tmp.sub("bad" + std::to_string(n++));
       std::string damaged = bytes;
       std::memcpy(&damaged[meta_offset + 40], &bad, 4);
-      ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
-      std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+      write_data_file(path, damaged);
       try {
         Reader r(path);
         ADD_FAILURE() << "page size " << bad << " in the meta page at " << meta_offset << " was accepted";
@@ -124,8 +131,7 @@ TEST(FuzzFindings, AMetaPageWithABadPageSizeIsCorruptedNotSIGFPE) {
     std::string damaged = bytes.substr(0, length);
     const uint32_t zero = 0;
     std::memcpy(&damaged[40], &zero, 4);
-    ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
-    std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+    write_data_file(path, damaged);
     ReaderOptions o;
     o.lock = 0;
     try {
@@ -148,11 +154,7 @@ TEST(FuzzFindings, ADamagedRootOfTheTableOfTablesIsCorruptedNotAHang) {
   torch_lmdb_test::TempDir tmp;
   const std::string original = tmp.sub("ok");
   torch_lmdb_test::write_dataset(original, 5);
-  std::string bytes;
-  {
-    std::ifstream in(original + "/data.mdb", std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  const std::string bytes = data_file(original);
   uint64_t txn[2], roots[2], last[2];
   for (int m = 0; m < 2; ++m) {
     std::memcpy(&txn[m], &bytes[m * 4096 + 144], 8);
@@ -179,8 +181,7 @@ TEST(FuzzFindings, ADamagedRootOfTheTableOfTablesIsCorruptedNotAHang) {
     const std::string path = tmp.sub("root" + std::to_string(n++));
     std::string damaged = bytes;
     edit(damaged);
-    ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
-    std::ofstream(path + "/data.mdb", std::ios::binary) << damaged;
+    write_data_file(path, damaged);
     const std::string problem = torch_lmdb::detail::meta_pages_problem(path + "/data.mdb");
     EXPECT_NE(problem.find("table of tables"), std::string::npos) << what << ": " << problem;
     ReaderOptions o;

@@ -193,13 +193,19 @@ std::vector<MetaPage> read_meta_pages(const std::string& data_path) {
 }
 
 
+// The meta page LMDB opens the file at: the newest one it accepts.
+const MetaPage* newest_meta_page(const std::vector<MetaPage>& metas) {
+  const MetaPage* best = nullptr;
+  for (const MetaPage& m : metas)
+    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
+  return best;
+}
+
 std::string meta_pages_problem(const std::string& data_path) {
   struct stat st {};
   if (::stat(data_path.c_str(), &st) != 0) return "cannot read " + data_path + ": " + std::strerror(errno);
-  const MetaPage* best = nullptr;
   const auto metas = read_meta_pages(data_path);
-  for (const MetaPage& m : metas)
-    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
+  const MetaPage* best = newest_meta_page(metas);
   if (best == nullptr)
     return data_path + " has no valid LMDB meta page (" + std::to_string(st.st_size) +
            " bytes; the first pages are damaged or this is not an LMDB file)";
@@ -214,9 +220,7 @@ std::string meta_pages_problem(const std::string& data_path) {
 
 std::string main_root_problem(const std::string& data_path) {
   const auto metas = read_meta_pages(data_path);
-  const MetaPage* best = nullptr;
-  for (const MetaPage& m : metas)
-    if (m.lmdb_accepts && m.page_size_ok() && (best == nullptr || m.txnid > best->txnid)) best = &m;
+  const MetaPage* best = newest_meta_page(metas);
   if (best == nullptr || best->main_root == ~uint64_t{0}) return std::string();
   const std::string root = "the root page " + std::to_string(best->main_root) + " of its table of tables";
   if (best->main_root > best->last_page)
