@@ -285,6 +285,9 @@ class Env {
   /// when another Writer of this process holds it.
   bool claim_writer() noexcept { return !writer_.exchange(true); }
   void release_writer() noexcept { writer_.store(false); }
+  /// True for the first caller only: a cold read asks the disk for the
+  /// leaves of the samples table once per opened file (detail/tree_pages.h).
+  bool claim_leaf_request() const noexcept { return !leaves_requested_.exchange(true); }
   /// Whether a fault on this env's map was contained (the file shrank or
   /// changed under it: fault_guard.h). Its reads are then refused
   /// (read_txn() throws CorruptedError) and the next Env::open() of the
@@ -345,6 +348,7 @@ class Env {
   std::string retired_;                  // why, once retire() closed the env
   bool registered_ = false;
   std::atomic<bool> writer_{false};  // in the registry (false while open() builds it)
+  mutable std::atomic<bool> leaves_requested_{false};
   // value_index(): the index of the newest snapshot seen (reset by remap(),
   // when no transaction is live).
   mutable std::mutex index_mutex_;

@@ -10,6 +10,7 @@
 #include "torch_lmdb/detail/columns.h"
 #include "torch_lmdb/detail/direct_io.h"
 #include "torch_lmdb/detail/fault_guard.h"
+#include "torch_lmdb/detail/tree_pages.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {
@@ -223,10 +224,24 @@ constexpr size_t kHugePage = size_t{2} << 20;
 }  // namespace
 
 bool record_cached(const MDB_val& v) {
+  if (v.mv_size == 0) return true;
   const uintptr_t page = page_bytes();
-  unsigned char in = 0;
-  void* first = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1));
-  return v.mv_size == 0 || ::mincore(first, page, &in) != 0 || (in & 1) != 0;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(v.mv_data) & ~(page - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(v.mv_data) + v.mv_size - 1) & ~(page - 1);
+  // Every page of the record (its first and last of a longer one): a record
+  // partly in the page cache (another reader's read-ahead) is read whole
+  // from the disk rather than faulted in a page at a time.
+  constexpr size_t kMost = 64;
+  unsigned char in[kMost];
+  const size_t pages = (last - first) / page + 1;
+  if (pages <= kMost) {
+    if (::mincore(reinterpret_cast<void*>(first), pages * page, in) != 0) return true;
+    return std::all_of(in, in + pages, [](unsigned char c) { return (c & 1) != 0; });
+  }
+  if (::mincore(reinterpret_cast<void*>(first), page, in) != 0 ||
+      ::mincore(reinterpret_cast<void*>(last), page, in + 1) != 0)
+    return true;
+  return (in[0] & in[1] & 1) != 0;
 }
 
 WindowReadScope::WindowReadScope(const WindowRead* window) : previous_(current_window) { current_window = window; }
@@ -430,6 +445,9 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
     probed_ = true;
     ahead = probe;
   }
+  cold_ = true;
+  for (size_t file = 0; file < txns_.size(); ++file)
+    if (txns_[file].get() != nullptr) request_leaves(file);
   found_.reserve(indices.size());
   thread_local std::vector<MDB_val> values;
   values.clear();
@@ -501,6 +519,12 @@ size_t BatchLookup::read_direct_records(size_t budget) {
   return (bytes + page_bytes() - 1) / page_bytes();
 }
 
+void BatchLookup::request_leaves(size_t file) {
+  const Env& env = *envs_[file];
+  if (env.claim_leaf_request())
+    request_leaf_pages(txns_[file].get(), env.samples_dbi(), "samples", env.buffered_fd(), kLeafRequestBytes);
+}
+
 void BatchLookup::settle(Found& f) {
   const int64_t got = detail::wait_direct_read(static_cast<size_t>(f.read));
   const DirectRead& d = direct_reads[static_cast<size_t>(f.read)];
@@ -557,6 +581,7 @@ BatchLookup::Found BatchLookup::find(size_t i, bool slice) {
   if (txns_[loc.first].get() == nullptr) {
     txns_[loc.first] = env.read_txn();
     index_[loc.first] = env.value_index(txns_[loc.first].get(), s_.options.value_index_bytes / ValueIndex::kSlotBytes);
+    if (cold_) request_leaves(loc.first);
   }
   const bool run = i + 1 < indices_.size() && indices_[i + 1] == indices_[i] + 1;
   Found f{&env, loc.second, {0, nullptr}, {0, nullptr}, s_.per_value[loc.first]};

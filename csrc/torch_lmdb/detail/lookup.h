@@ -168,7 +168,8 @@ class WhileReadingScope {
   WhileReadingScope* previous_;
 };
 
-/// Whether the record `v`'s first page is in the page cache (mincore).
+/// Whether the record `v`'s pages are in the page cache (mincore; of a record
+/// of more than 64 pages, its first and last).
 bool record_cached(const MDB_val& v);
 
 /// This thread's major page faults so far (-1 when unknown).
@@ -322,6 +323,9 @@ class BatchLookup {
   // f's read done: it then points into the buffer (or, its read short or
   // failed, into the map, which reads it or raises the file's error).
   void settle(Found& f);
+  // A cold batch asks for the leaves of file `file`'s samples table at once
+  // (once per opened file: detail/tree_pages.h) before its lookups fault them in.
+  void request_leaves(size_t file);
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
   // next sample follows it.
@@ -350,6 +354,7 @@ class BatchLookup {
   std::vector<uint64_t> versions_;  // per file: Env::file_version() once asked (take_from_window)
   bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
+  bool cold_ = false;  // the batch requests its pages (its first sample was not cached)
   MDB_val record_{0, nullptr};
   const Env* record_env_ = nullptr;
   uint64_t record_local_ = 0;
