@@ -2,7 +2,8 @@
 // process (LMDB forbids opening one environment twice in a process).
 //
 //   torch_lmdb_bench_read --path DB --mode memcpy|raw|get_batch|get_stack|loader [--threads T]
-//                         [--batch B] [--order shuffled|sequential] [--seconds S] [--pad 1]
+//                         [--batch B] [--order shuffled|sequential|block] [--seconds S] [--pad 1]
+//                         (block: loader, block shuffle of 1024-sample blocks, 4 a window)
 //                         [--cold 1]  (loader: no warm-up, at most one epoch)
 //                         [--batches-ahead N]  (loader: finished batches queued ahead; default
 //                         LoaderOptions::batches_ahead; --prefetch N is its old name)
@@ -285,7 +286,7 @@ int main(int argc, char** argv) try {
     m = run_memcpy(a);
   } else {
     namespace samplers = torch::data::samplers;
-    const bool shuffled = a.order == "shuffled";
+    const bool shuffled = a.order == "shuffled" || a.order == "block";
     if (a.mode == "get_batch") {
       torch_lmdb::BatchOptions bo;
       bo.pad = a.pad;
@@ -306,6 +307,7 @@ int main(int argc, char** argv) try {
       if (a.batches_ahead > 0) lo.batches_ahead = a.batches_ahead;
       lo.batch.pad = a.pad;
       lo.reader = reader_options(a);
+      if (a.order == "block") lo.block_size = 1024;  // (4 blocks a window)
       auto loader = torch_lmdb::make_loader(a.path, lo);
       m = run_loader(loader, a, [](const torch_lmdb::Batch& b) { return tensor_bytes(b.tensors); });
     } else {

@@ -130,6 +130,13 @@ void read_everything(const std::string& dir, bool own_fault_handler = true) {
     } catch (const torch_lmdb::Error&) {
     } catch (const c10::Error&) {
     }
+    try {
+      // The lookups ahead of a cold stream; the first also walks the B-tree's
+      // branch pages for its leaves (detail/tree_pages.h).
+      (void)reader.request_pages(all);
+    } catch (const torch_lmdb::Error&) {
+    } catch (const c10::Error&) {
+    }
     (void)reader.metadata_json();
   } catch (const torch_lmdb::Error&) {
   } catch (const c10::Error&) {
