@@ -870,8 +870,9 @@ TEST(ColdReads, ADamagedBranchPageAsksForNoLeaves) {
     size_t at;
     std::vector<unsigned char> bytes;
   };
-  // The root's page number, its kind, its lower bound, and a child's page number past the file.
-  const std::vector<Damage> damages = {{0, {0x55}}, {10, {0x02}}, {12, {0x03}}, {0, {}}};
+  // The root's page number, its kind, its lower bound (odd; even and below
+  // the header), a child's page number past the file, and two nodes on one child.
+  const std::vector<Damage> damages = {{0, {0x55}}, {10, {0x02}}, {12, {0x03}}, {12, {0x02, 0x00}}, {0, {}}, {1, {}}};
   for (size_t d = 0; d < damages.size(); ++d) {
     const int fd = ::open(file.c_str(), O_RDWR);
     ASSERT_GE(fd, 0);
@@ -879,9 +880,14 @@ TEST(ColdReads, ADamagedBranchPageAsksForNoLeaves) {
     ASSERT_EQ(::pread(fd, page.data(), psize, static_cast<off_t>(root * psize)), static_cast<ssize_t>(psize));
     const std::vector<unsigned char> intact = page;
     if (damages[d].bytes.empty()) {
-      uint16_t first = 0;  // the first node's mn_hi: its child's page number times 65,536
+      uint16_t first = 0, second = 0;  // the first two nodes
       std::memcpy(&first, page.data() + 16, 2);
-      page[first + 2] = 0x7f;
+      std::memcpy(&second, page.data() + 18, 2);
+      if (damages[d].at == 0) {
+        page[first + 2] = 0x7f;  // mn_hi: the child's page number + 0x7f << 16
+      } else {
+        std::memcpy(page.data() + first, page.data() + second, 6);  // the second's child, twice
+      }
     } else {
       std::memcpy(page.data() + damages[d].at, damages[d].bytes.data(), damages[d].bytes.size());
     }
@@ -895,6 +901,84 @@ TEST(ColdReads, ADamagedBranchPageAsksForNoLeaves) {
     }
     ASSERT_EQ(::pwrite(fd, intact.data(), psize, static_cast<off_t>(root * psize)), static_cast<ssize_t>(psize));
     ::close(fd);
+  }
+  // The table's record in the main table says 40 levels and 2^40 branch
+  // pages (mdb_stat reports the same): no walk that deep or that long.
+  std::vector<unsigned char> record;
+  {
+    auto env = Env::open(path, EnvOptions{});
+    ReadTxn txn = env->read_txn();
+    MDB_val k{7, const_cast<char*>("samples")}, v{0, nullptr};
+    ASSERT_EQ(mdb_get(txn.get(), 1, &k, &v), MDB_SUCCESS);
+    record.assign(static_cast<const unsigned char*>(v.mv_data), static_cast<const unsigned char*>(v.mv_data) + 48);
+  }
+  std::vector<unsigned char> bytes;
+  {
+    const int fd = ::open(file.c_str(), O_RDONLY);
+    struct stat st {};
+    ::fstat(fd, &st);
+    bytes.resize(static_cast<size_t>(st.st_size));
+    ASSERT_EQ(::pread(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    ::close(fd);
+  }
+  size_t patched = 0;
+  for (auto it = std::search(bytes.begin(), bytes.end(), record.begin(), record.end()); it != bytes.end();
+       it = std::search(it + 1, bytes.end(), record.begin(), record.end())) {
+    const uint16_t depth = 40;
+    const uint64_t branches = uint64_t{1} << 40;
+    std::memcpy(&*it + 6, &depth, 2);
+    std::memcpy(&*it + 8, &branches, 8);
+    ++patched;
+  }
+  ASSERT_GE(patched, 1u);
+  {
+    const int fd = ::open(file.c_str(), O_WRONLY);
+    ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    ::close(fd);
+  }
+  auto env = Env::open(path, EnvOptions{});
+  ReadTxn txn = env->read_txn();
+  MDB_stat st{};
+  ASSERT_EQ(mdb_stat(txn.get(), env->samples_dbi(), &st), MDB_SUCCESS);
+  ASSERT_EQ(st.ms_depth, 40u);
+  EXPECT_EQ(torch_lmdb::detail::request_leaf_pages(txn.get(), env->samples_dbi(), "samples", env->buffered_fd(),
+                                                   size_t{1} << 30),
+            0u);
+}
+
+// A file's first cold batch (or lookups ahead, Reader::request_pages) asks for
+// the leaves, once per opened file: a key walk afterwards waits for none.
+TEST(ColdReads, AFilesFirstColdBatchAsksForTheLeavesOnce) {
+  TempDir tmp;
+  const std::string path = tmp.sub("d");
+  constexpr int64_t n = 36000;
+  {
+    Writer w(path);
+    for (int64_t i = 0; i < n; ++i) w.write(make_sample(i, 520));
+    w.close();
+  }
+  for (bool ahead : {false, true}) {
+    evict_file(path);
+    Reader r(path, direct_options(true));
+    if (ahead) {
+      (void)r.request_pages(std::vector<size_t>{17});
+    } else {
+      const Batch b = r.read_batch(std::vector<size_t>{17});
+      EXPECT_TRUE(torch::equal(b.tensors["x"][0], make_sample(17, 520)["x"]));
+    }
+    auto env = Env::open(path, EnvOptions{});  // the reader's (one env per file and process)
+    EXPECT_FALSE(env->claim_leaf_request()) << "claimed by the first cold batch, ahead " << ahead;
+    MDB_stat st{};
+    {
+      ReadTxn txn = env->read_txn();
+      ASSERT_EQ(mdb_stat(txn.get(), env->samples_dbi(), &st), MDB_SUCCESS);
+    }
+    const size_t wanted = st.ms_leaf_pages + st.ms_branch_pages;
+    for (int i = 0; i < 500 && resident_pages(path).first < wanted; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    size_t keys = 0;
+    EXPECT_EQ(walk_keys(*env, &keys), 0) << "ahead " << ahead;
+    EXPECT_EQ(keys, static_cast<size_t>(n));
   }
 }
 
@@ -943,4 +1027,41 @@ TEST(ColdReads, ARecordPartlyInThePageCacheIsReadWholeFromTheDisk) {
     if (!keep_cache && takes_o_direct(path))
       EXPECT_GT(r.io_stats().direct_records, uint64_t(n * 9 / 10)) << "keep_cache " << keep_cache;
   }
+  // Records of more than 64 pages (their first and last page are checked):
+  // the first page cached, the last not.
+  const std::string big = tmp.sub("big");
+  constexpr int64_t kBigWidth = 70000, kBig = 20;  // 280 KB: 69 pages a record
+  {
+    Writer w(big);
+    for (int64_t i = 0; i < kBig; ++i) w.write(make_sample(i, kBigWidth));
+    w.close();
+  }
+  evict_file(big);
+  {
+    auto env = Env::open(big, EnvOptions{});
+    ReadTxn txn = env->read_txn();
+    const int fd = ::open((big + "/data.mdb").c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM), 0);
+    std::vector<char> page(4096);
+    for (int64_t i = 0; i < kBig; ++i) {
+      unsigned char kbuf[8];
+      encode_key(static_cast<uint64_t>(i), kbuf);
+      MDB_val k{8, kbuf}, v{0, nullptr};
+      ASSERT_EQ(mdb_get(txn.get(), env->samples_dbi(), &k, &v), MDB_SUCCESS);
+      ASSERT_GT(v.mv_size, 64u * 4096);
+      ASSERT_EQ(::pread(fd, page.data(), page.size(), static_cast<off_t>(env->file_offset(v.mv_data) / 4096 * 4096)), 4096);
+    }
+    ::close(fd);
+  }
+  if (!takes_o_direct(big)) return;
+  Reader r(big, direct_options(true));
+  std::vector<size_t> all(kBig);
+  std::iota(all.begin(), all.end(), size_t{0});
+  const Batch b = r.read_batch(all);
+  for (int64_t i = 0; i < kBig; ++i)
+    ASSERT_TRUE(torch::equal(b.tensors["x"][i], make_sample(i, kBigWidth)["x"])) << "index " << i;
+  // (The first records may lie whole in what the open's reads of the meta
+  // pages read ahead: cached, rightly read through the map.)
+  EXPECT_GE(r.io_stats().direct_records, static_cast<uint64_t>(kBig - 2));
 }

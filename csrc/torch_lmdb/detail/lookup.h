@@ -324,7 +324,8 @@ class BatchLookup {
   // failed, into the map, which reads it or raises the file's error).
   void settle(Found& f);
   // A cold batch asks for the leaves of file `file`'s samples table at once
-  // (once per opened file: detail/tree_pages.h) before its lookups fault them in.
+  // (the first cold batch of each opened file: detail/tree_pages.h) before
+  // its lookups fault them in.
   void request_leaves(size_t file);
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
@@ -354,7 +355,7 @@ class BatchLookup {
   std::vector<uint64_t> versions_;  // per file: Env::file_version() once asked (take_from_window)
   bool reading_ = false;       // reads submitted (read_direct_records)
   bool probed_ = false;
-  bool cold_ = false;  // the batch requests its pages (its first sample was not cached)
+  bool cold_ = false;  // the batch requests its pages (asked to, or its first sample was not cached)
   MDB_val record_{0, nullptr};
   const Env* record_env_ = nullptr;
   uint64_t record_local_ = 0;

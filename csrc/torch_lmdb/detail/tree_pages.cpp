@@ -24,6 +24,8 @@ constexpr MDB_dbi kMainDbi = 1;
 constexpr size_t kPageHeader = 16;
 constexpr uint16_t kBranch = 0x01;
 constexpr uint16_t kKinds = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40;
+constexpr uint16_t kMostDepth = 32;     // LMDB's own (CURSOR_STACK): a cursor goes no deeper
+constexpr size_t kMostRunPages = 32;    // one WILLNEED call: the kernel reads at most its read-ahead size of one
 
 struct TableRecord {
   uint16_t depth = 0;
@@ -54,7 +56,7 @@ bool table_record(MDB_txn* txn, const std::string& name, TableRecord* out) {
 void will_need(int fd, const std::vector<uint64_t>& pgnos, size_t psize) {
   for (size_t i = 0; i < pgnos.size();) {
     size_t j = i + 1;
-    while (j < pgnos.size() && pgnos[j] == pgnos[j - 1] + 1) ++j;
+    while (j < pgnos.size() && j - i < kMostRunPages && pgnos[j] == pgnos[j - 1] + 1) ++j;
     (void)::posix_fadvise(fd, static_cast<off_t>(pgnos[i] * psize), static_cast<off_t>((j - i) * psize),
                           POSIX_FADV_WILLNEED);
     i = j;
@@ -85,7 +87,7 @@ bool branch_children(int fd, uint64_t pgno, size_t psize, uint64_t pages, std::v
 
 }  // namespace
 
-size_t request_leaf_pages(MDB_txn* txn, MDB_dbi dbi, const std::string& name, int fd, size_t budget) {
+size_t request_leaf_pages(MDB_txn* txn, MDB_dbi dbi, const std::string& name, int fd, size_t budget) noexcept try {
   if (txn == nullptr || fd < 0) return 0;
   MDB_stat st{};
   TableRecord t;
@@ -98,24 +100,32 @@ size_t request_leaf_pages(MDB_txn* txn, MDB_dbi dbi, const std::string& name, in
   struct stat fst {};
   if (psize < 512 || ::fstat(fd, &fst) != 0) return 0;
   const uint64_t pages = static_cast<uint64_t>(fst.st_size) / psize;
-  if (t.depth < 2 || t.leaf_pages == 0 || t.overflow_pages < t.leaf_pages || t.leaf_pages > budget / psize ||
+  // The record's counts bound the walk (a damaged one can only stop it early):
+  // it reads each of the table's branch pages once, and no page twice.
+  if (t.depth < 2 || t.depth > kMostDepth || t.leaf_pages == 0 || t.branch_pages == 0 || t.leaf_pages >= pages ||
+      t.branch_pages >= pages || t.overflow_pages < t.leaf_pages || t.leaf_pages > budget / psize || t.root < 2 ||
       t.root >= pages)
     return 0;
   std::vector<uint64_t> level{t.root}, next;
   std::vector<unsigned char> buf;
+  uint64_t branches = 0;
   for (uint16_t d = 1; d < t.depth; ++d) {
+    const uint64_t most = d + 1 == t.depth ? t.leaf_pages : t.branch_pages;  // children of this level
     will_need(fd, level, psize);  // (a level's branch pages read in parallel)
     next.clear();
     for (const uint64_t pgno : level) {
-      if (!branch_children(fd, pgno, psize, pages, buf, next)) return 0;
-      if (next.size() > t.leaf_pages + t.branch_pages) return 0;
+      if (++branches > t.branch_pages || !branch_children(fd, pgno, psize, pages, buf, next) || next.size() > most)
+        return 0;
     }
     std::sort(next.begin(), next.end());
+    if (std::adjacent_find(next.begin(), next.end()) != next.end()) return 0;  // a page twice: not a tree
     level.swap(next);
   }
   if (level.size() != t.leaf_pages) return 0;
   will_need(fd, level, psize);
   return level.size();
+} catch (...) {  // (std::bad_alloc: it is only a hint)
+  return 0;
 }
 
 }  // namespace detail
