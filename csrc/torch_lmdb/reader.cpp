@@ -21,7 +21,6 @@
 #include "torch_lmdb/detail/reader_state.h"
 #include "torch_lmdb/detail/record_format.h"
 #include "torch_lmdb/detail/stage.h"
-#include "torch_lmdb/detail/tree_pages.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {
@@ -639,9 +638,7 @@ Reader::PagesRequested Reader::request_pages(at::ArrayRef<size_t> indices) const
     if (txns[file].get() == nullptr) {
       txns[file] = env.read_txn();
       index[file] = env.value_index(txns[file].get(), s.options.value_index_bytes / ValueIndex::kSlotBytes);
-      // Lookups ahead fault the table's leaves in one at a time: ask for them all at once.
-      if (env.claim_leaf_request())
-        detail::request_leaf_pages(txns[file].get(), env.samples_dbi(), "samples", env.buffered_fd(), detail::kLeafRequestBytes);
+      detail::request_leaves_once(env, txns[file].get());  // (lookups ahead fault the leaves in one at a time)
     }
     // A packed value is requested whole (a stream's chunk of samples is
     // mostly runs of the file: the value's other samples come next).

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "torch_lmdb/detail/meta.h"
+#include "torch_lmdb/detail/tree_pages.h"
 #include "torch_lmdb/errors.h"
 
 namespace torch_lmdb {
@@ -227,22 +228,14 @@ std::string main_root_problem(const std::string& data_path) {
     return root + " lies past its last page " + std::to_string(best->last_page);
   const int fd = ::open(data_path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return std::string();
-  unsigned char header[16] = {};  // MDB_page: pgno u64, pad u16, flags u16, lower u16, upper u16
+  unsigned char header[PageHeader::kBytes] = {};
   const ssize_t got = ::pread(fd, header, sizeof header, static_cast<off_t>(best->main_root * best->page_size));
   ::close(fd);
   if (got < static_cast<ssize_t>(sizeof header)) return std::string();  // (a short file: its own error)
-  uint64_t pgno;
-  uint16_t flags, lower, upper;
-  std::memcpy(&pgno, header, 8);
-  std::memcpy(&flags, header + 10, 2);
-  std::memcpy(&lower, header + 12, 2);
-  std::memcpy(&upper, header + 14, 2);
-  constexpr uint16_t kBranch = 0x01, kLeaf = 0x02, kKinds = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40;
-  const uint16_t kind = flags & kKinds;
-  if (pgno != best->main_root || (kind != kBranch && kind != kLeaf) || lower < sizeof header || lower > upper ||
-      upper > best->page_size)
-    return root + " is not a B-tree page (page number " + std::to_string(pgno) + ", flags " + std::to_string(flags) +
-           ", bounds " + std::to_string(lower) + ".." + std::to_string(upper) + ")";
+  const PageHeader h = PageHeader::read(header);
+  if (!h.sane(best->main_root, best->page_size) || (h.kind() != PageHeader::kBranch && h.kind() != PageHeader::kLeaf))
+    return root + " is not a B-tree page (page number " + std::to_string(h.pgno) + ", flags " +
+           std::to_string(h.flags) + ", bounds " + std::to_string(h.lower) + ".." + std::to_string(h.upper) + ")";
   return std::string();
 }
 

@@ -445,9 +445,9 @@ BatchLookup::BatchLookup(const Reader::State& s, const std::vector<std::shared_p
     probed_ = true;
     ahead = probe;
   }
-  cold_ = true;
+  cold_ = true;  // the leaves asked for before the lookups fault them in
   for (size_t file = 0; file < txns_.size(); ++file)
-    if (txns_[file].get() != nullptr) request_leaves(file);
+    if (txns_[file].get() != nullptr) request_leaves_once(*envs_[file], txns_[file].get());
   found_.reserve(indices.size());
   thread_local std::vector<MDB_val> values;
   values.clear();
@@ -519,10 +519,9 @@ size_t BatchLookup::read_direct_records(size_t budget) {
   return (bytes + page_bytes() - 1) / page_bytes();
 }
 
-void BatchLookup::request_leaves(size_t file) {
-  const Env& env = *envs_[file];
+void request_leaves_once(const Env& env, MDB_txn* txn) {
   if (env.claim_leaf_request())
-    request_leaf_pages(txns_[file].get(), env.samples_dbi(), "samples", env.buffered_fd(), kLeafRequestBytes);
+    request_leaf_pages(txn, env.samples_dbi(), "samples", env.buffered_fd(), kLeafRequestBytes);
 }
 
 void BatchLookup::settle(Found& f) {
@@ -581,7 +580,7 @@ BatchLookup::Found BatchLookup::find(size_t i, bool slice) {
   if (txns_[loc.first].get() == nullptr) {
     txns_[loc.first] = env.read_txn();
     index_[loc.first] = env.value_index(txns_[loc.first].get(), s_.options.value_index_bytes / ValueIndex::kSlotBytes);
-    if (cold_) request_leaves(loc.first);
+    if (cold_) request_leaves_once(env, txns_[loc.first].get());
   }
   const bool run = i + 1 < indices_.size() && indices_[i + 1] == indices_[i] + 1;
   Found f{&env, loc.second, {0, nullptr}, {0, nullptr}, s_.per_value[loc.first]};

@@ -168,6 +168,10 @@ class WhileReadingScope {
   WhileReadingScope* previous_;
 };
 
+/// The first call for `env` (in this process) asks the disk for every leaf of
+/// its samples table at once (detail/tree_pages.h); later calls do nothing.
+void request_leaves_once(const Env& env, MDB_txn* txn);
+
 /// Whether the record `v`'s pages are in the page cache (mincore; of a record
 /// of more than 64 pages, its first and last).
 bool record_cached(const MDB_val& v);
@@ -323,10 +327,6 @@ class BatchLookup {
   // f's read done: it then points into the buffer (or, its read short or
   // failed, into the map, which reads it or raises the file's error).
   void settle(Found& f);
-  // A cold batch asks for the leaves of file `file`'s samples table at once
-  // (the first cold batch of each opened file: detail/tree_pages.h) before
-  // its lookups fault them in.
-  void request_leaves(size_t file);
 
   // The value holding `local` in `file` (key local / per_value); `run`: the
   // next sample follows it.

@@ -15,15 +15,12 @@ namespace torch_lmdb {
 namespace detail {
 namespace {
 
-// LMDB 0.9's on-disk layout (mdb.c): a page starts with MDB_page's 16 bytes
-// (pgno u64, pad u16, flags u16, lower u16, upper u16), then `(lower - 16) / 2`
-// u16 offsets of its nodes. A branch node is MDB_node: the child's page number
-// in mn_lo, mn_hi (low 32 bits) and mn_flags (high 16), then mn_ksize and the
-// key. A named table's record in the main table is MDB_db (48 bytes).
+// LMDB 0.9's on-disk layout (mdb.c): a page starts with its header
+// (PageHeader). A branch node is MDB_node: the child's page number in mn_lo,
+// mn_hi (low 32 bits) and mn_flags (high 16), then mn_ksize and the key. A
+// named table's record in the main table is MDB_db (48 bytes).
 constexpr MDB_dbi kMainDbi = 1;
-constexpr size_t kPageHeader = 16;
-constexpr uint16_t kBranch = 0x01;
-constexpr uint16_t kKinds = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40;
+constexpr size_t kPageHeader = PageHeader::kBytes;
 constexpr uint16_t kMostDepth = 32;     // LMDB's own (CURSOR_STACK): a cursor goes no deeper
 constexpr size_t kMostRunPages = 32;    // one WILLNEED call: the kernel reads at most its read-ahead size of one
 
@@ -70,10 +67,9 @@ bool branch_children(int fd, uint64_t pgno, size_t psize, uint64_t pages, std::v
   buf.resize(psize);
   if (::pread(fd, buf.data(), psize, static_cast<off_t>(pgno * psize)) != static_cast<ssize_t>(psize)) return false;
   const unsigned char* p = buf.data();
-  const uint16_t flags = load<uint16_t>(p + 10), lower = load<uint16_t>(p + 12), upper = load<uint16_t>(p + 14);
-  if (load<uint64_t>(p) != pgno || (flags & kKinds) != kBranch || lower < kPageHeader || lower > upper ||
-      upper > psize || (lower - kPageHeader) % 2 != 0)
-    return false;
+  const PageHeader h = PageHeader::read(p);
+  if (!h.sane(pgno, psize) || h.kind() != PageHeader::kBranch || (h.lower - kPageHeader) % 2 != 0) return false;
+  const size_t lower = h.lower, upper = h.upper;
   for (size_t i = 0; i < (lower - kPageHeader) / 2; ++i) {
     const size_t at = load<uint16_t>(p + kPageHeader + 2 * i);
     if (at < upper || at + 8 > psize) return false;

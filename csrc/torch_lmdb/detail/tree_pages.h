@@ -34,10 +34,37 @@
 #include <lmdb.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace torch_lmdb {
 namespace detail {
+
+// LMDB 0.9's page header (mdb.c MDB_page): pgno u64, pad u16, flags u16,
+// lower u16, upper u16; then `(lower - 16) / 2` u16 offsets of its nodes.
+struct PageHeader {
+  static constexpr size_t kBytes = 16;
+  static constexpr uint16_t kBranch = 0x01, kLeaf = 0x02;
+  static constexpr uint16_t kKinds = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40;
+  uint64_t pgno = 0;
+  uint16_t flags = 0, lower = 0, upper = 0;
+
+  static PageHeader read(const unsigned char* p) noexcept {
+    PageHeader h;
+    std::memcpy(&h.pgno, p, 8);
+    std::memcpy(&h.flags, p + 10, 2);
+    std::memcpy(&h.lower, p + 12, 2);
+    std::memcpy(&h.upper, p + 14, 2);
+    return h;
+  }
+  uint16_t kind() const noexcept { return flags & kKinds; }
+  /// Page `at` of a file of `psize`-byte pages, as LMDB writes it: its own
+  /// number, kBytes <= lower <= upper <= psize.
+  bool sane(uint64_t at, size_t psize) const noexcept {
+    return pgno == at && lower >= kBytes && lower <= upper && upper <= psize;
+  }
+};
 
 // The most a table's leaves may take for readers to ask for them at once:
 // a 16 KiB record takes ~26 bytes of a leaf, so 256 MiB covers ~10 million
